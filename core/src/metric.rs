@@ -1,0 +1,123 @@
+//! The metric line protocol: a trial reports a metric by printing one line
+//! `chorus:metric {"step": 3, "val_loss": 0.41}` on stdout or stderr. Everything else is log.
+//!
+//! The payload is a JSON object whose values are finite numbers; `step`, when present, is a
+//! non-negative integer naming the training step the values belong to. A line that starts with
+//! the prefix but breaks these rules is malformed: the worker logs and counts it, never fails the
+//! trial for it.
+
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+pub const PREFIX: &str = "chorus:metric";
+
+/// One well-formed report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricReport {
+    pub step: Option<i64>,
+    pub values: BTreeMap<String, f64>,
+}
+
+impl MetricReport {
+    /// The report as the JSON object stored in `metrics.jsonl` and sent to the coordinator.
+    pub fn to_json(&self) -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        if let Some(s) = self.step {
+            m.insert("step".into(), Value::from(s));
+        }
+        for (k, v) in &self.values {
+            m.insert(k.clone(), serde_json::Number::from_f64(*v).map_or(Value::Null, Value::Number));
+        }
+        m
+    }
+
+    /// Parses a JSON object produced by [`MetricReport::to_json`] or written by a trial.
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+        let Value::Object(obj) = v else {
+            return Err("expected a JSON object".into());
+        };
+        let mut step = None;
+        let mut values = BTreeMap::new();
+        for (k, v) in obj {
+            if k == "step" {
+                match v.as_i64() {
+                    Some(s) if s >= 0 && v.is_i64() || v.is_u64() => step = Some(s),
+                    _ => return Err(format!("step must be a non-negative integer, got {v}")),
+                }
+                continue;
+            }
+            if k.is_empty() {
+                return Err("metric names must not be empty".into());
+            }
+            match v.as_f64() {
+                Some(x) if x.is_finite() => {
+                    values.insert(k, x);
+                }
+                _ => return Err(format!("metric {k:?} must be a finite number, got {v}")),
+            }
+        }
+        if values.is_empty() {
+            return Err("the object holds no metric besides step".into());
+        }
+        Ok(MetricReport { step, values })
+    }
+}
+
+/// What one output line is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Line {
+    /// Ordinary log output.
+    Log,
+    Metric(MetricReport),
+    /// Starts with the prefix but is not a valid report; the string says why.
+    Malformed(String),
+}
+
+/// Classifies one line of trial output (without its newline).
+pub fn parse_line(line: &str) -> Line {
+    let Some(rest) = line.trim_start().strip_prefix(PREFIX) else {
+        return Line::Log;
+    };
+    if !rest.is_empty() && !rest.starts_with(char::is_whitespace) {
+        // e.g. `chorus:metrics` is somebody's log, not our protocol.
+        return Line::Log;
+    }
+    match MetricReport::from_json(rest.trim()) {
+        Ok(r) => Line::Metric(r),
+        Err(e) => Line::Malformed(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_reports() {
+        let Line::Metric(r) = parse_line(r#"chorus:metric {"step": 3, "val_loss": 0.41, "acc": 1}"#) else {
+            panic!()
+        };
+        assert_eq!(r.step, Some(3));
+        assert_eq!(r.values["val_loss"], 0.41);
+        assert_eq!(r.values["acc"], 1.0);
+        assert_eq!(MetricReport::from_json(&serde_json::Value::Object(r.to_json()).to_string()).unwrap(), r);
+    }
+
+    #[test]
+    fn classifies_logs_and_malformed_lines() {
+        assert_eq!(parse_line("epoch 3 done"), Line::Log);
+        assert_eq!(parse_line("chorus:metrics are nice"), Line::Log);
+        for bad in [
+            "chorus:metric",
+            "chorus:metric {",
+            "chorus:metric [1]",
+            r#"chorus:metric {"step": -1, "x": 1}"#,
+            r#"chorus:metric {"step": 1.5, "x": 1}"#,
+            r#"chorus:metric {"x": "high"}"#,
+            r#"chorus:metric {"step": 2}"#,
+        ] {
+            assert!(matches!(parse_line(bad), Line::Malformed(_)), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,681 @@
+//! The experiment file: its YAML schema, `--set` overrides, and validation.
+//!
+//! The grammar borrows what users already know: W&B's `parameters` and `metric`, Katib's
+//! budgets, Determined's split between `searcher`, `resources` and storage. Unknown fields are
+//! rejected, and every error names the field path and, when the field is in the file, its line
+//! and column.
+
+use crate::error::{CoreError, FieldError, SpecErrors};
+use crate::space::{self, Param, Params, Space};
+use crate::yaml_locate::Locations;
+use serde::{Deserialize, Serialize};
+use serde_json::{Number, Value};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// An experiment file exactly as written (after overrides).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentSpec {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    pub metric: MetricSpec,
+    #[serde(default)]
+    pub parameters: BTreeMap<String, ParamSpec>,
+    pub searcher: SearcherSpec,
+    /// Trials to create in total; defaults to the grid size for grid search.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_trials: Option<u64>,
+    #[serde(default = "one")]
+    pub parallel_trials: u32,
+    /// The experiment fails once more trials than this have failed; unlimited when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_failed_trials: Option<u64>,
+    /// Times one trial may be restarted after a failure or a lost worker.
+    #[serde(default)]
+    pub max_restarts: u32,
+    #[serde(default)]
+    pub resources: ResourceSpec,
+    pub trial: TrialSpec,
+    /// Object-storage URI for checkpoints, metrics and logs; the coordinator's default if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<String>,
+    #[serde(default)]
+    pub checkpoint: CheckpointSpec,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricSpec {
+    pub name: String,
+    pub goal: Goal,
+    /// Stop the experiment once a trial reaches this value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Goal {
+    Minimize,
+    Maximize,
+}
+
+impl Goal {
+    /// True when `a` is strictly better than `b`.
+    pub fn better(self, a: f64, b: f64) -> bool {
+        match self {
+            Goal::Minimize => a < b,
+            Goal::Maximize => a > b,
+        }
+    }
+
+    /// True when `value` meets or beats `target`.
+    pub fn reached(self, value: f64, target: f64) -> bool {
+        match self {
+            Goal::Minimize => value <= target,
+            Goal::Maximize => value >= target,
+        }
+    }
+}
+
+/// One entry of `parameters`, in W&B's shape: `value`, `values`, or `min`/`max` with a
+/// `distribution`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParamSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub values: Option<Vec<Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<Number>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<Number>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distribution: Option<Distribution>,
+    /// Step for `q_uniform`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub q: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Distribution {
+    Uniform,
+    LogUniform,
+    IntUniform,
+    QUniform,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearcherSpec {
+    pub name: SearcherName,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SearcherName {
+    Grid,
+    Random,
+}
+
+impl SearcherName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SearcherName::Grid => "grid",
+            SearcherName::Random => "random",
+        }
+    }
+}
+
+/// What each trial needs: `workers` ranks, each with `cpus` slots and `gpus` devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceSpec {
+    #[serde(default = "one")]
+    pub workers: u32,
+    #[serde(default = "one")]
+    pub cpus: u32,
+    #[serde(default)]
+    pub gpus: u32,
+}
+
+impl Default for ResourceSpec {
+    fn default() -> Self {
+        ResourceSpec { workers: 1, cpus: 1, gpus: 0 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrialSpec {
+    /// argv of the trial program; `${params.NAME}` is replaced by the trial's value.
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Kill the trial after this long, e.g. `90s`, `30m`, `2h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSpec {
+    /// Newest checkpoints kept per trial; older ones are deleted after each commit.
+    #[serde(default = "keep_last_default")]
+    pub keep_last: u32,
+}
+
+fn keep_last_default() -> u32 {
+    3
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        CheckpointSpec { keep_last: keep_last_default() }
+    }
+}
+
+/// A spec that passed validation, with its derived search space and budgets resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidSpec {
+    pub spec: ExperimentSpec,
+    pub space: Space,
+    /// Resolved total trial budget.
+    pub max_trials: u64,
+    pub timeout: Option<Duration>,
+}
+
+impl ValidSpec {
+    /// The spec as normalised YAML (defaults filled in), as stored and shown by `describe`.
+    pub fn to_yaml(&self) -> String {
+        let mut spec = self.spec.clone();
+        spec.max_trials = Some(self.max_trials);
+        serde_yaml_ng::to_string(&spec).unwrap_or_default()
+    }
+
+    /// The trial argv with `${params.NAME}` replaced.
+    pub fn command_for(&self, params: &Params) -> Vec<String> {
+        self.spec.trial.command.iter().map(|a| substitute(a, params)).collect()
+    }
+
+    /// The trial environment with `${params.NAME}` replaced in values.
+    pub fn env_for(&self, params: &Params) -> BTreeMap<String, String> {
+        self.spec.trial.env.iter().map(|(k, v)| (k.clone(), substitute(v, params))).collect()
+    }
+}
+
+/// Parses, applies `overrides` (`a.b.c=value`, value read as YAML), and validates.
+pub fn parse(yaml: &str, overrides: &[String]) -> Result<ValidSpec, CoreError> {
+    let locs = Locations::scan(yaml);
+    let at = |path: &str| locs.get(path);
+    let spec: ExperimentSpec = if overrides.is_empty() {
+        deserialize_text(yaml, &at)?
+    } else {
+        // Parse the file first so its own errors keep their line numbers.
+        let mut doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(yaml).map_err(|e| yaml_error(&e, ""))?;
+        let mut overridden = Vec::new();
+        for o in overrides {
+            let path = apply_override(&mut doc, o)?;
+            overridden.push(path);
+        }
+        let de = doc;
+        serde_path_to_error::deserialize::<_, ExperimentSpec>(de).map_err(|e| {
+            let path = e.path().to_string();
+            let from_set = overridden.iter().any(|p| path.starts_with(p.as_str()));
+            let location = if from_set { None } else { at(&path) };
+            let mut message = e.into_inner().to_string();
+            if from_set {
+                message.push_str(" (from --set)");
+            }
+            CoreError::Spec(SpecErrors(vec![FieldError { path: clean_path(&path), location, message }]))
+        })?
+    };
+    validate(spec, &at)
+}
+
+fn deserialize_text(
+    yaml: &str,
+    at: &dyn Fn(&str) -> Option<(usize, usize)>,
+) -> Result<ExperimentSpec, CoreError> {
+    if yaml.trim().is_empty() {
+        return Err(spec_err("", None, "the experiment file is empty"));
+    }
+    let de = serde_yaml_ng::Deserializer::from_str(yaml);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = clean_path(&e.path().to_string());
+        let inner = e.into_inner();
+        let location = inner.location().map(|l| (l.line(), l.column())).or_else(|| at(&path));
+        let message = strip_location(&inner.to_string());
+        CoreError::Spec(SpecErrors(vec![FieldError { path, location, message }]))
+    })
+}
+
+fn yaml_error(e: &serde_yaml_ng::Error, path: &str) -> CoreError {
+    let location = e.location().map(|l| (l.line(), l.column()));
+    spec_err(path, location, &strip_location(&e.to_string()))
+}
+
+/// serde_yaml_ng appends "at line L column C"; we report the location separately.
+fn strip_location(msg: &str) -> String {
+    match msg.find(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+/// serde_path_to_error renders the root as `.`; we render it as the empty path.
+fn clean_path(p: &str) -> String {
+    if p == "." { String::new() } else { p.to_string() }
+}
+
+fn spec_err(path: &str, location: Option<(usize, usize)>, message: &str) -> CoreError {
+    CoreError::Spec(SpecErrors(vec![FieldError { path: path.to_string(), location, message: message.to_string() }]))
+}
+
+/// Applies one `a.b.c=value` override to the parsed document; returns the dotted path.
+fn apply_override(doc: &mut serde_yaml_ng::Value, o: &str) -> Result<String, CoreError> {
+    let Some((path, raw)) = o.split_once('=') else {
+        return Err(spec_err("", None, &format!("--set {o:?}: expected key=value")));
+    };
+    let path = path.trim();
+    if path.is_empty() || path.split('.').any(str::is_empty) {
+        return Err(spec_err("", None, &format!("--set {o:?}: the key must be a dotted path such as parameters.lr.max")));
+    }
+    let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(raw)
+        .map_err(|e| spec_err(path, None, &format!("--set {o:?}: value is not valid YAML: {e}")))?;
+    let mut cur = doc;
+    let parts: Vec<&str> = path.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let map = match cur {
+            serde_yaml_ng::Value::Mapping(m) => m,
+            v @ serde_yaml_ng::Value::Null => {
+                *v = serde_yaml_ng::Value::Mapping(Default::default());
+                match v {
+                    serde_yaml_ng::Value::Mapping(m) => m,
+                    _ => unreachable!("just assigned a mapping"),
+                }
+            }
+            _ => {
+                let parent = parts[..i].join(".");
+                return Err(spec_err(&parent, None, &format!("--set {o:?}: {parent} is not a mapping")));
+            }
+        };
+        let key = serde_yaml_ng::Value::String((*part).to_string());
+        if i == parts.len() - 1 {
+            map.insert(key, value);
+            return Ok(path.to_string());
+        }
+        cur = map.entry(key).or_insert(serde_yaml_ng::Value::Null);
+    }
+    unreachable!("a non-empty path always reaches its last part")
+}
+
+/// Semantic checks the schema cannot express; collects every problem.
+fn validate(spec: ExperimentSpec, at: &dyn Fn(&str) -> Option<(usize, usize)>) -> Result<ValidSpec, CoreError> {
+    let mut errs = Vec::new();
+    let mut push = |path: String, message: String| {
+        let location = at(&path);
+        errs.push(FieldError { path, location, message });
+    };
+    if spec.name.trim().is_empty() {
+        push("name".into(), "must not be empty".into());
+    }
+    if spec.metric.name.trim().is_empty() {
+        push("metric.name".into(), "must not be empty".into());
+    }
+    if spec.metric.name == "step" {
+        push("metric.name".into(), "`step` is the step counter, not a metric".into());
+    }
+    let mut space = Space::new();
+    for (name, p) in &spec.parameters {
+        let path = format!("parameters.{name}");
+        if !valid_param_name(name) {
+            push(path.clone(), "parameter names use letters, digits, `_` and `-`".into());
+        }
+        match param_of(p) {
+            Ok(param) => {
+                space.insert(name.clone(), param);
+            }
+            Err((field, msg)) => {
+                let path = if field.is_empty() { path } else { format!("{path}.{field}") };
+                push(path, msg);
+            }
+        }
+    }
+    if spec.parallel_trials == 0 {
+        push("parallel_trials".into(), "must be at least 1".into());
+    }
+    if spec.max_trials == Some(0) {
+        push("max_trials".into(), "must be at least 1".into());
+    }
+    let r = spec.resources;
+    if r.workers == 0 {
+        push("resources.workers".into(), "must be at least 1".into());
+    } else if r.workers > 1 {
+        push(
+            "resources.workers".into(),
+            "command trials run on one worker each; multi-worker (data-parallel) trials are not available yet".into(),
+        );
+    }
+    if r.cpus == 0 && r.gpus == 0 {
+        push("resources.cpus".into(), "a trial needs at least one cpu slot or one gpu".into());
+    }
+    if spec.trial.command.is_empty() || spec.trial.command[0].trim().is_empty() {
+        push("trial.command".into(), "must name a program to run".into());
+    }
+    for (i, arg) in spec.trial.command.iter().enumerate() {
+        for missing in unknown_refs(arg, &spec.parameters) {
+            push(format!("trial.command[{i}]"), format!("refers to ${{params.{missing}}}, which is not in parameters"));
+        }
+    }
+    for (k, v) in &spec.trial.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            push(format!("trial.env.{k}"), "is not a valid environment variable name".into());
+        }
+        for missing in unknown_refs(v, &spec.parameters) {
+            push(format!("trial.env.{k}"), format!("refers to ${{params.{missing}}}, which is not in parameters"));
+        }
+    }
+    let timeout = match &spec.trial.timeout {
+        None => None,
+        Some(t) => match humantime::parse_duration(t) {
+            Ok(d) if d.is_zero() => {
+                push("trial.timeout".into(), "must be longer than zero".into());
+                None
+            }
+            Ok(d) => Some(d),
+            Err(e) => {
+                push("trial.timeout".into(), format!("{t:?} is not a duration such as 90s, 30m or 2h: {e}"));
+                None
+            }
+        },
+    };
+    if let Some(s) = &spec.storage
+        && let Err(e) = crate::storage::StorageUri::parse(s)
+    {
+        push("storage".into(), e.to_string());
+    }
+    if spec.checkpoint.keep_last == 0 {
+        push("checkpoint.keep_last".into(), "must be at least 1".into());
+    }
+    let grid = space::grid_size(&space);
+    let max_trials = match spec.searcher.name {
+        SearcherName::Grid => match grid {
+            None if space.len() == spec.parameters.len() => {
+                let continuous: Vec<&str> = space
+                    .iter()
+                    .filter(|(_, p)| p.grid_len().is_none())
+                    .map(|(k, _)| k.as_str())
+                    .collect();
+                for name in continuous {
+                    push(
+                        format!("parameters.{name}"),
+                        "grid search needs values, int_uniform or q_uniform; this range is continuous".into(),
+                    );
+                }
+                0
+            }
+            None => 0,
+            Some(g) => spec.max_trials.map_or(g, |m| m.min(g)),
+        },
+        SearcherName::Random => match spec.max_trials {
+            Some(m) => m,
+            None => {
+                push("max_trials".into(), "random search needs max_trials".into());
+                0
+            }
+        },
+    };
+    if errs.is_empty() {
+        Ok(ValidSpec { spec, space, max_trials, timeout })
+    } else {
+        Err(CoreError::Spec(SpecErrors(errs)))
+    }
+}
+
+fn valid_param_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// Converts one W&B-style entry; on error returns the sub-field and the message.
+fn param_of(p: &ParamSpec) -> Result<Param, (&'static str, String)> {
+    let ranged = p.min.is_some() || p.max.is_some();
+    let forms = [p.value.is_some(), p.values.is_some(), ranged].iter().filter(|b| **b).count();
+    if forms != 1 {
+        return Err(("", "give exactly one of value, values, or min and max".into()));
+    }
+    if let Some(v) = &p.value {
+        if p.distribution.is_some() || p.q.is_some() {
+            return Err(("distribution", "only applies to min/max ranges".into()));
+        }
+        return Ok(Param::Constant { value: v.clone() });
+    }
+    if let Some(vs) = &p.values {
+        if p.distribution.is_some() || p.q.is_some() {
+            return Err(("distribution", "only applies to min/max ranges".into()));
+        }
+        if vs.is_empty() {
+            return Err(("values", "must list at least one value".into()));
+        }
+        return Ok(Param::Categorical { values: vs.clone() });
+    }
+    let (Some(min), Some(max)) = (&p.min, &p.max) else {
+        return Err((if p.min.is_none() { "min" } else { "max" }, "a range needs both min and max".into()));
+    };
+    let ints = min.is_i64() && max.is_i64();
+    let dist = p.distribution.unwrap_or(if ints { Distribution::IntUniform } else { Distribution::Uniform });
+    let (lo, hi) = (min.as_f64().unwrap_or(f64::NAN), max.as_f64().unwrap_or(f64::NAN));
+    if !lo.is_finite() || !hi.is_finite() {
+        return Err(("min", "min and max must be finite numbers".into()));
+    }
+    if lo > hi {
+        return Err(("min", format!("min ({min}) is greater than max ({max})")));
+    }
+    if p.q.is_some() && dist != Distribution::QUniform {
+        return Err(("q", "only applies to distribution: q_uniform".into()));
+    }
+    match dist {
+        Distribution::Uniform => Ok(Param::Uniform { min: lo, max: hi }),
+        Distribution::LogUniform => {
+            if lo <= 0.0 {
+                return Err(("min", format!("log_uniform needs min > 0, got {min}")));
+            }
+            Ok(Param::LogUniform { min: lo, max: hi })
+        }
+        Distribution::IntUniform => {
+            let (Some(a), Some(b)) = (min.as_i64(), max.as_i64()) else {
+                return Err(("min", "int_uniform needs integer min and max".into()));
+            };
+            Ok(Param::IntUniform { min: a, max: b })
+        }
+        Distribution::QUniform => {
+            let Some(q) = p.q else {
+                return Err(("q", "q_uniform needs q, the step between values".into()));
+            };
+            if !(q.is_finite() && q > 0.0) {
+                return Err(("q", format!("must be a positive number, got {q}")));
+            }
+            if (lo / q).ceil() > (hi / q).floor() {
+                return Err(("q", format!("no multiple of {q} lies between {min} and {max}")));
+            }
+            Ok(Param::QUniform { min: lo, max: hi, q })
+        }
+    }
+}
+
+/// Names in `${params.NAME}` references of `s` that are not parameters.
+fn unknown_refs(s: &str, params: &BTreeMap<String, ParamSpec>) -> Vec<String> {
+    refs(s).into_iter().filter(|n| !params.contains_key(n)).collect()
+}
+
+fn refs(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some(i) = rest.find("${params.") {
+        let after = &rest[i + 9..];
+        match after.find('}') {
+            Some(j) => {
+                out.push(after[..j].to_string());
+                rest = &after[j + 1..];
+            }
+            None => break,
+        }
+    }
+    out
+}
+
+/// Replaces each `${params.NAME}` in `s` with the trial's value.
+pub fn substitute(s: &str, params: &Params) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find("${params.") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 9..];
+        match after.find('}') {
+            Some(j) => {
+                let name = &after[..j];
+                match params.get(name) {
+                    Some(v) => out.push_str(&space::render_value(v)),
+                    None => out.push_str(&rest[i..i + 9 + j + 1]),
+                }
+                rest = &after[j + 1..];
+            }
+            None => {
+                out.push_str(&rest[i..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name: demo
+metric: {name: val_loss, goal: minimize}
+parameters:
+  lr: {min: 0.0001, max: 0.1, distribution: log_uniform}
+  layers: {values: [1, 2, 3]}
+  opt: {value: adam}
+searcher: {name: random, seed: 7}
+max_trials: 10
+parallel_trials: 2
+trial:
+  command: [python3, train.py, "--lr=${params.lr}", "${params.layers}"]
+  env: {OPT: "${params.opt}"}
+  timeout: 90s
+"#;
+
+    fn errors(yaml: &str, sets: &[&str]) -> Vec<FieldError> {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        match parse(yaml, &sets) {
+            Err(CoreError::Spec(SpecErrors(v))) => v,
+            other => panic!("expected spec errors, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_a_good_spec() {
+        let v = parse(GOOD, &[]).unwrap();
+        assert_eq!(v.max_trials, 10);
+        assert_eq!(v.timeout, Some(Duration::from_secs(90)));
+        assert_eq!(v.space.len(), 3);
+        let mut p = Params::new();
+        p.insert("lr".into(), serde_json::json!(0.01));
+        p.insert("layers".into(), serde_json::json!(2));
+        p.insert("opt".into(), serde_json::json!("adam"));
+        assert_eq!(v.command_for(&p), vec!["python3", "train.py", "--lr=0.01", "2"]);
+        assert_eq!(v.env_for(&p)["OPT"], "adam");
+    }
+
+    #[test]
+    fn unknown_field_names_path_and_line() {
+        let e = errors(&GOOD.replace("parallel_trials: 2", "parallel_trails: 2"), &[]);
+        assert_eq!(e.len(), 1);
+        assert!(e[0].message.contains("unknown field `parallel_trails`"), "{:?}", e[0]);
+        assert_eq!(e[0].location.map(|l| l.0), Some(10));
+        let e = errors(&GOOD.replace("distribution: log_uniform", "distrib: log_uniform"), &[]);
+        assert!(e[0].path.starts_with("parameters.lr"), "{:?}", e[0]);
+        assert!(e[0].message.contains("distrib"));
+    }
+
+    #[test]
+    fn invalid_range_names_field() {
+        let e = errors(&GOOD.replace("min: 0.0001, max: 0.1", "min: 0.5, max: 0.1"), &[]);
+        assert_eq!(e[0].path, "parameters.lr.min");
+        assert_eq!(e[0].location.map(|l| l.0), Some(5));
+        assert!(e[0].message.contains("greater than max"));
+    }
+
+    #[test]
+    fn bad_yaml_has_a_location() {
+        let e = errors("name: [unclosed\nmetric: x\n", &[]);
+        assert!(e[0].location.is_some());
+    }
+
+    #[test]
+    fn overrides_apply_and_are_validated() {
+        let v = parse(GOOD, &["max_trials=3".into(), "parameters.opt.value=sgd".into()]).unwrap();
+        assert_eq!(v.max_trials, 3);
+        assert_eq!(v.space["opt"], Param::Constant { value: "sgd".into() });
+        let e = errors(GOOD, &["parallel_trials=-1"]);
+        assert_eq!(e[0].path, "parallel_trials");
+        assert!(e[0].message.contains("--set"));
+        let e = errors(GOOD, &["nonsense"]);
+        assert!(e[0].message.contains("key=value"));
+    }
+
+    #[test]
+    fn references_to_unknown_params_are_rejected() {
+        let e = errors(&GOOD.replace("${params.layers}", "${params.depth}"), &[]);
+        assert_eq!(e[0].path, "trial.command[3]");
+        assert!(e[0].message.contains("depth"));
+    }
+
+    #[test]
+    fn grid_needs_discrete_space_and_caps_budget() {
+        let g = GOOD.replace("name: random, seed: 7", "name: grid");
+        let e = errors(&g, &[]);
+        assert_eq!(e[0].path, "parameters.lr");
+        let g = g.replace("{min: 0.0001, max: 0.1, distribution: log_uniform}", "{values: [0.1, 0.01]}");
+        let v = parse(&g, &[]).unwrap();
+        assert_eq!(v.max_trials, 6);
+        let v = parse(&g.replace("max_trials: 10", "max_trials: 4"), &[]).unwrap();
+        assert_eq!(v.max_trials, 4);
+    }
+
+    #[test]
+    fn collects_several_errors() {
+        let y = GOOD.replace("parallel_trials: 2", "parallel_trials: 0").replace("timeout: 90s", "timeout: soon");
+        let e = errors(&y, &[]);
+        let paths: Vec<&str> = e.iter().map(|e| e.path.as_str()).collect();
+        assert!(paths.contains(&"parallel_trials") && paths.contains(&"trial.timeout"), "{paths:?}");
+    }
+
+    #[test]
+    fn int_ranges_default_to_int_uniform() {
+        let v = parse(&GOOD.replace("{values: [1, 2, 3]}", "{min: 1, max: 4}"), &[]).unwrap();
+        assert_eq!(v.space["layers"], Param::IntUniform { min: 1, max: 4 });
+    }
+
+    #[test]
+    fn substitute_leaves_unknown_and_unclosed_refs() {
+        let mut p = Params::new();
+        p.insert("a".into(), serde_json::json!(1.5));
+        assert_eq!(substitute("x${params.a}y${params.b}z${params.", &p), "x1.5y${params.b}z${params.");
+    }
+}
