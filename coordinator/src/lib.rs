@@ -1,1 +1,189 @@
-//! x
+//! The Chorus coordinator: one gRPC server that runs hyperparameter sweeps. It owns the
+//! durable store (experiments, trials, attempts, metric summaries, searcher state), the
+//! searchers and the scheduler, the worker registry and its leases, and the reconcile loop
+//! that repairs whatever messages were lost.
+//!
+//! It must not train anything, link tch, or move tensors and checkpoints: workers do that
+//! and tell it object-store keys. Its searchers and scheduler stay pure (no I/O, no clock).
+
+pub mod api;
+pub mod cluster;
+pub mod error;
+pub mod experiment;
+pub mod scheduler;
+pub mod search;
+pub mod state;
+pub mod store;
+
+use crate::api::auth::{AuthInterceptor, Role, Tokens};
+use crate::error::{CoordError, Result};
+use crate::state::{State, Timing};
+use chorus_core::storage::{Storage, StorageOptions, StorageUri};
+use chorus_proto::pb::experiment_service_server::ExperimentServiceServer;
+use chorus_proto::pb::worker_service_server::WorkerServiceServer;
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tonic::service::interceptor::InterceptedService;
+
+/// Everything a coordinator is started with.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub data_dir: PathBuf,
+    /// Storage for experiments whose spec names none; `file://{data_dir}/storage` if unset.
+    pub default_storage: Option<String>,
+    pub storage: StorageOptions,
+    pub tokens: Tokens,
+    pub timing: Timing,
+    pub reconcile_interval: Duration,
+}
+
+impl Options {
+    pub fn new(data_dir: PathBuf) -> Self {
+        Options {
+            data_dir,
+            default_storage: None,
+            storage: StorageOptions::default(),
+            tokens: Tokens::default(),
+            timing: Timing::default(),
+            reconcile_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Shared by every handler and the reconcile loop.
+pub struct Coordinator {
+    state: Mutex<State>,
+    pub default_storage: StorageUri,
+    storage_options: StorageOptions,
+    /// Opened stores by URI: opening S3 or GCS clients is not free.
+    stores: Mutex<HashMap<String, Storage>>,
+}
+
+impl Coordinator {
+    /// Opens (or creates) the data directory and rebuilds the state from its store.
+    pub fn open(opts: &Options) -> Result<Coordinator> {
+        std::fs::create_dir_all(&opts.data_dir).map_err(|e| {
+            CoordError::FailedPrecondition(format!(
+                "cannot create {}: {e}",
+                opts.data_dir.display()
+            ))
+        })?;
+        let data_dir = opts.data_dir.canonicalize().map_err(|e| {
+            CoordError::FailedPrecondition(format!("{}: {e}", opts.data_dir.display()))
+        })?;
+        let default_storage = match &opts.default_storage {
+            Some(s) => StorageUri::parse(s)?,
+            None => StorageUri::from_dir(&data_dir.join("storage"))?,
+        };
+        let store = store::Store::open(&data_dir.join("chorus.db"))?;
+        let (events, _) = broadcast::channel(4096);
+        let state = State::load(store, opts.timing.clone(), events)?;
+        Ok(Coordinator {
+            state: Mutex::new(state),
+            default_storage,
+            storage_options: opts.storage.clone(),
+            stores: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves the state as it was at the last flush plus
+        // partial changes; continuing is no worse than the restart that would follow.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The store a URI names, opened once.
+    pub fn storage(&self, uri: &str) -> Result<Storage> {
+        let mut stores = self.stores.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = stores.get(uri) {
+            return Ok(s.clone());
+        }
+        let s = chorus_core::storage::open(&StorageUri::parse(uri)?, &self.storage_options)?;
+        stores.insert(uri.to_string(), s.clone());
+        Ok(s)
+    }
+}
+
+/// Serves the coordinator on `listener` until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    opts: Options,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    if !addr.ip().is_loopback() && (opts.tokens.user.is_empty() || opts.tokens.worker.is_empty()) {
+        anyhow::bail!(
+            "refusing to listen on {addr} without authentication: set a user token (--token / CHORUS_TOKEN) \
+             and a worker token (--worker-token / CHORUS_WORKER_TOKEN), or bind to a loopback address"
+        );
+    }
+    let coord = Arc::new(Coordinator::open(&opts)?);
+    {
+        // Attempts found live at start get one lease to be claimed; schedule what can run.
+        let mut st = coord.lock();
+        st.pump();
+        st.flush();
+    }
+    let reconcile = {
+        let coord = coord.clone();
+        let every = opts.reconcile_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let mut st = coord.lock();
+                st.reconcile();
+                st.flush();
+            }
+        })
+    };
+
+    let tokens = Arc::new(opts.tokens.clone());
+    let max = chorus_proto::MAX_MESSAGE_BYTES;
+    let experiments = InterceptedService::new(
+        ExperimentServiceServer::new(api::ExperimentApi::new(coord.clone()))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+        AuthInterceptor::new(tokens.clone(), Role::User),
+    );
+    let workers = InterceptedService::new(
+        WorkerServiceServer::new(api::WorkerApi::new(coord.clone()))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+        AuthInterceptor::new(tokens, Role::Worker),
+    );
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in ["chorus.v1.ExperimentService", "chorus.v1.WorkerService", ""] {
+        health
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(chorus_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    tracing::info!(%addr, "coordinator serving");
+    let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(experiments)
+        .add_service(workers)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await;
+    reconcile.abort();
+    result?;
+    Ok(())
+}

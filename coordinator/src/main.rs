@@ -1,1 +1,87 @@
-fn main(){}
+//! `chorus-coordinator`: parses flags and runs [`chorus_coordinator::run`].
+
+use anyhow::Context;
+use chorus_coordinator::api::auth::Tokens;
+use chorus_coordinator::state::Timing;
+use chorus_coordinator::{Options, run};
+use clap::Parser;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "chorus-coordinator",
+    version,
+    about = "The Chorus coordinator: sweeps, scheduling and records"
+)]
+struct Args {
+    /// Address to serve gRPC on; port 0 picks a free port (printed on stdout).
+    #[arg(long, env = "CHORUS_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: String,
+    /// Directory for the coordinator's store (and the default file storage).
+    #[arg(long, env = "CHORUS_DATA_DIR", default_value = ".chorus/coordinator")]
+    data_dir: PathBuf,
+    /// Object storage for experiments whose spec names none [default: file://DATA_DIR/storage].
+    #[arg(long, env = "CHORUS_STORAGE")]
+    storage: Option<String>,
+    /// S3-compatible endpoint for s3:// storage (credentials come from AWS_* variables).
+    #[arg(long, env = "CHORUS_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    /// Token the CLI must present. Required, with --worker-token, off loopback.
+    #[arg(long, env = "CHORUS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Token workers must present.
+    #[arg(long, env = "CHORUS_WORKER_TOKEN", hide_env_values = true)]
+    worker_token: Option<String>,
+    /// A worker that has not renewed its lease for this long is gone and its trials move.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    lease_ttl: Duration,
+    /// How often workers renew their lease.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Duration,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text")]
+    log_format: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let mut opts = Options::new(args.data_dir);
+    opts.default_storage = args.storage;
+    opts.storage.s3_endpoint = args.s3_endpoint;
+    opts.tokens = Tokens {
+        user: args.token.into_iter().collect(),
+        worker: args.worker_token.into_iter().collect(),
+    };
+    opts.timing = Timing {
+        lease_ttl: args.lease_ttl,
+        heartbeat_interval: args.heartbeat_interval,
+        ..Timing::default()
+    };
+    println!("chorus-coordinator listening on {}", listener.local_addr()?);
+    run(listener, opts, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}

@@ -103,7 +103,11 @@ pub async fn commit(storage: &Storage, prefix: &Path, step: i64, dir: &FsPath) -
         let full = dir.join(rel);
         let data = tokio::fs::read(&full).await.map_err(|e| CoreError::io(&full, e))?;
         let rel_str = rel.to_string_lossy().replace('\\', "/");
-        entries.push(ManifestFile { path: rel_str.clone(), size: data.len() as u64, crc32c: crc32c::crc32c(&data) });
+        entries.push(ManifestFile {
+            path: rel_str.clone(),
+            size: data.len() as u64,
+            crc32c: crc32c::crc32c(&data),
+        });
         let key = rel_str.split('/').fold(base.clone(), |p, part| p.join(part));
         storage.store.put(&key, PutPayload::from(data)).await?;
     }
@@ -116,8 +120,15 @@ pub async fn commit(storage: &Storage, prefix: &Path, step: i64, dir: &FsPath) -
         files: entries,
     };
     let body = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
-    let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-    match storage.store.put_opts(&manifest_key, PutPayload::from(body), opts).await {
+    let opts = PutOptions {
+        mode: PutMode::Create,
+        ..Default::default()
+    };
+    match storage
+        .store
+        .put_opts(&manifest_key, PutPayload::from(body), opts)
+        .await
+    {
         Ok(_) => Ok(Some(manifest)),
         Err(object_store::Error::AlreadyExists { .. }) => {
             // Another writer committed this step between our check and our put; theirs stands.
@@ -135,7 +146,10 @@ async fn read_manifest(storage: &Storage, key: &Path) -> Result<Option<Manifest>
     };
     serde_json::from_slice(&bytes)
         .map(Some)
-        .map_err(|e| CoreError::CorruptCheckpoint { key: key.to_string(), reason: format!("manifest is not valid: {e}") })
+        .map_err(|e| CoreError::CorruptCheckpoint {
+            key: key.to_string(),
+            reason: format!("manifest is not valid: {e}"),
+        })
 }
 
 async fn fetch_verified(storage: &Storage, base: &Path, f: &ManifestFile) -> Result<bytes::Bytes, CoreError> {
@@ -143,7 +157,10 @@ async fn fetch_verified(storage: &Storage, base: &Path, f: &ManifestFile) -> Res
     let data = match storage.store.get(&key).await {
         Ok(r) => r.bytes().await?,
         Err(object_store::Error::NotFound { .. }) => {
-            return Err(CoreError::CorruptCheckpoint { key: key.to_string(), reason: "file listed in manifest is missing".into() });
+            return Err(CoreError::CorruptCheckpoint {
+                key: key.to_string(),
+                reason: "file listed in manifest is missing".into(),
+            });
         }
         Err(e) => return Err(e.into()),
     };
@@ -229,7 +246,10 @@ pub async fn restore_latest(storage: &Storage, prefix: &Path, dest: &FsPath) -> 
         std::fs::create_dir_all(dest).map_err(|e| CoreError::io(dest, e))?;
         for (rel, data) in files {
             if rel.split('/').any(|p| p == ".." || p.is_empty()) {
-                return Err(CoreError::CorruptCheckpoint { key: base.to_string(), reason: format!("unsafe path {rel:?}") });
+                return Err(CoreError::CorruptCheckpoint {
+                    key: base.to_string(),
+                    reason: format!("unsafe path {rel:?}"),
+                });
             }
             let path = dest.join(&rel);
             if let Some(parent) = path.parent() {
@@ -285,7 +305,11 @@ mod tests {
     use crate::storage::{StorageUri, open};
 
     fn mem(name: &str) -> Storage {
-        open(&StorageUri::parse(&format!("memory://{name}")).unwrap(), &Default::default()).unwrap()
+        open(
+            &StorageUri::parse(&format!("memory://{name}")).unwrap(),
+            &Default::default(),
+        )
+        .unwrap()
     }
 
     #[tokio::test]
@@ -302,27 +326,52 @@ mod tests {
         assert_eq!(m2.files.len(), 2);
 
         // An interrupted upload of step 3: files but no manifest.
-        s.store.put(&prefix.clone().join(step_dir(3)).clone().join("state.txt"), "partial".into()).await.unwrap();
+        s.store
+            .put(
+                &prefix.clone().join(step_dir(3)).clone().join("state.txt"),
+                "partial".into(),
+            )
+            .await
+            .unwrap();
         let dest = tempfile::tempdir().unwrap();
         let r = restore_latest(&s, &prefix, dest.path()).await.unwrap();
         assert_eq!(r.step, Some(2));
         assert_eq!(r.skipped.len(), 1);
-        assert_eq!(std::fs::read_to_string(dest.path().join("state.txt")).unwrap(), "step 2");
+        assert_eq!(
+            std::fs::read_to_string(dest.path().join("state.txt")).unwrap(),
+            "step 2"
+        );
         assert_eq!(std::fs::read(dest.path().join("sub/w.bin")).unwrap(), vec![1, 2, 3]);
 
         // Corrupt step 2: restore falls back to step 1.
-        s.store.put(&prefix.clone().join(step_dir(2)).clone().join("state.txt"), "step X".into()).await.unwrap();
+        s.store
+            .put(
+                &prefix.clone().join(step_dir(2)).clone().join("state.txt"),
+                "step X".into(),
+            )
+            .await
+            .unwrap();
         let r = restore_latest(&s, &prefix, dest.path()).await.unwrap();
         assert_eq!(r.step, Some(1));
-        assert!(r.skipped.iter().any(|(st, why)| *st == 2 && why.contains("crc32c")), "{:?}", r.skipped);
-        assert_eq!(std::fs::read_to_string(dest.path().join("state.txt")).unwrap(), "step 1");
+        assert!(
+            r.skipped.iter().any(|(st, why)| *st == 2 && why.contains("crc32c")),
+            "{:?}",
+            r.skipped
+        );
+        assert_eq!(
+            std::fs::read_to_string(dest.path().join("state.txt")).unwrap(),
+            "step 1"
+        );
 
         // Re-committing the corrupt step replaces it.
         std::fs::write(src.path().join("state.txt"), "step 2 again").unwrap();
         commit(&s, &prefix, 2, src.path()).await.unwrap();
         let r = restore_latest(&s, &prefix, dest.path()).await.unwrap();
         assert_eq!(r.step, Some(2));
-        assert_eq!(std::fs::read_to_string(dest.path().join("state.txt")).unwrap(), "step 2 again");
+        assert_eq!(
+            std::fs::read_to_string(dest.path().join("state.txt")).unwrap(),
+            "step 2 again"
+        );
 
         // Keep the newest committed one; the newer partial upload may be in flight.
         assert_eq!(prune(&s, &prefix, 1).await.unwrap(), 1);

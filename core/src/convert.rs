@@ -86,7 +86,9 @@ impl TryFrom<pb::ExperimentState> for ExperimentState {
             pb::ExperimentState::Completed => ExperimentState::Completed,
             pb::ExperimentState::Failed => ExperimentState::Failed,
             pb::ExperimentState::Killed => ExperimentState::Killed,
-            pb::ExperimentState::Unspecified => return Err(CoreError::Conversion("experiment state unspecified".into())),
+            pb::ExperimentState::Unspecified => {
+                return Err(CoreError::Conversion("experiment state unspecified".into()));
+            }
         })
     }
 }
@@ -139,12 +141,22 @@ mod tests {
 
     #[test]
     fn states_round_trip() {
-        for s in [TrialState::Pending, TrialState::Running, TrialState::Completed, TrialState::Failed, TrialState::Killed] {
+        for s in [
+            TrialState::Pending,
+            TrialState::Running,
+            TrialState::Completed,
+            TrialState::Failed,
+            TrialState::Killed,
+        ] {
             assert_eq!(s.as_str().parse::<TrialState>().unwrap(), s);
             assert_eq!(TrialState::try_from(pb::TrialState::from(s)).unwrap(), s);
             assert_eq!(trial_state_name(pb::TrialState::from(s) as i32), s.as_str());
         }
-        for s in [ExperimentState::Active, ExperimentState::Paused, ExperimentState::Killed] {
+        for s in [
+            ExperimentState::Active,
+            ExperimentState::Paused,
+            ExperimentState::Killed,
+        ] {
             assert_eq!(s.as_str().parse::<ExperimentState>().unwrap(), s);
             assert_eq!(ExperimentState::try_from(pb::ExperimentState::from(s)).unwrap(), s);
         }

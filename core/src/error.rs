@@ -60,6 +60,9 @@ pub enum CoreError {
 
 impl CoreError {
     pub(crate) fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
-        CoreError::Io { path: path.as_ref().display().to_string(), source }
+        CoreError::Io {
+            path: path.as_ref().display().to_string(),
+            source,
+        }
     }
 }

@@ -26,7 +26,10 @@ impl MetricReport {
             m.insert("step".into(), Value::from(s));
         }
         for (k, v) in &self.values {
-            m.insert(k.clone(), serde_json::Number::from_f64(*v).map_or(Value::Null, Value::Number));
+            m.insert(
+                k.clone(),
+                serde_json::Number::from_f64(*v).map_or(Value::Null, Value::Number),
+            );
         }
         m
     }
@@ -101,7 +104,10 @@ mod tests {
         assert_eq!(r.step, Some(3));
         assert_eq!(r.values["val_loss"], 0.41);
         assert_eq!(r.values["acc"], 1.0);
-        assert_eq!(MetricReport::from_json(&serde_json::Value::Object(r.to_json()).to_string()).unwrap(), r);
+        assert_eq!(
+            MetricReport::from_json(&serde_json::Value::Object(r.to_json()).to_string()).unwrap(),
+            r
+        );
     }
 
     #[test]

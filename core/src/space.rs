@@ -116,7 +116,9 @@ pub fn grid_point(space: &Space, index: u64) -> Option<Params> {
         .iter()
         .map(|(k, p)| p.grid_values().map(|v| (k, v)))
         .collect::<Option<_>>()?;
-    let total = axes.iter().try_fold(1u64, |acc, (_, v)| acc.checked_mul(v.len() as u64))?;
+    let total = axes
+        .iter()
+        .try_fold(1u64, |acc, (_, v)| acc.checked_mul(v.len() as u64))?;
     if index >= total {
         return None;
     }
@@ -148,7 +150,12 @@ mod tests {
 
     fn space() -> Space {
         let mut s = Space::new();
-        s.insert("a".into(), Param::Categorical { values: vec![1.into(), 2.into(), 3.into()] });
+        s.insert(
+            "a".into(),
+            Param::Categorical {
+                values: vec![1.into(), 2.into(), 3.into()],
+            },
+        );
         s.insert("b".into(), Param::IntUniform { min: 0, max: 1 });
         s.insert("c".into(), Param::Constant { value: "x".into() });
         s
@@ -171,7 +178,11 @@ mod tests {
 
     #[test]
     fn q_uniform_grid_is_tidy() {
-        let p = Param::QUniform { min: 0.0, max: 0.5, q: 0.1 };
+        let p = Param::QUniform {
+            min: 0.0,
+            max: 0.5,
+            q: 0.1,
+        };
         let v = p.grid_values().unwrap();
         assert_eq!(v.len(), 6);
         assert_eq!(v[3], serde_json::json!(0.3));

@@ -151,7 +151,11 @@ pub struct ResourceSpec {
 
 impl Default for ResourceSpec {
     fn default() -> Self {
-        ResourceSpec { workers: 1, cpus: 1, gpus: 0 }
+        ResourceSpec {
+            workers: 1,
+            cpus: 1,
+            gpus: 0,
+        }
     }
 }
 
@@ -181,7 +185,9 @@ fn keep_last_default() -> u32 {
 
 impl Default for CheckpointSpec {
     fn default() -> Self {
-        CheckpointSpec { keep_last: keep_last_default() }
+        CheckpointSpec {
+            keep_last: keep_last_default(),
+        }
     }
 }
 
@@ -210,7 +216,12 @@ impl ValidSpec {
 
     /// The trial environment with `${params.NAME}` replaced in values.
     pub fn env_for(&self, params: &Params) -> BTreeMap<String, String> {
-        self.spec.trial.env.iter().map(|(k, v)| (k.clone(), substitute(v, params))).collect()
+        self.spec
+            .trial
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), substitute(v, params)))
+            .collect()
     }
 }
 
@@ -237,16 +248,17 @@ pub fn parse(yaml: &str, overrides: &[String]) -> Result<ValidSpec, CoreError> {
             if from_set {
                 message.push_str(" (from --set)");
             }
-            CoreError::Spec(SpecErrors(vec![FieldError { path: clean_path(&path), location, message }]))
+            CoreError::Spec(SpecErrors(vec![FieldError {
+                path: clean_path(&path),
+                location,
+                message,
+            }]))
         })?
     };
     validate(spec, &at)
 }
 
-fn deserialize_text(
-    yaml: &str,
-    at: &dyn Fn(&str) -> Option<(usize, usize)>,
-) -> Result<ExperimentSpec, CoreError> {
+fn deserialize_text(yaml: &str, at: &dyn Fn(&str) -> Option<(usize, usize)>) -> Result<ExperimentSpec, CoreError> {
     if yaml.trim().is_empty() {
         return Err(spec_err("", None, "the experiment file is empty"));
     }
@@ -256,7 +268,11 @@ fn deserialize_text(
         let inner = e.into_inner();
         let location = inner.location().map(|l| (l.line(), l.column())).or_else(|| at(&path));
         let message = strip_location(&inner.to_string());
-        CoreError::Spec(SpecErrors(vec![FieldError { path, location, message }]))
+        CoreError::Spec(SpecErrors(vec![FieldError {
+            path,
+            location,
+            message,
+        }]))
     })
 }
 
@@ -279,7 +295,11 @@ fn clean_path(p: &str) -> String {
 }
 
 fn spec_err(path: &str, location: Option<(usize, usize)>, message: &str) -> CoreError {
-    CoreError::Spec(SpecErrors(vec![FieldError { path: path.to_string(), location, message: message.to_string() }]))
+    CoreError::Spec(SpecErrors(vec![FieldError {
+        path: path.to_string(),
+        location,
+        message: message.to_string(),
+    }]))
 }
 
 /// Applies one `a.b.c=value` override to the parsed document; returns the dotted path.
@@ -289,7 +309,11 @@ fn apply_override(doc: &mut serde_yaml_ng::Value, o: &str) -> Result<String, Cor
     };
     let path = path.trim();
     if path.is_empty() || path.split('.').any(str::is_empty) {
-        return Err(spec_err("", None, &format!("--set {o:?}: the key must be a dotted path such as parameters.lr.max")));
+        return Err(spec_err(
+            "",
+            None,
+            &format!("--set {o:?}: the key must be a dotted path such as parameters.lr.max"),
+        ));
     }
     let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(raw)
         .map_err(|e| spec_err(path, None, &format!("--set {o:?}: value is not valid YAML: {e}")))?;
@@ -307,7 +331,11 @@ fn apply_override(doc: &mut serde_yaml_ng::Value, o: &str) -> Result<String, Cor
             }
             _ => {
                 let parent = parts[..i].join(".");
-                return Err(spec_err(&parent, None, &format!("--set {o:?}: {parent} is not a mapping")));
+                return Err(spec_err(
+                    &parent,
+                    None,
+                    &format!("--set {o:?}: {parent} is not a mapping"),
+                ));
             }
         };
         let key = serde_yaml_ng::Value::String((*part).to_string());
@@ -325,7 +353,11 @@ fn validate(spec: ExperimentSpec, at: &dyn Fn(&str) -> Option<(usize, usize)>) -
     let mut errs = Vec::new();
     let mut push = |path: String, message: String| {
         let location = at(&path);
-        errs.push(FieldError { path, location, message });
+        errs.push(FieldError {
+            path,
+            location,
+            message,
+        });
     };
     if spec.name.trim().is_empty() {
         push("name".into(), "must not be empty".into());
@@ -347,7 +379,11 @@ fn validate(spec: ExperimentSpec, at: &dyn Fn(&str) -> Option<(usize, usize)>) -
                 space.insert(name.clone(), param);
             }
             Err((field, msg)) => {
-                let path = if field.is_empty() { path } else { format!("{path}.{field}") };
+                let path = if field.is_empty() {
+                    path
+                } else {
+                    format!("{path}.{field}")
+                };
                 push(path, msg);
             }
         }
@@ -368,22 +404,34 @@ fn validate(spec: ExperimentSpec, at: &dyn Fn(&str) -> Option<(usize, usize)>) -
         );
     }
     if r.cpus == 0 && r.gpus == 0 {
-        push("resources.cpus".into(), "a trial needs at least one cpu slot or one gpu".into());
+        push(
+            "resources.cpus".into(),
+            "a trial needs at least one cpu slot or one gpu".into(),
+        );
     }
     if spec.trial.command.is_empty() || spec.trial.command[0].trim().is_empty() {
         push("trial.command".into(), "must name a program to run".into());
     }
     for (i, arg) in spec.trial.command.iter().enumerate() {
         for missing in unknown_refs(arg, &spec.parameters) {
-            push(format!("trial.command[{i}]"), format!("refers to ${{params.{missing}}}, which is not in parameters"));
+            push(
+                format!("trial.command[{i}]"),
+                format!("refers to ${{params.{missing}}}, which is not in parameters"),
+            );
         }
     }
     for (k, v) in &spec.trial.env {
         if k.is_empty() || k.contains('=') || k.contains('\0') {
-            push(format!("trial.env.{k}"), "is not a valid environment variable name".into());
+            push(
+                format!("trial.env.{k}"),
+                "is not a valid environment variable name".into(),
+            );
         }
         for missing in unknown_refs(v, &spec.parameters) {
-            push(format!("trial.env.{k}"), format!("refers to ${{params.{missing}}}, which is not in parameters"));
+            push(
+                format!("trial.env.{k}"),
+                format!("refers to ${{params.{missing}}}, which is not in parameters"),
+            );
         }
     }
     let timeout = match &spec.trial.timeout {
@@ -395,7 +443,10 @@ fn validate(spec: ExperimentSpec, at: &dyn Fn(&str) -> Option<(usize, usize)>) -
             }
             Ok(d) => Some(d),
             Err(e) => {
-                push("trial.timeout".into(), format!("{t:?} is not a duration such as 90s, 30m or 2h: {e}"));
+                push(
+                    "trial.timeout".into(),
+                    format!("{t:?} is not a duration such as 90s, 30m or 2h: {e}"),
+                );
                 None
             }
         },
@@ -437,7 +488,12 @@ fn validate(spec: ExperimentSpec, at: &dyn Fn(&str) -> Option<(usize, usize)>) -
         },
     };
     if errs.is_empty() {
-        Ok(ValidSpec { spec, space, max_trials, timeout })
+        Ok(ValidSpec {
+            spec,
+            space,
+            max_trials,
+            timeout,
+        })
     } else {
         Err(CoreError::Spec(SpecErrors(errs)))
     }
@@ -450,7 +506,10 @@ fn valid_param_name(name: &str) -> bool {
 /// Converts one W&B-style entry; on error returns the sub-field and the message.
 fn param_of(p: &ParamSpec) -> Result<Param, (&'static str, String)> {
     let ranged = p.min.is_some() || p.max.is_some();
-    let forms = [p.value.is_some(), p.values.is_some(), ranged].iter().filter(|b| **b).count();
+    let forms = [p.value.is_some(), p.values.is_some(), ranged]
+        .iter()
+        .filter(|b| **b)
+        .count();
     if forms != 1 {
         return Err(("", "give exactly one of value, values, or min and max".into()));
     }
@@ -470,10 +529,17 @@ fn param_of(p: &ParamSpec) -> Result<Param, (&'static str, String)> {
         return Ok(Param::Categorical { values: vs.clone() });
     }
     let (Some(min), Some(max)) = (&p.min, &p.max) else {
-        return Err((if p.min.is_none() { "min" } else { "max" }, "a range needs both min and max".into()));
+        return Err((
+            if p.min.is_none() { "min" } else { "max" },
+            "a range needs both min and max".into(),
+        ));
     };
     let ints = min.is_i64() && max.is_i64();
-    let dist = p.distribution.unwrap_or(if ints { Distribution::IntUniform } else { Distribution::Uniform });
+    let dist = p.distribution.unwrap_or(if ints {
+        Distribution::IntUniform
+    } else {
+        Distribution::Uniform
+    });
     let (lo, hi) = (min.as_f64().unwrap_or(f64::NAN), max.as_f64().unwrap_or(f64::NAN));
     if !lo.is_finite() || !hi.is_finite() {
         return Err(("min", "min and max must be finite numbers".into()));
@@ -651,7 +717,10 @@ trial:
         let g = GOOD.replace("name: random, seed: 7", "name: grid");
         let e = errors(&g, &[]);
         assert_eq!(e[0].path, "parameters.lr");
-        let g = g.replace("{min: 0.0001, max: 0.1, distribution: log_uniform}", "{values: [0.1, 0.01]}");
+        let g = g.replace(
+            "{min: 0.0001, max: 0.1, distribution: log_uniform}",
+            "{values: [0.1, 0.01]}",
+        );
         let v = parse(&g, &[]).unwrap();
         assert_eq!(v.max_trials, 6);
         let v = parse(&g.replace("max_trials: 10", "max_trials: 4"), &[]).unwrap();
@@ -660,10 +729,15 @@ trial:
 
     #[test]
     fn collects_several_errors() {
-        let y = GOOD.replace("parallel_trials: 2", "parallel_trials: 0").replace("timeout: 90s", "timeout: soon");
+        let y = GOOD
+            .replace("parallel_trials: 2", "parallel_trials: 0")
+            .replace("timeout: 90s", "timeout: soon");
         let e = errors(&y, &[]);
         let paths: Vec<&str> = e.iter().map(|e| e.path.as_str()).collect();
-        assert!(paths.contains(&"parallel_trials") && paths.contains(&"trial.timeout"), "{paths:?}");
+        assert!(
+            paths.contains(&"parallel_trials") && paths.contains(&"trial.timeout"),
+            "{paths:?}"
+        );
     }
 
     #[test]
@@ -676,6 +750,9 @@ trial:
     fn substitute_leaves_unknown_and_unclosed_refs() {
         let mut p = Params::new();
         p.insert("a".into(), serde_json::json!(1.5));
-        assert_eq!(substitute("x${params.a}y${params.b}z${params.", &p), "x1.5y${params.b}z${params.");
+        assert_eq!(
+            substitute("x${params.a}y${params.b}z${params.", &p),
+            "x1.5y${params.b}z${params."
+        );
     }
 }

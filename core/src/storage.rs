@@ -22,7 +22,10 @@ pub struct StorageUri(Url);
 
 impl StorageUri {
     pub fn parse(s: &str) -> Result<Self, CoreError> {
-        let bad = |reason: &str| CoreError::StorageUri { uri: s.to_string(), reason: reason.to_string() };
+        let bad = |reason: &str| CoreError::StorageUri {
+            uri: s.to_string(),
+            reason: reason.to_string(),
+        };
         let url = Url::parse(s).map_err(|e| bad(&e.to_string()))?;
         match url.scheme() {
             "file" => {
@@ -36,7 +39,11 @@ impl StorageUri {
                 }
             }
             "memory" => {}
-            other => return Err(bad(&format!("unsupported scheme {other:?} (use file, s3, gs, az or memory)"))),
+            other => {
+                return Err(bad(&format!(
+                    "unsupported scheme {other:?} (use file, s3, gs, az or memory)"
+                )));
+            }
         }
         Ok(StorageUri(url))
     }
@@ -73,7 +80,10 @@ pub struct Storage {
 /// Opens the store a URI names.
 pub fn open(uri: &StorageUri, opts: &StorageOptions) -> Result<Storage, CoreError> {
     let url = &uri.0;
-    let err = |e: object_store::Error| CoreError::StorageUri { uri: url.to_string(), reason: e.to_string() };
+    let err = |e: object_store::Error| CoreError::StorageUri {
+        uri: url.to_string(),
+        reason: e.to_string(),
+    };
     let root = Path::from(url.path().trim_start_matches('/'));
     let store: Arc<dyn ObjectStore> = match url.scheme() {
         "file" => {
@@ -83,13 +93,21 @@ pub fn open(uri: &StorageUri, opts: &StorageOptions) -> Result<Storage, CoreErro
             })?;
             std::fs::create_dir_all(&dir).map_err(|e| CoreError::io(&dir, e))?;
             let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir).map_err(err)?;
-            return Ok(Storage { store: Arc::new(fs.with_automatic_cleanup(true)), root: Path::default() });
+            return Ok(Storage {
+                store: Arc::new(fs.with_automatic_cleanup(true)),
+                root: Path::default(),
+            });
         }
         "memory" => {
             static STORES: OnceLock<Mutex<HashMap<String, Arc<dyn ObjectStore>>>> = OnceLock::new();
             let name = url.host_str().unwrap_or_default().to_string();
-            let mut m = STORES.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
-            m.entry(name).or_insert_with(|| Arc::new(object_store::memory::InMemory::new())).clone()
+            let mut m = STORES
+                .get_or_init(Default::default)
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            m.entry(name)
+                .or_insert_with(|| Arc::new(object_store::memory::InMemory::new()))
+                .clone()
         }
         "s3" => {
             let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(url.as_str());
@@ -111,7 +129,10 @@ pub fn open(uri: &StorageUri, opts: &StorageOptions) -> Result<Storage, CoreErro
                 .map_err(err)?,
         ),
         other => {
-            return Err(CoreError::StorageUri { uri: url.to_string(), reason: format!("unsupported scheme {other:?}") });
+            return Err(CoreError::StorageUri {
+                uri: url.to_string(),
+                reason: format!("unsupported scheme {other:?}"),
+            });
         }
     };
     Ok(Storage { store, root })
@@ -148,7 +169,9 @@ impl Storage {
 
     /// Logs are written in chunks because object stores cannot append; names sort in order.
     pub fn log_chunk_key(&self, exp: ExperimentId, trial: TrialId, attempt: u32, chunk: u32) -> Path {
-        self.logs_prefix(exp, trial).clone().join(format!("{attempt:04}-{chunk:06}.log"))
+        self.logs_prefix(exp, trial)
+            .clone()
+            .join(format!("{attempt:04}-{chunk:06}.log"))
     }
 
     pub fn checkpoints_prefix(&self, exp: ExperimentId, trial: TrialId) -> Path {
@@ -183,18 +206,29 @@ mod tests {
         let (e, t) = (ExperimentId(3), TrialId(12));
         assert_eq!(s.spec_key(e).as_ref(), "experiments/3/spec.yaml");
         assert_eq!(s.metrics_key(e, t).as_ref(), "experiments/3/trials/12/metrics.jsonl");
-        assert_eq!(s.log_chunk_key(e, t, 2, 7).as_ref(), "experiments/3/trials/12/logs/0002-000007.log");
+        assert_eq!(
+            s.log_chunk_key(e, t, 2, 7).as_ref(),
+            "experiments/3/trials/12/logs/0002-000007.log"
+        );
         assert_eq!(parse_log_chunk_name("0002-000007.log"), Some((2, 7)));
-        assert_eq!(s.checkpoints_prefix(e, t).as_ref(), "experiments/3/trials/12/checkpoints");
+        assert_eq!(
+            s.checkpoints_prefix(e, t).as_ref(),
+            "experiments/3/trials/12/checkpoints"
+        );
     }
 
     #[test]
     fn s3_uri_root_is_the_prefix() {
         let s = open(
             &StorageUri::parse("s3://bucket/some/prefix").unwrap(),
-            &StorageOptions { s3_endpoint: Some("http://127.0.0.1:1".into()) },
+            &StorageOptions {
+                s3_endpoint: Some("http://127.0.0.1:1".into()),
+            },
         )
         .unwrap();
-        assert_eq!(s.spec_key(ExperimentId(1)).as_ref(), "some/prefix/experiments/1/spec.yaml");
+        assert_eq!(
+            s.spec_key(ExperimentId(1)).as_ref(),
+            "some/prefix/experiments/1/spec.yaml"
+        );
     }
 }

@@ -48,7 +48,11 @@ impl MarkedEventReceiver for Walker {
             Event::Scalar(text, ..) => {
                 if self.is_key_position() {
                     if let Some(Frame::Map { prefix, key }) = self.stack.last_mut() {
-                        let path = if prefix.is_empty() { text } else { format!("{prefix}.{text}") };
+                        let path = if prefix.is_empty() {
+                            text
+                        } else {
+                            format!("{prefix}.{text}")
+                        };
                         self.at.entry(path.clone()).or_insert((mark.line(), mark.col() + 1));
                         *key = Some(path);
                     }
@@ -57,12 +61,26 @@ impl MarkedEventReceiver for Walker {
                 }
             }
             Event::MappingStart(..) => {
-                let prefix = if self.stack.is_empty() { Some(String::new()) } else { self.value_path(mark) };
-                self.stack.push(Frame::Map { prefix: prefix.unwrap_or_default(), key: None });
+                let prefix = if self.stack.is_empty() {
+                    Some(String::new())
+                } else {
+                    self.value_path(mark)
+                };
+                self.stack.push(Frame::Map {
+                    prefix: prefix.unwrap_or_default(),
+                    key: None,
+                });
             }
             Event::SequenceStart(..) => {
-                let prefix = if self.stack.is_empty() { Some(String::new()) } else { self.value_path(mark) };
-                self.stack.push(Frame::Seq { prefix: prefix.unwrap_or_default(), index: 0 });
+                let prefix = if self.stack.is_empty() {
+                    Some(String::new())
+                } else {
+                    self.value_path(mark)
+                };
+                self.stack.push(Frame::Seq {
+                    prefix: prefix.unwrap_or_default(),
+                    index: 0,
+                });
             }
             Event::MappingEnd | Event::SequenceEnd => {
                 self.stack.pop();

@@ -1,0 +1,373 @@
+//! `chorus.v1.ExperimentService`, for the CLI.
+
+use super::convert;
+use crate::Coordinator;
+use crate::error::CoordError;
+use chorus_core::storage::{StorageUri, parse_log_chunk_name};
+use chorus_core::{ExperimentId, TrialId, spec};
+use chorus_proto::pb;
+use chorus_proto::pb::experiment_service_server::ExperimentService;
+use futures::TryStreamExt;
+use object_store::{ObjectStoreExt, PutPayload};
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+pub struct ExperimentApi {
+    coord: Arc<Coordinator>,
+}
+
+impl ExperimentApi {
+    pub fn new(coord: Arc<Coordinator>) -> Self {
+        ExperimentApi { coord }
+    }
+
+    fn experiment_pb(&self, id: ExperimentId) -> Result<pb::Experiment, Status> {
+        let st = self.coord.lock();
+        convert::experiment(&st, id)
+            .ok_or_else(|| Status::not_found(format!("experiment {id} does not exist")))
+    }
+}
+
+/// How long the coordinator waits on object storage while submitting.
+const STORAGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[tonic::async_trait]
+impl ExperimentService for ExperimentApi {
+    async fn submit_experiment(
+        &self,
+        req: Request<pb::SubmitExperimentRequest>,
+    ) -> Result<Response<pb::SubmitExperimentResponse>, Status> {
+        let req = req.into_inner();
+        let valid = spec::parse(&req.spec_yaml, &req.overrides).map_err(CoordError::from)?;
+        let uri = match &valid.spec.storage {
+            Some(s) => StorageUri::parse(s).map_err(CoordError::from)?,
+            None => self.coord.default_storage.clone(),
+        };
+        let storage = self.coord.storage(uri.as_str())?;
+        let id = self.coord.lock().reserve_experiment_id();
+        // The spec goes to storage before the experiment exists, so an unreachable store
+        // rejects the submission instead of leaving an experiment that cannot keep records.
+        let key = storage.spec_key(id);
+        let put = storage
+            .store
+            .put(&key, PutPayload::from(valid.to_yaml().into_bytes()));
+        match tokio::time::timeout(STORAGE_TIMEOUT, put).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Err(Status::unavailable(format!(
+                    "cannot write to storage {}: {e}",
+                    uri.as_str()
+                )));
+            }
+            Err(_) => {
+                return Err(Status::unavailable(format!(
+                    "storage {} did not answer in time",
+                    uri.as_str()
+                )));
+            }
+        }
+        let mut st = self.coord.lock();
+        st.add_experiment(id, valid, uri.as_str().to_string());
+        st.flush();
+        let experiment = convert::experiment(&st, id);
+        tracing::info!(experiment = %id, "experiment submitted");
+        Ok(Response::new(pb::SubmitExperimentResponse { experiment }))
+    }
+
+    async fn validate_experiment(
+        &self,
+        req: Request<pb::ValidateExperimentRequest>,
+    ) -> Result<Response<pb::ValidateExperimentResponse>, Status> {
+        let req = req.into_inner();
+        let valid = spec::parse(&req.spec_yaml, &req.overrides).map_err(CoordError::from)?;
+        Ok(Response::new(pb::ValidateExperimentResponse {
+            normalized_yaml: valid.to_yaml(),
+            grid_size: chorus_core::space::grid_size(&valid.space).unwrap_or(0),
+        }))
+    }
+
+    async fn list_experiments(
+        &self,
+        _req: Request<pb::ListExperimentsRequest>,
+    ) -> Result<Response<pb::ListExperimentsResponse>, Status> {
+        let st = self.coord.lock();
+        let experiments = st
+            .experiments
+            .keys()
+            .filter_map(|id| convert::experiment(&st, *id))
+            .collect();
+        Ok(Response::new(pb::ListExperimentsResponse { experiments }))
+    }
+
+    async fn describe_experiment(
+        &self,
+        req: Request<pb::DescribeExperimentRequest>,
+    ) -> Result<Response<pb::DescribeExperimentResponse>, Status> {
+        let id = ExperimentId(req.into_inner().experiment_id);
+        let st = self.coord.lock();
+        let spec_yaml = st.experiment(id)?.spec_yaml.clone();
+        Ok(Response::new(pb::DescribeExperimentResponse {
+            experiment: convert::experiment(&st, id),
+            spec_yaml,
+        }))
+    }
+
+    async fn list_trials(
+        &self,
+        req: Request<pb::ListTrialsRequest>,
+    ) -> Result<Response<pb::ListTrialsResponse>, Status> {
+        let id = ExperimentId(req.into_inner().experiment_id);
+        let st = self.coord.lock();
+        let exp = st.experiment(id)?;
+        let trials = exp
+            .trials
+            .iter()
+            .filter_map(|t| convert::trial(&st, *t))
+            .collect();
+        Ok(Response::new(pb::ListTrialsResponse {
+            trials,
+            metric: exp.metric().to_string(),
+            maximize: exp.goal() == spec::Goal::Maximize,
+        }))
+    }
+
+    async fn pause_experiment(
+        &self,
+        req: Request<pb::ExperimentRef>,
+    ) -> Result<Response<pb::Experiment>, Status> {
+        let id = ExperimentId(req.into_inner().experiment_id);
+        {
+            let mut st = self.coord.lock();
+            st.pause(id)?;
+            st.flush();
+        }
+        Ok(Response::new(self.experiment_pb(id)?))
+    }
+
+    async fn resume_experiment(
+        &self,
+        req: Request<pb::ExperimentRef>,
+    ) -> Result<Response<pb::Experiment>, Status> {
+        let id = ExperimentId(req.into_inner().experiment_id);
+        {
+            let mut st = self.coord.lock();
+            st.resume(id)?;
+            st.flush();
+        }
+        Ok(Response::new(self.experiment_pb(id)?))
+    }
+
+    async fn kill_experiment(
+        &self,
+        req: Request<pb::ExperimentRef>,
+    ) -> Result<Response<pb::Experiment>, Status> {
+        let id = ExperimentId(req.into_inner().experiment_id);
+        {
+            let mut st = self.coord.lock();
+            st.kill(id)?;
+            st.flush();
+        }
+        Ok(Response::new(self.experiment_pb(id)?))
+    }
+
+    async fn update_experiment(
+        &self,
+        req: Request<pb::UpdateExperimentRequest>,
+    ) -> Result<Response<pb::Experiment>, Status> {
+        let req = req.into_inner();
+        let id = ExperimentId(req.experiment_id);
+        {
+            let mut st = self.coord.lock();
+            st.update_budget(
+                id,
+                req.max_trials,
+                req.parallel_trials,
+                req.max_failed_trials,
+            )?;
+            st.flush();
+        }
+        Ok(Response::new(self.experiment_pb(id)?))
+    }
+
+    type WatchExperimentStream = ResponseStream<pb::ExperimentEvent>;
+
+    async fn watch_experiment(
+        &self,
+        req: Request<pb::ExperimentRef>,
+    ) -> Result<Response<Self::WatchExperimentStream>, Status> {
+        let id = ExperimentId(req.into_inner().experiment_id);
+        let mut changes = {
+            let st = self.coord.lock();
+            st.experiment(id)?;
+            st.subscribe()
+        };
+        let (tx, rx) = mpsc::channel(256);
+        let coord = self.coord.clone();
+        tokio::spawn(async move {
+            let event = |trial: Option<TrialId>| {
+                let st = coord.lock();
+                let experiment = convert::experiment(&st, id);
+                let done = st
+                    .experiments
+                    .get(&id)
+                    .is_none_or(|e| e.state.is_terminal());
+                (
+                    pb::ExperimentEvent {
+                        experiment,
+                        trial: trial.and_then(|t| convert::trial(&st, t)),
+                    },
+                    done,
+                )
+            };
+            let (snapshot, mut done) = event(None);
+            if tx.send(Ok(snapshot)).await.is_err() {
+                return;
+            }
+            while !done {
+                let change = tokio::select! {
+                    c = changes.recv() => c,
+                    _ = tx.closed() => return,
+                };
+                let (ev, d) = match change {
+                    Ok((e, t)) if e == id => event(t),
+                    Ok(_) => continue,
+                    // Missed some changes: a fresh snapshot says everything that matters.
+                    Err(broadcast::error::RecvError::Lagged(_)) => event(None),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                done = d;
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type TrialLogsStream = ResponseStream<pb::LogChunk>;
+
+    async fn trial_logs(
+        &self,
+        req: Request<pb::TrialLogsRequest>,
+    ) -> Result<Response<Self::TrialLogsStream>, Status> {
+        let req = req.into_inner();
+        let tid = TrialId(req.trial_id);
+        let (exp, uri) = {
+            let st = self.coord.lock();
+            let t = st
+                .trials
+                .get(&tid)
+                .ok_or_else(|| Status::not_found(format!("trial {tid} does not exist")))?;
+            (t.experiment, st.experiment(t.experiment)?.storage.clone())
+        };
+        let storage = self.coord.storage(&uri)?;
+        let prefix = storage.logs_prefix(exp, tid);
+        let (tx, rx) = mpsc::channel(16);
+        let coord = self.coord.clone();
+        tokio::spawn(async move {
+            let mut seen = BTreeSet::new();
+            loop {
+                // Read the trial's state before listing, so the last pass after it ends sees
+                // every chunk its worker wrote.
+                let ended = coord
+                    .lock()
+                    .trials
+                    .get(&tid)
+                    .is_none_or(|t| t.state.is_terminal());
+                let listed: Result<Vec<_>, _> =
+                    storage.store.list(Some(&prefix)).try_collect().await;
+                let mut objects = match listed {
+                    Ok(o) => o,
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(Status::unavailable(format!("cannot list logs: {e}"))))
+                            .await;
+                        return;
+                    }
+                };
+                objects.sort_by(|a, b| a.location.cmp(&b.location));
+                for o in objects {
+                    let name = o.location.filename().unwrap_or_default().to_string();
+                    let Some((attempt, _)) = parse_log_chunk_name(&name) else {
+                        continue;
+                    };
+                    if !seen.insert(name) {
+                        continue;
+                    }
+                    let data = match storage.store.get(&o.location).await {
+                        Ok(r) => r.bytes().await,
+                        Err(e) => Err(e),
+                    };
+                    let msg = data
+                        .map(|d| pb::LogChunk {
+                            attempt,
+                            data: d.to_vec(),
+                        })
+                        .map_err(|e| {
+                            Status::unavailable(format!("cannot read {}: {e}", o.location))
+                        });
+                    if tx.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+                if !req.follow || ended {
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_workers(
+        &self,
+        _req: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let st = self.coord.lock();
+        let mut workers: Vec<pb::WorkerInfo> = st
+            .registry
+            .workers
+            .values()
+            .map(|w| {
+                let mut used = pb::Resources::default();
+                let mut running = Vec::new();
+                for t in st
+                    .trials
+                    .values()
+                    .filter(|t| t.live.as_ref().is_some_and(|l| l.worker == w.id))
+                {
+                    let r = st.experiments[&t.experiment].spec.spec.resources;
+                    used.cpus += r.cpus;
+                    used.gpus += r.gpus;
+                    running.push(t.id.0);
+                }
+                pb::WorkerInfo {
+                    id: w.id.0.clone(),
+                    address: w.address.clone(),
+                    capacity: Some(pb::Resources {
+                        cpus: w.capacity.cpus,
+                        gpus: w.capacity.gpus,
+                    }),
+                    used: Some(used),
+                    labels: w.labels.clone().into_iter().collect(),
+                    alive: w.registered,
+                    last_seen_unix_ms: w.last_seen_ms,
+                    running_trials: running,
+                }
+            })
+            .collect();
+        workers.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(Response::new(pb::ListWorkersResponse { workers }))
+    }
+}

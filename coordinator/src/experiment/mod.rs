@@ -1,0 +1,264 @@
+//! Experiments and their trials as the coordinator holds them in memory, and the rules of
+//! their lifecycles: when a searcher may create trials, when an experiment is done, what a
+//! failure costs. The state module applies these rules under its lock and persists the result.
+
+use crate::search::{self, Searcher};
+use crate::store::ExperimentRow;
+use chorus_core::convert::{ExperimentState, TrialState};
+use chorus_core::space::Params;
+use chorus_core::spec::{Goal, ValidSpec};
+use chorus_core::{ExperimentId, TrialId, WorkerId};
+use std::time::Instant;
+
+/// One experiment: its validated spec, budgets, searcher and best result so far.
+#[derive(Debug)]
+pub struct Experiment {
+    pub id: ExperimentId,
+    pub name: String,
+    pub spec: ValidSpec,
+    /// The normalised spec, as stored and described.
+    pub spec_yaml: String,
+    pub state: ExperimentState,
+    pub storage: String,
+    pub created_ms: i64,
+    pub ended_ms: i64,
+    pub message: String,
+    pub max_trials: u64,
+    pub parallel_trials: u32,
+    pub max_failed_trials: Option<u64>,
+    pub searcher: Box<dyn Searcher>,
+    /// The searcher said it has nothing more to try.
+    pub exhausted: bool,
+    /// Trials created so far; also the next trial's `seq`.
+    pub created_trials: u64,
+    /// Trials of this experiment, in creation order.
+    pub trials: Vec<TrialId>,
+}
+
+impl Experiment {
+    pub fn new(id: ExperimentId, spec: ValidSpec, storage: String, now_ms: i64) -> Self {
+        let searcher = search::build(&spec, None);
+        Experiment {
+            id,
+            name: spec.spec.name.clone(),
+            spec_yaml: spec.to_yaml(),
+            state: ExperimentState::Active,
+            storage,
+            created_ms: now_ms,
+            ended_ms: 0,
+            message: String::new(),
+            max_trials: spec.max_trials,
+            parallel_trials: spec.spec.parallel_trials,
+            max_failed_trials: spec.spec.max_failed_trials,
+            searcher,
+            exhausted: false,
+            created_trials: 0,
+            trials: Vec::new(),
+            spec,
+        }
+    }
+
+    /// Rebuilds an experiment from its row; the stored spec was valid when it was written.
+    pub fn from_row(row: ExperimentRow) -> Result<Self, chorus_core::CoreError> {
+        let spec = chorus_core::spec::parse(&row.spec_yaml, &[])?;
+        let searcher = search::build(&spec, Some(&row.searcher_state));
+        Ok(Experiment {
+            id: row.id,
+            name: row.name,
+            spec_yaml: row.spec_yaml,
+            state: row.state,
+            storage: row.storage,
+            created_ms: row.created_ms,
+            ended_ms: row.ended_ms,
+            message: row.message,
+            max_trials: row.max_trials,
+            parallel_trials: row.parallel_trials,
+            max_failed_trials: row.max_failed_trials,
+            searcher,
+            exhausted: false,
+            created_trials: row.created_trials,
+            trials: Vec::new(),
+            spec,
+        })
+    }
+
+    pub fn row(&self) -> ExperimentRow {
+        ExperimentRow {
+            id: self.id,
+            name: self.name.clone(),
+            spec_yaml: self.spec_yaml.clone(),
+            state: self.state,
+            storage: self.storage.clone(),
+            created_ms: self.created_ms,
+            ended_ms: self.ended_ms,
+            message: self.message.clone(),
+            max_trials: self.max_trials,
+            parallel_trials: self.parallel_trials,
+            max_failed_trials: self.max_failed_trials,
+            searcher_state: self.searcher.save(),
+            created_trials: self.created_trials,
+        }
+    }
+
+    pub fn metric(&self) -> &str {
+        &self.spec.spec.metric.name
+    }
+
+    pub fn goal(&self) -> Goal {
+        self.spec.spec.metric.goal
+    }
+
+    /// No trial will ever be created again.
+    pub fn creation_finished(&self) -> bool {
+        self.exhausted || self.created_trials >= self.max_trials
+    }
+}
+
+/// The attempt of a trial currently placed on a worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Live {
+    pub worker: WorkerId,
+    /// The worker reported that the program started.
+    pub started: bool,
+    pub assigned_ms: i64,
+    pub started_ms: i64,
+    /// When the worker first stopped listing this attempt as running (not persisted: a
+    /// restarted coordinator simply starts the grace period again).
+    pub missing_since: Option<Instant>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrialRecord {
+    pub id: TrialId,
+    pub experiment: ExperimentId,
+    pub seq: u64,
+    pub params: Params,
+    pub state: TrialState,
+    /// Number of the latest placement, from 1; 0 before the first.
+    pub attempt: u32,
+    pub restarts: u32,
+    pub live: Option<Live>,
+    /// Highest report sequence number applied for the live attempt.
+    pub last_seq: u64,
+    pub best_value: Option<f64>,
+    pub best_step: Option<i64>,
+    pub last_metrics: String,
+    pub started_ms: i64,
+    pub ended_ms: i64,
+    /// Milliseconds run by attempts that have ended.
+    pub run_ms: i64,
+    pub message: String,
+    pub checkpoint_step: Option<i64>,
+    pub malformed: u64,
+}
+
+impl TrialRecord {
+    pub fn new(id: TrialId, experiment: ExperimentId, seq: u64, params: Params) -> Self {
+        TrialRecord {
+            id,
+            experiment,
+            seq,
+            params,
+            state: TrialState::Pending,
+            attempt: 0,
+            restarts: 0,
+            live: None,
+            last_seq: 0,
+            best_value: None,
+            best_step: None,
+            last_metrics: String::new(),
+            started_ms: 0,
+            ended_ms: 0,
+            run_ms: 0,
+            message: String::new(),
+            checkpoint_step: None,
+            malformed: 0,
+        }
+    }
+
+    /// Milliseconds run so far, counting the live attempt up to `now_ms`.
+    pub fn run_ms_at(&self, now_ms: i64) -> i64 {
+        let live = self
+            .live
+            .as_ref()
+            .filter(|l| l.started)
+            .map_or(0, |l| (now_ms - l.started_ms).max(0));
+        self.run_ms + live
+    }
+
+    /// Ends the live attempt's clock; returns the worker it ran on.
+    pub fn close_attempt(&mut self, now_ms: i64) -> Option<WorkerId> {
+        let live = self.live.take()?;
+        if live.started {
+            self.run_ms += (now_ms - live.started_ms).max(0);
+        }
+        self.last_seq = 0;
+        Some(live.worker)
+    }
+
+    /// Records a value of the experiment metric; returns true when it is a new best.
+    pub fn observe(&mut self, goal: Goal, value: f64, step: Option<i64>) -> bool {
+        let better = self.best_value.is_none_or(|b| goal.better(value, b));
+        if better {
+            self.best_value = Some(value);
+            self.best_step = step;
+        }
+        better
+    }
+}
+
+/// What a trial's attempt ending in failure leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterFailure {
+    /// Requeue with one more restart counted.
+    Restart,
+    /// The restart budget is spent.
+    Fail,
+}
+
+pub fn after_failure(restarts: u32, max_restarts: u32) -> AfterFailure {
+    if restarts < max_restarts {
+        AfterFailure::Restart
+    } else {
+        AfterFailure::Fail
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trial_best_follows_goal() {
+        let mut t = TrialRecord::new(TrialId(1), ExperimentId(1), 0, Params::new());
+        assert!(t.observe(Goal::Minimize, 0.5, Some(1)));
+        assert!(!t.observe(Goal::Minimize, 0.7, Some(2)));
+        assert!(t.observe(Goal::Minimize, 0.2, Some(3)));
+        assert_eq!((t.best_value, t.best_step), (Some(0.2), Some(3)));
+        let mut m = TrialRecord::new(TrialId(2), ExperimentId(1), 1, Params::new());
+        m.observe(Goal::Maximize, 0.5, None);
+        assert!(!m.observe(Goal::Maximize, 0.4, None));
+    }
+
+    #[test]
+    fn restart_budget() {
+        assert_eq!(after_failure(0, 0), AfterFailure::Fail);
+        assert_eq!(after_failure(0, 2), AfterFailure::Restart);
+        assert_eq!(after_failure(2, 2), AfterFailure::Fail);
+    }
+
+    #[test]
+    fn run_time_accumulates_over_attempts() {
+        let mut t = TrialRecord::new(TrialId(1), ExperimentId(1), 0, Params::new());
+        t.live = Some(Live {
+            worker: WorkerId("w".into()),
+            started: true,
+            assigned_ms: 0,
+            started_ms: 1000,
+            missing_since: None,
+        });
+        assert_eq!(t.run_ms_at(1500), 500);
+        assert_eq!(t.close_attempt(3000), Some(WorkerId("w".into())));
+        assert_eq!(t.run_ms_at(9999), 2000);
+    }
+}

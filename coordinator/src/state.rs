@@ -1,0 +1,979 @@
+//! Everything the coordinator knows, behind one lock, and every state transition.
+//!
+//! Handlers and the reconcile loop lock [`State`], apply a change, and call [`State::flush`]
+//! before they answer: flush writes every touched record in one durable transaction, and only
+//! then sends worker commands and change notifications. The lock is a std mutex because no
+//! critical section awaits; each is short and bounded (one SQLite commit at most).
+
+use crate::cluster::Registry;
+use crate::error::{CoordError, Result};
+use crate::experiment::{AfterFailure, Experiment, Live, TrialRecord, after_failure};
+use crate::scheduler::{self, PendingTrial, Quotas, Resources, WorkerView};
+use crate::search::{SearchAction, SearchEvent, Suggestion};
+use crate::store::{AttemptRow, Batch, MetricRow, Store};
+use chorus_core::convert::{ExperimentState, TrialState};
+use chorus_core::metric::MetricReport;
+use chorus_core::spec::ValidSpec;
+use chorus_core::{ExperimentId, TrialId, WorkerId};
+use chorus_proto::pb;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::broadcast;
+
+/// Timing knobs of leases and reconciliation.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    /// A worker whose last heartbeat is older than this is gone.
+    pub lease_ttl: Duration,
+    pub heartbeat_interval: Duration,
+    /// An assignment the worker has not started after this long is placed again.
+    pub start_timeout: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            lease_ttl: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(2),
+            start_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A change clients may want to see: the experiment, and the trial if one changed.
+pub type Change = (ExperimentId, Option<TrialId>);
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub pending: u64,
+    pub running: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub killed: u64,
+}
+
+impl Counts {
+    fn slot(&mut self, s: TrialState) -> &mut u64 {
+        match s {
+            TrialState::Pending => &mut self.pending,
+            TrialState::Running => &mut self.running,
+            TrialState::Completed => &mut self.completed,
+            TrialState::Failed => &mut self.failed,
+            TrialState::Killed => &mut self.killed,
+        }
+    }
+
+    pub fn active(&self) -> u64 {
+        self.pending + self.running
+    }
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+pub struct State {
+    store: Store,
+    pub timing: Timing,
+    pub experiments: BTreeMap<ExperimentId, Experiment>,
+    pub trials: BTreeMap<TrialId, TrialRecord>,
+    /// Per experiment: trial counts by state, and the best trial so far.
+    pub counts: BTreeMap<ExperimentId, Counts>,
+    pub best: BTreeMap<ExperimentId, (TrialId, f64)>,
+    pub registry: Registry,
+    /// Trials not yet in a terminal state.
+    open: BTreeSet<TrialId>,
+    next_experiment: u64,
+    next_trial: u64,
+    dirty_experiments: BTreeSet<ExperimentId>,
+    dirty_trials: BTreeSet<TrialId>,
+    metrics: Vec<MetricRow>,
+    attempts: Vec<AttemptRow>,
+    outbox: Vec<(WorkerId, pb::WorkerCommand)>,
+    changed: Vec<Change>,
+    events: broadcast::Sender<Change>,
+}
+
+impl State {
+    /// Rebuilds the state from the store. Live attempts are kept: their workers get one lease
+    /// to re-register and claim them before the attempts are placed again.
+    pub fn load(store: Store, timing: Timing, events: broadcast::Sender<Change>) -> Result<State> {
+        let mut st = State {
+            store,
+            timing,
+            experiments: BTreeMap::new(),
+            trials: BTreeMap::new(),
+            counts: BTreeMap::new(),
+            best: BTreeMap::new(),
+            registry: Registry::default(),
+            open: BTreeSet::new(),
+            next_experiment: 1,
+            next_trial: 1,
+            dirty_experiments: BTreeSet::new(),
+            dirty_trials: BTreeSet::new(),
+            metrics: Vec::new(),
+            attempts: Vec::new(),
+            outbox: Vec::new(),
+            changed: Vec::new(),
+            events,
+        };
+        for row in st.store.load_experiments()? {
+            st.next_experiment = st.next_experiment.max(row.id.0 + 1);
+            let id = row.id;
+            let exp = Experiment::from_row(row).map_err(|e| {
+                CoordError::FailedPrecondition(format!(
+                    "stored experiment {id} no longer parses: {e}"
+                ))
+            })?;
+            st.counts.insert(id, Counts::default());
+            st.experiments.insert(id, exp);
+        }
+        let (now, now_ms) = (Instant::now(), now_ms());
+        for t in st.store.load_trials()? {
+            st.next_trial = st.next_trial.max(t.id.0 + 1);
+            let Some(exp) = st.experiments.get_mut(&t.experiment) else {
+                continue;
+            };
+            exp.trials.push(t.id);
+            *st.counts.entry(t.experiment).or_default().slot(t.state) += 1;
+            if !t.state.is_terminal() {
+                st.open.insert(t.id);
+            }
+            if let Some(v) = t.best_value {
+                let goal = exp.goal();
+                let entry = st.best.entry(t.experiment).or_insert((t.id, v));
+                if goal.better(v, entry.1) {
+                    *entry = (t.id, v);
+                }
+            }
+            if let Some(live) = &t.live {
+                st.registry.expect(live.worker.clone(), now, now_ms);
+            }
+            st.trials.insert(t.id, t);
+        }
+        Ok(st)
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.events.subscribe()
+    }
+
+    /// Reserves an experiment id before its spec is written to storage.
+    pub fn reserve_experiment_id(&mut self) -> ExperimentId {
+        let id = ExperimentId(self.next_experiment);
+        self.next_experiment += 1;
+        id
+    }
+
+    /// Writes every touched record in one transaction, then sends commands and notifications.
+    ///
+    /// A coordinator that cannot write its store must not go on acting on state it cannot keep:
+    /// it exits, and its restart rebuilds everything from what was committed.
+    pub fn flush(&mut self) {
+        let batch = Batch {
+            experiments: self
+                .dirty_experiments
+                .iter()
+                .filter_map(|id| self.experiments.get(id).map(Experiment::row))
+                .collect(),
+            trials: self
+                .dirty_trials
+                .iter()
+                .filter_map(|id| self.trials.get(id).cloned())
+                .collect(),
+            metrics: std::mem::take(&mut self.metrics),
+            attempts: std::mem::take(&mut self.attempts),
+        };
+        if let Err(e) = self.store.commit(&batch) {
+            tracing::error!(error = %e, "cannot commit to the coordinator store; exiting so a restart recovers");
+            std::process::exit(70);
+        }
+        self.dirty_experiments.clear();
+        self.dirty_trials.clear();
+        for (worker, cmd) in std::mem::take(&mut self.outbox) {
+            self.registry.send(&worker, cmd);
+        }
+        for c in std::mem::take(&mut self.changed) {
+            let _ = self.events.send(c);
+        }
+    }
+
+    fn touch_trial(&mut self, t: TrialId, exp: ExperimentId) {
+        self.dirty_trials.insert(t);
+        self.changed.push((exp, Some(t)));
+    }
+
+    fn touch_experiment(&mut self, e: ExperimentId) {
+        self.dirty_experiments.insert(e);
+        self.changed.push((e, None));
+    }
+
+    fn set_trial_state(&mut self, id: TrialId, new: TrialState) {
+        let Some(t) = self.trials.get_mut(&id) else {
+            return;
+        };
+        let (old, exp) = (t.state, t.experiment);
+        if old == new {
+            return;
+        }
+        t.state = new;
+        let c = self.counts.entry(exp).or_default();
+        *c.slot(old) -= 1;
+        *c.slot(new) += 1;
+        if new.is_terminal() {
+            self.open.remove(&id);
+        }
+        self.touch_trial(id, exp);
+    }
+
+    // ---- experiments -------------------------------------------------------------------
+
+    pub fn add_experiment(
+        &mut self,
+        id: ExperimentId,
+        spec: ValidSpec,
+        storage: String,
+    ) -> ExperimentId {
+        let exp = Experiment::new(id, spec, storage, now_ms());
+        self.experiments.insert(id, exp);
+        self.counts.insert(id, Counts::default());
+        self.touch_experiment(id);
+        self.pump();
+        id
+    }
+
+    pub fn experiment(&self, id: ExperimentId) -> Result<&Experiment> {
+        self.experiments
+            .get(&id)
+            .ok_or_else(|| CoordError::NotFound(format!("experiment {id} does not exist")))
+    }
+
+    fn live_experiment(&mut self, id: ExperimentId, verb: &str) -> Result<&mut Experiment> {
+        let exp = self
+            .experiments
+            .get_mut(&id)
+            .ok_or_else(|| CoordError::NotFound(format!("experiment {id} does not exist")))?;
+        if exp.state.is_terminal() {
+            return Err(CoordError::FailedPrecondition(format!(
+                "cannot {verb} experiment {id}: it has already ended ({})",
+                exp.state
+            )));
+        }
+        Ok(exp)
+    }
+
+    pub fn pause(&mut self, id: ExperimentId) -> Result<()> {
+        if self.live_experiment(id, "pause")?.state == ExperimentState::Paused {
+            return Ok(());
+        }
+        let exp = self.experiments.get_mut(&id).expect("checked above");
+        exp.state = ExperimentState::Paused;
+        let running: Vec<TrialId> = exp
+            .trials
+            .iter()
+            .copied()
+            .filter(|t| self.open.contains(t))
+            .collect();
+        self.touch_experiment(id);
+        // Running attempts stop now and resume from their last checkpoint later; a pause
+        // costs no restart.
+        for t in running {
+            self.kill_live(t, "experiment paused");
+            self.set_trial_state(t, TrialState::Pending);
+        }
+        Ok(())
+    }
+
+    pub fn resume(&mut self, id: ExperimentId) -> Result<()> {
+        let exp = self.live_experiment(id, "resume")?;
+        if exp.state == ExperimentState::Active {
+            return Ok(());
+        }
+        exp.state = ExperimentState::Active;
+        self.touch_experiment(id);
+        self.pump();
+        Ok(())
+    }
+
+    pub fn kill(&mut self, id: ExperimentId) -> Result<()> {
+        self.live_experiment(id, "kill")?;
+        self.end_experiment(id, ExperimentState::Killed, "killed by user");
+        Ok(())
+    }
+
+    pub fn update_budget(
+        &mut self,
+        id: ExperimentId,
+        max_trials: Option<u64>,
+        parallel_trials: Option<u32>,
+        max_failed_trials: Option<u64>,
+    ) -> Result<()> {
+        let exp = self.live_experiment(id, "update")?;
+        if let Some(m) = max_trials {
+            if m < exp.created_trials {
+                return Err(CoordError::InvalidArgument(format!(
+                    "max_trials: {m} is below the {} trials already created",
+                    exp.created_trials
+                )));
+            }
+            if m == 0 {
+                return Err(CoordError::InvalidArgument(
+                    "max_trials: must be at least 1".into(),
+                ));
+            }
+        }
+        if parallel_trials == Some(0) {
+            return Err(CoordError::InvalidArgument(
+                "parallel_trials: must be at least 1".into(),
+            ));
+        }
+        if let Some(m) = max_trials {
+            exp.max_trials = m;
+        }
+        if let Some(p) = parallel_trials {
+            exp.parallel_trials = p;
+        }
+        if let Some(f) = max_failed_trials {
+            exp.max_failed_trials = Some(f);
+        }
+        self.touch_experiment(id);
+        self.check_failed_budget(id);
+        self.pump();
+        Ok(())
+    }
+
+    /// Ends an experiment: every open trial is killed with `reason`.
+    fn end_experiment(&mut self, id: ExperimentId, state: ExperimentState, reason: &str) {
+        let Some(exp) = self.experiments.get_mut(&id) else {
+            return;
+        };
+        exp.state = state;
+        exp.ended_ms = now_ms();
+        exp.message = reason.to_string();
+        let open: Vec<TrialId> = exp
+            .trials
+            .iter()
+            .copied()
+            .filter(|t| self.open.contains(t))
+            .collect();
+        self.touch_experiment(id);
+        for t in open {
+            self.kill_live(t, reason);
+            if let Some(tr) = self.trials.get_mut(&t) {
+                tr.message = reason.to_string();
+                tr.ended_ms = now_ms();
+            }
+            self.set_trial_state(t, TrialState::Killed);
+        }
+    }
+
+    fn check_failed_budget(&mut self, id: ExperimentId) {
+        let (Some(exp), Some(c)) = (self.experiments.get(&id), self.counts.get(&id)) else {
+            return;
+        };
+        if let Some(max) = exp.max_failed_trials
+            && c.failed > max
+            && !exp.state.is_terminal()
+        {
+            let reason = format!(
+                "{} trials failed, more than max_failed_trials ({max})",
+                c.failed
+            );
+            self.end_experiment(id, ExperimentState::Failed, &reason);
+        }
+    }
+
+    /// Creates trials while the experiment has room, completes finished experiments, and
+    /// places pending trials on workers.
+    pub fn pump(&mut self) {
+        let ids: Vec<ExperimentId> = self
+            .experiments
+            .iter()
+            .filter(|(_, e)| e.state == ExperimentState::Active)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &ids {
+            self.fill(*id);
+            let done = {
+                let exp = &self.experiments[id];
+                exp.creation_finished() && self.counts.get(id).is_none_or(|c| c.active() == 0)
+            };
+            if done {
+                let exp = self.experiments.get_mut(id).expect("listed above");
+                exp.state = ExperimentState::Completed;
+                exp.ended_ms = now_ms();
+                self.touch_experiment(*id);
+            }
+        }
+        self.place();
+    }
+
+    fn fill(&mut self, id: ExperimentId) {
+        loop {
+            let active = self.counts.get(&id).map_or(0, Counts::active);
+            let exp = self.experiments.get_mut(&id).expect("caller checked");
+            if exp.state != ExperimentState::Active
+                || exp.creation_finished()
+                || active >= exp.parallel_trials as u64
+            {
+                return;
+            }
+            match exp.searcher.suggest() {
+                Suggestion::Create(params) => {
+                    let tid = TrialId(self.next_trial);
+                    self.next_trial += 1;
+                    let seq = exp.created_trials;
+                    exp.created_trials += 1;
+                    exp.trials.push(tid);
+                    self.trials
+                        .insert(tid, TrialRecord::new(tid, id, seq, params));
+                    self.open.insert(tid);
+                    self.counts.entry(id).or_default().pending += 1;
+                    self.touch_trial(tid, id);
+                    self.touch_experiment(id);
+                }
+                Suggestion::Exhausted => {
+                    exp.exhausted = true;
+                    return;
+                }
+                Suggestion::Wait => return,
+            }
+        }
+    }
+
+    /// Runs the scheduler over connected workers and pending trials and applies its placements.
+    fn place(&mut self) {
+        let mut used: BTreeMap<WorkerId, Resources> = BTreeMap::new();
+        let mut running: BTreeMap<ExperimentId, u32> = BTreeMap::new();
+        let mut pending = Vec::new();
+        for tid in &self.open {
+            let t = &self.trials[tid];
+            let exp = &self.experiments[&t.experiment];
+            let r = exp.spec.spec.resources;
+            if let Some(l) = &t.live {
+                let u = used.entry(l.worker.clone()).or_default();
+                u.cpus += r.cpus;
+                u.gpus += r.gpus;
+                *running.entry(t.experiment).or_default() += 1;
+            } else if t.state == TrialState::Pending && exp.state == ExperimentState::Active {
+                pending.push(PendingTrial {
+                    trial: *tid,
+                    experiment: t.experiment,
+                    needs: Resources {
+                        cpus: r.cpus,
+                        gpus: r.gpus,
+                    },
+                    ranks: r.workers,
+                });
+            }
+        }
+        if pending.is_empty() {
+            return;
+        }
+        let mut workers: Vec<WorkerView> = self
+            .registry
+            .workers
+            .values()
+            .filter(|w| w.registered && w.stream.is_some())
+            .map(|w| {
+                let u = used.get(&w.id).copied().unwrap_or_default();
+                WorkerView {
+                    id: w.id.clone(),
+                    free: Resources {
+                        cpus: w.capacity.cpus.saturating_sub(u.cpus),
+                        gpus: w.capacity.gpus.saturating_sub(u.gpus),
+                    },
+                }
+            })
+            .collect();
+        workers.sort_by(|a, b| a.id.cmp(&b.id));
+        let quotas: Quotas = self
+            .experiments
+            .iter()
+            .filter(|(_, e)| e.state == ExperimentState::Active)
+            .map(|(id, e)| {
+                (
+                    *id,
+                    e.parallel_trials
+                        .saturating_sub(running.get(id).copied().unwrap_or(0)),
+                )
+            })
+            .collect();
+        let now = now_ms();
+        for pl in scheduler::schedule(&workers, &pending, &quotas) {
+            let worker = pl.workers[0].clone();
+            let t = self
+                .trials
+                .get_mut(&pl.trial)
+                .expect("pending trial exists");
+            t.attempt += 1;
+            t.last_seq = 0;
+            t.live = Some(Live {
+                worker: worker.clone(),
+                started: false,
+                assigned_ms: now,
+                started_ms: 0,
+                missing_since: None,
+            });
+            self.attempts.push(AttemptRow {
+                trial: pl.trial,
+                attempt: t.attempt,
+                worker: worker.clone(),
+                assigned_ms: now,
+                ended_ms: 0,
+                outcome: String::new(),
+            });
+            let cmd = self.assignment(pl.trial);
+            self.outbox.push((worker, cmd));
+            self.set_trial_state(pl.trial, TrialState::Running);
+        }
+    }
+
+    /// The assignment message for a trial's live attempt.
+    fn assignment(&self, tid: TrialId) -> pb::WorkerCommand {
+        let t = &self.trials[&tid];
+        let exp = &self.experiments[&t.experiment];
+        let spec = &exp.spec;
+        let r = spec.spec.resources;
+        pb::WorkerCommand {
+            command: Some(pb::worker_command::Command::Assign(pb::Assignment {
+                experiment_id: exp.id.0,
+                trial_id: tid.0,
+                attempt: t.attempt,
+                params_json: serde_json::to_string(&t.params).expect("params serialise"),
+                command: spec.command_for(&t.params),
+                env: spec.env_for(&t.params).into_iter().collect(),
+                timeout_ms: spec.timeout.map_or(0, |d| d.as_millis() as u64),
+                storage: exp.storage.clone(),
+                resources: Some(pb::Resources {
+                    cpus: r.cpus,
+                    gpus: r.gpus,
+                }),
+                keep_checkpoints: spec.spec.checkpoint.keep_last,
+                metric: exp.metric().to_string(),
+            })),
+        }
+    }
+
+    // ---- trials ------------------------------------------------------------------------
+
+    /// Stops a trial's live attempt (if any) and tells its worker to kill it.
+    fn kill_live(&mut self, tid: TrialId, reason: &str) {
+        let now = now_ms();
+        let Some(t) = self.trials.get_mut(&tid) else {
+            return;
+        };
+        let attempt = t.attempt;
+        let exp = t.experiment;
+        if let Some(worker) = t.close_attempt(now) {
+            self.attempts.push(AttemptRow {
+                trial: tid,
+                attempt,
+                worker: worker.clone(),
+                assigned_ms: 0,
+                ended_ms: now,
+                outcome: format!("killed: {reason}"),
+            });
+            let kill = pb::KillAttempt {
+                trial_id: tid.0,
+                attempt,
+                reason: reason.to_string(),
+            };
+            self.outbox.push((
+                worker,
+                pb::WorkerCommand {
+                    command: Some(pb::worker_command::Command::Kill(kill)),
+                },
+            ));
+            self.touch_trial(tid, exp);
+        }
+    }
+
+    /// Ends a trial for good.
+    fn finish(&mut self, tid: TrialId, state: TrialState, message: &str) {
+        let Some(t) = self.trials.get_mut(&tid) else {
+            return;
+        };
+        t.ended_ms = now_ms();
+        t.message = message.to_string();
+        let (exp_id, best) = (t.experiment, t.best_value);
+        self.set_trial_state(tid, state);
+        let event = match state {
+            TrialState::Completed => SearchEvent::Completed {
+                trial: tid,
+                value: best,
+            },
+            _ => SearchEvent::Failed { trial: tid },
+        };
+        if let Some(exp) = self.experiments.get_mut(&exp_id) {
+            let actions = exp.searcher.observe(&event);
+            self.touch_experiment(exp_id);
+            self.apply_search_actions(actions);
+        }
+        if state == TrialState::Failed {
+            self.check_failed_budget(exp_id);
+        }
+    }
+
+    /// An attempt ended badly: restart the trial if its budget allows, else fail it.
+    fn fail_or_restart(&mut self, tid: TrialId, reason: &str) {
+        let Some(t) = self.trials.get(&tid) else {
+            return;
+        };
+        let max = self
+            .experiments
+            .get(&t.experiment)
+            .map_or(0, |e| e.spec.spec.max_restarts);
+        match after_failure(t.restarts, max) {
+            AfterFailure::Restart => {
+                let t = self.trials.get_mut(&tid).expect("checked");
+                t.restarts += 1;
+                t.message = format!("restart {} after: {reason}", t.restarts);
+                self.set_trial_state(tid, TrialState::Pending);
+                let exp = self.trials[&tid].experiment;
+                self.touch_trial(tid, exp);
+            }
+            AfterFailure::Fail => {
+                let msg = if max > 0 {
+                    format!("{reason} (after {max} restarts)")
+                } else {
+                    reason.to_string()
+                };
+                self.finish(tid, TrialState::Failed, &msg);
+            }
+        }
+    }
+
+    /// The live attempt was lost (worker gone or attempt vanished): costs a restart.
+    fn lose_attempt(&mut self, tid: TrialId, reason: &str) {
+        tracing::warn!(trial = %tid, reason, "attempt lost");
+        self.kill_live(tid, reason);
+        self.fail_or_restart(tid, reason);
+    }
+
+    fn apply_search_actions(&mut self, actions: Vec<SearchAction>) {
+        for a in actions {
+            match a {
+                SearchAction::Stop { trial, reason } => {
+                    if self.open.contains(&trial) {
+                        self.kill_live(trial, &reason);
+                        self.finish(
+                            trial,
+                            TrialState::Completed,
+                            &format!("stopped early: {reason}"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- workers -----------------------------------------------------------------------
+
+    /// A worker joins or rejoins. Returns the attempts it should kill.
+    pub fn register(&mut self, req: pb::RegisterRequest) -> Result<Vec<pb::RunningAttempt>> {
+        if req.worker_id.trim().is_empty() {
+            return Err(CoordError::InvalidArgument(
+                "worker_id must not be empty".into(),
+            ));
+        }
+        let id = WorkerId(req.worker_id.clone());
+        let cap = req.capacity.unwrap_or_default();
+        self.registry.register(
+            id.clone(),
+            Resources {
+                cpus: cap.cpus,
+                gpus: cap.gpus,
+            },
+            req.labels.into_iter().collect(),
+            req.address,
+            Instant::now(),
+            now_ms(),
+        );
+        let kill = self.claim(&id, &req.running, true);
+        self.pump();
+        Ok(kill)
+    }
+
+    /// Matches what a worker says it runs against the live attempts placed on it.
+    fn claim(
+        &mut self,
+        worker: &WorkerId,
+        running: &[pb::RunningAttempt],
+        registering: bool,
+    ) -> Vec<pb::RunningAttempt> {
+        let mut kill = Vec::new();
+        let mut listed = BTreeSet::new();
+        for r in running {
+            let tid = TrialId(r.trial_id);
+            match self.trials.get_mut(&tid) {
+                Some(t)
+                    if t.attempt == r.attempt
+                        && t.live.as_ref().is_some_and(|l| &l.worker == worker) =>
+                {
+                    listed.insert(tid);
+                    let l = t.live.as_mut().expect("checked");
+                    l.missing_since = None;
+                    if registering && !l.started {
+                        // It runs there, so it started; the Started report may still be buffered.
+                        l.started = true;
+                        l.started_ms = now_ms();
+                        let exp = t.experiment;
+                        self.touch_trial(tid, exp);
+                    }
+                }
+                _ => kill.push(r.clone()),
+            }
+        }
+        let now = Instant::now();
+        for tid in &self.open {
+            let t = self.trials.get_mut(tid).expect("open trials exist");
+            if let Some(l) = t.live.as_mut()
+                && &l.worker == worker
+                && l.started
+                && !listed.contains(tid)
+                && l.missing_since.is_none()
+            {
+                l.missing_since = Some(now);
+            }
+        }
+        kill
+    }
+
+    pub fn heartbeat(&mut self, req: &pb::HeartbeatRequest) -> Result<Vec<pb::RunningAttempt>> {
+        let id = WorkerId(req.worker_id.clone());
+        if !self.registry.touch(&id, Instant::now(), now_ms()) {
+            return Err(CoordError::NotFound(format!(
+                "worker {id} is not registered; register again"
+            )));
+        }
+        Ok(self.claim(&id, &req.running, false))
+    }
+
+    /// Attaches a worker's command stream and re-sends the assignments it has not started.
+    pub fn open_stream(
+        &mut self,
+        worker: &WorkerId,
+        tx: crate::cluster::CommandSender,
+    ) -> Result<()> {
+        let entry = self
+            .registry
+            .workers
+            .get_mut(worker)
+            .filter(|e| e.registered)
+            .ok_or_else(|| {
+                CoordError::NotFound(format!("worker {worker} is not registered; register first"))
+            })?;
+        entry.stream = Some(tx);
+        let unstarted: Vec<TrialId> = self
+            .open
+            .iter()
+            .copied()
+            .filter(|t| {
+                self.trials[t]
+                    .live
+                    .as_ref()
+                    .is_some_and(|l| &l.worker == worker && !l.started)
+            })
+            .collect();
+        for t in unstarted {
+            let cmd = self.assignment(t);
+            self.outbox.push((worker.clone(), cmd));
+        }
+        self.pump();
+        Ok(())
+    }
+
+    /// Applies one attempt's report. Events already applied (by sequence number) are skipped,
+    /// so a report resent after a lost answer changes nothing.
+    pub fn report(&mut self, req: pb::ReportTrialRequest) -> Result<()> {
+        let tid = TrialId(req.trial_id);
+        let worker = WorkerId(req.worker_id.clone());
+        let t = self
+            .trials
+            .get(&tid)
+            .ok_or_else(|| CoordError::NotFound(format!("trial {tid} does not exist")))?;
+        let live_here =
+            t.live.as_ref().is_some_and(|l| l.worker == worker) && t.attempt == req.attempt;
+        if !live_here {
+            return Err(CoordError::Stale(format!(
+                "attempt {} of trial {tid} on worker {worker} is no longer current (trial is {}, attempt {})",
+                req.attempt, t.state, t.attempt
+            )));
+        }
+        self.registry.touch(&worker, Instant::now(), now_ms());
+        let mut events = req.events;
+        events.sort_by_key(|e| e.seq);
+        for ev in events {
+            let t = self.trials.get_mut(&tid).expect("checked");
+            if ev.seq <= t.last_seq || t.live.is_none() {
+                continue;
+            }
+            t.last_seq = ev.seq;
+            let exp_id = t.experiment;
+            self.touch_trial(tid, exp_id);
+            self.apply_event(tid, req.attempt, ev);
+        }
+        self.pump();
+        Ok(())
+    }
+
+    fn apply_event(&mut self, tid: TrialId, attempt: u32, ev: pb::TrialEvent) {
+        use pb::trial_event::Kind;
+        let at_ms = if ev.unix_ms > 0 { ev.unix_ms } else { now_ms() };
+        let Some(kind) = ev.kind else { return };
+        let t = self.trials.get_mut(&tid).expect("caller checked");
+        let exp_id = t.experiment;
+        match kind {
+            Kind::Started(s) => {
+                if let Some(l) = t.live.as_mut()
+                    && !l.started
+                {
+                    l.started = true;
+                    l.started_ms = at_ms;
+                }
+                if t.started_ms == 0 {
+                    t.started_ms = at_ms;
+                }
+                if let Some(step) = s.restored_step {
+                    t.checkpoint_step = Some(step);
+                }
+            }
+            Kind::Metric(m) => {
+                let report = match MetricReport::from_json(&m.json) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        t.malformed += 1;
+                        tracing::warn!(trial = %tid, error = %e, "malformed metric report");
+                        return;
+                    }
+                };
+                t.last_metrics = m.json.clone();
+                self.metrics.push(MetricRow {
+                    trial: tid,
+                    attempt,
+                    seq: ev.seq,
+                    step: report.step,
+                    unix_ms: at_ms,
+                    json: m.json,
+                });
+                let exp = self
+                    .experiments
+                    .get_mut(&exp_id)
+                    .expect("trial's experiment exists");
+                let Some(&value) = report.values.get(exp.metric()) else {
+                    return;
+                };
+                let goal = exp.goal();
+                t.observe(goal, value, report.step);
+                let improved = self
+                    .best
+                    .get(&exp_id)
+                    .is_none_or(|(_, b)| goal.better(value, *b));
+                if improved {
+                    self.best.insert(exp_id, (tid, value));
+                }
+                let actions = exp.searcher.observe(&SearchEvent::Reported {
+                    trial: tid,
+                    step: report.step,
+                    value,
+                });
+                let target = exp.spec.spec.metric.target;
+                self.touch_experiment(exp_id);
+                self.apply_search_actions(actions);
+                if let Some(target) = target
+                    && goal.reached(value, target)
+                {
+                    // The remaining trials are stopped: the experiment's question is answered.
+                    let reason = format!("target {target} reached by trial {tid} ({value})");
+                    self.kill_live(tid, "the experiment reached its target");
+                    self.finish(tid, TrialState::Completed, "reached the target");
+                    self.end_experiment(exp_id, ExperimentState::Completed, &reason);
+                }
+            }
+            Kind::Checkpoint(c) => {
+                t.checkpoint_step = Some(c.step);
+            }
+            Kind::Malformed(_) => {
+                t.malformed += 1;
+            }
+            Kind::Exited(x) => {
+                let worker = t.close_attempt(now_ms());
+                self.attempts.push(AttemptRow {
+                    trial: tid,
+                    attempt,
+                    worker: worker.unwrap_or_else(|| WorkerId(String::new())),
+                    assigned_ms: 0,
+                    ended_ms: now_ms(),
+                    outcome: format!("{:?}: {}", x.kind(), x.message),
+                });
+                match x.kind() {
+                    pb::ExitKind::Succeeded => self.finish(tid, TrialState::Completed, ""),
+                    pb::ExitKind::TimedOut => self.finish(
+                        tid,
+                        TrialState::Failed,
+                        &format!("timed out: {}", x.message),
+                    ),
+                    pb::ExitKind::Failed => self.fail_or_restart(tid, &x.message),
+                    pb::ExitKind::Killed | pb::ExitKind::Unspecified => {
+                        self.fail_or_restart(tid, &format!("killed on the worker: {}", x.message))
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- reconcile ---------------------------------------------------------------------
+
+    /// One level-triggered pass: expire leases, requeue attempts that vanished or never
+    /// started, then create and place what can run. A lost message costs a delay here, never
+    /// a trial.
+    pub fn reconcile(&mut self) {
+        let now = Instant::now();
+        let now_ms = now_ms();
+        let ttl = self.timing.lease_ttl;
+        let lapsed = self.registry.expire(now, ttl);
+        let mut lost: Vec<(TrialId, String)> = Vec::new();
+        let mut unstarted: Vec<TrialId> = Vec::new();
+        for tid in &self.open {
+            let t = &self.trials[tid];
+            let Some(l) = &t.live else { continue };
+            if lapsed.contains(&l.worker) {
+                lost.push((
+                    *tid,
+                    format!("worker {} stopped renewing its lease", l.worker),
+                ));
+            } else if l.missing_since.is_some_and(|m| now.duration_since(m) > ttl) {
+                lost.push((
+                    *tid,
+                    format!(
+                        "attempt {} is no longer running on worker {}",
+                        t.attempt, l.worker
+                    ),
+                ));
+            } else if !l.started
+                && now_ms - l.assigned_ms > self.timing.start_timeout.as_millis() as i64
+            {
+                unstarted.push(*tid);
+            }
+        }
+        for w in &lapsed {
+            tracing::warn!(worker = %w, "worker lease lapsed");
+        }
+        for (tid, reason) in lost {
+            self.lose_attempt(tid, &reason);
+        }
+        for tid in unstarted {
+            // Never started, so it costs no restart.
+            self.kill_live(tid, "assignment was not started in time");
+            self.set_trial_state(tid, TrialState::Pending);
+        }
+        self.pump();
+    }
+}
+
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;

@@ -1,0 +1,370 @@
+//! The coordinator's durable state: one SQLite database in WAL mode in the data directory.
+//!
+//! The coordinator is its only writer. Every change is written in one transaction and
+//! committed with `synchronous=FULL` before it is acknowledged or acted on; everything the
+//! coordinator knows at start is read back from here. Rows hold domain names (`"running"`),
+//! never protobuf numbers.
+
+use crate::experiment::{Live, TrialRecord};
+use chorus_core::convert::{ExperimentState, TrialState};
+use chorus_core::{ExperimentId, TrialId, WorkerId};
+use rusqlite::{Connection, OptionalExtension, params};
+use std::path::Path;
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS experiments (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    spec_yaml TEXT NOT NULL,
+    state TEXT NOT NULL,
+    storage TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    ended_ms INTEGER NOT NULL DEFAULT 0,
+    message TEXT NOT NULL DEFAULT '',
+    max_trials INTEGER NOT NULL,
+    parallel_trials INTEGER NOT NULL,
+    max_failed_trials INTEGER,
+    searcher_state TEXT NOT NULL,
+    created_trials INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS trials (
+    id INTEGER PRIMARY KEY,
+    experiment_id INTEGER NOT NULL REFERENCES experiments(id),
+    seq INTEGER NOT NULL,
+    params TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    restarts INTEGER NOT NULL,
+    live_worker TEXT,
+    live_started INTEGER NOT NULL DEFAULT 0,
+    live_assigned_ms INTEGER NOT NULL DEFAULT 0,
+    live_started_ms INTEGER NOT NULL DEFAULT 0,
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    best_value REAL,
+    best_step INTEGER,
+    last_metrics TEXT NOT NULL DEFAULT '',
+    started_ms INTEGER NOT NULL DEFAULT 0,
+    ended_ms INTEGER NOT NULL DEFAULT 0,
+    run_ms INTEGER NOT NULL DEFAULT 0,
+    message TEXT NOT NULL DEFAULT '',
+    checkpoint_step INTEGER,
+    malformed INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (experiment_id, seq)
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    trial_id INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    step INTEGER,
+    unix_ms INTEGER NOT NULL,
+    json TEXT NOT NULL,
+    PRIMARY KEY (trial_id, attempt, seq)
+);
+CREATE TABLE IF NOT EXISTS attempts (
+    trial_id INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    worker_id TEXT NOT NULL,
+    assigned_ms INTEGER NOT NULL,
+    ended_ms INTEGER NOT NULL DEFAULT 0,
+    outcome TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (trial_id, attempt)
+);
+"#;
+
+pub struct Store {
+    conn: Connection,
+}
+
+/// An experiment row as stored; the experiment module turns it back into a live experiment.
+#[derive(Debug, Clone)]
+pub struct ExperimentRow {
+    pub id: ExperimentId,
+    pub name: String,
+    pub spec_yaml: String,
+    pub state: ExperimentState,
+    pub storage: String,
+    pub created_ms: i64,
+    pub ended_ms: i64,
+    pub message: String,
+    pub max_trials: u64,
+    pub parallel_trials: u32,
+    pub max_failed_trials: Option<u64>,
+    pub searcher_state: serde_json::Value,
+    pub created_trials: u64,
+}
+
+/// One metric report, kept for history.
+#[derive(Debug, Clone)]
+pub struct MetricRow {
+    pub trial: TrialId,
+    pub attempt: u32,
+    pub seq: u64,
+    pub step: Option<i64>,
+    pub unix_ms: i64,
+    pub json: String,
+}
+
+/// One placement of a trial on a worker, opened when assigned and closed when it ends.
+#[derive(Debug, Clone)]
+pub struct AttemptRow {
+    pub trial: TrialId,
+    pub attempt: u32,
+    pub worker: WorkerId,
+    pub assigned_ms: i64,
+    pub ended_ms: i64,
+    pub outcome: String,
+}
+
+/// Everything one change writes, committed together.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub experiments: Vec<ExperimentRow>,
+    pub trials: Vec<TrialRecord>,
+    pub metrics: Vec<MetricRow>,
+    pub attempts: Vec<AttemptRow>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.experiments.is_empty()
+            && self.trials.is_empty()
+            && self.metrics.is_empty()
+            && self.attempts.is_empty()
+    }
+}
+
+fn parse_state<T: std::str::FromStr>(s: String, idx: usize) -> rusqlite::Result<T>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    s.parse().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+impl Store {
+    pub fn open(path: &Path) -> rusqlite::Result<Store> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL: a commit has reached the disk before we acknowledge it.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        let version: Option<String> = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match version {
+            None => {
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)",
+                    [SCHEMA_VERSION.to_string()],
+                )?;
+            }
+            Some(v) if v == SCHEMA_VERSION.to_string() => {}
+            Some(v) => {
+                return Err(rusqlite::Error::InvalidParameterName(format!(
+                    "store schema version {v} is not supported by this coordinator (expects {SCHEMA_VERSION})"
+                )));
+            }
+        }
+        Ok(Store { conn })
+    }
+
+    pub fn load_experiments(&self) -> rusqlite::Result<Vec<ExperimentRow>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, name, spec_yaml, state, storage, created_ms, ended_ms, message, max_trials, parallel_trials,
+                    max_failed_trials, searcher_state, created_trials FROM experiments ORDER BY id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(ExperimentRow {
+                id: ExperimentId(r.get::<_, i64>(0)? as u64),
+                name: r.get(1)?,
+                spec_yaml: r.get(2)?,
+                state: parse_state(r.get(3)?, 3)?,
+                storage: r.get(4)?,
+                created_ms: r.get(5)?,
+                ended_ms: r.get(6)?,
+                message: r.get(7)?,
+                max_trials: r.get::<_, i64>(8)? as u64,
+                parallel_trials: r.get::<_, i64>(9)? as u32,
+                max_failed_trials: r.get::<_, Option<i64>>(10)?.map(|v| v as u64),
+                searcher_state: serde_json::from_str(&r.get::<_, String>(11)?)
+                    .unwrap_or(serde_json::Value::Null),
+                created_trials: r.get::<_, i64>(12)? as u64,
+            })
+        })?;
+        rows.collect()
+    }
+
+    pub fn load_trials(&self) -> rusqlite::Result<Vec<TrialRecord>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, experiment_id, seq, params, state, attempt, restarts, live_worker, live_started,
+                    live_assigned_ms, live_started_ms, last_seq, best_value, best_step, last_metrics, started_ms,
+                    ended_ms, run_ms, message, checkpoint_step, malformed FROM trials ORDER BY id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let live_worker: Option<String> = r.get(7)?;
+            Ok(TrialRecord {
+                id: TrialId(r.get::<_, i64>(0)? as u64),
+                experiment: ExperimentId(r.get::<_, i64>(1)? as u64),
+                seq: r.get::<_, i64>(2)? as u64,
+                params: serde_json::from_str(&r.get::<_, String>(3)?).map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        3,
+                        rusqlite::types::Type::Text,
+                        Box::new(e),
+                    )
+                })?,
+                state: parse_state::<TrialState>(r.get(4)?, 4)?,
+                attempt: r.get::<_, i64>(5)? as u32,
+                restarts: r.get::<_, i64>(6)? as u32,
+                live: match live_worker {
+                    Some(w) => Some(Live {
+                        worker: WorkerId(w),
+                        started: r.get::<_, i64>(8)? != 0,
+                        assigned_ms: r.get(9)?,
+                        started_ms: r.get(10)?,
+                        missing_since: None,
+                    }),
+                    None => None,
+                },
+                last_seq: r.get::<_, i64>(11)? as u64,
+                best_value: r.get(12)?,
+                best_step: r.get(13)?,
+                last_metrics: r.get(14)?,
+                started_ms: r.get(15)?,
+                ended_ms: r.get(16)?,
+                run_ms: r.get(17)?,
+                message: r.get(18)?,
+                checkpoint_step: r.get(19)?,
+                malformed: r.get::<_, i64>(20)? as u64,
+            })
+        })?;
+        rows.collect()
+    }
+
+    /// Writes a batch in one durable transaction.
+    pub fn commit(&mut self, batch: &Batch) -> rusqlite::Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let tx = self.conn.transaction()?;
+        {
+            let mut put_exp = tx.prepare_cached(
+                "INSERT OR REPLACE INTO experiments (id, name, spec_yaml, state, storage, created_ms, ended_ms, message,
+                    max_trials, parallel_trials, max_failed_trials, searcher_state, created_trials)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            )?;
+            for e in &batch.experiments {
+                put_exp.execute(params![
+                    e.id.0 as i64,
+                    e.name,
+                    e.spec_yaml,
+                    e.state.as_str(),
+                    e.storage,
+                    e.created_ms,
+                    e.ended_ms,
+                    e.message,
+                    e.max_trials as i64,
+                    e.parallel_trials as i64,
+                    e.max_failed_trials.map(|v| v as i64),
+                    e.searcher_state.to_string(),
+                    e.created_trials as i64,
+                ])?;
+            }
+            let mut put_trial = tx.prepare_cached(
+                "INSERT OR REPLACE INTO trials (id, experiment_id, seq, params, state, attempt, restarts, live_worker,
+                    live_started, live_assigned_ms, live_started_ms, last_seq, best_value, best_step, last_metrics,
+                    started_ms, ended_ms, run_ms, message, checkpoint_step, malformed)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)",
+            )?;
+            for t in &batch.trials {
+                put_trial.execute(params![
+                    t.id.0 as i64,
+                    t.experiment.0 as i64,
+                    t.seq as i64,
+                    serde_json::to_string(&t.params).expect("params serialise"),
+                    t.state.as_str(),
+                    t.attempt as i64,
+                    t.restarts as i64,
+                    t.live.as_ref().map(|l| l.worker.0.clone()),
+                    t.live.as_ref().is_some_and(|l| l.started) as i64,
+                    t.live.as_ref().map_or(0, |l| l.assigned_ms),
+                    t.live.as_ref().map_or(0, |l| l.started_ms),
+                    t.last_seq as i64,
+                    t.best_value,
+                    t.best_step,
+                    t.last_metrics,
+                    t.started_ms,
+                    t.ended_ms,
+                    t.run_ms,
+                    t.message,
+                    t.checkpoint_step,
+                    t.malformed as i64,
+                ])?;
+            }
+            let mut put_metric = tx.prepare_cached(
+                "INSERT OR IGNORE INTO metrics (trial_id, attempt, seq, step, unix_ms, json) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for m in &batch.metrics {
+                put_metric.execute(params![
+                    m.trial.0 as i64,
+                    m.attempt as i64,
+                    m.seq as i64,
+                    m.step,
+                    m.unix_ms,
+                    m.json
+                ])?;
+            }
+            let mut put_attempt = tx.prepare_cached(
+                "INSERT OR REPLACE INTO attempts (trial_id, attempt, worker_id, assigned_ms, ended_ms, outcome)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for a in &batch.attempts {
+                put_attempt.execute(params![
+                    a.trial.0 as i64,
+                    a.attempt as i64,
+                    a.worker.0,
+                    a.assigned_ms,
+                    a.ended_ms,
+                    a.outcome
+                ])?;
+            }
+        }
+        tx.commit()
+    }
+
+    /// Removes an experiment that was never started (its storage could not be written).
+    pub fn delete_experiment(&mut self, id: ExperimentId) -> rusqlite::Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM trials WHERE experiment_id = ?1", [id.0 as i64])?;
+        tx.execute("DELETE FROM experiments WHERE id = ?1", [id.0 as i64])?;
+        tx.commit()
+    }
+
+    /// Metric history of one trial, oldest first.
+    pub fn trial_metrics(&self, trial: TrialId) -> rusqlite::Result<Vec<MetricRow>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT attempt, seq, step, unix_ms, json FROM metrics WHERE trial_id = ?1 ORDER BY attempt, seq",
+        )?;
+        let rows = stmt.query_map([trial.0 as i64], |r| {
+            Ok(MetricRow {
+                trial,
+                attempt: r.get::<_, i64>(0)? as u32,
+                seq: r.get::<_, i64>(1)? as u64,
+                step: r.get(2)?,
+                unix_ms: r.get(3)?,
+                json: r.get(4)?,
+            })
+        })?;
+        rows.collect()
+    }
+}
