@@ -17,7 +17,7 @@ pub fn experiment(st: &State, id: ExperimentId) -> Option<pb::Experiment> {
         searcher: e.spec.spec.searcher.name.as_str().to_string(),
         max_trials: e.max_trials,
         parallel_trials: e.parallel_trials,
-        max_failed_trials: e.max_failed_trials.unwrap_or(0),
+        max_failed_trials: e.max_failed_trials,
         counts: Some(pb::TrialCounts {
             pending: c.pending,
             running: c.running,

@@ -1,0 +1,769 @@
+//! Presentation: tables for people, JSON and CSV for programs. Functions here return strings
+//! and never print, so every format is unit-tested.
+//!
+//! Tables round floats to six significant digits; JSON and CSV carry values exactly as the
+//! coordinator sent them.
+
+use crate::rank::CompareGroup;
+use chorus_core::convert::{experiment_state_name, trial_state_name};
+use chorus_proto::pb;
+use comfy_table::{ContentArrangement, Table, presets};
+use serde_json::{Map, Value, json};
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+// ---------------------------------------------------------------------------------------------
+// Scalars
+
+/// A float with six significant digits and no trailing zeros, like C's `%g`.
+pub fn fmt_value(v: f64) -> String {
+    if !v.is_finite() {
+        return v.to_string();
+    }
+    if v == 0.0 {
+        return "0".into();
+    }
+    let exp = v.abs().log10().floor() as i32;
+    if (-4..6).contains(&exp) {
+        let decimals = (5 - exp).max(0) as usize;
+        trim_fraction(&format!("{v:.decimals$}")).to_string()
+    } else {
+        let s = format!("{v:.5e}");
+        let (mantissa, e) = s.split_once('e').unwrap_or((&s, "0"));
+        format!("{}e{e}", trim_fraction(mantissa))
+    }
+}
+
+fn trim_fraction(s: &str) -> &str {
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        s
+    }
+}
+
+/// `12.3s`, `3m05s`, `2h07m`: precise enough to compare trials, short enough for a column.
+pub fn fmt_duration(secs: f64) -> String {
+    if !secs.is_finite() || secs < 0.0 {
+        return "-".into();
+    }
+    if secs < 60.0 {
+        return format!("{secs:.1}s");
+    }
+    let s = secs.round() as u64;
+    if s < 3600 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    }
+}
+
+/// UTC RFC 3339 to the second; `-` for the wire's "not set" (0).
+pub fn fmt_time(unix_ms: i64) -> String {
+    if unix_ms <= 0 {
+        return "-".into();
+    }
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(unix_ms as u64)).to_string()
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// `5s ago`, `3m ago`, `2h ago`.
+pub fn fmt_ago(unix_ms: i64, now_ms: i64) -> String {
+    if unix_ms <= 0 {
+        return "never".into();
+    }
+    let s = (now_ms - unix_ms).max(0) / 1000;
+    match s {
+        0..60 => format!("{s}s ago"),
+        60..3600 => format!("{}m ago", s / 60),
+        3600..86400 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86400),
+    }
+}
+
+/// A JSON object sent as text (params, metric lines); anything else reads as empty, because a
+/// listing should not fail over one odd record.
+pub fn parse_object(text: &str) -> Map<String, Value> {
+    match serde_json::from_str(text) {
+        Ok(Value::Object(m)) => m,
+        _ => Map::new(),
+    }
+}
+
+/// A value in a `k=v` list: strings bare unless they would be ambiguous, floats rounded.
+fn compact_value(v: &Value) -> String {
+    match v {
+        Value::String(s) if s.is_empty() || s.contains(|c: char| c.is_whitespace() || c == '=') => v.to_string(),
+        Value::String(s) => s.clone(),
+        Value::Number(n) if n.is_f64() => n.as_f64().map_or_else(|| n.to_string(), fmt_value),
+        other => other.to_string(),
+    }
+}
+
+/// `lr=0.001 layers=2 opt=adam`, in name order.
+pub fn params_compact(params_json: &str) -> String {
+    kv_list(parse_object(params_json).iter())
+}
+
+/// The last metric line as `step=120 loss=0.31 acc=0.9`: step first, it says how far along.
+pub fn metrics_compact(metrics_json: &str) -> String {
+    let m = parse_object(metrics_json);
+    let step = m.get_key_value("step");
+    kv_list(step.into_iter().chain(m.iter().filter(|(k, _)| *k != "step")))
+}
+
+fn kv_list<'a>(items: impl Iterator<Item = (&'a String, &'a Value)>) -> String {
+    items
+        .map(|(k, v)| format!("{k}={}", compact_value(v)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A value as it goes into a CSV cell: exact, strings bare.
+fn csv_value(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn opt_value(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), fmt_value)
+}
+
+fn goal(maximize: bool) -> &'static str {
+    if maximize { "maximize" } else { "minimize" }
+}
+
+/// Durations of running trials keep growing; the wire's `run_seconds` may only count finished
+/// attempts, so take the larger of it and the time since the trial started.
+fn trial_seconds(t: &pb::Trial, now_ms: i64) -> f64 {
+    let running = t.state == pb::TrialState::Running as i32 && t.started_unix_ms > 0;
+    if running {
+        t.run_seconds.max((now_ms - t.started_unix_ms) as f64 / 1000.0)
+    } else {
+        t.run_seconds
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Containers
+
+/// A borderless table with a header rule, wrapped to the terminal's width when there is one.
+pub fn table(header: Vec<String>, rows: Vec<Vec<String>>) -> String {
+    use comfy_table::TableComponent as C;
+    let mut t = Table::new();
+    // Only a rule under the header: output that reads like `kubectl get`, and whose rows survive
+    // `grep` and `awk` whole.
+    t.load_preset(presets::NOTHING)
+        .set_style(C::HeaderLines, '─')
+        .set_style(C::MiddleHeaderIntersections, ' ')
+        .remove_style(C::LeftBorder)
+        .remove_style(C::RightBorder)
+        .remove_style(C::LeftHeaderIntersection)
+        .remove_style(C::RightHeaderIntersection)
+        .remove_style(C::TopBorder)
+        .remove_style(C::BottomBorder)
+        .remove_style(C::HorizontalLines)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(header);
+    for r in rows {
+        t.add_row(r);
+    }
+    for c in t.column_iter_mut() {
+        c.set_padding((0, 1));
+    }
+    let mut s: String = t
+        .lines()
+        .map(|l| l.trim_end().to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    s.push('\n');
+    s
+}
+
+pub fn json(v: &Value) -> String {
+    let mut s = serde_json::to_string_pretty(v).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+pub fn csv(header: &[String], rows: &[Vec<String>]) -> String {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    // Writing into memory cannot fail; the unwraps document that rather than hide an error.
+    w.write_record(header).expect("csv to memory");
+    for r in rows {
+        w.write_record(r).expect("csv to memory");
+    }
+    String::from_utf8(w.into_inner().expect("csv to memory")).expect("csv of utf-8 fields is utf-8")
+}
+
+/// Union of the keys of JSON objects, for one CSV column each.
+fn key_union<'a>(objs: impl Iterator<Item = &'a Map<String, Value>>) -> Vec<String> {
+    objs.flat_map(|m| m.keys().cloned())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+fn cells(obj: &Map<String, Value>, keys: &[String]) -> Vec<String> {
+    keys.iter()
+        .map(|k| obj.get(k).map(csv_value).unwrap_or_default())
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Experiments
+
+pub fn experiment_json(e: &pb::Experiment) -> Value {
+    let c = e.counts.unwrap_or_default();
+    json!({
+        "id": e.id,
+        "name": e.name,
+        "state": experiment_state_name(e.state),
+        "metric": e.metric,
+        "goal": goal(e.maximize),
+        "searcher": e.searcher,
+        "max_trials": e.max_trials,
+        "parallel_trials": e.parallel_trials,
+        "max_failed_trials": e.max_failed_trials,
+        "counts": {
+            "pending": c.pending, "running": c.running, "completed": c.completed,
+            "failed": c.failed, "killed": c.killed,
+        },
+        "best_trial_id": e.best_trial_id,
+        "best_value": e.best_value,
+        "created_unix_ms": e.created_unix_ms,
+        "ended_unix_ms": e.ended_unix_ms,
+        "storage": e.storage,
+        "message": e.message,
+    })
+}
+
+/// Trials that have ended, whatever the outcome: the progress of a sweep.
+pub fn finished(c: &pb::TrialCounts) -> u64 {
+    c.completed + c.failed + c.killed
+}
+
+/// `val_loss=0.12 (trial 7)`, or `-` before any trial reported.
+pub fn best_summary(e: &pb::Experiment) -> String {
+    match (e.best_value, e.best_trial_id) {
+        (Some(v), Some(t)) => format!("{}={} (trial {t})", e.metric, fmt_value(v)),
+        (Some(v), None) => format!("{}={}", e.metric, fmt_value(v)),
+        _ => "-".into(),
+    }
+}
+
+pub fn experiments_table(exps: &[pb::Experiment]) -> String {
+    let header = [
+        "id", "name", "state", "searcher", "metric", "trials", "running", "failed", "best", "created",
+    ];
+    let rows = exps
+        .iter()
+        .map(|e| {
+            let c = e.counts.unwrap_or_default();
+            vec![
+                e.id.to_string(),
+                e.name.clone(),
+                experiment_state_name(e.state).to_string(),
+                e.searcher.clone(),
+                format!("{} ({})", e.metric, goal(e.maximize)),
+                format!("{}/{}", finished(&c), e.max_trials),
+                c.running.to_string(),
+                c.failed.to_string(),
+                match (e.best_value, e.best_trial_id) {
+                    (Some(v), Some(t)) => format!("{} (trial {t})", fmt_value(v)),
+                    (v, _) => opt_value(v),
+                },
+                fmt_time(e.created_unix_ms),
+            ]
+        })
+        .collect();
+    table(header.map(String::from).to_vec(), rows)
+}
+
+/// `describe`: one field per line, then the stored spec.
+pub fn experiment_detail(e: &pb::Experiment, spec_yaml: &str) -> String {
+    let c = e.counts.unwrap_or_default();
+    let mut fields: Vec<(&str, String)> = vec![
+        ("id", e.id.to_string()),
+        ("name", e.name.clone()),
+        ("state", experiment_state_name(e.state).to_string()),
+    ];
+    if !e.message.is_empty() {
+        fields.push(("message", e.message.clone()));
+    }
+    fields.extend([
+        ("searcher", e.searcher.clone()),
+        ("metric", format!("{} ({})", e.metric, goal(e.maximize))),
+        ("max trials", e.max_trials.to_string()),
+        ("parallel trials", e.parallel_trials.to_string()),
+        ("max failed trials", e.max_failed_trials.map_or("unlimited".to_string(), |v| v.to_string())),
+        (
+            "trials",
+            format!(
+                "{} pending, {} running, {} completed, {} failed, {} killed",
+                c.pending, c.running, c.completed, c.failed, c.killed
+            ),
+        ),
+        ("best", best_summary(e)),
+        ("storage", e.storage.clone()),
+        ("created", fmt_time(e.created_unix_ms)),
+        ("ended", fmt_time(e.ended_unix_ms)),
+    ]);
+    let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    let mut out = String::new();
+    for (k, v) in fields {
+        let v = if v.is_empty() { "-".to_string() } else { v };
+        out.push_str(&format!("{:<width$} {v}\n", format!("{k}:")));
+    }
+    out.push_str("\n# spec\n");
+    out.push_str(spec_yaml);
+    if !spec_yaml.ends_with('\n') {
+        out.push('\n');
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Trials
+
+pub fn trial_json(t: &pb::Trial) -> Value {
+    json!({
+        "id": t.id,
+        "experiment_id": t.experiment_id,
+        "seq": t.seq,
+        "state": trial_state_name(t.state),
+        "params": Value::Object(parse_object(&t.params_json)),
+        "attempt": t.attempt,
+        "restarts": t.restarts,
+        "best_value": t.best_value,
+        "best_step": t.best_step,
+        "last_metrics": Value::Object(parse_object(&t.last_metrics_json)),
+        "worker_id": t.worker_id,
+        "started_unix_ms": t.started_unix_ms,
+        "ended_unix_ms": t.ended_unix_ms,
+        "run_seconds": t.run_seconds,
+        "checkpoint_step": t.checkpoint_step,
+        "malformed_metric_lines": t.malformed_metric_lines,
+        "message": t.message,
+    })
+}
+
+pub fn trials_json(trials: &[pb::Trial], metric: &str, maximize: bool) -> String {
+    json(&json!({
+        "metric": metric,
+        "goal": goal(maximize),
+        "trials": trials.iter().map(trial_json).collect::<Vec<_>>(),
+    }))
+}
+
+/// The best value column is headed by the metric's name, so `trial list` reads like a report.
+pub fn trials_table(trials: &[pb::Trial], metric: &str, now_ms: i64) -> String {
+    let header = [
+        "trial",
+        "seq",
+        "state",
+        "params",
+        metric,
+        "last metrics",
+        "attempt/restarts",
+        "worker",
+        "duration",
+    ];
+    let rows = trials
+        .iter()
+        .map(|t| {
+            vec![
+                t.id.to_string(),
+                t.seq.to_string(),
+                trial_state_name(t.state).to_string(),
+                params_compact(&t.params_json),
+                opt_value(t.best_value),
+                metrics_compact(&t.last_metrics_json),
+                format!("{}/{}", t.attempt, t.restarts),
+                if t.worker_id.is_empty() {
+                    "-".into()
+                } else {
+                    t.worker_id.clone()
+                },
+                fmt_duration(trial_seconds(t, now_ms)),
+            ]
+        })
+        .collect();
+    table(header.map(String::from).to_vec(), rows)
+}
+
+/// One column per parameter (`params.NAME`) and per last-metric field (`last.NAME`), so a
+/// spreadsheet or dataframe gets typed columns without parsing JSON out of a cell.
+pub fn trials_csv(trials: &[pb::Trial], metric: &str, now_ms: i64) -> String {
+    let params: Vec<_> = trials.iter().map(|t| parse_object(&t.params_json)).collect();
+    let lasts: Vec<_> = trials.iter().map(|t| parse_object(&t.last_metrics_json)).collect();
+    let pkeys = key_union(params.iter());
+    let lkeys = key_union(lasts.iter());
+    let mut header: Vec<String> = vec!["trial".into(), "seq".into(), "state".into()];
+    header.extend(pkeys.iter().map(|k| format!("params.{k}")));
+    header.push(metric.to_string());
+    header.extend(lkeys.iter().map(|k| format!("last.{k}")));
+    header.extend(["attempt", "restarts", "worker", "run_seconds"].map(String::from));
+    let rows: Vec<Vec<String>> = trials
+        .iter()
+        .zip(params.iter().zip(&lasts))
+        .map(|(t, (p, l))| {
+            let mut r = vec![
+                t.id.to_string(),
+                t.seq.to_string(),
+                trial_state_name(t.state).to_string(),
+            ];
+            r.extend(cells(p, &pkeys));
+            r.push(t.best_value.map(|v| v.to_string()).unwrap_or_default());
+            r.extend(cells(l, &lkeys));
+            r.extend([
+                t.attempt.to_string(),
+                t.restarts.to_string(),
+                t.worker_id.clone(),
+                trial_seconds(t, now_ms).to_string(),
+            ]);
+            r
+        })
+        .collect();
+    csv(&header, &rows)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Compare
+
+/// Rows in display order, each with whether it is the best trial overall.
+fn compare_rows(groups: &[CompareGroup], best: Option<u64>) -> impl Iterator<Item = (&CompareGroup, &pb::Trial, bool)> {
+    groups
+        .iter()
+        .flat_map(move |g| g.trials.iter().map(move |t| (g, t, Some(t.id) == best)))
+}
+
+/// With a shared metric its name heads the value column; otherwise each row names its metric.
+pub fn compare_table(groups: &[CompareGroup], shared: Option<&str>, best: Option<u64>) -> String {
+    let mut header: Vec<String> = vec!["".into(), "experiment".into(), "trial".into(), "params".into()];
+    match shared {
+        Some(m) => header.push(m.to_string()),
+        None => header.extend(["metric".into(), "best value".into()]),
+    }
+    header.extend(["status".into(), "duration".into()]);
+    let rows = compare_rows(groups, best)
+        .map(|(g, t, is_best)| {
+            let mut r = vec![
+                if is_best { "*".into() } else { String::new() },
+                g.experiment.to_string(),
+                t.id.to_string(),
+                params_compact(&t.params_json),
+            ];
+            if shared.is_none() {
+                r.push(format!("{} ({})", g.metric, goal(g.maximize)));
+            }
+            r.extend([
+                opt_value(t.best_value),
+                trial_state_name(t.state).to_string(),
+                fmt_duration(t.run_seconds),
+            ]);
+            r
+        })
+        .collect();
+    table(header, rows)
+}
+
+pub fn compare_json(groups: &[CompareGroup], best: Option<u64>) -> String {
+    let rows: Vec<Value> = compare_rows(groups, best)
+        .map(|(g, t, is_best)| {
+            json!({
+                "experiment": g.experiment,
+                "trial": t.id,
+                "params": Value::Object(parse_object(&t.params_json)),
+                "metric": g.metric,
+                "goal": goal(g.maximize),
+                "value": t.best_value,
+                "status": trial_state_name(t.state),
+                "run_seconds": t.run_seconds,
+                "best": is_best,
+            })
+        })
+        .collect();
+    json(&Value::Array(rows))
+}
+
+pub fn compare_csv(groups: &[CompareGroup], shared: Option<&str>, best: Option<u64>) -> String {
+    let params: Vec<_> = compare_rows(groups, best)
+        .map(|(_, t, _)| parse_object(&t.params_json))
+        .collect();
+    let pkeys = key_union(params.iter());
+    let mut header: Vec<String> = vec!["experiment".into(), "trial".into()];
+    header.extend(pkeys.iter().map(|k| format!("params.{k}")));
+    match shared {
+        Some(m) => header.push(m.to_string()),
+        None => header.extend(["metric".into(), "value".into()]),
+    }
+    header.extend(["status".into(), "run_seconds".into(), "best".into()]);
+    let rows: Vec<Vec<String>> = compare_rows(groups, best)
+        .zip(&params)
+        .map(|((g, t, is_best), p)| {
+            let mut r = vec![g.experiment.to_string(), t.id.to_string()];
+            r.extend(cells(p, &pkeys));
+            if shared.is_none() {
+                r.push(g.metric.clone());
+            }
+            r.extend([
+                t.best_value.map(|v| v.to_string()).unwrap_or_default(),
+                trial_state_name(t.state).to_string(),
+                t.run_seconds.to_string(),
+                is_best.to_string(),
+            ]);
+            r
+        })
+        .collect();
+    csv(&header, &rows)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workers
+
+pub fn worker_json(w: &pb::WorkerInfo) -> Value {
+    let res = |r: Option<pb::Resources>| r.map(|r| json!({"cpus": r.cpus, "gpus": r.gpus}));
+    json!({
+        "id": w.id,
+        "address": w.address,
+        "alive": w.alive,
+        "capacity": res(w.capacity),
+        "used": res(w.used),
+        "labels": w.labels,
+        "last_seen_unix_ms": w.last_seen_unix_ms,
+        "running_trials": w.running_trials,
+    })
+}
+
+pub fn workers_table(ws: &[pb::WorkerInfo], now_ms: i64) -> String {
+    let header = [
+        "id",
+        "address",
+        "alive",
+        "cpus",
+        "gpus",
+        "labels",
+        "last seen",
+        "trials",
+    ];
+    let rows = ws
+        .iter()
+        .map(|w| {
+            let (cap, used) = (w.capacity.unwrap_or_default(), w.used.unwrap_or_default());
+            let mut labels: Vec<_> = w.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            labels.sort();
+            vec![
+                w.id.clone(),
+                w.address.clone(),
+                if w.alive { "yes".into() } else { "no".into() },
+                format!("{}/{}", used.cpus, cap.cpus),
+                format!("{}/{}", used.gpus, cap.gpus),
+                labels.join(" "),
+                fmt_ago(w.last_seen_unix_ms, now_ms),
+                w.running_trials
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ]
+        })
+        .collect();
+    table(header.map(String::from).to_vec(), rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rank::tests::trial;
+    use crate::rank::{best_overall, shared_metric};
+
+    #[test]
+    fn values_are_rounded_like_g() {
+        assert_eq!(fmt_value(0.0), "0");
+        assert_eq!(fmt_value(3.0), "3");
+        assert_eq!(fmt_value(0.1), "0.1");
+        assert_eq!(fmt_value(0.123456789), "0.123457");
+        assert_eq!(fmt_value(-12.5), "-12.5");
+        assert_eq!(fmt_value(123456.7), "123457");
+        assert_eq!(fmt_value(0.00031622776601683794), "0.000316228");
+        assert_eq!(fmt_value(1.5e-7), "1.5e-7");
+        assert_eq!(fmt_value(2.5e9), "2.5e9");
+        assert_eq!(fmt_value(f64::NAN), "NaN");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(fmt_duration(0.0), "0.0s");
+        assert_eq!(fmt_duration(12.34), "12.3s");
+        assert_eq!(fmt_duration(185.0), "3m05s");
+        assert_eq!(fmt_duration(7620.0), "2h07m");
+        assert_eq!(fmt_duration(-1.0), "-");
+        assert_eq!(fmt_ago(0, 10_000), "never");
+        assert_eq!(fmt_ago(5_000, 10_000), "5s ago");
+        assert_eq!(fmt_ago(1, 7_200_001), "2h ago");
+        assert_eq!(fmt_time(0), "-");
+        assert_eq!(fmt_time(1_700_000_000_000), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn params_are_compact_and_sorted() {
+        assert_eq!(
+            params_compact(r#"{"opt": "adam", "lr": 0.00031622776601683794, "layers": 2, "tag": "a b", "on": true}"#),
+            r#"layers=2 lr=0.000316228 on=true opt=adam tag="a b""#
+        );
+        assert_eq!(params_compact("{}"), "");
+        assert_eq!(params_compact("garbage"), "");
+        assert_eq!(
+            metrics_compact(r#"{"acc": 0.5, "step": 120, "loss": 0.25}"#),
+            "step=120 acc=0.5 loss=0.25"
+        );
+        assert_eq!(metrics_compact(r#"{"acc": 0.5}"#), "acc=0.5");
+    }
+
+    fn t(id: u64, seq: u64, best: Option<f64>, params: &str) -> pb::Trial {
+        pb::Trial {
+            state: pb::TrialState::Completed as i32,
+            params_json: params.into(),
+            run_seconds: 1.5,
+            ..trial(id, seq, best, "{}")
+        }
+    }
+
+    #[test]
+    fn trials_csv_has_a_column_per_param() {
+        let trials = vec![
+            pb::Trial {
+                last_metrics_json: r#"{"step": 3, "loss": 0.5}"#.into(),
+                ..t(1, 0, Some(0.5), r#"{"lr": 0.1}"#)
+            },
+            pb::Trial {
+                worker_id: "w,1".into(),
+                ..t(2, 1, None, r#"{"lr": 0.01, "opt": "adam"}"#)
+            },
+        ];
+        assert_eq!(
+            trials_csv(&trials, "loss", 0),
+            "trial,seq,state,params.lr,params.opt,loss,last.loss,last.step,attempt,restarts,worker,run_seconds\n\
+             1,0,completed,0.1,,0.5,0.5,3,0,0,,1.5\n\
+             2,1,completed,0.01,adam,,,,0,0,\"w,1\",1.5\n"
+        );
+    }
+
+    #[test]
+    fn table_shape() {
+        let t = table(
+            vec!["id".into(), "name".into()],
+            vec![vec!["1".into(), "alpha".into()], vec!["22".into(), "b".into()]],
+        );
+        assert_eq!(t, "id  name\n─── ──────\n1   alpha\n22  b\n");
+    }
+
+    #[test]
+    fn trials_table_heads_value_column_with_metric() {
+        let out = trials_table(&[t(1, 0, Some(0.25), r#"{"lr": 0.1}"#)], "val_loss", 0);
+        let mut lines = out.lines();
+        let header = lines.next().unwrap();
+        assert!(
+            header.contains("val_loss") && header.contains("attempt/restarts"),
+            "{out}"
+        );
+        let row = lines.find(|l| l.contains("lr=0.1")).expect("a row with the params");
+        assert!(
+            row.contains("0.25") && row.contains("completed") && row.contains("1.5s"),
+            "{out}"
+        );
+    }
+
+    fn groups() -> Vec<CompareGroup> {
+        let g = |exp, trials| {
+            CompareGroup::new(
+                exp,
+                pb::ListTrialsResponse {
+                    trials,
+                    metric: "loss".into(),
+                    maximize: false,
+                },
+                None,
+            )
+        };
+        vec![
+            g(
+                1,
+                vec![
+                    t(1, 0, Some(0.4), r#"{"lr": 0.1}"#),
+                    t(2, 1, Some(0.3), r#"{"lr": 0.2}"#),
+                ],
+            ),
+            g(
+                2,
+                vec![
+                    t(3, 0, None, r#"{"lr": 0.3, "opt": "sgd"}"#),
+                    t(4, 1, Some(0.2), r#"{"lr": 0.4}"#),
+                ],
+            ),
+        ]
+    }
+
+    #[test]
+    fn compare_marks_the_best_trial_in_every_format() {
+        let gs = groups();
+        let best = best_overall(&gs);
+        let shared = shared_metric(&gs);
+        assert_eq!(best, Some(4));
+
+        let csv = compare_csv(&gs, shared, best);
+        assert_eq!(
+            csv,
+            "experiment,trial,params.lr,params.opt,loss,status,run_seconds,best\n\
+             1,2,0.2,,0.3,completed,1.5,false\n\
+             1,1,0.1,,0.4,completed,1.5,false\n\
+             2,4,0.4,,0.2,completed,1.5,true\n\
+             2,3,0.3,sgd,,completed,1.5,false\n"
+        );
+
+        let json: Value = serde_json::from_str(&compare_json(&gs, best)).unwrap();
+        let rows = json.as_array().unwrap();
+        assert_eq!(rows.len(), 4);
+        let marked: Vec<_> = rows
+            .iter()
+            .filter(|r| r["best"] == true)
+            .map(|r| r["trial"].clone())
+            .collect();
+        assert_eq!(marked, [json!(4)]);
+        assert_eq!(rows[3]["value"], Value::Null);
+        assert_eq!(rows[3]["params"]["opt"], "sgd");
+
+        let table = compare_table(&gs, shared, best);
+        let starred: Vec<_> = table.lines().filter(|l| l.trim_start().starts_with('*')).collect();
+        assert_eq!(starred.len(), 1, "{table}");
+        assert!(starred[0].contains("lr=0.4") && starred[0].contains("0.2"), "{table}");
+        assert!(table.lines().next().unwrap().contains("loss"), "{table}");
+    }
+
+    #[test]
+    fn compare_without_shared_metric_names_it_per_row() {
+        let mut gs = groups();
+        gs[1].metric = "acc".into();
+        gs[1].maximize = true;
+        let shared = shared_metric(&gs);
+        let best = best_overall(&gs);
+        assert_eq!((shared, best), (None, None));
+        let csv = compare_csv(&gs, shared, best);
+        assert!(
+            csv.starts_with("experiment,trial,params.lr,params.opt,metric,value,status,run_seconds,best\n"),
+            "{csv}"
+        );
+        assert!(csv.contains("\n2,4,0.4,,acc,0.2,completed,1.5,false\n"), "{csv}");
+        assert!(!csv.contains("true"));
+        let table = compare_table(&gs, shared, best);
+        assert!(table.contains("acc (maximize)") && !table.contains('*'), "{table}");
+    }
+}

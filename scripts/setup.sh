@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what building and testing Chorus needs beyond the Rust toolchain, once per machine.
+# Every install is pinned; a tool already present at the pinned version is left alone.
+set -euo pipefail
+
+S3S_FS_VERSION=0.14.1
+NEXTEST_VERSION=0.9.143
+
+cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"
+export PATH="$cargo_bin:$PATH"
+
+# The real S3 server the object-storage tests run against, on loopback.
+if ! s3s-fs --version 2>/dev/null | grep -q "$S3S_FS_VERSION"; then
+  echo "setup: installing s3s-fs $S3S_FS_VERSION" >&2
+  cargo install s3s-fs --version "$S3S_FS_VERSION" --features binary --locked
+fi
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-nextest $NEXTEST_VERSION" >&2
+  cargo install cargo-nextest --version "$NEXTEST_VERSION" --locked
+fi
