@@ -67,15 +67,12 @@ pub struct Coordinator {
 impl Coordinator {
     /// Opens (or creates) the data directory and rebuilds the state from its store.
     pub fn open(opts: &Options) -> Result<Coordinator> {
-        std::fs::create_dir_all(&opts.data_dir).map_err(|e| {
-            CoordError::FailedPrecondition(format!(
-                "cannot create {}: {e}",
-                opts.data_dir.display()
-            ))
-        })?;
-        let data_dir = opts.data_dir.canonicalize().map_err(|e| {
-            CoordError::FailedPrecondition(format!("{}: {e}", opts.data_dir.display()))
-        })?;
+        std::fs::create_dir_all(&opts.data_dir)
+            .map_err(|e| CoordError::FailedPrecondition(format!("cannot create {}: {e}", opts.data_dir.display())))?;
+        let data_dir = opts
+            .data_dir
+            .canonicalize()
+            .map_err(|e| CoordError::FailedPrecondition(format!("{}: {e}", opts.data_dir.display())))?;
         let default_storage = match &opts.default_storage {
             Some(s) => StorageUri::parse(s)?,
             None => StorageUri::from_dir(&data_dir.join("storage"))?,
@@ -178,10 +175,7 @@ pub async fn run(
         .add_service(reflection)
         .add_service(experiments)
         .add_service(workers)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
         .await;
     reconcile.abort();
     result?;

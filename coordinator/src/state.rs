@@ -122,11 +122,8 @@ impl State {
         for row in st.store.load_experiments()? {
             st.next_experiment = st.next_experiment.max(row.id.0 + 1);
             let id = row.id;
-            let exp = Experiment::from_row(row).map_err(|e| {
-                CoordError::FailedPrecondition(format!(
-                    "stored experiment {id} no longer parses: {e}"
-                ))
-            })?;
+            let exp = Experiment::from_row(row)
+                .map_err(|e| CoordError::FailedPrecondition(format!("stored experiment {id} no longer parses: {e}")))?;
             st.counts.insert(id, Counts::default());
             st.experiments.insert(id, exp);
         }
@@ -230,12 +227,7 @@ impl State {
 
     // ---- experiments -------------------------------------------------------------------
 
-    pub fn add_experiment(
-        &mut self,
-        id: ExperimentId,
-        spec: ValidSpec,
-        storage: String,
-    ) -> ExperimentId {
+    pub fn add_experiment(&mut self, id: ExperimentId, spec: ValidSpec, storage: String) -> ExperimentId {
         let exp = Experiment::new(id, spec, storage, now_ms());
         self.experiments.insert(id, exp);
         self.counts.insert(id, Counts::default());
@@ -270,12 +262,7 @@ impl State {
         }
         let exp = self.experiments.get_mut(&id).expect("checked above");
         exp.state = ExperimentState::Paused;
-        let running: Vec<TrialId> = exp
-            .trials
-            .iter()
-            .copied()
-            .filter(|t| self.open.contains(t))
-            .collect();
+        let running: Vec<TrialId> = exp.trials.iter().copied().filter(|t| self.open.contains(t)).collect();
         self.touch_experiment(id);
         // Running attempts stop now and resume from their last checkpoint later; a pause
         // costs no restart.
@@ -319,9 +306,7 @@ impl State {
                 )));
             }
             if m == 0 {
-                return Err(CoordError::InvalidArgument(
-                    "max_trials: must be at least 1".into(),
-                ));
+                return Err(CoordError::InvalidArgument("max_trials: must be at least 1".into()));
             }
         }
         if parallel_trials == Some(0) {
@@ -352,12 +337,7 @@ impl State {
         exp.state = state;
         exp.ended_ms = now_ms();
         exp.message = reason.to_string();
-        let open: Vec<TrialId> = exp
-            .trials
-            .iter()
-            .copied()
-            .filter(|t| self.open.contains(t))
-            .collect();
+        let open: Vec<TrialId> = exp.trials.iter().copied().filter(|t| self.open.contains(t)).collect();
         self.touch_experiment(id);
         for t in open {
             self.kill_live(t, reason);
@@ -377,10 +357,7 @@ impl State {
             && c.failed > max
             && !exp.state.is_terminal()
         {
-            let reason = format!(
-                "{} trials failed, more than max_failed_trials ({max})",
-                c.failed
-            );
+            let reason = format!("{} trials failed, more than max_failed_trials ({max})", c.failed);
             self.end_experiment(id, ExperimentState::Failed, &reason);
         }
     }
@@ -414,10 +391,7 @@ impl State {
         loop {
             let active = self.counts.get(&id).map_or(0, Counts::active);
             let exp = self.experiments.get_mut(&id).expect("caller checked");
-            if exp.state != ExperimentState::Active
-                || exp.creation_finished()
-                || active >= exp.parallel_trials as u64
-            {
+            if exp.state != ExperimentState::Active || exp.creation_finished() || active >= exp.parallel_trials as u64 {
                 return;
             }
             match exp.searcher.suggest() {
@@ -427,8 +401,7 @@ impl State {
                     let seq = exp.created_trials;
                     exp.created_trials += 1;
                     exp.trials.push(tid);
-                    self.trials
-                        .insert(tid, TrialRecord::new(tid, id, seq, params));
+                    self.trials.insert(tid, TrialRecord::new(tid, id, seq, params));
                     self.open.insert(tid);
                     self.counts.entry(id).or_default().pending += 1;
                     self.touch_trial(tid, id);
@@ -496,18 +469,14 @@ impl State {
             .map(|(id, e)| {
                 (
                     *id,
-                    e.parallel_trials
-                        .saturating_sub(running.get(id).copied().unwrap_or(0)),
+                    e.parallel_trials.saturating_sub(running.get(id).copied().unwrap_or(0)),
                 )
             })
             .collect();
         let now = now_ms();
         for pl in scheduler::schedule(&workers, &pending, &quotas) {
             let worker = pl.workers[0].clone();
-            let t = self
-                .trials
-                .get_mut(&pl.trial)
-                .expect("pending trial exists");
+            let t = self.trials.get_mut(&pl.trial).expect("pending trial exists");
             t.attempt += 1;
             t.last_seq = 0;
             t.live = Some(Live {
@@ -659,11 +628,7 @@ impl State {
                 SearchAction::Stop { trial, reason } => {
                     if self.open.contains(&trial) {
                         self.kill_live(trial, &reason);
-                        self.finish(
-                            trial,
-                            TrialState::Completed,
-                            &format!("stopped early: {reason}"),
-                        );
+                        self.finish(trial, TrialState::Completed, &format!("stopped early: {reason}"));
                     }
                 }
             }
@@ -675,9 +640,7 @@ impl State {
     /// A worker joins or rejoins. Returns the attempts it should kill.
     pub fn register(&mut self, req: pb::RegisterRequest) -> Result<Vec<pb::RunningAttempt>> {
         if req.worker_id.trim().is_empty() {
-            return Err(CoordError::InvalidArgument(
-                "worker_id must not be empty".into(),
-            ));
+            return Err(CoordError::InvalidArgument("worker_id must not be empty".into()));
         }
         let id = WorkerId(req.worker_id.clone());
         let cap = req.capacity.unwrap_or_default();
@@ -709,10 +672,7 @@ impl State {
         for r in running {
             let tid = TrialId(r.trial_id);
             match self.trials.get_mut(&tid) {
-                Some(t)
-                    if t.attempt == r.attempt
-                        && t.live.as_ref().is_some_and(|l| &l.worker == worker) =>
-                {
+                Some(t) if t.attempt == r.attempt && t.live.as_ref().is_some_and(|l| &l.worker == worker) => {
                     listed.insert(tid);
                     let l = t.live.as_mut().expect("checked");
                     l.missing_since = None;
@@ -722,6 +682,10 @@ impl State {
                         l.started_ms = now_ms();
                         let exp = t.experiment;
                         self.touch_trial(tid, exp);
+                    } else if !l.started {
+                        // The worker holds it (e.g. still restoring a large checkpoint): the
+                        // start timeout counts from its latest word, not from the assignment.
+                        l.assigned_ms = now_ms();
                     }
                 }
                 _ => kill.push(r.clone()),
@@ -753,19 +717,13 @@ impl State {
     }
 
     /// Attaches a worker's command stream and re-sends the assignments it has not started.
-    pub fn open_stream(
-        &mut self,
-        worker: &WorkerId,
-        tx: crate::cluster::CommandSender,
-    ) -> Result<()> {
+    pub fn open_stream(&mut self, worker: &WorkerId, tx: crate::cluster::CommandSender) -> Result<()> {
         let entry = self
             .registry
             .workers
             .get_mut(worker)
             .filter(|e| e.registered)
-            .ok_or_else(|| {
-                CoordError::NotFound(format!("worker {worker} is not registered; register first"))
-            })?;
+            .ok_or_else(|| CoordError::NotFound(format!("worker {worker} is not registered; register first")))?;
         entry.stream = Some(tx);
         let unstarted: Vec<TrialId> = self
             .open
@@ -795,8 +753,7 @@ impl State {
             .trials
             .get(&tid)
             .ok_or_else(|| CoordError::NotFound(format!("trial {tid} does not exist")))?;
-        let live_here =
-            t.live.as_ref().is_some_and(|l| l.worker == worker) && t.attempt == req.attempt;
+        let live_here = t.live.as_ref().is_some_and(|l| l.worker == worker) && t.attempt == req.attempt;
         if !live_here {
             return Err(CoordError::Stale(format!(
                 "attempt {} of trial {tid} on worker {worker} is no longer current (trial is {}, attempt {})",
@@ -859,19 +816,13 @@ impl State {
                     unix_ms: at_ms,
                     json: m.json,
                 });
-                let exp = self
-                    .experiments
-                    .get_mut(&exp_id)
-                    .expect("trial's experiment exists");
+                let exp = self.experiments.get_mut(&exp_id).expect("trial's experiment exists");
                 let Some(&value) = report.values.get(exp.metric()) else {
                     return;
                 };
                 let goal = exp.goal();
                 t.observe(goal, value, report.step);
-                let improved = self
-                    .best
-                    .get(&exp_id)
-                    .is_none_or(|(_, b)| goal.better(value, *b));
+                let improved = self.best.get(&exp_id).is_none_or(|(_, b)| goal.better(value, *b));
                 if improved {
                     self.best.insert(exp_id, (tid, value));
                 }
@@ -911,11 +862,9 @@ impl State {
                 });
                 match x.kind() {
                     pb::ExitKind::Succeeded => self.finish(tid, TrialState::Completed, ""),
-                    pb::ExitKind::TimedOut => self.finish(
-                        tid,
-                        TrialState::Failed,
-                        &format!("timed out: {}", x.message),
-                    ),
+                    pb::ExitKind::TimedOut => {
+                        self.finish(tid, TrialState::Failed, &format!("timed out: {}", x.message))
+                    }
                     pb::ExitKind::Failed => self.fail_or_restart(tid, &x.message),
                     pb::ExitKind::Killed | pb::ExitKind::Unspecified => {
                         self.fail_or_restart(tid, &format!("killed on the worker: {}", x.message))
@@ -941,21 +890,13 @@ impl State {
             let t = &self.trials[tid];
             let Some(l) = &t.live else { continue };
             if lapsed.contains(&l.worker) {
-                lost.push((
-                    *tid,
-                    format!("worker {} stopped renewing its lease", l.worker),
-                ));
+                lost.push((*tid, format!("worker {} stopped renewing its lease", l.worker)));
             } else if l.missing_since.is_some_and(|m| now.duration_since(m) > ttl) {
                 lost.push((
                     *tid,
-                    format!(
-                        "attempt {} is no longer running on worker {}",
-                        t.attempt, l.worker
-                    ),
+                    format!("attempt {} is no longer running on worker {}", t.attempt, l.worker),
                 ));
-            } else if !l.started
-                && now_ms - l.assigned_ms > self.timing.start_timeout.as_millis() as i64
-            {
+            } else if !l.started && now_ms - l.assigned_ms > self.timing.start_timeout.as_millis() as i64 {
                 unstarted.push(*tid);
             }
         }

@@ -31,12 +31,7 @@ fn open(dir: &std::path::Path, ttl_ms: u64) -> State {
     State::load(store, timing, broadcast::channel(1024).0).unwrap()
 }
 
-fn join(
-    st: &mut State,
-    id: &str,
-    cpus: u32,
-    running: Vec<pb::RunningAttempt>,
-) -> (Vec<pb::RunningAttempt>, Rx) {
+fn join(st: &mut State, id: &str, cpus: u32, running: Vec<pb::RunningAttempt>) -> (Vec<pb::RunningAttempt>, Rx) {
     let kill = st
         .register(pb::RegisterRequest {
             worker_id: id.into(),
@@ -78,12 +73,7 @@ fn finish(st: &mut State, worker: &str, a: &pb::Assignment, exit: pb::ExitKind) 
         trial_id: a.trial_id,
         attempt: a.attempt,
         events: vec![
-            ev(
-                1,
-                Kind::Started(pb::Started {
-                    restored_step: None,
-                }),
-            ),
+            ev(1, Kind::Started(pb::Started { restored_step: None })),
             ev(
                 2,
                 Kind::Metric(pb::Metric {
@@ -124,10 +114,7 @@ fn a_grid_runs_to_completion_within_its_limits() {
         }
         assert!(st.counts[&exp].running <= 2);
         for a in batch {
-            assert!(
-                seen.insert(a.params_json.clone()),
-                "grid point assigned twice"
-            );
+            assert!(seen.insert(a.params_json.clone()), "grid point assigned twice");
             assert_eq!(a.command[0], "train");
             finish(&mut st, "w1", &a, pb::ExitKind::Succeeded).unwrap();
         }
@@ -153,12 +140,7 @@ fn reports_are_applied_once_and_stale_attempts_are_aborted() {
         trial_id: a.trial_id,
         attempt: a.attempt,
         events: vec![
-            ev(
-                1,
-                Kind::Started(pb::Started {
-                    restored_step: None,
-                }),
-            ),
+            ev(1, Kind::Started(pb::Started { restored_step: None })),
             ev(
                 2,
                 Kind::Malformed(pb::MalformedMetric {
@@ -223,12 +205,7 @@ fn a_restarted_coordinator_reattaches_or_requeues() {
                 worker_id: w.into(),
                 trial_id: a.trial_id,
                 attempt: a.attempt,
-                events: vec![ev(
-                    1,
-                    Kind::Started(pb::Started {
-                        restored_step: None,
-                    }),
-                )],
+                events: vec![ev(1, Kind::Started(pb::Started { restored_step: None }))],
             })
             .unwrap();
         }
@@ -275,11 +252,7 @@ fn failures_beyond_the_budget_fail_the_experiment() {
     let dir = tempfile::tempdir().unwrap();
     let mut st = open(dir.path(), 10_000);
     let exp = st.reserve_experiment_id();
-    st.add_experiment(
-        exp,
-        grid_spec("max_failed_trials: 0\n"),
-        "memory://t".into(),
-    );
+    st.add_experiment(exp, grid_spec("max_failed_trials: 0\n"), "memory://t".into());
     let (_, mut rx) = join(&mut st, "w1", 2, vec![]);
     let a = assignments(&mut rx);
     finish(&mut st, "w1", &a[0], pb::ExitKind::Failed).unwrap();
@@ -310,15 +283,8 @@ fn pause_stops_attempts_without_spending_restarts() {
     st.pause(exp).unwrap();
     st.flush();
     assert_eq!(st.counts[&exp].pending, 2);
-    assert!(
-        st.trials
-            .values()
-            .all(|t| t.restarts == 0 && t.live.is_none())
-    );
-    assert!(
-        assignments(&mut rx).is_empty(),
-        "a paused experiment places nothing"
-    );
+    assert!(st.trials.values().all(|t| t.restarts == 0 && t.live.is_none()));
+    assert!(assignments(&mut rx).is_empty(), "a paused experiment places nothing");
     st.resume(exp).unwrap();
     st.flush();
     let again = assignments(&mut rx);
@@ -329,8 +295,5 @@ fn pause_stops_attempts_without_spending_restarts() {
         Err(CoordError::InvalidArgument(_))
     ));
     st.kill(exp).unwrap();
-    assert!(matches!(
-        st.resume(exp),
-        Err(CoordError::FailedPrecondition(_))
-    ));
+    assert!(matches!(st.resume(exp), Err(CoordError::FailedPrecondition(_))));
 }

@@ -1,1 +1,61 @@
-//! x
+//! The Chorus worker: it registers with a coordinator, runs the trial attempts assigned to it on
+//! this host (command trials as child processes in their own process groups), stores their logs,
+//! metrics and checkpoints in object storage, and reports their events back in order.
+//!
+//! It owns nothing durable: the coordinator decides what runs where and keeps the durable state;
+//! this crate never places work itself, never retries a failed trial on its own, and never
+//! sends checkpoints or tensors over the control plane (only object-store keys). Only `agent`
+//! talks to the coordinator; `runner` knows nothing of gRPC. A worker that loses the coordinator
+//! keeps its trials running and buffers their reports until it is back.
+
+pub mod agent;
+mod attempts;
+pub mod config;
+pub mod error;
+pub mod runner;
+
+pub use config::{Args, LogFormat, WorkerConfig};
+pub use error::WorkerError;
+
+/// Runs the worker until `shutdown` completes (then stops its trials and flushes their reports)
+/// or until the coordinator refuses it for good. Takes the shutdown signal as a future so tests
+/// can run a worker in-process and stop it at will.
+pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
+    agent::Agent::new(config)?.run(shutdown).await
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // Colour codes only help a person at a terminal; in a log file they are noise.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    // Already initialised (a test harness did it) is fine.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Completes on ctrl-c or SIGTERM, the signals that ask for a graceful stop.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only ctrl-c stops the worker gracefully");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutdown requested");
+}

@@ -42,19 +42,12 @@ impl AuthInterceptor {
             return Ok(());
         }
         let Some(header) = header else {
-            return Err(Status::unauthenticated(
-                "missing bearer token (set CHORUS_TOKEN)",
-            ));
+            return Err(Status::unauthenticated("missing bearer token (set CHORUS_TOKEN)"));
         };
         let Some(token) = header.strip_prefix("Bearer ").map(str::trim) else {
-            return Err(Status::unauthenticated(
-                "authorization header must be `Bearer <token>`",
-            ));
+            return Err(Status::unauthenticated("authorization header must be `Bearer <token>`"));
         };
-        let matches = |list: &[String]| {
-            list.iter()
-                .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()))
-        };
+        let matches = |list: &[String]| list.iter().any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
         let (own, other) = match self.role {
             Role::User => (&self.tokens.user, &self.tokens.worker),
             Role::Worker => (&self.tokens.worker, &self.tokens.user),
@@ -74,10 +67,7 @@ impl AuthInterceptor {
 
 impl tonic::service::Interceptor for AuthInterceptor {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let header = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
+        let header = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
         self.check(header)?;
         Ok(req)
     }
@@ -119,10 +109,7 @@ mod tests {
             Code::Unauthenticated
         );
         assert_eq!(user.check(None).unwrap_err().code(), Code::Unauthenticated);
-        assert_eq!(
-            user.check(Some("u1")).unwrap_err().code(),
-            Code::Unauthenticated
-        );
+        assert_eq!(user.check(Some("u1")).unwrap_err().code(), Code::Unauthenticated);
         let open = AuthInterceptor::new(Arc::new(Tokens::default()), Role::User);
         assert!(open.check(None).is_ok());
     }

@@ -31,8 +31,7 @@ impl ExperimentApi {
 
     fn experiment_pb(&self, id: ExperimentId) -> Result<pb::Experiment, Status> {
         let st = self.coord.lock();
-        convert::experiment(&st, id)
-            .ok_or_else(|| Status::not_found(format!("experiment {id} does not exist")))
+        convert::experiment(&st, id).ok_or_else(|| Status::not_found(format!("experiment {id} does not exist")))
     }
 }
 
@@ -56,9 +55,7 @@ impl ExperimentService for ExperimentApi {
         // The spec goes to storage before the experiment exists, so an unreachable store
         // rejects the submission instead of leaving an experiment that cannot keep records.
         let key = storage.spec_key(id);
-        let put = storage
-            .store
-            .put(&key, PutPayload::from(valid.to_yaml().into_bytes()));
+        let put = storage.store.put(&key, PutPayload::from(valid.to_yaml().into_bytes()));
         match tokio::time::timeout(STORAGE_TIMEOUT, put).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
@@ -127,11 +124,7 @@ impl ExperimentService for ExperimentApi {
         let id = ExperimentId(req.into_inner().experiment_id);
         let st = self.coord.lock();
         let exp = st.experiment(id)?;
-        let trials = exp
-            .trials
-            .iter()
-            .filter_map(|t| convert::trial(&st, *t))
-            .collect();
+        let trials = exp.trials.iter().filter_map(|t| convert::trial(&st, *t)).collect();
         Ok(Response::new(pb::ListTrialsResponse {
             trials,
             metric: exp.metric().to_string(),
@@ -139,10 +132,7 @@ impl ExperimentService for ExperimentApi {
         }))
     }
 
-    async fn pause_experiment(
-        &self,
-        req: Request<pb::ExperimentRef>,
-    ) -> Result<Response<pb::Experiment>, Status> {
+    async fn pause_experiment(&self, req: Request<pb::ExperimentRef>) -> Result<Response<pb::Experiment>, Status> {
         let id = ExperimentId(req.into_inner().experiment_id);
         {
             let mut st = self.coord.lock();
@@ -152,10 +142,7 @@ impl ExperimentService for ExperimentApi {
         Ok(Response::new(self.experiment_pb(id)?))
     }
 
-    async fn resume_experiment(
-        &self,
-        req: Request<pb::ExperimentRef>,
-    ) -> Result<Response<pb::Experiment>, Status> {
+    async fn resume_experiment(&self, req: Request<pb::ExperimentRef>) -> Result<Response<pb::Experiment>, Status> {
         let id = ExperimentId(req.into_inner().experiment_id);
         {
             let mut st = self.coord.lock();
@@ -165,10 +152,7 @@ impl ExperimentService for ExperimentApi {
         Ok(Response::new(self.experiment_pb(id)?))
     }
 
-    async fn kill_experiment(
-        &self,
-        req: Request<pb::ExperimentRef>,
-    ) -> Result<Response<pb::Experiment>, Status> {
+    async fn kill_experiment(&self, req: Request<pb::ExperimentRef>) -> Result<Response<pb::Experiment>, Status> {
         let id = ExperimentId(req.into_inner().experiment_id);
         {
             let mut st = self.coord.lock();
@@ -186,12 +170,7 @@ impl ExperimentService for ExperimentApi {
         let id = ExperimentId(req.experiment_id);
         {
             let mut st = self.coord.lock();
-            st.update_budget(
-                id,
-                req.max_trials,
-                req.parallel_trials,
-                req.max_failed_trials,
-            )?;
+            st.update_budget(id, req.max_trials, req.parallel_trials, req.max_failed_trials)?;
             st.flush();
         }
         Ok(Response::new(self.experiment_pb(id)?))
@@ -215,10 +194,7 @@ impl ExperimentService for ExperimentApi {
             let event = |trial: Option<TrialId>| {
                 let st = coord.lock();
                 let experiment = convert::experiment(&st, id);
-                let done = st
-                    .experiments
-                    .get(&id)
-                    .is_none_or(|e| e.state.is_terminal());
+                let done = st.experiments.get(&id).is_none_or(|e| e.state.is_terminal());
                 (
                     pb::ExperimentEvent {
                         experiment,
@@ -254,10 +230,7 @@ impl ExperimentService for ExperimentApi {
 
     type TrialLogsStream = ResponseStream<pb::LogChunk>;
 
-    async fn trial_logs(
-        &self,
-        req: Request<pb::TrialLogsRequest>,
-    ) -> Result<Response<Self::TrialLogsStream>, Status> {
+    async fn trial_logs(&self, req: Request<pb::TrialLogsRequest>) -> Result<Response<Self::TrialLogsStream>, Status> {
         let req = req.into_inner();
         let tid = TrialId(req.trial_id);
         let (exp, uri) = {
@@ -277,13 +250,8 @@ impl ExperimentService for ExperimentApi {
             loop {
                 // Read the trial's state before listing, so the last pass after it ends sees
                 // every chunk its worker wrote.
-                let ended = coord
-                    .lock()
-                    .trials
-                    .get(&tid)
-                    .is_none_or(|t| t.state.is_terminal());
-                let listed: Result<Vec<_>, _> =
-                    storage.store.list(Some(&prefix)).try_collect().await;
+                let ended = coord.lock().trials.get(&tid).is_none_or(|t| t.state.is_terminal());
+                let listed: Result<Vec<_>, _> = storage.store.list(Some(&prefix)).try_collect().await;
                 let mut objects = match listed {
                     Ok(o) => o,
                     Err(e) => {
@@ -311,9 +279,7 @@ impl ExperimentService for ExperimentApi {
                             attempt,
                             data: d.to_vec(),
                         })
-                        .map_err(|e| {
-                            Status::unavailable(format!("cannot read {}: {e}", o.location))
-                        });
+                        .map_err(|e| Status::unavailable(format!("cannot read {}: {e}", o.location)));
                     if tx.send(msg).await.is_err() {
                         return;
                     }

@@ -23,10 +23,7 @@ impl WorkerApi {
 
 #[tonic::async_trait]
 impl WorkerService for WorkerApi {
-    async fn register(
-        &self,
-        req: Request<pb::RegisterRequest>,
-    ) -> Result<Response<pb::RegisterResponse>, Status> {
+    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
         let req = req.into_inner();
         let worker = req.worker_id.clone();
         let mut st = self.coord.lock();
@@ -40,10 +37,7 @@ impl WorkerService for WorkerApi {
         }))
     }
 
-    async fn heartbeat(
-        &self,
-        req: Request<pb::HeartbeatRequest>,
-    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let mut st = self.coord.lock();
         let kill = st.heartbeat(req.get_ref())?;
         st.flush();

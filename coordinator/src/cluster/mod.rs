@@ -42,19 +42,16 @@ impl Registry {
         now: Instant,
         now_ms: i64,
     ) {
-        let e = self
-            .workers
-            .entry(id.clone())
-            .or_insert_with(|| WorkerEntry {
-                id,
-                capacity,
-                labels: BTreeMap::new(),
-                address: String::new(),
-                last_seen: now,
-                last_seen_ms: now_ms,
-                registered: true,
-                stream: None,
-            });
+        let e = self.workers.entry(id.clone()).or_insert_with(|| WorkerEntry {
+            id,
+            capacity,
+            labels: BTreeMap::new(),
+            address: String::new(),
+            last_seen: now,
+            last_seen_ms: now_ms,
+            registered: true,
+            stream: None,
+        });
         e.capacity = capacity;
         e.labels = labels;
         e.address = address;

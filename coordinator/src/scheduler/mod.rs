@@ -49,11 +49,7 @@ pub struct Placement {
     pub workers: Vec<WorkerId>,
 }
 
-pub fn schedule(
-    workers: &[WorkerView],
-    pending: &[PendingTrial],
-    quotas: &Quotas,
-) -> Vec<Placement> {
+pub fn schedule(workers: &[WorkerView], pending: &[PendingTrial], quotas: &Quotas) -> Vec<Placement> {
     let mut free: Vec<WorkerView> = workers.to_vec();
     let mut quotas = quotas.clone();
     let mut order: Vec<&PendingTrial> = pending.iter().collect();
@@ -154,10 +150,7 @@ mod tests {
         assert_eq!(out.len(), 4);
         let on_a = out.iter().filter(|p| p.workers[0].0 == "a").count();
         assert_eq!(on_a, 2);
-        assert_eq!(
-            out.iter().map(|p| p.trial.0).collect::<Vec<_>>(),
-            vec![1, 2, 3, 4]
-        );
+        assert_eq!(out.iter().map(|p| p.trial.0).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
     }
 
     #[test]
@@ -165,10 +158,7 @@ mod tests {
         let ws = [w("a", 8, 0)];
         let ps = vec![t(1, 1, 1, 0, 1), t(2, 1, 1, 0, 1), t(3, 2, 1, 0, 1)];
         let out = schedule(&ws, &ps, &q(&[(1, 1), (2, 1)]));
-        assert_eq!(
-            out.iter().map(|p| p.trial.0).collect::<Vec<_>>(),
-            vec![1, 3]
-        );
+        assert_eq!(out.iter().map(|p| p.trial.0).collect::<Vec<_>>(), vec![1, 3]);
     }
 
     #[test]
@@ -188,11 +178,7 @@ mod tests {
     #[test]
     fn gangs_never_half_place() {
         let ws = [w("a", 1, 0), w("b", 1, 0), w("c", 1, 0)];
-        let out = schedule(
-            &ws,
-            &[t(1, 1, 1, 0, 2), t(2, 2, 1, 0, 2)],
-            &q(&[(1, 1), (2, 1)]),
-        );
+        let out = schedule(&ws, &[t(1, 1, 1, 0, 2), t(2, 2, 1, 0, 2)], &q(&[(1, 1), (2, 1)]));
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].trial, TrialId(1));
         assert_eq!(out[0].workers.len(), 2);

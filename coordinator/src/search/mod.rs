@@ -55,11 +55,7 @@ pub trait Searcher: Send + std::fmt::Debug {
 pub fn build(spec: &ValidSpec, saved: Option<&serde_json::Value>) -> Box<dyn Searcher> {
     match spec.spec.searcher.name {
         SearcherName::Grid => Box::new(GridSearcher::new(spec.space.clone(), saved)),
-        SearcherName::Random => Box::new(RandomSearcher::new(
-            spec.space.clone(),
-            spec.spec.searcher.seed,
-            saved,
-        )),
+        SearcherName::Random => Box::new(RandomSearcher::new(spec.space.clone(), spec.spec.searcher.seed, saved)),
     }
 }
 

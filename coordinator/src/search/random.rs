@@ -64,13 +64,7 @@ mod tests {
     #[test]
     fn draws_differ_and_depend_on_seed() {
         let mut space = Space::new();
-        space.insert(
-            "lr".into(),
-            Param::LogUniform {
-                min: 1e-5,
-                max: 1.0,
-            },
-        );
+        space.insert("lr".into(), Param::LogUniform { min: 1e-5, max: 1.0 });
         let a = RandomSearcher::new(space.clone(), 1, None);
         let b = RandomSearcher::new(space, 2, None);
         assert_ne!(a.draw(0), a.draw(1));

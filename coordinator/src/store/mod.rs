@@ -129,10 +129,7 @@ pub struct Batch {
 
 impl Batch {
     pub fn is_empty(&self) -> bool {
-        self.experiments.is_empty()
-            && self.trials.is_empty()
-            && self.metrics.is_empty()
-            && self.attempts.is_empty()
+        self.experiments.is_empty() && self.trials.is_empty() && self.metrics.is_empty() && self.attempts.is_empty()
     }
 }
 
@@ -140,9 +137,8 @@ fn parse_state<T: std::str::FromStr>(s: String, idx: usize) -> rusqlite::Result<
 where
     T::Err: std::error::Error + Send + Sync + 'static,
 {
-    s.parse().map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
-    })
+    s.parse()
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e)))
 }
 
 impl Store {
@@ -155,11 +151,7 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         let version: Option<String> = conn
-            .query_row(
-                "SELECT value FROM meta WHERE key = 'schema_version'",
-                [],
-                |r| r.get(0),
-            )
+            .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
             .optional()?;
         match version {
             None => {
@@ -196,8 +188,7 @@ impl Store {
                 max_trials: r.get::<_, i64>(8)? as u64,
                 parallel_trials: r.get::<_, i64>(9)? as u32,
                 max_failed_trials: r.get::<_, Option<i64>>(10)?.map(|v| v as u64),
-                searcher_state: serde_json::from_str(&r.get::<_, String>(11)?)
-                    .unwrap_or(serde_json::Value::Null),
+                searcher_state: serde_json::from_str(&r.get::<_, String>(11)?).unwrap_or(serde_json::Value::Null),
                 created_trials: r.get::<_, i64>(12)? as u64,
             })
         })?;
@@ -217,11 +208,7 @@ impl Store {
                 experiment: ExperimentId(r.get::<_, i64>(1)? as u64),
                 seq: r.get::<_, i64>(2)? as u64,
                 params: serde_json::from_str(&r.get::<_, String>(3)?).map_err(|e| {
-                    rusqlite::Error::FromSqlConversionFailure(
-                        3,
-                        rusqlite::types::Type::Text,
-                        Box::new(e),
-                    )
+                    rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, Box::new(e))
                 })?,
                 state: parse_state::<TrialState>(r.get(4)?, 4)?,
                 attempt: r.get::<_, i64>(5)? as u32,

@@ -1,0 +1,658 @@
+//! The worker's side of `WorkerService`, and the only code that talks to the coordinator.
+//!
+//! One supervisor task owns the link: connect, Register (naming the attempts still held here),
+//! open the Assignments stream, then heartbeat and apply commands until something breaks, and
+//! start over with backoff. Trials never depend on the link: a lost coordinator only pauses
+//! report delivery. Each attempt has its own delivery task holding its events in order until
+//! the coordinator acknowledges them, so reports survive any outage the worker itself survives.
+
+use crate::attempts::{AttemptKey, Attempts, Held};
+use crate::config::{Timings, WorkerConfig};
+use crate::error::WorkerError;
+use crate::runner::{self, Events, RunnerContext, Stop, StorageCache};
+use chorus_proto::MAX_MESSAGE_BYTES;
+use chorus_proto::pb::{self, trial_event::Kind, worker_command::Command, worker_service_client::WorkerServiceClient};
+use prost::Message;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, MissedTickBehavior};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status, Streaming};
+use tracing::{debug, error, info, warn};
+
+/// Most events in one ReportTrial; a batch this size is a few hundred KiB at most.
+const MAX_BATCH_EVENTS: usize = 500;
+/// Malformed lines carry up to 64 KiB each; keep a batch well inside the message limit.
+const MAX_BATCH_BYTES: usize = MAX_MESSAGE_BYTES / 4;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Used when the coordinator names no heartbeat interval.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Time a stopped attempt gets for its last checkpoint and records, beyond the kill grace.
+const FINAL_UPLOAD_BUDGET: Duration = Duration::from_secs(30);
+
+pub type WorkerClient = WorkerServiceClient<InterceptedService<Channel, BearerAuth>>;
+
+/// Adds the worker token to every call.
+#[derive(Clone)]
+pub struct BearerAuth {
+    header: Option<MetadataValue<Ascii>>,
+}
+
+impl BearerAuth {
+    pub fn new(token: Option<&str>) -> Result<Self, WorkerError> {
+        let header = token
+            .map(|t| {
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| WorkerError::Config("the worker token must be printable ASCII".into()))
+            })
+            .transpose()?;
+        Ok(BearerAuth { header })
+    }
+}
+
+impl Interceptor for BearerAuth {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(h) = &self.header {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The coordinator as delivery tasks see it: `Some` only once Register succeeded and the stream
+/// is open, so buffered reports go out after the coordinator knows this worker again.
+type Link = Option<WorkerClient>;
+
+struct Session {
+    client: WorkerClient,
+    heartbeat_every: Duration,
+    commands: Streaming<pb::WorkerCommand>,
+}
+
+/// How one report batch ended.
+enum Delivery {
+    Acknowledged,
+    /// ABORTED (or NOT_FOUND: the trial is unknown): the coordinator has moved on from this
+    /// attempt, and no retry will change its mind.
+    Stale,
+    /// The coordinator will never accept this batch; retrying would jam the attempt's queue.
+    Rejected(Status),
+}
+
+pub(crate) struct Agent {
+    worker_id: String,
+    coordinator: String,
+    capacity: pb::Resources,
+    labels: HashMap<String, String>,
+    timings: Timings,
+    endpoint: Endpoint,
+    auth: BearerAuth,
+    attempts: Attempts,
+    runner: RunnerContext,
+    link: watch::Sender<Link>,
+    accepting: AtomicBool,
+}
+
+impl Agent {
+    pub fn new(config: WorkerConfig) -> Result<Arc<Self>, WorkerError> {
+        let url = if config.coordinator.contains("://") {
+            config.coordinator.clone()
+        } else {
+            format!("http://{}", config.coordinator)
+        };
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|source| WorkerError::CoordinatorUrl { url, source })?
+            .connect_timeout(config.timings.connect_timeout)
+            .tcp_nodelay(true)
+            // A coordinator that vanished without closing the connection (host lost, partition)
+            // must still end the stream, or this worker would wait on it forever.
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        std::fs::create_dir_all(&config.data_dir).map_err(WorkerError::io(&config.data_dir))?;
+        let gpus = u32::try_from(config.gpu_ids.len()).unwrap_or(u32::MAX);
+        Ok(Arc::new(Agent {
+            auth: BearerAuth::new(config.token.as_deref())?,
+            capacity: pb::Resources {
+                cpus: config.slots,
+                gpus,
+            },
+            labels: config.labels.into_iter().collect(),
+            attempts: Attempts::new(config.slots, config.gpu_ids),
+            runner: RunnerContext {
+                worker_id: config.worker_id.clone(),
+                data_dir: config.data_dir,
+                stores: StorageCache::new(config.storage),
+                kill_grace: config.timings.kill_grace,
+                output_grace: config.timings.output_grace,
+            },
+            worker_id: config.worker_id,
+            coordinator: config.coordinator,
+            timings: config.timings,
+            endpoint,
+            link: watch::channel(None).0,
+            accepting: AtomicBool::new(true),
+        }))
+    }
+
+    /// Serves until `shutdown` completes, then stops every trial, delivers what it can of their
+    /// reports and returns. Returns early only when the very first registration is refused for
+    /// a reason retrying cannot fix (a bad token, say).
+    pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
+        info!(
+            worker_id = %self.worker_id,
+            coordinator = %self.coordinator,
+            slots = self.capacity.cpus,
+            gpus = self.capacity.gpus,
+            data_dir = %self.runner.data_dir.display(),
+            "worker starting"
+        );
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut supervisor = tokio::spawn(self.clone().supervise(stop_rx));
+        tokio::pin!(shutdown);
+        tokio::select! {
+            _ = &mut shutdown => {}
+            r = &mut supervisor => {
+                self.attempts.stop_all(Stop::Shutdown);
+                return r.unwrap_or_else(|e| Err(WorkerError::Task(e.to_string())));
+            }
+        }
+
+        self.accepting.store(false, Ordering::SeqCst);
+        info!(
+            attempts = self.attempts.running().len(),
+            "shutting down: stopping trials, flushing their reports"
+        );
+        self.attempts.stop_all(Stop::Shutdown);
+        let stopping = self.timings.kill_grace + self.timings.output_grace + FINAL_UPLOAD_BUDGET;
+        if tokio::time::timeout(stopping, self.attempts.wait_until(Held::NoRunner))
+            .await
+            .is_err()
+        {
+            warn!(budget = ?stopping, "some trials had not finished stopping; leaving them");
+        }
+        if tokio::time::timeout(self.timings.shutdown_flush, self.attempts.wait_until(Held::Nothing))
+            .await
+            .is_err()
+        {
+            warn!(
+                attempts = self.attempts.running().len(),
+                "exiting with undelivered reports; the coordinator's lease handling covers those attempts"
+            );
+        }
+        let _ = stop_tx.send(true);
+        supervisor
+            .await
+            .unwrap_or_else(|e| Err(WorkerError::Task(e.to_string())))
+    }
+
+    fn request<T>(&self, msg: T) -> Request<T> {
+        let mut r = Request::new(msg);
+        r.set_timeout(self.timings.rpc_timeout);
+        r
+    }
+
+    /// Keeps the link up until told to stop.
+    async fn supervise(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> Result<(), WorkerError> {
+        let mut backoff = Backoff::new();
+        let mut ever_registered = false;
+        let mut failures = 0u32;
+        loop {
+            let established = tokio::select! {
+                r = self.establish() => r,
+                _ = stopped(&mut stop) => return Ok(()),
+            };
+            match established {
+                Ok(session) => {
+                    if failures > 0 || ever_registered {
+                        info!(failed_tries = failures, "registered with the coordinator again");
+                    } else {
+                        info!("registered with the coordinator");
+                    }
+                    ever_registered = true;
+                    failures = 0;
+                    backoff.reset();
+                    self.link.send_replace(Some(session.client.clone()));
+                    let ended = tokio::select! {
+                        e = self.session(session) => e,
+                        _ = stopped(&mut stop) => return Ok(()),
+                    };
+                    self.link.send_replace(None);
+                    warn!(error = %ended, attempts = self.attempts.running().len(), "lost the coordinator; trials keep running while reconnecting");
+                }
+                Err(e) if !ever_registered && e.is_permanent() => {
+                    error!(error = %e, "the coordinator refused this worker");
+                    return Err(e);
+                }
+                Err(e) => {
+                    failures += 1;
+                    // Every retry of a long outage would flood the log; the first and every 20th do.
+                    if failures == 1 || failures.is_multiple_of(20) {
+                        warn!(error = %e, failed_tries = failures, "cannot reach the coordinator; retrying");
+                    } else {
+                        debug!(error = %e, failed_tries = failures, "cannot reach the coordinator; retrying");
+                    }
+                }
+            }
+            let delay = backoff.next_delay();
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stopped(&mut stop) => return Ok(()),
+            }
+        }
+    }
+
+    async fn establish(&self) -> Result<Session, WorkerError> {
+        let channel = self.endpoint.connect().await.map_err(WorkerError::Connect)?;
+        let client = WorkerServiceClient::with_interceptor(channel, self.auth.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let register = pb::RegisterRequest {
+            worker_id: self.worker_id.clone(),
+            capacity: Some(self.capacity),
+            labels: self.labels.clone(),
+            address: String::new(),
+            // A restarted coordinator re-attaches these instead of placing them again.
+            running: self.attempts.running(),
+        };
+        let terms = client
+            .clone()
+            .register(self.request(register))
+            .await
+            .map_err(WorkerError::rpc("Register"))?
+            .into_inner();
+        self.apply_kills(&terms.kill, "the coordinator no longer wants this attempt");
+        // No deadline on the call itself: it lives as long as the session. Only its opening is bounded.
+        let mut opener = client.clone();
+        let open = opener.assignments(pb::AssignmentsRequest {
+            worker_id: self.worker_id.clone(),
+        });
+        let commands = tokio::time::timeout(self.timings.rpc_timeout, open)
+            .await
+            .map_err(|_| WorkerError::Timeout {
+                rpc: "Assignments",
+                after: self.timings.rpc_timeout,
+            })?
+            .map_err(WorkerError::rpc("Assignments"))?
+            .into_inner();
+        let heartbeat_every = match terms.heartbeat_interval_ms {
+            0 => DEFAULT_HEARTBEAT,
+            ms => Duration::from_millis(ms),
+        };
+        debug!(heartbeat_every = ?heartbeat_every, lease_ttl_ms = terms.lease_ttl_ms, "lease terms");
+        Ok(Session {
+            client,
+            heartbeat_every,
+            commands,
+        })
+    }
+
+    /// Heartbeats and applies commands until the link breaks; returns why it did.
+    async fn session(self: &Arc<Self>, s: Session) -> WorkerError {
+        let Session {
+            client,
+            heartbeat_every,
+            mut commands,
+        } = s;
+        let heartbeats = async {
+            let mut tick = tokio::time::interval_at(Instant::now() + heartbeat_every, heartbeat_every);
+            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let beat = pb::HeartbeatRequest {
+                    worker_id: self.worker_id.clone(),
+                    running: self.attempts.running(),
+                };
+                match client.clone().heartbeat(self.request(beat)).await {
+                    Ok(r) => self.apply_kills(&r.into_inner().kill, "the coordinator no longer wants this attempt"),
+                    Err(s) if s.code() == Code::NotFound => return WorkerError::Forgotten,
+                    Err(s) if link_lost(&s) => return WorkerError::rpc("Heartbeat")(s),
+                    Err(s) => warn!(status = %s, "heartbeat failed"),
+                }
+            }
+        };
+        let assignments = async {
+            loop {
+                match commands.message().await {
+                    Ok(Some(cmd)) => self.handle_command(cmd),
+                    Ok(None) => return WorkerError::StreamEnded,
+                    Err(s) => return WorkerError::rpc("Assignments")(s),
+                }
+            }
+        };
+        tokio::select! {
+            e = heartbeats => e,
+            e = assignments => e,
+        }
+    }
+
+    fn apply_kills(&self, kills: &[pb::RunningAttempt], reason: &str) {
+        for k in kills {
+            let key = AttemptKey::new(k.trial_id, k.attempt);
+            if self.attempts.stop(key, Stop::Kill(reason.to_string())) {
+                info!(trial = k.trial_id, attempt = k.attempt, reason, "killing attempt");
+            }
+        }
+    }
+
+    fn handle_command(self: &Arc<Self>, cmd: pb::WorkerCommand) {
+        match cmd.command {
+            Some(Command::Assign(a)) => self.start_attempt(a),
+            Some(Command::Kill(k)) => {
+                let key = AttemptKey::new(k.trial_id, k.attempt);
+                let reason = if k.reason.is_empty() {
+                    "killed by the coordinator".to_string()
+                } else {
+                    k.reason
+                };
+                if self.attempts.stop(key, Stop::Kill(reason.clone())) {
+                    info!(trial = k.trial_id, attempt = k.attempt, reason, "killing attempt");
+                } else {
+                    debug!(
+                        trial = k.trial_id,
+                        attempt = k.attempt,
+                        "kill order for an attempt not running here"
+                    );
+                }
+            }
+            None => debug!("ignoring an empty command (from a newer coordinator?)"),
+        }
+    }
+
+    fn start_attempt(self: &Arc<Self>, a: pb::Assignment) {
+        let key = AttemptKey::new(a.trial_id, a.attempt);
+        if !self.accepting.load(Ordering::SeqCst) {
+            warn!(
+                trial = a.trial_id,
+                attempt = a.attempt,
+                "shutting down; not starting the assigned attempt"
+            );
+            return;
+        }
+        let Some(admission) = self.attempts.admit(key, a.resources.unwrap_or_default()) else {
+            debug!(
+                trial = a.trial_id,
+                attempt = a.attempt,
+                "ignoring a repeated assignment"
+            );
+            return;
+        };
+        if let Some(why) = &admission.overcommit {
+            warn!(
+                trial = a.trial_id,
+                attempt = a.attempt,
+                why,
+                "the assignment does not fit the free resources; running it anyway"
+            );
+        }
+        info!(
+            experiment = a.experiment_id,
+            trial = a.trial_id,
+            attempt = a.attempt,
+            command = ?a.command,
+            gpus = ?admission.gpu_ids,
+            "starting attempt"
+        );
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let _release = Release {
+                attempts: &agent.attempts,
+                key,
+                runner: true,
+            };
+            let exited = runner::run_attempt(
+                &agent.runner,
+                &a,
+                &admission.gpu_ids,
+                Events::new(events_tx),
+                admission.stop,
+            )
+            .await;
+            let kind = pb::ExitKind::try_from(exited.kind).map_or("unknown", |k| k.as_str_name());
+            info!(trial = a.trial_id, attempt = a.attempt, kind, message = %exited.message, "attempt ended");
+        });
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let _release = Release {
+                attempts: &agent.attempts,
+                key,
+                runner: false,
+            };
+            agent.deliver_reports(key, events_rx).await;
+        });
+    }
+
+    /// Sends one attempt's events in order, in batches of whatever has queued, until `Exited`
+    /// is acknowledged or the attempt turns out stale.
+    async fn deliver_reports(&self, key: AttemptKey, mut events: mpsc::UnboundedReceiver<pb::TrialEvent>) {
+        let mut queue: VecDeque<pb::TrialEvent> = VecDeque::new();
+        let mut link = self.link.subscribe();
+        loop {
+            if queue.is_empty() {
+                match events.recv().await {
+                    Some(e) => queue.push_back(e),
+                    // The runner is gone without an `Exited` (it panicked); nothing more will come.
+                    None => return,
+                }
+            }
+            while let Ok(e) = events.try_recv() {
+                queue.push_back(e);
+            }
+            let batch = front_batch(&queue);
+            let n = batch.len();
+            let ends = batch.iter().any(|e| matches!(e.kind, Some(Kind::Exited(_))));
+            match self.report(key, batch, &mut link).await {
+                Delivery::Acknowledged => {
+                    queue.drain(..n);
+                    if ends {
+                        return;
+                    }
+                }
+                Delivery::Stale => {
+                    info!(trial = %key.trial, attempt = key.attempt, "the coordinator says this attempt is stale; dropping its reports");
+                    self.attempts
+                        .stop(key, Stop::Kill("stale attempt: the coordinator has moved on".into()));
+                    return;
+                }
+                Delivery::Rejected(status) => {
+                    error!(trial = %key.trial, attempt = key.attempt, events = n, status = %status, "the coordinator rejected reports; dropping them");
+                    queue.drain(..n);
+                    if ends {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One batch, retried until the coordinator answers for it.
+    async fn report(&self, key: AttemptKey, events: Vec<pb::TrialEvent>, link: &mut watch::Receiver<Link>) -> Delivery {
+        let mut backoff = Backoff::new();
+        loop {
+            let client = connected(link).await;
+            let req = pb::ReportTrialRequest {
+                worker_id: self.worker_id.clone(),
+                trial_id: key.trial.0,
+                attempt: key.attempt,
+                events: events.clone(),
+            };
+            let status = match client.clone().report_trial(self.request(req)).await {
+                Ok(_) => return Delivery::Acknowledged,
+                Err(s) => s,
+            };
+            match status.code() {
+                Code::Aborted | Code::NotFound => return Delivery::Stale,
+                Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange | Code::Unimplemented => {
+                    return Delivery::Rejected(status);
+                }
+                _ => {}
+            }
+            let delay = backoff.next_delay();
+            debug!(trial = %key.trial, attempt = key.attempt, status = %status, retry_in = ?delay, "report not delivered");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                // A new session (or a lost one) is news worth acting on at once.
+                _ = link.changed() => backoff.reset(),
+            }
+        }
+    }
+}
+
+/// Marks its half of an attempt done even if the task ends by panic, so resources and the
+/// attempt's place in the running list are not held forever.
+struct Release<'a> {
+    attempts: &'a Attempts,
+    key: AttemptKey,
+    runner: bool,
+}
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        if self.runner {
+            self.attempts.runner_done(self.key);
+        } else {
+            self.attempts.reports_done(self.key);
+        }
+    }
+}
+
+/// The events at the front of the queue that fit in one ReportTrial (always at least one).
+fn front_batch(queue: &VecDeque<pb::TrialEvent>) -> Vec<pb::TrialEvent> {
+    let mut bytes = 0;
+    let mut batch = Vec::new();
+    for e in queue.iter().take(MAX_BATCH_EVENTS) {
+        bytes += e.encoded_len();
+        if !batch.is_empty() && bytes > MAX_BATCH_BYTES {
+            break;
+        }
+        batch.push(e.clone());
+    }
+    batch
+}
+
+/// Errors that mean the connection (or the coordinator behind it) is gone.
+fn link_lost(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+    )
+}
+
+async fn connected(link: &mut watch::Receiver<Link>) -> WorkerClient {
+    loop {
+        let up = link.borrow_and_update().clone();
+        if let Some(client) = up {
+            return client;
+        }
+        if link.changed().await.is_err() {
+            // The agent is gone; so is any reason to deliver.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Exponential backoff from 100 ms doubling to 5 s, each delay drawn from its upper half so
+/// workers that lost the same coordinator do not all come back in the same instant.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff { next: BACKOFF_MIN }
+    }
+
+    fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (base * 2).min(BACKOFF_MAX);
+        base.mul_f64(rand::random_range(0.5..=1.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_five_seconds_with_jitter() {
+        let mut b = Backoff::new();
+        let mut bases = Vec::new();
+        for _ in 0..10 {
+            let base = b.next;
+            let d = b.next_delay();
+            assert!(d >= base / 2 && d <= base, "{d:?} outside [{:?}, {base:?}]", base / 2);
+            bases.push(base.as_millis());
+        }
+        assert_eq!(bases, vec![100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000, 5000]);
+        b.reset();
+        assert!(b.next_delay() <= BACKOFF_MIN);
+    }
+
+    #[test]
+    fn batches_respect_count_and_size_limits() {
+        let small = |seq| pb::TrialEvent {
+            seq,
+            unix_ms: 0,
+            kind: Some(Kind::Metric(pb::Metric {
+                json: "{\"x\":1}".into(),
+            })),
+        };
+        let q: VecDeque<_> = (1..=1200).map(small).collect();
+        let b = front_batch(&q);
+        assert_eq!(b.len(), MAX_BATCH_EVENTS);
+        assert_eq!(b[0].seq, 1);
+
+        let big = |seq| pb::TrialEvent {
+            seq,
+            unix_ms: 0,
+            kind: Some(Kind::Malformed(pb::MalformedMetric {
+                line: "x".repeat(MAX_BATCH_BYTES / 3),
+                error: String::new(),
+            })),
+        };
+        let q: VecDeque<_> = (1..=10).map(big).collect();
+        assert_eq!(front_batch(&q).len(), 2);
+        let huge = pb::TrialEvent {
+            seq: 1,
+            unix_ms: 0,
+            kind: Some(Kind::Malformed(pb::MalformedMetric {
+                line: "x".repeat(MAX_BATCH_BYTES * 2),
+                error: String::new(),
+            })),
+        };
+        assert_eq!(front_batch(&VecDeque::from([huge])).len(), 1);
+    }
+
+    #[test]
+    fn the_token_goes_in_a_bearer_header() {
+        let mut auth = BearerAuth::new(Some("s3cret")).unwrap();
+        let req = auth.call(Request::new(())).unwrap();
+        assert_eq!(req.metadata().get("authorization").unwrap(), "Bearer s3cret");
+        let mut none = BearerAuth::new(None).unwrap();
+        assert!(
+            none.call(Request::new(()))
+                .unwrap()
+                .metadata()
+                .get("authorization")
+                .is_none()
+        );
+        assert!(BearerAuth::new(Some("bad\ntoken")).is_err());
+    }
+}

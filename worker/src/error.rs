@@ -1,0 +1,95 @@
+//! The one error type of `chorus-worker`.
+//!
+//! Failures of a trial itself (a non-zero exit, a program that cannot start, storage that cannot
+//! be read) are not errors of the worker: the runner turns them into an `Exited` event. This enum
+//! covers what stops or disturbs the worker: bad settings and a lost coordinator.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("invalid setting: {0}")]
+    Config(String),
+    #[error("invalid coordinator address {url:?}: {source}")]
+    CoordinatorUrl {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The whole source chain is in the message: tonic's own says only "transport error".
+    #[error("cannot connect to the coordinator: {}", chain(.0))]
+    Connect(#[source] tonic::transport::Error),
+    /// Boxed because `tonic::Status` is large and this enum travels in every `Result`.
+    #[error("{rpc} failed: {status}")]
+    Rpc {
+        rpc: &'static str,
+        status: Box<tonic::Status>,
+    },
+    #[error("{rpc} got no answer within {after:?}")]
+    Timeout {
+        rpc: &'static str,
+        after: std::time::Duration,
+    },
+    #[error("the coordinator closed the assignment stream")]
+    StreamEnded,
+    #[error("the coordinator no longer knows this worker (its lease lapsed)")]
+    Forgotten,
+    #[error(transparent)]
+    Core(#[from] chorus_core::CoreError),
+    #[error("local file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    let mut last = out.clone();
+    while let Some(s) = source {
+        // hyper wraps errors in layers that repeat the same words.
+        let text = s.to_string();
+        if text != last {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+        last = text;
+    }
+    out
+}
+
+impl WorkerError {
+    pub(crate) fn rpc(rpc: &'static str) -> impl FnOnce(tonic::Status) -> WorkerError {
+        move |status| WorkerError::Rpc {
+            rpc,
+            status: Box::new(status),
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> WorkerError {
+        let path = path.into();
+        move |source| WorkerError::Io { path, source }
+    }
+
+    /// Errors that retrying cannot fix without a person changing something (a token, the
+    /// address). They end the worker only at its first registration: once trials run, a
+    /// coordinator misconfigured mid-flight is waited out rather than allowed to kill them.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            WorkerError::Config(_) | WorkerError::CoordinatorUrl { .. } => true,
+            WorkerError::Rpc { status, .. } => matches!(
+                status.code(),
+                tonic::Code::Unauthenticated
+                    | tonic::Code::PermissionDenied
+                    | tonic::Code::InvalidArgument
+                    | tonic::Code::Unimplemented
+            ),
+            _ => false,
+        }
+    }
+}

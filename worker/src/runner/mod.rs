@@ -1,0 +1,437 @@
+//! One attempt of one command trial, from its assignment to its `Exited` event: restore the newest
+//! checkpoint, run the program in its own process group, turn its output into metric events and
+//! log chunks, commit the checkpoints it writes, and stop it on a timeout or a kill order.
+//!
+//! The runner knows nothing of gRPC or of the coordinator: it reports through [`Events`], a
+//! channel the agent drains, so every path here can be tested with `memory://` storage.
+
+mod output;
+mod process;
+mod records;
+#[cfg(test)]
+mod tests;
+
+use crate::error::WorkerError;
+use chorus_core::metric::{self, Line};
+use chorus_core::storage::{self, Storage, StorageOptions, StorageUri};
+use chorus_core::{ExperimentId, TrialId, checkpoint};
+use chorus_proto::pb::{self, trial_event::Kind};
+use nix::sys::signal::Signal;
+use records::{Job, Recorder};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+/// At most this many malformed metric lines are reported per attempt; all are counted.
+const MAX_MALFORMED_REPORTED: u64 = 100;
+
+/// Why a running attempt must stop early.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// The coordinator ordered it (or found the attempt stale); the string is its reason.
+    Kill(String),
+    /// This worker is shutting down.
+    Shutdown,
+}
+
+/// The ordered event stream of one attempt. Sequence numbers are assigned here, under one lock
+/// with the send, so the numbers and the channel order always agree even though the output loop
+/// and the checkpoint uploader both emit.
+#[derive(Clone)]
+pub struct Events(Arc<Mutex<Sequencer>>);
+
+struct Sequencer {
+    last_seq: u64,
+    tx: mpsc::UnboundedSender<pb::TrialEvent>,
+}
+
+impl Events {
+    pub fn new(tx: mpsc::UnboundedSender<pb::TrialEvent>) -> Self {
+        Events(Arc::new(Mutex::new(Sequencer { last_seq: 0, tx })))
+    }
+
+    fn emit(&self, kind: Kind) {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        s.last_seq += 1;
+        let event = pb::TrialEvent {
+            seq: s.last_seq,
+            unix_ms: unix_ms(),
+            kind: Some(kind),
+        };
+        // A closed channel means nobody wants this attempt's reports any more (it went stale).
+        let _ = s.tx.send(event);
+    }
+}
+
+pub(crate) fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Opened stores by URI: opening builds a client (and for S3 reads credentials), which every
+/// attempt of an experiment would otherwise repeat.
+pub struct StorageCache {
+    options: StorageOptions,
+    opened: Mutex<HashMap<String, Storage>>,
+}
+
+impl StorageCache {
+    pub fn new(options: StorageOptions) -> Self {
+        StorageCache {
+            options,
+            opened: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn open(&self, uri: &str) -> Result<Storage, WorkerError> {
+        if let Some(s) = self.opened.lock().unwrap_or_else(|p| p.into_inner()).get(uri) {
+            return Ok(s.clone());
+        }
+        let storage = storage::open(&StorageUri::parse(uri)?, &self.options)?;
+        self.opened
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uri.to_string(), storage.clone());
+        Ok(storage)
+    }
+}
+
+/// What every attempt on this worker shares.
+pub struct RunnerContext {
+    pub worker_id: String,
+    /// Holds `trials/{trial}/attempt-{n}/checkpoint` while an attempt runs.
+    pub data_dir: PathBuf,
+    pub stores: StorageCache,
+    pub kill_grace: Duration,
+    pub output_grace: Duration,
+}
+
+impl RunnerContext {
+    pub fn attempt_dir(&self, trial: u64, attempt: u32) -> PathBuf {
+        self.data_dir
+            .join("trials")
+            .join(trial.to_string())
+            .join(format!("attempt-{attempt}"))
+    }
+}
+
+/// Runs one attempt to its end and returns what its `Exited` event said. `Exited` is always the
+/// last event, emitted after the final checkpoint and log chunk are stored and the local attempt
+/// directory is gone; a failure before the program starts yields `Exited` without `Started`.
+pub async fn run_attempt(
+    ctx: &RunnerContext,
+    a: &pb::Assignment,
+    gpu_ids: &[String],
+    events: Events,
+    mut stop: watch::Receiver<Option<Stop>>,
+) -> pb::Exited {
+    let attempt_dir = ctx.attempt_dir(a.trial_id, a.attempt);
+    let exited = match prepare(ctx, a, &attempt_dir).await {
+        Ok(prepared) => run_prepared(ctx, a, gpu_ids, &events, &mut stop, prepared).await,
+        Err(message) => exited(pb::ExitKind::Failed, None, message),
+    };
+    if let Err(e) = tokio::fs::remove_dir_all(&attempt_dir).await
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!(dir = %attempt_dir.display(), error = %e, "cannot remove the attempt directory");
+    }
+    // The trial directory is shared by attempts; it goes once the last one is gone.
+    if let Some(trial_dir) = attempt_dir.parent() {
+        let _ = tokio::fs::remove_dir(trial_dir).await;
+    }
+    events.emit(Kind::Exited(exited.clone()));
+    exited
+}
+
+fn exited(kind: pb::ExitKind, code: Option<i32>, message: String) -> pb::Exited {
+    pb::Exited {
+        kind: kind.into(),
+        code,
+        message,
+    }
+}
+
+/// Storage and local state an attempt needs before its program starts.
+struct Prepared {
+    storage: Storage,
+    checkpoint_dir: PathBuf,
+    restored_step: Option<i64>,
+    /// Of the directory as restored, taken before the program can touch it: a checkpoint it
+    /// writes before its first step report must count as a change.
+    restored_fingerprint: Option<u64>,
+    earlier_metrics: String,
+}
+
+async fn prepare(ctx: &RunnerContext, a: &pb::Assignment, attempt_dir: &Path) -> Result<Prepared, String> {
+    let storage = ctx
+        .stores
+        .open(&a.storage)
+        .map_err(|e| format!("cannot open storage: {e}"))?;
+    let (exp, trial) = (ExperimentId(a.experiment_id), TrialId(a.trial_id));
+    // A leftover from an earlier run of this worker id must not leak into this attempt.
+    match tokio::fs::remove_dir_all(attempt_dir).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot clear {}: {e}", attempt_dir.display())),
+    }
+    let checkpoint_dir = attempt_dir.join("checkpoint");
+    tokio::fs::create_dir_all(&checkpoint_dir)
+        .await
+        .map_err(|e| format!("cannot create {}: {e}", checkpoint_dir.display()))?;
+    let restored = checkpoint::restore_latest(&storage, &storage.checkpoints_prefix(exp, trial), &checkpoint_dir)
+        .await
+        .map_err(|e| format!("cannot restore the latest checkpoint: {e}"))?;
+    for (step, reason) in &restored.skipped {
+        warn!(
+            trial = a.trial_id,
+            attempt = a.attempt,
+            step,
+            reason,
+            "skipped a checkpoint that cannot be restored"
+        );
+    }
+    if let Some(step) = restored.step {
+        info!(trial = a.trial_id, attempt = a.attempt, step, "restored checkpoint");
+    }
+    let earlier_metrics = records::read_earlier_metrics(&storage, &storage.metrics_key(exp, trial), a.attempt)
+        .await
+        .map_err(|e| format!("cannot read the trial's metrics: {e}"))?;
+    let restored_fingerprint = checkpoint::fingerprint(&checkpoint_dir).ok().flatten();
+    Ok(Prepared {
+        storage,
+        checkpoint_dir,
+        restored_step: restored.step,
+        restored_fingerprint,
+        earlier_metrics,
+    })
+}
+
+/// Why the runner itself ended the program, which decides the exit kind.
+enum Ending {
+    TimedOut(Duration),
+    Killed(String),
+    Shutdown,
+}
+
+async fn run_prepared(
+    ctx: &RunnerContext,
+    a: &pb::Assignment,
+    gpu_ids: &[String],
+    events: &Events,
+    stop: &mut watch::Receiver<Option<Stop>>,
+    p: Prepared,
+) -> pb::Exited {
+    // An order that arrived while restoring wins over starting the program at all.
+    if let Some(s) = stop.borrow_and_update().clone() {
+        return match s {
+            Stop::Kill(reason) => exited(pb::ExitKind::Killed, None, kill_message(reason)),
+            Stop::Shutdown => exited(
+                pb::ExitKind::Failed,
+                None,
+                "the worker shut down before the trial started".into(),
+            ),
+        };
+    }
+    let spec = process::Spec {
+        assignment: a,
+        checkpoint_dir: &p.checkpoint_dir,
+        restored_step: p.restored_step,
+        gpu_ids,
+        worker_id: &ctx.worker_id,
+    };
+    let mut proc = match process::spawn(&spec) {
+        Ok(c) => c,
+        Err(message) => return exited(pb::ExitKind::Failed, None, message),
+    };
+    events.emit(Kind::Started(pb::Started {
+        restored_step: p.restored_step,
+    }));
+
+    let recorder = Recorder::new(
+        p.storage,
+        a,
+        p.checkpoint_dir.clone(),
+        p.restored_fingerprint,
+        p.earlier_metrics,
+        events.clone(),
+    );
+    let (jobs, jobs_rx) = mpsc::unbounded_channel();
+    let recorder = tokio::spawn(recorder.run(jobs_rx));
+    let mut lines = Output::new(a, events.clone(), jobs);
+
+    let (line_tx, mut line_rx) = mpsc::channel(1024);
+    let readers = [
+        proc.child
+            .stdout
+            .take()
+            .map(|r| tokio::spawn(output::forward_lines(r, line_tx.clone()))),
+        proc.child
+            .stderr
+            .take()
+            .map(|r| tokio::spawn(output::forward_lines(r, line_tx.clone()))),
+    ];
+    drop(line_tx);
+
+    let timeout = (a.timeout_ms > 0).then(|| Duration::from_millis(a.timeout_ms));
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut ending: Option<Ending> = None;
+    let mut hard_kill_at: Option<Instant> = None;
+    let mut stop_open = true;
+    let status = loop {
+        tokio::select! {
+            Some(line) = line_rx.recv() => lines.handle(line),
+            status = proc.child.wait() => break status,
+            _ = sleep_until(deadline), if ending.is_none() => {
+                let t = timeout.unwrap_or_default();
+                info!(trial = a.trial_id, attempt = a.attempt, timeout = ?t, "trial timed out; stopping its process group");
+                ending = Some(Ending::TimedOut(t));
+                proc.group.signal(Signal::SIGTERM);
+                hard_kill_at = Some(Instant::now() + ctx.kill_grace);
+            }
+            changed = stop.changed(), if ending.is_none() && stop_open => {
+                if changed.is_err() {
+                    stop_open = false;
+                    continue;
+                }
+                let Some(s) = stop.borrow_and_update().clone() else { continue };
+                info!(trial = a.trial_id, attempt = a.attempt, order = ?s, "stopping the trial's process group");
+                ending = Some(match s {
+                    Stop::Kill(reason) => Ending::Killed(reason),
+                    Stop::Shutdown => Ending::Shutdown,
+                });
+                proc.group.signal(Signal::SIGTERM);
+                hard_kill_at = Some(Instant::now() + ctx.kill_grace);
+            }
+            _ = sleep_until(hard_kill_at) => {
+                warn!(trial = a.trial_id, attempt = a.attempt, grace = ?ctx.kill_grace, "trial ignored SIGTERM; sending SIGKILL");
+                proc.group.signal(Signal::SIGKILL);
+                hard_kill_at = None;
+            }
+        }
+    };
+    // Whatever the main process left behind in its group would outlive the attempt (and hold
+    // GPU memory, or the pipes we read): a finished attempt owns no processes.
+    proc.group.signal(Signal::SIGKILL);
+    proc.group.disarm();
+
+    let grace = tokio::time::sleep(ctx.output_grace);
+    tokio::pin!(grace);
+    loop {
+        tokio::select! {
+            line = line_rx.recv() => match line {
+                Some(line) => lines.handle(line),
+                None => break,
+            },
+            _ = &mut grace => {
+                warn!(trial = a.trial_id, attempt = a.attempt, "output pipes are still open after the trial exited (a process left its group?); no longer reading them");
+                break;
+            }
+        }
+    }
+    for r in readers.into_iter().flatten() {
+        r.abort();
+    }
+    let malformed = lines.malformed;
+    drop(lines);
+    // The recorder drains its queue when the job sender is gone: final checkpoint, logs, metrics.
+    if let Err(e) = recorder.await {
+        warn!(trial = a.trial_id, attempt = a.attempt, error = %e, "the trial's recorder failed");
+    }
+
+    let mut result = match (ending, status) {
+        (_, Err(e)) => exited(
+            pb::ExitKind::Failed,
+            None,
+            format!("cannot wait for the trial's process: {e}"),
+        ),
+        (Some(Ending::TimedOut(t)), Ok(s)) => {
+            exited(pb::ExitKind::TimedOut, s.code(), format!("timed out after {t:?}"))
+        }
+        (Some(Ending::Killed(reason)), Ok(s)) => exited(pb::ExitKind::Killed, s.code(), kill_message(reason)),
+        (Some(Ending::Shutdown), Ok(s)) => exited(
+            pb::ExitKind::Failed,
+            s.code(),
+            "stopped because the worker shut down".into(),
+        ),
+        (None, Ok(s)) => process::classify(s),
+    };
+    if malformed > 0 {
+        result.message = format!("{}; {malformed} malformed metric line(s) ignored", result.message);
+    }
+    result
+}
+
+fn kill_message(reason: String) -> String {
+    if reason.is_empty() {
+        "killed by the coordinator".into()
+    } else {
+        reason
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Turns output lines into events and recorder jobs.
+struct Output {
+    trial: u64,
+    attempt: u32,
+    events: Events,
+    jobs: mpsc::UnboundedSender<Job>,
+    malformed: u64,
+}
+
+impl Output {
+    fn new(a: &pb::Assignment, events: Events, jobs: mpsc::UnboundedSender<Job>) -> Self {
+        Output {
+            trial: a.trial_id,
+            attempt: a.attempt,
+            events,
+            jobs,
+            malformed: 0,
+        }
+    }
+
+    fn handle(&mut self, line: String) {
+        match metric::parse_line(&line) {
+            Line::Log => {}
+            Line::Metric(report) => {
+                let json = report.to_json();
+                self.events.emit(Kind::Metric(pb::Metric {
+                    json: serde_json::Value::Object(json.clone()).to_string(),
+                }));
+                let _ = self.jobs.send(Job::Metric(json));
+                if let Some(step) = report.step {
+                    let _ = self.jobs.send(Job::Checkpoint(step));
+                }
+            }
+            Line::Malformed(error) => {
+                self.malformed += 1;
+                if self.malformed <= MAX_MALFORMED_REPORTED {
+                    warn!(trial = self.trial, attempt = self.attempt, line = %line, error = %error, "malformed metric line");
+                    self.events.emit(Kind::Malformed(pb::MalformedMetric {
+                        line: line.clone(),
+                        error,
+                    }));
+                }
+                if self.malformed == MAX_MALFORMED_REPORTED {
+                    warn!(
+                        trial = self.trial,
+                        attempt = self.attempt,
+                        "further malformed metric lines are counted but not reported"
+                    );
+                }
+            }
+        }
+        let _ = self.jobs.send(Job::Log(line));
+    }
+}

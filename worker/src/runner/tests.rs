@@ -1,0 +1,560 @@
+//! The runner against `memory://` storage with small `sh` trials.
+
+use super::*;
+use chorus_core::storage::parse_log_chunk_name;
+use futures::TryStreamExt;
+use object_store::{ObjectStore, ObjectStoreExt};
+use serde_json::json;
+use std::time::Instant as StdInstant;
+
+const EXP: u64 = 1;
+
+struct Fixture {
+    ctx: RunnerContext,
+    storage_uri: String,
+    storage: Storage,
+    _dir: tempfile::TempDir,
+    scratch: tempfile::TempDir,
+}
+
+fn fixture(name: &str) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = RunnerContext {
+        worker_id: "w-test".into(),
+        data_dir: dir.path().join("data"),
+        stores: StorageCache::new(StorageOptions::default()),
+        kill_grace: Duration::from_millis(300),
+        output_grace: Duration::from_millis(300),
+    };
+    let storage_uri = format!("memory://runner-{name}");
+    let storage = ctx.stores.open(&storage_uri).unwrap();
+    Fixture {
+        ctx,
+        storage_uri,
+        storage,
+        _dir: dir,
+        scratch: tempfile::tempdir().unwrap(),
+    }
+}
+
+impl Fixture {
+    fn assignment(&self, trial: u64, attempt: u32, script: &str) -> pb::Assignment {
+        pb::Assignment {
+            experiment_id: EXP,
+            trial_id: trial,
+            attempt,
+            params_json: r#"{"lr":0.1}"#.into(),
+            command: vec!["sh".into(), "-c".into(), script.into()],
+            env: [("SCRATCH".to_string(), self.scratch.path().display().to_string())].into(),
+            timeout_ms: 0,
+            storage: self.storage_uri.clone(),
+            resources: Some(pb::Resources { cpus: 1, gpus: 0 }),
+            keep_checkpoints: 3,
+            metric: "loss".into(),
+        }
+    }
+
+    async fn run(&self, a: &pb::Assignment) -> (pb::Exited, Vec<pb::TrialEvent>) {
+        let (_stop, stop_rx) = watch::channel(None);
+        self.run_with(a, stop_rx).await
+    }
+
+    async fn run_with(
+        &self,
+        a: &pb::Assignment,
+        stop: watch::Receiver<Option<Stop>>,
+    ) -> (pb::Exited, Vec<pb::TrialEvent>) {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let exited = run_attempt(&self.ctx, a, &[], Events::new(tx), stop).await;
+        let mut events = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            events.push(e);
+        }
+        (exited, events)
+    }
+
+    async fn object(&self, key: &object_store::path::Path) -> Option<String> {
+        match self.storage.store.get(key).await {
+            Ok(r) => Some(String::from_utf8(r.bytes().await.unwrap().to_vec()).unwrap()),
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    async fn metrics(&self, trial: u64) -> Vec<serde_json::Value> {
+        let text = self
+            .object(&self.storage.metrics_key(ExperimentId(EXP), TrialId(trial)))
+            .await
+            .unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    /// The attempt's log, chunks in order; also checks chunks are numbered 0, 1, 2...
+    async fn log(&self, trial: u64, attempt: u32) -> String {
+        let prefix = self.storage.logs_prefix(ExperimentId(EXP), TrialId(trial));
+        let objects: Vec<_> = self.storage.store.list(Some(&prefix)).try_collect().await.unwrap();
+        let mut chunks: Vec<(u32, object_store::path::Path)> = objects
+            .into_iter()
+            .filter_map(|o| {
+                let (a, c) = parse_log_chunk_name(o.location.filename()?)?;
+                (a == attempt).then_some((c, o.location))
+            })
+            .collect();
+        chunks.sort();
+        let mut out = String::new();
+        for (i, (c, key)) in chunks.iter().enumerate() {
+            assert_eq!(*c as usize, i, "log chunks are numbered from 0 without gaps");
+            let text = self.object(key).await.unwrap();
+            assert!(!text.is_empty(), "empty chunks are not stored");
+            out.push_str(&text);
+        }
+        out
+    }
+
+    fn scratch(&self, name: &str) -> PathBuf {
+        self.scratch.path().join(name)
+    }
+}
+
+fn kind_names(events: &[pb::TrialEvent]) -> Vec<&'static str> {
+    events
+        .iter()
+        .map(|e| match e.kind.as_ref().unwrap() {
+            Kind::Started(_) => "started",
+            Kind::Metric(_) => "metric",
+            Kind::Checkpoint(_) => "checkpoint",
+            Kind::Exited(_) => "exited",
+            Kind::Malformed(_) => "malformed",
+        })
+        .collect()
+}
+
+fn assert_seqs_from_one(events: &[pb::TrialEvent]) {
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=events.len() as u64).collect::<Vec<_>>());
+}
+
+fn metric_jsons(events: &[pb::TrialEvent]) -> Vec<serde_json::Value> {
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(Kind::Metric(m)) => Some(serde_json::from_str(&m.json).unwrap()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn checkpoints(events: &[pb::TrialEvent]) -> Vec<pb::CheckpointCommitted> {
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(Kind::Checkpoint(c)) => Some(c.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn kind(e: &pb::Exited) -> pb::ExitKind {
+    pb::ExitKind::try_from(e.kind).unwrap()
+}
+
+/// Members of a process group that are still alive. `kill(-pgid, 0)` alone cannot tell: it also
+/// succeeds while a member is a zombie, and an init that does not reap orphans (as in some
+/// containers) leaves killed grandchildren as zombies for good. A zombie is dead, so read states.
+fn live_group_members(pgid: i32) -> Vec<i32> {
+    if nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), None) == Err(nix::errno::Errno::ESRCH) {
+        return Vec::new();
+    }
+    let mut live = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let (state, pgrp) = (fields[0], fields[2].parse::<i32>().unwrap_or(0));
+        if pgrp == pgid && state != "Z" && state != "X" {
+            live.push(pid);
+        }
+    }
+    live
+}
+
+async fn wait_for_file(path: &Path) -> String {
+    let start = StdInstant::now();
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path)
+            && s.ends_with('\n')
+        {
+            return s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{} never appeared",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn assert_group_gone(pgid: i32) {
+    let start = StdInstant::now();
+    while !live_group_members(pgid).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "processes of group {pgid} survived: {:?}",
+            live_group_members(pgid)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_successful_trial_reports_metrics_checkpoints_and_logs() {
+    let f = fixture("success");
+    let mut a = f.assignment(11, 1, r#"
+        echo "env $CHORUS_EXPERIMENT_ID $CHORUS_TRIAL_ID $CHORUS_ATTEMPT $CHORUS_WORKER_ID $PYTHONUNBUFFERED $CHORUS_PARAMS restored=${CHORUS_RESTORED_STEP:-none} mine=$MY_VAR"
+        echo 'chorus:metric {"loss": 0.9}'
+        echo "to stderr" >&2
+        echo state-3 > "$CHORUS_CHECKPOINT_DIR/state.txt"
+        echo 'chorus:metric {"step": 3, "loss": 0.25}'
+        echo "$CHORUS_CHECKPOINT_DIR" > "$SCRATCH/ckdir"
+    "#);
+    a.env.insert("MY_VAR".into(), "hello".into());
+    // The worker's facts win over a spec that tries to set them.
+    a.env.insert("CHORUS_TRIAL_ID".into(), "999".into());
+    let (exited, events) = f.run(&a).await;
+
+    assert_eq!(kind(&exited), pb::ExitKind::Succeeded, "{exited:?}");
+    assert_eq!(exited.code, Some(0));
+    assert_eq!(
+        kind_names(&events),
+        ["started", "metric", "metric", "checkpoint", "exited"]
+    );
+    assert_seqs_from_one(&events);
+    assert!(matches!(&events[0].kind, Some(Kind::Started(s)) if s.restored_step.is_none()));
+    assert_eq!(events.last().unwrap().kind, Some(Kind::Exited(exited.clone())));
+    assert_eq!(
+        metric_jsons(&events),
+        vec![json!({"loss": 0.9}), json!({"step": 3, "loss": 0.25})]
+    );
+    let ck = checkpoints(&events);
+    assert_eq!(ck[0].step, 3);
+    assert_eq!(
+        ck[0].manifest_key,
+        "experiments/1/trials/11/checkpoints/000000000003/MANIFEST.json"
+    );
+    assert!(
+        f.object(&object_store::path::Path::from(ck[0].manifest_key.as_str()))
+            .await
+            .is_some()
+    );
+
+    assert_eq!(
+        f.metrics(11).await,
+        vec![
+            json!({"loss": 0.9, "attempt": 1}),
+            json!({"step": 3, "loss": 0.25, "attempt": 1})
+        ]
+    );
+    let log = f.log(11, 1).await;
+    assert!(
+        log.contains("env 1 11 1 w-test 1 {\"lr\":0.1} restored=none mine=hello\n"),
+        "{log}"
+    );
+    assert!(log.contains("to stderr\n"), "{log}");
+    assert!(log.contains("chorus:metric {\"step\": 3, \"loss\": 0.25}\n"), "{log}");
+
+    let restored = tempfile::tempdir().unwrap();
+    let r = checkpoint::restore_latest(
+        &f.storage,
+        &f.storage.checkpoints_prefix(ExperimentId(EXP), TrialId(11)),
+        restored.path(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.step, Some(3));
+    assert_eq!(
+        std::fs::read_to_string(restored.path().join("state.txt")).unwrap(),
+        "state-3\n"
+    );
+
+    let ckdir = std::fs::read_to_string(f.scratch("ckdir")).unwrap();
+    assert!(ckdir.trim().starts_with(f.ctx.data_dir.to_str().unwrap()), "{ckdir}");
+    assert!(
+        !Path::new(ckdir.trim()).exists(),
+        "the local attempt directory is removed"
+    );
+    assert!(!f.ctx.attempt_dir(11, 1).exists());
+}
+
+#[tokio::test]
+async fn attempt_two_restores_the_checkpoint_and_extends_the_metrics() {
+    let f = fixture("restore");
+    let a1 = f.assignment(
+        12,
+        1,
+        r#"
+        echo from-attempt-1 > "$CHORUS_CHECKPOINT_DIR/state.txt"
+        echo 'chorus:metric {"step": 5, "loss": 0.7}'
+        exit 3
+    "#,
+    );
+    let (exited, events) = f.run(&a1).await;
+    assert_eq!(kind(&exited), pb::ExitKind::Failed);
+    assert_eq!(
+        (exited.code, exited.message.as_str()),
+        (Some(3), "exited with status 3")
+    );
+    assert_eq!(checkpoints(&events).iter().map(|c| c.step).collect::<Vec<_>>(), [5]);
+
+    let mut a2 = f.assignment(
+        12,
+        2,
+        r#"
+        test "$CHORUS_RESTORED_STEP" = 5 || { echo "restored step is '$CHORUS_RESTORED_STEP'"; exit 7; }
+        echo "restored: $(cat "$CHORUS_CHECKPOINT_DIR/state.txt")"
+        echo a2-six > "$CHORUS_CHECKPOINT_DIR/state.txt"
+        echo 'chorus:metric {"step": 6, "loss": 0.5}'
+        sleep 0.2
+        echo a2-seven > "$CHORUS_CHECKPOINT_DIR/state.txt"
+        echo 'chorus:metric {"step": 7, "loss": 0.4}'
+    "#,
+    );
+    a2.keep_checkpoints = 1;
+    let (exited, events) = f.run(&a2).await;
+    assert_eq!(
+        kind(&exited),
+        pb::ExitKind::Succeeded,
+        "{exited:?} {:?}",
+        f.log(12, 2).await
+    );
+    assert!(matches!(&events[0].kind, Some(Kind::Started(s)) if s.restored_step == Some(5)));
+    assert!(f.log(12, 2).await.contains("restored: from-attempt-1\n"));
+    // Step 6 may be folded into 7 when the uploader is slow; order and the last one are fixed.
+    let steps: Vec<i64> = checkpoints(&events).iter().map(|c| c.step).collect();
+    assert!(
+        steps.windows(2).all(|w| w[0] < w[1]) && steps.last() == Some(&7),
+        "{steps:?}"
+    );
+    assert_eq!(*kind_names(&events).last().unwrap(), "exited");
+
+    let prefix = f.storage.checkpoints_prefix(ExperimentId(EXP), TrialId(12));
+    assert_eq!(
+        checkpoint::list_steps(&f.storage, &prefix).await.unwrap(),
+        [7],
+        "keep_checkpoints = 1 prunes"
+    );
+    let restored = tempfile::tempdir().unwrap();
+    checkpoint::restore_latest(&f.storage, &prefix, restored.path())
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(restored.path().join("state.txt")).unwrap(),
+        "a2-seven\n"
+    );
+
+    assert_eq!(
+        f.metrics(12).await,
+        vec![
+            json!({"step": 5, "loss": 0.7, "attempt": 1}),
+            json!({"step": 6, "loss": 0.5, "attempt": 2}),
+            json!({"step": 7, "loss": 0.4, "attempt": 2}),
+        ]
+    );
+    // Each attempt's log is its own.
+    assert!(!f.log(12, 1).await.contains("restored"));
+}
+
+#[tokio::test]
+async fn a_rerun_of_the_same_attempt_replaces_its_metric_lines() {
+    let f = fixture("rerun");
+    let a = f.assignment(13, 1, r#"echo 'chorus:metric {"step": 1, "loss": 1}'"#);
+    f.run(&a).await;
+    f.run(&a).await;
+    assert_eq!(f.metrics(13).await, vec![json!({"step": 1, "loss": 1.0, "attempt": 1})]);
+}
+
+#[tokio::test]
+async fn a_timeout_kills_the_whole_process_group() {
+    let f = fixture("timeout");
+    let mut a = f.assignment(
+        21,
+        1,
+        r#"
+        sleep 1000 &
+        echo $$ > "$SCRATCH/pgid"
+        echo "still going"
+        sleep 1000
+    "#,
+    );
+    a.timeout_ms = 500;
+    let started = StdInstant::now();
+    let run = f.run(&a);
+    tokio::pin!(run);
+    let pgid_file = f.scratch("pgid");
+    let pgid: i32 = tokio::select! {
+        s = wait_for_file(&pgid_file) => s.trim().parse().unwrap(),
+        _ = &mut run => panic!("the trial ended before it started its children"),
+    };
+    assert!(
+        live_group_members(pgid).len() >= 2,
+        "sh and its background sleep share the group"
+    );
+    let (exited, events) = run.await;
+
+    assert_eq!(kind(&exited), pb::ExitKind::TimedOut, "{exited:?}");
+    assert!(exited.message.contains("timed out after 500ms"), "{}", exited.message);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(kind_names(&events), ["started", "exited"]);
+    assert_group_gone(pgid).await;
+    assert!(f.log(21, 1).await.contains("still going\n"));
+}
+
+#[tokio::test]
+async fn a_kill_order_stops_a_trial_that_ignores_sigterm() {
+    let f = fixture("kill");
+    let a = f.assignment(
+        22,
+        1,
+        r#"
+        trap '' TERM
+        echo $$ > "$SCRATCH/pgid"
+        sleep 1000 &
+        wait
+    "#,
+    );
+    let (stop_tx, stop_rx) = watch::channel(None);
+    let run = f.run_with(&a, stop_rx);
+    tokio::pin!(run);
+    let pgid_file = f.scratch("pgid");
+    let pgid: i32 = tokio::select! {
+        s = wait_for_file(&pgid_file) => s.trim().parse().unwrap(),
+        _ = &mut run => panic!("the trial ended early"),
+    };
+    stop_tx.send_replace(Some(Stop::Kill("user asked".into())));
+    let (exited, events) = run.await;
+    assert_eq!(kind(&exited), pb::ExitKind::Killed, "{exited:?}");
+    assert_eq!(exited.message, "user asked");
+    assert_eq!(kind_names(&events), ["started", "exited"]);
+    assert_group_gone(pgid).await;
+}
+
+#[tokio::test]
+async fn a_stop_before_start_runs_nothing() {
+    let f = fixture("early-stop");
+    let a = f.assignment(23, 1, r#"touch "$SCRATCH/ran""#);
+    let (_tx, rx) = watch::channel(Some(Stop::Kill("changed my mind".into())));
+    let (exited, events) = f.run_with(&a, rx).await;
+    assert_eq!(kind(&exited), pb::ExitKind::Killed);
+    assert_eq!(kind_names(&events), ["exited"]);
+    assert!(!f.scratch("ran").exists());
+}
+
+#[tokio::test]
+async fn malformed_lines_are_counted_and_capped_but_do_not_fail_the_trial() {
+    let f = fixture("malformed");
+    let a = f.assignment(
+        31,
+        1,
+        r#"
+        i=0
+        while [ $i -lt 150 ]; do echo 'chorus:metric {"loss": "high"}'; i=$((i+1)); done
+        echo 'chorus:metric {"loss": 0.1}'
+        echo 'chorus:metrics are just a log line'
+    "#,
+    );
+    let (exited, events) = f.run(&a).await;
+    assert_eq!(kind(&exited), pb::ExitKind::Succeeded, "{exited:?}");
+    assert!(exited.message.contains("150 malformed"), "{}", exited.message);
+    let names = kind_names(&events);
+    assert_eq!(
+        names.iter().filter(|n| **n == "malformed").count(),
+        MAX_MALFORMED_REPORTED as usize
+    );
+    assert_eq!(metric_jsons(&events), vec![json!({"loss": 0.1})]);
+    let Some(Kind::Malformed(m)) = &events[1].kind else {
+        panic!("{:?}", events[1])
+    };
+    assert_eq!(m.line, r#"chorus:metric {"loss": "high"}"#);
+    assert!(m.error.contains("loss"), "{}", m.error);
+    let log = f.log(31, 1).await;
+    assert_eq!(log.matches("\"high\"").count(), 150, "every line goes to the log");
+    assert!(log.contains("chorus:metrics are just a log line\n"));
+}
+
+#[tokio::test]
+async fn failures_name_their_cause() {
+    let f = fixture("failures");
+    let (exited, _) = f.run(&f.assignment(41, 1, "kill -9 $$")).await;
+    assert_eq!(kind(&exited), pb::ExitKind::Failed);
+    assert_eq!(exited.code, None);
+    assert!(exited.message.starts_with("killed by signal 9"), "{}", exited.message);
+
+    let mut missing = f.assignment(42, 1, "");
+    missing.command = vec!["/nonexistent/chorus-trial".into(), "--flag".into()];
+    let (exited, events) = f.run(&missing).await;
+    assert_eq!(kind(&exited), pb::ExitKind::Failed);
+    assert!(
+        exited.message.contains("/nonexistent/chorus-trial"),
+        "{}",
+        exited.message
+    );
+    assert!(exited.message.contains("No such file"), "{}", exited.message);
+    assert_eq!(kind_names(&events), ["exited"], "nothing started");
+
+    let mut empty = f.assignment(43, 1, "");
+    empty.command.clear();
+    assert!(f.run(&empty).await.0.message.contains("empty command"));
+
+    let mut bad_storage = f.assignment(44, 1, "true");
+    bad_storage.storage = "ftp://nowhere/x".into();
+    let (exited, _) = f.run(&bad_storage).await;
+    assert_eq!(kind(&exited), pb::ExitKind::Failed);
+    assert!(exited.message.contains("cannot open storage"), "{}", exited.message);
+}
+
+#[tokio::test]
+async fn leftover_processes_do_not_hold_the_attempt_open() {
+    let f = fixture("leftovers");
+    // One grandchild stays in the group (killed when the main process exits); one leaves it with
+    // setsid and keeps the pipes open (only the output grace gets the runner past it).
+    let a = f.assignment(
+        51,
+        1,
+        r#"
+        sleep 1000 &
+        setsid sh -c 'echo $$ > "$SCRATCH/escaped"; exec sleep 1000' &
+        while [ ! -s "$SCRATCH/escaped" ]; do sleep 0.05; done
+        echo $$ > "$SCRATCH/pgid"
+        echo main-done
+    "#,
+    );
+    let started = StdInstant::now();
+    let (exited, _) = f.run(&a).await;
+    let escaped: i32 = wait_for_file(&f.scratch("escaped")).await.trim().parse().unwrap();
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(escaped), nix::sys::signal::Signal::SIGKILL);
+
+    assert_eq!(kind(&exited), pb::ExitKind::Succeeded, "{exited:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        started.elapsed()
+    );
+    let pgid: i32 = std::fs::read_to_string(f.scratch("pgid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_group_gone(pgid).await;
+    assert!(f.log(51, 1).await.contains("main-done\n"));
+}
