@@ -303,7 +303,10 @@ pub fn experiment_detail(e: &pb::Experiment, spec_yaml: &str) -> String {
         ("metric", format!("{} ({})", e.metric, goal(e.maximize))),
         ("max trials", e.max_trials.to_string()),
         ("parallel trials", e.parallel_trials.to_string()),
-        ("max failed trials", e.max_failed_trials.map_or("unlimited".to_string(), |v| v.to_string())),
+        (
+            "max failed trials",
+            e.max_failed_trials.map_or("unlimited".to_string(), |v| v.to_string()),
+        ),
         (
             "trials",
             format!(

@@ -688,7 +688,7 @@ impl State {
                         l.assigned_ms = now_ms();
                     }
                 }
-                _ => kill.push(r.clone()),
+                _ => kill.push(*r),
             }
         }
         let now = Instant::now();

@@ -78,16 +78,9 @@ pub fn schedule(workers: &[WorkerView], pending: &[PendingTrial], quotas: &Quota
 fn place(free: &[WorkerView], p: &PendingTrial) -> Option<Vec<usize>> {
     // How many ranks each worker could take.
     let capacity = |w: &WorkerView| -> u32 {
-        let by_cpu = if p.needs.cpus == 0 {
-            u32::MAX
-        } else {
-            w.free.cpus / p.needs.cpus
-        };
-        let by_gpu = if p.needs.gpus == 0 {
-            u32::MAX
-        } else {
-            w.free.gpus / p.needs.gpus
-        };
+        // A resource the trial does not need never limits it.
+        let by_cpu = w.free.cpus.checked_div(p.needs.cpus).unwrap_or(u32::MAX);
+        let by_gpu = w.free.gpus.checked_div(p.needs.gpus).unwrap_or(u32::MAX);
         by_cpu.min(by_gpu)
     };
     let mut candidates: Vec<(usize, u32)> = free

@@ -1,0 +1,71 @@
+//! A grid sweep on two workers runs every point once and `compare` names the best trial.
+
+use super::*;
+use chorus_tests::ClusterConfig;
+use std::collections::BTreeSet;
+
+pub const GRID: &str = r#"
+name: e2e-grid
+metric: {name: loss, goal: minimize}
+parameters:
+  a: {values: [1, 2, 3]}
+  b: {values: [1, 2]}
+searcher: {name: grid}
+parallel_trials: 3
+trial:
+  command: [sh, -c, 'sleep 0.2; echo "training a=${params.a} b=${params.b}"; echo "chorus:metric {\"step\": 1, \"loss\": $(( (${params.a} - 2) * (${params.a} - 2) + ${params.b} ))}"']
+"#;
+
+#[test]
+fn grid_sweep_completes_and_compare_names_the_best() {
+    let c = TestCluster::start(ClusterConfig::default()).unwrap();
+    let spec = c.write("grid.yaml", GRID);
+    let out = c.chorus(&["experiment", "submit", spec.to_str().unwrap(), "--wait"]);
+    assert!(
+        out.status.success(),
+        "submit --wait failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.logs_tail()
+    );
+    let id = c.chorus_json(&["experiment", "list", "--output", "json"]).unwrap()[0]["id"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(experiment(&c, id).unwrap()["state"], "completed");
+
+    let ts = trials(&c, id);
+    assert_eq!(ts.len(), 6);
+    let points: BTreeSet<(i64, i64)> = ts
+        .iter()
+        .map(|t| (t["params"]["a"].as_i64().unwrap(), t["params"]["b"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(points.len(), 6, "every grid point ran once: {points:?}");
+    assert!(ts.iter().all(|t| t["state"] == "completed"));
+    let workers: BTreeSet<&str> = ts.iter().filter_map(|t| t["worker_id"].as_str()).collect();
+    assert!(workers.is_empty() || workers.len() <= 2);
+
+    let rows = c
+        .chorus_json(&["compare", &id.to_string(), "--output", "json"])
+        .unwrap();
+    let best: Vec<&serde_json::Value> = rows.as_array().unwrap().iter().filter(|r| r["best"] == true).collect();
+    assert_eq!(best.len(), 1, "{rows}");
+    assert_eq!(
+        (best[0]["params"]["a"].as_i64(), best[0]["params"]["b"].as_i64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(best[0]["value"].as_f64(), Some(1.0));
+
+    let table = c.chorus(&["compare", &id.to_string()]);
+    assert!(table.status.success());
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("loss"), "{text}");
+
+    // The trial's log reached storage and is served by the coordinator.
+    let first = ts[0]["id"].as_u64().unwrap().to_string();
+    let logs = c.chorus(&["trial", "logs", &first]);
+    assert!(logs.status.success());
+    assert!(
+        String::from_utf8_lossy(&logs.stdout).contains("training a="),
+        "{:?}",
+        logs
+    );
+}
