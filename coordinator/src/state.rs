@@ -424,7 +424,7 @@ impl State {
         for tid in &self.open {
             let t = &self.trials[tid];
             let exp = &self.experiments[&t.experiment];
-            let r = exp.spec.spec.resources;
+            let r = &exp.spec.spec.resources;
             if let Some(l) = &t.live {
                 let u = used.entry(l.worker.clone()).or_default();
                 u.cpus += r.cpus;
@@ -439,6 +439,7 @@ impl State {
                         gpus: r.gpus,
                     },
                     ranks: r.workers,
+                    selector: r.labels.clone(),
                 });
             }
         }
@@ -454,6 +455,7 @@ impl State {
                 let u = used.get(&w.id).copied().unwrap_or_default();
                 WorkerView {
                     id: w.id.clone(),
+                    labels: w.labels.clone(),
                     free: Resources {
                         cpus: w.capacity.cpus.saturating_sub(u.cpus),
                         gpus: w.capacity.gpus.saturating_sub(u.gpus),
@@ -505,7 +507,7 @@ impl State {
         let t = &self.trials[&tid];
         let exp = &self.experiments[&t.experiment];
         let spec = &exp.spec;
-        let r = spec.spec.resources;
+        let r = &spec.spec.resources;
         pb::WorkerCommand {
             command: Some(pb::worker_command::Command::Assign(pb::Assignment {
                 experiment_id: exp.id.0,

@@ -137,8 +137,9 @@ impl SearcherName {
     }
 }
 
-/// What each trial needs: `workers` ranks, each with `cpus` slots and `gpus` devices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// What each trial needs: `workers` ranks, each with `cpus` slots and `gpus` devices, on
+/// workers carrying every label in `labels` (like a Kubernetes node selector).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResourceSpec {
     #[serde(default = "one")]
@@ -147,6 +148,8 @@ pub struct ResourceSpec {
     pub cpus: u32,
     #[serde(default)]
     pub gpus: u32,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Default for ResourceSpec {
@@ -155,6 +158,7 @@ impl Default for ResourceSpec {
             workers: 1,
             cpus: 1,
             gpus: 0,
+            labels: BTreeMap::new(),
         }
     }
 }
@@ -394,7 +398,7 @@ fn validate(spec: ExperimentSpec, at: &dyn Fn(&str) -> Option<(usize, usize)>) -
     if spec.max_trials == Some(0) {
         push("max_trials".into(), "must be at least 1".into());
     }
-    let r = spec.resources;
+    let r = &spec.resources;
     if r.workers == 0 {
         push("resources.workers".into(), "must be at least 1".into());
     } else if r.workers > 1 {

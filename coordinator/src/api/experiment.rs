@@ -313,7 +313,7 @@ impl ExperimentService for ExperimentApi {
                     .values()
                     .filter(|t| t.live.as_ref().is_some_and(|l| l.worker == w.id))
                 {
-                    let r = st.experiments[&t.experiment].spec.spec.resources;
+                    let r = &st.experiments[&t.experiment].spec.spec.resources;
                     used.cpus += r.cpus;
                     used.gpus += r.gpus;
                     running.push(t.id.0);

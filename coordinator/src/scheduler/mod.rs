@@ -6,7 +6,8 @@
 //! partially never hold resources while waiting for each other. A trial that does not fit
 //! does not block younger trials that do (backfill). Single-rank trials go to the worker with
 //! the most free room (spreading load); the ranks of one multi-rank trial are packed onto as
-//! few workers as possible. Each experiment runs at most `limit` trials at once.
+//! few workers as possible. Only workers carrying every label of a trial's selector take its
+//! ranks. Each experiment runs at most `limit` trials at once.
 
 use chorus_core::{ExperimentId, TrialId, WorkerId};
 use std::collections::BTreeMap;
@@ -28,6 +29,7 @@ impl Resources {
 pub struct WorkerView {
     pub id: WorkerId,
     pub free: Resources,
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +39,8 @@ pub struct PendingTrial {
     /// Resources of each rank.
     pub needs: Resources,
     pub ranks: u32,
+    /// Labels a worker must carry (with these values) to take a rank.
+    pub selector: BTreeMap<String, String>,
 }
 
 /// How many more trials of an experiment may start now.
@@ -83,9 +87,11 @@ fn place(free: &[WorkerView], p: &PendingTrial) -> Option<Vec<usize>> {
         let by_gpu = w.free.gpus.checked_div(p.needs.gpus).unwrap_or(u32::MAX);
         by_cpu.min(by_gpu)
     };
+    let selected = |w: &WorkerView| p.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v));
     let mut candidates: Vec<(usize, u32)> = free
         .iter()
         .enumerate()
+        .filter(|(_, w)| selected(w))
         .map(|(i, w)| (i, capacity(w)))
         .filter(|(_, c)| *c > 0)
         .collect();
@@ -119,6 +125,7 @@ mod tests {
         WorkerView {
             id: WorkerId(id.into()),
             free: Resources { cpus, gpus },
+            labels: BTreeMap::new(),
         }
     }
 
@@ -128,7 +135,21 @@ mod tests {
             experiment: ExperimentId(exp),
             needs: Resources { cpus, gpus },
             ranks,
+            selector: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn selectors_pick_labelled_workers() {
+        let mut big = w("big", 4, 0);
+        big.labels.insert("pool".into(), "highmem".into());
+        let ws = [w("small", 4, 0), big];
+        let mut p = t(1, 1, 1, 0, 1);
+        p.selector.insert("pool".into(), "highmem".into());
+        let out = schedule(&ws, std::slice::from_ref(&p), &q(&[(1, 5)]));
+        assert_eq!(out[0].workers, vec![WorkerId("big".into())]);
+        p.selector.insert("zone".into(), "b".into());
+        assert!(schedule(&ws, &[p], &q(&[(1, 5)])).is_empty());
     }
 
     fn q(pairs: &[(u64, u32)]) -> Quotas {
