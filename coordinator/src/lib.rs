@@ -14,6 +14,7 @@ pub mod scheduler;
 pub mod search;
 pub mod state;
 pub mod store;
+pub mod telemetry;
 
 use crate::api::auth::{AuthInterceptor, Role, Tokens};
 use crate::error::{CoordError, Result};
@@ -40,6 +41,8 @@ pub struct Options {
     pub tokens: Tokens,
     pub timing: Timing,
     pub reconcile_interval: Duration,
+    /// Where to serve Prometheus `/metrics` over HTTP; not served when `None`.
+    pub metrics_listener: Option<std::net::SocketAddr>,
 }
 
 impl Options {
@@ -51,6 +54,7 @@ impl Options {
             tokens: Tokens::default(),
             timing: Timing::default(),
             reconcile_interval: Duration::from_millis(500),
+            metrics_listener: None,
         }
     }
 }
@@ -141,6 +145,32 @@ pub async fn run(
         })
     };
 
+    let metrics = match opts.metrics_listener {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await?;
+            tracing::info!(addr = %listener.local_addr()?, "serving Prometheus metrics on /metrics");
+            let coord = coord.clone();
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let coord = coord.clone();
+                    async move {
+                        let st = coord.lock();
+                        let body = st.telemetry.render(&st);
+                        (
+                            [(
+                                "content-type",
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            body,
+                        )
+                    }
+                }),
+            );
+            Some(tokio::spawn(async move { axum::serve(listener, app).await }))
+        }
+        None => None,
+    };
     let tokens = Arc::new(opts.tokens.clone());
     let max = chorus_proto::MAX_MESSAGE_BYTES;
     let experiments = InterceptedService::new(
@@ -178,6 +208,9 @@ pub async fn run(
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
         .await;
     reconcile.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     result?;
     Ok(())
 }

@@ -39,6 +39,9 @@ struct Args {
     /// How often workers renew their lease.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     heartbeat_interval: Duration,
+    /// Serve Prometheus metrics on http://ADDR/metrics (off unless set).
+    #[arg(long, env = "CHORUS_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -62,6 +65,7 @@ async fn main() -> anyhow::Result<()> {
     let mut opts = Options::new(args.data_dir);
     opts.default_storage = args.storage;
     opts.storage.s3_endpoint = args.s3_endpoint;
+    opts.metrics_listener = args.metrics_listen;
     opts.tokens = Tokens {
         user: args.token.into_iter().collect(),
         worker: args.worker_token.into_iter().collect(),

@@ -94,6 +94,7 @@ pub struct State {
     outbox: Vec<(WorkerId, pb::WorkerCommand)>,
     changed: Vec<Change>,
     events: broadcast::Sender<Change>,
+    pub telemetry: std::sync::Arc<crate::telemetry::Telemetry>,
 }
 
 impl State {
@@ -118,6 +119,7 @@ impl State {
             outbox: Vec::new(),
             changed: Vec::new(),
             events,
+            telemetry: Default::default(),
         };
         for row in st.store.load_experiments()? {
             st.next_experiment = st.next_experiment.max(row.id.0 + 1);
@@ -183,7 +185,14 @@ impl State {
             metrics: std::mem::take(&mut self.metrics),
             attempts: std::mem::take(&mut self.attempts),
         };
-        if let Err(e) = self.store.commit(&batch) {
+        let started = Instant::now();
+        let committed = self.store.commit(&batch);
+        if !batch.is_empty() {
+            self.telemetry
+                .store_commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
+        if let Err(e) = committed {
             tracing::error!(error = %e, "cannot commit to the coordinator store; exiting so a restart recovers");
             std::process::exit(70);
         }
@@ -499,6 +508,7 @@ impl State {
             let cmd = self.assignment(pl.trial);
             self.outbox.push((worker, cmd));
             self.set_trial_state(pl.trial, TrialState::Running);
+            self.telemetry.attempts_placed.inc();
         }
     }
 
@@ -620,6 +630,7 @@ impl State {
     /// The live attempt was lost (worker gone or attempt vanished): costs a restart.
     fn lose_attempt(&mut self, tid: TrialId, reason: &str) {
         tracing::warn!(trial = %tid, reason, "attempt lost");
+        self.telemetry.attempts_lost.inc();
         self.kill_live(tid, reason);
         self.fail_or_restart(tid, reason);
     }
@@ -763,6 +774,7 @@ impl State {
             )));
         }
         self.registry.touch(&worker, Instant::now(), now_ms());
+        self.telemetry.reports.inc();
         let mut events = req.events;
         events.sort_by_key(|e| e.seq);
         for ev in events {
@@ -874,6 +886,15 @@ impl State {
                 }
             }
         }
+    }
+
+    /// CPU slots taken by live attempts, over all workers.
+    pub fn busy_cpu_slots(&self) -> u64 {
+        self.open
+            .iter()
+            .filter(|t| self.trials[t].live.is_some())
+            .map(|t| self.experiments[&self.trials[t].experiment].spec.spec.resources.cpus as u64)
+            .sum()
     }
 
     // ---- reconcile ---------------------------------------------------------------------

@@ -18,7 +18,11 @@ trial:
 
 #[test]
 fn grid_sweep_completes_and_compare_names_the_best() {
-    let c = TestCluster::start(ClusterConfig::default()).unwrap();
+    let c = TestCluster::start(ClusterConfig {
+        metrics: true,
+        ..Default::default()
+    })
+    .unwrap();
     let spec = c.write("grid.yaml", GRID);
     let out = c.chorus(&["experiment", "submit", spec.to_str().unwrap(), "--wait"]);
     assert!(
@@ -58,6 +62,12 @@ fn grid_sweep_completes_and_compare_names_the_best() {
     assert!(table.status.success());
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(text.contains("loss"), "{text}");
+
+    // The coordinator's Prometheus metrics agree.
+    let metrics = chorus_tests::http_get(c.metrics_addr.unwrap(), "/metrics").unwrap();
+    assert!(metrics.contains(r#"chorus_trials{state="completed"} 6"#), "{metrics}");
+    assert!(metrics.contains("chorus_attempts_placed_total 6"), "{metrics}");
+    assert!(metrics.contains("chorus_workers 2"), "{metrics}");
 
     // The trial's log reached storage and is served by the coordinator.
     let first = ts[0]["id"].as_u64().unwrap().to_string();

@@ -51,6 +51,8 @@ pub struct ClusterConfig {
     pub storage: Option<String>,
     /// Extra environment for every process (e.g. S3 credentials).
     pub env: Vec<(String, String)>,
+    /// Serve the coordinator's Prometheus metrics on a free port.
+    pub metrics: bool,
 }
 
 impl Default for ClusterConfig {
@@ -62,6 +64,7 @@ impl Default for ClusterConfig {
             auth: None,
             storage: None,
             env: Vec::new(),
+            metrics: false,
         }
     }
 }
@@ -82,6 +85,8 @@ pub struct TestCluster {
     pub config: ClusterConfig,
     coordinator: Option<Proc>,
     pub addr: Option<SocketAddr>,
+    /// Where the coordinator serves `/metrics`, when `config.metrics` is set.
+    pub metrics_addr: Option<SocketAddr>,
     workers: Vec<Option<Proc>>,
 }
 
@@ -93,6 +98,7 @@ impl TestCluster {
             config,
             coordinator: None,
             addr: None,
+            metrics_addr: None,
             workers: Vec::new(),
         };
         c.start_coordinator()?;
@@ -141,6 +147,12 @@ impl TestCluster {
             .arg(format!("{}ms", (self.config.lease_ttl.as_millis() / 4).max(50)));
         if let Some(s) = &self.config.storage {
             cmd.arg("--storage").arg(s);
+        }
+        if self.config.metrics {
+            let addr = *self
+                .metrics_addr
+                .get_or_insert_with(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
+            cmd.arg("--metrics-listen").arg(addr.to_string());
         }
         if let Some(a) = &self.config.auth {
             cmd.env("CHORUS_TOKEN", &a.user).env("CHORUS_WORKER_TOKEN", &a.worker);
@@ -307,6 +319,21 @@ fn wait_for_port(addr: SocketAddr, timeout: Duration) -> Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     bail!("nothing listens on {addr} after {timeout:?}")
+}
+
+/// Fetches `http://addr{path}` with a plain HTTP/1.0 request and returns the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP body")?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {path}: {head}");
+    }
+    Ok(body.to_string())
 }
 
 /// A free loopback port (racy by nature, fine for a server we start right away).
