@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# libtorch for the worker's built-in trainer, from the PyPI wheels, cached outside the repo.
+eval "$(scripts/libtorch.sh)"
 cargo build --workspace --bins
 bin=target/debug
 

@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# libtorch for the worker's built-in trainer, from the PyPI wheels, cached outside the repo.
+eval "$(scripts/libtorch.sh)"
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
 # End-to-end tests start the built binaries, so build them first.
