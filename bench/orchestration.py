@@ -94,12 +94,15 @@ def run_once(spec_text):
             with open(spec, "w") as f:
                 f.write(spec_text)
             cpu0 = proc_cpu_seconds(coord.pid)
+            wcpu0 = sum(proc_cpu_seconds(w.pid) for w in workers)
             t0 = time.perf_counter()
             out = subprocess.run([chorus, "experiment", "submit", spec, "--wait"], env=env, capture_output=True, text=True)
             wall = time.perf_counter() - t0
             if out.returncode != 0:
                 raise RuntimeError(f"sweep failed: {out.stderr}")
             cpu = proc_cpu_seconds(coord.pid) - cpu0
+            wcpu = sum(proc_cpu_seconds(w.pid) for w in workers) - wcpu0
+            print(f"run: wall {wall:.2f} s, coordinator CPU {cpu:.2f} s, workers CPU {wcpu:.2f} s", file=sys.stderr)
             rss = proc_peak_rss_mib(coord.pid)
             listing = subprocess.run([chorus, "experiment", "list", "--output", "json"], env=env, capture_output=True, text=True)
             exp = json.loads(listing.stdout)[-1]

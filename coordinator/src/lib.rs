@@ -196,16 +196,23 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
+    // With a listener of our own, the server's TCP settings do not reach accepted sockets:
+    // without TCP_NODELAY, small replies wait out the peer's delayed ACK (~40 ms each).
+    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
+        if let Ok(s) = &s {
+            let _ = s.set_nodelay(true);
+        }
+        s
+    });
     tracing::info!(%addr, "coordinator serving");
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(experiments)
         .add_service(workers)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     reconcile.abort();
     if let Some(m) = metrics {
