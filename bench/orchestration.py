@@ -26,8 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-TRIVIAL = """
-name: bench-trivial
+SPEC = """
+name: bench-%(name)s
 metric: {name: loss, goal: minimize}
 parameters:
   x: {min: 0.0, max: 1.0}
@@ -35,20 +35,10 @@ searcher: {name: random, seed: 1}
 max_trials: %(n)d
 parallel_trials: 4
 trial:
-  command: [sh, -c, 'echo "chorus:metric {\\"loss\\": ${params.x}}"']
+  command: [sh, -c, '%(prefix)secho "chorus:metric {\\"loss\\": ${params.x}}"']
 """
-
-SLEEPY = """
-name: bench-sleep
-metric: {name: loss, goal: minimize}
-parameters:
-  x: {min: 0.0, max: 1.0}
-searcher: {name: random, seed: 1}
-max_trials: %(n)d
-parallel_trials: 4
-trial:
-  command: [sh, -c, 'sleep 0.5; echo "chorus:metric {\\"loss\\": ${params.x}}"']
-"""
+TRIVIAL = {"name": "trivial", "prefix": ""}
+SLEEPY = {"name": "sleep", "prefix": "sleep 0.5; "}
 
 
 def proc_cpu_seconds(pid):
@@ -138,7 +128,7 @@ def main():
     rows = []
     if args.only in (None, "a"):
         n = 1000
-        res = [run_once(TRIVIAL % {"n": n}) for _ in range(args.runs)]
+        res = [run_once(SPEC % dict(TRIVIAL, n=n)) for _ in range(args.runs)]
         assert all(r[3] == n for r in res), f"not every trial completed: {[r[3] for r in res]}"
         rate = summary([n / r[0] for r in res])
         rows.append(("(a) 1,000 trivial trials, 2 workers x 2 slots", f"{fmt(rate, 1)} trials/s",
@@ -146,7 +136,7 @@ def main():
         print(f"(a) trials/s per run: {[round(n / r[0], 1) for r in res]}", file=sys.stderr)
     if args.only in (None, "b"):
         n, ideal = 200, 200 * 0.5 / 4
-        res = [run_once(SLEEPY % {"n": n}) for _ in range(args.runs)]
+        res = [run_once(SPEC % dict(SLEEPY, n=n)) for _ in range(args.runs)]
         assert all(r[3] == n for r in res), f"not every trial completed: {[r[3] for r in res]}"
         ratio = summary([r[0] / ideal for r in res])
         rows.append(("(b) 200 trials of sleep 0.5 s, 4 slots", f"{fmt(ratio, 3)} × ideal ({ideal:.0f} s)",

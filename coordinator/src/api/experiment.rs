@@ -29,9 +29,18 @@ impl ExperimentApi {
         ExperimentApi { coord }
     }
 
-    fn experiment_pb(&self, id: ExperimentId) -> Result<pb::Experiment, Status> {
-        let st = self.coord.lock();
-        convert::experiment(&st, id).ok_or_else(|| Status::not_found(format!("experiment {id} does not exist")))
+    /// Applies one state change to an experiment, commits it, and answers with the result.
+    fn change(
+        &self,
+        id: ExperimentId,
+        apply: impl FnOnce(&mut crate::state::State) -> Result<(), CoordError>,
+    ) -> Result<Response<pb::Experiment>, Status> {
+        let mut st = self.coord.lock();
+        apply(&mut st)?;
+        st.flush();
+        let exp =
+            convert::experiment(&st, id).ok_or_else(|| Status::not_found(format!("experiment {id} does not exist")))?;
+        Ok(Response::new(exp))
     }
 }
 
@@ -134,32 +143,17 @@ impl ExperimentService for ExperimentApi {
 
     async fn pause_experiment(&self, req: Request<pb::ExperimentRef>) -> Result<Response<pb::Experiment>, Status> {
         let id = ExperimentId(req.into_inner().experiment_id);
-        {
-            let mut st = self.coord.lock();
-            st.pause(id)?;
-            st.flush();
-        }
-        Ok(Response::new(self.experiment_pb(id)?))
+        self.change(id, |st| st.pause(id))
     }
 
     async fn resume_experiment(&self, req: Request<pb::ExperimentRef>) -> Result<Response<pb::Experiment>, Status> {
         let id = ExperimentId(req.into_inner().experiment_id);
-        {
-            let mut st = self.coord.lock();
-            st.resume(id)?;
-            st.flush();
-        }
-        Ok(Response::new(self.experiment_pb(id)?))
+        self.change(id, |st| st.resume(id))
     }
 
     async fn kill_experiment(&self, req: Request<pb::ExperimentRef>) -> Result<Response<pb::Experiment>, Status> {
         let id = ExperimentId(req.into_inner().experiment_id);
-        {
-            let mut st = self.coord.lock();
-            st.kill(id)?;
-            st.flush();
-        }
-        Ok(Response::new(self.experiment_pb(id)?))
+        self.change(id, |st| st.kill(id))
     }
 
     async fn update_experiment(
@@ -168,12 +162,7 @@ impl ExperimentService for ExperimentApi {
     ) -> Result<Response<pb::Experiment>, Status> {
         let req = req.into_inner();
         let id = ExperimentId(req.experiment_id);
-        {
-            let mut st = self.coord.lock();
-            st.update_budget(id, req.max_trials, req.parallel_trials, req.max_failed_trials)?;
-            st.flush();
-        }
-        Ok(Response::new(self.experiment_pb(id)?))
+        self.change(id, |st| st.update_budget(id, req.max_trials, req.parallel_trials, req.max_failed_trials))
     }
 
     type WatchExperimentStream = ResponseStream<pb::ExperimentEvent>;
