@@ -534,6 +534,7 @@ impl State {
                 }),
                 keep_checkpoints: spec.spec.checkpoint.keep_last,
                 metric: exp.metric().to_string(),
+                builtin_json: spec.builtin_for(&t.params).map(|b| b.to_string()).unwrap_or_default(),
             })),
         }
     }

@@ -6,6 +6,7 @@
 //! binary. It may do object-storage I/O (checkpoints, logs) because that is shared by the worker,
 //! the coordinator and the CLI, but it never spawns tasks or holds connections of its own.
 
+pub mod builtin;
 pub mod checkpoint;
 pub mod convert;
 pub mod error;

@@ -167,7 +167,11 @@ impl Default for ResourceSpec {
 #[serde(deny_unknown_fields)]
 pub struct TrialSpec {
     /// argv of the trial program; `${params.NAME}` is replaced by the trial's value.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
+    /// A built-in model trained in the worker instead of a command (see [`crate::builtin`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builtin: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
     /// Kill the trial after this long, e.g. `90s`, `30m`, `2h`.
@@ -216,6 +220,16 @@ impl ValidSpec {
     /// The trial argv with `${params.NAME}` replaced.
     pub fn command_for(&self, params: &Params) -> Vec<String> {
         self.spec.trial.command.iter().map(|a| substitute(a, params)).collect()
+    }
+
+    /// The builtin trainer settings with `${params.NAME}` replaced, as JSON, or `None` for a
+    /// command trial.
+    pub fn builtin_for(&self, params: &Params) -> Option<serde_json::Value> {
+        self.spec
+            .trial
+            .builtin
+            .as_ref()
+            .map(|t| crate::builtin::substitute_tree(t, params))
     }
 
     /// The trial environment with `${params.NAME}` replaced in values.
@@ -413,8 +427,19 @@ fn validate(spec: ExperimentSpec, at: &dyn Fn(&str) -> Option<(usize, usize)>) -
             "a trial needs at least one cpu slot or one gpu".into(),
         );
     }
-    if spec.trial.command.is_empty() || spec.trial.command[0].trim().is_empty() {
-        push("trial.command".into(), "must name a program to run".into());
+    match (&spec.trial.builtin, spec.trial.command.is_empty()) {
+        (Some(_), false) => push(
+            "trial.builtin".into(),
+            "give either trial.command or trial.builtin, not both".into(),
+        ),
+        (None, true) => push(
+            "trial.command".into(),
+            "must name a program to run (or use trial.builtin)".into(),
+        ),
+        (None, false) if spec.trial.command[0].trim().is_empty() => {
+            push("trial.command".into(), "must name a program to run".into())
+        }
+        _ => {}
     }
     for (i, arg) in spec.trial.command.iter().enumerate() {
         for missing in unknown_refs(arg, &spec.parameters) {
@@ -436,6 +461,36 @@ fn validate(spec: ExperimentSpec, at: &dyn Fn(&str) -> Option<(usize, usize)>) -
                 format!("trial.env.{k}"),
                 format!("refers to ${{params.{missing}}}, which is not in parameters"),
             );
+        }
+    }
+    if let Some(tree) = &spec.trial.builtin {
+        let mut found = Vec::new();
+        crate::builtin::strings(tree, "trial.builtin", &mut found);
+        for (path, s) in &found {
+            for missing in unknown_refs(s, &spec.parameters) {
+                push(
+                    path.clone(),
+                    format!("refers to ${{params.{missing}}}, which is not in parameters"),
+                );
+            }
+        }
+        // Type-check with a representative value of each parameter in place.
+        let sample = crate::builtin::substitute_tree(tree, &crate::builtin::representative(&space));
+        match serde_path_to_error::deserialize::<_, crate::builtin::BuiltinSpec>(sample) {
+            Ok(b) => {
+                for (field, msg) in b.problems() {
+                    push(format!("trial.builtin.{field}"), msg);
+                }
+            }
+            Err(e) => {
+                let sub = e.path().to_string();
+                let path = if sub == "." {
+                    "trial.builtin".to_string()
+                } else {
+                    format!("trial.builtin.{sub}")
+                };
+                push(path, e.into_inner().to_string());
+            }
         }
     }
     let timeout = match &spec.trial.timeout {
@@ -748,6 +803,26 @@ trial:
     fn int_ranges_default_to_int_uniform() {
         let v = parse(&GOOD.replace("{values: [1, 2, 3]}", "{min: 1, max: 4}"), &[]).unwrap();
         assert_eq!(v.space["layers"], Param::IntUniform { min: 1, max: 4 });
+    }
+
+    #[test]
+    fn builtin_trials_are_type_checked() {
+        let base = GOOD.replace(
+            "  command: [python3, train.py, \"--lr=${params.lr}\", \"${params.layers}\"]\n",
+            "  builtin:\n    model: {modalities: [image]}\n    data: file:///tmp/emo\n    epochs: 2\n    lr: ${params.lr}\n",
+        );
+        let v = parse(&base, &[]).unwrap();
+        let mut p = Params::new();
+        p.insert("lr".into(), serde_json::json!(0.003));
+        assert_eq!(v.builtin_for(&p).unwrap()["lr"], serde_json::json!(0.003));
+        let e = errors(&base.replace("epochs: 2", "epochs: two"), &[]);
+        assert_eq!(e[0].path, "trial.builtin.epochs", "{e:?}");
+        let e = errors(&base.replace("epochs: 2", "epoch: 2"), &[]);
+        assert!(e[0].message.contains("epoch"), "{e:?}");
+        let e = errors(&base.replace("${params.lr}", "${params.rate}"), &[]);
+        assert_eq!(e[0].path, "trial.builtin.lr");
+        let e = errors(&base.replace("epochs: 2", "epochs: 0"), &[]);
+        assert_eq!(e[0].path, "trial.builtin.epochs");
     }
 
     #[test]

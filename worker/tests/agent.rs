@@ -273,6 +273,7 @@ impl Worker {
             resources: Some(pb::Resources { cpus: 1, gpus: 0 }),
             keep_checkpoints: 2,
             metric: "loss".into(),
+            builtin_json: String::new(),
         }
     }
 

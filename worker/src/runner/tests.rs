@@ -51,6 +51,7 @@ impl Fixture {
             resources: Some(pb::Resources { cpus: 1, gpus: 0 }),
             keep_checkpoints: 3,
             metric: "loss".into(),
+            builtin_json: String::new(),
         }
     }
 

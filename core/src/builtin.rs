@@ -1,0 +1,195 @@
+//! The `builtin` trial kind: a model from the worker's model zoo, trained in-process on a
+//! sharded dataset. The experiment file gives the trainer's settings here; the model's own
+//! configuration (`model`) is a free-form object that the worker validates against its models.
+//!
+//! Every field may be swept: a string that is exactly `${params.NAME}` takes the parameter's
+//! value with its type (`lr: ${params.lr}` becomes a number), and other strings have their
+//! references replaced as text.
+
+use crate::space::{self, Params};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Trainer settings of a builtin trial, after parameter substitution.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuiltinSpec {
+    /// The model and the modalities it uses; see the worker's model documentation.
+    pub model: Value,
+    /// URI of a dataset directory (its `manifest.json` and shards).
+    pub data: String,
+    pub epochs: u32,
+    #[serde(default = "default_batch_size")]
+    pub batch_size: u32,
+    #[serde(default)]
+    pub optimizer: Optimizer,
+    pub lr: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Momentum for `sgd`.
+    #[serde(default)]
+    pub momentum: f64,
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
+    /// `gan` adds synthetic minority-class samples from a conditional GAN.
+    #[serde(default)]
+    pub augment: Augment,
+    /// Seeds initialisation, shuffling and dropout; a restarted trial reuses it.
+    #[serde(default)]
+    pub seed: u64,
+    /// Report the training loss every this many steps (0: once per epoch).
+    #[serde(default = "default_log_every")]
+    pub log_every: u32,
+}
+
+fn default_batch_size() -> u32 {
+    64
+}
+
+fn default_log_every() -> u32 {
+    20
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Optimizer {
+    #[default]
+    Adam,
+    Adamw,
+    Sgd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    #[default]
+    None,
+    Cosine,
+    /// Divides the rate by 10 at half and at three quarters of the epochs.
+    Step,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Augment {
+    #[default]
+    None,
+    Gan,
+}
+
+impl BuiltinSpec {
+    /// Checks values serde cannot: returns `(field, message)` pairs.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if self.epochs == 0 {
+            out.push(("epochs", "must be at least 1".to_string()));
+        }
+        if self.batch_size == 0 {
+            out.push(("batch_size", "must be at least 1".to_string()));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            out.push(("lr", format!("must be a positive number, got {}", self.lr)));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            out.push((
+                "weight_decay",
+                format!("must be zero or positive, got {}", self.weight_decay),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            out.push(("momentum", format!("must be in [0, 1), got {}", self.momentum)));
+        }
+        if !self.model.is_object() {
+            out.push(("model", "must be a mapping describing the model".to_string()));
+        }
+        if let Err(e) = crate::storage::StorageUri::parse(&self.data) {
+            out.push(("data", e.to_string()));
+        }
+        out
+    }
+}
+
+/// Replaces `${params.NAME}` throughout a YAML/JSON tree (typed where a string is exactly one
+/// reference).
+pub fn substitute_tree(v: &Value, params: &Params) -> Value {
+    match v {
+        Value::String(s) => {
+            if let Some(name) = s.strip_prefix("${params.").and_then(|r| r.strip_suffix('}'))
+                && !name.contains('}')
+                && let Some(value) = params.get(name)
+            {
+                return value.clone();
+            }
+            Value::String(crate::spec::substitute(s, params))
+        }
+        Value::Array(a) => Value::Array(a.iter().map(|x| substitute_tree(x, params)).collect()),
+        Value::Object(m) => Value::Object(m.iter().map(|(k, x)| (k.clone(), substitute_tree(x, params))).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Every string in the tree, with the dotted path it sits at (for reference checks).
+pub fn strings(v: &Value, path: &str, out: &mut Vec<(String, String)>) {
+    match v {
+        Value::String(s) => out.push((path.to_string(), s.clone())),
+        Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                strings(x, &format!("{path}[{i}]"), out);
+            }
+        }
+        Value::Object(m) => {
+            for (k, x) in m {
+                strings(x, &format!("{path}.{k}"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A representative value of every parameter, to type-check a builtin spec before any trial
+/// exists: the first grid value, or the middle of a continuous range.
+pub fn representative(space: &space::Space) -> Params {
+    space
+        .iter()
+        .map(|(k, p)| {
+            let v = match p {
+                space::Param::Uniform { min, max } | space::Param::QUniform { min, max, .. } => {
+                    serde_json::json!((min + max) / 2.0)
+                }
+                space::Param::LogUniform { min, max } => serde_json::json!((min * max).sqrt()),
+                other => other
+                    .grid_values()
+                    .and_then(|v| v.into_iter().next())
+                    .unwrap_or(Value::Null),
+            };
+            (k.clone(), v)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn whole_references_keep_their_type() {
+        let mut p = Params::new();
+        p.insert("lr".into(), json!(0.01));
+        p.insert("opt".into(), json!("sgd"));
+        let tree = json!({"lr": "${params.lr}", "optimizer": "${params.opt}", "name": "run-${params.lr}", "n": [1, "${params.lr}"]});
+        let out = substitute_tree(&tree, &p);
+        assert_eq!(
+            out,
+            json!({"lr": 0.01, "optimizer": "sgd", "name": "run-0.01", "n": [1, 0.01]})
+        );
+    }
+
+    #[test]
+    fn problems_are_named() {
+        let spec: BuiltinSpec =
+            serde_json::from_value(json!({"model": {}, "data": "memory://d", "epochs": 0, "lr": -1.0})).unwrap();
+        let fields: Vec<&str> = spec.problems().iter().map(|p| p.0).collect();
+        assert_eq!(fields, vec!["epochs", "lr"]);
+    }
+}
