@@ -45,6 +45,10 @@ pub enum Command {
     /// Inspect the workers registered with the coordinator.
     #[command(subcommand)]
     Worker(WorkerCmd),
+    /// Make, pack and inspect datasets for the built-in emotion trainer (in object storage; no
+    /// coordinator needed).
+    #[command(subcommand)]
+    Dataset(DatasetCmd),
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
 }
@@ -205,6 +209,111 @@ pub enum WorkerCmd {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum DatasetCmd {
+    /// Generate a synthetic 7-class emotion dataset: drawn faces, tones and sentences that each
+    /// carry a noisy signal of the class (see docs/DATASETS.md).
+    Synth(SynthArgs),
+    /// Pack the files a CSV lists (columns image, audio, text, label, split) into a dataset.
+    Pack(PackArgs),
+    /// Show a dataset: samples per class and split, modalities present, shards and size.
+    Inspect {
+        /// The dataset's directory, e.g. `file:///data/emo` or `s3://bucket/datasets/emo`.
+        uri: String,
+        /// Also download every shard and check its checksum and every sample in it; exit 1 if
+        /// any shard is bad.
+        #[arg(long)]
+        verify: bool,
+        #[command(flatten)]
+        storage: StorageArgs,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    #[command(flatten)]
+    pub out: DatasetOut,
+    /// Samples in total.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub samples: u64,
+    /// Shards in total; each split gets at least one.
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..))]
+    pub shards: u64,
+    /// The same seed gives the same dataset, byte for byte.
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub fractions: SplitFractions,
+    /// Probability that a sample lacks each of its image, audio and text.
+    #[arg(long, value_name = "P", default_value_t = 0.05)]
+    pub missing: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct PackArgs {
+    /// The CSV: a header row naming columns among image, audio, text, label (required) and
+    /// split; paths relative to the CSV's directory.
+    #[arg(long, value_name = "FILE")]
+    pub csv: PathBuf,
+    #[command(flatten)]
+    pub out: DatasetOut,
+    /// Shards in total; each split gets at least one [default: 8, or fewer for a small CSV].
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..))]
+    pub shards: Option<u64>,
+    /// Class names, in label-index order [default: anger,disgust,fear,happiness,sadness,surprise,neutral].
+    #[arg(long, value_name = "NAMES", value_delimiter = ',')]
+    pub classes: Vec<String>,
+    /// Seed of the split of rows without a split cell, and of the order of rows in shards.
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub fractions: SplitFractions,
+    /// Most tokens in the vocabulary (built from the train split's texts, most frequent first).
+    #[arg(long, value_name = "N", default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(3..))]
+    pub max_vocab: u64,
+}
+
+/// Where `synth` and `pack` write.
+#[derive(Debug, Args)]
+pub struct DatasetOut {
+    /// The dataset's directory: manifest.json and the shards go directly under it, e.g.
+    /// `file:///data/emo` or `s3://bucket/datasets/emo`.
+    #[arg(long, value_name = "URI")]
+    pub out: String,
+    /// Dataset name recorded in the manifest [default: the last segment of --out].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Replace a dataset already at --out (its manifest is deleted first, then its shards).
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    /// Output format of the summary printed once the dataset is written.
+    #[arg(long, short, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+#[derive(Debug, Args)]
+pub struct SplitFractions {
+    /// Share of samples in the val split.
+    #[arg(long, value_name = "F", default_value_t = 0.1)]
+    pub val_fraction: f64,
+    /// Share of samples in the test split.
+    #[arg(long, value_name = "F", default_value_t = 0.1)]
+    pub test_fraction: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct StorageArgs {
+    /// S3-compatible endpoint for `s3://` URIs, e.g. `http://127.0.0.1:9000`; credentials come
+    /// from the usual `AWS_*` variables.
+    #[arg(long, value_name = "URL", env = "CHORUS_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
 pub enum Output {
     #[default]
@@ -263,5 +372,42 @@ mod tests {
         assert_eq!(sets.overrides, ["a=1", "b.c=2"]);
         assert!(!wait);
         assert!(Cli::try_parse_from(["chorus", "--timeout", "0", "worker", "list"]).is_err());
+    }
+
+    #[test]
+    fn dataset_commands_parse() {
+        let cli = Cli::try_parse_from([
+            "chorus",
+            "dataset",
+            "pack",
+            "--csv",
+            "d.csv",
+            "--out",
+            "file:///tmp/x",
+            "--classes",
+            "a,b,c",
+        ])
+        .unwrap();
+        let Command::Dataset(DatasetCmd::Pack(p)) = cli.command else {
+            panic!("parsed {cli:?}")
+        };
+        assert_eq!(p.classes, ["a", "b", "c"]);
+        assert_eq!((p.shards, p.fractions.val_fraction), (None, 0.1));
+        let err =
+            Cli::try_parse_from(["chorus", "dataset", "synth", "--out", "file:///tmp/x", "--shards", "2"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        let err = Cli::try_parse_from([
+            "chorus",
+            "dataset",
+            "synth",
+            "--out",
+            "file:///x",
+            "--samples",
+            "9",
+            "--shards",
+            "0",
+        ])
+        .unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
     }
 }

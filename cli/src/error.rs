@@ -2,9 +2,12 @@
 //!
 //! Exit codes: 0 success; 1 any server or connection error (and an experiment that did not
 //! complete under `--wait`); 2 usage errors (clap) and spec errors, local or `INVALID_ARGUMENT`
-//! from the coordinator, so scripts can tell "fix your file" from "try again later".
+//! from the coordinator, so scripts can tell "fix your file" from "try again later". For
+//! `chorus dataset`, a bad storage URI, impossible options and a bad row of a packed CSV are
+//! usage errors too; storage failures and bad shards are 1.
 
 use chorus_core::error::{FieldError, SpecErrors};
+use chorus_dataset::DatasetError;
 use std::fmt::Write as _;
 use std::process::ExitCode;
 use tonic::Code;
@@ -28,6 +31,8 @@ pub enum CliError {
     Usage(String),
     #[error("unexpected response from the coordinator: {0}")]
     BadResponse(String),
+    #[error("{0}")]
+    Dataset(#[from] chorus_dataset::DatasetError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -48,6 +53,7 @@ impl CliError {
         match self {
             CliError::Spec(_) | CliError::Usage(_) => ExitCode::from(2),
             CliError::Rpc(s) if s.code() == Code::InvalidArgument => ExitCode::from(2),
+            CliError::Dataset(DatasetError::InvalidArgument(_) | DatasetError::Csv { .. }) => ExitCode::from(2),
             _ => ExitCode::from(1),
         }
     }
@@ -198,6 +204,24 @@ mod tests {
             CliError::Rpc(tonic::Status::unavailable("x")).exit_code(),
             ExitCode::from(1)
         );
+    }
+
+    #[test]
+    fn dataset_exit_codes() {
+        let usage = CliError::Dataset(DatasetError::InvalidArgument("too few shards".into()));
+        assert_eq!(usage.exit_code(), ExitCode::from(2));
+        let csv = CliError::Dataset(DatasetError::Csv {
+            path: "d.csv".into(),
+            line: 3,
+            reason: "bad label".into(),
+        });
+        assert_eq!(csv.exit_code(), ExitCode::from(2));
+        assert_eq!(csv.report(), "error: d.csv line 3: bad label\n");
+        let shard = CliError::Dataset(DatasetError::Shard {
+            shard: "shard-00001.tar".into(),
+            reason: "checksum mismatch".into(),
+        });
+        assert_eq!(shard.exit_code(), ExitCode::from(1));
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! `chorus`, the command line of Chorus: submit experiment files, watch sweeps, list and compare
 //! trials, read trial logs, inspect workers. It talks to the coordinator's `ExperimentService`
-//! over gRPC and nothing else.
+//! over gRPC and nothing else, except `chorus dataset`, which writes and reads datasets in
+//! object storage directly through `chorus-dataset`.
 //!
-//! It must not link tch, open the coordinator's store or object storage, or decide anything the
-//! coordinator owns: it validates a spec locally only to fail fast, and the coordinator's answer
-//! is the one that counts. This file only parses arguments, runs the command and maps the
+//! It must not link tch, open the coordinator's store or any object storage but a dataset's, or
+//! decide anything the coordinator owns: it validates a spec locally only to fail fast, and the
+//! coordinator's answer is the one that counts. This file only parses arguments, runs the command and maps the
 //! outcome to an exit code (see `error.rs`).
 
 mod args;

@@ -6,6 +6,7 @@
 
 use crate::rank::CompareGroup;
 use chorus_core::convert::{experiment_state_name, trial_state_name};
+use chorus_dataset::{Manifest, Split};
 use chorus_proto::pb;
 use comfy_table::{ContentArrangement, Table, presets};
 use serde_json::{Map, Value, json};
@@ -582,6 +583,181 @@ pub fn workers_table(ws: &[pb::WorkerInfo], now_ms: i64) -> String {
     table(header.map(String::from).to_vec(), rows)
 }
 
+// ---------------------------------------------------------------------------------------------
+// Datasets
+
+/// `512 B`, `3.1 KiB`, `2.4 MiB`: binary units, as `ls -lh` and object-store consoles show.
+pub fn fmt_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+fn share(n: u64, of: u64) -> String {
+    if of == 0 {
+        return "-".into();
+    }
+    format!("{:.1}%", 100.0 * n as f64 / of as f64)
+}
+
+/// `inspect --output json` (and `synth`/`pack`): everything the table shows, unrounded.
+/// `problems` is `None` unless shards were verified.
+pub fn dataset_json(uri: &str, m: &Manifest, problems: Option<&[String]>) -> Value {
+    let per_split = Split::ALL.map(|s| m.class_counts(s));
+    let classes: Vec<Value> = m
+        .classes
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let [train, val, test] = per_split.each_ref().map(|c| c[i]);
+            json!({"name": name, "train": train, "val": val, "test": test, "total": train + val + test})
+        })
+        .collect();
+    let splits: Map<String, Value> = Split::ALL
+        .iter()
+        .map(|s| {
+            let shards: Vec<_> = m.shards_in(*s).collect();
+            let v = json!({
+                "samples": m.splits.get(*s),
+                "shards": shards.len(),
+                "bytes": shards.iter().map(|x| x.bytes).sum::<u64>(),
+            });
+            (s.to_string(), v)
+        })
+        .collect();
+    let mods = m.modalities();
+    let mut out = json!({
+        "uri": uri,
+        "name": m.name,
+        "source": m.source,
+        "version": m.version,
+        "samples": m.samples(),
+        "bytes": m.bytes(),
+        "sample_rate": m.sample_rate,
+        "image_size": m.image_size,
+        "vocabulary_size": m.vocabulary.len(),
+        "classes": classes,
+        "splits": splits,
+        "modalities": {"image": mods.image, "audio": mods.audio, "text": mods.text},
+        "shards": m.shards.iter().map(|s| json!({
+            "key": s.key,
+            "split": s.split,
+            "samples": s.samples,
+            "bytes": s.bytes,
+            "crc32c": s.crc32c,
+        })).collect::<Vec<_>>(),
+    });
+    if let Some(p) = problems {
+        out["verified"] = json!(p.is_empty());
+        out["problems"] = json!(p);
+    }
+    out
+}
+
+/// `inspect`: the dataset's fields, then samples per class and split, then its shards.
+pub fn dataset_summary(uri: &str, m: &Manifest, problems: Option<&[String]>) -> String {
+    let mods = m.modalities();
+    let total = m.samples();
+    let mut fields: Vec<(&str, String)> = vec![("name", m.name.clone()), ("uri", uri.to_string())];
+    if let Some(src) = &m.source {
+        fields.push(("source", src.clone()));
+    }
+    fields.extend([
+        (
+            "samples",
+            format!("{total} in {} shards, {}", m.shards.len(), fmt_bytes(m.bytes())),
+        ),
+        (
+            "modalities",
+            format!(
+                "image {} ({}), audio {} ({}), text {} ({})",
+                mods.image,
+                share(mods.image, total),
+                mods.audio,
+                share(mods.audio, total),
+                mods.text,
+                share(mods.text, total)
+            ),
+        ),
+        (
+            "format",
+            format!(
+                "v{}: {s}x{s} gray PNG, {} Hz mono WAV, {} classes, vocabulary of {} tokens",
+                m.version,
+                m.sample_rate,
+                m.classes.len(),
+                m.vocabulary.len(),
+                s = m.image_size
+            ),
+        ),
+    ]);
+    if let Some(p) = problems {
+        let bad = p.len();
+        fields.push((
+            "verified",
+            if bad == 0 {
+                format!("all {} shards match the manifest", m.shards.len())
+            } else {
+                format!("{bad} of {} shards are bad (listed on stderr)", m.shards.len())
+            },
+        ));
+    }
+    let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    let mut out = String::new();
+    for (k, v) in fields {
+        out.push_str(&format!("{:<width$} {v}\n", format!("{k}:")));
+    }
+
+    let per_split = Split::ALL.map(|s| m.class_counts(s));
+    let header = ["class", "train", "val", "test", "total"].map(String::from).to_vec();
+    let mut rows: Vec<Vec<String>> = m
+        .classes
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let counts = per_split.each_ref().map(|c| c[i]);
+            let mut r = vec![name.clone()];
+            r.extend(counts.iter().map(u64::to_string));
+            r.push(counts.iter().sum::<u64>().to_string());
+            r
+        })
+        .collect();
+    let mut r = vec!["total".to_string()];
+    r.extend(Split::ALL.iter().map(|s| m.splits.get(*s).to_string()));
+    r.push(total.to_string());
+    rows.push(r);
+    out.push('\n');
+    out.push_str(&table(header, rows));
+
+    let header = ["shard", "split", "samples", "size", "crc32c"]
+        .map(String::from)
+        .to_vec();
+    let rows = m
+        .shards
+        .iter()
+        .map(|s| {
+            vec![
+                s.key.clone(),
+                s.split.to_string(),
+                s.samples.to_string(),
+                fmt_bytes(s.bytes),
+                format!("{:08x}", s.crc32c),
+            ]
+        })
+        .collect();
+    out.push('\n');
+    out.push_str(&table(header, rows));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -768,5 +944,82 @@ mod tests {
         assert!(!csv.contains("true"));
         let table = compare_table(&gs, shared, best);
         assert!(table.contains("acc (maximize)") && !table.contains('*'), "{table}");
+    }
+
+    fn dataset() -> Manifest {
+        use chorus_dataset::{ModalityCounts, ShardInfo, SplitCounts, Vocabulary};
+        let shard = |i: usize, split, class_counts: Vec<u64>| ShardInfo {
+            key: chorus_dataset::shard_key(i),
+            split,
+            samples: class_counts.iter().sum(),
+            bytes: 1536,
+            crc32c: 0xbeef,
+            class_counts,
+            modalities: ModalityCounts {
+                image: 2,
+                audio: 1,
+                text: 0,
+            },
+        };
+        Manifest {
+            version: 1,
+            name: "emo".into(),
+            source: None,
+            classes: vec!["calm".into(), "angry".into()],
+            sample_rate: 16000,
+            image_size: 48,
+            splits: SplitCounts {
+                train: 3,
+                val: 2,
+                test: 0,
+            },
+            shards: vec![shard(0, Split::Train, vec![1, 2]), shard(1, Split::Val, vec![2, 0])],
+            vocabulary: Vocabulary::new(["hi"]),
+        }
+    }
+
+    #[test]
+    fn bytes_in_binary_units() {
+        assert_eq!(fmt_bytes(0), "0 B");
+        assert_eq!(fmt_bytes(1023), "1023 B");
+        assert_eq!(fmt_bytes(1536), "1.5 KiB");
+        assert_eq!(fmt_bytes(3 * 1024 * 1024 + 100_000), "3.1 MiB");
+    }
+
+    #[test]
+    fn dataset_summary_counts_classes_splits_and_modalities() {
+        let m = dataset();
+        m.validate().unwrap();
+        let text = dataset_summary("file:///d/emo", &m, None);
+        assert!(text.contains("samples:    5 in 2 shards, 3.0 KiB\n"), "{text}");
+        assert!(
+            text.contains("image 4 (80.0%), audio 2 (40.0%), text 0 (0.0%)"),
+            "{text}"
+        );
+        assert!(text.contains("2 classes, vocabulary of 3 tokens"), "{text}");
+        assert!(!text.contains("verified"), "{text}");
+        let rows: Vec<Vec<&str>> = text.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert!(rows.contains(&vec!["calm", "1", "2", "0", "3"]), "{text}");
+        assert!(rows.contains(&vec!["angry", "2", "0", "0", "2"]), "{text}");
+        assert!(rows.contains(&vec!["total", "3", "2", "0", "5"]), "{text}");
+        assert!(
+            rows.contains(&vec!["shard-00001.tar", "val", "2", "1.5", "KiB", "0000beef"]),
+            "{text}"
+        );
+        let bad = ["shard shard-00001.tar: checksum mismatch".to_string()];
+        let text = dataset_summary("file:///d/emo", &m, Some(&bad));
+        assert!(text.contains("verified:   1 of 2 shards are bad"), "{text}");
+
+        let j = dataset_json("file:///d/emo", &m, Some(&[]));
+        assert_eq!(j["samples"], 5);
+        assert_eq!(
+            j["classes"][1],
+            json!({"name": "angry", "train": 2, "val": 0, "test": 0, "total": 2})
+        );
+        assert_eq!(j["splits"]["val"], json!({"samples": 2, "shards": 1, "bytes": 1536}));
+        assert_eq!(j["modalities"], json!({"image": 4, "audio": 2, "text": 0}));
+        assert_eq!(j["shards"][0]["crc32c"], 0xbeef);
+        assert_eq!((j["verified"].clone(), j["problems"].clone()), (json!(true), json!([])));
+        assert!(dataset_json("u", &m, None).get("verified").is_none());
     }
 }

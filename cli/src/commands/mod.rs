@@ -2,6 +2,7 @@
 //! its result on stdout, and returns the exit code for outcomes that are not errors.
 
 mod compare;
+mod dataset;
 mod experiment;
 mod trial;
 mod watch;
@@ -22,6 +23,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Trial(cmd) => trial::run(cmd, &ctx).await,
         Command::Compare(args) => compare::run(args, &ctx).await,
         Command::Worker(cmd) => worker::run(cmd, &ctx).await,
+        Command::Dataset(cmd) => dataset::run(cmd).await,
         Command::Completions { shell } => {
             let mut buf = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "chorus", &mut buf);

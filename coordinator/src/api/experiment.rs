@@ -162,7 +162,9 @@ impl ExperimentService for ExperimentApi {
     ) -> Result<Response<pb::Experiment>, Status> {
         let req = req.into_inner();
         let id = ExperimentId(req.experiment_id);
-        self.change(id, |st| st.update_budget(id, req.max_trials, req.parallel_trials, req.max_failed_trials))
+        self.change(id, |st| {
+            st.update_budget(id, req.max_trials, req.parallel_trials, req.max_failed_trials)
+        })
     }
 
     type WatchExperimentStream = ResponseStream<pb::ExperimentEvent>;

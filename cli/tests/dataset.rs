@@ -1,0 +1,376 @@
+//! `chorus dataset` as a user runs it: the real binary writing to and reading from a `file://`
+//! directory, with PNG and WAV files this test makes itself.
+
+use chorus_core::storage::{StorageUri, open};
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn chorus(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args(args)
+        .env_remove("CHORUS_S3_ENDPOINT")
+        .output()
+        .expect("the chorus binary runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = chorus(args);
+    assert!(
+        out.status.success(),
+        "chorus {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(args: &[&str], code: i32) -> String {
+    let out = chorus(args);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "chorus {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stderr).unwrap()
+}
+
+fn uri(dir: &Path) -> String {
+    StorageUri::from_dir(dir).unwrap().as_str().to_string()
+}
+
+#[test]
+fn synth_then_inspect() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("emo");
+    let out = uri(&dir);
+    let summary = ok(&[
+        "dataset",
+        "synth",
+        "--out",
+        &out,
+        "--samples",
+        "140",
+        "--shards",
+        "4",
+        "--seed",
+        "3",
+    ]);
+    assert!(summary.contains("samples:    140 in 4 shards"), "{summary}");
+    assert!(dir.join("manifest.json").is_file());
+    assert!(dir.join("shard-00003.tar").is_file());
+
+    let j: Value = serde_json::from_str(&ok(&["dataset", "inspect", &out, "--output", "json"])).unwrap();
+    assert_eq!(j["name"], "emo");
+    assert_eq!(j["samples"], 140);
+    assert_eq!(j["splits"]["train"]["samples"], 112);
+    assert_eq!(j["splits"]["val"]["samples"], 14);
+    assert_eq!(j["splits"]["test"]["samples"], 14);
+    assert_eq!(j["shards"].as_array().unwrap().len(), 4);
+    let classes = j["classes"].as_array().unwrap();
+    let names: Vec<&str> = classes.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "anger",
+            "disgust",
+            "fear",
+            "happiness",
+            "sadness",
+            "surprise",
+            "neutral"
+        ]
+    );
+    assert!(classes.iter().all(|c| c["total"] == 20), "{classes:?}");
+    for m in ["image", "audio", "text"] {
+        let n = j["modalities"][m].as_u64().unwrap();
+        assert!((120..=140).contains(&n), "{m}: {n}");
+    }
+    let on_disk: u64 = (0..4)
+        .map(|i| std::fs::metadata(dir.join(format!("shard-{i:05}.tar"))).unwrap().len())
+        .sum();
+    assert_eq!(j["bytes"], on_disk);
+
+    // Same seed, same bytes; an existing dataset is only replaced with --force.
+    let err = fails(
+        &[
+            "dataset",
+            "synth",
+            "--out",
+            &out,
+            "--samples",
+            "140",
+            "--shards",
+            "4",
+            "--seed",
+            "3",
+        ],
+        1,
+    );
+    assert!(err.contains("already exists") && err.contains("--force"), "{err}");
+    let before = std::fs::read(dir.join("manifest.json")).unwrap();
+    ok(&[
+        "dataset",
+        "synth",
+        "--out",
+        &out,
+        "--samples",
+        "140",
+        "--shards",
+        "4",
+        "--seed",
+        "3",
+        "--force",
+    ]);
+    assert_eq!(std::fs::read(dir.join("manifest.json")).unwrap(), before);
+
+    let j: Value = serde_json::from_str(&ok(&["dataset", "inspect", &out, "--verify", "-o", "json"])).unwrap();
+    assert_eq!(j["verified"], true);
+
+    // A flipped byte in a shard: --verify names it and exits 1.
+    let shard = dir.join("shard-00001.tar");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let at = bytes.len() / 3;
+    bytes[at] ^= 0x40;
+    std::fs::write(&shard, bytes).unwrap();
+    let err = fails(&["dataset", "inspect", &out, "--verify"], 1);
+    assert!(err.contains("error: shard shard-00001.tar: checksum mismatch"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn usage_errors_exit_2_and_missing_datasets_1() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = uri(&tmp.path().join("x"));
+    let err = fails(
+        &["dataset", "synth", "--out", &out, "--samples", "50", "--shards", "2"],
+        2,
+    );
+    assert!(err.contains("2 shard(s) cannot hold 3 non-empty splits"), "{err}");
+    let err = fails(
+        &[
+            "dataset",
+            "synth",
+            "--out",
+            &out,
+            "--samples",
+            "50",
+            "--shards",
+            "3",
+            "--val-fraction",
+            "0.95",
+        ],
+        2,
+    );
+    assert!(err.contains("add up to at most 1"), "{err}");
+    let err = fails(
+        &[
+            "dataset",
+            "synth",
+            "--out",
+            "ftp://x/y",
+            "--samples",
+            "5",
+            "--shards",
+            "1",
+        ],
+        2,
+    );
+    assert!(err.contains("unsupported scheme"), "{err}");
+    let missing = uri(&tmp.path().join("nothing-here"));
+    let err = fails(&["dataset", "inspect", &missing], 1);
+    assert!(err.contains("no dataset at") && err.contains("nothing-here"), "{err}");
+    assert!(
+        !tmp.path().join("nothing-here").exists(),
+        "inspect must not create directories"
+    );
+}
+
+fn write_png(path: &Path, w: u32, h: u32, rgb: bool) {
+    if rgb {
+        image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 3) as u8, (y * 2) as u8, 200]))
+            .save(path)
+            .unwrap();
+    } else {
+        image::GrayImage::from_fn(w, h, |x, y| image::Luma([(x + y) as u8]))
+            .save(path)
+            .unwrap();
+    }
+}
+
+fn write_wav(path: &Path, rate: u32, channels: u16, secs: f32) {
+    let spec = hound::WavSpec {
+        channels,
+        sample_rate: rate,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut w = hound::WavWriter::create(path, spec).unwrap();
+    for i in 0..(rate as f32 * secs) as usize {
+        let v = ((i as f32 * 440.0 * 2.0 * std::f32::consts::PI / rate as f32).sin() * 12000.0) as i16;
+        for _ in 0..channels {
+            w.write_sample(v).unwrap();
+        }
+    }
+    w.finalize().unwrap();
+}
+
+#[test]
+fn pack_a_csv_of_real_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("corpus");
+    std::fs::create_dir_all(src.join("faces")).unwrap();
+    std::fs::create_dir_all(src.join("clips")).unwrap();
+    write_png(&src.join("faces/a.png"), 48, 48, false);
+    write_png(&src.join("faces/b.png"), 120, 80, true);
+    write_png(&src.join("faces/c.png"), 64, 64, false);
+    write_wav(&src.join("clips/a.wav"), 16_000, 1, 0.5);
+    write_wav(&src.join("clips/b.wav"), 44_100, 2, 0.25);
+    write_wav(&src.join("clips/c.wav"), 8_000, 1, 1.0);
+    let abs_c = src.join("clips/c.wav");
+    let csv = format!(
+        "image,audio,text,label,split\n\
+         faces/a.png,clips/a.wav,\"I am furious, really\",anger,train\n\
+         faces/b.png,clips/b.wav,What a lovely day,Happiness,train\n\
+         ,{},so sad today,4,train\n\
+         faces/c.png,,,neutral,val\n\
+         ,,\"just text, no files\",surprise,\n",
+        abs_c.display()
+    );
+    std::fs::write(src.join("data.csv"), csv).unwrap();
+    let out_dir = tmp.path().join("packed");
+    let out = uri(&out_dir);
+    let csv_path = src.join("data.csv");
+    let csv_arg = csv_path.to_str().unwrap();
+    let j: Value = serde_json::from_str(&ok(&[
+        "dataset", "pack", "--csv", csv_arg, "--out", &out, "--shards", "2", "--seed", "1", "-o", "json",
+    ]))
+    .unwrap();
+    assert_eq!(j["samples"], 5);
+    // The unsplit row goes by the fractions: 10% of one row rounds to none, so train.
+    assert_eq!(j["splits"]["train"]["samples"], 4);
+    assert_eq!(j["splits"]["val"]["samples"], 1);
+    assert_eq!(j["modalities"], serde_json::json!({"image": 3, "audio": 3, "text": 4}));
+    let totals: Vec<u64> = j["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["total"].as_u64().unwrap())
+        .collect();
+    assert_eq!(totals, [1, 0, 0, 1, 1, 1, 1]);
+
+    // Read it back as the trainer would.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let storage = open(&StorageUri::parse(&out).unwrap(), &Default::default()).unwrap();
+    let manifest = rt.block_on(chorus_dataset::read_manifest(&storage)).unwrap();
+    let mut samples = Vec::new();
+    for shard in &manifest.shards {
+        let bytes = rt.block_on(chorus_dataset::fetch_shard(&storage, shard)).unwrap();
+        samples.extend(chorus_dataset::parse_shard(&shard.key, &bytes, &manifest).unwrap());
+    }
+    samples.sort_by(|a, b| a.key.cmp(&b.key));
+    let keys: Vec<&str> = samples.iter().map(|s| s.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["00000002", "00000003", "00000004", "00000005", "00000006"],
+        "keys are CSV lines"
+    );
+    let [a, b, c, d, e] = &samples[..] else { panic!() };
+    assert_eq!(a.label, 0);
+    assert_eq!(a.text.as_deref(), Some("I am furious, really"));
+    let a_img = a.image.as_ref().unwrap();
+    assert_eq!(a_img[48 * 2 + 3], 5, "a 48x48 gray image is stored as is");
+    assert_eq!(a.audio.as_ref().unwrap().len(), 8000);
+    assert_eq!(b.label, 3);
+    assert_eq!(b.image.as_ref().unwrap().len(), 48 * 48);
+    // 0.25 s at 44.1 kHz stereo: 11025 frames, resampled to 4000 samples at 16 kHz.
+    let b_audio = b.audio.as_ref().unwrap();
+    assert_eq!(b_audio.len(), 4000);
+    let peak = b_audio.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!((peak - 12000.0 / 32768.0).abs() < 0.01, "downmixed, not summed: {peak}");
+    assert_eq!((c.label, c.image.is_none()), (4, true));
+    assert_eq!(
+        c.audio.as_ref().unwrap().len(),
+        16_000,
+        "8 kHz for 1 s upsampled to 16 kHz"
+    );
+    assert_eq!((d.label, d.audio.is_none(), d.text.is_none()), (6, true, true));
+    assert_eq!((e.label, e.image.is_none()), (5, true));
+    // The vocabulary holds the words of the train texts.
+    assert_eq!(
+        manifest.vocabulary.encode("furious lovely", 3),
+        [
+            manifest.vocabulary.id("furious").unwrap(),
+            manifest.vocabulary.id("lovely").unwrap(),
+            0
+        ]
+    );
+
+    // Bad rows name their line, and exit 2.
+    std::fs::write(src.join("bad.csv"), "image,label\nfaces/a.png,anger\nfaces/a.png,joy\n").unwrap();
+    let bad = src.join("bad.csv");
+    let bad_out = uri(&tmp.path().join("bad"));
+    let err = fails(
+        &["dataset", "pack", "--csv", bad.to_str().unwrap(), "--out", &bad_out],
+        2,
+    );
+    assert!(
+        err.contains("bad.csv line 3: label \"joy\" is neither a class"),
+        "{err}"
+    );
+    std::fs::write(
+        src.join("bad.csv"),
+        "image,label\nfaces/a.png,anger\nfaces/zz.png,anger\n",
+    )
+    .unwrap();
+    let err = fails(
+        &["dataset", "pack", "--csv", bad.to_str().unwrap(), "--out", &bad_out],
+        2,
+    );
+    assert!(
+        err.contains("bad.csv line 3: image ") && err.contains("zz.png"),
+        "{err}"
+    );
+    assert!(
+        !tmp.path().join("bad/manifest.json").exists(),
+        "a failed pack commits nothing"
+    );
+    let err = fails(
+        &[
+            "dataset",
+            "pack",
+            "--csv",
+            bad.to_str().unwrap(),
+            "--out",
+            &bad_out,
+            "--classes",
+            "x,y",
+        ],
+        2,
+    );
+    assert!(
+        err.contains("line 2: label \"anger\" is neither a class (x, y)"),
+        "{err}"
+    );
+    let err = fails(
+        &[
+            "dataset",
+            "pack",
+            "--csv",
+            bad.to_str().unwrap(),
+            "--out",
+            &bad_out,
+            "--classes",
+            "x,,y",
+        ],
+        2,
+    );
+    assert!(
+        err.contains("--classes: class names must be non-empty and distinct"),
+        "{err}"
+    );
+}
