@@ -2,7 +2,8 @@
 //!
 //! Failures of a trial itself (a non-zero exit, a program that cannot start, storage that cannot
 //! be read) are not errors of the worker: the runner turns them into an `Exited` event. This enum
-//! covers what stops or disturbs the worker: bad settings and a lost coordinator.
+//! covers what stops or disturbs the worker: bad settings and a lost coordinator. The built-in
+//! trainer uses it too; its failures end that one trial, and the runner reports them as such.
 
 use std::path::PathBuf;
 
@@ -44,6 +45,18 @@ pub enum WorkerError {
     },
     #[error("internal task failed: {0}")]
     Task(String),
+    /// A built-in model or trainer setting that cannot work (shapes, names, values).
+    #[error("invalid training setting: {0}")]
+    Train(String),
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("CUDA was requested but is not available: {0}")]
+    CudaUnavailable(String),
+    /// Bad or unreadable training data; the message names the shard and sample where known.
+    #[error("data: {0}")]
+    Data(String),
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
 }
 
 fn chain(e: &dyn std::error::Error) -> String {

@@ -1,6 +1,7 @@
 //! The Chorus worker: it registers with a coordinator, runs the trial attempts assigned to it on
-//! this host (command trials as child processes in their own process groups), stores their logs,
-//! metrics and checkpoints in object storage, and reports their events back in order.
+//! this host (command trials as child processes in their own process groups; builtin trials on a
+//! dedicated trainer thread with libtorch), stores their logs, metrics and checkpoints in object
+//! storage, and reports their events back in order.
 //!
 //! It owns nothing durable: the coordinator decides what runs where and keeps the durable state;
 //! this crate never places work itself, never retries a failed trial on its own, and never
@@ -11,8 +12,12 @@
 pub mod agent;
 mod attempts;
 pub mod config;
+pub mod data;
 pub mod error;
+pub mod models;
 pub mod runner;
+pub mod torch;
+pub mod trainer;
 
 pub use config::{Args, LogFormat, WorkerConfig};
 pub use error::WorkerError;
