@@ -10,19 +10,27 @@ use crate::space::{self, Params};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// Trainer settings of a builtin trial, after parameter substitution.
+/// Trainer settings of a builtin trial, after parameter substitution. The fields mirror the
+/// worker's trainer configuration, so a typo is caught at submission; the worker sets the
+/// threads (the trial's cpus) and the device (CUDA when the trial has GPUs) itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BuiltinSpec {
-    /// The model and the modalities it uses; see the worker's model documentation.
+    /// The model and the modalities it uses, e.g. `{kind: multimodal, fusion: {kind: concat}}`.
+    #[serde(default = "empty_object")]
     pub model: Value,
     /// URI of a dataset directory (its `manifest.json` and shards).
     pub data: String,
-    pub epochs: u32,
+    #[serde(default = "default_epochs")]
+    pub epochs: u64,
+    /// Stop after this many optimiser steps, whatever the epochs.
+    #[serde(default)]
+    pub max_steps: Option<u64>,
     #[serde(default = "default_batch_size")]
     pub batch_size: u32,
     #[serde(default)]
     pub optimizer: Optimizer,
+    #[serde(default = "default_lr")]
     pub lr: f64,
     #[serde(default)]
     pub weight_decay: f64,
@@ -30,24 +38,71 @@ pub struct BuiltinSpec {
     #[serde(default)]
     pub momentum: f64,
     #[serde(default)]
-    pub lr_schedule: LrSchedule,
-    /// `gan` adds synthetic minority-class samples from a conditional GAN.
+    pub nesterov: bool,
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    #[serde(default = "default_eps")]
+    pub eps: f64,
     #[serde(default)]
-    pub augment: Augment,
+    pub lr_schedule: LrSchedule,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// For `step`: multiply the rate by `lr_gamma` every `lr_step_epochs` epochs.
+    #[serde(default = "default_step_epochs")]
+    pub lr_step_epochs: u64,
+    #[serde(default = "default_gamma")]
+    pub lr_gamma: f64,
+    /// Floor of the cosine schedule.
+    #[serde(default)]
+    pub lr_min: f64,
     /// Seeds initialisation, shuffling and dropout; a restarted trial reuses it.
     #[serde(default)]
     pub seed: u64,
-    /// Report the training loss every this many steps (0: once per epoch).
+    /// Report the training loss every this many steps.
     #[serde(default = "default_log_every")]
-    pub log_every: u32,
+    pub log_every: u64,
+    /// Also checkpoint every this many steps (always at each epoch's end).
+    #[serde(default)]
+    pub checkpoint_every: Option<u64>,
+    /// Relative class frequencies for GAN augmentation; from the dataset when absent.
+    #[serde(default)]
+    pub class_counts: Option<Vec<f64>>,
+}
+
+fn empty_object() -> Value {
+    Value::Object(Default::default())
+}
+
+fn default_epochs() -> u64 {
+    10
 }
 
 fn default_batch_size() -> u32 {
     64
 }
 
-fn default_log_every() -> u32 {
-    20
+fn default_lr() -> f64 {
+    1e-3
+}
+
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+
+fn default_eps() -> f64 {
+    1e-8
+}
+
+fn default_step_epochs() -> u64 {
+    10
+}
+
+fn default_gamma() -> f64 {
+    0.1
+}
+
+fn default_log_every() -> u64 {
+    10
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -65,16 +120,7 @@ pub enum LrSchedule {
     #[default]
     None,
     Cosine,
-    /// Divides the rate by 10 at half and at three quarters of the epochs.
     Step,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Augment {
-    #[default]
-    None,
-    Gan,
 }
 
 impl BuiltinSpec {
@@ -86,6 +132,12 @@ impl BuiltinSpec {
         }
         if self.batch_size == 0 {
             out.push(("batch_size", "must be at least 1".to_string()));
+        }
+        if self.log_every == 0 || self.checkpoint_every == Some(0) {
+            out.push((
+                "log_every",
+                "log_every and checkpoint_every must be at least 1".to_string(),
+            ));
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             out.push(("lr", format!("must be a positive number, got {}", self.lr)));

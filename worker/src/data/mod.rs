@@ -4,6 +4,7 @@
 //! Sources own their I/O and decoding; the trainer never waits on storage itself. For now the only
 //! source is [`synthetic::SyntheticSource`]; the shard reader plugs in behind the same trait.
 
+pub mod shards;
 pub mod synthetic;
 
 use crate::error::WorkerError;

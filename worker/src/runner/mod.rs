@@ -5,6 +5,7 @@
 //! The runner knows nothing of gRPC or of the coordinator: it reports through [`Events`], a
 //! channel the agent drains, so every path here can be tested with `memory://` storage.
 
+mod builtin;
 mod output;
 mod process;
 mod records;
@@ -132,6 +133,7 @@ pub async fn run_attempt(
 ) -> pb::Exited {
     let attempt_dir = ctx.attempt_dir(a.trial_id, a.attempt);
     let exited = match prepare(ctx, a, &attempt_dir).await {
+        Ok(prepared) if !a.builtin_json.is_empty() => builtin::run(ctx, a, gpu_ids, &events, &mut stop, prepared).await,
         Ok(prepared) => run_prepared(ctx, a, gpu_ids, &events, &mut stop, prepared).await,
         Err(message) => exited(pb::ExitKind::Failed, None, message),
     };
@@ -399,6 +401,12 @@ impl Output {
             jobs,
             malformed: 0,
         }
+    }
+
+    /// Asks the recorder to commit the checkpoint directory as `step` (builtin trials, whose
+    /// checkpoints do not come from output lines).
+    fn checkpoint(&mut self, step: u64) {
+        let _ = self.jobs.send(Job::Checkpoint(step as i64));
     }
 
     fn handle(&mut self, line: String) {

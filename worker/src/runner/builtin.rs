@@ -1,0 +1,291 @@
+//! One attempt of a builtin trial: a model from [`crate::models`] trained on a sharded dataset by
+//! the trainer thread, inside the same attempt lifecycle as a command trial.
+//!
+//! The trainer's events are turned into exactly what a command trial would print: log lines and
+//! `chorus:metric` lines, fed to the same [`Output`] and recorder. A trainer checkpoint is copied
+//! into the attempt's checkpoint directory and committed under its step like any other, so
+//! restore, retention and the coordinator's view need nothing builtin-specific.
+
+use super::{Events, Output, Prepared, Stop, exited, kill_message};
+use crate::data::shards::{ShardSource, ShardSourceConfig};
+use crate::trainer::{self, DeviceChoice, Outcome, TrainConfig, TrainerEvent, TrainerJob};
+use chorus_dataset::Split;
+use chorus_proto::pb::{self, trial_event::Kind};
+use serde_json::{Value, json};
+use std::path::Path;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::info;
+
+/// Tokens per utterance and log-mel frames per clip fed to the models.
+const TEXT_LEN: i64 = 32;
+const AUDIO_FRAMES: i64 = 64;
+/// Local copies of dataset shards kept per worker.
+const SHARD_CACHE_BYTES: u64 = 2 << 30;
+
+/// Settings of a builtin trial as the worker runs them.
+struct Settings {
+    data: String,
+    config: TrainConfig,
+}
+
+/// Reads the assignment's builtin settings (core's `BuiltinSpec` as JSON) into the trainer's
+/// configuration; the worker decides threads and device.
+fn settings(a: &pb::Assignment, gpus: usize) -> Result<Settings, String> {
+    let Ok(Value::Object(mut m)) = serde_json::from_str::<Value>(&a.builtin_json) else {
+        return Err("the builtin trial's settings are not a JSON object".into());
+    };
+    let data = match m.remove("data") {
+        Some(Value::String(s)) => s,
+        _ => return Err("builtin.data must be the URI of a dataset".into()),
+    };
+    let cpus = a.resources.map_or(1, |r| r.cpus.max(1));
+    m.insert("threads".into(), json!(cpus));
+    m.insert("device".into(), json!(if gpus > 0 { "cuda" } else { "cpu" }));
+    let config: TrainConfig = serde_json::from_value(Value::Object(m)).map_err(|e| format!("builtin settings: {e}"))?;
+    config.validate().map_err(|e| format!("builtin settings: {e}"))?;
+    Ok(Settings { data, config })
+}
+
+/// Runs the attempt; returns what its `Exited` event says.
+pub(super) async fn run(
+    ctx: &super::RunnerContext,
+    a: &pb::Assignment,
+    gpu_ids: &[String],
+    events: &Events,
+    stop: &mut watch::Receiver<Option<Stop>>,
+    p: Prepared,
+) -> pb::Exited {
+    let Settings { data, mut config } = match settings(a, gpu_ids.len()) {
+        Ok(s) => s,
+        Err(message) => return exited(pb::ExitKind::Failed, None, message),
+    };
+    if config.device == DeviceChoice::Cuda
+        && let Some(ids) = (!gpu_ids.is_empty()).then(|| gpu_ids.join(","))
+    {
+        // The trainer runs in this process: restrict it to the GPUs allotted to the attempt
+        // before libtorch initialises CUDA.
+        // SAFETY: set before the trainer thread starts; nothing else reads it concurrently.
+        unsafe { std::env::set_var("CUDA_VISIBLE_DEVICES", ids) };
+    }
+    let storage = match ctx.stores.open(&data) {
+        Ok(s) => s,
+        Err(e) => return exited(pb::ExitKind::Failed, None, format!("cannot open dataset {data}: {e}")),
+    };
+    let manifest = match chorus_dataset::read_manifest(&storage).await {
+        Ok(m) => m,
+        Err(e) => return exited(pb::ExitKind::Failed, None, format!("dataset {data}: {e}")),
+    };
+    // The model is sized to the dataset: its vocabulary and its classes.
+    if let crate::models::ModelConfig::Multimodal(m) = &mut config.model {
+        m.text.vocab_size = manifest.vocabulary.len() as i64;
+        m.classifier.num_classes = manifest.classes.len() as i64;
+    }
+    if config.class_counts.is_none() {
+        config.class_counts = Some(manifest.class_counts(Split::Train).iter().map(|&c| c as f64).collect());
+    }
+    let classes = manifest.classes.clone();
+    let source_config = ShardSourceConfig {
+        batch_size: config.batch_size as i64,
+        seed: config.seed,
+        text_len: TEXT_LEN,
+        audio_frames: AUDIO_FRAMES,
+        prefetch: 4,
+        cache_dir: ctx.data_dir.join("shard-cache"),
+        cache_bytes: SHARD_CACHE_BYTES,
+    };
+    let runtime = tokio::runtime::Handle::current();
+    let opened =
+        tokio::task::spawn_blocking(move || ShardSource::open(storage, manifest, None, source_config, runtime)).await;
+    let source = match opened {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return exited(pb::ExitKind::Failed, None, format!("dataset {data}: {e}")),
+        Err(e) => return exited(pb::ExitKind::Failed, None, format!("dataset loader: {e}")),
+    };
+    let trainer_root = p.checkpoint_dir.with_file_name("trainer");
+    let job = TrainerJob {
+        config,
+        source: Box::new(source),
+        checkpoint_root: trainer_root,
+        resume_from: p.restored_step.map(|_| p.checkpoint_dir.clone()),
+    };
+    let mut trainer = match trainer::spawn(job) {
+        Ok(t) => t,
+        Err(e) => return exited(pb::ExitKind::Failed, None, e.to_string()),
+    };
+    events.emit(Kind::Started(pb::Started {
+        restored_step: p.restored_step,
+    }));
+
+    let recorder = super::records::Recorder::new(
+        p.storage,
+        a,
+        p.checkpoint_dir.clone(),
+        p.restored_fingerprint,
+        p.earlier_metrics,
+        events.clone(),
+    );
+    let (jobs, jobs_rx) = mpsc::unbounded_channel();
+    let recorder = tokio::spawn(recorder.run(jobs_rx));
+    let mut lines = Output::new(a, events.clone(), jobs);
+
+    let control = trainer.control();
+    let timeout = (a.timeout_ms > 0).then(|| Duration::from_millis(a.timeout_ms));
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut ending: Option<super::Ending> = None;
+    let mut failure: Option<String> = None;
+    let mut outcome: Option<Outcome> = None;
+    loop {
+        tokio::select! {
+            ev = trainer.events.recv() => match ev {
+                Some(TrainerEvent::Finished(o)) => outcome = Some(o),
+                Some(TrainerEvent::Failed { error }) => {
+                    lines.handle(format!("training failed: {error}"));
+                    failure = Some(error);
+                }
+                Some(ev) => handle_event(ev, &classes, &p.checkpoint_dir, &mut lines).await,
+                None => break,
+            },
+            _ = super::sleep_until(deadline), if ending.is_none() => {
+                info!(trial = a.trial_id, attempt = a.attempt, "builtin trial timed out; stopping its trainer");
+                ending = Some(super::Ending::TimedOut(timeout.unwrap_or_default()));
+                control.kill();
+            }
+            changed = stop.changed(), if ending.is_none() => {
+                if changed.is_err() {
+                    ending = Some(super::Ending::Shutdown);
+                    control.pause();
+                    continue;
+                }
+                let Some(s) = stop.borrow_and_update().clone() else { continue };
+                ending = Some(match s {
+                    Stop::Kill(reason) => {
+                        control.kill();
+                        super::Ending::Killed(reason)
+                    }
+                    // Shutting down keeps the progress: the trainer checkpoints, then stops.
+                    Stop::Shutdown => {
+                        control.pause();
+                        super::Ending::Shutdown
+                    }
+                });
+            }
+        }
+    }
+    let joined = tokio::task::spawn_blocking(move || trainer.join()).await;
+    drop(lines);
+    if let Err(e) = recorder.await {
+        tracing::warn!(trial = a.trial_id, attempt = a.attempt, error = %e, "the trial's recorder failed");
+    }
+    if let Ok(Err(e)) = joined
+        && failure.is_none()
+    {
+        failure = Some(e.to_string());
+    }
+    match (ending, failure, outcome) {
+        (_, Some(error), _) => exited(pb::ExitKind::Failed, None, error),
+        (Some(super::Ending::TimedOut(t)), ..) => {
+            exited(pb::ExitKind::TimedOut, None, format!("timed out after {t:?}"))
+        }
+        (Some(super::Ending::Killed(reason)), ..) => exited(pb::ExitKind::Killed, None, kill_message(reason)),
+        (Some(super::Ending::Shutdown), ..) => exited(
+            pb::ExitKind::Failed,
+            None,
+            "stopped because the worker shut down".into(),
+        ),
+        (None, None, Some(Outcome::Completed { .. })) => exited(pb::ExitKind::Succeeded, Some(0), String::new()),
+        (None, None, _) => exited(
+            pb::ExitKind::Failed,
+            None,
+            "the trainer stopped without finishing".into(),
+        ),
+    }
+}
+
+fn metric_line(fields: serde_json::Map<String, Value>) -> String {
+    format!("{} {}", chorus_core::metric::PREFIX, Value::Object(fields))
+}
+
+/// Turns one trainer event into log and metric lines, and a checkpoint into a commit.
+async fn handle_event(ev: TrainerEvent, classes: &[String], checkpoint_dir: &Path, lines: &mut Output) {
+    match ev {
+        TrainerEvent::Started {
+            device,
+            parameters,
+            threads,
+            resumed_at_step,
+        } => {
+            let resumed = resumed_at_step.map_or(String::new(), |s| format!(", resumed at step {s}"));
+            lines.handle(format!(
+                "training on {device} with {threads} thread(s), {parameters} parameters{resumed}"
+            ));
+        }
+        TrainerEvent::TrainLoss { epoch, step, loss, lr } => {
+            let m = json!({"step": step, "epoch": epoch, "train_loss": loss, "lr": lr});
+            lines.handle(metric_line(m.as_object().cloned().unwrap_or_default()));
+        }
+        TrainerEvent::GanLoss {
+            epoch,
+            step,
+            generator,
+            discriminator,
+        } => {
+            let m =
+                json!({"step": step, "epoch": epoch, "generator_loss": generator, "discriminator_loss": discriminator});
+            lines.handle(metric_line(m.as_object().cloned().unwrap_or_default()));
+        }
+        TrainerEvent::Epoch(r) => {
+            let v = &r.validation;
+            let mut m = serde_json::Map::new();
+            m.insert("step".into(), json!(r.step));
+            m.insert("epoch".into(), json!(r.epoch));
+            m.insert("train_loss".into(), json!(r.train_loss));
+            m.insert("val_loss".into(), json!(v.loss));
+            m.insert("val_accuracy".into(), json!(v.accuracy));
+            m.insert("macro_f1".into(), json!(v.macro_f1));
+            for (i, f1) in v.per_class_f1.iter().enumerate() {
+                let name = classes.get(i).cloned().unwrap_or_else(|| i.to_string());
+                m.insert(format!("f1_{name}"), json!(f1));
+            }
+            if let Some(g) = r.generator_loss {
+                m.insert("generator_loss".into(), json!(g));
+            }
+            if let Some(d) = r.discriminator_loss {
+                m.insert("discriminator_loss".into(), json!(d));
+            }
+            lines.handle(format!(
+                "epoch {}: validation on {} samples; confusion matrix (rows: true class, columns: predicted) {}",
+                r.epoch,
+                v.samples,
+                json!(v.confusion)
+            ));
+            lines.handle(metric_line(m));
+        }
+        TrainerEvent::Checkpoint { step, dir, .. } => {
+            let target = checkpoint_dir.to_path_buf();
+            let copied = tokio::task::spawn_blocking(move || replace_dir(&dir, &target)).await;
+            match copied {
+                Ok(Ok(())) => lines.checkpoint(step),
+                Ok(Err(e)) => lines.handle(format!("cannot stage the checkpoint of step {step}: {e}")),
+                Err(e) => lines.handle(format!("cannot stage the checkpoint of step {step}: {e}")),
+            }
+        }
+        TrainerEvent::Finished(_) | TrainerEvent::Failed { .. } => {}
+    }
+}
+
+/// Makes `target` hold exactly the files of `source` (flat), then removes `source`.
+fn replace_dir(source: &Path, target: &Path) -> std::io::Result<()> {
+    if target.exists() {
+        std::fs::remove_dir_all(target)?;
+    }
+    std::fs::create_dir_all(target)?;
+    for entry in std::fs::read_dir(source)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), target.join(entry.file_name()))?;
+        }
+    }
+    std::fs::remove_dir_all(source)
+}
