@@ -1,6 +1,7 @@
 //! End-to-end tests: the real binaries on loopback, one module per behaviour.
 
 mod auth;
+mod builtin;
 mod crash;
 mod s3;
 mod spec_errors;
