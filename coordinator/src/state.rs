@@ -535,6 +535,8 @@ impl State {
                 keep_checkpoints: spec.spec.checkpoint.keep_last,
                 metric: exp.metric().to_string(),
                 builtin_json: spec.builtin_for(&t.params).map(|b| b.to_string()).unwrap_or_default(),
+                keep_best_checkpoints: spec.spec.checkpoint.keep_best,
+                maximize: exp.goal() == chorus_core::spec::Goal::Maximize,
             })),
         }
     }

@@ -274,27 +274,54 @@ async fn delete_prefix(storage: &Storage, prefix: &Path) -> Result<(), CoreError
     Ok(())
 }
 
-/// Deletes all but the newest `keep` committed checkpoints under `prefix`, and any interrupted
-/// upload older than the oldest one kept. Newer uploads without a manifest may still be in
-/// flight and are left alone.
-pub async fn prune(storage: &Storage, prefix: &Path, keep: usize) -> Result<usize, CoreError> {
-    let mut kept = 0;
+/// Which checkpoints of a trial to keep.
+pub struct Retention<'a> {
+    /// The newest this many committed checkpoints.
+    pub keep_last: usize,
+    /// And the best this many by the experiment's metric.
+    pub keep_best: usize,
+    pub maximize: bool,
+    /// The metric's value at a step, when the trial reported one.
+    pub score: &'a (dyn Fn(i64) -> Option<f64> + Sync),
+}
+
+/// Deletes committed checkpoints that `retention` does not keep, and interrupted uploads older
+/// than the newest committed one. Newer uploads without a manifest may still be in flight and
+/// are left alone. Returns how many were deleted.
+pub async fn prune(storage: &Storage, prefix: &Path, retention: &Retention<'_>) -> Result<usize, CoreError> {
+    let steps = list_steps(storage, prefix).await?;
+    let mut committed = Vec::new();
+    for &step in &steps {
+        match storage
+            .store
+            .head(&prefix.clone().join(step_dir(step)).join(MANIFEST))
+            .await
+        {
+            Ok(_) => committed.push(step),
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut keep: std::collections::BTreeSet<i64> = committed.iter().take(retention.keep_last).copied().collect();
+    let mut scored: Vec<(i64, f64)> = committed
+        .iter()
+        .filter_map(|&s| (retention.score)(s).filter(|v| v.is_finite()).map(|v| (s, v)))
+        .collect();
+    scored.sort_by(|a, b| {
+        let order = a.1.total_cmp(&b.1);
+        // Best first; among equals, the newer.
+        (if retention.maximize { order.reverse() } else { order }).then(b.0.cmp(&a.0))
+    });
+    keep.extend(scored.iter().take(retention.keep_best).map(|(s, _)| *s));
+    let newest_committed = committed.first().copied();
     let mut removed = 0;
-    for step in list_steps(storage, prefix).await? {
-        let base = prefix.clone().join(step_dir(step));
-        if kept >= keep {
-            delete_prefix(storage, &base).await?;
-            removed += 1;
+    for step in steps {
+        let stale_partial = !committed.contains(&step) && newest_committed.is_some_and(|n| step < n);
+        if keep.contains(&step) || !(committed.contains(&step) || stale_partial) {
             continue;
         }
-        let committed = match storage.store.head(&base.clone().join(MANIFEST)).await {
-            Ok(_) => true,
-            Err(object_store::Error::NotFound { .. }) => false,
-            Err(e) => return Err(e.into()),
-        };
-        if committed {
-            kept += 1;
-        }
+        delete_prefix(storage, &prefix.clone().join(step_dir(step))).await?;
+        removed += 1;
     }
     Ok(removed)
 }
@@ -374,8 +401,47 @@ mod tests {
         );
 
         // Keep the newest committed one; the newer partial upload may be in flight.
-        assert_eq!(prune(&s, &prefix, 1).await.unwrap(), 1);
+        let last_only = Retention {
+            keep_last: 1,
+            keep_best: 0,
+            maximize: false,
+            score: &|_| None,
+        };
+        assert_eq!(prune(&s, &prefix, &last_only).await.unwrap(), 1);
         assert_eq!(list_steps(&s, &prefix).await.unwrap(), vec![3, 2]);
+    }
+
+    #[tokio::test]
+    async fn retention_keeps_the_newest_and_the_best() {
+        let s = mem("ckpt-retention");
+        let prefix = Path::from("r/checkpoints");
+        let src = tempfile::tempdir().unwrap();
+        for step in 1..=6 {
+            std::fs::write(src.path().join("w"), format!("{step}")).unwrap();
+            commit(&s, &prefix, step, src.path()).await.unwrap();
+        }
+        // Loss by step: step 2 is the best, then step 5.
+        let loss = |step: i64| Some([0.0, 0.9, 0.1, 0.8, 0.7, 0.3, 0.6][step as usize]);
+        let r = Retention {
+            keep_last: 2,
+            keep_best: 1,
+            maximize: false,
+            score: &loss,
+        };
+        assert_eq!(prune(&s, &prefix, &r).await.unwrap(), 3);
+        assert_eq!(list_steps(&s, &prefix).await.unwrap(), vec![6, 5, 2]);
+        let r = Retention {
+            keep_last: 1,
+            keep_best: 1,
+            maximize: true,
+            score: &loss,
+        };
+        prune(&s, &prefix, &r).await.unwrap();
+        assert_eq!(
+            list_steps(&s, &prefix).await.unwrap(),
+            vec![6],
+            "step 6 is newest, and best of what is left"
+        );
     }
 
     #[tokio::test]

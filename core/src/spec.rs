@@ -185,16 +185,24 @@ pub struct CheckpointSpec {
     /// Newest checkpoints kept per trial; older ones are deleted after each commit.
     #[serde(default = "keep_last_default")]
     pub keep_last: u32,
+    /// Also keep the best this many by the experiment's metric (reported at the checkpoint's step).
+    #[serde(default = "keep_best_default")]
+    pub keep_best: u32,
 }
 
 fn keep_last_default() -> u32 {
     3
 }
 
+fn keep_best_default() -> u32 {
+    1
+}
+
 impl Default for CheckpointSpec {
     fn default() -> Self {
         CheckpointSpec {
             keep_last: keep_last_default(),
+            keep_best: keep_best_default(),
         }
     }
 }

@@ -274,6 +274,8 @@ impl Worker {
             keep_checkpoints: 2,
             metric: "loss".into(),
             builtin_json: String::new(),
+            keep_best_checkpoints: 0,
+            maximize: false,
         }
     }
 

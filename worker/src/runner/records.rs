@@ -38,6 +38,12 @@ pub(super) struct Recorder {
     trial: TrialId,
     attempt: u32,
     keep_checkpoints: usize,
+    keep_best: usize,
+    /// The experiment's metric and whether it is maximised, for keeping the best checkpoints.
+    metric: String,
+    maximize: bool,
+    /// The metric's value by step, over every attempt of the trial.
+    scores: std::collections::BTreeMap<i64, f64>,
     checkpoint_dir: PathBuf,
     checkpoints_prefix: Path,
     metrics_key: Path,
@@ -61,6 +67,12 @@ impl Recorder {
         events: Events,
     ) -> Self {
         let (exp, trial) = (ExperimentId(a.experiment_id), TrialId(a.trial_id));
+        let mut scores = std::collections::BTreeMap::new();
+        for line in earlier_metrics.lines() {
+            if let Ok(Value::Object(m)) = serde_json::from_str::<Value>(line) {
+                record_score(&mut scores, &a.metric, &m);
+            }
+        }
         Recorder {
             checkpoints_prefix: storage.checkpoints_prefix(exp, trial),
             metrics_key: storage.metrics_key(exp, trial),
@@ -69,6 +81,10 @@ impl Recorder {
             trial,
             attempt: a.attempt,
             keep_checkpoints: a.keep_checkpoints as usize,
+            keep_best: a.keep_best_checkpoints as usize,
+            metric: a.metric.clone(),
+            maximize: a.maximize,
+            scores,
             checkpoint_dir,
             events,
             log: Vec::new(),
@@ -121,6 +137,7 @@ impl Recorder {
                     self.log.push(b'\n');
                 }
                 Job::Metric(mut m) => {
+                    record_score(&mut self.scores, &self.metric, &m);
                     m.insert("attempt".into(), Value::from(self.attempt));
                     self.metrics.push_str(&Value::Object(m).to_string());
                     self.metrics.push('\n');
@@ -162,8 +179,15 @@ impl Recorder {
             self.write_metrics().await;
         }
         // 0 means the spec set no limit; pruning to zero would delete what was just committed.
+        let scores = &self.scores;
+        let retention = checkpoint::Retention {
+            keep_last: self.keep_checkpoints,
+            keep_best: self.keep_best,
+            maximize: self.maximize,
+            score: &|step| scores.get(&step).copied(),
+        };
         if self.keep_checkpoints > 0
-            && let Err(e) = checkpoint::prune(&self.storage, &self.checkpoints_prefix, self.keep_checkpoints).await
+            && let Err(e) = checkpoint::prune(&self.storage, &self.checkpoints_prefix, &retention).await
         {
             warn!(trial = %self.trial, attempt = self.attempt, error = %e, "cannot prune old checkpoints");
         }
@@ -205,6 +229,16 @@ impl Recorder {
                 warn!(trial = %self.trial, attempt = self.attempt, error = %e, "cannot store metrics; will retry")
             }
         }
+    }
+}
+
+/// Notes the value of `metric` at the report's step, if it has both.
+fn record_score(scores: &mut std::collections::BTreeMap<i64, f64>, metric: &str, m: &Map<String, Value>) {
+    if let (Some(step), Some(v)) = (
+        m.get("step").and_then(Value::as_i64),
+        m.get(metric).and_then(Value::as_f64),
+    ) {
+        scores.insert(step, v);
     }
 }
 

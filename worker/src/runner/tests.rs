@@ -52,6 +52,8 @@ impl Fixture {
             keep_checkpoints: 3,
             metric: "loss".into(),
             builtin_json: String::new(),
+            keep_best_checkpoints: 0,
+            maximize: false,
         }
     }
 
@@ -558,4 +560,31 @@ async fn leftover_processes_do_not_hold_the_attempt_open() {
         .unwrap();
     assert_group_gone(pgid).await;
     assert!(f.log(51, 1).await.contains("main-done\n"));
+}
+
+/// Retention keeps the newest checkpoints and the best by the experiment's metric, including a
+/// score reported by an earlier attempt.
+#[tokio::test]
+async fn retention_keeps_the_best_checkpoint_by_the_metric() {
+    let f = fixture("retention-best");
+    let script = r#"
+        for s in 1 2 3 4 5; do
+            echo "$s" > "$CHORUS_CHECKPOINT_DIR/state"
+            if [ "$s" = 2 ]; then loss=0.1; else loss=0.$((90 + s)); fi
+            echo "chorus:metric {\"step\": $s, \"loss\": $loss}"
+            sleep 0.05
+        done
+    "#;
+    let mut a = f.assignment(40, 1, script);
+    a.keep_checkpoints = 1;
+    a.keep_best_checkpoints = 1;
+    let (exited, _) = f.run(&a).await;
+    assert_eq!(exited.kind(), pb::ExitKind::Succeeded, "{exited:?}");
+    let prefix = f.storage.checkpoints_prefix(ExperimentId(EXP), TrialId(40));
+    assert_eq!(checkpoint::list_steps(&f.storage, &prefix).await.unwrap(), vec![5, 2]);
+    // Maximising instead keeps the newest only: it is also the best.
+    a.attempt = 2;
+    a.maximize = true;
+    f.run(&a).await;
+    assert_eq!(checkpoint::list_steps(&f.storage, &prefix).await.unwrap(), vec![5]);
 }
