@@ -10,11 +10,11 @@ use super::{Events, Output, Prepared, Stop, exited, kill_message};
 use crate::data::shards::{ShardSource, ShardSourceConfig};
 use crate::trainer::{self, DeviceChoice, Outcome, TrainConfig, TrainerEvent, TrainerJob};
 use chorus_dataset::Split;
-use chorus_proto::pb::{self, trial_event::Kind};
+use chorus_proto::pb;
 use serde_json::{Value, json};
 use std::path::Path;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::info;
 
@@ -114,21 +114,8 @@ pub(super) async fn run(
         Ok(t) => t,
         Err(e) => return exited(pb::ExitKind::Failed, None, e.to_string()),
     };
-    events.emit(Kind::Started(pb::Started {
-        restored_step: p.restored_step,
-    }));
-
-    let recorder = super::records::Recorder::new(
-        p.storage,
-        a,
-        p.checkpoint_dir.clone(),
-        p.restored_fingerprint,
-        p.earlier_metrics,
-        events.clone(),
-    );
-    let (jobs, jobs_rx) = mpsc::unbounded_channel();
-    let recorder = tokio::spawn(recorder.run(jobs_rx));
-    let mut lines = Output::new(a, events.clone(), jobs);
+    let checkpoint_dir = p.checkpoint_dir.clone();
+    let (mut lines, recorder) = super::start_recording(a, events, p);
 
     let control = trainer.control();
     let timeout = (a.timeout_ms > 0).then(|| Duration::from_millis(a.timeout_ms));
@@ -144,7 +131,7 @@ pub(super) async fn run(
                     lines.handle(format!("training failed: {error}"));
                     failure = Some(error);
                 }
-                Some(ev) => handle_event(ev, &classes, &p.checkpoint_dir, &mut lines).await,
+                Some(ev) => handle_event(ev, &classes, &checkpoint_dir, &mut lines).await,
                 None => break,
             },
             _ = super::sleep_until(deadline), if ending.is_none() => {

@@ -213,6 +213,27 @@ async fn prepare(ctx: &RunnerContext, a: &pb::Assignment, attempt_dir: &Path) ->
     })
 }
 
+/// Reports the start, then starts the attempt's recorder; returns the line handler that feeds
+/// it and the recorder's task, which finishes once the handler is dropped.
+fn start_recording(a: &pb::Assignment, events: &Events, p: Prepared) -> (Output, tokio::task::JoinHandle<()>) {
+    events.emit(Kind::Started(pb::Started {
+        restored_step: p.restored_step,
+    }));
+    let recorder = Recorder::new(
+        p.storage,
+        a,
+        p.checkpoint_dir,
+        p.restored_fingerprint,
+        p.earlier_metrics,
+        events.clone(),
+    );
+    let (jobs, jobs_rx) = mpsc::unbounded_channel();
+    (
+        Output::new(a, events.clone(), jobs),
+        tokio::spawn(recorder.run(jobs_rx)),
+    )
+}
+
 /// Why the runner itself ended the program, which decides the exit kind.
 enum Ending {
     TimedOut(Duration),
@@ -250,21 +271,7 @@ async fn run_prepared(
         Ok(c) => c,
         Err(message) => return exited(pb::ExitKind::Failed, None, message),
     };
-    events.emit(Kind::Started(pb::Started {
-        restored_step: p.restored_step,
-    }));
-
-    let recorder = Recorder::new(
-        p.storage,
-        a,
-        p.checkpoint_dir.clone(),
-        p.restored_fingerprint,
-        p.earlier_metrics,
-        events.clone(),
-    );
-    let (jobs, jobs_rx) = mpsc::unbounded_channel();
-    let recorder = tokio::spawn(recorder.run(jobs_rx));
-    let mut lines = Output::new(a, events.clone(), jobs);
+    let (mut lines, recorder) = start_recording(a, events, p);
 
     let (line_tx, mut line_rx) = mpsc::channel(1024);
     let readers = [
