@@ -120,6 +120,10 @@ fn gan_augmentation_reports_both_losses() {
     let t = &trials(&c, id)[0];
     let logs = c.chorus(&["trial", "logs", &t["id"].to_string()]);
     let text = String::from_utf8_lossy(&logs.stdout);
+    assert!(
+        text.contains("\"confusion.anger.anger\""),
+        "no confusion matrix in the metrics:\n{text}"
+    );
     let gan_line = text
         .lines()
         .filter(|l| l.starts_with("chorus:metric"))

@@ -247,6 +247,17 @@ async fn handle_event(ev: TrainerEvent, classes: &[String], checkpoint_dir: &Pat
                 v.samples,
                 json!(v.confusion)
             ));
+            // The confusion matrix as counts `confusion.<true>.<predicted>`, on its own line
+            // before the epoch's summary, so the summary stays the trial's latest report.
+            let name = |i: usize| classes.get(i).cloned().unwrap_or_else(|| i.to_string());
+            let mut cm = serde_json::Map::new();
+            cm.insert("step".into(), json!(r.step));
+            for (t, row) in v.confusion.iter().enumerate() {
+                for (p, count) in row.iter().enumerate() {
+                    cm.insert(format!("confusion.{}.{}", name(t), name(p)), json!(count));
+                }
+            }
+            lines.handle(metric_line(cm));
             lines.handle(metric_line(m));
         }
         TrainerEvent::Checkpoint { step, dir, .. } => {
