@@ -883,6 +883,12 @@ impl State {
                         self.finish(tid, TrialState::Failed, &format!("timed out: {}", x.message))
                     }
                     pb::ExitKind::Failed => self.fail_or_restart(tid, &x.message),
+                    pb::ExitKind::Interrupted => {
+                        // The worker went away politely: place the trial again, at no cost.
+                        let t = self.trials.get_mut(&tid).expect("exists");
+                        t.message = format!("interrupted: {}", x.message);
+                        self.set_trial_state(tid, TrialState::Pending);
+                    }
                     pb::ExitKind::Killed | pb::ExitKind::Unspecified => {
                         self.fail_or_restart(tid, &format!("killed on the worker: {}", x.message))
                     }

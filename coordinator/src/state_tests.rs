@@ -297,3 +297,17 @@ fn pause_stops_attempts_without_spending_restarts() {
     st.kill(exp).unwrap();
     assert!(matches!(st.resume(exp), Err(CoordError::FailedPrecondition(_))));
 }
+
+#[test]
+fn an_interrupted_attempt_is_placed_again_at_no_cost() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut st = open(dir.path(), 10_000);
+    let exp = st.reserve_experiment_id();
+    st.add_experiment(exp, grid_spec(""), "memory://t".into());
+    let (_, mut rx) = join(&mut st, "w1", 1, vec![]);
+    let a = assignments(&mut rx).remove(0);
+    finish(&mut st, "w1", &a, pb::ExitKind::Interrupted).unwrap();
+    let t = &st.trials[&TrialId(a.trial_id)];
+    assert_eq!((t.restarts, t.attempt), (0, 2), "placed again without a restart: {t:?}");
+    assert!(t.message.starts_with("interrupted"), "{}", t.message);
+}

@@ -508,7 +508,7 @@ async fn shutdown_stops_trials_and_delivers_their_exit() {
     let exited = fake
         .exited(4)
         .expect("the exit was delivered before the worker returned");
-    assert_eq!(exit_kind(&exited), pb::ExitKind::Failed);
+    assert_eq!(exit_kind(&exited), pb::ExitKind::Interrupted);
     assert!(exited.message.contains("worker shut down"), "{}", exited.message);
     assert!(process_gone(pid));
     server.stop(&fake).await;

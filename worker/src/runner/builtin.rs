@@ -177,7 +177,7 @@ pub(super) async fn run(
         }
         (Some(super::Ending::Killed(reason)), ..) => exited(pb::ExitKind::Killed, None, kill_message(reason)),
         (Some(super::Ending::Shutdown), ..) => exited(
-            pb::ExitKind::Failed,
+            pb::ExitKind::Interrupted,
             None,
             "stopped because the worker shut down".into(),
         ),

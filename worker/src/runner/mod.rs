@@ -254,7 +254,7 @@ async fn run_prepared(
         return match s {
             Stop::Kill(reason) => exited(pb::ExitKind::Killed, None, kill_message(reason)),
             Stop::Shutdown => exited(
-                pb::ExitKind::Failed,
+                pb::ExitKind::Interrupted,
                 None,
                 "the worker shut down before the trial started".into(),
             ),
@@ -363,7 +363,7 @@ async fn run_prepared(
         }
         (Some(Ending::Killed(reason)), Ok(s)) => exited(pb::ExitKind::Killed, s.code(), kill_message(reason)),
         (Some(Ending::Shutdown), Ok(s)) => exited(
-            pb::ExitKind::Failed,
+            pb::ExitKind::Interrupted,
             s.code(),
             "stopped because the worker shut down".into(),
         ),
