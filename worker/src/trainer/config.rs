@@ -7,16 +7,10 @@ use crate::error::WorkerError;
 use crate::models::ModelConfig;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LrSchedule {
-    #[default]
-    None,
-    /// From `lr` down to `lr_min` along a half cosine over all steps of all epochs.
-    Cosine,
-    /// `lr` times `lr_gamma` every `lr_step_epochs` epochs.
-    Step,
-}
+/// `none`, `cosine` (from `lr` down to `lr_min` along a half cosine over all steps of all
+/// epochs) or `step` (`lr` times `lr_gamma` every `lr_step_epochs` epochs): the spec's type, so
+/// the experiment file and the trainer cannot disagree on the names.
+pub use chorus_core::builtin::LrSchedule;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
