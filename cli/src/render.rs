@@ -356,6 +356,8 @@ pub fn trial_json(t: &pb::Trial) -> Value {
         "checkpoint_step": t.checkpoint_step,
         "malformed_metric_lines": t.malformed_metric_lines,
         "message": t.message,
+        "world_size": t.world_size,
+        "data_position": serde_json::from_str::<Value>(&t.data_position_json).unwrap_or(Value::Null),
     })
 }
 

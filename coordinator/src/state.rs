@@ -8,6 +8,7 @@
 use crate::cluster::Registry;
 use crate::error::{CoordError, Result};
 use crate::experiment::{AfterFailure, Experiment, Live, TrialRecord, after_failure};
+use crate::rendezvous::{Joined, Rendezvous};
 use crate::scheduler::{self, PendingTrial, Quotas, Resources, WorkerView};
 use crate::search::{SearchAction, SearchEvent, Suggestion};
 use crate::store::{AttemptRow, Batch, MetricRow, Store};
@@ -95,6 +96,9 @@ pub struct State {
     changed: Vec<Change>,
     events: broadcast::Sender<Change>,
     pub telemetry: std::sync::Arc<crate::telemetry::Telemetry>,
+    /// Rendezvous of live multi-rank attempts, by trial (in memory: ranks call again after a
+    /// coordinator restart).
+    rendezvous: BTreeMap<TrialId, Rendezvous>,
 }
 
 impl State {
@@ -120,6 +124,7 @@ impl State {
             changed: Vec::new(),
             events,
             telemetry: Default::default(),
+            rendezvous: BTreeMap::new(),
         };
         for row in st.store.load_experiments()? {
             st.next_experiment = st.next_experiment.max(row.id.0 + 1);
@@ -148,7 +153,9 @@ impl State {
                 }
             }
             if let Some(live) = &t.live {
-                st.registry.expect(live.worker.clone(), now, now_ms);
+                for w in live.workers() {
+                    st.registry.expect(w, now, now_ms);
+                }
             }
             st.trials.insert(t.id, t);
         }
@@ -435,9 +442,11 @@ impl State {
             let exp = &self.experiments[&t.experiment];
             let r = &exp.spec.spec.resources;
             if let Some(l) = &t.live {
-                let u = used.entry(l.worker.clone()).or_default();
-                u.cpus += r.cpus;
-                u.gpus += r.gpus;
+                for rank in &l.ranks {
+                    let u = used.entry(rank.worker.clone()).or_default();
+                    u.cpus += r.cpus;
+                    u.gpus += r.gpus;
+                }
                 *running.entry(t.experiment).or_default() += 1;
             } else if t.state == TrialState::Pending && exp.state == ExperimentState::Active {
                 pending.push(PendingTrial {
@@ -447,7 +456,8 @@ impl State {
                         cpus: r.cpus,
                         gpus: r.gpus,
                     },
-                    ranks: r.workers,
+                    ranks: r.workers.max(),
+                    min_ranks: r.workers.min(),
                     selector: r.labels.clone(),
                 });
             }
@@ -486,38 +496,37 @@ impl State {
             .collect();
         let now = now_ms();
         for pl in scheduler::schedule(&workers, &pending, &quotas) {
-            let worker = pl.workers[0].clone();
             let t = self.trials.get_mut(&pl.trial).expect("pending trial exists");
             t.attempt += 1;
-            t.last_seq = 0;
-            t.live = Some(Live {
-                worker: worker.clone(),
-                started: false,
-                assigned_ms: now,
-                started_ms: 0,
-                missing_since: None,
-            });
+            let live = Live::new(pl.workers.clone(), now);
             self.attempts.push(AttemptRow {
                 trial: pl.trial,
                 attempt: t.attempt,
-                worker: worker.clone(),
+                worker: joined(&live.workers()),
                 assigned_ms: now,
                 ended_ms: 0,
                 outcome: String::new(),
             });
-            let cmd = self.assignment(pl.trial);
-            self.outbox.push((worker, cmd));
+            t.live = Some(live);
+            for (rank, worker) in pl.workers.into_iter().enumerate() {
+                let cmd = self.assignment(pl.trial, rank as u32);
+                self.outbox.push((worker, cmd));
+            }
             self.set_trial_state(pl.trial, TrialState::Running);
             self.telemetry.attempts_placed.inc();
         }
     }
 
-    /// The assignment message for a trial's live attempt.
-    fn assignment(&self, tid: TrialId) -> pb::WorkerCommand {
+    /// The assignment message for one rank of a trial's live attempt.
+    fn assignment(&self, tid: TrialId, rank: u32) -> pb::WorkerCommand {
         let t = &self.trials[&tid];
         let exp = &self.experiments[&t.experiment];
         let spec = &exp.spec;
         let r = &spec.spec.resources;
+        let ranks = t.live.as_ref().map_or(&[][..], |l| &l.ranks[..]);
+        let worker = ranks.get(rank as usize).map(|x| &x.worker);
+        let local: Vec<usize> = (0..ranks.len()).filter(|&i| Some(&ranks[i].worker) == worker).collect();
+        let groups = t.live.as_ref().map_or_else(Vec::new, Live::workers);
         pb::WorkerCommand {
             command: Some(pb::worker_command::Command::Assign(pb::Assignment {
                 experiment_id: exp.id.0,
@@ -537,6 +546,14 @@ impl State {
                 builtin_json: spec.builtin_for(&t.params).map(|b| b.to_string()).unwrap_or_default(),
                 keep_best_checkpoints: spec.spec.checkpoint.keep_best,
                 maximize: exp.goal() == chorus_core::spec::Goal::Maximize,
+                rank,
+                world_size: ranks.len().max(1) as u32,
+                local_world_size: local.len().max(1) as u32,
+                local_rank: local.iter().position(|&i| i == rank as usize).unwrap_or(0) as u32,
+                restart_count: t.attempt.saturating_sub(1),
+                group_rank: groups.iter().position(|w| Some(w) == worker).unwrap_or(0) as u32,
+                group_world_size: groups.len().max(1) as u32,
+                data_parallel: r.workers.is_distributed(),
             })),
         }
     }
@@ -551,15 +568,24 @@ impl State {
         };
         let attempt = t.attempt;
         let exp = t.experiment;
-        if let Some(worker) = t.close_attempt(now) {
+        if let Some(workers) = t.close_attempt(now) {
+            self.rendezvous.remove(&tid);
             self.attempts.push(AttemptRow {
                 trial: tid,
                 attempt,
-                worker: worker.clone(),
+                worker: joined(&workers),
                 assigned_ms: 0,
                 ended_ms: now,
                 outcome: format!("killed: {reason}"),
             });
+            self.send_kills(tid, attempt, workers, reason);
+            self.touch_trial(tid, exp);
+        }
+    }
+
+    /// Tells each worker to kill its ranks of the attempt.
+    fn send_kills(&mut self, tid: TrialId, attempt: u32, workers: Vec<WorkerId>, reason: &str) {
+        for worker in workers {
             let kill = pb::KillAttempt {
                 trial_id: tid.0,
                 attempt,
@@ -571,7 +597,6 @@ impl State {
                     command: Some(pb::worker_command::Command::Kill(kill)),
                 },
             ));
-            self.touch_trial(tid, exp);
         }
     }
 
@@ -687,18 +712,28 @@ impl State {
         let mut listed = BTreeSet::new();
         for r in running {
             let tid = TrialId(r.trial_id);
+            let here = |t: &TrialRecord| {
+                t.attempt == r.attempt
+                    && t.live
+                        .as_ref()
+                        .and_then(|l| l.ranks.get(r.rank as usize))
+                        .is_some_and(|x| &x.worker == worker)
+            };
             match self.trials.get_mut(&tid) {
-                Some(t) if t.attempt == r.attempt && t.live.as_ref().is_some_and(|l| &l.worker == worker) => {
-                    listed.insert(tid);
+                Some(t) if here(t) => {
+                    listed.insert((tid, r.rank));
                     let l = t.live.as_mut().expect("checked");
-                    l.missing_since = None;
-                    if registering && !l.started {
+                    let rank = &mut l.ranks[r.rank as usize];
+                    rank.missing_since = None;
+                    if registering && !rank.started {
                         // It runs there, so it started; the Started report may still be buffered.
-                        l.started = true;
-                        l.started_ms = now_ms();
+                        rank.started = true;
+                        if l.started_ms == 0 {
+                            l.started_ms = now_ms();
+                        }
                         let exp = t.experiment;
                         self.touch_trial(tid, exp);
-                    } else if !l.started {
+                    } else if !rank.started {
                         // The worker holds it (e.g. still restoring a large checkpoint): the
                         // start timeout counts from its latest word, not from the assignment.
                         l.assigned_ms = now_ms();
@@ -710,13 +745,16 @@ impl State {
         let now = Instant::now();
         for tid in &self.open {
             let t = self.trials.get_mut(tid).expect("open trials exist");
-            if let Some(l) = t.live.as_mut()
-                && &l.worker == worker
-                && l.started
-                && !listed.contains(tid)
-                && l.missing_since.is_none()
-            {
-                l.missing_since = Some(now);
+            let Some(l) = t.live.as_mut() else { continue };
+            for (i, rank) in l.ranks.iter_mut().enumerate() {
+                if &rank.worker == worker
+                    && rank.started
+                    && !rank.finished
+                    && !listed.contains(&(*tid, i as u32))
+                    && rank.missing_since.is_none()
+                {
+                    rank.missing_since = Some(now);
+                }
             }
         }
         kill
@@ -741,19 +779,18 @@ impl State {
             .filter(|e| e.registered)
             .ok_or_else(|| CoordError::NotFound(format!("worker {worker} is not registered; register first")))?;
         entry.stream = Some(tx);
-        let unstarted: Vec<TrialId> = self
-            .open
-            .iter()
-            .copied()
-            .filter(|t| {
-                self.trials[t]
-                    .live
-                    .as_ref()
-                    .is_some_and(|l| &l.worker == worker && !l.started)
-            })
-            .collect();
-        for t in unstarted {
-            let cmd = self.assignment(t);
+        let mut unstarted: Vec<(TrialId, u32)> = Vec::new();
+        for tid in &self.open {
+            if let Some(l) = &self.trials[tid].live {
+                for (i, rank) in l.ranks.iter().enumerate() {
+                    if &rank.worker == worker && !rank.started {
+                        unstarted.push((*tid, i as u32));
+                    }
+                }
+            }
+        }
+        for (t, rank) in unstarted {
+            let cmd = self.assignment(t, rank);
             self.outbox.push((worker.clone(), cmd));
         }
         self.pump();
@@ -769,11 +806,16 @@ impl State {
             .trials
             .get(&tid)
             .ok_or_else(|| CoordError::NotFound(format!("trial {tid} does not exist")))?;
-        let live_here = t.live.as_ref().is_some_and(|l| l.worker == worker) && t.attempt == req.attempt;
+        let live_here = t
+            .live
+            .as_ref()
+            .and_then(|l| l.ranks.get(req.rank as usize))
+            .is_some_and(|r| r.worker == worker)
+            && t.attempt == req.attempt;
         if !live_here {
             return Err(CoordError::Stale(format!(
-                "attempt {} of trial {tid} on worker {worker} is no longer current (trial is {}, attempt {})",
-                req.attempt, t.state, t.attempt
+                "attempt {} (rank {}) of trial {tid} on worker {worker} is no longer current (trial is {}, attempt {})",
+                req.attempt, req.rank, t.state, t.attempt
             )));
         }
         self.registry.touch(&worker, Instant::now(), now_ms());
@@ -782,19 +824,28 @@ impl State {
         events.sort_by_key(|e| e.seq);
         for ev in events {
             let t = self.trials.get_mut(&tid).expect("checked");
-            if ev.seq <= t.last_seq || t.live.is_none() {
+            // The attempt may have ended on an earlier event of this batch.
+            let Some(rank) = t
+                .live
+                .as_mut()
+                .filter(|_| t.attempt == req.attempt)
+                .and_then(|l| l.ranks.get_mut(req.rank as usize))
+            else {
+                continue;
+            };
+            if ev.seq <= rank.last_seq {
                 continue;
             }
-            t.last_seq = ev.seq;
+            rank.last_seq = ev.seq;
             let exp_id = t.experiment;
             self.touch_trial(tid, exp_id);
-            self.apply_event(tid, req.attempt, ev);
+            self.apply_event(tid, req.attempt, req.rank, ev);
         }
         self.pump();
         Ok(())
     }
 
-    fn apply_event(&mut self, tid: TrialId, attempt: u32, ev: pb::TrialEvent) {
+    fn apply_event(&mut self, tid: TrialId, attempt: u32, rank: u32, ev: pb::TrialEvent) {
         use pb::trial_event::Kind;
         let at_ms = if ev.unix_ms > 0 { ev.unix_ms } else { now_ms() };
         let Some(kind) = ev.kind else { return };
@@ -802,11 +853,13 @@ impl State {
         let exp_id = t.experiment;
         match kind {
             Kind::Started(s) => {
-                if let Some(l) = t.live.as_mut()
-                    && !l.started
-                {
-                    l.started = true;
-                    l.started_ms = at_ms;
+                if let Some(l) = t.live.as_mut() {
+                    if l.started_ms == 0 {
+                        l.started_ms = at_ms;
+                    }
+                    if let Some(r) = l.ranks.get_mut(rank as usize) {
+                        r.started = true;
+                    }
                 }
                 if t.started_ms == 0 {
                     t.started_ms = at_ms;
@@ -863,16 +916,45 @@ impl State {
             }
             Kind::Checkpoint(c) => {
                 t.checkpoint_step = Some(c.step);
+                if !c.data_position_json.is_empty() {
+                    t.data_position = c.data_position_json;
+                }
             }
             Kind::Malformed(_) => {
                 t.malformed += 1;
             }
             Kind::Exited(x) => {
-                let worker = t.close_attempt(now_ms());
+                let world = t.live.as_ref().map_or(1, |l| l.ranks.len());
+                if world > 1 && rank > 0 && x.kind() == pb::ExitKind::Succeeded {
+                    // Rank 0 holds the final checkpoint and decides the outcome; this rank waits.
+                    if let Some(r) = t.live.as_mut().and_then(|l| l.ranks.get_mut(rank as usize)) {
+                        r.finished = true;
+                    }
+                    return;
+                }
+                let message = if world > 1 {
+                    format!("rank {rank} of {world}: {}", x.message)
+                } else {
+                    x.message.clone()
+                };
+                let x = pb::Exited { message, ..x };
+                // Every other rank of the attempt stops with it.
+                let others: Vec<WorkerId> = t.live.as_ref().map_or_else(Vec::new, |l| {
+                    let mut w = Vec::new();
+                    for (i, r) in l.ranks.iter().enumerate() {
+                        if i != rank as usize && !w.contains(&r.worker) {
+                            w.push(r.worker.clone());
+                        }
+                    }
+                    w
+                });
+                let workers = t.close_attempt(now_ms());
+                self.rendezvous.remove(&tid);
+                self.send_kills(tid, attempt, others, &format!("another rank ended: {}", x.message));
                 self.attempts.push(AttemptRow {
                     trial: tid,
                     attempt,
-                    worker: worker.unwrap_or_else(|| WorkerId(String::new())),
+                    worker: joined(&workers.unwrap_or_default()),
                     assigned_ms: 0,
                     ended_ms: now_ms(),
                     outcome: format!("{:?}: {}", x.kind(), x.message),
@@ -897,12 +979,71 @@ impl State {
         }
     }
 
+    /// A rank joins its attempt's rendezvous. When it is the last to join, the shard manager
+    /// picks the data position, which is recorded on the trial before anyone hears of it.
+    pub fn rendezvous(&mut self, req: &pb::RendezvousRequest) -> Result<Joined> {
+        let tid = TrialId(req.trial_id);
+        let t = self
+            .trials
+            .get(&tid)
+            .ok_or_else(|| CoordError::NotFound(format!("trial {tid} does not exist")))?;
+        let live = t.live.as_ref().filter(|_| t.attempt == req.attempt);
+        let Some(live) = live.filter(|l| {
+            l.ranks
+                .get(req.rank as usize)
+                .is_some_and(|r| r.worker.0 == req.worker_id)
+        }) else {
+            return Err(CoordError::Stale(format!(
+                "attempt {} (rank {}) of trial {tid} on worker {} is no longer current (trial is {}, attempt {})",
+                req.attempt, req.rank, req.worker_id, t.state, t.attempt
+            )));
+        };
+        if req.address.is_empty() {
+            return Err(CoordError::InvalidArgument("rendezvous: address must not be empty".into()));
+        }
+        let world = live.ranks.len();
+        let exp = t.experiment;
+        let r = self
+            .rendezvous
+            .entry(tid)
+            .and_modify(|r| {
+                if r.attempt != req.attempt {
+                    *r = Rendezvous::new(req.attempt, world, rand::random());
+                }
+            })
+            .or_insert_with(|| Rendezvous::new(req.attempt, world, rand::random()));
+        r.join(req);
+        if let Joined::Wait(rx) = r.state() {
+            if !r.missing().is_empty() {
+                return Ok(Joined::Wait(rx));
+            }
+            let position = match r.data() {
+                Some(d) => serde_json::to_string(&crate::shards::start_position(d, world)?).expect("positions serialise"),
+                None => String::new(),
+            };
+            r.complete(position.clone());
+            if !position.is_empty() {
+                self.trials.get_mut(&tid).expect("checked").data_position = position;
+                self.touch_trial(tid, exp);
+            }
+        }
+        Ok(self.rendezvous[&tid].state())
+    }
+
+    /// Ranks of a trial's attempt that have not joined its rendezvous yet.
+    pub fn rendezvous_missing(&self, tid: TrialId) -> Vec<usize> {
+        self.rendezvous.get(&tid).map_or_else(Vec::new, Rendezvous::missing)
+    }
+
     /// CPU slots taken by live attempts, over all workers.
     pub fn busy_cpu_slots(&self) -> u64 {
         self.open
             .iter()
-            .filter(|t| self.trials[t].live.is_some())
-            .map(|t| self.experiments[&self.trials[t].experiment].spec.spec.resources.cpus as u64)
+            .filter_map(|t| {
+                let t = &self.trials[t];
+                let ranks = t.live.as_ref()?.ranks.len() as u64;
+                Some(ranks * self.experiments[&t.experiment].spec.spec.resources.cpus as u64)
+            })
             .sum()
     }
 
@@ -921,14 +1062,27 @@ impl State {
         for tid in &self.open {
             let t = &self.trials[tid];
             let Some(l) = &t.live else { continue };
-            if lapsed.contains(&l.worker) {
-                lost.push((*tid, format!("worker {} stopped renewing its lease", l.worker)));
-            } else if l.missing_since.is_some_and(|m| now.duration_since(m) > ttl) {
-                lost.push((
-                    *tid,
-                    format!("attempt {} is no longer running on worker {}", t.attempt, l.worker),
-                ));
-            } else if !l.started && now_ms - l.assigned_ms > self.timing.start_timeout.as_millis() as i64 {
+            let of = |i: usize| match l.ranks.len() {
+                1 => String::new(),
+                n => format!(" (rank {i} of {n})"),
+            };
+            let gone = l.ranks.iter().enumerate().find_map(|(i, r)| {
+                if lapsed.contains(&r.worker) {
+                    Some(format!("worker {}{} stopped renewing its lease", r.worker, of(i)))
+                } else if r.missing_since.is_some_and(|m| now.duration_since(m) > ttl) {
+                    Some(format!(
+                        "attempt {}{} is no longer running on worker {}",
+                        t.attempt,
+                        of(i),
+                        r.worker
+                    ))
+                } else {
+                    None
+                }
+            });
+            if let Some(reason) = gone {
+                lost.push((*tid, reason));
+            } else if !l.all_started() && now_ms - l.assigned_ms > self.timing.start_timeout.as_millis() as i64 {
                 unstarted.push(*tid);
             }
         }
@@ -945,6 +1099,11 @@ impl State {
         }
         self.pump();
     }
+}
+
+/// Workers as one attempt-row field.
+fn joined(workers: &[WorkerId]) -> WorkerId {
+    WorkerId(workers.iter().map(|w| w.0.as_str()).collect::<Vec<_>>().join(","))
 }
 
 #[cfg(test)]

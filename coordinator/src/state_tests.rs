@@ -2,6 +2,7 @@
 //! report, restart from the store, lose a worker.
 
 use super::*;
+use crate::rendezvous::Joined;
 use crate::store::Store;
 use chorus_core::spec;
 use pb::trial_event::Kind;
@@ -70,6 +71,7 @@ fn finish(st: &mut State, worker: &str, a: &pb::Assignment, exit: pb::ExitKind) 
     let loss = params["a"].as_f64().unwrap() * params["b"].as_f64().unwrap();
     let r = st.report(pb::ReportTrialRequest {
         worker_id: worker.into(),
+        rank: 0,
         trial_id: a.trial_id,
         attempt: a.attempt,
         events: vec![
@@ -137,6 +139,7 @@ fn reports_are_applied_once_and_stale_attempts_are_aborted() {
     let a = assignments(&mut rx).remove(0);
     let started = pb::ReportTrialRequest {
         worker_id: "w1".into(),
+        rank: 0,
         trial_id: a.trial_id,
         attempt: a.attempt,
         events: vec![
@@ -160,6 +163,7 @@ fn reports_are_applied_once_and_stale_attempts_are_aborted() {
     // A failure with restarts left requeues the trial under a new attempt.
     let fail = pb::ReportTrialRequest {
         worker_id: "w1".into(),
+        rank: 0,
         trial_id: a.trial_id,
         attempt: a.attempt,
         events: vec![ev(
@@ -203,6 +207,7 @@ fn a_restarted_coordinator_reattaches_or_requeues() {
         for (w, a) in [("w1", &a1), ("w2", &a2)] {
             st.report(pb::ReportTrialRequest {
                 worker_id: w.into(),
+                rank: 0,
                 trial_id: a.trial_id,
                 attempt: a.attempt,
                 events: vec![ev(1, Kind::Started(pb::Started { restored_step: None }))],
@@ -218,6 +223,7 @@ fn a_restarted_coordinator_reattaches_or_requeues() {
     // w1 comes back still running its attempt; w2 never returns.
     let claim = vec![pb::RunningAttempt {
         trial_id: a1.trial_id,
+        rank: 0,
         attempt: a1.attempt,
     }];
     let (kill, _rx) = join(&mut st, "w1", 1, claim.clone());
@@ -310,4 +316,189 @@ fn an_interrupted_attempt_is_placed_again_at_no_cost() {
     let t = &st.trials[&TrialId(a.trial_id)];
     assert_eq!((t.restarts, t.attempt), (0, 2), "placed again without a restart: {t:?}");
     assert!(t.message.starts_with("interrupted"), "{}", t.message);
+}
+
+fn report(st: &mut State, worker: &str, a: &pb::Assignment, seq: u64, kind: Kind) -> Result<()> {
+    let r = st.report(pb::ReportTrialRequest {
+        worker_id: worker.into(),
+        rank: a.rank,
+        trial_id: a.trial_id,
+        attempt: a.attempt,
+        events: vec![ev(seq, kind)],
+    });
+    st.flush();
+    r
+}
+
+fn exited(kind: pb::ExitKind, message: &str) -> Kind {
+    Kind::Exited(pb::Exited {
+        kind: kind as i32,
+        code: None,
+        message: message.into(),
+    })
+}
+
+fn join_rendezvous(st: &mut State, worker: &str, a: &pb::Assignment, data: Option<pb::DataPlanRequest>) -> Result<Joined> {
+    let r = st.rendezvous(&pb::RendezvousRequest {
+        worker_id: worker.into(),
+        trial_id: a.trial_id,
+        attempt: a.attempt,
+        rank: a.rank,
+        address: format!("127.0.0.1:{}", 4000 + a.rank),
+        nccl_id: vec![],
+        data,
+    });
+    st.flush();
+    r
+}
+
+fn plan_request() -> pb::DataPlanRequest {
+    pb::DataPlanRequest {
+        shards: (0..3)
+            .map(|i| pb::ShardSize {
+                key: format!("shard-{i:05}.tar"),
+                samples: 20,
+            })
+            .collect(),
+        seed: 1,
+        batch_size: 4,
+        position_json: String::new(),
+        epoch: 0,
+    }
+}
+
+/// A two-rank trial: both ranks are placed at once with their rank numbers, meet at the
+/// rendezvous (which records the data plan), and when one rank fails the other is killed and
+/// the whole trial restarts under a new attempt.
+#[test]
+fn a_gang_is_placed_whole_meets_and_fails_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut st = open(dir.path(), 10_000);
+    let exp = st.reserve_experiment_id();
+    st.add_experiment(
+        exp,
+        grid_spec("max_restarts: 1\nresources: {workers: 2, cpus: 1}\nmax_trials: 1\n"),
+        "memory://t".into(),
+    );
+    let (_, mut rx1) = join(&mut st, "w1", 1, vec![]);
+    assert!(assignments(&mut rx1).is_empty(), "one slot cannot hold a two-rank gang");
+    let (_, mut rx2) = join(&mut st, "w2", 1, vec![]);
+    let (a0, a1) = (assignments(&mut rx1).remove(0), assignments(&mut rx2).remove(0));
+    assert_eq!((a0.rank, a1.rank, a0.world_size, a1.world_size), (0, 1, 2, 2));
+    assert_eq!((a0.local_world_size, a0.local_rank), (1, 0));
+    assert_eq!(a0.attempt, a1.attempt);
+
+    // Rank 1 waits for rank 0, then both hear the same answer.
+    let Joined::Wait(rx) = join_rendezvous(&mut st, "w2", &a1, None).unwrap() else {
+        panic!("rank 1 alone cannot complete the rendezvous")
+    };
+    assert_eq!(st.rendezvous_missing(TrialId(a0.trial_id)), vec![0]);
+    let Joined::Ready(r0) = join_rendezvous(&mut st, "w1", &a0, Some(plan_request())).unwrap() else {
+        panic!("the last rank completes the rendezvous")
+    };
+    assert!(*rx.borrow(), "the waiting rank is woken");
+    let Joined::Ready(r1) = join_rendezvous(&mut st, "w2", &a1, None).unwrap() else {
+        panic!("ready")
+    };
+    assert_eq!(r0, r1);
+    assert_eq!(r0.addresses, vec!["127.0.0.1:4000", "127.0.0.1:4001"]);
+    let pos: chorus_core::shards::DataPosition = serde_json::from_str(&r0.position_json).unwrap();
+    assert_eq!((pos.plan.samples_of(0), pos.plan.samples_of(1)), (30, 30));
+    assert_eq!(st.trials[&TrialId(a0.trial_id)].data_position, r0.position_json);
+    // A rank's worker must be the one it was placed on.
+    assert!(matches!(join_rendezvous(&mut st, "w1", &a1, None), Err(CoordError::Stale(_))));
+
+    report(&mut st, "w1", &a0, 1, Kind::Started(pb::Started { restored_step: None })).unwrap();
+    report(&mut st, "w2", &a1, 1, Kind::Started(pb::Started { restored_step: None })).unwrap();
+    report(&mut st, "w2", &a1, 2, exited(pb::ExitKind::Failed, "collective: rank 0 went away")).unwrap();
+    let t = &st.trials[&TrialId(a0.trial_id)];
+    assert_eq!((t.restarts, t.attempt), (1, 2));
+    assert!(t.message.contains("rank 1 of 2"), "{}", t.message);
+    let mut on_w1 = Vec::new();
+    let mut killed = Vec::new();
+    while let Ok(Ok(cmd)) = rx1.try_recv() {
+        match cmd.command {
+            Some(pb::worker_command::Command::Kill(k)) => killed.push((k.trial_id, k.attempt)),
+            Some(pb::worker_command::Command::Assign(a)) => on_w1.push(a),
+            None => {}
+        }
+    }
+    assert_eq!(killed, vec![(a0.trial_id, 1)], "rank 0's worker is told to stop it");
+    // The stale rank 0 is refused; the new attempt is placed whole again.
+    assert!(matches!(
+        report(&mut st, "w1", &a0, 2, exited(pb::ExitKind::Killed, "")),
+        Err(CoordError::Stale(_))
+    ));
+    assert!(matches!(join_rendezvous(&mut st, "w1", &a0, None), Err(CoordError::Stale(_))));
+    let again = [on_w1, assignments(&mut rx2)].concat();
+    assert_eq!(again.len(), 2);
+    assert!(again.iter().all(|a| a.attempt == 2 && a.restart_count == 1));
+
+    // Rank 1 finishing first waits for rank 0, whose success completes the trial.
+    let (b0, b1) = if again[0].rank == 0 { (&again[0], &again[1]) } else { (&again[1], &again[0]) };
+    let w = |a: &pb::Assignment| if std::ptr::eq(a, &again[0]) { "w1" } else { "w2" };
+    report(&mut st, w(b1), b1, 1, exited(pb::ExitKind::Succeeded, "")).unwrap();
+    assert_eq!(st.trials[&TrialId(b0.trial_id)].state, TrialState::Running);
+    report(&mut st, w(b0), b0, 1, exited(pb::ExitKind::Succeeded, "")).unwrap();
+    assert_eq!(st.trials[&TrialId(b0.trial_id)].state, TrialState::Completed);
+}
+
+/// Ranks packed onto one worker get their local ranks; an elastic gang takes what fits.
+#[test]
+fn elastic_gangs_pack_and_shrink() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut st = open(dir.path(), 200);
+    let exp = st.reserve_experiment_id();
+    st.add_experiment(
+        exp,
+        grid_spec("resources: {workers: {min: 1, max: 3}, cpus: 1}\nmax_trials: 1\nmax_restarts: 3\n"),
+        "memory://t".into(),
+    );
+    let (_, mut rx1) = join(&mut st, "w1", 2, vec![]);
+    let first = assignments(&mut rx1);
+    assert_eq!(first.len(), 2, "two of three ranks fit, above the minimum of one");
+    assert!(first.iter().all(|a| a.world_size == 2 && a.local_world_size == 2));
+    let mut locals: Vec<u32> = first.iter().map(|a| a.local_rank).collect();
+    locals.sort();
+    assert_eq!(locals, vec![0, 1]);
+    for a in &first {
+        report(&mut st, "w1", a, 1, Kind::Started(pb::Started { restored_step: None })).unwrap();
+    }
+    // The worker vanishes; a smaller one joins: the trial goes on with one rank.
+    let (_, mut rx2) = join(&mut st, "w2", 1, vec![]);
+    std::thread::sleep(Duration::from_millis(250));
+    st.heartbeat(&pb::HeartbeatRequest {
+        worker_id: "w2".into(),
+        running: vec![],
+    })
+    .unwrap();
+    st.reconcile();
+    st.flush();
+    let again = assignments(&mut rx2);
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].world_size, again[0].attempt), (1, 2));
+}
+
+/// A store written before multi-rank attempts opens and keeps its live attempts.
+#[test]
+fn a_version_one_store_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    {
+        let mut st = open(dir.path(), 10_000);
+        let exp = st.reserve_experiment_id();
+        st.add_experiment(exp, grid_spec(""), "memory://t".into());
+        join(&mut st, "w1", 1, vec![]);
+    }
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "ALTER TABLE trials DROP COLUMN live_ranks; ALTER TABLE trials DROP COLUMN data_position;
+         UPDATE meta SET value = '1' WHERE key = 'schema_version';",
+    )
+    .unwrap();
+    drop(conn);
+    let st = open(dir.path(), 10_000);
+    let live: Vec<&Live> = st.trials.values().filter_map(|t| t.live.as_ref()).collect();
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].ranks[0].worker, WorkerId("w1".into()));
 }

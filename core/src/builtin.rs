@@ -67,6 +67,16 @@ pub struct BuiltinSpec {
     /// Relative class frequencies for GAN augmentation; from the dataset when absent.
     #[serde(default)]
     pub class_counts: Option<Vec<f64>>,
+    /// Data-parallel trials: bytes of gradients fused into one all-reduce.
+    #[serde(default = "default_bucket_bytes")]
+    pub bucket_bytes: u64,
+}
+
+/// 25 MiB, the size PyTorch DDP fuses by default: big enough to amortise a collective's latency.
+pub const DEFAULT_BUCKET_BYTES: u64 = 25 * 1024 * 1024;
+
+fn default_bucket_bytes() -> u64 {
+    DEFAULT_BUCKET_BYTES
 }
 
 fn empty_object() -> Value {
@@ -132,6 +142,12 @@ impl BuiltinSpec {
         }
         if self.batch_size == 0 {
             out.push(("batch_size", "must be at least 1".to_string()));
+        }
+        if self.bucket_bytes < 1024 {
+            out.push((
+                "bucket_bytes",
+                format!("must be at least 1024, got {}", self.bucket_bytes),
+            ));
         }
         if self.log_every == 0 || self.checkpoint_every == Some(0) {
             out.push((

@@ -12,6 +12,7 @@ pub mod convert;
 pub mod error;
 pub mod ids;
 pub mod metric;
+pub mod shards;
 pub mod space;
 pub mod spec;
 pub mod storage;

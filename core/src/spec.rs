@@ -45,6 +45,10 @@ pub struct ExperimentSpec {
     pub checkpoint: CheckpointSpec,
 }
 
+/// Ranks of one trial: a ring collective's latency grows with the ranks, and no deployment this
+/// coordinator is meant for runs one model on more.
+pub const MAX_RANKS: u32 = 1024;
+
 fn one() -> u32 {
     1
 }
@@ -142,8 +146,8 @@ impl SearcherName {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResourceSpec {
-    #[serde(default = "one")]
-    pub workers: u32,
+    #[serde(default)]
+    pub workers: WorkerCount,
     #[serde(default = "one")]
     pub cpus: u32,
     #[serde(default)]
@@ -152,10 +156,98 @@ pub struct ResourceSpec {
     pub labels: BTreeMap<String, String>,
 }
 
+/// How many ranks a trial runs on: `workers: 4` (exactly four, placed all at once) or
+/// `workers: {min: 2, max: 4}` (elastic: placed with as many as fit up to `max`, never fewer
+/// than `min`, and placed again with whatever fits after it loses a rank).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum WorkerCount {
+    Fixed(u32),
+    Elastic { min: u32, max: u32 },
+}
+
+// By hand rather than `untagged`, whose only error is "did not match any variant": a user who
+// writes `{min: 2}` should hear that `max` is missing.
+impl<'de> Deserialize<'de> for WorkerCount {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = WorkerCount;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number of workers, or {min: N, max: M}")
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<WorkerCount, E> {
+                u32::try_from(v)
+                    .map(WorkerCount::Fixed)
+                    .map_err(|_| E::custom(format!("{v} workers is too many")))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<WorkerCount, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::custom(format!("a number of workers cannot be negative, got {v}"))),
+                }
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<WorkerCount, A::Error> {
+                use serde::de::Error;
+                let (mut min, mut max) = (None, None);
+                while let Some(key) = m.next_key::<String>()? {
+                    let slot = match key.as_str() {
+                        "min" => &mut min,
+                        "max" => &mut max,
+                        other => return Err(A::Error::unknown_field(other, &["min", "max"])),
+                    };
+                    *slot = Some(m.next_value::<u32>()?);
+                }
+                match (min, max) {
+                    (Some(min), Some(max)) => Ok(WorkerCount::Elastic { min, max }),
+                    (None, _) => Err(A::Error::missing_field("min")),
+                    (_, None) => Err(A::Error::missing_field("max")),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl Default for WorkerCount {
+    fn default() -> Self {
+        WorkerCount::Fixed(1)
+    }
+}
+
+impl WorkerCount {
+    pub fn min(self) -> u32 {
+        match self {
+            WorkerCount::Fixed(n) => n,
+            WorkerCount::Elastic { min, .. } => min,
+        }
+    }
+
+    pub fn max(self) -> u32 {
+        match self {
+            WorkerCount::Fixed(n) => n,
+            WorkerCount::Elastic { max, .. } => max,
+        }
+    }
+
+    pub fn is_elastic(self) -> bool {
+        matches!(self, WorkerCount::Elastic { .. })
+    }
+
+    /// More than one rank may run: the trial is data-parallel.
+    pub fn is_distributed(self) -> bool {
+        self.max() > 1
+    }
+}
+
 impl Default for ResourceSpec {
     fn default() -> Self {
         ResourceSpec {
-            workers: 1,
+            workers: WorkerCount::Fixed(1),
             cpus: 1,
             gpus: 0,
             labels: BTreeMap::new(),
@@ -421,12 +513,19 @@ fn validate(spec: ExperimentSpec, at: &dyn Fn(&str) -> Option<(usize, usize)>) -
         push("max_trials".into(), "must be at least 1".into());
     }
     let r = &spec.resources;
-    if r.workers == 0 {
-        push("resources.workers".into(), "must be at least 1".into());
-    } else if r.workers > 1 {
+    match r.workers {
+        WorkerCount::Fixed(0) => push("resources.workers".into(), "must be at least 1".into()),
+        WorkerCount::Elastic { min: 0, .. } => push("resources.workers.min".into(), "must be at least 1".into()),
+        WorkerCount::Elastic { min, max } if max < min => push(
+            "resources.workers.max".into(),
+            format!("must be at least min ({min}), got {max}"),
+        ),
+        _ => {}
+    }
+    if r.workers.max() > MAX_RANKS {
         push(
             "resources.workers".into(),
-            "command trials run on one worker each; multi-worker (data-parallel) trials are not available yet".into(),
+            format!("at most {MAX_RANKS} ranks per trial, got {}", r.workers.max()),
         );
     }
     if r.cpus == 0 && r.gpus == 0 {
@@ -805,6 +904,25 @@ trial:
             paths.contains(&"parallel_trials") && paths.contains(&"trial.timeout"),
             "{paths:?}"
         );
+    }
+
+    #[test]
+    fn worker_counts_fixed_and_elastic() {
+        let with = |w: &str| format!("{GOOD}resources: {{workers: {w}}}\n");
+        assert_eq!(parse(&with("4"), &[]).unwrap().spec.resources.workers, WorkerCount::Fixed(4));
+        let v = parse(&with("{min: 2, max: 4}"), &[]).unwrap();
+        assert_eq!(v.spec.resources.workers, WorkerCount::Elastic { min: 2, max: 4 });
+        assert!(v.spec.resources.workers.is_elastic() && v.spec.resources.workers.is_distributed());
+        let e = errors(&with("{min: 2}"), &[]);
+        assert!(e[0].message.contains("missing field `max`"), "{e:?}");
+        let e = errors(&with("{min: 2, most: 3}"), &[]);
+        assert!(e[0].message.contains("unknown field `most`"), "{e:?}");
+        let e = errors(&with("{min: 3, max: 2}"), &[]);
+        assert_eq!(e[0].path, "resources.workers.max");
+        let e = errors(&with("0"), &[]);
+        assert_eq!(e[0].path, "resources.workers");
+        let e = errors(&with("-1"), &[]);
+        assert!(e[0].message.contains("negative"), "{e:?}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 mod auth;
 mod builtin;
 mod crash;
+mod data_parallel;
 mod s3;
 mod spec_errors;
 mod sweep;

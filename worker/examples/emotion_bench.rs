@@ -40,7 +40,7 @@ fn main() -> anyhow::Result<()> {
         other => anyhow::bail!("unknown device {other}"),
     };
     let mut trainer = Trainer::new(TrainConfig {
-        model: ModelConfig::EmotionBench(EmotionBenchConfig {}),
+        model: ModelConfig::EmotionBench(EmotionBenchConfig::default()),
         optimizer: OptimizerKind::Adam,
         lr: 1e-3,
         seed: args.seed,

@@ -9,7 +9,9 @@
 use crate::attempts::{AttemptKey, Attempts, Held};
 use crate::config::{Timings, WorkerConfig};
 use crate::error::WorkerError;
+use crate::runner::rendezvous::RendezvousCall;
 use crate::runner::{self, Events, RunnerContext, Stop, StorageCache};
+use chorus_core::TrialId;
 use chorus_proto::MAX_MESSAGE_BYTES;
 use chorus_proto::pb::{self, trial_event::Kind, worker_command::Command, worker_service_client::WorkerServiceClient};
 use prost::Message;
@@ -34,6 +36,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Used when the coordinator names no heartbeat interval.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Deadline of one Rendezvous call: the coordinator holds it up to 20 s while ranks are missing.
+const RENDEZVOUS_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time a stopped attempt gets for its last checkpoint and records, beyond the kill grace.
 const FINAL_UPLOAD_BUDGET: Duration = Duration::from_secs(30);
 
@@ -99,6 +103,8 @@ pub(crate) struct Agent {
     runner: RunnerContext,
     link: watch::Sender<Link>,
     accepting: AtomicBool,
+    /// Runners' rendezvous requests, taken by the task that serves them.
+    rendezvous_calls: std::sync::Mutex<Option<mpsc::UnboundedReceiver<RendezvousCall>>>,
 }
 
 impl Agent {
@@ -119,6 +125,7 @@ impl Agent {
             .keep_alive_while_idle(true);
         std::fs::create_dir_all(&config.data_dir).map_err(WorkerError::io(&config.data_dir))?;
         let gpus = u32::try_from(config.gpu_ids.len()).unwrap_or(u32::MAX);
+        let (rendezvous_tx, rendezvous_rx) = mpsc::unbounded_channel();
         Ok(Arc::new(Agent {
             auth: BearerAuth::new(config.token.as_deref())?,
             capacity: pb::Resources {
@@ -133,7 +140,12 @@ impl Agent {
                 stores: StorageCache::new(config.storage),
                 kill_grace: config.timings.kill_grace,
                 output_grace: config.timings.output_grace,
+                advertise_address: config.advertise_address,
+                collective_timeout: config.timings.collective_timeout,
+                rendezvous_timeout: config.timings.rendezvous_timeout,
+                rendezvous: Some(rendezvous_tx),
             },
+            rendezvous_calls: std::sync::Mutex::new(Some(rendezvous_rx)),
             worker_id: config.worker_id,
             coordinator: config.coordinator,
             timings: config.timings,
@@ -156,6 +168,19 @@ impl Agent {
             "worker starting"
         );
         let (stop_tx, stop_rx) = watch::channel(false);
+        let calls = self.rendezvous_calls.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut calls) = calls {
+            let agent = self.clone();
+            tokio::spawn(async move {
+                while let Some(call) = calls.recv().await {
+                    let agent = agent.clone();
+                    tokio::spawn(async move {
+                        let answer = agent.rendezvous(call.request).await;
+                        let _ = call.reply.send(answer);
+                    });
+                }
+            });
+        }
         let mut supervisor = tokio::spawn(self.clone().supervise(stop_rx));
         tokio::pin!(shutdown);
         tokio::select! {
@@ -259,7 +284,7 @@ impl Agent {
             worker_id: self.worker_id.clone(),
             capacity: Some(self.capacity),
             labels: self.labels.clone(),
-            address: String::new(),
+            address: self.runner.advertise_address.to_string(),
             // A restarted coordinator re-attaches these instead of placing them again.
             running: self.attempts.running(),
         };
@@ -336,7 +361,7 @@ impl Agent {
 
     fn apply_kills(&self, kills: &[pb::RunningAttempt], reason: &str) {
         for k in kills {
-            let key = AttemptKey::new(k.trial_id, k.attempt);
+            let key = AttemptKey::new(k.trial_id, k.attempt, k.rank);
             if self.attempts.stop(key, Stop::Kill(reason.to_string())) {
                 info!(trial = k.trial_id, attempt = k.attempt, reason, "killing attempt");
             }
@@ -347,13 +372,16 @@ impl Agent {
         match cmd.command {
             Some(Command::Assign(a)) => self.start_attempt(a),
             Some(Command::Kill(k)) => {
-                let key = AttemptKey::new(k.trial_id, k.attempt);
                 let reason = if k.reason.is_empty() {
                     "killed by the coordinator".to_string()
                 } else {
                     k.reason
                 };
-                if self.attempts.stop(key, Stop::Kill(reason.clone())) {
+                if self
+                    .attempts
+                    .stop_attempt(TrialId(k.trial_id), k.attempt, Stop::Kill(reason.clone()))
+                    > 0
+                {
                     info!(trial = k.trial_id, attempt = k.attempt, reason, "killing attempt");
                 } else {
                     debug!(
@@ -368,7 +396,7 @@ impl Agent {
     }
 
     fn start_attempt(self: &Arc<Self>, a: pb::Assignment) {
-        let key = AttemptKey::new(a.trial_id, a.attempt);
+        let key = AttemptKey::new(a.trial_id, a.attempt, a.rank);
         if !self.accepting.load(Ordering::SeqCst) {
             warn!(
                 trial = a.trial_id,
@@ -474,6 +502,42 @@ impl Agent {
         }
     }
 
+    /// Joins a rendezvous, calling again while the coordinator says the other ranks are still
+    /// missing or cannot be reached; the runner bounds the whole wait.
+    async fn rendezvous(&self, req: pb::RendezvousRequest) -> Result<pb::RendezvousResponse, String> {
+        let mut link = self.link.subscribe();
+        let mut backoff = Backoff::new();
+        loop {
+            let client = connected(&mut link).await;
+            let mut call = Request::new(req.clone());
+            // Longer than the coordinator holds the call before answering DEADLINE_EXCEEDED.
+            call.set_timeout(RENDEZVOUS_CALL_TIMEOUT);
+            let status = match client.clone().rendezvous(call).await {
+                Ok(resp) => return Ok(resp.into_inner()),
+                Err(s) => s,
+            };
+            match status.code() {
+                Code::DeadlineExceeded => {
+                    debug!(trial = req.trial_id, rank = req.rank, message = status.message(), "waiting for the other ranks");
+                    backoff.reset();
+                    continue;
+                }
+                Code::Aborted | Code::NotFound => {
+                    return Err(format!("the attempt is stale: {}", status.message()));
+                }
+                Code::InvalidArgument | Code::FailedPrecondition | Code::Unimplemented | Code::PermissionDenied => {
+                    return Err(status.message().to_string());
+                }
+                _ => {}
+            }
+            let delay = backoff.next_delay();
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = link.changed() => backoff.reset(),
+            }
+        }
+    }
+
     /// One batch, retried until the coordinator answers for it.
     async fn report(&self, key: AttemptKey, events: Vec<pb::TrialEvent>, link: &mut watch::Receiver<Link>) -> Delivery {
         let mut backoff = Backoff::new();
@@ -483,6 +547,7 @@ impl Agent {
                 worker_id: self.worker_id.clone(),
                 trial_id: key.trial.0,
                 attempt: key.attempt,
+                rank: key.rank,
                 events: events.clone(),
             };
             let status = match client.clone().report_trial(self.request(req)).await {

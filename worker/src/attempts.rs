@@ -16,13 +16,16 @@ use tokio::sync::{Notify, watch};
 pub(crate) struct AttemptKey {
     pub trial: TrialId,
     pub attempt: u32,
+    /// Ranks of one multi-rank attempt may share a worker.
+    pub rank: u32,
 }
 
 impl AttemptKey {
-    pub fn new(trial_id: u64, attempt: u32) -> Self {
+    pub fn new(trial_id: u64, attempt: u32, rank: u32) -> Self {
         AttemptKey {
             trial: TrialId(trial_id),
             attempt,
+            rank,
         }
     }
 }
@@ -32,6 +35,7 @@ impl From<AttemptKey> for pb::RunningAttempt {
         pb::RunningAttempt {
             trial_id: k.trial.0,
             attempt: k.attempt,
+            rank: k.rank,
         }
     }
 }
@@ -175,6 +179,18 @@ impl Attempts {
         }
     }
 
+    /// Orders every rank of an attempt held here to stop; returns how many were told.
+    pub fn stop_attempt(&self, trial: TrialId, attempt: u32, order: Stop) -> usize {
+        let keys: Vec<AttemptKey> = self
+            .lock()
+            .entries
+            .keys()
+            .filter(|k| k.trial == trial && k.attempt == attempt)
+            .copied()
+            .collect();
+        keys.into_iter().filter(|k| self.stop(*k, order.clone())).count()
+    }
+
     pub fn stop_all(&self, order: Stop) {
         let keys: Vec<AttemptKey> = self.lock().entries.keys().copied().collect();
         for k in keys {
@@ -269,10 +285,10 @@ mod tests {
     #[test]
     fn duplicates_are_refused_until_the_attempt_is_forgotten() {
         let a = Attempts::new(4, vec![]);
-        let k = AttemptKey::new(7, 1);
+        let k = AttemptKey::new(7, 1, 0);
         assert!(a.admit(k, res(1, 0)).is_some());
         assert!(a.admit(k, res(1, 0)).is_none());
-        assert!(a.admit(AttemptKey::new(7, 2), res(1, 0)).is_some());
+        assert!(a.admit(AttemptKey::new(7, 2, 0), res(1, 0)).is_some());
         a.runner_done(k);
         assert!(a.admit(k, res(1, 0)).is_none(), "reports still pending: still held");
         assert_eq!(a.running().len(), 2);
@@ -282,7 +298,8 @@ mod tests {
             a.running(),
             vec![pb::RunningAttempt {
                 trial_id: 7,
-                attempt: 2
+                attempt: 2,
+                rank: 0,
             }]
         );
     }
@@ -290,31 +307,31 @@ mod tests {
     #[test]
     fn gpus_are_allotted_free_first_and_freed_on_exit() {
         let a = Attempts::new(8, gpus(3));
-        let x = a.admit(AttemptKey::new(1, 1), res(1, 2)).unwrap();
+        let x = a.admit(AttemptKey::new(1, 1, 0), res(1, 2)).unwrap();
         assert_eq!(x.gpu_ids, vec!["4", "5"]);
         assert!(x.overcommit.is_none());
-        let y = a.admit(AttemptKey::new(2, 1), res(1, 1)).unwrap();
+        let y = a.admit(AttemptKey::new(2, 1, 0), res(1, 1)).unwrap();
         assert_eq!(y.gpu_ids, vec!["6"]);
         assert_eq!(a.used(), (2, vec![1, 1, 1]));
-        a.runner_done(AttemptKey::new(1, 1));
+        a.runner_done(AttemptKey::new(1, 1, 0));
         assert_eq!(a.used(), (1, vec![0, 0, 1]));
-        let z = a.admit(AttemptKey::new(3, 1), res(1, 1)).unwrap();
+        let z = a.admit(AttemptKey::new(3, 1, 0), res(1, 1)).unwrap();
         assert_eq!(z.gpu_ids, vec!["4"]);
     }
 
     #[test]
     fn an_attempt_that_does_not_fit_still_runs_with_a_warning() {
         let a = Attempts::new(2, gpus(2));
-        a.admit(AttemptKey::new(1, 1), res(2, 1)).unwrap();
-        let over = a.admit(AttemptKey::new(2, 1), res(1, 2)).unwrap();
+        a.admit(AttemptKey::new(1, 1, 0), res(2, 1)).unwrap();
+        let over = a.admit(AttemptKey::new(2, 1, 0), res(1, 2)).unwrap();
         let why = over.overcommit.unwrap();
         assert!(why.contains("CPU") && why.contains("GPU"), "{why}");
         assert_eq!(over.gpu_ids, vec!["4", "5"]);
         assert_eq!(a.used(), (3, vec![2, 1]));
-        a.runner_done(AttemptKey::new(2, 1));
+        a.runner_done(AttemptKey::new(2, 1, 0));
         assert_eq!(a.used(), (2, vec![1, 0]));
         let none = Attempts::new(1, vec![])
-            .admit(AttemptKey::new(1, 1), res(1, 1))
+            .admit(AttemptKey::new(1, 1, 0), res(1, 1))
             .unwrap();
         assert!(none.gpu_ids.is_empty() && none.overcommit.is_some());
     }
@@ -322,20 +339,20 @@ mod tests {
     #[test]
     fn the_first_stop_order_wins_and_ended_runners_ignore_orders() {
         let a = Attempts::new(1, vec![]);
-        let k = AttemptKey::new(1, 1);
+        let k = AttemptKey::new(1, 1, 0);
         let adm = a.admit(k, res(1, 0)).unwrap();
         assert!(a.stop(k, Stop::Kill("first".into())));
         assert!(a.stop(k, Stop::Shutdown));
         assert_eq!(*adm.stop.borrow(), Some(Stop::Kill("first".into())));
         a.runner_done(k);
         assert!(!a.stop(k, Stop::Shutdown));
-        assert!(!a.stop(AttemptKey::new(9, 9), Stop::Shutdown));
+        assert!(!a.stop(AttemptKey::new(9, 9, 0), Stop::Shutdown));
     }
 
     #[tokio::test]
     async fn waiting_for_an_empty_worker_ends_when_the_last_attempt_is_forgotten() {
         let a = std::sync::Arc::new(Attempts::new(1, vec![]));
-        let k = AttemptKey::new(1, 1);
+        let k = AttemptKey::new(1, 1, 0);
         a.admit(k, res(1, 0)).unwrap();
         let waiter = tokio::spawn({
             let a = a.clone();

@@ -47,6 +47,14 @@ pub struct Args {
     /// Format of the worker's own log on stderr.
     #[arg(long, env = "CHORUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// The address other workers reach this one at for data-parallel collectives (and, for
+    /// rank 0 of a command trial, MASTER_ADDR). In a Kubernetes pod: the pod IP.
+    #[arg(long, env = "CHORUS_ADVERTISE_ADDRESS", default_value = "127.0.0.1")]
+    pub advertise_address: std::net::IpAddr,
+    /// How long a collective (all-reduce, broadcast, barrier) waits on a peer before the
+    /// attempt fails, e.g. `60s`.
+    #[arg(long, env = "CHORUS_COLLECTIVE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub collective_timeout: Duration,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -90,7 +98,11 @@ impl Args {
             storage: StorageOptions {
                 s3_endpoint: self.s3_endpoint.filter(|s| !s.is_empty()),
             },
-            timings: Timings::default(),
+            advertise_address: self.advertise_address,
+            timings: Timings {
+                collective_timeout: self.collective_timeout,
+                ..Timings::default()
+            },
         })
     }
 }
@@ -108,6 +120,8 @@ pub struct WorkerConfig {
     pub labels: BTreeMap<String, String>,
     pub data_dir: PathBuf,
     pub storage: StorageOptions,
+    /// Where peers reach this worker's collectives.
+    pub advertise_address: std::net::IpAddr,
     pub timings: Timings,
 }
 
@@ -123,6 +137,7 @@ impl WorkerConfig {
             labels: BTreeMap::new(),
             data_dir: data_dir.into(),
             storage: StorageOptions::default(),
+            advertise_address: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
             timings: Timings::default(),
         }
     }
@@ -141,6 +156,10 @@ pub struct Timings {
     pub output_grace: Duration,
     /// How long a shutting-down worker keeps trying to deliver its buffered reports.
     pub shutdown_flush: Duration,
+    /// How long one collective call waits on a peer.
+    pub collective_timeout: Duration,
+    /// How long a rank of a multi-rank attempt waits for the others at rendezvous.
+    pub rendezvous_timeout: Duration,
 }
 
 impl Default for Timings {
@@ -151,6 +170,8 @@ impl Default for Timings {
             kill_grace: Duration::from_secs(5),
             output_grace: Duration::from_secs(2),
             shutdown_flush: Duration::from_secs(10),
+            collective_timeout: Duration::from_secs(60),
+            rendezvous_timeout: Duration::from_secs(300),
         }
     }
 }

@@ -55,6 +55,10 @@ pub enum WorkerError {
     /// Bad or unreadable training data; the message names the shard and sample where known.
     #[error("data: {0}")]
     Data(String),
+    /// A collective between the ranks of a data-parallel trial failed: a peer died, timed out,
+    /// belongs to another attempt, or sent something malformed. The message names the peer.
+    #[error("collective: {0}")]
+    Collective(String),
     #[error("checkpoint {path}: {reason}")]
     Checkpoint { path: PathBuf, reason: String },
 }

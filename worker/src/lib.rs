@@ -11,6 +11,7 @@
 
 pub mod agent;
 mod attempts;
+pub mod collective;
 pub mod config;
 pub mod data;
 pub mod error;

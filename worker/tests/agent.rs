@@ -159,6 +159,14 @@ impl WorkerService for Fake {
         Ok(Response::new(UnboundedReceiverStream::new(rx)))
     }
 
+    async fn rendezvous(
+        &self,
+        _req: Request<pb::RendezvousRequest>,
+    ) -> Result<Response<pb::RendezvousResponse>, Status> {
+        // These tests place single-rank attempts only; the real rendezvous is tested end to end.
+        Err(Status::unimplemented("multi-rank attempts are not part of these tests"))
+    }
+
     async fn report_trial(
         &self,
         req: Request<pb::ReportTrialRequest>,
@@ -242,6 +250,7 @@ fn config(addr: SocketAddr, data: &Path) -> WorkerConfig {
         kill_grace: Duration::from_millis(500),
         output_grace: Duration::from_millis(300),
         shutdown_flush: Duration::from_secs(5),
+        ..Timings::default()
     };
     c
 }
@@ -276,6 +285,10 @@ impl Worker {
             builtin_json: String::new(),
             keep_best_checkpoints: 0,
             maximize: false,
+            world_size: 1,
+            local_world_size: 1,
+            group_world_size: 1,
+            ..Default::default()
         }
     }
 
@@ -361,7 +374,8 @@ async fn reports_buffered_during_a_coordinator_restart_arrive_in_order_after_it(
         r.running,
         vec![pb::RunningAttempt {
             trial_id: 1,
-            attempt: 1
+            attempt: 1,
+            rank: 0,
         }]
     );
     let first_report = after.iter().position(|s| matches!(s, Seen::Report(_))).unwrap();

@@ -48,7 +48,13 @@ pub fn trial(st: &State, id: TrialId) -> Option<pb::Trial> {
         best_value: t.best_value,
         best_step: t.best_step,
         last_metrics_json: t.last_metrics.clone(),
-        worker_id: t.live.as_ref().map(|l| l.worker.0.clone()).unwrap_or_default(),
+        worker_id: t
+            .live
+            .as_ref()
+            .map(|l| l.workers().iter().map(|w| w.0.as_str()).collect::<Vec<_>>().join(","))
+            .unwrap_or_default(),
+        world_size: t.live.as_ref().map_or(0, |l| l.world_size()),
+        data_position_json: t.data_position.clone(),
         started_unix_ms: t.started_ms,
         ended_unix_ms: t.ended_ms,
         message: t.message.clone(),

@@ -299,14 +299,14 @@ impl ExperimentService for ExperimentApi {
             .map(|w| {
                 let mut used = pb::Resources::default();
                 let mut running = Vec::new();
-                for t in st
-                    .trials
-                    .values()
-                    .filter(|t| t.live.as_ref().is_some_and(|l| l.worker == w.id))
-                {
+                for t in st.trials.values() {
+                    let Some(l) = t.live.as_ref().filter(|l| l.on(&w.id)) else {
+                        continue;
+                    };
                     let r = &st.experiments[&t.experiment].spec.spec.resources;
-                    used.cpus += r.cpus;
-                    used.gpus += r.gpus;
+                    let ranks_here = l.ranks.iter().filter(|x| x.worker == w.id).count() as u32;
+                    used.cpus += r.cpus * ranks_here;
+                    used.gpus += r.gpus * ranks_here;
                     running.push(t.id.0);
                 }
                 pb::WorkerInfo {

@@ -1,6 +1,7 @@
 //! `chorus.v1.WorkerService`, for worker agents.
 
 use crate::Coordinator;
+use crate::rendezvous::Joined;
 use chorus_core::WorkerId;
 use chorus_proto::pb;
 use chorus_proto::pb::worker_service_server::WorkerService;
@@ -71,4 +72,37 @@ impl WorkerService for WorkerApi {
         res?;
         Ok(Response::new(pb::ReportTrialResponse {}))
     }
+
+    async fn rendezvous(
+        &self,
+        req: Request<pb::RendezvousRequest>,
+    ) -> Result<Response<pb::RendezvousResponse>, Status> {
+        let req = req.into_inner();
+        let deadline = tokio::time::Instant::now() + RENDEZVOUS_WAIT;
+        loop {
+            let joined = {
+                let mut st = self.coord.lock();
+                let res = st.rendezvous(&req);
+                st.flush();
+                res?
+            };
+            let mut rx = match joined {
+                Joined::Ready(resp) => return Ok(Response::new(resp)),
+                Joined::Wait(rx) => rx,
+            };
+            // Woken when the last rank joins, or (sender dropped) when the attempt ends; either
+            // way the next pass through `rendezvous` says which.
+            if tokio::time::timeout_at(deadline, rx.wait_for(|ready| *ready)).await.is_err() {
+                let missing = self.coord.lock().rendezvous_missing(chorus_core::TrialId(req.trial_id));
+                return Err(Status::deadline_exceeded(format!(
+                    "rendezvous of trial {} attempt {}: ranks {missing:?} have not joined yet; call again",
+                    req.trial_id, req.attempt
+                )));
+            }
+        }
+    }
 }
+
+/// How long one Rendezvous call waits for the other ranks before answering DEADLINE_EXCEEDED;
+/// under the workers' call timeout, so the answer arrives rather than a transport timeout.
+const RENDEZVOUS_WAIT: std::time::Duration = std::time::Duration::from_secs(20);

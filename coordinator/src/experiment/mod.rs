@@ -8,6 +8,7 @@ use chorus_core::convert::{ExperimentState, TrialState};
 use chorus_core::space::Params;
 use chorus_core::spec::{Goal, ValidSpec};
 use chorus_core::{ExperimentId, TrialId, WorkerId};
+use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
 /// One experiment: its validated spec, budgets, searcher and best result so far.
@@ -114,17 +115,81 @@ impl Experiment {
     }
 }
 
-/// The attempt of a trial currently placed on a worker.
+/// One rank of a live attempt: where it runs and what its worker said of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankLive {
+    pub worker: WorkerId,
+    /// The worker reported that this rank's program started.
+    pub started: bool,
+    /// Highest report sequence number applied for this rank (each rank numbers its own).
+    pub last_seq: u64,
+    /// The rank ended successfully and waits for the others.
+    #[serde(default)]
+    pub finished: bool,
+    /// When the worker first stopped listing this rank as running (not persisted: a restarted
+    /// coordinator simply starts the grace period again).
+    #[serde(skip)]
+    pub missing_since: Option<Instant>,
+}
+
+impl RankLive {
+    pub fn new(worker: WorkerId) -> Self {
+        RankLive {
+            worker,
+            started: false,
+            last_seq: 0,
+            finished: false,
+            missing_since: None,
+        }
+    }
+}
+
+/// The attempt of a trial currently placed on workers: one entry per rank, rank 0 first.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Live {
-    pub worker: WorkerId,
-    /// The worker reported that the program started.
-    pub started: bool,
+    pub ranks: Vec<RankLive>,
     pub assigned_ms: i64,
+    /// When the first rank started; 0 before.
     pub started_ms: i64,
-    /// When the worker first stopped listing this attempt as running (not persisted: a
-    /// restarted coordinator simply starts the grace period again).
-    pub missing_since: Option<Instant>,
+}
+
+impl Live {
+    pub fn new(workers: Vec<WorkerId>, assigned_ms: i64) -> Self {
+        Live {
+            ranks: workers.into_iter().map(RankLive::new).collect(),
+            assigned_ms,
+            started_ms: 0,
+        }
+    }
+
+    /// Some rank started.
+    pub fn started(&self) -> bool {
+        self.ranks.iter().any(|r| r.started)
+    }
+
+    /// Every rank started.
+    pub fn all_started(&self) -> bool {
+        self.ranks.iter().all(|r| r.started)
+    }
+
+    pub fn on(&self, worker: &WorkerId) -> bool {
+        self.ranks.iter().any(|r| &r.worker == worker)
+    }
+
+    /// The workers holding ranks, each once, in rank order.
+    pub fn workers(&self) -> Vec<WorkerId> {
+        let mut out: Vec<WorkerId> = Vec::new();
+        for r in &self.ranks {
+            if !out.contains(&r.worker) {
+                out.push(r.worker.clone());
+            }
+        }
+        out
+    }
+
+    pub fn world_size(&self) -> u32 {
+        self.ranks.len() as u32
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -138,8 +203,6 @@ pub struct TrialRecord {
     pub attempt: u32,
     pub restarts: u32,
     pub live: Option<Live>,
-    /// Highest report sequence number applied for the live attempt.
-    pub last_seq: u64,
     pub best_value: Option<f64>,
     pub best_step: Option<i64>,
     pub last_metrics: String,
@@ -150,6 +213,9 @@ pub struct TrialRecord {
     pub message: String,
     pub checkpoint_step: Option<i64>,
     pub malformed: u64,
+    /// For a data-parallel builtin trial: where its data stood at the last checkpoint or
+    /// rendezvous (core's `DataPosition` as JSON), i.e. which samples each rank has consumed.
+    pub data_position: String,
 }
 
 impl TrialRecord {
@@ -163,7 +229,6 @@ impl TrialRecord {
             attempt: 0,
             restarts: 0,
             live: None,
-            last_seq: 0,
             best_value: None,
             best_step: None,
             last_metrics: String::new(),
@@ -173,6 +238,7 @@ impl TrialRecord {
             message: String::new(),
             checkpoint_step: None,
             malformed: 0,
+            data_position: String::new(),
         }
     }
 
@@ -181,19 +247,18 @@ impl TrialRecord {
         let live = self
             .live
             .as_ref()
-            .filter(|l| l.started)
+            .filter(|l| l.started())
             .map_or(0, |l| (now_ms - l.started_ms).max(0));
         self.run_ms + live
     }
 
-    /// Ends the live attempt's clock; returns the worker it ran on.
-    pub fn close_attempt(&mut self, now_ms: i64) -> Option<WorkerId> {
+    /// Ends the live attempt's clock; returns the workers it ran on.
+    pub fn close_attempt(&mut self, now_ms: i64) -> Option<Vec<WorkerId>> {
         let live = self.live.take()?;
-        if live.started {
+        if live.started() {
             self.run_ms += (now_ms - live.started_ms).max(0);
         }
-        self.last_seq = 0;
-        Some(live.worker)
+        Some(live.workers())
     }
 
     /// Records a value of the experiment metric; returns true when it is a new best.
@@ -250,15 +315,12 @@ mod tests {
     #[test]
     fn run_time_accumulates_over_attempts() {
         let mut t = TrialRecord::new(TrialId(1), ExperimentId(1), 0, Params::new());
-        t.live = Some(Live {
-            worker: WorkerId("w".into()),
-            started: true,
-            assigned_ms: 0,
-            started_ms: 1000,
-            missing_since: None,
-        });
+        let mut live = Live::new(vec![WorkerId("w".into())], 0);
+        live.ranks[0].started = true;
+        live.started_ms = 1000;
+        t.live = Some(live);
         assert_eq!(t.run_ms_at(1500), 500);
-        assert_eq!(t.close_attempt(3000), Some(WorkerId("w".into())));
+        assert_eq!(t.close_attempt(3000), Some(vec![WorkerId("w".into())]));
         assert_eq!(t.run_ms_at(9999), 2000);
     }
 }

@@ -7,7 +7,8 @@
 //! does not block younger trials that do (backfill). Single-rank trials go to the worker with
 //! the most free room (spreading load); the ranks of one multi-rank trial are packed onto as
 //! few workers as possible. Only workers carrying every label of a trial's selector take its
-//! ranks. Each experiment runs at most `limit` trials at once.
+//! ranks. Each experiment runs at most `limit` trials at once. An elastic trial (`min_ranks` <
+//! `ranks`) is placed with as many ranks as fit, up to `ranks`, once at least `min_ranks` fit.
 
 use chorus_core::{ExperimentId, TrialId, WorkerId};
 use std::collections::BTreeMap;
@@ -38,7 +39,10 @@ pub struct PendingTrial {
     pub experiment: ExperimentId,
     /// Resources of each rank.
     pub needs: Resources,
+    /// The most ranks to place.
     pub ranks: u32,
+    /// The fewest ranks the trial can run with (equal to `ranks` unless elastic).
+    pub min_ranks: u32,
     /// Labels a worker must carry (with these values) to take a rank.
     pub selector: BTreeMap<String, String>,
 }
@@ -113,7 +117,7 @@ fn place(free: &[WorkerView], p: &PendingTrial) -> Option<Vec<usize>> {
             return Some(ranks);
         }
     }
-    None
+    (ranks.len() as u32 >= p.min_ranks.max(1)).then_some(ranks)
 }
 
 #[cfg(test)]
@@ -135,7 +139,15 @@ mod tests {
             experiment: ExperimentId(exp),
             needs: Resources { cpus, gpus },
             ranks,
+            min_ranks: ranks,
             selector: BTreeMap::new(),
+        }
+    }
+
+    fn elastic(id: u64, min: u32, max: u32) -> PendingTrial {
+        PendingTrial {
+            min_ranks: min,
+            ..t(id, 1, 1, 0, max)
         }
     }
 
@@ -205,25 +217,43 @@ mod tests {
         assert_eq!(out[0].workers, vec![WorkerId("b".into()); 4]);
     }
 
+    #[test]
+    fn elastic_gangs_take_what_fits_within_bounds() {
+        let ws = [w("a", 1, 0), w("b", 2, 0)];
+        let out = schedule(&ws, &[elastic(1, 2, 8)], &q(&[(1, 1)]));
+        assert_eq!(out[0].workers.len(), 3);
+        let out = schedule(&ws, &[elastic(1, 2, 2)], &q(&[(1, 1)]));
+        assert_eq!(out[0].workers, vec![WorkerId("b".into()); 2]);
+        assert!(schedule(&ws, &[elastic(1, 4, 8)], &q(&[(1, 1)])).is_empty());
+        // An elastic trial that cannot reach its minimum does not block a smaller one behind it.
+        let out = schedule(&ws, &[elastic(1, 4, 8), t(2, 1, 1, 0, 1)], &q(&[(1, 2)]));
+        assert_eq!(out.iter().map(|p| p.trial.0).collect::<Vec<_>>(), vec![2]);
+    }
+
     proptest! {
         /// Whatever the input, placements never overcommit a worker, never exceed a quota,
-        /// and always give a trial all of its ranks.
+        /// and always give a trial between its minimum and maximum of ranks.
         #[test]
         fn never_overcommits(
             caps in prop::collection::vec((0u32..6, 0u32..3), 1..5),
-            trials in prop::collection::vec((1u64..4, 0u32..3, 0u32..2, 1u32..4), 0..12),
+            trials in prop::collection::vec((1u64..4, 0u32..3, 0u32..2, 1u32..4, 0u32..3), 0..12),
             quota in 0u32..6,
         ) {
             let ws: Vec<_> = caps.iter().enumerate().map(|(i, (c, g))| w(&format!("w{i}"), *c, *g)).collect();
             let ps: Vec<_> = trials.iter().enumerate()
-                .map(|(i, (e, c, g, r))| t(i as u64 + 1, *e, (*c).max(u32::from(*g == 0)), *g, *r)).collect();
+                .map(|(i, (e, c, g, r, slack))| PendingTrial {
+                    min_ranks: r.saturating_sub(*slack).max(1),
+                    ..t(i as u64 + 1, *e, (*c).max(u32::from(*g == 0)), *g, *r)
+                })
+                .collect();
             let quotas: Quotas = (1..4).map(|e| (ExperimentId(e), quota)).collect();
             let out = schedule(&ws, &ps, &quotas);
             let mut used: BTreeMap<String, (u32, u32)> = BTreeMap::new();
             let mut per_exp: BTreeMap<ExperimentId, u32> = BTreeMap::new();
             for pl in &out {
                 let p = ps.iter().find(|p| p.trial == pl.trial).unwrap();
-                prop_assert_eq!(pl.workers.len() as u32, p.ranks);
+                let n = pl.workers.len() as u32;
+                prop_assert!(n >= p.min_ranks && n <= p.ranks, "{} ranks for {:?}", n, p);
                 *per_exp.entry(p.experiment).or_default() += 1;
                 for wid in &pl.workers {
                     let e = used.entry(wid.0.clone()).or_default();

@@ -5,13 +5,20 @@
 //! coordinator knows at start is read back from here. Rows hold domain names (`"running"`),
 //! never protobuf numbers.
 
-use crate::experiment::{Live, TrialRecord};
+use crate::experiment::{Live, RankLive, TrialRecord};
 use chorus_core::convert::{ExperimentState, TrialState};
 use chorus_core::{ExperimentId, TrialId, WorkerId};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
+
+/// Brings a store of an older schema up to [`SCHEMA_VERSION`], one step at a time.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    "ALTER TABLE trials ADD COLUMN live_ranks TEXT NOT NULL DEFAULT '';
+     ALTER TABLE trials ADD COLUMN data_position TEXT NOT NULL DEFAULT '';",
+)];
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -52,6 +59,10 @@ CREATE TABLE IF NOT EXISTS trials (
     message TEXT NOT NULL DEFAULT '',
     checkpoint_step INTEGER,
     malformed INTEGER NOT NULL DEFAULT 0,
+    -- Every rank of the live attempt as JSON ([{worker, started, last_seq, finished}]); the
+    -- live_* columns above describe rank 0.
+    live_ranks TEXT NOT NULL DEFAULT '',
+    data_position TEXT NOT NULL DEFAULT '',
     UNIQUE (experiment_id, seq)
 );
 CREATE TABLE IF NOT EXISTS metrics (
@@ -149,18 +160,36 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA)?;
         let version: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
-            .optional()?;
-        match version {
+            .optional()
+            // A new database has no meta table yet.
+            .or_else(|e| match e {
+                rusqlite::Error::SqliteFailure(_, Some(ref m)) if m.contains("no such table") => Ok(None),
+                e => Err(e),
+            })?;
+        match version.map(|v| v.parse::<i64>().unwrap_or(-1)) {
             None => {
+                conn.execute_batch(SCHEMA)?;
                 conn.execute(
                     "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)",
                     [SCHEMA_VERSION.to_string()],
                 )?;
             }
-            Some(v) if v == SCHEMA_VERSION.to_string() => {}
+            Some(SCHEMA_VERSION) => {}
+            Some(mut v) if (1..SCHEMA_VERSION).contains(&v) => {
+                let tx = conn.unchecked_transaction()?;
+                while v < SCHEMA_VERSION {
+                    let (_, sql) = MIGRATIONS.iter().find(|(from, _)| *from == v).expect("a migration per version");
+                    tx.execute_batch(sql)?;
+                    v += 1;
+                }
+                tx.execute(
+                    "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
+                    [SCHEMA_VERSION.to_string()],
+                )?;
+                tx.commit()?;
+            }
             Some(v) => {
                 return Err(rusqlite::Error::InvalidParameterName(format!(
                     "store schema version {v} is not supported by this coordinator (expects {SCHEMA_VERSION})"
@@ -199,7 +228,8 @@ impl Store {
         let mut stmt = self.conn.prepare(
             "SELECT id, experiment_id, seq, params, state, attempt, restarts, live_worker, live_started,
                     live_assigned_ms, live_started_ms, last_seq, best_value, best_step, last_metrics, started_ms,
-                    ended_ms, run_ms, message, checkpoint_step, malformed FROM trials ORDER BY id",
+                    ended_ms, run_ms, message, checkpoint_step, malformed, live_ranks, data_position
+             FROM trials ORDER BY id",
         )?;
         let rows = stmt.query_map([], |r| {
             let live_worker: Option<String> = r.get(7)?;
@@ -214,16 +244,28 @@ impl Store {
                 attempt: r.get::<_, i64>(5)? as u32,
                 restarts: r.get::<_, i64>(6)? as u32,
                 live: match live_worker {
-                    Some(w) => Some(Live {
-                        worker: WorkerId(w),
-                        started: r.get::<_, i64>(8)? != 0,
-                        assigned_ms: r.get(9)?,
-                        started_ms: r.get(10)?,
-                        missing_since: None,
-                    }),
+                    Some(w) => {
+                        let ranks_json: String = r.get(21)?;
+                        let ranks = if ranks_json.is_empty() {
+                            // Written before multi-rank attempts: rank 0 is all there is.
+                            vec![RankLive {
+                                started: r.get::<_, i64>(8)? != 0,
+                                last_seq: r.get::<_, i64>(11)? as u64,
+                                ..RankLive::new(WorkerId(w))
+                            }]
+                        } else {
+                            serde_json::from_str(&ranks_json).map_err(|e| {
+                                rusqlite::Error::FromSqlConversionFailure(21, rusqlite::types::Type::Text, Box::new(e))
+                            })?
+                        };
+                        Some(Live {
+                            ranks,
+                            assigned_ms: r.get(9)?,
+                            started_ms: r.get(10)?,
+                        })
+                    }
                     None => None,
                 },
-                last_seq: r.get::<_, i64>(11)? as u64,
                 best_value: r.get(12)?,
                 best_step: r.get(13)?,
                 last_metrics: r.get(14)?,
@@ -233,6 +275,7 @@ impl Store {
                 message: r.get(18)?,
                 checkpoint_step: r.get(19)?,
                 malformed: r.get::<_, i64>(20)? as u64,
+                data_position: r.get(22)?,
             })
         })?;
         rows.collect()
@@ -270,8 +313,9 @@ impl Store {
             let mut put_trial = tx.prepare_cached(
                 "INSERT OR REPLACE INTO trials (id, experiment_id, seq, params, state, attempt, restarts, live_worker,
                     live_started, live_assigned_ms, live_started_ms, last_seq, best_value, best_step, last_metrics,
-                    started_ms, ended_ms, run_ms, message, checkpoint_step, malformed)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)",
+                    started_ms, ended_ms, run_ms, message, checkpoint_step, malformed, live_ranks, data_position)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21,
+                    ?22, ?23)",
             )?;
             for t in &batch.trials {
                 put_trial.execute(params![
@@ -282,11 +326,11 @@ impl Store {
                     t.state.as_str(),
                     t.attempt as i64,
                     t.restarts as i64,
-                    t.live.as_ref().map(|l| l.worker.0.clone()),
-                    t.live.as_ref().is_some_and(|l| l.started) as i64,
+                    t.live.as_ref().map(|l| l.ranks[0].worker.0.clone()),
+                    t.live.as_ref().is_some_and(|l| l.ranks[0].started) as i64,
                     t.live.as_ref().map_or(0, |l| l.assigned_ms),
                     t.live.as_ref().map_or(0, |l| l.started_ms),
-                    t.last_seq as i64,
+                    t.live.as_ref().map_or(0, |l| l.ranks[0].last_seq) as i64,
                     t.best_value,
                     t.best_step,
                     t.last_metrics,
@@ -296,6 +340,11 @@ impl Store {
                     t.message,
                     t.checkpoint_step,
                     t.malformed as i64,
+                    t.live
+                        .as_ref()
+                        .map(|l| serde_json::to_string(&l.ranks).expect("ranks serialise"))
+                        .unwrap_or_default(),
+                    t.data_position,
                 ])?;
             }
             let mut put_metric = tx.prepare_cached(

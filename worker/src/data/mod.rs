@@ -8,6 +8,7 @@ pub mod shards;
 pub mod synthetic;
 
 use crate::error::WorkerError;
+use chorus_core::shards::{ShardSize, ShardSpan};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
@@ -78,6 +79,21 @@ impl Batch {
         self.mask.narrow(1, m.column(), 1)
     }
 
+    /// Samples `start..start + len` of the batch, sharing storage.
+    pub fn narrow(&self, start: i64, len: i64) -> Batch {
+        let n = |t: &Tensor| t.narrow(0, start, len);
+        let n_opt = |t: &Option<Tensor>| t.as_ref().map(n);
+        Batch {
+            image: n_opt(&self.image),
+            text: n_opt(&self.text),
+            text_lengths: n_opt(&self.text_lengths),
+            audio: n_opt(&self.audio),
+            audio_lengths: n_opt(&self.audio_lengths),
+            mask: n(&self.mask),
+            labels: n(&self.labels),
+        }
+    }
+
     /// A shallow copy sharing the tensors' storage.
     pub fn shallow_clone(&self) -> Batch {
         let c = |t: &Option<Tensor>| t.as_ref().map(Tensor::shallow_clone);
@@ -125,4 +141,25 @@ pub trait BatchSource: Send {
 
     /// The validation set, the same batches every call.
     fn validation(&mut self) -> Box<dyn Iterator<Item = Result<Batch, WorkerError>> + '_>;
+
+    /// The training shards and their sample counts, from which a data-parallel plan is made.
+    fn shard_sizes(&self) -> Result<Vec<ShardSize>, WorkerError> {
+        Err(WorkerError::Data(
+            "this data source is not sharded, so it cannot be split between ranks".into(),
+        ))
+    }
+
+    /// Starts a data-parallel pass over `spans`, this rank's part of epoch `epoch`'s plan: the
+    /// next `next_train` returns their first samples, and `None` once they are all read.
+    fn begin_spans(&mut self, epoch: u64, spans: &[ShardSpan]) -> Result<(), WorkerError> {
+        let _ = (epoch, spans);
+        Err(WorkerError::Data(
+            "this data source is not sharded, so it cannot be split between ranks".into(),
+        ))
+    }
+
+    /// The sample keys of the batch `next_train` returned last, where the source knows them.
+    fn last_keys(&self) -> Vec<String> {
+        Vec::new()
+    }
 }

@@ -8,6 +8,7 @@
 //! the shards before it.
 
 use super::{Batch, BatchSource, DataCursor};
+use chorus_core::shards::{ShardSize, ShardSpan};
 use crate::error::WorkerError;
 use chorus_core::storage::Storage;
 use chorus_dataset::{IMAGE_PIXELS, LogMel, Manifest, Sample, ShardInfo, Split, fetch_shard, parse_shard};
@@ -40,6 +41,7 @@ pub struct ShardSourceConfig {
 
 /// One sample, decoded and featurised, ready to be stacked into a batch.
 struct Prepared {
+    key: String,
     image: Option<Vec<f32>>,
     tokens: Option<Vec<i64>>,
     mel: Option<Vec<[f32; 64]>>,
@@ -64,10 +66,14 @@ pub struct ShardSource {
     validation: Vec<Batch>,
     cursor: DataCursor,
     producer: Option<Producer>,
+    last_keys: Vec<String>,
 }
 
+/// A batch and the keys of its samples.
+type Keyed = (Batch, Vec<String>);
+
 struct Producer {
-    batches: Option<Receiver<Result<Batch, WorkerError>>>,
+    batches: Option<Receiver<Result<Keyed, WorkerError>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -148,6 +154,7 @@ impl ShardSource {
             validation,
             cursor: DataCursor::default(),
             producer: None,
+            last_keys: Vec::new(),
         })
     }
 
@@ -164,16 +171,20 @@ impl ShardSource {
             .name(format!("chorus-data-e{epoch}"))
             .spawn(move || produce(shared, order, epoch, skip_samples, tx, stop_flag))
             .expect("spawn data thread");
-        self.producer = Some(Producer {
-            batches: Some(rx),
-            stop,
-            thread: Some(thread),
-        });
+        self.install(rx, stop, thread);
         self.cursor = DataCursor {
             epoch,
             batch: skip_batches,
             detail: serde_json::Value::Null,
         };
+    }
+
+    fn install(&mut self, rx: Receiver<Result<Keyed, WorkerError>>, stop: Arc<AtomicBool>, thread: JoinHandle<()>) {
+        self.producer = Some(Producer {
+            batches: Some(rx),
+            stop,
+            thread: Some(thread),
+        });
     }
 }
 
@@ -186,12 +197,69 @@ fn epoch_order(train: &[ShardInfo], seed: u64, epoch: u64) -> Vec<ShardInfo> {
     order
 }
 
+/// A data-parallel rank's pass: the samples of `spans` in order, a span's samples taken from its
+/// shard in the order drawn from (seed, epoch, shard key), which no plan around it changes.
+fn produce_spans(
+    shared: Arc<Shared>,
+    spans: Vec<ShardSpan>,
+    epoch: u64,
+    tx: SyncSender<Result<Keyed, WorkerError>>,
+    stop: Arc<AtomicBool>,
+) {
+    let b = shared.config.batch_size as usize;
+    let mut pending: VecDeque<Prepared> = VecDeque::new();
+    for span in &spans {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let shard = match shared.manifest.shard(&span.shard) {
+            Some(s) => s.clone(),
+            None => {
+                let _ = tx.send(Err(WorkerError::Data(format!(
+                    "shard {} of the plan is not in the dataset's manifest",
+                    span.shard
+                ))));
+                return;
+            }
+        };
+        let mut samples = match shared.load(&shard) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
+        if span.end > samples.len() as u64 {
+            let _ = tx.send(Err(WorkerError::Data(format!(
+                "shard {} holds {} samples; the plan reads up to {}",
+                span.shard,
+                samples.len(),
+                span.end
+            ))));
+            return;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(shared.config.seed ^ crc32c::crc32c(span.shard.as_bytes()) as u64);
+        rng.set_stream(epoch);
+        samples.shuffle(&mut rng);
+        pending.extend(samples.drain(span.start as usize..span.end as usize));
+        while pending.len() >= b {
+            let batch: Vec<Prepared> = pending.drain(..b).collect();
+            if tx.send(Ok(shared.keyed_batch(batch))).is_err() {
+                return;
+            }
+        }
+    }
+    if !pending.is_empty() {
+        let _ = tx.send(Ok(shared.keyed_batch(pending.into_iter().collect())));
+    }
+}
+
 fn produce(
     shared: Arc<Shared>,
     order: Vec<ShardInfo>,
     epoch: u64,
     mut skip: u64,
-    tx: SyncSender<Result<Batch, WorkerError>>,
+    tx: SyncSender<Result<Keyed, WorkerError>>,
     stop: Arc<AtomicBool>,
 ) {
     let b = shared.config.batch_size as usize;
@@ -219,13 +287,13 @@ fn produce(
         skip = 0;
         while pending.len() >= b {
             let batch: Vec<Prepared> = pending.drain(..b).collect();
-            if tx.send(Ok(shared.batch(batch))).is_err() {
+            if tx.send(Ok(shared.keyed_batch(batch))).is_err() {
                 return;
             }
         }
     }
     if !pending.is_empty() {
-        let _ = tx.send(Ok(shared.batch(pending.into_iter().collect())));
+        let _ = tx.send(Ok(shared.keyed_batch(pending.into_iter().collect())));
     }
 }
 
@@ -251,11 +319,17 @@ impl Shared {
     fn prepare(&self, s: Sample) -> Prepared {
         let t = self.config.text_len as usize;
         Prepared {
+            key: s.key,
             image: s.image.map(|px| px.iter().map(|&p| p as f32 / 255.0).collect()),
             tokens: s.text.map(|text| self.manifest.vocabulary.encode(&text, t)),
             mel: s.audio.map(|a| self.log_mel.compute(&a)),
             label: s.label as i64,
         }
+    }
+
+    fn keyed_batch(&self, samples: Vec<Prepared>) -> Keyed {
+        let keys = samples.iter().map(|s| s.key.clone()).collect();
+        (self.batch(samples), keys)
     }
 
     /// Stacks samples into a batch; missing modalities are zero-filled and masked.
@@ -319,8 +393,9 @@ impl BatchSource for ShardSource {
             return Ok(None);
         };
         match rx.recv() {
-            Ok(Ok(batch)) => {
+            Ok(Ok((batch, keys))) => {
                 self.cursor.batch += 1;
+                self.last_keys = keys;
                 Ok(Some(batch))
             }
             Ok(Err(e)) => Err(e),
@@ -340,6 +415,39 @@ impl BatchSource for ShardSource {
 
     fn validation(&mut self) -> Box<dyn Iterator<Item = Result<Batch, WorkerError>> + '_> {
         Box::new(self.validation.iter().map(|b| Ok(b.shallow_clone())))
+    }
+
+    fn shard_sizes(&self) -> Result<Vec<ShardSize>, WorkerError> {
+        Ok(self
+            .train
+            .iter()
+            .map(|s| ShardSize {
+                key: s.key.clone(),
+                samples: s.samples,
+            })
+            .collect())
+    }
+
+    fn begin_spans(&mut self, epoch: u64, spans: &[ShardSpan]) -> Result<(), WorkerError> {
+        self.producer = None;
+        let (tx, rx) = sync_channel(self.shared.config.prefetch.max(1));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (shared, stop_flag, spans) = (self.shared.clone(), stop.clone(), spans.to_vec());
+        let thread = std::thread::Builder::new()
+            .name(format!("chorus-data-e{epoch}"))
+            .spawn(move || produce_spans(shared, spans, epoch, tx, stop_flag))
+            .map_err(|e| WorkerError::Task(format!("cannot start the data thread: {e}")))?;
+        self.install(rx, stop, thread);
+        self.cursor = DataCursor {
+            epoch,
+            batch: 0,
+            detail: serde_json::Value::Null,
+        };
+        Ok(())
+    }
+
+    fn last_keys(&self) -> Vec<String> {
+        self.last_keys.clone()
     }
 }
 

@@ -19,10 +19,26 @@ pub const AUDIO_BANDS: i64 = 40;
 pub const IMAGE_SIZE: i64 = 48;
 pub const PARAMETERS: i64 = 1_436_615;
 
-/// Nothing to choose: the model is fixed so its figures compare across runs.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EmotionBenchConfig {}
+/// The layers are fixed so figures compare across runs. Two switches exist for comparing runs
+/// that split a batch differently (data-parallel against single-rank): without batch
+/// statistics and dropout a sample's output no longer depends on its batch or its rank.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmotionBenchConfig {
+    /// false: batch-norm layers use their running statistics in training too.
+    pub batch_stats: bool,
+    /// Dropout before the last layer.
+    pub dropout: f64,
+}
+
+impl Default for EmotionBenchConfig {
+    fn default() -> Self {
+        EmotionBenchConfig {
+            batch_stats: true,
+            dropout: 0.2,
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct EmotionBench {
@@ -32,10 +48,11 @@ pub struct EmotionBench {
     audio_lstm: nn::LSTM,
     fc1: nn::Linear,
     fc2: nn::Linear,
+    config: EmotionBenchConfig,
 }
 
 impl EmotionBench {
-    pub fn new(p: &nn::Path) -> Self {
+    pub fn new(p: &nn::Path, config: EmotionBenchConfig) -> Self {
         let image = p / "image";
         let blocks = [(1, 32), (32, 64), (64, 128)]
             .iter()
@@ -54,13 +71,14 @@ impl EmotionBench {
             audio_lstm: layers::lstm(p / "audio" / "lstm", AUDIO_BANDS, 128, 1),
             fc1: layers::linear(p / "head" / "fc1", 384, 256),
             fc2: layers::linear(p / "head" / "fc2", 256, EMOTION_CLASSES),
+            config,
         }
     }
 
     fn image(&self, x: &Tensor, train: bool) -> Tensor {
         let mut x = layers::channels_last(x); // [B, 1, 48, 48]
         for (n, (conv, bn)) in self.blocks.iter().enumerate() {
-            x = bn.forward_t(&x.apply(conv), train).relu(); // [B, 32|64|128, 48|24|12, 48|24|12]
+            x = bn.forward_t(&x.apply(conv), train && self.config.batch_stats).relu(); // [B, 32|64|128, 48|24|12, 48|24|12]
             if n < 2 {
                 x = x.max_pool2d_default(2); // [B, 32|64, 24|12, 24|12]
             }
@@ -85,7 +103,7 @@ impl EmotionModel for EmotionBench {
 
     fn classify(&self, fused: &Tensor, ctx: &Ctx) -> Tensor {
         let x = self.fc1.forward(fused).relu(); // [B, 256]
-        let x = ctx.dropout(&x, 0.2); // [B, 256]
+        let x = ctx.dropout(&x, self.config.dropout); // [B, 256]
         self.fc2.forward(&x) // [B, 7]
     }
 
@@ -103,7 +121,7 @@ mod tests {
     #[test]
     fn has_exactly_the_reference_parameter_count() {
         let vs = nn::VarStore::new(Device::Cpu);
-        let _model = EmotionBench::new(&vs.root());
+        let _model = EmotionBench::new(&vs.root(), EmotionBenchConfig::default());
         assert_eq!(layers::parameter_count(&vs), PARAMETERS);
         // BatchNorm running statistics exist but are buffers, not parameters.
         assert_eq!(vs.variables().len(), vs.trainable_variables().len() + 6);
@@ -112,7 +130,7 @@ mod tests {
     #[test]
     fn maps_bench_shaped_inputs_to_seven_logits() {
         let vs = nn::VarStore::new(Device::Cpu);
-        let model = EmotionBench::new(&vs.root());
+        let model = EmotionBench::new(&vs.root(), EmotionBenchConfig::default());
         let src = SyntheticSource::new(SyntheticConfig {
             batch_size: 2,
             ..Default::default()

@@ -60,7 +60,7 @@ pub trait EmotionModel {
 /// Builds the model under the root of `vs` (on the store's device).
 pub fn build(config: &ModelConfig, vs: &nn::VarStore) -> Result<Box<dyn EmotionModel>, WorkerError> {
     Ok(match config {
-        ModelConfig::EmotionBench(_) => Box::new(EmotionBench::new(&vs.root())),
+        ModelConfig::EmotionBench(c) => Box::new(EmotionBench::new(&vs.root(), c.clone())),
         ModelConfig::Multimodal(c) => Box::new(Multimodal::new(&vs.root(), c)?),
     })
 }
@@ -87,7 +87,7 @@ mod tests {
         assert_eq!(m.augment, multimodal::Augment::Gan);
         assert_eq!(m.classifier.num_classes, 7);
         let bench: ModelConfig = serde_json::from_str(r#"{"kind": "emotion_bench"}"#).unwrap();
-        assert_eq!(bench, ModelConfig::EmotionBench(EmotionBenchConfig {}));
+        assert_eq!(bench, ModelConfig::EmotionBench(EmotionBenchConfig::default()));
     }
 
     #[test]

@@ -6,7 +6,13 @@
 //! into the attempt's checkpoint directory and committed under its step like any other, so
 //! restore, retention and the coordinator's view need nothing builtin-specific.
 
+use super::rendezvous::Missed;
 use super::{Events, Output, Prepared, Stop, exited, kill_message};
+use crate::collective::ring::{RingCollective, RingConfig, RingListener};
+use crate::data::BatchSource;
+use crate::trainer::DataParallel;
+use crate::trainer::checkpoint::read_counters;
+use chorus_core::shards::DataPosition;
 use crate::data::shards::{ShardSource, ShardSourceConfig};
 use crate::trainer::{self, DeviceChoice, Outcome, TrainConfig, TrainerEvent, TrainerJob};
 use chorus_dataset::Split;
@@ -104,11 +110,23 @@ pub(super) async fn run(
         Err(e) => return exited(pb::ExitKind::Failed, None, format!("dataset loader: {e}")),
     };
     let trainer_root = p.checkpoint_dir.with_file_name("trainer");
+    let parallel = if a.world_size > 1 || a.data_parallel {
+        let shards = source.shard_sizes();
+        match join_group(ctx, a, shards, &config, &p, stop).await {
+            Ok(dp) => Some(dp),
+            Err(super::rendezvous::Missed::Stopped(s)) => return super::stopped_before_start(s),
+            Err(super::rendezvous::Missed::Failed(m)) => return exited(pb::ExitKind::Failed, None, m),
+        }
+    } else {
+        None
+    };
     let job = TrainerJob {
         config,
         source: Box::new(source),
         checkpoint_root: trainer_root,
-        resume_from: p.restored_step.map(|_| p.checkpoint_dir.clone()),
+        // Rank 0 restores; the other ranks take its state over the collective.
+        resume_from: p.restored_step.filter(|_| a.rank == 0).map(|_| p.checkpoint_dir.clone()),
+        parallel,
     };
     let mut trainer = match trainer::spawn(job) {
         Ok(t) => t,
@@ -190,6 +208,95 @@ pub(super) async fn run(
     }
 }
 
+/// Meets the other ranks: announces this rank's collective listener (rank 0 also what the data
+/// plan is made from: the shards and where its checkpoint stands), then connects the ring.
+async fn join_group(
+    ctx: &super::RunnerContext,
+    a: &pb::Assignment,
+    shards: Result<Vec<chorus_core::shards::ShardSize>, crate::error::WorkerError>,
+    config: &TrainConfig,
+    p: &Prepared,
+    stop: &mut watch::Receiver<Option<Stop>>,
+) -> Result<DataParallel, Missed> {
+    let failed = |m: String| Missed::Failed(m);
+    if config.device == DeviceChoice::Cuda {
+        return Err(failed(
+            "data-parallel training on GPUs (NCCL) is not wired into builtin trials yet; use CPU workers".into(),
+        ));
+    }
+    let listener = RingListener::bind(ctx.advertise_address).map_err(|e| failed(e.to_string()))?;
+    let data = if a.rank == 0 {
+        let shards = shards.map_err(|e| failed(e.to_string()))?;
+        let counters = match p.restored_step {
+            Some(_) => Some(read_counters(&p.checkpoint_dir).map_err(|e| failed(e.to_string()))?),
+            None => None,
+        };
+        let position_json = counters
+            .as_ref()
+            .and_then(|c| c.cursor.as_ref())
+            .filter(|c| !c.detail.is_null())
+            .map(|c| c.detail.to_string())
+            .unwrap_or_default();
+        Some(pb::DataPlanRequest {
+            shards: shards
+                .into_iter()
+                .map(|s| pb::ShardSize {
+                    key: s.key,
+                    samples: s.samples,
+                })
+                .collect(),
+            seed: config.seed,
+            batch_size: config.batch_size as u64,
+            position_json,
+            epoch: counters.map_or(0, |c| c.epoch),
+        })
+    } else {
+        None
+    };
+    let request = pb::RendezvousRequest {
+        worker_id: ctx.worker_id.clone(),
+        trial_id: a.trial_id,
+        attempt: a.attempt,
+        rank: a.rank,
+        address: listener.local_addr().to_string(),
+        nccl_id: Vec::new(),
+        data,
+    };
+    let met = super::rendezvous::meet(ctx.rendezvous.as_ref(), request, ctx.rendezvous_timeout, stop).await?;
+    let position: DataPosition = serde_json::from_str(&met.position_json)
+        .map_err(|e| failed(format!("rendezvous gave no usable data position: {e}")))?;
+    let peers = met
+        .addresses
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<Vec<std::net::SocketAddr>, _>>()
+        .map_err(|e| failed(format!("rendezvous gave a bad peer address in {:?}: {e}", met.addresses)))?;
+    let ring_config = RingConfig {
+        timeout: ctx.collective_timeout,
+        ..RingConfig::default()
+    };
+    let (rank, session) = (a.rank as usize, met.session);
+    let ring = tokio::task::spawn_blocking(move || RingCollective::connect(listener, rank, &peers, session, ring_config))
+        .await
+        .map_err(|e| failed(format!("connecting the ring: {e}")))?
+        .map_err(|e| failed(e.to_string()))?;
+    let sample_trace = std::env::var_os(SAMPLE_TRACE_ENV).map(|dir| {
+        std::path::PathBuf::from(dir)
+            .join(format!("trial-{}", a.trial_id))
+            .join(format!("attempt-{}", a.attempt))
+    });
+    Ok(DataParallel {
+        collective: Box::new(ring),
+        position,
+        bucket_bytes: config.bucket_bytes,
+        sample_trace,
+    })
+}
+
+/// Set on a worker, every rank of a data-parallel builtin trial appends the keys of the samples
+/// it trained on, per step, under this directory: a lineage to audit exactly-once reading.
+pub const SAMPLE_TRACE_ENV: &str = "CHORUS_SAMPLE_TRACE_DIR";
+
 fn metric_line(fields: serde_json::Map<String, Value>) -> String {
     format!("{} {}", chorus_core::metric::PREFIX, Value::Object(fields))
 }
@@ -260,11 +367,13 @@ async fn handle_event(ev: TrainerEvent, classes: &[String], checkpoint_dir: &Pat
             lines.handle(metric_line(cm));
             lines.handle(metric_line(m));
         }
-        TrainerEvent::Checkpoint { step, dir, .. } => {
+        TrainerEvent::Checkpoint {
+            step, dir, data_position, ..
+        } => {
             let target = checkpoint_dir.to_path_buf();
             let copied = tokio::task::spawn_blocking(move || replace_dir(&dir, &target)).await;
             match copied {
-                Ok(Ok(())) => lines.checkpoint(step),
+                Ok(Ok(())) => lines.checkpoint(step, data_position.unwrap_or_default()),
                 Ok(Err(e)) => lines.handle(format!("cannot stage the checkpoint of step {step}: {e}")),
                 Err(e) => lines.handle(format!("cannot stage the checkpoint of step {step}: {e}")),
             }

@@ -9,6 +9,7 @@ mod builtin;
 mod output;
 mod process;
 mod records;
+pub mod rendezvous;
 #[cfg(test)]
 mod tests;
 
@@ -110,14 +111,21 @@ pub struct RunnerContext {
     pub stores: StorageCache,
     pub kill_grace: Duration,
     pub output_grace: Duration,
+    /// Where peers reach this worker (collectives; MASTER_ADDR of a command trial's rank 0).
+    pub advertise_address: std::net::IpAddr,
+    pub collective_timeout: Duration,
+    pub rendezvous_timeout: Duration,
+    /// Rendezvous requests of multi-rank attempts go here; the agent serves them.
+    pub rendezvous: Option<rendezvous::RendezvousSender>,
 }
 
 impl RunnerContext {
-    pub fn attempt_dir(&self, trial: u64, attempt: u32) -> PathBuf {
-        self.data_dir
-            .join("trials")
-            .join(trial.to_string())
-            .join(format!("attempt-{attempt}"))
+    pub fn attempt_dir(&self, trial: u64, attempt: u32, rank: u32) -> PathBuf {
+        let name = match rank {
+            0 => format!("attempt-{attempt}"),
+            r => format!("attempt-{attempt}-rank-{r}"),
+        };
+        self.data_dir.join("trials").join(trial.to_string()).join(name)
     }
 }
 
@@ -131,7 +139,7 @@ pub async fn run_attempt(
     events: Events,
     mut stop: watch::Receiver<Option<Stop>>,
 ) -> pb::Exited {
-    let attempt_dir = ctx.attempt_dir(a.trial_id, a.attempt);
+    let attempt_dir = ctx.attempt_dir(a.trial_id, a.attempt, a.rank);
     let exited = match prepare(ctx, a, &attempt_dir).await {
         Ok(prepared) if !a.builtin_json.is_empty() => builtin::run(ctx, a, gpu_ids, &events, &mut stop, prepared).await,
         Ok(prepared) => run_prepared(ctx, a, gpu_ids, &events, &mut stop, prepared).await,
@@ -251,21 +259,20 @@ async fn run_prepared(
 ) -> pb::Exited {
     // An order that arrived while restoring wins over starting the program at all.
     if let Some(s) = stop.borrow_and_update().clone() {
-        return match s {
-            Stop::Kill(reason) => exited(pb::ExitKind::Killed, None, kill_message(reason)),
-            Stop::Shutdown => exited(
-                pb::ExitKind::Interrupted,
-                None,
-                "the worker shut down before the trial started".into(),
-            ),
-        };
+        return stopped_before_start(s);
     }
+    let distributed = match torchrun_env(ctx, a, stop).await {
+        Ok(env) => env,
+        Err(rendezvous::Missed::Stopped(s)) => return stopped_before_start(s),
+        Err(rendezvous::Missed::Failed(message)) => return exited(pb::ExitKind::Failed, None, message),
+    };
     let spec = process::Spec {
         assignment: a,
         checkpoint_dir: &p.checkpoint_dir,
         restored_step: p.restored_step,
         gpu_ids,
         worker_id: &ctx.worker_id,
+        extra_env: &distributed,
     };
     let mut proc = match process::spawn(&spec) {
         Ok(c) => c,
@@ -375,6 +382,73 @@ async fn run_prepared(
     result
 }
 
+fn stopped_before_start(s: Stop) -> pb::Exited {
+    match s {
+        Stop::Kill(reason) => exited(pb::ExitKind::Killed, None, kill_message(reason)),
+        Stop::Shutdown => exited(
+            pb::ExitKind::Interrupted,
+            None,
+            "the worker shut down before the trial started".into(),
+        ),
+    }
+}
+
+/// For a rank of a multi-rank command trial: meets the other ranks, then returns the
+/// environment torchrun would give the program, so an unchanged PyTorch DDP script runs.
+/// Rank 0 announces a free port on this worker as `MASTER_PORT`, where its program's
+/// `init_process_group` will listen. Empty for a single-rank trial.
+async fn torchrun_env(
+    ctx: &RunnerContext,
+    a: &pb::Assignment,
+    stop: &mut watch::Receiver<Option<Stop>>,
+) -> Result<Vec<(String, String)>, rendezvous::Missed> {
+    if a.world_size <= 1 {
+        return Ok(Vec::new());
+    }
+    let address = if a.rank == 0 {
+        let probe = std::net::TcpListener::bind((ctx.advertise_address, 0))
+            .map_err(|e| rendezvous::Missed::Failed(format!("cannot find a free port for MASTER_PORT: {e}")))?;
+        probe
+            .local_addr()
+            .map_err(|e| rendezvous::Missed::Failed(format!("cannot find a free port for MASTER_PORT: {e}")))?
+            .to_string()
+    } else {
+        std::net::SocketAddr::from((ctx.advertise_address, 0)).to_string()
+    };
+    let request = pb::RendezvousRequest {
+        worker_id: ctx.worker_id.clone(),
+        trial_id: a.trial_id,
+        attempt: a.attempt,
+        rank: a.rank,
+        address,
+        nccl_id: Vec::new(),
+        data: None,
+    };
+    let met = rendezvous::meet(ctx.rendezvous.as_ref(), request, ctx.rendezvous_timeout, stop).await?;
+    let master: std::net::SocketAddr = met
+        .addresses
+        .first()
+        .and_then(|m| m.parse().ok())
+        .ok_or_else(|| rendezvous::Missed::Failed(format!("rendezvous gave no usable rank 0 address: {:?}", met.addresses)))?;
+    Ok([
+        ("MASTER_ADDR", master.ip().to_string()),
+        ("MASTER_PORT", master.port().to_string()),
+        ("WORLD_SIZE", met.world_size.to_string()),
+        ("RANK", a.rank.to_string()),
+        ("LOCAL_RANK", a.local_rank.to_string()),
+        ("LOCAL_WORLD_SIZE", a.local_world_size.to_string()),
+        ("GROUP_RANK", a.group_rank.to_string()),
+        ("GROUP_WORLD_SIZE", a.group_world_size.to_string()),
+        ("ROLE_RANK", a.rank.to_string()),
+        ("ROLE_WORLD_SIZE", met.world_size.to_string()),
+        ("TORCHELASTIC_RESTART_COUNT", a.restart_count.to_string()),
+        ("TORCHELASTIC_RUN_ID", format!("chorus-{}-{}", a.trial_id, a.attempt)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect())
+}
+
 fn kill_message(reason: String) -> String {
     if reason.is_empty() {
         "killed by the coordinator".into()
@@ -397,6 +471,8 @@ struct Output {
     events: Events,
     jobs: mpsc::UnboundedSender<Job>,
     malformed: u64,
+    /// A rank other than 0 of a multi-rank attempt.
+    follower: bool,
 }
 
 impl Output {
@@ -407,16 +483,25 @@ impl Output {
             events,
             jobs,
             malformed: 0,
+            follower: a.rank > 0,
         }
     }
 
     /// Asks the recorder to commit the checkpoint directory as `step` (builtin trials, whose
     /// checkpoints do not come from output lines).
-    fn checkpoint(&mut self, step: u64) {
-        let _ = self.jobs.send(Job::Checkpoint(step as i64));
+    fn checkpoint(&mut self, step: u64, data_position: String) {
+        if self.follower {
+            return;
+        }
+        let _ = self.jobs.send(Job::Checkpoint(step as i64, data_position));
     }
 
     fn handle(&mut self, line: String) {
+        if self.follower {
+            // Rank 0 speaks for a multi-rank attempt; the others' output is only logged.
+            let _ = self.jobs.send(Job::Log(line));
+            return;
+        }
         match metric::parse_line(&line) {
             Line::Log => {}
             Line::Metric(report) => {
@@ -426,7 +511,7 @@ impl Output {
                 }));
                 let _ = self.jobs.send(Job::Metric(json));
                 if let Some(step) = report.step {
-                    let _ = self.jobs.send(Job::Checkpoint(step));
+                    let _ = self.jobs.send(Job::Checkpoint(step, String::new()));
                 }
             }
             Line::Malformed(error) => {

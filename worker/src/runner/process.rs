@@ -15,6 +15,8 @@ pub(super) struct Spec<'a> {
     pub restored_step: Option<i64>,
     pub gpu_ids: &'a [String],
     pub worker_id: &'a str,
+    /// The torchrun environment of a multi-rank attempt.
+    pub extra_env: &'a [(String, String)],
 }
 
 pub(super) struct Running {
@@ -74,7 +76,9 @@ pub(super) fn spawn(spec: &Spec<'_>) -> Result<Running, String> {
             "CHORUS_PARAMS",
             if a.params_json.is_empty() { "{}" } else { &a.params_json },
         )
-        .env("CHORUS_WORKER_ID", spec.worker_id);
+        .env("CHORUS_WORKER_ID", spec.worker_id)
+        .env("CHORUS_RANK", a.rank.to_string())
+        .envs(spec.extra_env.iter().map(|(k, v)| (k, v)));
     if let Some(step) = spec.restored_step {
         cmd.env("CHORUS_RESTORED_STEP", step.to_string());
     }

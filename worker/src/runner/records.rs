@@ -28,8 +28,9 @@ pub(super) enum Job {
     Log(String),
     /// A metric report as `MetricReport::to_json` gives it.
     Metric(Map<String, Value>),
-    /// A metric named this step: commit the checkpoint directory if it changed.
-    Checkpoint(i64),
+    /// A metric named this step: commit the checkpoint directory if it changed. The string is
+    /// where a data-parallel trial's data stands in it (JSON), or empty.
+    Checkpoint(i64, String),
 }
 
 pub(super) struct Recorder {
@@ -37,6 +38,7 @@ pub(super) struct Recorder {
     exp: ExperimentId,
     trial: TrialId,
     attempt: u32,
+    rank: u32,
     keep_checkpoints: usize,
     keep_best: usize,
     /// The experiment's metric and whether it is maximised, for keeping the best checkpoints.
@@ -80,6 +82,7 @@ impl Recorder {
             exp,
             trial,
             attempt: a.attempt,
+            rank: a.rank,
             keep_checkpoints: a.keep_checkpoints as usize,
             keep_best: a.keep_best_checkpoints as usize,
             metric: a.metric.clone(),
@@ -143,18 +146,18 @@ impl Recorder {
                     self.metrics.push('\n');
                     self.metrics_dirty = true;
                 }
-                Job::Checkpoint(step) => checkpoint_step = Some(step),
+                Job::Checkpoint(step, position) => checkpoint_step = Some((step, position)),
             }
         }
         if self.log.len() >= LOG_CHUNK_MAX_BYTES {
             self.flush_log().await;
         }
-        if let Some(step) = checkpoint_step {
-            self.commit_checkpoint(step).await;
+        if let Some((step, position)) = checkpoint_step {
+            self.commit_checkpoint(step, position).await;
         }
     }
 
-    async fn commit_checkpoint(&mut self, step: i64) {
+    async fn commit_checkpoint(&mut self, step: i64, data_position_json: String) {
         let fingerprint = match checkpoint::fingerprint(&self.checkpoint_dir) {
             Ok(f) => f,
             Err(e) => {
@@ -199,6 +202,7 @@ impl Recorder {
         self.events.emit(Kind::Checkpoint(pb::CheckpointCommitted {
             step,
             manifest_key: manifest_key.to_string(),
+            data_position_json,
         }));
     }
 
@@ -206,9 +210,16 @@ impl Recorder {
         if self.log.is_empty() {
             return;
         }
-        let key = self
-            .storage
-            .log_chunk_key(self.exp, self.trial, self.attempt, self.next_chunk);
+        let key = match self.rank {
+            0 => self
+                .storage
+                .log_chunk_key(self.exp, self.trial, self.attempt, self.next_chunk),
+            // Other ranks' chunks sit beside rank 0's under their own names.
+            r => self.storage.logs_prefix(self.exp, self.trial).clone().join(format!(
+                "{:04}-r{r}-{:06}.log",
+                self.attempt, self.next_chunk
+            )),
+        };
         let data = bytes::Bytes::from(std::mem::take(&mut self.log));
         match self.storage.store.put(&key, PutPayload::from(data.clone())).await {
             Ok(_) => self.next_chunk += 1,

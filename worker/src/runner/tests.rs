@@ -25,6 +25,10 @@ fn fixture(name: &str) -> Fixture {
         stores: StorageCache::new(StorageOptions::default()),
         kill_grace: Duration::from_millis(300),
         output_grace: Duration::from_millis(300),
+        advertise_address: std::net::Ipv4Addr::LOCALHOST.into(),
+        collective_timeout: Duration::from_secs(5),
+        rendezvous_timeout: Duration::from_secs(5),
+        rendezvous: None,
     };
     let storage_uri = format!("memory://runner-{name}");
     let storage = ctx.stores.open(&storage_uri).unwrap();
@@ -54,6 +58,10 @@ impl Fixture {
             builtin_json: String::new(),
             keep_best_checkpoints: 0,
             maximize: false,
+            world_size: 1,
+            local_world_size: 1,
+            group_world_size: 1,
+            ..Default::default()
         }
     }
 
@@ -293,7 +301,7 @@ async fn a_successful_trial_reports_metrics_checkpoints_and_logs() {
         !Path::new(ckdir.trim()).exists(),
         "the local attempt directory is removed"
     );
-    assert!(!f.ctx.attempt_dir(11, 1).exists());
+    assert!(!f.ctx.attempt_dir(11, 1, 0).exists());
 }
 
 #[tokio::test]

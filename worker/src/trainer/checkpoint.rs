@@ -81,7 +81,8 @@ pub fn save(
     std::fs::rename(&tmp, &counters_path).map_err(|e| err(&counters_path, e))
 }
 
-pub fn load(dir: &Path) -> Result<Loaded, WorkerError> {
+/// The counters of the checkpoint in `dir`, without its tensors.
+pub fn read_counters(dir: &Path) -> Result<Counters, WorkerError> {
     let counters_path = dir.join(COUNTERS_FILE);
     let json = std::fs::read(&counters_path).map_err(|e| err(&counters_path, e))?;
     let counters: Counters = serde_json::from_slice(&json).map_err(|e| err(&counters_path, e))?;
@@ -91,6 +92,11 @@ pub fn load(dir: &Path) -> Result<Loaded, WorkerError> {
             format!("format {} is not {FORMAT}", counters.format),
         ));
     }
+    Ok(counters)
+}
+
+pub fn load(dir: &Path) -> Result<Loaded, WorkerError> {
+    let counters = read_counters(dir)?;
     let read = |file: &str| -> Result<HashMap<String, Tensor>, WorkerError> {
         let path = dir.join(file);
         Ok(Tensor::read_safetensors(&path)

@@ -60,6 +60,8 @@ pub struct TrainConfig {
     /// Class frequencies of the training set (any unit) for GAN augmentation; without them each
     /// batch's own label counts are used.
     pub class_counts: Option<Vec<f64>>,
+    /// Data-parallel runs: bytes of gradients fused into one all-reduce.
+    pub bucket_bytes: usize,
 }
 
 impl Default for TrainConfig {
@@ -87,6 +89,7 @@ impl Default for TrainConfig {
             log_every: 10,
             checkpoint_every: None,
             class_counts: None,
+            bucket_bytes: chorus_core::builtin::DEFAULT_BUCKET_BYTES as usize,
         }
     }
 }

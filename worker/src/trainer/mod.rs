@@ -19,7 +19,7 @@ mod training;
 
 pub use config::{DeviceChoice, LrSchedule, TrainConfig};
 pub use optim::OptimizerKind;
-pub use training::{StepResult, Trainer};
+pub use training::{DataParallel, StepResult, Trainer};
 
 use crate::data::BatchSource;
 use crate::error::WorkerError;
@@ -61,6 +61,9 @@ pub enum TrainerEvent {
         epoch: u64,
         step: u64,
         dir: PathBuf,
+        /// For a data-parallel run: where its data stands in it (core's `DataPosition`, JSON).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data_position: Option<String>,
     },
     /// The last event of a run that ended normally.
     Finished(Outcome),
@@ -150,6 +153,9 @@ pub struct TrainerJob {
     pub checkpoint_root: PathBuf,
     /// A checkpoint directory to continue from.
     pub resume_from: Option<PathBuf>,
+    /// For one rank of a data-parallel run: its collective and starting data position. Rank 0
+    /// resumes from `resume_from`; every rank then takes rank 0's state.
+    pub parallel: Option<DataParallel>,
 }
 
 pub struct TrainerHandle {
@@ -206,6 +212,7 @@ fn run_job(job: TrainerJob, control: &Control, emit: &mut dyn FnMut(TrainerEvent
         mut source,
         checkpoint_root,
         resume_from,
+        parallel,
     } = job;
     crate::torch::prepare(config.threads);
     let threads = config.threads.max(1);
@@ -213,13 +220,25 @@ fn run_job(job: TrainerJob, control: &Control, emit: &mut dyn FnMut(TrainerEvent
         Some(dir) => Trainer::resume(config, dir)?,
         None => Trainer::new(config)?,
     };
-    emit(TrainerEvent::Started {
-        device: format!("{:?}", trainer.device()),
-        parameters: trainer.parameters(),
-        threads,
-        resumed_at_step: resume_from.is_some().then(|| trainer.step()),
-    });
-    trainer.run(source.as_mut(), control, &checkpoint_root, emit)
+    let Some(mut dp) = parallel else {
+        emit(TrainerEvent::Started {
+            device: format!("{:?}", trainer.device()),
+            parameters: trainer.parameters(),
+            threads,
+            resumed_at_step: resume_from.is_some().then(|| trainer.step()),
+        });
+        return trainer.run(source.as_mut(), control, &checkpoint_root, emit);
+    };
+    trainer.sync_from_rank0(dp.collective.as_mut())?;
+    if dp.collective.rank() == 0 {
+        emit(TrainerEvent::Started {
+            device: format!("{:?} (rank 0 of {})", trainer.device(), dp.collective.world_size()),
+            parameters: trainer.parameters(),
+            threads,
+            resumed_at_step: resume_from.is_some().then(|| trainer.step()),
+        });
+    }
+    trainer.run_parallel(source.as_mut(), control, &checkpoint_root, dp, emit)
 }
 
 #[cfg(test)]

@@ -354,6 +354,7 @@ fn a_spawned_run_reports_in_order_and_checkpoints_every_epoch() {
         source: Box::new(SyntheticSource::new(data(3)).unwrap()),
         checkpoint_root: tmp.path().to_path_buf(),
         resume_from: None,
+        parallel: None,
     })
     .unwrap();
     let (events, outcome) = collect(handle, |_, _| {});
@@ -395,6 +396,7 @@ fn a_kill_stops_at_the_next_step_without_a_checkpoint() {
         source: Box::new(SyntheticSource::new(data(3)).unwrap()),
         checkpoint_root: tmp.path().to_path_buf(),
         resume_from: None,
+        parallel: None,
     })
     .unwrap();
     let (events, outcome) = collect(handle, |e, control| {
@@ -421,6 +423,7 @@ fn a_spawned_run_resumes_from_a_pause() {
         source: Box::new(SyntheticSource::new(data(3)).unwrap()),
         checkpoint_root: tmp.path().to_path_buf(),
         resume_from,
+        parallel: None,
     };
     let (_, paused) = collect(spawn(job(None)).unwrap(), |e, control| {
         if matches!(e, TrainerEvent::TrainLoss { step: 5, .. }) {
@@ -444,6 +447,7 @@ fn bad_labels_fail_the_run_with_a_clear_reason() {
         source: Box::new(BadLabels(SyntheticSource::new(data(3)).unwrap())),
         checkpoint_root: tmp.path().to_path_buf(),
         resume_from: None,
+        parallel: None,
     })
     .unwrap();
     let (events, outcome) = collect(handle, |_, _| {});

@@ -18,6 +18,10 @@ use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Reduction, Tensor};
 
+#[path = "parallel.rs"]
+mod parallel;
+pub use parallel::DataParallel;
+
 const MODEL_GROUP: &str = "model.";
 const GENERATOR_GROUP: &str = "generator.";
 const DISCRIMINATOR_GROUP: &str = "discriminator.";
@@ -421,6 +425,11 @@ impl Trainer {
             epoch: self.epoch + 1,
             step: self.step,
             dir: dir.clone(),
+            data_position: self
+                .cursor
+                .as_ref()
+                .filter(|c| !c.detail.is_null())
+                .map(|c| c.detail.to_string()),
         });
         Ok(dir)
     }
