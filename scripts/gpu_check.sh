@@ -10,16 +10,19 @@
 #   eval "$(scripts/libtorch.sh)"
 #   cargo build --release -p chorus-worker --examples   # target/release/examples/{emotion_bench,nccl_check}
 #   cargo test --release -p chorus-worker --no-run      # target/release/deps/chorus_worker-<hash>
-# Carry the repository with those files (or just this script and them, in the same layout) to the
-# GPU host and run:
+# The binaries hold line tables (about 140 MB each; 2 to 15 MB after `strip`): strip copies of them
+# where the transfer is limited. Carry the repository with those files (or just this script and
+# them, in the same layout) to the GPU host and run:
 #   scripts/gpu_check.sh [BIN_DIR]
 # BIN_DIR (or CHORUS_BIN_DIR) holds examples/ and deps/ as cargo laid them out; the default is
-# target/release. CHORUS_TEST_BIN names the test binary if it is elsewhere. Where the binaries are
-# missing and cargo exists, they are built here against the system's PyTorch.
+# target/release. CHORUS_TEST_BIN names the test binary if it is elsewhere; PYTHON names the
+# interpreter whose PyTorch to use (default python3). Where the binaries are missing and cargo
+# exists, they are built here against that PyTorch.
 set -uo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 bin_dir="${1:-${CHORUS_BIN_DIR:-$root/target/release}}"
+python="${PYTHON:-python3}"
 failures=()
 
 say() { printf '\n== %s\n' "$*"; }
@@ -27,11 +30,11 @@ say() { printf '\n== %s\n' "$*"; }
 # The PyTorch install provides libtorch (torch/lib) and, in its NVIDIA wheels under
 # site-packages/nvidia/*/lib, the CUDA runtime (nvidia/cu13/lib for 2.11) and libnccl.so.2
 # (nvidia/nccl/lib). The binaries find all of them through LD_LIBRARY_PATH.
-torch_dir="$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))' 2>/dev/null)" || {
-  echo "gpu_check: python3 cannot import torch; install PyTorch 2.11 first" >&2
+torch_dir="$("$python" -c 'import torch, os; print(os.path.dirname(torch.__file__))' 2>/dev/null)" || {
+  echo "gpu_check: $python cannot import torch; install PyTorch 2.11 first" >&2
   exit 2
 }
-torch_version="$(python3 -c 'import torch; print(torch.__version__, torch.version.cuda)' 2>/dev/null)"
+torch_version="$("$python" -c 'import torch; print(torch.__version__, torch.version.cuda)' 2>/dev/null)"
 case "$torch_version" in
   2.11.*) ;;
   *) echo "gpu_check: warning: PyTorch $torch_version found; the binaries expect 2.11" >&2 ;;
@@ -41,7 +44,7 @@ while IFS= read -r site; do
   for d in "$site"/nvidia/*/lib; do
     [ -d "$d" ] && lib_dirs+=("$d")
   done
-done < <(python3 - "$torch_dir" <<'PY'
+done < <("$python" - "$torch_dir" <<'PY'
 import os, site, sys
 dirs = [os.path.dirname(sys.argv[1])] + site.getsitepackages() + [site.getusersitepackages()]
 seen = set()

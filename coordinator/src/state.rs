@@ -999,7 +999,9 @@ impl State {
             )));
         };
         if req.address.is_empty() {
-            return Err(CoordError::InvalidArgument("rendezvous: address must not be empty".into()));
+            return Err(CoordError::InvalidArgument(
+                "rendezvous: address must not be empty".into(),
+            ));
         }
         let world = live.ranks.len();
         let exp = t.experiment;
@@ -1018,7 +1020,9 @@ impl State {
                 return Ok(Joined::Wait(rx));
             }
             let position = match r.data() {
-                Some(d) => serde_json::to_string(&crate::shards::start_position(d, world)?).expect("positions serialise"),
+                Some(d) => {
+                    serde_json::to_string(&crate::shards::start_position(d, world)?).expect("positions serialise")
+                }
                 None => String::new(),
             };
             r.complete(position.clone());

@@ -338,7 +338,12 @@ fn exited(kind: pb::ExitKind, message: &str) -> Kind {
     })
 }
 
-fn join_rendezvous(st: &mut State, worker: &str, a: &pb::Assignment, data: Option<pb::DataPlanRequest>) -> Result<Joined> {
+fn join_rendezvous(
+    st: &mut State,
+    worker: &str,
+    a: &pb::Assignment,
+    data: Option<pb::DataPlanRequest>,
+) -> Result<Joined> {
     let r = st.rendezvous(&pb::RendezvousRequest {
         worker_id: worker.into(),
         trial_id: a.trial_id,
@@ -406,11 +411,35 @@ fn a_gang_is_placed_whole_meets_and_fails_whole() {
     assert_eq!((pos.plan.samples_of(0), pos.plan.samples_of(1)), (30, 30));
     assert_eq!(st.trials[&TrialId(a0.trial_id)].data_position, r0.position_json);
     // A rank's worker must be the one it was placed on.
-    assert!(matches!(join_rendezvous(&mut st, "w1", &a1, None), Err(CoordError::Stale(_))));
+    assert!(matches!(
+        join_rendezvous(&mut st, "w1", &a1, None),
+        Err(CoordError::Stale(_))
+    ));
 
-    report(&mut st, "w1", &a0, 1, Kind::Started(pb::Started { restored_step: None })).unwrap();
-    report(&mut st, "w2", &a1, 1, Kind::Started(pb::Started { restored_step: None })).unwrap();
-    report(&mut st, "w2", &a1, 2, exited(pb::ExitKind::Failed, "collective: rank 0 went away")).unwrap();
+    report(
+        &mut st,
+        "w1",
+        &a0,
+        1,
+        Kind::Started(pb::Started { restored_step: None }),
+    )
+    .unwrap();
+    report(
+        &mut st,
+        "w2",
+        &a1,
+        1,
+        Kind::Started(pb::Started { restored_step: None }),
+    )
+    .unwrap();
+    report(
+        &mut st,
+        "w2",
+        &a1,
+        2,
+        exited(pb::ExitKind::Failed, "collective: rank 0 went away"),
+    )
+    .unwrap();
     let t = &st.trials[&TrialId(a0.trial_id)];
     assert_eq!((t.restarts, t.attempt), (1, 2));
     assert!(t.message.contains("rank 1 of 2"), "{}", t.message);
@@ -429,13 +458,20 @@ fn a_gang_is_placed_whole_meets_and_fails_whole() {
         report(&mut st, "w1", &a0, 2, exited(pb::ExitKind::Killed, "")),
         Err(CoordError::Stale(_))
     ));
-    assert!(matches!(join_rendezvous(&mut st, "w1", &a0, None), Err(CoordError::Stale(_))));
+    assert!(matches!(
+        join_rendezvous(&mut st, "w1", &a0, None),
+        Err(CoordError::Stale(_))
+    ));
     let again = [on_w1, assignments(&mut rx2)].concat();
     assert_eq!(again.len(), 2);
     assert!(again.iter().all(|a| a.attempt == 2 && a.restart_count == 1));
 
     // Rank 1 finishing first waits for rank 0, whose success completes the trial.
-    let (b0, b1) = if again[0].rank == 0 { (&again[0], &again[1]) } else { (&again[1], &again[0]) };
+    let (b0, b1) = if again[0].rank == 0 {
+        (&again[0], &again[1])
+    } else {
+        (&again[1], &again[0])
+    };
     let w = |a: &pb::Assignment| if std::ptr::eq(a, &again[0]) { "w1" } else { "w2" };
     report(&mut st, w(b1), b1, 1, exited(pb::ExitKind::Succeeded, "")).unwrap();
     assert_eq!(st.trials[&TrialId(b0.trial_id)].state, TrialState::Running);

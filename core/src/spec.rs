@@ -909,7 +909,10 @@ trial:
     #[test]
     fn worker_counts_fixed_and_elastic() {
         let with = |w: &str| format!("{GOOD}resources: {{workers: {w}}}\n");
-        assert_eq!(parse(&with("4"), &[]).unwrap().spec.resources.workers, WorkerCount::Fixed(4));
+        assert_eq!(
+            parse(&with("4"), &[]).unwrap().spec.resources.workers,
+            WorkerCount::Fixed(4)
+        );
         let v = parse(&with("{min: 2, max: 4}"), &[]).unwrap();
         assert_eq!(v.spec.resources.workers, WorkerCount::Elastic { min: 2, max: 4 });
         assert!(v.spec.resources.workers.is_elastic() && v.spec.resources.workers.is_distributed());

@@ -57,7 +57,12 @@ trial:
         out = out.display()
     );
     let id = submit(&c, &c.write("env.yaml", &yaml));
-    assert_eq!(wait_ended(&c, id, Duration::from_secs(60)), "completed", "{}", c.logs_tail());
+    assert_eq!(
+        wait_ended(&c, id, Duration::from_secs(60)),
+        "completed",
+        "{}",
+        c.logs_tail()
+    );
     let read = |r: u32| -> Value {
         serde_json::from_str(&std::fs::read_to_string(out.join(format!("rank-{r}.json"))).unwrap()).unwrap()
     };
@@ -106,7 +111,12 @@ trial:
     let a = submit(&c, &c.write("a.yaml", &spec("gang-a")));
     let b = submit(&c, &c.write("b.yaml", &spec("gang-b")));
     for id in [a, b] {
-        assert_eq!(wait_ended(&c, id, Duration::from_secs(90)), "completed", "{}", c.logs_tail());
+        assert_eq!(
+            wait_ended(&c, id, Duration::from_secs(90)),
+            "completed",
+            "{}",
+            c.logs_tail()
+        );
     }
     // Replay the log: never more than three ranks at once, and each trial's ranks together.
     let text = std::fs::read_to_string(&log).unwrap();
@@ -114,7 +124,11 @@ trial:
         .lines()
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            (f[3].parse().unwrap(), if f[0] == "start" { 1 } else { -1 }, f[1].to_string())
+            (
+                f[3].parse().unwrap(),
+                if f[0] == "start" { 1 } else { -1 },
+                f[1].to_string(),
+            )
         })
         .collect();
     events.sort();
@@ -129,7 +143,10 @@ trial:
         m
     });
     assert_eq!(starts.len(), 4, "four trials: {starts:?}");
-    assert!(starts.values().all(|&n| n == 2), "every trial ran both ranks once: {starts:?}");
+    assert!(
+        starts.values().all(|&n| n == 2),
+        "every trial ran both ranks once: {starts:?}"
+    );
 }
 
 /// A two-rank builtin trial on three one-slot workers. Once it has checkpointed mid-epoch, the
@@ -153,7 +170,16 @@ fn a_sigkilled_rank_loses_and_repeats_no_sample() {
     let data_dir = c.dir.path().join("emo");
     let data = format!("file://{}", data_dir.display());
     let out = c.chorus(&[
-        "dataset", "synth", "--out", &data, "--samples", "1500", "--shards", "7", "--seed", "2",
+        "dataset",
+        "synth",
+        "--out",
+        &data,
+        "--samples",
+        "1500",
+        "--shards",
+        "7",
+        "--seed",
+        "2",
     ]);
     assert!(out.status.success(), "synth: {}", String::from_utf8_lossy(&out.stderr));
     let yaml = format!(
@@ -181,7 +207,13 @@ trial:
         let ts = trials(c, id);
         let Some(t) = ts.first() else { return Ok(false) };
         if t["checkpoint_step"].as_i64().unwrap_or(0) >= 12 {
-            victim = t["worker_id"].as_str().unwrap_or_default().split(',').nth(1).unwrap_or_default().to_string();
+            victim = t["worker_id"]
+                .as_str()
+                .unwrap_or_default()
+                .split(',')
+                .nth(1)
+                .unwrap_or_default()
+                .to_string();
             return Ok(!victim.is_empty());
         }
         Ok(false)
@@ -189,9 +221,17 @@ trial:
     .unwrap();
     let i: usize = victim.trim_start_matches("worker-").parse().unwrap();
     c.kill_worker(i);
-    assert_eq!(wait_ended(&c, id, Duration::from_secs(300)), "completed", "{}", c.logs_tail());
+    assert_eq!(
+        wait_ended(&c, id, Duration::from_secs(300)),
+        "completed",
+        "{}",
+        c.logs_tail()
+    );
     let t = &trials(&c, id)[0];
-    assert!(t["restarts"].as_u64().unwrap() >= 1, "the killed rank cost a restart: {t}");
+    assert!(
+        t["restarts"].as_u64().unwrap() >= 1,
+        "the killed rank cost a restart: {t}"
+    );
     assert!(t["attempt"].as_u64().unwrap() >= 2, "{t}");
 
     // The surviving lineage: for each (epoch, step), the latest attempt that trained it.
@@ -199,12 +239,23 @@ trial:
     let trial_dir = trace.join(format!("trial-{}", t["id"]));
     for attempt_dir in std::fs::read_dir(&trial_dir).unwrap() {
         let attempt_dir = attempt_dir.unwrap().path();
-        let attempt: u64 = attempt_dir.file_name().unwrap().to_str().unwrap().trim_start_matches("attempt-").parse().unwrap();
+        let attempt: u64 = attempt_dir
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim_start_matches("attempt-")
+            .parse()
+            .unwrap();
         let mut steps: BTreeMap<(u64, u64), Vec<String>> = BTreeMap::new();
         for file in std::fs::read_dir(&attempt_dir).unwrap() {
             for line in std::fs::read_to_string(file.unwrap().path()).unwrap().lines() {
                 let v: Value = serde_json::from_str(line).unwrap();
-                let keys = v["keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string());
+                let keys = v["keys"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|k| k.as_str().unwrap().to_string());
                 steps
                     .entry((v["epoch"].as_u64().unwrap(), v["step"].as_u64().unwrap()))
                     .or_default()
@@ -217,7 +268,8 @@ trial:
             }
         }
     }
-    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(data_dir.join("manifest.json")).unwrap()).unwrap();
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(data_dir.join("manifest.json")).unwrap()).unwrap();
     let train_samples: u64 = manifest["shards"]
         .as_array()
         .unwrap()
@@ -227,7 +279,10 @@ trial:
         .sum();
     assert!(train_samples > 0);
     let attempts: BTreeSet<u64> = lineage.values().map(|(a, _)| *a).collect();
-    assert!(attempts.len() >= 2, "the lineage spans the killed attempt and its successor: {attempts:?}");
+    assert!(
+        attempts.len() >= 2,
+        "the lineage spans the killed attempt and its successor: {attempts:?}"
+    );
     for epoch in 0..2 {
         let mut seen: BTreeMap<&str, u32> = BTreeMap::new();
         for ((e, _), (_, keys)) in &lineage {
@@ -238,11 +293,21 @@ trial:
             }
         }
         let repeated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
-        assert!(repeated.is_empty(), "epoch {epoch}: samples trained twice: {repeated:?}");
-        assert_eq!(seen.len() as u64, train_samples, "epoch {epoch}: every training sample once");
+        assert!(
+            repeated.is_empty(),
+            "epoch {epoch}: samples trained twice: {repeated:?}"
+        );
+        assert_eq!(
+            seen.len() as u64,
+            train_samples,
+            "epoch {epoch}: every training sample once"
+        );
     }
     // The coordinator recorded where the data stood at the last checkpoint.
     let position = &t["data_position"];
-    assert_eq!(position["plan"]["epoch"], 1, "the last checkpoint is of the last epoch: {position}");
+    assert_eq!(
+        position["plan"]["epoch"], 1,
+        "the last checkpoint is of the last epoch: {position}"
+    );
     assert_eq!(position["plan"]["ranks"].as_array().map(Vec::len), Some(2));
 }

@@ -518,7 +518,12 @@ impl Agent {
             };
             match status.code() {
                 Code::DeadlineExceeded => {
-                    debug!(trial = req.trial_id, rank = req.rank, message = status.message(), "waiting for the other ranks");
+                    debug!(
+                        trial = req.trial_id,
+                        rank = req.rank,
+                        message = status.message(),
+                        "waiting for the other ranks"
+                    );
                     backoff.reset();
                     continue;
                 }

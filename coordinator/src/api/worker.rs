@@ -92,7 +92,10 @@ impl WorkerService for WorkerApi {
             };
             // Woken when the last rank joins, or (sender dropped) when the attempt ends; either
             // way the next pass through `rendezvous` says which.
-            if tokio::time::timeout_at(deadline, rx.wait_for(|ready| *ready)).await.is_err() {
+            if tokio::time::timeout_at(deadline, rx.wait_for(|ready| *ready))
+                .await
+                .is_err()
+            {
                 let missing = self.coord.lock().rendezvous_missing(chorus_core::TrialId(req.trial_id));
                 return Err(Status::deadline_exceeded(format!(
                     "rendezvous of trial {} attempt {}: ranks {missing:?} have not joined yet; call again",

@@ -180,7 +180,10 @@ impl Store {
             Some(mut v) if (1..SCHEMA_VERSION).contains(&v) => {
                 let tx = conn.unchecked_transaction()?;
                 while v < SCHEMA_VERSION {
-                    let (_, sql) = MIGRATIONS.iter().find(|(from, _)| *from == v).expect("a migration per version");
+                    let (_, sql) = MIGRATIONS
+                        .iter()
+                        .find(|(from, _)| *from == v)
+                        .expect("a migration per version");
                     tx.execute_batch(sql)?;
                     v += 1;
                 }

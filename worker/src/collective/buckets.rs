@@ -116,7 +116,8 @@ impl GradientBuckets {
                 }
                 if b == last && !extra.is_empty() {
                     let used = bucket.buffer.numel() as i64;
-                    let tail: Vec<f32> = Vec::try_from(flat.narrow(0, used, extra.len() as i64).to_device(tch::Device::Cpu))?;
+                    let tail: Vec<f32> =
+                        Vec::try_from(flat.narrow(0, used, extra.len() as i64).to_device(tch::Device::Cpu))?;
                     for (x, v) in extra.iter_mut().zip(tail) {
                         *x = f64::from(v);
                     }
@@ -180,7 +181,9 @@ mod tests {
                         grads[3] = Tensor::new();
                         let mut buckets = GradientBuckets::new(&tensors(rank), 1024);
                         let mut extra = vec![rank as f64 + 1.0, 0.5];
-                        buckets.all_reduce(&mut grads, &mut ring, ReduceOp::Sum, &mut extra).unwrap();
+                        buckets
+                            .all_reduce(&mut grads, &mut ring, ReduceOp::Sum, &mut extra)
+                            .unwrap();
                         (grads, extra)
                     })
                 })
@@ -191,7 +194,11 @@ mod tests {
         for (grads, extra) in &results {
             assert_eq!(extra, &vec![3.0, 1.0]);
             for i in 0..a.len() {
-                let want = if i == 3 { Tensor::zeros_like(&a[3]) } else { &a[i] + &b[i] };
+                let want = if i == 3 {
+                    Tensor::zeros_like(&a[3])
+                } else {
+                    &a[i] + &b[i]
+                };
                 assert!(grads[i].allclose(&want, 1e-6, 1e-6, false), "tensor {i}");
             }
         }

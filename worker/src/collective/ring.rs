@@ -35,6 +35,12 @@ const HEADER_LEN: usize = 24;
 /// [`SOCKET_BUFFER_BYTES`]) hold this much, so the write cannot wait on the neighbour.
 const INLINE_BYTES: usize = 64 * 1024;
 
+/// How long one blocked write waits before [`Ring::write_all`] looks at the clock. A write that
+/// moved some bytes before its timeout returns them and a fresh one waits again, so the send
+/// timeout is counted from the last progress here rather than left to the kernel, where it could
+/// stretch to twice the configured one.
+const WRITE_WAKE: Duration = Duration::from_millis(250);
+
 /// Asked of the kernel for both directions. Large enough that a whole inline step always fits;
 /// Linux caps it at `net.core.{w,r}mem_max`, which is fine for the inline guarantee as long as
 /// that cap is at least a few hundred KiB (the default is 208 KiB, doubled by the kernel).
@@ -96,8 +102,8 @@ struct Links {
     left: Link,
     /// Sends to rank `r+1`.
     right: Link,
-    /// Fault injection: once this many bytes were received, the next read stalls, as a process
-    /// that stopped reading would.
+    /// Fault injection: once this many bytes were received, the next read stalls for twice the
+    /// timeout, as in a process that stopped reading, and then fails.
     #[cfg(test)]
     stall_after_bytes: Option<usize>,
     #[cfg(test)]
@@ -166,7 +172,7 @@ impl RingCollective {
             .run(&listener.inner)
             .map_err(fail)?;
             for link in [&links.left, &links.right] {
-                configure(&link.stream, config.timeout).map_err(|e| {
+                configure_socket(&link.stream, config.timeout).map_err(|e| {
                     fail(format!(
                         "cannot configure the connection with rank {} ({}): {e}",
                         link.rank, link.addr
@@ -347,7 +353,11 @@ impl Collective for RingCollective {
 }
 
 fn check_tensor(t: &Tensor, op: &str, rank: usize, world: usize) -> Result<(), WorkerError> {
-    let reject = |why: String| Err(WorkerError::Collective(format!("{op} on rank {rank} of {world}: {why}")));
+    let reject = |why: String| {
+        Err(WorkerError::Collective(format!(
+            "{op} on rank {rank} of {world}: {why}"
+        )))
+    };
     if !t.defined() {
         return reject("the tensor is undefined".into());
     }
@@ -360,10 +370,12 @@ fn check_tensor(t: &Tensor, op: &str, rank: usize, world: usize) -> Result<(), W
     Ok(())
 }
 
-fn configure(stream: &TcpStream, timeout: Duration) -> io::Result<()> {
+/// The settings of every ring connection: no Nagle delay, large buffers, and timeouts. Public so
+/// that a measurement of the bare transport can use the same.
+pub fn configure_socket(stream: &TcpStream, timeout: Duration) -> io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout.min(WRITE_WAKE)))?;
     set_buffer(stream, libc::SO_SNDBUF, SOCKET_BUFFER_BYTES)?;
     set_buffer(stream, libc::SO_RCVBUF, SOCKET_BUFFER_BYTES)
 }
@@ -381,7 +393,11 @@ fn set_buffer(stream: &TcpStream, option: libc::c_int, bytes: usize) -> io::Resu
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// How a peer answered a hello.
@@ -503,12 +519,18 @@ impl Handshake<'_> {
             let (verdict, why) = if session != self.session {
                 (
                     Verdict::WrongSession,
-                    format!("it presented session {session:#x}, this rank's session is {:#x}", self.session),
+                    format!(
+                        "it presented session {session:#x}, this rank's session is {:#x}",
+                        self.session
+                    ),
                 )
             } else if world != self.world {
                 (
                     Verdict::WrongWorld,
-                    format!("it is in a world of size {world}, this rank in one of size {}", self.world),
+                    format!(
+                        "it is in a world of size {world}, this rank in one of size {}",
+                        self.world
+                    ),
                 )
             } else if rank != left_rank {
                 (
@@ -567,7 +589,9 @@ impl Handshake<'_> {
             v if v == Verdict::WrongSession as u32 => {
                 format!("it is in session {session:#x}, this rank in {:#x}", self.session)
             }
-            v if v == Verdict::WrongRank as u32 => format!("it does not expect rank {} as its left neighbour", self.rank),
+            v if v == Verdict::WrongRank as u32 => {
+                format!("it does not expect rank {} as its left neighbour", self.rank)
+            }
             v if v == Verdict::WrongWorld as u32 => format!("its world is not of size {}", self.world),
             v => format!("unknown answer {v}"),
         };
@@ -775,14 +799,33 @@ impl Ring<'_> {
 
     fn send(&self, header: Option<&Header>, data: &[u8]) -> Result<(), String> {
         let link = &self.links.right;
-        let mut stream = &link.stream;
         if let Some(h) = header {
-            stream.write_all(&h.encode())
+            self.write_all(&h.encode())
         } else {
             Ok(())
         }
-        .and_then(|()| stream.write_all(data))
+        .and_then(|()| self.write_all(data))
         .map_err(|e| describe(&e, Direction::Send, link, self.timeout))
+    }
+
+    /// Writes to the right, failing once the neighbour has taken nothing for the timeout.
+    fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
+        let mut progress = Instant::now();
+        while !data.is_empty() {
+            match (&self.links.right.stream).write(data) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    data = &data[n..];
+                    progress = Instant::now();
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+                        && progress.elapsed() < self.timeout => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     fn receive(&self, header: Option<&Header>, incoming: Incoming<'_>) -> Result<(), String> {
@@ -829,6 +872,7 @@ impl Ring<'_> {
             let received = self.links.received.load(Ordering::Relaxed);
             if self.links.stall_after_bytes.is_some_and(|limit| received >= limit) {
                 std::thread::sleep(self.timeout * 2);
+                return Err(io::ErrorKind::TimedOut.into());
             }
         }
         loop {
@@ -836,9 +880,7 @@ impl Ring<'_> {
                 Ok(0) if !buf.is_empty() => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(n) => {
                     #[cfg(test)]
-                    self.links
-                        .received
-                        .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    self.links.received.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                     return Ok(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -974,7 +1016,10 @@ mod tests {
 
     /// Joins `sessions.len()` ranks on loopback, rank r presenting `sessions[r]`.
     fn join(sessions: &[u64], config: RingConfig) -> Vec<Result<RingCollective, WorkerError>> {
-        let listeners: Vec<_> = sessions.iter().map(|_| RingListener::bind(LOCALHOST).unwrap()).collect();
+        let listeners: Vec<_> = sessions
+            .iter()
+            .map(|_| RingListener::bind(LOCALHOST).unwrap())
+            .collect();
         let peers: Vec<_> = listeners.iter().map(RingListener::local_addr).collect();
         let peers = &peers;
         thread::scope(|s| {
@@ -989,17 +1034,11 @@ mod tests {
     }
 
     fn ring(world: usize, config: RingConfig) -> Vec<RingCollective> {
-        join(&vec![7; world], config)
-            .into_iter()
-            .map(Result::unwrap)
-            .collect()
+        join(&vec![7; world], config).into_iter().map(Result::unwrap).collect()
     }
 
     /// Runs `f` on every rank at once, each on its own thread.
-    fn on_all<T: Send>(
-        ranks: &mut [RingCollective],
-        f: impl Fn(usize, &mut RingCollective) -> T + Sync,
-    ) -> Vec<T> {
+    fn on_all<T: Send>(ranks: &mut [RingCollective], f: impl Fn(usize, &mut RingCollective) -> T + Sync) -> Vec<T> {
         let f = &f;
         thread::scope(|s| {
             let handles: Vec<_> = ranks
@@ -1095,7 +1134,10 @@ mod tests {
                     });
                     let expected: Vec<u8> = (0..len).map(|i| (i * 31 + root * 7) as u8).collect();
                     for (r, got) in results.iter().enumerate() {
-                        assert!(*got == expected, "world {world} len {len} root {root}: rank {r} differs");
+                        assert!(
+                            *got == expected,
+                            "world {world} len {len} root {root}: rank {r} differs"
+                        );
                     }
                 }
             }
@@ -1128,7 +1170,12 @@ mod tests {
             .filter_map(|r| r.err().map(|e| e.to_string()))
             .collect();
         assert!(!errors.is_empty());
-        assert!(errors.iter().any(|e| e.contains("session 0x8") && e.contains("refused")), "{errors:?}");
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("session 0x8") && e.contains("refused")),
+            "{errors:?}"
+        );
     }
 
     #[test]
@@ -1139,7 +1186,10 @@ mod tests {
             c.all_reduce_f32(&mut data, ReduceOp::Sum)
         });
         let e = err_text(results.into_iter().next().unwrap());
-        assert!(e.contains("all_reduce (sum) of 11 floats") && e.contains("of 10 floats"), "{e}");
+        assert!(
+            e.contains("all_reduce (sum) of 11 floats") && e.contains("of 10 floats"),
+            "{e}"
+        );
     }
 
     /// Every rank but `skip` must fail with an error that names the op, within the timeout and
@@ -1151,7 +1201,10 @@ mod tests {
             }
             let e = err_text(result);
             assert!(e.contains(&format!("all_reduce on rank {r} of 3")), "{e}");
-            assert!(elapsed < timeout + Duration::from_secs(3), "rank {r} took {elapsed:?}: {e}");
+            assert!(
+                elapsed < timeout + Duration::from_secs(3),
+                "rank {r} took {elapsed:?}: {e}"
+            );
         }
     }
 
@@ -1159,7 +1212,9 @@ mod tests {
     fn a_departed_rank_fails_every_other_rank() {
         let timeout = Duration::from_secs(2);
         let mut ranks = ring(3, config(2));
-        on_all(&mut ranks, |r, c| c.all_reduce_f32(&mut values(r, 1000), ReduceOp::Sum).unwrap());
+        on_all(&mut ranks, |r, c| {
+            c.all_reduce_f32(&mut values(r, 1000), ReduceOp::Sum).unwrap()
+        });
         let departed = ranks.pop().unwrap();
         let results = thread::scope(|s| {
             s.spawn(move || {
@@ -1177,7 +1232,10 @@ mod tests {
         assert_all_failed(results, 2, timeout);
         let again = Instant::now();
         let e = err_text(ranks[0].barrier());
-        assert!(e.contains("failed earlier") && again.elapsed() < Duration::from_millis(100), "{e}");
+        assert!(
+            e.contains("failed earlier") && again.elapsed() < Duration::from_millis(100),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1211,7 +1269,13 @@ mod tests {
             let mut undefined = Tensor::new();
             let undefined_err = err_text(c.all_reduce(&mut undefined, ReduceOp::Sum));
             c.barrier().unwrap();
-            (Vec::<f32>::try_from(&t).unwrap(), Vec::<i64>::try_from(&ints).unwrap(), int_err, strided_err, undefined_err)
+            (
+                Vec::<f32>::try_from(&t).unwrap(),
+                Vec::<i64>::try_from(&ints).unwrap(),
+                int_err,
+                strided_err,
+                undefined_err,
+            )
         });
         for (t, ints, int_err, strided_err, undefined_err) in results {
             assert_eq!(t, vec![1.5, 3.0, 4.5, 6.0, 7.5]);

@@ -8,8 +8,8 @@
 //! the shards before it.
 
 use super::{Batch, BatchSource, DataCursor};
-use chorus_core::shards::{ShardSize, ShardSpan};
 use crate::error::WorkerError;
+use chorus_core::shards::{ShardSize, ShardSpan};
 use chorus_core::storage::Storage;
 use chorus_dataset::{IMAGE_PIXELS, LogMel, Manifest, Sample, ShardInfo, Split, fetch_shard, parse_shard};
 use rand::SeedableRng;

@@ -8,13 +8,15 @@
 
 use super::rendezvous::Missed;
 use super::{Events, Output, Prepared, Stop, exited, kill_message};
+use crate::collective::Collective;
+use crate::collective::nccl::NcclCollective;
 use crate::collective::ring::{RingCollective, RingConfig, RingListener};
 use crate::data::BatchSource;
+use crate::data::shards::{ShardSource, ShardSourceConfig};
 use crate::trainer::DataParallel;
 use crate::trainer::checkpoint::read_counters;
-use chorus_core::shards::DataPosition;
-use crate::data::shards::{ShardSource, ShardSourceConfig};
 use crate::trainer::{self, DeviceChoice, Outcome, TrainConfig, TrainerEvent, TrainerJob};
+use chorus_core::shards::DataPosition;
 use chorus_dataset::Split;
 use chorus_proto::pb;
 use serde_json::{Value, json};
@@ -125,7 +127,10 @@ pub(super) async fn run(
         source: Box::new(source),
         checkpoint_root: trainer_root,
         // Rank 0 restores; the other ranks take its state over the collective.
-        resume_from: p.restored_step.filter(|_| a.rank == 0).map(|_| p.checkpoint_dir.clone()),
+        resume_from: p
+            .restored_step
+            .filter(|_| a.rank == 0)
+            .map(|_| p.checkpoint_dir.clone()),
         parallel,
     };
     let mut trainer = match trainer::spawn(job) {
@@ -219,11 +224,14 @@ async fn join_group(
     stop: &mut watch::Receiver<Option<Stop>>,
 ) -> Result<DataParallel, Missed> {
     let failed = |m: String| Missed::Failed(m);
-    if config.device == DeviceChoice::Cuda {
-        return Err(failed(
-            "data-parallel training on GPUs (NCCL) is not wired into builtin trials yet; use CPU workers".into(),
-        ));
-    }
+    // On GPUs the gradients are reduced by NCCL; rank 0 makes the communicator's id and the
+    // rendezvous hands it to the others. The ring's listener is still announced (and unused).
+    let gpu = config.device == DeviceChoice::Cuda;
+    let nccl_id = if gpu && a.rank == 0 {
+        NcclCollective::unique_id().map_err(|e| failed(e.to_string()))?
+    } else {
+        Vec::new()
+    };
     let listener = RingListener::bind(ctx.advertise_address).map_err(|e| failed(e.to_string()))?;
     let data = if a.rank == 0 {
         let shards = shards.map_err(|e| failed(e.to_string()))?;
@@ -259,7 +267,7 @@ async fn join_group(
         attempt: a.attempt,
         rank: a.rank,
         address: listener.local_addr().to_string(),
-        nccl_id: Vec::new(),
+        nccl_id,
         data,
     };
     let met = super::rendezvous::meet(ctx.rendezvous.as_ref(), request, ctx.rendezvous_timeout, stop).await?;
@@ -270,23 +278,41 @@ async fn join_group(
         .iter()
         .map(|s| s.parse())
         .collect::<Result<Vec<std::net::SocketAddr>, _>>()
-        .map_err(|e| failed(format!("rendezvous gave a bad peer address in {:?}: {e}", met.addresses)))?;
+        .map_err(|e| {
+            failed(format!(
+                "rendezvous gave a bad peer address in {:?}: {e}",
+                met.addresses
+            ))
+        })?;
     let ring_config = RingConfig {
         timeout: ctx.collective_timeout,
         ..RingConfig::default()
     };
-    let (rank, session) = (a.rank as usize, met.session);
-    let ring = tokio::task::spawn_blocking(move || RingCollective::connect(listener, rank, &peers, session, ring_config))
+    let (rank, session, world) = (a.rank as usize, met.session, met.world_size as usize);
+    let timeout = ctx.collective_timeout;
+    let collective: Box<dyn Collective> =
+        tokio::task::spawn_blocking(move || -> Result<Box<dyn Collective>, String> {
+            if gpu {
+                // The trainer's GPU is device 0 of those CUDA_VISIBLE_DEVICES leaves it.
+                crate::torch::load_cuda().map_err(|e| format!("cannot load libtorch_cuda.so: {e}"))?;
+                let nccl = NcclCollective::new(rank, world, &met.nccl_id, 0, timeout).map_err(|e| e.to_string())?;
+                Ok(Box::new(nccl))
+            } else {
+                let ring =
+                    RingCollective::connect(listener, rank, &peers, session, ring_config).map_err(|e| e.to_string())?;
+                Ok(Box::new(ring))
+            }
+        })
         .await
-        .map_err(|e| failed(format!("connecting the ring: {e}")))?
-        .map_err(|e| failed(e.to_string()))?;
+        .map_err(|e| failed(format!("joining the collective: {e}")))?
+        .map_err(failed)?;
     let sample_trace = std::env::var_os(SAMPLE_TRACE_ENV).map(|dir| {
         std::path::PathBuf::from(dir)
             .join(format!("trial-{}", a.trial_id))
             .join(format!("attempt-{}", a.attempt))
     });
     Ok(DataParallel {
-        collective: Box::new(ring),
+        collective,
         position,
         bucket_bytes: config.bucket_bytes,
         sample_trace,
@@ -368,7 +394,10 @@ async fn handle_event(ev: TrainerEvent, classes: &[String], checkpoint_dir: &Pat
             lines.handle(metric_line(m));
         }
         TrainerEvent::Checkpoint {
-            step, dir, data_position, ..
+            step,
+            dir,
+            data_position,
+            ..
         } => {
             let target = checkpoint_dir.to_path_buf();
             let copied = tokio::task::spawn_blocking(move || replace_dir(&dir, &target)).await;

@@ -425,11 +425,9 @@ async fn torchrun_env(
         data: None,
     };
     let met = rendezvous::meet(ctx.rendezvous.as_ref(), request, ctx.rendezvous_timeout, stop).await?;
-    let master: std::net::SocketAddr = met
-        .addresses
-        .first()
-        .and_then(|m| m.parse().ok())
-        .ok_or_else(|| rendezvous::Missed::Failed(format!("rendezvous gave no usable rank 0 address: {:?}", met.addresses)))?;
+    let master: std::net::SocketAddr = met.addresses.first().and_then(|m| m.parse().ok()).ok_or_else(|| {
+        rendezvous::Missed::Failed(format!("rendezvous gave no usable rank 0 address: {:?}", met.addresses))
+    })?;
     Ok([
         ("MASTER_ADDR", master.ip().to_string()),
         ("MASTER_PORT", master.port().to_string()),

@@ -215,10 +215,11 @@ impl Recorder {
                 .storage
                 .log_chunk_key(self.exp, self.trial, self.attempt, self.next_chunk),
             // Other ranks' chunks sit beside rank 0's under their own names.
-            r => self.storage.logs_prefix(self.exp, self.trial).clone().join(format!(
-                "{:04}-r{r}-{:06}.log",
-                self.attempt, self.next_chunk
-            )),
+            r => self
+                .storage
+                .logs_prefix(self.exp, self.trial)
+                .clone()
+                .join(format!("{:04}-r{r}-{:06}.log", self.attempt, self.next_chunk)),
         };
         let data = bytes::Bytes::from(std::mem::take(&mut self.log));
         match self.storage.store.put(&key, PutPayload::from(data.clone())).await {

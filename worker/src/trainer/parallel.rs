@@ -44,6 +44,11 @@ const LOSS_SUM: usize = 1;
 const PAUSE: usize = 2;
 
 impl Trainer {
+    /// Buckets planned over this model's trainable parameters.
+    pub fn gradient_buckets(&self, bucket_bytes: usize) -> GradientBuckets {
+        GradientBuckets::new(self.optimizer.params(), bucket_bytes)
+    }
+
     /// Makes this replica identical to rank 0's: model weights, optimiser state and counters.
     pub fn sync_from_rank0(&mut self, c: &mut dyn Collective) -> Result<(), WorkerError> {
         let mut vars: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
@@ -56,19 +61,20 @@ impl Trainer {
             }
             Ok(())
         })?;
+        // Moved to the model's device: NCCL broadcasts device memory only.
         let mut state = self.optimizer.state_tensors(MODEL_GROUP);
         for (_, t) in state.iter_mut() {
-            let mut flat = t.contiguous();
+            let mut flat = t.to_device(self.device).contiguous();
             c.broadcast(&mut flat, 0)?;
-            *t = flat;
+            *t = flat.to_device(Device::Cpu);
         }
         let state: std::collections::HashMap<String, Tensor> = state.into_iter().collect();
         self.optimizer
             .load_state(&state, MODEL_GROUP)
             .map_err(|e| WorkerError::Train(format!("optimiser state from rank 0: {e}")))?;
-        let mut counters = Tensor::from_slice(&[self.epoch as i64, self.step as i64]);
+        let mut counters = Tensor::from_slice(&[self.epoch as i64, self.step as i64]).to_device(self.device);
         c.broadcast(&mut counters, 0)?;
-        let v: Vec<i64> = Vec::try_from(&counters)?;
+        let v: Vec<i64> = Vec::try_from(counters.to_device(Device::Cpu))?;
         (self.epoch, self.step) = (v[0] as u64, v[1] as u64);
         Ok(())
     }
@@ -161,7 +167,8 @@ impl Trainer {
             }
         }
         // Counts stay exact in float32 up to 2^24 samples per cell.
-        let mut summed = Tensor::from_slice(&counts.iter().map(|&x| x as f32).collect::<Vec<_>>()).to_device(self.device);
+        let mut summed =
+            Tensor::from_slice(&counts.iter().map(|&x| x as f32).collect::<Vec<_>>()).to_device(self.device);
         c.all_reduce(&mut summed, ReduceOp::Sum)?;
         let summed: Vec<f32> = Vec::try_from(summed.to_device(Device::Cpu))?;
         let mut confusion = Confusion::new(k as usize);
@@ -221,7 +228,7 @@ impl Trainer {
             Some(path) => Some(SampleTrace::open(path, rank)?),
             None => None,
         };
-        let mut buckets = GradientBuckets::new(self.optimizer.params(), bucket_bytes);
+        let mut buckets = self.gradient_buckets(bucket_bytes);
         // The steps of a whole epoch at this world size, for the learning-rate schedule.
         let steps_per_epoch = plan_epoch(&shards, seed, 0, world).steps(batch).max(1);
         let max_steps = self.config.max_steps.unwrap_or(u64::MAX);
@@ -461,7 +468,9 @@ mod tests {
                         let mut losses = Vec::new();
                         for b in &data {
                             let half = b.narrow(rank as i64 * PER_RANK, PER_RANK);
-                            let (r, paused) = t.parallel_step(Some(&half), STEPS, false, &mut buckets, &mut ring).unwrap();
+                            let (r, paused) = t
+                                .parallel_step(Some(&half), STEPS, false, &mut buckets, &mut ring)
+                                .unwrap();
                             assert!(!paused);
                             losses.push(r.unwrap().loss);
                         }
