@@ -160,6 +160,9 @@ fn a_sigkilled_rank_loses_and_repeats_no_sample() {
     let mut c = TestCluster::start(ClusterConfig {
         workers: 3,
         slots: 1,
+        // Long enough that the lease cannot be what notices the death: the surviving rank's
+        // collective must.
+        lease_ttl: Duration::from_secs(30),
         env: vec![
             ("CHORUS_COLLECTIVE_TIMEOUT".into(), "5s".into()),
             ("CHORUS_SAMPLE_TRACE_DIR".into(), trace.display().to_string()),
@@ -221,6 +224,17 @@ trial:
     .unwrap();
     let i: usize = victim.trim_start_matches("worker-").parse().unwrap();
     c.kill_worker(i);
+    let killed_at = std::time::Instant::now();
+    let mut message = String::new();
+    c.wait_until(Duration::from_secs(20), "the surviving rank to fail", |c| {
+        let t = trials(c, id).remove(0);
+        message = t["message"].as_str().unwrap_or_default().to_string();
+        Ok(t["restarts"].as_u64().unwrap_or(0) >= 1)
+    })
+    .unwrap();
+    // Within the 5 s collective timeout plus reporting, far inside the 30 s lease.
+    assert!(killed_at.elapsed() < Duration::from_secs(15), "{:?}", killed_at.elapsed());
+    assert!(message.contains("collective"), "the survivor's error names the collective: {message}");
     assert_eq!(
         wait_ended(&c, id, Duration::from_secs(300)),
         "completed",
