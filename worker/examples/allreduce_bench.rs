@@ -7,15 +7,17 @@
 //!
 //! cargo run --release -p chorus-worker --example allreduce_bench -- --mode all
 //!
-//! Prints `size_mib=64 busbw_gbps=... algbw_gbps=... ms=...` per size and `loopback_gbps=...`.
+//! Prints `size_mib=64 busbw_gbps=... algbw_gbps=... ms=...` per size, then `loopback_gbps=...`,
+//! `loopback_duplex_gbps=...` and `loopback_cached_gbps=...`.
 
 use anyhow::{Context, bail};
 use chorus_worker::collective::ReduceOp;
 use chorus_worker::collective::ring::{RingCollective, RingConfig, RingListener, configure_socket};
 use clap::{Parser, ValueEnum};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
+use std::sync::Barrier;
 use std::time::Instant;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -40,8 +42,8 @@ struct Args {
     /// The ring's chunk size, in KiB; by default the ring's own.
     #[arg(long)]
     chunk_kib: Option<usize>,
-    /// MiB one loopback measurement sends.
-    #[arg(long, default_value_t = 1024)]
+    /// MiB one loopback measurement sends, from one buffer of that size into another.
+    #[arg(long, default_value_t = 256)]
     loopback_mib: usize,
     /// Set on the second rank, which the first starts: the first rank's listener.
     #[arg(long, hide = true)]
@@ -151,50 +153,77 @@ fn run(args: &Args, ring: &mut RingCollective, rank: usize) -> anyhow::Result<()
     Ok(())
 }
 
-/// One stream over 127.0.0.1 with the ring's socket settings, writer and reader on two threads:
-/// the median of three transfers of `--loopback-mib`.
+/// What TCP over 127.0.0.1 carries with the ring's socket settings, on threads of this process:
+/// one stream alone (`loopback_gbps`), and two at once in opposite directions, as the two ranks'
+/// links run during an all-reduce (`loopback_duplex_gbps`, per direction). Each stream sends a
+/// `--loopback-mib` buffer into another, both touched beforehand, as the ring moves a tensor; the
+/// median of three transfers. `loopback_cached_gbps` moves as much through a small buffer.
 fn loopback(args: &Args) -> anyhow::Result<()> {
+    let bytes = args.loopback_mib * MIB;
+    println!("loopback_gbps={:.3}", stream_rate(1, bytes, 1)?);
+    println!("loopback_duplex_gbps={:.3}", stream_rate(2, bytes, 1)?);
+    // The same bytes from and into a 4 MiB buffer that stays in cache: what the figures lose to
+    // memory traffic.
+    let cached = 4 * MIB;
+    println!(
+        "loopback_cached_gbps={:.3}",
+        stream_rate(1, cached, (bytes / cached).max(1))?
+    );
+    Ok(())
+}
+
+/// GB/s of each of `streams` concurrent connections, each moving a buffer of `bytes` into another
+/// `reps` times.
+fn stream_rate(streams: usize, bytes: usize, reps: usize) -> anyhow::Result<f64> {
     let timeout = RingConfig::default().timeout;
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    let addr = listener.local_addr()?;
-    let total = args.loopback_mib * MIB;
-    let piece = 4 * MIB;
-    let writer = std::thread::spawn(move || -> anyhow::Result<()> {
-        let stream = TcpStream::connect(addr)?;
-        configure_socket(&stream, timeout)?;
-        let buf = vec![1u8; piece];
-        for _ in 0..3 {
-            let mut left = total;
-            while left > 0 {
-                let n = left.min(piece);
-                match (&stream).write(&buf[..n]) {
-                    Ok(w) => left -= w,
-                    // The ring's sockets wake blocked writers periodically; keep waiting.
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-        }
-        Ok(())
-    });
-    let (stream, _) = listener.accept()?;
-    configure_socket(&stream, timeout)?;
-    let mut buf = vec![0u8; piece];
+    let mut links = Vec::new();
+    for _ in 0..streams {
+        let tx = TcpStream::connect(listener.local_addr()?)?;
+        let (rx, _) = listener.accept()?;
+        configure_socket(&tx, timeout)?;
+        configure_socket(&rx, timeout)?;
+        links.push((tx, rx, vec![1u8; bytes], vec![2u8; bytes]));
+    }
     let mut rates = Vec::new();
     for _ in 0..3 {
-        let start = Instant::now();
-        let mut left = total;
-        while left > 0 {
-            let n = (&stream).read(&mut buf[..left.min(piece)])?;
-            if n == 0 {
-                bail!("the loopback writer closed early");
+        let start = Barrier::new(2 * streams + 1);
+        let seconds = std::thread::scope(|s| -> anyhow::Result<f64> {
+            let mut threads = Vec::new();
+            for (tx, rx, src, dst) in &mut links {
+                let start = &start;
+                threads.push(s.spawn(move || -> std::io::Result<()> {
+                    start.wait();
+                    for _ in 0..reps {
+                        let mut sent = 0;
+                        while sent < src.len() {
+                            match (&*tx).write(&src[sent..]) {
+                                Ok(n) => sent += n,
+                                // The ring's sockets wake blocked writers now and then; keep waiting.
+                                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                                Err(e) => return Err(e),
+                            }
+                        }
+                    }
+                    Ok(())
+                }));
+                threads.push(s.spawn(move || -> std::io::Result<()> {
+                    start.wait();
+                    for _ in 0..reps {
+                        (&*rx).read_exact(dst)?;
+                    }
+                    Ok(())
+                }));
             }
-            left -= n;
-        }
-        rates.push(total as f64 / start.elapsed().as_secs_f64() / 1e9);
+            start.wait();
+            let begun = Instant::now();
+            for t in threads {
+                t.join().expect("a loopback thread panicked")?;
+            }
+            Ok(begun.elapsed().as_secs_f64())
+        })?;
+        rates.push((bytes * reps) as f64 / seconds / 1e9);
     }
-    writer.join().expect("loopback writer panicked")?;
     rates.sort_by(f64::total_cmp);
-    println!("loopback_gbps={:.3}", rates[1]);
-    Ok(())
+    Ok(rates[1])
 }

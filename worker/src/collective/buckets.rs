@@ -19,6 +19,8 @@ const F32_BYTES: usize = 4;
 /// One flat buffer and the tensors (by index) it holds, with their offsets in it.
 struct Bucket {
     members: Vec<(usize, i64, i64)>,
+    /// Elements the members take; in the last bucket the extra scalars follow them.
+    used: i64,
     buffer: Tensor,
 }
 
@@ -53,6 +55,7 @@ impl GradientBuckets {
                 let len: i64 = m.iter().map(|&(_, _, n)| n).sum();
                 Bucket {
                     members: m,
+                    used: len,
                     buffer: Tensor::zeros([len], (Kind::Float, device)),
                 }
             })
@@ -88,15 +91,22 @@ impl GradientBuckets {
             )));
         }
         let last = self.buckets.len() - 1;
+        let tail = extra.len() as i64;
+        {
+            // Sized once for the extras, which are the same few every step, rather than
+            // concatenated each step: that would copy the whole bucket again.
+            let bucket = &mut self.buckets[last];
+            if bucket.buffer.numel() as i64 != bucket.used + tail {
+                bucket.buffer = Tensor::zeros([bucket.used + tail], (Kind::Float, bucket.buffer.device()));
+            }
+        }
         tch::no_grad(|| -> Result<(), WorkerError> {
             for (b, bucket) in self.buckets.iter_mut().enumerate() {
-                let mut flat = if b == last && !extra.is_empty() {
-                    let tail = Tensor::from_slice(&extra.iter().map(|&x| x as f32).collect::<Vec<f32>>())
-                        .to_device(bucket.buffer.device());
-                    Tensor::cat(&[&bucket.buffer, &tail], 0)
-                } else {
-                    bucket.buffer.shallow_clone()
-                };
+                let mut flat = bucket.buffer.shallow_clone();
+                if b == last && tail > 0 {
+                    let values = Tensor::from_slice(&extra.iter().map(|&x| x as f32).collect::<Vec<f32>>());
+                    flat.narrow(0, bucket.used, tail).copy_(&values);
+                }
                 for &(i, offset, n) in &bucket.members {
                     let mut slot = flat.narrow(0, offset, n);
                     if grads[i].defined() {
@@ -114,11 +124,10 @@ impl GradientBuckets {
                         grads[i] = reduced.copy();
                     }
                 }
-                if b == last && !extra.is_empty() {
-                    let used = bucket.buffer.numel() as i64;
-                    let tail: Vec<f32> =
-                        Vec::try_from(flat.narrow(0, used, extra.len() as i64).to_device(tch::Device::Cpu))?;
-                    for (x, v) in extra.iter_mut().zip(tail) {
+                if b == last && tail > 0 {
+                    let reduced: Vec<f32> =
+                        Vec::try_from(flat.narrow(0, bucket.used, tail).to_device(tch::Device::Cpu))?;
+                    for (x, v) in extra.iter_mut().zip(reduced) {
                         *x = f64::from(v);
                     }
                 }
@@ -184,6 +193,18 @@ mod tests {
                         buckets
                             .all_reduce(&mut grads, &mut ring, ReduceOp::Sum, &mut extra)
                             .unwrap();
+                        // Again with more extras (the last bucket grows for them), averaged.
+                        let mut again = tensors(rank);
+                        let mut more = vec![rank as f64 * 2.0, 7.0, 1e6 + rank as f64];
+                        buckets
+                            .all_reduce(&mut again, &mut ring, ReduceOp::Average, &mut more)
+                            .unwrap();
+                        let (a, b) = (tensors(0), tensors(1));
+                        for i in 0..a.len() {
+                            let want = (&a[i] + &b[i]) / 2.0;
+                            assert!(again[i].allclose(&want, 1e-6, 1e-6, false), "averaged tensor {i}");
+                        }
+                        assert_eq!(more, vec![1.0, 7.0, 1e6 + 0.5]);
                         (grads, extra)
                     })
                 })

@@ -6,7 +6,9 @@
 //! ring: a reduce-scatter then an all-gather, `2(n-1)` steps over `n` segments, each rank sending
 //! `2(n-1)/n` of the data. In each step the outgoing segment is written on a helper thread while
 //! the incoming one is read and reduced as it arrives, so the transfer and the arithmetic overlap
-//! and no two ranks can block each other on full socket buffers.
+//! and no two ranks can block each other on full socket buffers. A call small enough that its
+//! bytes always fit in the socket buffers writes and then reads on the calling thread instead:
+//! there a thread costs more than the transfer.
 //!
 //! Floats travel in the host's byte order: the ranks of one trial run the same build.
 //!
@@ -28,12 +30,13 @@ use tch::{Device, Kind, Tensor};
 /// does not start with it is told apart from a peer.
 const MAGIC: u64 = u64::from_le_bytes(*b"CHORUSR1");
 const HELLO_LEN: usize = 24;
+const HELLO_WAIT: Duration = Duration::from_secs(5);
 const HEADER_LEN: usize = 24;
 
-/// Steps whose outgoing bytes are at most this are written before reading, on the calling thread:
-/// a helper thread costs more than such a transfer, and the socket buffers (see
-/// [`SOCKET_BUFFER_BYTES`]) hold this much, so the write cannot wait on the neighbour.
-const INLINE_BYTES: usize = 64 * 1024;
+/// Asked of the kernel for both directions of every connection; it bounds the calls that may
+/// write before reading (see [`Ring::fits`]). Linux caps it at `net.core.wmem_max`, so the size
+/// granted is read back rather than assumed.
+const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 
 /// How long one blocked write waits before [`Ring::write_all`] looks at the clock. A write that
 /// moved some bytes before its timeout returns them and a fresh one waits again, so the send
@@ -41,16 +44,13 @@ const INLINE_BYTES: usize = 64 * 1024;
 /// stretch to twice the configured one.
 const WRITE_WAKE: Duration = Duration::from_millis(250);
 
-/// Asked of the kernel for both directions. Large enough that a whole inline step always fits;
-/// Linux caps it at `net.core.{w,r}mem_max`, which is fine for the inline guarantee as long as
-/// that cap is at least a few hundred KiB (the default is 208 KiB, doubled by the kernel).
-const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
-
 #[derive(Debug, Clone, Copy)]
 pub struct RingConfig {
     /// The longest any read, write or connection attempt may wait for a peer.
     pub timeout: Duration,
-    /// Granularity at which received data is reduced and forwarded.
+    /// The most one read takes in before it is reduced (or, in a broadcast, forwarded). The
+    /// default keeps the piece in L2 cache while it is added; on loopback 64 KiB to 4 MiB measure
+    /// alike.
     pub chunk_bytes: usize,
 }
 
@@ -102,6 +102,10 @@ struct Links {
     left: Link,
     /// Sends to rank `r+1`.
     right: Link,
+    /// Bytes a call may send without ever waiting on the right neighbour to read: half of what
+    /// the kernel granted as the send buffer (its accounting counts some overhead beside the
+    /// payload).
+    send_capacity: usize,
     /// Fault injection: once this many bytes were received, the next read stalls for twice the
     /// timeout, as in a process that stopped reading, and then fails.
     #[cfg(test)]
@@ -161,7 +165,7 @@ impl RingCollective {
             None
         } else {
             let fail = |msg: String| WorkerError::Collective(format!("connect on rank {rank} of {world}: {msg}"));
-            let links = Handshake {
+            let mut links = Handshake {
                 rank,
                 world,
                 peers,
@@ -179,7 +183,20 @@ impl RingCollective {
                     ))
                 })?;
             }
-            tracing::debug!(rank, world, left = %links.left.addr, right = %links.right.addr, "joined the ring");
+            links.send_capacity = send_buffer(&links.right.stream).map_err(|e| {
+                fail(format!(
+                    "cannot read the send buffer of the connection with rank {} ({}): {e}",
+                    links.right.rank, links.right.addr
+                ))
+            })? / 2;
+            tracing::debug!(
+                rank,
+                world,
+                send_capacity = links.send_capacity,
+                left = %links.left.addr,
+                right = %links.right.addr,
+                "joined the ring"
+            );
             Some(links)
         };
         Ok(RingCollective {
@@ -217,6 +234,10 @@ impl RingCollective {
             rank: self.rank,
             world: self.world,
             timeout: self.config.timeout,
+            inline: Ring::fits(
+                links,
+                (data.len() * 4) as u64 * 2 * (self.world as u64 - 1) / self.world as u64,
+            ),
         };
         let result = ring.all_reduce(data, op, &header, &mut self.scratch[..chunk]);
         self.finish("all_reduce", result)
@@ -245,6 +266,7 @@ impl RingCollective {
             rank: self.rank,
             world: self.world,
             timeout: self.config.timeout,
+            inline: Ring::fits(links, data.len() as u64),
         };
         let result = ring.broadcast(data, root, &header, self.config.chunk_bytes);
         self.finish("broadcast", result)
@@ -267,6 +289,7 @@ impl RingCollective {
             rank: self.rank,
             world: self.world,
             timeout: self.config.timeout,
+            inline: true,
         };
         let result = ring.barrier(&header);
         self.finish("barrier", result)
@@ -370,14 +393,36 @@ fn check_tensor(t: &Tensor, op: &str, rank: usize, world: usize) -> Result<(), W
     Ok(())
 }
 
-/// The settings of every ring connection: no Nagle delay, large buffers, and timeouts. Public so
-/// that a measurement of the bare transport can use the same.
+/// The settings of every ring connection: no Nagle delay, large buffers, reads that time out after
+/// `timeout`, and writes that return every quarter second at most (the ring keeps the write
+/// deadline itself). Public so that a measurement of the bare transport can use the same.
 pub fn configure_socket(stream: &TcpStream, timeout: Duration) -> io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout.min(WRITE_WAKE)))?;
     set_buffer(stream, libc::SO_SNDBUF, SOCKET_BUFFER_BYTES)?;
     set_buffer(stream, libc::SO_RCVBUF, SOCKET_BUFFER_BYTES)
+}
+
+/// The send buffer the kernel granted, in its accounting (about twice what was asked).
+fn send_buffer(stream: &TcpStream) -> io::Result<usize> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt on a socket this process owns, into a live int whose size is passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&raw mut value).cast(),
+            &raw mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(usize::try_from(value).unwrap_or(0))
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 fn set_buffer(stream: &TcpStream, option: libc::c_int, bytes: usize) -> io::Result<()> {
@@ -431,6 +476,7 @@ impl Handshake<'_> {
         Ok(Links {
             left,
             right,
+            send_capacity: 0,
             #[cfg(test)]
             stall_after_bytes: None,
             #[cfg(test)]
@@ -504,9 +550,11 @@ impl Handshake<'_> {
                 Err(e) => return Err(format!("accepting rank {left_rank} ({addr}): {e}")),
             };
             let mut hello = [0u8; HELLO_LEN];
+            // A peer sends its hello right after connecting; a client that sends nothing must
+            // not hold up the one that will.
             let read = stream
                 .set_nonblocking(false)
-                .and_then(|()| stream.set_read_timeout(Some(left)))
+                .and_then(|()| stream.set_read_timeout(Some(left.min(HELLO_WAIT))))
                 .and_then(|()| (&stream).read_exact(&mut hello));
             if read.is_err() || u64::from_le_bytes(hello[0..8].try_into().unwrap()) != MAGIC {
                 // Not a ring peer: ignore it and keep waiting for the real one.
@@ -722,19 +770,10 @@ impl<'a> FirstError<'a> {
 
 /// Where a step's incoming segment goes.
 enum Incoming<'a> {
-    /// Added into these floats (reduce-scatter).
+    /// Added into these floats (reduce-scatter), read through the scratch buffer that follows.
     Add(&'a mut [f32], &'a mut [f32]),
     /// Written over these bytes (all-gather).
     Overwrite(&'a mut [u8]),
-}
-
-impl Incoming<'_> {
-    fn bytes(&self) -> usize {
-        match self {
-            Incoming::Add(dst, _) => dst.len() * 4,
-            Incoming::Overwrite(dst) => dst.len(),
-        }
-    }
 }
 
 /// One call's view of the ring.
@@ -743,9 +782,20 @@ struct Ring<'a> {
     rank: usize,
     world: usize,
     timeout: Duration,
+    /// Whether this call's sends fit in the socket buffers (see [`Ring::fits`]), so that each step
+    /// may write and then read on one thread.
+    inline: bool,
 }
 
 impl Ring<'_> {
+    /// Whether a call that sends `bytes` (and its header) on each link may write before reading
+    /// without a risk of deadlock. A rank finishes a call only after every rank has started it,
+    /// and so finished the one before: at most two calls' bytes are ever unread on a link, and
+    /// when each takes at most half the send buffer, no write ever waits on the reader.
+    fn fits(links: &Links, bytes: u64) -> bool {
+        bytes + HEADER_LEN as u64 <= links.send_capacity as u64 / 2
+    }
+
     fn all_reduce(&self, data: &mut [f32], op: ReduceOp, header: &Header, scratch: &mut [f32]) -> Result<(), String> {
         let n = self.world;
         let r = self.rank;
@@ -779,7 +829,7 @@ impl Ring<'_> {
     /// One ring step: `out` (after `header`, if any) to the right while the left neighbour's
     /// segment (after its header, checked against `header`) is received into `incoming`.
     fn exchange(&self, header: Option<&Header>, out: &[u8], incoming: Incoming<'_>) -> Result<(), String> {
-        if out.len() + HEADER_LEN <= INLINE_BYTES && incoming.bytes() <= INLINE_BYTES {
+        if self.inline {
             self.send(header, out)?;
             return self.receive(header, incoming);
         }
@@ -894,10 +944,10 @@ impl Ring<'_> {
     fn read_add(&self, dst: &mut [f32], scratch: &mut [f32]) -> io::Result<()> {
         let total = dst.len() * 4;
         let chunk = scratch.len() * 4;
-        // Bytes of the current chunk received; complete floats are added and moved past at once,
-        // a trailing partial float waits for its remaining bytes.
+        // A read may end inside a float: the complete floats are added at once, and the bytes of
+        // the partial one move to the front of `scratch` to wait for the rest.
         let mut done = 0; // bytes of `dst` already reduced
-        let mut pending = 0; // bytes in `scratch` not yet added (always < 4 after each add)
+        let mut pending = 0; // bytes at the front of `scratch` not yet added
         while done < total {
             let want = (total - done).min(chunk);
             let got = self.read(&mut f32_bytes_mut(scratch)[pending..want])?;
@@ -928,6 +978,11 @@ impl Ring<'_> {
             return self.receive(Some(header), Incoming::Overwrite(data));
         }
         self.check_header(header)?;
+        if self.inline {
+            let failed = |e: io::Error| describe(&e, Direction::Receive, &self.links.left, self.timeout);
+            self.read_exact(data).map_err(failed)?;
+            return self.send(Some(header), data);
+        }
         let first = FirstError::new(self.links);
         std::thread::scope(|s| {
             let (tx, rx) = mpsc::channel::<&[u8]>();
