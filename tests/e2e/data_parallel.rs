@@ -233,8 +233,15 @@ trial:
     })
     .unwrap();
     // Within the 5 s collective timeout plus reporting, far inside the 30 s lease.
-    assert!(killed_at.elapsed() < Duration::from_secs(15), "{:?}", killed_at.elapsed());
-    assert!(message.contains("collective"), "the survivor's error names the collective: {message}");
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        killed_at.elapsed()
+    );
+    assert!(
+        message.contains("collective"),
+        "the survivor's error names the collective: {message}"
+    );
     assert_eq!(
         wait_ended(&c, id, Duration::from_secs(300)),
         "completed",
@@ -324,4 +331,70 @@ trial:
         "the last checkpoint is of the last epoch: {position}"
     );
     assert_eq!(position["plan"]["ranks"].as_array().map(Vec::len), Some(2));
+}
+
+/// A worker of a two-rank builtin trial shuts down politely mid-epoch: the ranks agree to stop at
+/// the same step, rank 0 checkpoints, and the trial is placed again without spending a restart.
+#[test]
+fn a_worker_shutdown_pauses_every_rank_at_no_cost() {
+    let mut c = TestCluster::start(ClusterConfig {
+        workers: 2,
+        slots: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let data = format!("file://{}", c.dir.path().join("emo").display());
+    let out = c.chorus(&[
+        "dataset",
+        "synth",
+        "--out",
+        &data,
+        "--samples",
+        "1200",
+        "--shards",
+        "5",
+        "--seed",
+        "3",
+    ]);
+    assert!(out.status.success(), "synth: {}", String::from_utf8_lossy(&out.stderr));
+    let yaml = format!(
+        r#"
+name: dp-shutdown
+metric: {{name: val_accuracy, goal: maximize}}
+parameters: {{}}
+searcher: {{name: grid}}
+max_restarts: 0
+resources: {{workers: 2, cpus: 1}}
+trial:
+  builtin:
+    model: {{kind: multimodal, modalities: [text]}}
+    data: {data}
+    epochs: 1
+    batch_size: 16
+    log_every: 2
+"#
+    );
+    let id = submit(&c, &c.write("dp.yaml", &yaml));
+    c.wait_until(Duration::from_secs(120), "training under way", |c| {
+        let ts = trials(c, id);
+        Ok(ts
+            .first()
+            .is_some_and(|t| t["last_metrics"]["step"].as_u64().unwrap_or(0) >= 4))
+    })
+    .unwrap();
+    c.stop_worker(1);
+    c.wait_until(Duration::from_secs(30), "the trial to be requeued", |c| {
+        Ok(trials(c, id)[0]["attempt"].as_u64().unwrap_or(0) >= 2 || trials(c, id)[0]["state"] == "pending")
+    })
+    .unwrap();
+    c.start_worker().unwrap();
+    assert_eq!(
+        wait_ended(&c, id, Duration::from_secs(240)),
+        "completed",
+        "{}",
+        c.logs_tail()
+    );
+    let t = &trials(&c, id)[0];
+    assert_eq!(t["restarts"], 0, "a polite shutdown costs no restart: {t}");
+    assert!(t["attempt"].as_u64().unwrap() >= 2, "{t}");
 }

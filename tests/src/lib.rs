@@ -204,6 +204,14 @@ impl TestCluster {
         Ok(i)
     }
 
+    /// Asks a worker to shut down (SIGTERM) and waits for it to exit.
+    pub fn stop_worker(&mut self, i: usize) {
+        if let Some(mut p) = self.workers.get_mut(i).and_then(Option::take) {
+            let _ = kill(Pid::from_raw(p.child.id() as i32), Signal::SIGTERM);
+            let _ = p.child.wait();
+        }
+    }
+
     pub fn kill_worker(&mut self, i: usize) {
         if let Some(mut p) = self.workers.get_mut(i).and_then(Option::take) {
             p.sigkill();

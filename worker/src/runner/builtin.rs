@@ -205,6 +205,13 @@ pub(super) async fn run(
             "stopped because the worker shut down".into(),
         ),
         (None, None, Some(Outcome::Completed { .. })) => exited(pb::ExitKind::Succeeded, Some(0), String::new()),
+        // Ranks pause together: another rank's worker is shutting down, and this rank stopped at
+        // the same step after rank 0's checkpoint. Not the trial's fault either.
+        (None, None, Some(Outcome::Paused { .. })) => exited(
+            pb::ExitKind::Interrupted,
+            None,
+            "paused with the other ranks: a worker of this trial shut down".into(),
+        ),
         (None, None, _) => exited(
             pb::ExitKind::Failed,
             None,
