@@ -410,7 +410,7 @@ impl State {
             if exp.state != ExperimentState::Active || exp.creation_finished() || active >= exp.parallel_trials as u64 {
                 return;
             }
-            match exp.searcher.suggest() {
+            match exp.searcher.suggest(TrialId(self.next_trial)) {
                 Suggestion::Create(params) => {
                     let tid = TrialId(self.next_trial);
                     self.next_trial += 1;
@@ -899,6 +899,7 @@ impl State {
                 let actions = exp.searcher.observe(&SearchEvent::Reported {
                     trial: tid,
                     step: report.step,
+                    epoch: report.values.get("epoch").copied(),
                     value,
                 });
                 let target = exp.spec.spec.metric.target;

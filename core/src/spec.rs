@@ -24,6 +24,9 @@ pub struct ExperimentSpec {
     #[serde(default)]
     pub parameters: BTreeMap<String, ParamSpec>,
     pub searcher: SearcherSpec,
+    /// Early stopping for grid, random and tpe searches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<SchedulerSpec>,
     /// Trials to create in total; defaults to the grid size for grid search.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_trials: Option<u64>,
@@ -117,12 +120,43 @@ pub enum Distribution {
     QUniform,
 }
 
+/// The search algorithm and its settings. Settings an algorithm does not use are refused, so a
+/// typo'd or misplaced one never silently does nothing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SearcherSpec {
     pub name: SearcherName,
     #[serde(default)]
     pub seed: u64,
+    /// tpe: trials drawn at random before the model takes over (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_startup_trials: Option<u32>,
+    /// tpe: candidates drawn from the good density per suggestion (default 24).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_ei_candidates: Option<u32>,
+    /// tpe: the share of finished trials counted as good (default 0.25).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gamma: Option<f64>,
+    /// asha, hyperband: keep the best 1/reduction_factor at each rung (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reduction_factor: Option<u32>,
+    /// asha: the resource (step or epoch, as the trial reports it) of the first rung (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_period: Option<u64>,
+    /// asha, hyperband: the resource a trial runs to at most; required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_resource: Option<u64>,
+    /// The resource the rungs count: `step` (default) or `epoch`, as the trial's reports name them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<ResourceName>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ResourceName {
+    #[default]
+    Step,
+    Epoch,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,6 +164,40 @@ pub struct SearcherSpec {
 pub enum SearcherName {
     Grid,
     Random,
+    Tpe,
+    Asha,
+    Hyperband,
+}
+
+/// Early stopping layered over a searcher that does not stop trials itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerSpec {
+    pub name: SchedulerName,
+    /// No trial is stopped before it reports this resource (default 1).
+    #[serde(default = "one_u64")]
+    pub grace_period: u64,
+    /// Trials that must have reported at a resource before the median there is trusted (default 3).
+    #[serde(default = "three")]
+    pub min_trials: u32,
+    #[serde(default)]
+    pub resource: ResourceName,
+}
+
+fn one_u64() -> u64 {
+    1
+}
+
+fn three() -> u32 {
+    3
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SchedulerName {
+    /// Stop a trial whose best value so far is worse than the median of the other trials'
+    /// running means at the same resource (the median stopping rule of Google Vizier).
+    Median,
 }
 
 impl SearcherName {
@@ -137,6 +205,9 @@ impl SearcherName {
         match self {
             SearcherName::Grid => "grid",
             SearcherName::Random => "random",
+            SearcherName::Tpe => "tpe",
+            SearcherName::Asha => "asha",
+            SearcherName::Hyperband => "hyperband",
         }
     }
 }
@@ -645,14 +716,17 @@ fn validate(spec: ExperimentSpec, at: &dyn Fn(&str) -> Option<(usize, usize)>) -
             None => 0,
             Some(g) => spec.max_trials.map_or(g, |m| m.min(g)),
         },
-        SearcherName::Random => match spec.max_trials {
+        name => match spec.max_trials {
             Some(m) => m,
             None => {
-                push("max_trials".into(), "random search needs max_trials".into());
+                push("max_trials".into(), format!("{} search needs max_trials", name.as_str()));
                 0
             }
         },
     };
+    for (field, message) in searcher_problems(&spec.searcher, spec.scheduler.as_ref()) {
+        push(field, message);
+    }
     if errs.is_empty() {
         Ok(ValidSpec {
             spec,
@@ -663,6 +737,68 @@ fn validate(spec: ExperimentSpec, at: &dyn Fn(&str) -> Option<(usize, usize)>) -
     } else {
         Err(CoreError::Spec(SpecErrors(errs)))
     }
+}
+
+/// Settings that do not fit the chosen algorithm, or values out of range.
+fn searcher_problems(s: &SearcherSpec, scheduler: Option<&SchedulerSpec>) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let name = s.name;
+    let mut only = |field: &str, set: bool, allowed: &[SearcherName]| {
+        if set && !allowed.contains(&name) {
+            let names: Vec<&str> = allowed.iter().map(|a| a.as_str()).collect();
+            out.push((
+                format!("searcher.{field}"),
+                format!("applies to {} only, not to {}", names.join(" and "), name.as_str()),
+            ));
+        }
+    };
+    use SearcherName::*;
+    only("n_startup_trials", s.n_startup_trials.is_some(), &[Tpe]);
+    only("n_ei_candidates", s.n_ei_candidates.is_some(), &[Tpe]);
+    only("gamma", s.gamma.is_some(), &[Tpe]);
+    only("reduction_factor", s.reduction_factor.is_some(), &[Asha, Hyperband]);
+    only("grace_period", s.grace_period.is_some(), &[Asha]);
+    only("max_resource", s.max_resource.is_some(), &[Asha, Hyperband]);
+    only("resource", s.resource.is_some(), &[Asha, Hyperband]);
+    if let Some(g) = s.gamma
+        && !(g > 0.0 && g < 1.0)
+    {
+        out.push(("searcher.gamma".into(), format!("must lie strictly between 0 and 1, got {g}")));
+    }
+    if s.n_ei_candidates == Some(0) {
+        out.push(("searcher.n_ei_candidates".into(), "must be at least 1".into()));
+    }
+    if s.reduction_factor.is_some_and(|r| r < 2) {
+        out.push(("searcher.reduction_factor".into(), "must be at least 2".into()));
+    }
+    if s.grace_period == Some(0) {
+        out.push(("searcher.grace_period".into(), "must be at least 1".into()));
+    }
+    if matches!(name, Asha | Hyperband) {
+        match s.max_resource {
+            None => out.push((
+                "searcher.max_resource".into(),
+                format!("{} needs max_resource, the step or epoch a trial runs to", name.as_str()),
+            )),
+            Some(m) if m < s.grace_period.unwrap_or(1) => out.push((
+                "searcher.max_resource".into(),
+                format!("must be at least grace_period ({})", s.grace_period.unwrap_or(1)),
+            )),
+            _ => {}
+        }
+    }
+    if let Some(sch) = scheduler {
+        if matches!(name, Asha | Hyperband) {
+            out.push((
+                "scheduler".into(),
+                format!("{} stops trials itself; a scheduler composes with grid, random and tpe", name.as_str()),
+            ));
+        }
+        if sch.min_trials == 0 {
+            out.push(("scheduler.min_trials".into(), "must be at least 1".into()));
+        }
+    }
+    out
 }
 
 fn valid_param_name(name: &str) -> bool {
@@ -904,6 +1040,25 @@ trial:
             paths.contains(&"parallel_trials") && paths.contains(&"trial.timeout"),
             "{paths:?}"
         );
+    }
+
+    #[test]
+    fn searcher_settings_belong_to_their_algorithm() {
+        let with = |searcher: &str| GOOD.replace("searcher: {name: random, seed: 7}", searcher);
+        let v = parse(&with("searcher: {name: asha, max_resource: 27, reduction_factor: 3}"), &[]).unwrap();
+        assert_eq!(v.spec.searcher.max_resource, Some(27));
+        let v = parse(&with("searcher: {name: tpe, gamma: 0.2}\nscheduler: {name: median}"), &[]).unwrap();
+        assert_eq!(v.spec.scheduler.unwrap().min_trials, 3);
+        let e = errors(&with("searcher: {name: asha}"), &[]);
+        assert_eq!(e[0].path, "searcher.max_resource");
+        let e = errors(&with("searcher: {name: random, max_resource: 9}"), &[]);
+        assert!(e[0].message.contains("applies to asha and hyperband only"), "{e:?}");
+        let e = errors(&with("searcher: {name: tpe, gamma: 1.5}"), &[]);
+        assert_eq!(e[0].path, "searcher.gamma");
+        let e = errors(&with("searcher: {name: hyperband, max_resource: 9}\nscheduler: {name: median}"), &[]);
+        assert_eq!(e[0].path, "scheduler");
+        let e = errors(&with("searcher: {name: asha, max_resource: 9, reduction_factor: 1}"), &[]);
+        assert_eq!(e[0].path, "searcher.reduction_factor");
     }
 
     #[test]

@@ -5,6 +5,7 @@ mod builtin;
 mod crash;
 mod data_parallel;
 mod s3;
+mod search;
 mod spec_errors;
 mod sweep;
 

@@ -1,6 +1,7 @@
 //! Grid search: every point of the (discrete) space once, in a fixed order.
 
 use super::{SearchAction, SearchEvent, Searcher, Suggestion};
+use chorus_core::TrialId;
 use chorus_core::space::{Space, grid_point};
 use serde::{Deserialize, Serialize};
 
@@ -26,7 +27,7 @@ impl GridSearcher {
 }
 
 impl Searcher for GridSearcher {
-    fn suggest(&mut self) -> Suggestion {
+    fn suggest(&mut self, _trial: TrialId) -> Suggestion {
         match grid_point(&self.space, self.state.next) {
             Some(p) => {
                 self.state.next += 1;
@@ -63,12 +64,12 @@ mod tests {
         let mut g = GridSearcher::new(space, None);
         let mut seen = std::collections::HashSet::new();
         for _ in 0..6 {
-            let Suggestion::Create(p) = g.suggest() else {
+            let Suggestion::Create(p) = g.suggest(TrialId(0)) else {
                 panic!("grid ended early")
             };
             assert!(seen.insert(serde_json::to_string(&p).unwrap()));
         }
-        assert_eq!(g.suggest(), Suggestion::Exhausted);
-        assert_eq!(g.suggest(), Suggestion::Exhausted);
+        assert_eq!(g.suggest(TrialId(0)), Suggestion::Exhausted);
+        assert_eq!(g.suggest(TrialId(0)), Suggestion::Exhausted);
     }
 }

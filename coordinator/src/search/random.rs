@@ -4,6 +4,7 @@
 //! and the sequence of trials is the same however often the coordinator restarts.
 
 use super::{SearchAction, SearchEvent, Searcher, Suggestion};
+use chorus_core::TrialId;
 use chorus_core::space::{Params, Space};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -41,7 +42,7 @@ impl RandomSearcher {
 }
 
 impl Searcher for RandomSearcher {
-    fn suggest(&mut self) -> Suggestion {
+    fn suggest(&mut self, _trial: TrialId) -> Suggestion {
         let p = self.draw(self.state.drawn);
         self.state.drawn += 1;
         Suggestion::Create(p)
