@@ -49,8 +49,35 @@ pub enum Command {
     /// coordinator needed).
     #[command(subcommand)]
     Dataset(DatasetCmd),
+    /// Try a searcher before spending compute (no coordinator needed).
+    #[command(subcommand)]
+    Search(SearchCmd),
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SearchCmd {
+    /// Run the experiment's searcher (and scheduler) against a synthetic objective in simulation:
+    /// which trials it would create, which it would stop early, and the steps it would spend.
+    Preview {
+        /// The experiment file (YAML); `-` reads stdin.
+        file: PathBuf,
+        /// Trials to simulate [default: the experiment's max_trials].
+        #[arg(long, value_name = "N")]
+        trials: Option<u64>,
+        /// Steps each trial runs to [default: the searcher's max_resource, else 20].
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        steps: Option<u64>,
+        /// Seed of the synthetic objective.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Override a field, as at submit (`--set max_trials=50`).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -719,7 +719,10 @@ fn validate(spec: ExperimentSpec, at: &dyn Fn(&str) -> Option<(usize, usize)>) -
         name => match spec.max_trials {
             Some(m) => m,
             None => {
-                push("max_trials".into(), format!("{} search needs max_trials", name.as_str()));
+                push(
+                    "max_trials".into(),
+                    format!("{} search needs max_trials", name.as_str()),
+                );
                 0
             }
         },
@@ -763,7 +766,10 @@ fn searcher_problems(s: &SearcherSpec, scheduler: Option<&SchedulerSpec>) -> Vec
     if let Some(g) = s.gamma
         && !(g > 0.0 && g < 1.0)
     {
-        out.push(("searcher.gamma".into(), format!("must lie strictly between 0 and 1, got {g}")));
+        out.push((
+            "searcher.gamma".into(),
+            format!("must lie strictly between 0 and 1, got {g}"),
+        ));
     }
     if s.n_ei_candidates == Some(0) {
         out.push(("searcher.n_ei_candidates".into(), "must be at least 1".into()));
@@ -778,7 +784,10 @@ fn searcher_problems(s: &SearcherSpec, scheduler: Option<&SchedulerSpec>) -> Vec
         match s.max_resource {
             None => out.push((
                 "searcher.max_resource".into(),
-                format!("{} needs max_resource, the step or epoch a trial runs to", name.as_str()),
+                format!(
+                    "{} needs max_resource, the step or epoch a trial runs to",
+                    name.as_str()
+                ),
             )),
             Some(m) if m < s.grace_period.unwrap_or(1) => out.push((
                 "searcher.max_resource".into(),
@@ -791,7 +800,10 @@ fn searcher_problems(s: &SearcherSpec, scheduler: Option<&SchedulerSpec>) -> Vec
         if matches!(name, Asha | Hyperband) {
             out.push((
                 "scheduler".into(),
-                format!("{} stops trials itself; a scheduler composes with grid, random and tpe", name.as_str()),
+                format!(
+                    "{} stops trials itself; a scheduler composes with grid, random and tpe",
+                    name.as_str()
+                ),
             ));
         }
         if sch.min_trials == 0 {
@@ -1045,9 +1057,17 @@ trial:
     #[test]
     fn searcher_settings_belong_to_their_algorithm() {
         let with = |searcher: &str| GOOD.replace("searcher: {name: random, seed: 7}", searcher);
-        let v = parse(&with("searcher: {name: asha, max_resource: 27, reduction_factor: 3}"), &[]).unwrap();
+        let v = parse(
+            &with("searcher: {name: asha, max_resource: 27, reduction_factor: 3}"),
+            &[],
+        )
+        .unwrap();
         assert_eq!(v.spec.searcher.max_resource, Some(27));
-        let v = parse(&with("searcher: {name: tpe, gamma: 0.2}\nscheduler: {name: median}"), &[]).unwrap();
+        let v = parse(
+            &with("searcher: {name: tpe, gamma: 0.2}\nscheduler: {name: median}"),
+            &[],
+        )
+        .unwrap();
         assert_eq!(v.spec.scheduler.unwrap().min_trials, 3);
         let e = errors(&with("searcher: {name: asha}"), &[]);
         assert_eq!(e[0].path, "searcher.max_resource");
@@ -1055,9 +1075,15 @@ trial:
         assert!(e[0].message.contains("applies to asha and hyperband only"), "{e:?}");
         let e = errors(&with("searcher: {name: tpe, gamma: 1.5}"), &[]);
         assert_eq!(e[0].path, "searcher.gamma");
-        let e = errors(&with("searcher: {name: hyperband, max_resource: 9}\nscheduler: {name: median}"), &[]);
+        let e = errors(
+            &with("searcher: {name: hyperband, max_resource: 9}\nscheduler: {name: median}"),
+            &[],
+        );
         assert_eq!(e[0].path, "scheduler");
-        let e = errors(&with("searcher: {name: asha, max_resource: 9, reduction_factor: 1}"), &[]);
+        let e = errors(
+            &with("searcher: {name: asha, max_resource: 9, reduction_factor: 1}"),
+            &[],
+        );
         assert_eq!(e[0].path, "searcher.reduction_factor");
     }
 

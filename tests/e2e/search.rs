@@ -34,7 +34,12 @@ fn asha_stops_weak_trials_at_their_rungs() {
         "max_trials: 9",
     );
     let id = submit(&c, &c.write("asha.yaml", &yaml));
-    assert_eq!(wait_ended(&c, id, Duration::from_secs(120)), "completed", "{}", c.logs_tail());
+    assert_eq!(
+        wait_ended(&c, id, Duration::from_secs(120)),
+        "completed",
+        "{}",
+        c.logs_tail()
+    );
     let ts = trials(&c, id);
     assert_eq!(ts.len(), 9);
     let stopped: Vec<&Value> = ts
@@ -49,7 +54,12 @@ fn asha_stops_weak_trials_at_their_rungs() {
     // The best trial (lowest x) was never stopped.
     let best = ts
         .iter()
-        .min_by(|a, b| a["params"]["x"].as_f64().unwrap().total_cmp(&b["params"]["x"].as_f64().unwrap()))
+        .min_by(|a, b| {
+            a["params"]["x"]
+                .as_f64()
+                .unwrap()
+                .total_cmp(&b["params"]["x"].as_f64().unwrap())
+        })
         .unwrap();
     assert_eq!(best["last_metrics"]["step"], 9, "{best}");
 }
@@ -76,7 +86,12 @@ fn a_tpe_search_survives_a_coordinator_sigkill() {
     c.kill_coordinator();
     std::thread::sleep(Duration::from_millis(500));
     c.start_coordinator().unwrap();
-    assert_eq!(wait_ended(&c, id, Duration::from_secs(120)), "completed", "{}", c.logs_tail());
+    assert_eq!(
+        wait_ended(&c, id, Duration::from_secs(120)),
+        "completed",
+        "{}",
+        c.logs_tail()
+    );
     let ts = trials(&c, id);
     assert_eq!(ts.len(), 10, "no trial lost, none extra");
     let params: BTreeSet<String> = ts.iter().map(|t| t["params"].to_string()).collect();

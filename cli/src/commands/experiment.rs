@@ -224,7 +224,7 @@ fn state_change(exp: &pb::Experiment, output: Output) -> String {
 }
 
 /// The experiment file; `-` reads stdin, so a generated spec can be piped in.
-fn read_spec(path: &Path) -> Result<String, CliError> {
+pub(super) fn read_spec(path: &Path) -> Result<String, CliError> {
     if path.as_os_str() == "-" {
         let mut s = String::new();
         std::io::stdin()
@@ -235,7 +235,7 @@ fn read_spec(path: &Path) -> Result<String, CliError> {
     std::fs::read_to_string(path).map_err(|e| CliError::io(format!("cannot read {}", path.display()), e))
 }
 
-fn validate_locally(yaml: &str, overrides: &[String]) -> Result<ValidSpec, CliError> {
+pub(super) fn validate_locally(yaml: &str, overrides: &[String]) -> Result<ValidSpec, CliError> {
     chorus_core::spec::parse(yaml, overrides).map_err(|e| match e {
         CoreError::Spec(errs) => CliError::Spec(errs),
         other => CliError::Usage(other.to_string()),

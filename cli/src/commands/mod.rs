@@ -4,6 +4,7 @@
 mod compare;
 mod dataset;
 mod experiment;
+mod search;
 mod trial;
 mod watch;
 mod worker;
@@ -24,6 +25,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Compare(args) => compare::run(args, &ctx).await,
         Command::Worker(cmd) => worker::run(cmd, &ctx).await,
         Command::Dataset(cmd) => dataset::run(cmd).await,
+        Command::Search(cmd) => search::run(cmd),
         Command::Completions { shell } => {
             let mut buf = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "chorus", &mut buf);

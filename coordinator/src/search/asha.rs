@@ -108,9 +108,7 @@ impl AshaSearcher {
         let mut state: AshaState = saved
             .and_then(|v| serde_json::from_value(v.clone()).ok())
             .unwrap_or_default();
-        state
-            .rungs
-            .resize_with(settings.brackets as usize, Default::default);
+        state.rungs.resize_with(settings.brackets as usize, Default::default);
         for (b, rungs) in state.rungs.iter_mut().enumerate() {
             rungs.resize_with(settings.rungs(b as u32).len(), Default::default);
         }
@@ -240,7 +238,9 @@ mod tests {
             epoch: None,
             value,
         });
-        actions.iter().any(|a| matches!(a, SearchAction::Stop { trial, .. } if *trial == TrialId(t)))
+        actions
+            .iter()
+            .any(|a| matches!(a, SearchAction::Stop { trial, .. } if *trial == TrialId(t)))
     }
 
     #[test]

@@ -161,7 +161,10 @@ mod tests {
         }
         assert!(!report(&mut fresh, 3, 1, 1.2), "inside the grace period");
         assert!(report(&mut fresh, 3, 2, 1.0), "worse than the median 0.85");
-        assert!(!report(&mut fresh, 4, 2, 0.8), "better than the median (0.85 of 1 and 2)");
+        assert!(
+            !report(&mut fresh, 4, 2, 0.8),
+            "better than the median (0.85 of 1 and 2)"
+        );
     }
 
     #[test]
@@ -170,7 +173,10 @@ mod tests {
         assert!(!report(&mut s, 1, 5, 0.9));
         assert!(!report(&mut s, 2, 5, 0.1), "one peer is fewer than min_trials");
         assert!(!report(&mut s, 3, 5, 0.8));
-        assert!(report(&mut s, 4, 5, 0.2), "maximising: 0.2 is below the median 0.8 of 0.9, 0.1 and 0.8");
+        assert!(
+            report(&mut s, 4, 5, 0.2),
+            "maximising: 0.2 is below the median 0.8 of 0.9, 0.1 and 0.8"
+        );
         let saved = s.save();
         let mut space = Space::new();
         space.insert("x".into(), Param::Uniform { min: 0.0, max: 1.0 });

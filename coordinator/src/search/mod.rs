@@ -5,6 +5,7 @@
 mod asha;
 mod grid;
 mod median;
+pub mod preview;
 mod random;
 mod tpe;
 

@@ -18,7 +18,13 @@ pub struct TpeSearcher {
 }
 
 impl TpeSearcher {
-    pub fn new(space: Space, seed: u64, _goal: Goal, _settings: TpeSettings, saved: Option<&serde_json::Value>) -> Self {
+    pub fn new(
+        space: Space,
+        seed: u64,
+        _goal: Goal,
+        _settings: TpeSettings,
+        saved: Option<&serde_json::Value>,
+    ) -> Self {
         TpeSearcher {
             inner: super::RandomSearcher::new(space, seed, saved),
         }

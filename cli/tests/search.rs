@@ -1,0 +1,46 @@
+//! `chorus search preview` runs searchers in simulation, without a coordinator.
+
+use std::process::{Command, Output};
+
+fn chorus(args: &[&str], spec: &str) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("spec.yaml");
+    std::fs::write(&file, spec).unwrap();
+    let mut all = vec!["search", "preview", file.to_str().unwrap()];
+    all.extend_from_slice(args);
+    Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args(&all)
+        // Nothing listens here: preview must not need a coordinator.
+        .env("CHORUS_COORDINATOR", "http://127.0.0.1:9")
+        .output()
+        .unwrap()
+}
+
+const SPEC: &str = "name: p\nmetric: {name: loss, goal: minimize}\n\
+    parameters:\n  lr: {min: 0.0001, max: 0.1, distribution: log_uniform}\n  k: {values: [1, 2, 3]}\n\
+    searcher: {name: hyperband, seed: 2, max_resource: 27}\nmax_trials: 16\nparallel_trials: 4\n\
+    trial: {command: [x]}\n";
+
+#[test]
+fn preview_shows_what_a_search_would_create_and_stop() {
+    let out = chorus(&["--output", "json"], SPEC);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let trials = v["trials"].as_array().unwrap();
+    assert_eq!(trials.len(), 16);
+    let stopped = trials.iter().filter(|t| !t["stopped"].is_null()).count();
+    assert!(stopped > 0 && stopped < 16, "{stopped} stopped");
+    assert!(v["steps"].as_u64().unwrap() < 16 * 27, "early stopping saves steps");
+    // The same file previews the same way.
+    assert_eq!(chorus(&["--output", "json"], SPEC).stdout, out.stdout);
+    let table = chorus(&["--trials", "5", "--steps", "9"], SPEC);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("5 trials") && text.contains("of 45 steps"), "{text}");
+}
+
+#[test]
+fn a_bad_spec_is_a_usage_error() {
+    let out = chorus(&[], &SPEC.replace("max_resource: 27", "grace_period: 0"));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("searcher.max_resource"));
+}

@@ -1,0 +1,207 @@
+//! `chorus search preview`: a searcher run against a synthetic objective in simulation, to see
+//! which trials it would create, stop and let finish before spending any compute.
+//!
+//! The objective is a smooth bowl over the parameters (each mapped onto [0, 1] by its domain,
+//! categories by their index) whose centre is drawn from the preview seed, seen through a
+//! learning curve that falls as `1/sqrt(step)` towards the trial's final value. Trials run
+//! `parallel_trials` at a time, each advancing one step per tick and reporting at every step,
+//! so early-stopping searchers act exactly as they would on a live cluster with equal-speed
+//! workers. Pure and deterministic.
+
+use super::{SearchAction, SearchEvent, Searcher, Suggestion};
+use chorus_core::TrialId;
+use chorus_core::space::{Param, Params, Space};
+use chorus_core::spec::{Goal, ValidSpec};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+/// What happened to one simulated trial.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PreviewTrial {
+    pub trial: u64,
+    pub params: Params,
+    /// Steps it ran.
+    pub steps: u64,
+    /// Its last reported value (the metric as the user sees it).
+    pub value: f64,
+    /// Why it was stopped early; `None` when it ran to the end.
+    pub stopped: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Preview {
+    pub trials: Vec<PreviewTrial>,
+    /// Steps run over all trials: the compute the search would spend.
+    pub steps: u64,
+    pub best_trial: Option<u64>,
+}
+
+/// The synthetic objective: a loss in [0, ~1] for a parameter set (lower is better).
+pub fn objective(space: &Space, params: &Params, seed: u64) -> f64 {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5052_4556);
+    let mut sum = 0.0;
+    let mut dims = 0.0;
+    for (name, p) in space {
+        let centre: f64 = rng.random();
+        let Some(u) = params.get(name).and_then(|v| unit(p, v)) else {
+            continue;
+        };
+        sum += (u - centre).powi(2);
+        dims += 1.0;
+    }
+    if dims == 0.0 { 0.0 } else { sum / dims }
+}
+
+/// A value's place in its domain, in [0, 1].
+fn unit(p: &Param, v: &serde_json::Value) -> Option<f64> {
+    let span = |x: f64, lo: f64, hi: f64| {
+        if hi > lo {
+            ((x - lo) / (hi - lo)).clamp(0.0, 1.0)
+        } else {
+            0.5
+        }
+    };
+    match p {
+        Param::Constant { .. } => None,
+        Param::Categorical { values } => {
+            let i = values.iter().position(|x| x == v)?;
+            Some(if values.len() > 1 {
+                i as f64 / (values.len() - 1) as f64
+            } else {
+                0.5
+            })
+        }
+        Param::Uniform { min, max } | Param::QUniform { min, max, .. } => Some(span(v.as_f64()?, *min, *max)),
+        Param::LogUniform { min, max } => Some(span(v.as_f64()?.ln(), min.ln(), max.ln())),
+        Param::IntUniform { min, max } => Some(span(v.as_f64()?, *min as f64, *max as f64)),
+    }
+}
+
+/// The value a trial with final loss `f` reports at `step` of `steps`.
+fn curve(f: f64, step: u64) -> f64 {
+    f + 0.5 / (step as f64).sqrt()
+}
+
+/// Runs `searcher` for up to `max_trials` trials of `steps` steps each, `parallel` at a time.
+pub fn simulate(mut searcher: Box<dyn Searcher>, spec: &ValidSpec, max_trials: u64, steps: u64, seed: u64) -> Preview {
+    let goal = spec.spec.metric.goal;
+    let parallel = spec.spec.parallel_trials.max(1) as usize;
+    let shown = |l: f64| match goal {
+        Goal::Minimize => l,
+        Goal::Maximize => 1.0 - l,
+    };
+    let mut out: Vec<PreviewTrial> = Vec::new();
+    let mut running: Vec<(usize, f64)> = Vec::new(); // (index in out, final loss)
+    let mut created = 0u64;
+    let mut exhausted = false;
+    let mut total = 0u64;
+    loop {
+        // A searcher that says wait is asked again on the next tick.
+        let mut waiting = false;
+        while running.len() < parallel && created < max_trials && !exhausted && !waiting {
+            let id = created + 1;
+            match searcher.suggest(TrialId(id)) {
+                Suggestion::Create(params) => {
+                    created += 1;
+                    let f = objective(&spec.space, &params, seed);
+                    out.push(PreviewTrial {
+                        trial: id,
+                        params,
+                        steps: 0,
+                        value: f64::NAN,
+                        stopped: None,
+                    });
+                    running.push((out.len() - 1, f));
+                }
+                Suggestion::Wait => waiting = true,
+                Suggestion::Exhausted => exhausted = true,
+            }
+        }
+        if running.is_empty() {
+            // Nothing runs and nothing more can start (a waiting searcher with no trial running
+            // would wait forever).
+            break;
+        }
+        let mut ended: Vec<usize> = Vec::new();
+        for &(i, f) in &running {
+            let t = &mut out[i];
+            t.steps += 1;
+            total += 1;
+            t.value = shown(curve(f, t.steps));
+            let actions = searcher.observe(&SearchEvent::Reported {
+                trial: TrialId(t.trial),
+                step: Some(t.steps as i64),
+                epoch: None,
+                value: t.value,
+            });
+            for a in actions {
+                let SearchAction::Stop { trial, reason } = a;
+                if let Some(j) = out.iter().position(|x| x.trial == trial.0) {
+                    out[j].stopped = Some(reason);
+                    ended.push(j);
+                }
+            }
+            if out[i].steps >= steps {
+                ended.push(i);
+            }
+        }
+        ended.sort_unstable();
+        ended.dedup();
+        for j in ended {
+            running.retain(|(i, _)| *i != j);
+            let t = &out[j];
+            searcher.observe(&SearchEvent::Completed {
+                trial: TrialId(t.trial),
+                value: Some(t.value),
+            });
+        }
+    }
+    let best_trial = out
+        .iter()
+        .min_by(|a, b| super::loss(goal, a.value).total_cmp(&super::loss(goal, b.value)))
+        .map(|t| t.trial);
+    Preview {
+        trials: out,
+        steps: total,
+        best_trial,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::search::build;
+
+    fn spec(searcher: &str) -> ValidSpec {
+        chorus_core::spec::parse(
+            &format!(
+                "name: p\nmetric: {{name: loss, goal: minimize}}\nsearcher: {searcher}\nmax_trials: 27\nparallel_trials: 3\n\
+                 parameters:\n  lr: {{min: 0.0001, max: 0.1, distribution: log_uniform}}\n  w: {{min: 0, max: 1}}\n\
+                 trial: {{command: [x]}}\n"
+            ),
+            &[],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn random_runs_every_trial_to_the_end() {
+        let s = spec("{name: random, seed: 1}");
+        let p = simulate(build(&s, None), &s, 27, 9, 5);
+        assert_eq!(p.trials.len(), 27);
+        assert!(p.trials.iter().all(|t| t.steps == 9 && t.stopped.is_none()));
+        assert_eq!(p.steps, 27 * 9);
+        assert_eq!(p, simulate(build(&s, None), &s, 27, 9, 5), "deterministic");
+    }
+
+    #[test]
+    fn asha_spends_less_and_keeps_the_best() {
+        let s = spec("{name: asha, seed: 1, max_resource: 9}");
+        let p = simulate(build(&s, None), &s, 27, 9, 5);
+        assert!(p.steps < 27 * 9, "{} steps", p.steps);
+        assert!(p.trials.iter().any(|t| t.stopped.is_some()));
+        let best = p.trials.iter().find(|t| Some(t.trial) == p.best_trial).unwrap();
+        assert_eq!(best.steps, 9, "the best trial ran to the end");
+    }
+}
