@@ -554,6 +554,7 @@ impl State {
                 group_rank: groups.iter().position(|w| Some(w) == worker).unwrap_or(0) as u32,
                 group_world_size: groups.len().max(1) as u32,
                 data_parallel: r.workers.is_distributed(),
+                restore_from_trial: t.exploit_from.map_or(0, |d| d.0),
             })),
         }
     }
@@ -670,6 +671,25 @@ impl State {
                     if self.open.contains(&trial) {
                         self.kill_live(trial, &reason);
                         self.finish(trial, TrialState::Completed, &format!("stopped early: {reason}"));
+                    }
+                }
+                SearchAction::Exploit {
+                    trial,
+                    donor,
+                    params,
+                    reason,
+                } => {
+                    if self.open.contains(&trial) && self.trials.contains_key(&donor) {
+                        // Placed again at once with the donor's checkpoint: a decision of the
+                        // search, not a failure, so it costs no restart.
+                        self.kill_live(trial, &reason);
+                        let t = self.trials.get_mut(&trial).expect("open trials exist");
+                        t.params = params;
+                        t.exploit_from = Some(donor);
+                        t.message = reason;
+                        let exp = t.experiment;
+                        self.set_trial_state(trial, TrialState::Pending);
+                        self.touch_trial(trial, exp);
                     }
                 }
             }
@@ -853,6 +873,8 @@ impl State {
         let exp_id = t.experiment;
         match kind {
             Kind::Started(s) => {
+                // The attempt holds the donor's checkpoint now; later ones restore their own.
+                t.exploit_from = None;
                 if let Some(l) = t.live.as_mut() {
                     if l.started_ms == 0 {
                         l.started_ms = at_ms;

@@ -529,6 +529,7 @@ fn a_version_one_store_is_migrated() {
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch(
         "ALTER TABLE trials DROP COLUMN live_ranks; ALTER TABLE trials DROP COLUMN data_position;
+         ALTER TABLE trials DROP COLUMN exploit_from;
          UPDATE meta SET value = '1' WHERE key = 'schema_version';",
     )
     .unwrap();

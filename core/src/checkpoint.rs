@@ -199,6 +199,15 @@ pub async fn list_steps(storage: &Storage, prefix: &Path) -> Result<Vec<i64>, Co
     Ok(steps)
 }
 
+/// Deletes every checkpoint under `prefix` (a lineage that population-based training abandoned).
+pub async fn discard_all(storage: &Storage, prefix: &Path) -> Result<usize, CoreError> {
+    let steps = list_steps(storage, prefix).await?;
+    for &step in &steps {
+        delete_prefix(storage, &prefix.clone().join(step_dir(step))).await?;
+    }
+    Ok(steps.len())
+}
+
 /// Outcome of a restore.
 #[derive(Debug, Default)]
 pub struct Restored {

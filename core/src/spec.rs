@@ -146,9 +146,22 @@ pub struct SearcherSpec {
     /// asha, hyperband: the resource a trial runs to at most; required.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_resource: Option<u64>,
-    /// The resource the rungs count: `step` (default) or `epoch`, as the trial's reports name them.
+    /// The resource the rungs (or perturbations) count: `step` (default) or `epoch`, as the
+    /// trial's reports name them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource: Option<ResourceName>,
+    /// pbt: trials trained together (default: max_trials).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub population_size: Option<u32>,
+    /// pbt: resource between two exploit/explore decisions of a trial; required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perturbation_interval: Option<u64>,
+    /// pbt: the bottom share of the population copies from the top share (default 0.25).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantile_fraction: Option<f64>,
+    /// pbt: chance that explore draws a parameter afresh instead of perturbing it (default 0.25).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resample_probability: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -167,6 +180,7 @@ pub enum SearcherName {
     Tpe,
     Asha,
     Hyperband,
+    Pbt,
 }
 
 /// Early stopping layered over a searcher that does not stop trials itself.
@@ -208,6 +222,7 @@ impl SearcherName {
             SearcherName::Tpe => "tpe",
             SearcherName::Asha => "asha",
             SearcherName::Hyperband => "hyperband",
+            SearcherName::Pbt => "pbt",
         }
     }
 }
@@ -762,7 +777,38 @@ fn searcher_problems(s: &SearcherSpec, scheduler: Option<&SchedulerSpec>) -> Vec
     only("reduction_factor", s.reduction_factor.is_some(), &[Asha, Hyperband]);
     only("grace_period", s.grace_period.is_some(), &[Asha]);
     only("max_resource", s.max_resource.is_some(), &[Asha, Hyperband]);
-    only("resource", s.resource.is_some(), &[Asha, Hyperband]);
+    only("resource", s.resource.is_some(), &[Asha, Hyperband, Pbt]);
+    only("population_size", s.population_size.is_some(), &[Pbt]);
+    only("perturbation_interval", s.perturbation_interval.is_some(), &[Pbt]);
+    only("quantile_fraction", s.quantile_fraction.is_some(), &[Pbt]);
+    only("resample_probability", s.resample_probability.is_some(), &[Pbt]);
+    if name == Pbt {
+        if s.perturbation_interval.is_none_or(|i| i == 0) {
+            out.push((
+                "searcher.perturbation_interval".into(),
+                "pbt needs a perturbation_interval of at least 1 (steps or epochs between exploits)".into(),
+            ));
+        }
+        if s.population_size.is_some_and(|p| p < 2) {
+            out.push(("searcher.population_size".into(), "must be at least 2".into()));
+        }
+        if let Some(q) = s.quantile_fraction
+            && !(q > 0.0 && q <= 0.5)
+        {
+            out.push((
+                "searcher.quantile_fraction".into(),
+                format!("must lie in (0, 0.5], got {q}"),
+            ));
+        }
+        if let Some(p) = s.resample_probability
+            && !(0.0..=1.0).contains(&p)
+        {
+            out.push((
+                "searcher.resample_probability".into(),
+                format!("must lie in [0, 1], got {p}"),
+            ));
+        }
+    }
     if let Some(g) = s.gamma
         && !(g > 0.0 && g < 1.0)
     {
@@ -797,7 +843,7 @@ fn searcher_problems(s: &SearcherSpec, scheduler: Option<&SchedulerSpec>) -> Vec
         }
     }
     if let Some(sch) = scheduler {
-        if matches!(name, Asha | Hyperband) {
+        if matches!(name, Asha | Hyperband | Pbt) {
             out.push((
                 "scheduler".into(),
                 format!(

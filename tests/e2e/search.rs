@@ -103,3 +103,53 @@ fn a_tpe_search_survives_a_coordinator_sigkill() {
     assert_eq!(count.len(), 10, "{count:?}");
     assert!(count.values().all(|n| *n == 1), "a trial ran twice: {count:?}");
 }
+
+/// Population-based training: the worst trials continue from the best ones' checkpoints (copied
+/// through object storage) with explored parameters, without spending restarts.
+#[test]
+fn pbt_exploit_restores_the_donors_checkpoint() {
+    let c = TestCluster::start(ClusterConfig::default()).unwrap();
+    let runs = c.dir.path().join("runs.txt");
+    let yaml = format!(
+        r#"
+name: pbt
+metric: {{name: loss, goal: minimize}}
+parameters:
+  q: {{min: 0.0, max: 1.0}}
+searcher: {{name: pbt, seed: 3, population_size: 4, perturbation_interval: 6}}
+max_trials: 4
+parallel_trials: 4
+trial:
+  command: [sh, -c, 'd="$CHORUS_CHECKPOINT_DIR"; s=0; owner=none; if [ -f "$d/step" ]; then s=$(cat "$d/step"); owner=$(cat "$d/owner"); fi; echo "$CHORUS_TRIAL_ID $CHORUS_ATTEMPT $owner $s" >> {runs}; while [ $s -lt 30 ]; do s=$((s+1)); echo $s > "$d/step"; echo $CHORUS_TRIAL_ID > "$d/owner"; echo "chorus:metric {{\"step\": $s, \"loss\": $(awk -v q=${{params.q}} -v s=$s "BEGIN {{ print q + 1 / s }}")}}"; sleep 0.1; done']
+"#,
+        runs = runs.display()
+    );
+    let id = submit(&c, &c.write("pbt.yaml", &yaml));
+    assert_eq!(
+        wait_ended(&c, id, Duration::from_secs(120)),
+        "completed",
+        "{}",
+        c.logs_tail()
+    );
+    let ts = trials(&c, id);
+    assert_eq!(ts.len(), 4);
+    assert!(
+        ts.iter().all(|t| t["restarts"] == 0),
+        "exploits cost no restart: {ts:?}"
+    );
+    let text = std::fs::read_to_string(&runs).unwrap();
+    let exploited: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .filter(|f| f[2] != "none" && f[2] != f[0])
+        .collect();
+    assert!(
+        !exploited.is_empty(),
+        "some attempt started from another trial's checkpoint:\n{text}"
+    );
+    for f in &exploited {
+        assert!(f[1].parse::<u32>().unwrap() >= 2, "a later attempt: {f:?}");
+        // The donor's newest committed checkpoint; it may trail the step of the decision.
+        assert!(f[3].parse::<u32>().unwrap() >= 1, "from the donor's progress: {f:?}");
+    }
+}

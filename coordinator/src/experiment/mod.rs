@@ -216,6 +216,9 @@ pub struct TrialRecord {
     /// For a data-parallel builtin trial: where its data stood at the last checkpoint or
     /// rendezvous (core's `DataPosition` as JSON), i.e. which samples each rank has consumed.
     pub data_position: String,
+    /// Population-based training: the next attempt continues from this trial's checkpoint.
+    /// Cleared once an attempt has started from it.
+    pub exploit_from: Option<TrialId>,
 }
 
 impl TrialRecord {
@@ -239,6 +242,7 @@ impl TrialRecord {
             checkpoint_step: None,
             malformed: 0,
             data_position: String::new(),
+            exploit_from: None,
         }
     }
 

@@ -257,6 +257,10 @@ mod tests {
             grace_period: None,
             max_resource: Some(27),
             resource: None,
+            population_size: None,
+            perturbation_interval: None,
+            quantile_fraction: None,
+            resample_probability: None,
         };
         assert_eq!(AshaSettings::from_spec(&spec).brackets, 4);
     }

@@ -5,6 +5,7 @@
 mod asha;
 mod grid;
 mod median;
+mod pbt;
 pub mod preview;
 mod random;
 mod tpe;
@@ -16,6 +17,7 @@ use chorus_core::spec::{Goal, ResourceName, SearcherName, ValidSpec};
 pub use asha::{AshaSearcher, AshaSettings};
 pub use grid::GridSearcher;
 pub use median::MedianStopping;
+pub use pbt::{PbtSearcher, PbtSettings};
 pub use random::RandomSearcher;
 pub use tpe::{TpeSearcher, TpeSettings};
 
@@ -50,7 +52,18 @@ pub enum Suggestion {
 /// trials that are not worth their resource; grid, random and tpe alone never do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SearchAction {
-    Stop { trial: TrialId, reason: String },
+    Stop {
+        trial: TrialId,
+        reason: String,
+    },
+    /// Population-based training: `trial` stops its attempt and continues from `donor`'s latest
+    /// checkpoint with `params` (the donor's, perturbed).
+    Exploit {
+        trial: TrialId,
+        donor: TrialId,
+        params: Params,
+        reason: String,
+    },
 }
 
 impl SearchEvent {
@@ -114,6 +127,19 @@ fn build_searcher(spec: &ValidSpec, saved: Option<&serde_json::Value>) -> Box<dy
                 n_startup_trials: s.n_startup_trials.unwrap_or(10),
                 n_ei_candidates: s.n_ei_candidates.unwrap_or(24),
                 gamma: s.gamma.unwrap_or(0.25),
+            },
+            saved,
+        )),
+        SearcherName::Pbt => Box::new(PbtSearcher::new(
+            space,
+            s.seed,
+            goal,
+            PbtSettings {
+                population: s.population_size.map_or(spec.max_trials, u64::from).max(2),
+                interval: s.perturbation_interval.unwrap_or(1).max(1),
+                quantile: s.quantile_fraction.unwrap_or(0.25),
+                resample: s.resample_probability.unwrap_or(0.25),
+                resource: s.resource.unwrap_or_default(),
             },
             saved,
         )),

@@ -27,6 +27,8 @@ pub struct PreviewTrial {
     pub value: f64,
     /// Why it was stopped early; `None` when it ran to the end.
     pub stopped: Option<String>,
+    /// Times it continued from a better trial's checkpoint (population-based training).
+    pub exploits: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -111,6 +113,7 @@ pub fn simulate(mut searcher: Box<dyn Searcher>, spec: &ValidSpec, max_trials: u
                         steps: 0,
                         value: f64::NAN,
                         stopped: None,
+                        exploits: 0,
                     });
                     running.push((out.len() - 1, f));
                 }
@@ -124,6 +127,7 @@ pub fn simulate(mut searcher: Box<dyn Searcher>, spec: &ValidSpec, max_trials: u
             break;
         }
         let mut ended: Vec<usize> = Vec::new();
+        let mut exploited: Vec<(usize, f64)> = Vec::new();
         for &(i, f) in &running {
             let t = &mut out[i];
             t.steps += 1;
@@ -136,14 +140,34 @@ pub fn simulate(mut searcher: Box<dyn Searcher>, spec: &ValidSpec, max_trials: u
                 value: t.value,
             });
             for a in actions {
-                let SearchAction::Stop { trial, reason } = a;
-                if let Some(j) = out.iter().position(|x| x.trial == trial.0) {
-                    out[j].stopped = Some(reason);
-                    ended.push(j);
+                match a {
+                    SearchAction::Stop { trial, reason } => {
+                        if let Some(j) = out.iter().position(|x| x.trial == trial.0) {
+                            out[j].stopped = Some(reason);
+                            ended.push(j);
+                        }
+                    }
+                    SearchAction::Exploit {
+                        trial, donor, params, ..
+                    } => {
+                        // The receiver continues from the donor's progress with new parameters.
+                        let from = out.iter().find(|x| x.trial == donor.0).map_or(0, |d| d.steps);
+                        if let Some(j) = out.iter().position(|x| x.trial == trial.0) {
+                            out[j].exploits += 1;
+                            out[j].steps = from;
+                            out[j].params = params.clone();
+                            exploited.push((j, objective(&spec.space, &params, seed)));
+                        }
+                    }
                 }
             }
             if out[i].steps >= steps {
                 ended.push(i);
+            }
+        }
+        for (j, f) in exploited {
+            if let Some(r) = running.iter_mut().find(|(i, _)| *i == j) {
+                r.1 = f;
             }
         }
         ended.sort_unstable();

@@ -11,14 +11,17 @@ use chorus_core::{ExperimentId, TrialId, WorkerId};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Brings a store of an older schema up to [`SCHEMA_VERSION`], one step at a time.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "ALTER TABLE trials ADD COLUMN live_ranks TEXT NOT NULL DEFAULT '';
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "ALTER TABLE trials ADD COLUMN live_ranks TEXT NOT NULL DEFAULT '';
      ALTER TABLE trials ADD COLUMN data_position TEXT NOT NULL DEFAULT '';",
-)];
+    ),
+    (2, "ALTER TABLE trials ADD COLUMN exploit_from INTEGER;"),
+];
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -63,6 +66,7 @@ CREATE TABLE IF NOT EXISTS trials (
     -- live_* columns above describe rank 0.
     live_ranks TEXT NOT NULL DEFAULT '',
     data_position TEXT NOT NULL DEFAULT '',
+    exploit_from INTEGER,
     UNIQUE (experiment_id, seq)
 );
 CREATE TABLE IF NOT EXISTS metrics (
@@ -231,8 +235,8 @@ impl Store {
         let mut stmt = self.conn.prepare(
             "SELECT id, experiment_id, seq, params, state, attempt, restarts, live_worker, live_started,
                     live_assigned_ms, live_started_ms, last_seq, best_value, best_step, last_metrics, started_ms,
-                    ended_ms, run_ms, message, checkpoint_step, malformed, live_ranks, data_position
-             FROM trials ORDER BY id",
+                    ended_ms, run_ms, message, checkpoint_step, malformed, live_ranks, data_position,
+                    exploit_from FROM trials ORDER BY id",
         )?;
         let rows = stmt.query_map([], |r| {
             let live_worker: Option<String> = r.get(7)?;
@@ -279,6 +283,7 @@ impl Store {
                 checkpoint_step: r.get(19)?,
                 malformed: r.get::<_, i64>(20)? as u64,
                 data_position: r.get(22)?,
+                exploit_from: r.get::<_, Option<i64>>(23)?.map(|v| TrialId(v as u64)),
             })
         })?;
         rows.collect()
@@ -316,9 +321,9 @@ impl Store {
             let mut put_trial = tx.prepare_cached(
                 "INSERT OR REPLACE INTO trials (id, experiment_id, seq, params, state, attempt, restarts, live_worker,
                     live_started, live_assigned_ms, live_started_ms, last_seq, best_value, best_step, last_metrics,
-                    started_ms, ended_ms, run_ms, message, checkpoint_step, malformed, live_ranks, data_position)
+                    started_ms, ended_ms, run_ms, message, checkpoint_step, malformed, live_ranks, data_position, exploit_from)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21,
-                    ?22, ?23)",
+                    ?22, ?23, ?24)",
             )?;
             for t in &batch.trials {
                 put_trial.execute(params![
@@ -348,6 +353,7 @@ impl Store {
                         .map(|l| serde_json::to_string(&l.ranks).expect("ranks serialise"))
                         .unwrap_or_default(),
                     t.data_position,
+                    t.exploit_from.map(|t| t.0 as i64),
                 ])?;
             }
             let mut put_metric = tx.prepare_cached(

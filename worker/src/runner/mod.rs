@@ -193,9 +193,14 @@ async fn prepare(ctx: &RunnerContext, a: &pb::Assignment, attempt_dir: &Path) ->
     tokio::fs::create_dir_all(&checkpoint_dir)
         .await
         .map_err(|e| format!("cannot create {}: {e}", checkpoint_dir.display()))?;
-    let restored = checkpoint::restore_latest(&storage, &storage.checkpoints_prefix(exp, trial), &checkpoint_dir)
-        .await
-        .map_err(|e| format!("cannot restore the latest checkpoint: {e}"))?;
+    let own = storage.checkpoints_prefix(exp, trial);
+    let restored = if a.restore_from_trial != 0 {
+        exploit(&storage, exp, TrialId(a.restore_from_trial), &own, &checkpoint_dir).await?
+    } else {
+        checkpoint::restore_latest(&storage, &own, &checkpoint_dir)
+            .await
+            .map_err(|e| format!("cannot restore the latest checkpoint: {e}"))?
+    };
     for (step, reason) in &restored.skipped {
         warn!(
             trial = a.trial_id,
@@ -219,6 +224,32 @@ async fn prepare(ctx: &RunnerContext, a: &pb::Assignment, attempt_dir: &Path) ->
         restored_fingerprint,
         earlier_metrics,
     })
+}
+
+/// Population-based training: the trial continues from the donor's latest checkpoint. Its own
+/// checkpoints belong to the lineage it abandons, so they are discarded, and the donor's is
+/// committed in their place: a later restart of this trial resumes from there, not from the
+/// abandoned lineage.
+async fn exploit(
+    storage: &Storage,
+    exp: ExperimentId,
+    donor: TrialId,
+    own: &object_store::path::Path,
+    dir: &Path,
+) -> Result<checkpoint::Restored, String> {
+    let restored = checkpoint::restore_latest(storage, &storage.checkpoints_prefix(exp, donor), dir)
+        .await
+        .map_err(|e| format!("cannot restore trial {donor}'s checkpoint to exploit it: {e}"))?;
+    checkpoint::discard_all(storage, own)
+        .await
+        .map_err(|e| format!("cannot discard the abandoned checkpoints: {e}"))?;
+    if let Some(step) = restored.step {
+        checkpoint::commit(storage, own, step, dir)
+            .await
+            .map_err(|e| format!("cannot commit trial {donor}'s checkpoint as this trial's: {e}"))?;
+        info!(donor = %donor, step, "continuing from the donor's checkpoint");
+    }
+    Ok(restored)
 }
 
 /// Reports the start, then starts the attempt's recorder; returns the line handler that feeds
