@@ -69,6 +69,11 @@ pub struct CompareGroup {
     pub maximize: bool,
     /// Best first (see [`CompareGroup::new`]).
     pub trials: Vec<pb::Trial>,
+    /// The objectives of a multi-objective experiment (name, maximise); empty otherwise.
+    pub objectives: Vec<(String, bool)>,
+    /// Completed trials no other completed trial dominates on every objective (multi-objective
+    /// experiments only), by id.
+    pub pareto: std::collections::BTreeSet<u64>,
 }
 
 impl CompareGroup {
@@ -77,6 +82,25 @@ impl CompareGroup {
     pub fn new(experiment: u64, resp: pb::ListTrialsResponse, limit: Option<usize>) -> Self {
         let mut trials = resp.trials;
         trials.sort_by_key(|t| t.seq);
+        let objectives: Vec<(String, bool)> = match resp.objectives.len() {
+            0 | 1 => Vec::new(),
+            _ => resp.objectives.iter().map(|o| (o.name.clone(), o.maximize)).collect(),
+        };
+        let pareto = if objectives.is_empty() {
+            Default::default()
+        } else {
+            let points: Vec<(u64, Vec<f64>)> = trials
+                .iter()
+                .filter(|t| t.state == pb::TrialState::Completed as i32)
+                .filter_map(|t| {
+                    let last: serde_json::Value = serde_json::from_str(&t.last_metrics_json).ok()?;
+                    let v: Option<Vec<f64>> = objectives.iter().map(|(n, _)| last.get(n)?.as_f64()).collect();
+                    Some((t.id, v?))
+                })
+                .collect();
+            let maximize: Vec<bool> = objectives.iter().map(|(_, m)| *m).collect();
+            pareto_front(&points, &maximize).into_iter().collect()
+        };
         sort_trials(
             &mut trials,
             &SortKey::Best {
@@ -91,8 +115,31 @@ impl CompareGroup {
             metric: resp.metric,
             maximize: resp.maximize,
             trials,
+            objectives,
+            pareto,
         }
     }
+}
+
+/// The ids of the points no other point dominates (at least as good on every objective and
+/// better on one), in input order.
+pub fn pareto_front(points: &[(u64, Vec<f64>)], maximize: &[bool]) -> Vec<u64> {
+    let better = |a: f64, b: f64, max: bool| if max { a > b } else { a < b };
+    let dominates = |a: &[f64], b: &[f64]| {
+        let mut strictly = false;
+        for ((x, y), max) in a.iter().zip(b).zip(maximize) {
+            if better(*y, *x, *max) {
+                return false;
+            }
+            strictly |= better(*x, *y, *max);
+        }
+        strictly
+    };
+    points
+        .iter()
+        .filter(|(_, p)| !points.iter().any(|(_, q)| dominates(q, p)))
+        .map(|(id, _)| *id)
+        .collect()
 }
 
 /// The metric name every group shares, or `None` when they differ.
@@ -128,6 +175,21 @@ pub fn best_overall(groups: &[CompareGroup]) -> Option<u64> {
 
 #[cfg(test)]
 pub(crate) mod tests {
+
+    #[test]
+    fn the_pareto_front_keeps_the_undominated() {
+        // Minimise the first, maximise the second.
+        let points = vec![
+            (1, vec![1.0, 0.5]),
+            (2, vec![2.0, 0.9]),
+            (3, vec![2.0, 0.4]), // dominated by 1
+            (4, vec![0.5, 0.1]),
+            (5, vec![1.0, 0.5]), // equal to 1: neither dominates
+        ];
+        assert_eq!(pareto_front(&points, &[false, true]), vec![1, 2, 4, 5]);
+        assert_eq!(pareto_front(&[], &[false, true]), Vec::<u64>::new());
+    }
+
     use super::*;
 
     pub fn trial(id: u64, seq: u64, best: Option<f64>, last: &str) -> pb::Trial {
@@ -183,6 +245,7 @@ pub(crate) mod tests {
                 trials,
                 metric: metric.into(),
                 maximize,
+                ..Default::default()
             },
             None,
         )
@@ -198,6 +261,7 @@ pub(crate) mod tests {
             ],
             metric: "loss".into(),
             maximize: false,
+            ..Default::default()
         };
         let g = CompareGroup::new(1, resp.clone(), None);
         assert_eq!(ids(&g.trials), [8, 9, 7]);

@@ -478,7 +478,26 @@ pub fn compare_table(groups: &[CompareGroup], shared: Option<&str>, best: Option
             r
         })
         .collect();
-    table(header, rows)
+    let mut out = table(header, rows);
+    for g in groups.iter().filter(|g| !g.objectives.is_empty()) {
+        let names: Vec<String> = g
+            .objectives
+            .iter()
+            .map(|(n, m)| format!("{n} ({})", goal(*m)))
+            .collect();
+        let ids: Vec<String> = g.pareto.iter().map(u64::to_string).collect();
+        out.push_str(&format!(
+            "experiment {}: Pareto front over {}: trial(s) {}\n",
+            g.experiment,
+            names.join(", "),
+            if ids.is_empty() {
+                "none yet".into()
+            } else {
+                ids.join(", ")
+            }
+        ));
+    }
+    out
 }
 
 pub fn compare_json(groups: &[CompareGroup], best: Option<u64>) -> String {
@@ -494,6 +513,7 @@ pub fn compare_json(groups: &[CompareGroup], best: Option<u64>) -> String {
                 "status": trial_state_name(t.state),
                 "run_seconds": t.run_seconds,
                 "best": is_best,
+                "pareto": (!g.objectives.is_empty()).then(|| g.pareto.contains(&t.id)),
             })
         })
         .collect();
@@ -871,6 +891,7 @@ mod tests {
                     trials,
                     metric: "loss".into(),
                     maximize: false,
+                    ..Default::default()
                 },
                 None,
             )

@@ -128,6 +128,7 @@ impl ExperimentService for Mock {
             trials,
             metric: "val_loss".into(),
             maximize: false,
+            ..Default::default()
         }))
     }
 

@@ -924,7 +924,7 @@ impl State {
                     epoch: report.values.get("epoch").copied(),
                     value,
                 });
-                let target = exp.spec.spec.metric.target;
+                let target = exp.spec.metric().target;
                 self.touch_experiment(exp_id);
                 self.apply_search_actions(actions);
                 if let Some(target) = target

@@ -20,7 +20,13 @@ pub struct ExperimentSpec {
     pub name: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub description: String,
-    pub metric: MetricSpec,
+    /// The metric to optimise. With `metrics`, it may be left out (the first objective is the
+    /// primary one: it ranks trials, picks the best and keeps the best checkpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<MetricSpec>,
+    /// Several objectives at once (random, grid and tpe); `compare` shows their Pareto front.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<MetricSpec>,
     #[serde(default)]
     pub parameters: BTreeMap<String, ParamSpec>,
     pub searcher: SearcherSpec,
@@ -396,6 +402,20 @@ pub struct ValidSpec {
 }
 
 impl ValidSpec {
+    /// The primary metric (the only one, or the first of several).
+    pub fn metric(&self) -> &MetricSpec {
+        self.spec.metric.as_ref().expect("validation sets the primary metric")
+    }
+
+    /// Every objective, the primary first.
+    pub fn objectives(&self) -> Vec<&MetricSpec> {
+        if self.spec.metrics.is_empty() {
+            vec![self.metric()]
+        } else {
+            self.spec.metrics.iter().collect()
+        }
+    }
+
     /// The spec as normalised YAML (defaults filled in), as stored and shown by `describe`.
     pub fn to_yaml(&self) -> String {
         let mut spec = self.spec.clone();
@@ -553,7 +573,7 @@ fn apply_override(doc: &mut serde_yaml_ng::Value, o: &str) -> Result<String, Cor
 }
 
 /// Semantic checks the schema cannot express; collects every problem.
-fn validate(spec: ExperimentSpec, at: &dyn Fn(&str) -> Option<(usize, usize)>) -> Result<ValidSpec, CoreError> {
+fn validate(mut spec: ExperimentSpec, at: &dyn Fn(&str) -> Option<(usize, usize)>) -> Result<ValidSpec, CoreError> {
     let mut errs = Vec::new();
     let mut push = |path: String, message: String| {
         let location = at(&path);
@@ -566,11 +586,64 @@ fn validate(spec: ExperimentSpec, at: &dyn Fn(&str) -> Option<(usize, usize)>) -
     if spec.name.trim().is_empty() {
         push("name".into(), "must not be empty".into());
     }
-    if spec.metric.name.trim().is_empty() {
-        push("metric.name".into(), "must not be empty".into());
+    match (&spec.metric, spec.metrics.first()) {
+        (None, None) => push("metric".into(), "an experiment needs a metric (or metrics)".into()),
+        (Some(m), Some(first)) if m != first => push(
+            "metric".into(),
+            format!(
+                "with metrics, metric must be left out or be the first of them ({})",
+                first.name
+            ),
+        ),
+        (None, Some(first)) => spec.metric = Some(first.clone()),
+        _ => {}
     }
-    if spec.metric.name == "step" {
-        push("metric.name".into(), "`step` is the step counter, not a metric".into());
+    let objectives: Vec<(String, MetricSpec)> = if spec.metrics.is_empty() {
+        spec.metric.iter().map(|m| ("metric".to_string(), m.clone())).collect()
+    } else {
+        spec.metrics
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (format!("metrics.{i}"), m.clone()))
+            .collect()
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for (path, m) in &objectives {
+        if m.name.trim().is_empty() {
+            push(format!("{path}.name"), "must not be empty".into());
+        }
+        if m.name == "step" {
+            push(
+                format!("{path}.name"),
+                "`step` is the step counter, not a metric".into(),
+            );
+        }
+        if !seen.insert(m.name.clone()) {
+            push(format!("{path}.name"), format!("{} is named twice", m.name));
+        }
+    }
+    if spec.metrics.len() > 1 {
+        if !matches!(
+            spec.searcher.name,
+            SearcherName::Grid | SearcherName::Random | SearcherName::Tpe
+        ) {
+            push(
+                "metrics".into(),
+                format!(
+                    "several objectives work with grid, random and tpe, not {}",
+                    spec.searcher.name.as_str()
+                ),
+            );
+        }
+        if spec.scheduler.is_some() {
+            push("scheduler".into(), "early stopping needs a single metric".into());
+        }
+        if spec.metrics.iter().any(|m| m.target.is_some()) {
+            push(
+                "metrics".into(),
+                "a target stops on one metric; set it with a single metric".into(),
+            );
+        }
     }
     let mut space = Space::new();
     for (name, p) in &spec.parameters {
@@ -1131,6 +1204,28 @@ trial:
             &[],
         );
         assert_eq!(e[0].path, "searcher.reduction_factor");
+    }
+
+    #[test]
+    fn several_objectives() {
+        let multi = GOOD.replace(
+            "metric: {name: val_loss, goal: minimize}",
+            "metrics: [{name: val_loss, goal: minimize}, {name: acc, goal: maximize}]",
+        );
+        let v = parse(&multi, &[]).unwrap();
+        assert_eq!(v.metric().name, "val_loss", "the first objective is the primary");
+        assert_eq!(v.objectives().len(), 2);
+        // The normalised spec reads back the same.
+        assert_eq!(parse(&v.to_yaml(), &[]).unwrap().objectives().len(), 2);
+        let e = errors(&multi.replace("name: acc", "name: val_loss"), &[]);
+        assert_eq!(e[0].path, "metrics.1.name");
+        let e = errors(
+            &multi.replace("{name: random, seed: 7}", "{name: asha, max_resource: 9}"),
+            &[],
+        );
+        assert_eq!(e[0].path, "metrics");
+        let e = errors(&GOOD.replace("metric: {name: val_loss, goal: minimize}\n", ""), &[]);
+        assert_eq!(e[0].path, "metric");
     }
 
     #[test]

@@ -153,3 +153,45 @@ trial:
         assert!(f[3].parse::<u32>().unwrap() >= 1, "from the donor's progress: {f:?}");
     }
 }
+
+/// Two objectives at once: `compare` marks the trials on the Pareto front.
+#[test]
+fn compare_shows_the_pareto_front_of_two_objectives() {
+    let c = TestCluster::start(ClusterConfig::default()).unwrap();
+    let yaml = r#"
+name: two-objectives
+metrics: [{name: loss, goal: minimize}, {name: speed, goal: maximize}]
+parameters:
+  x: {values: [0.1, 0.3, 0.5, 0.7, 0.9]}
+searcher: {name: grid}
+parallel_trials: 4
+trial:
+  command: [sh, -c, 'echo "chorus:metric {\"step\": 1, \"loss\": ${params.x}, \"speed\": $(awk -v x=${params.x} "BEGIN { print x * (1 - x) }")}"']
+"#;
+    let id = submit(&c, &c.write("mo.yaml", yaml));
+    assert_eq!(
+        wait_ended(&c, id, Duration::from_secs(60)),
+        "completed",
+        "{}",
+        c.logs_tail()
+    );
+    let rows = c
+        .chorus_json(&["compare", &id.to_string(), "--output", "json"])
+        .unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 5);
+    // speed = x(1 - x): x = 0.7 and 0.9 are as fast as 0.3 and 0.1 with a higher loss.
+    let mut front: Vec<f64> = rows
+        .iter()
+        .filter(|r| r["pareto"] == true)
+        .map(|r| r["params"]["x"].as_f64().unwrap())
+        .collect();
+    front.sort_by(f64::total_cmp);
+    assert_eq!(front, vec![0.1, 0.3, 0.5], "{rows:?}");
+    let table = c.chorus(&["compare", &id.to_string()]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.contains("Pareto front over loss (minimize), speed (maximize)"),
+        "{text}"
+    );
+}

@@ -27,7 +27,7 @@ pub fn run(cmd: SearchCmd) -> Result<ExitCode, CliError> {
             let p = preview::simulate(search::build(&spec, None), &spec, trials, steps, seed);
             emit(&match output {
                 Output::Json => render::json(&serde_json::to_value(&p).expect("previews serialise")),
-                Output::Table => preview_table(&p, &spec.spec.metric.name, trials, steps),
+                Output::Table => preview_table(&p, &spec.metric().name, trials, steps),
             })?;
             Ok(ExitCode::SUCCESS)
         }

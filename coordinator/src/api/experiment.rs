@@ -138,6 +138,15 @@ impl ExperimentService for ExperimentApi {
             trials,
             metric: exp.metric().to_string(),
             maximize: exp.goal() == spec::Goal::Maximize,
+            objectives: exp
+                .spec
+                .objectives()
+                .into_iter()
+                .map(|m| pb::Objective {
+                    name: m.name.clone(),
+                    maximize: m.goal == spec::Goal::Maximize,
+                })
+                .collect(),
         }))
     }
 

@@ -102,11 +102,11 @@ impl Experiment {
     }
 
     pub fn metric(&self) -> &str {
-        &self.spec.spec.metric.name
+        &self.spec.metric().name
     }
 
     pub fn goal(&self) -> Goal {
-        self.spec.spec.metric.goal
+        self.spec.metric().goal
     }
 
     /// No trial will ever be created again.

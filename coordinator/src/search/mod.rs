@@ -103,7 +103,7 @@ pub fn build(spec: &ValidSpec, saved: Option<&serde_json::Value>) -> Box<dyn Sea
             let inner = build_searcher(spec, saved.and_then(|v| v.get("searcher")));
             Box::new(MedianStopping::new(
                 inner,
-                spec.spec.metric.goal,
+                spec.metric().goal,
                 sch,
                 saved.and_then(|v| v.get("scheduler")),
             ))
@@ -114,7 +114,7 @@ pub fn build(spec: &ValidSpec, saved: Option<&serde_json::Value>) -> Box<dyn Sea
 
 fn build_searcher(spec: &ValidSpec, saved: Option<&serde_json::Value>) -> Box<dyn Searcher> {
     let s = &spec.spec.searcher;
-    let goal = spec.spec.metric.goal;
+    let goal = spec.metric().goal;
     let space = spec.space.clone();
     match s.name {
         SearcherName::Grid => Box::new(GridSearcher::new(space, saved)),

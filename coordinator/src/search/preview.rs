@@ -87,7 +87,7 @@ fn curve(f: f64, step: u64) -> f64 {
 
 /// Runs `searcher` for up to `max_trials` trials of `steps` steps each, `parallel` at a time.
 pub fn simulate(mut searcher: Box<dyn Searcher>, spec: &ValidSpec, max_trials: u64, steps: u64, seed: u64) -> Preview {
-    let goal = spec.spec.metric.goal;
+    let goal = spec.metric().goal;
     let parallel = spec.spec.parallel_trials.max(1) as usize;
     let shown = |l: f64| match goal {
         Goal::Minimize => l,
