@@ -47,7 +47,11 @@ pub struct TpeSearcher {
     dims: Vec<(String, Dim)>,
     state: TpeState,
     /// Finished trials' coordinates, derived from `state` (so not saved).
-    coords: BTreeMap<TrialId, Vec<f64>>,
+    coords: std::collections::HashMap<TrialId, Vec<f64>>,
+    /// Finished trials by loss, best first, kept sorted as they arrive (derived).
+    ranked: std::collections::BTreeSet<(u64, TrialId)>,
+    /// Component constants of the good and the bad mixture, derived (so not saved).
+    cache: std::cell::RefCell<(BaseCache, BaseCache)>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,8 +67,14 @@ struct TpeState {
 #[derive(Debug, Clone, PartialEq)]
 enum Dim {
     /// A real interval (log space for log floats).
-    Real { lo: f64, hi: f64, param: Param },
-    Choice { values: Vec<Value> },
+    Real {
+        lo: f64,
+        hi: f64,
+        param: Param,
+    },
+    Choice {
+        values: Vec<Value>,
+    },
 }
 
 impl Dim {
@@ -115,164 +125,198 @@ impl Dim {
     }
 }
 
-/// One group's mixture: per component and dimension, the kernel's centre (NaN where the trial
-/// lacks the parameter), with per-dimension bandwidths shared by the group's components.
+/// The bandwidth of a group of `n` components in `d` dimensions over `[lo, hi]`: Scott's rule,
+/// floored so a kernel never collapses onto a point. `n` is rounded down to a power of 1.05 so
+/// the bandwidth (and every kernel normaliser cached under it) changes only when the group has
+/// grown by 5 %, a change of under 0.5 % in the bandwidth.
+fn bandwidth(lo: f64, hi: f64, n: usize, d: usize) -> f64 {
+    let bucket = 1.05f64.powi(((n.max(1) as f64).ln() / 1.05f64.ln()).floor() as i32);
+    ((hi - lo) * bucket.powf(-1.0 / (d as f64 + 4.0))).max((hi - lo) * 1e-3)
+}
+
+/// `ln` of a truncated normal's normaliser on `[lo, hi]`.
+fn log_norm(c: f64, s: f64, lo: f64, hi: f64) -> f64 {
+    let mass = phi((hi - c) / s) - phi((lo - c) / s);
+    s.ln() + 0.5 * (2.0 * std::f64::consts::PI).ln() + mass.max(1e-300).ln()
+}
+
+/// One group's mixture, one component per trial plus the prior, equally weighted.
 ///
-/// Evaluating `g` over thousands of components is the searcher's whole cost, so everything that
-/// does not depend on the point is folded into one constant per component, and the centres lie
-/// in one flat array a pass reads front to back.
+/// Evaluating `g` over thousands of components is the searcher's whole cost, so it is laid out
+/// column by column (one array per dimension, one slot per component) for loops the compiler
+/// vectorises, with everything that does not depend on the point folded into one constant per
+/// component. A trial lacking a parameter has the prior's kernel in that dimension.
 struct Mixture {
-    /// `centres[j][d]`; the last component is the prior.
-    centres: Vec<Vec<f64>>,
-    sigma: Vec<f64>,
-    /// `centres` flattened, `dims` values per component (the prior excluded).
-    flat: Vec<f64>,
-    /// Per component (prior excluded): the sum of its log normalisers and of the categorical
-    /// kernels' mass off the observed category.
+    /// `centre[k][j]` for real dimensions (the prior's centre where the trial lacks the
+    /// parameter); the category index (NaN when missing) for categorical ones.
+    centre: Vec<Vec<f64>>,
+    /// Per dimension, `1 / sigma` of the trials' kernels.
+    inv_sigma: Vec<f64>,
+    /// `(component, dimension)` pairs of real parameters a trial lacks: their kernel is the
+    /// prior's, wider than the one the column loop applies, which is corrected afterwards.
+    wide: Vec<(usize, usize)>,
+    /// Per categorical dimension: what landing on the component's category adds.
+    bonus: Vec<f64>,
+    /// Per component: the sum of its log normalisers and of its categorical kernels' mass off
+    /// the observed category.
     base: Vec<f64>,
-    /// Per dimension: 1/sigma for real ones; for categorical ones, the log-odds of landing on the
-    /// observed category.
-    scale: Vec<f64>,
-    real: Vec<bool>,
-    /// The prior component's log density is the same everywhere but for real dimensions' quadratic.
-    prior_base: f64,
+    /// The components' own centres, for drawing.
+    points: Vec<Vec<f64>>,
+    sigma: Vec<f64>,
+}
+
+/// Per trial and group size: the part of a component's `base` that depends only on the trial's
+/// centres and the bandwidths, which change only at the bucket boundaries of [`bandwidth`].
+#[derive(Debug, Default)]
+struct BaseCache {
+    key: usize,
+    by_trial: std::collections::HashMap<TrialId, f64>,
 }
 
 impl Mixture {
-    fn new(dims: &[(String, Dim)], points: &[Vec<f64>]) -> Mixture {
-        let n = points.len().max(1) as f64;
-        let d = dims.len() as f64;
+    /// The mixture of `members`; `drawn_from` keeps their centres for [`Mixture::sample`] (only
+    /// the good mixture is drawn from).
+    fn new(
+        dims: &[(String, Dim)],
+        members: &[(TrialId, &Vec<f64>)],
+        cache: &mut BaseCache,
+        drawn_from: bool,
+    ) -> Mixture {
+        let n = members.len() + 1;
+        let d = dims.len();
         let sigma: Vec<f64> = dims
             .iter()
             .map(|(_, dim)| match dim {
-                // Scott's rule, floored so a kernel never collapses onto a point.
-                Dim::Real { lo, hi, .. } => ((hi - lo) * n.powf(-1.0 / (d + 4.0))).max((hi - lo) * 1e-3),
+                Dim::Real { lo, hi, .. } => bandwidth(*lo, *hi, n, d),
                 Dim::Choice { .. } => 0.0,
             })
             .collect();
-        let prior: Vec<f64> = dims
+        let bucket = sigma
             .iter()
-            .map(|(_, dim)| match dim {
-                Dim::Real { lo, hi, .. } => 0.5 * (lo + hi),
-                Dim::Choice { .. } => f64::NAN,
-            })
-            .collect();
-        let mut centres: Vec<Vec<f64>> = points.to_vec();
-        centres.push(prior);
-        let last = centres.len() - 1;
-        let log_norm = |c: f64, s: f64, lo: f64, hi: f64| {
-            let mass = phi((hi - c) / s) - phi((lo - c) / s);
-            s.ln() + 0.5 * (2.0 * std::f64::consts::PI).ln() + mass.max(1e-300).ln()
-        };
+            .map(|s| s.to_bits() as usize)
+            .fold(d, |a, b| a.wrapping_mul(31).wrapping_add(b));
+        if cache.key != bucket {
+            cache.key = bucket;
+            cache.by_trial.clear();
+        }
         let off = |n: usize| ((1.0 - CATEGORY_WEIGHT) / n as f64).ln();
-        let mut flat = Vec::with_capacity(last * dims.len());
-        let mut base = Vec::with_capacity(last);
-        for c in &centres[..last] {
+        let prior_kernel = |k: usize| match &dims[k].1 {
+            Dim::Real { lo, hi, .. } => (0.5 * (lo + hi), 1.0 / (hi - lo)),
+            Dim::Choice { .. } => (f64::NAN, 0.0),
+        };
+        let mut centre = vec![Vec::with_capacity(n); d];
+        let mut wide = Vec::new();
+        let inv_sigma: Vec<f64> = sigma.iter().map(|s| if *s > 0.0 { 1.0 / s } else { 0.0 }).collect();
+        let mut base = Vec::with_capacity(n);
+        let component_base = |c: &[f64]| -> f64 {
             let mut b = 0.0;
             for (k, (_, dim)) in dims.iter().enumerate() {
-                flat.push(c[k]);
                 b -= match dim {
                     Dim::Real { lo, hi, .. } if !c[k].is_nan() => log_norm(c[k], sigma[k], *lo, *hi),
-                    // A trial without this parameter: its kernel there is the prior's.
                     Dim::Real { lo, hi, .. } => log_norm(0.5 * (lo + hi), hi - lo, *lo, *hi),
                     Dim::Choice { values } if !c[k].is_nan() => -off(values.len()),
                     Dim::Choice { values } => (values.len() as f64).ln(),
                 };
             }
-            base.push(b);
+            b
+        };
+        for (j, (t, c)) in members.iter().enumerate() {
+            base.push(*cache.by_trial.entry(*t).or_insert_with(|| component_base(c)));
+            for k in 0..d {
+                let real = matches!(dims[k].1, Dim::Real { .. });
+                if c[k].is_nan() && real {
+                    wide.push((j, k));
+                    centre[k].push(prior_kernel(k).0);
+                } else {
+                    centre[k].push(c[k]);
+                }
+            }
         }
-        let scale = dims
+        // The prior component last.
+        let prior: Vec<f64> = (0..d).map(|k| prior_kernel(k).0).collect();
+        base.push(component_base(&vec![f64::NAN; d]));
+        for (k, pc) in prior.iter().enumerate() {
+            if matches!(dims[k].1, Dim::Real { .. }) {
+                wide.push((members.len(), k));
+            }
+            centre[k].push(*pc);
+        }
+        let bonus = dims
             .iter()
-            .enumerate()
-            .map(|(k, (_, dim))| match dim {
-                Dim::Real { .. } => 1.0 / sigma[k],
+            .map(|(_, dim)| match dim {
+                Dim::Real { .. } => 0.0,
                 Dim::Choice { values } => {
                     (CATEGORY_WEIGHT + (1.0 - CATEGORY_WEIGHT) / values.len() as f64).ln() - off(values.len())
                 }
             })
             .collect();
-        let real = dims.iter().map(|(_, d)| matches!(d, Dim::Real { .. })).collect();
-        let prior_base = dims
-            .iter()
-            .map(|(_, dim)| match dim {
-                Dim::Real { lo, hi, .. } => -log_norm(0.5 * (lo + hi), hi - lo, *lo, *hi),
-                Dim::Choice { values } => -(values.len() as f64).ln(),
-            })
-            .sum();
+        let mut points: Vec<Vec<f64>> = if drawn_from {
+            members.iter().map(|(_, c)| (*c).clone()).collect()
+        } else {
+            Vec::new()
+        };
+        points.push(prior);
         Mixture {
-            centres,
-            sigma,
-            flat,
+            centre,
+            inv_sigma,
+            wide,
+            bonus,
             base,
-            scale,
-            real,
-            prior_base,
+            points,
+            sigma,
         }
     }
 
     fn prior(&self) -> usize {
-        self.centres.len() - 1
+        self.points.len() - 1
     }
 
-    /// `log` of the mixture's density at `x` (components weighted equally).
+    /// `log` of the mixture's density at `x`.
     fn log_density(&self, dims: &[(String, Dim)], x: &[f64]) -> f64 {
-        let d = dims.len();
-        // The prior: a wide normal over each real dimension, uniform over categories.
-        let mut prior = self.prior_base;
+        let mut acc = self.base.clone();
         for (k, (_, dim)) in dims.iter().enumerate() {
-            if let Dim::Real { lo, hi, .. } = dim {
-                let z = (x[k] - 0.5 * (lo + hi)) / (hi - lo);
-                prior -= 0.5 * z * z;
-            }
-        }
-        let term = |j: usize| -> f64 {
-            let c = &self.flat[j * d..(j + 1) * d];
-            let mut sum = self.base[j];
-            for k in 0..d {
-                let ck = c[k];
-                if ck.is_nan() {
-                    // Missing parameter: the prior's kernel, already in `base` for categories.
-                    if self.real[k] {
-                        if let Dim::Real { lo, hi, .. } = &dims[k].1 {
-                            let z = (x[k] - 0.5 * (lo + hi)) / (hi - lo);
-                            sum -= 0.5 * z * z;
-                        }
+            let (c, xk) = (&self.centre[k], x[k]);
+            match dim {
+                Dim::Real { .. } => {
+                    let s = self.inv_sigma[k];
+                    for (a, c) in acc.iter_mut().zip(c) {
+                        let z = (xk - c) * s;
+                        *a -= 0.5 * z * z;
                     }
-                } else if self.real[k] {
-                    let z = (x[k] - ck) * self.scale[k];
-                    sum -= 0.5 * z * z;
-                } else if x[k] == ck {
-                    sum += self.scale[k];
+                }
+                Dim::Choice { .. } => {
+                    let bonus = self.bonus[k];
+                    for (a, c) in acc.iter_mut().zip(c) {
+                        *a += if *c == xk { bonus } else { 0.0 };
+                    }
                 }
             }
-            sum
-        };
-        let n = self.base.len();
-        let terms: Vec<f64> = (0..n).map(term).collect();
-        let top = terms.iter().copied().fold(prior, f64::max);
-        let mut total = (prior - top).exp();
-        for t in terms {
-            let t = t - top;
-            // Terms this far below the largest change the sum by less than 1e-26.
-            if t > -60.0 {
-                total += t.exp();
+        }
+        for &(j, k) in &self.wide {
+            if let Dim::Real { lo, hi, .. } = &dims[k].1 {
+                let c = self.centre[k][j];
+                let narrow = (x[k] - c) * self.inv_sigma[k];
+                let wide = (x[k] - c) / (hi - lo);
+                acc[j] += 0.5 * (narrow * narrow - wide * wide);
             }
         }
-        top + total.ln() - ((n + 1) as f64).ln()
+        let top = acc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let total: f64 = acc.iter().map(|a| fast_exp(a - top)).sum();
+        top + total.ln() - (acc.len() as f64).ln()
     }
 
     /// A draw: one component for every dimension at once.
     fn sample(&self, dims: &[(String, Dim)], rng: &mut ChaCha8Rng) -> Vec<f64> {
-        let j = rng.random_range(0..self.centres.len());
+        let j = rng.random_range(0..self.points.len());
         let last = self.prior();
         dims.iter()
             .enumerate()
             .map(|(k, (_, dim))| match dim {
                 Dim::Real { lo, hi, .. } => {
-                    let (c, s) = if j == last || self.centres[j][k].is_nan() {
+                    let (c, s) = if j == last || self.points[j][k].is_nan() {
                         (0.5 * (lo + hi), hi - lo)
                     } else {
-                        (self.centres[j][k], self.sigma[k])
+                        (self.points[j][k], self.sigma[k])
                     };
                     // Rejection keeps the draw from the truncated normal; a kernel almost all
                     // outside the domain falls back to a uniform draw.
@@ -285,7 +329,7 @@ impl Mixture {
                     rng.random_range(*lo..=*hi)
                 }
                 Dim::Choice { values } => {
-                    let c = self.centres[j][k];
+                    let c = self.points[j][k];
                     if j != last && !c.is_nan() && rng.random::<f64>() < CATEGORY_WEIGHT {
                         c
                     } else {
@@ -295,6 +339,27 @@ impl Mixture {
             })
             .collect()
     }
+}
+
+/// `e^x` for `x <= 0`, to about 1e-7 relative, in straight-line code the compiler vectorises
+/// (the mixture's sum needs no more precision than that; below -700 it is 0).
+fn fast_exp(x: f64) -> f64 {
+    let x = x.max(-700.0);
+    // e^x = 2^i * e^r with i = round(x / ln 2) and |r| <= ln(2) / 2.
+    let i = (x * std::f64::consts::LOG2_E).round();
+    let r = x - i * std::f64::consts::LN_2;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0 + r / 40320.0)))))));
+    f64::from_bits(((i as i64 + 1023) as u64) << 52) * p
+}
+
+/// A key whose integer order is `f64::total_cmp`'s.
+fn order_key(x: f64) -> u64 {
+    let b = x.to_bits();
+    if b >> 63 == 1 { !b } else { b | (1 << 63) }
 }
 
 /// A standard normal draw (Box-Muller).
@@ -313,14 +378,16 @@ fn phi(x: f64) -> f64 {
 fn erfc(x: f64) -> f64 {
     let z = x.abs();
     let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t * (-z * z - 1.265_512_23
-        + t * (1.000_023_68
-            + t * (0.374_091_96
-                + t * (0.096_784_18
-                    + t * (-0.186_288_06
-                        + t * (0.278_868_07
-                            + t * (-1.135_203_98 + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
-        .exp();
+    let r = t
+        * (-z * z - 1.265_512_23
+            + t * (1.000_023_68
+                + t * (0.374_091_96
+                    + t * (0.096_784_18
+                        + t * (-0.186_288_06
+                            + t * (0.278_868_07
+                                + t * (-1.135_203_98
+                                    + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+            .exp();
     if x >= 0.0 { r } else { 2.0 - r }
 }
 
@@ -339,8 +406,11 @@ impl TpeSearcher {
             state: saved
                 .and_then(|v| serde_json::from_value(v.clone()).ok())
                 .unwrap_or_default(),
-            coords: BTreeMap::new(),
+            coords: Default::default(),
+            ranked: Default::default(),
+            cache: Default::default(),
         };
+        s.ranked = s.state.finished.iter().map(|(t, l)| (order_key(*l), *t)).collect();
         s.coords = s
             .state
             .finished
@@ -369,14 +439,19 @@ impl TpeSearcher {
     }
 
     fn model(&self, rng: &mut ChaCha8Rng) -> Params {
-        let mut obs: Vec<(f64, TrialId)> = self.state.finished.iter().map(|(t, l)| (*l, *t)).collect();
-        obs.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let obs: Vec<(u64, TrialId)> = self.ranked.iter().copied().collect();
         let n_good = ((self.settings.gamma * obs.len() as f64).ceil() as usize).clamp(1, MAX_GOOD);
-        let points = |range: &[(f64, TrialId)]| -> Vec<Vec<f64>> {
-            range.iter().filter_map(|(_, t)| self.coords.get(t).cloned()).collect()
+        let members = |range: &[(u64, TrialId)]| -> Vec<(TrialId, &Vec<f64>)> {
+            range
+                .iter()
+                .filter_map(|(_, t)| self.coords.get(t).map(|c| (*t, c)))
+                .collect()
         };
-        let good = Mixture::new(&self.dims, &points(&obs[..n_good.min(obs.len())]));
-        let bad = Mixture::new(&self.dims, &points(&obs[n_good.min(obs.len())..]));
+        let split = n_good.min(obs.len());
+        let mut cache = self.cache.borrow_mut();
+        let (good_cache, bad_cache) = &mut *cache;
+        let good = Mixture::new(&self.dims, &members(&obs[..split]), good_cache, true);
+        let bad = Mixture::new(&self.dims, &members(&obs[split..]), bad_cache, false);
         let mut best: Option<(f64, Vec<f64>)> = None;
         for _ in 0..self.settings.n_ei_candidates.max(1) {
             let x = good.sample(&self.dims, rng);
@@ -420,8 +495,12 @@ impl Searcher for TpeSearcher {
             && let Some(p) = self.state.params.get(trial)
         {
             let c = self.encode(p);
+            let l = loss(self.goal, *v);
             self.coords.insert(*trial, c);
-            self.state.finished.insert(*trial, loss(self.goal, *v));
+            if let Some(old) = self.state.finished.insert(*trial, l) {
+                self.ranked.remove(&(order_key(old), *trial));
+            }
+            self.ranked.insert((order_key(l), *trial));
         }
         Vec::new()
     }
@@ -441,10 +520,20 @@ mod tests {
         s.insert("x".into(), Param::Uniform { min: -5.0, max: 10.0 });
         s.insert("lr".into(), Param::LogUniform { min: 1e-5, max: 1.0 });
         s.insert("k".into(), Param::IntUniform { min: 1, max: 9 });
-        s.insert("opt".into(), Param::Categorical {
-            values: vec!["sgd".into(), "adam".into(), "adamw".into()],
-        });
-        s.insert("q".into(), Param::QUniform { min: 0.0, max: 1.0, q: 0.25 });
+        s.insert(
+            "opt".into(),
+            Param::Categorical {
+                values: vec!["sgd".into(), "adam".into(), "adamw".into()],
+            },
+        );
+        s.insert(
+            "q".into(),
+            Param::QUniform {
+                min: 0.0,
+                max: 1.0,
+                q: 0.25,
+            },
+        );
         s.insert("fixed".into(), Param::Constant { value: "yes".into() });
         s
     }
@@ -464,7 +553,11 @@ mod tests {
         let k = p["k"].as_f64().unwrap();
         let opt = if p["opt"] == "adam" { 0.0 } else { 1.0 };
         let q = p["q"].as_f64().unwrap();
-        ((x - 2.0) / 15.0).powi(2) + ((lr + 3.0) / 5.0).powi(2) + ((k - 7.0) / 8.0).powi(2) + 0.3 * opt + (q - 0.75).powi(2)
+        ((x - 2.0) / 15.0).powi(2)
+            + ((lr + 3.0) / 5.0).powi(2)
+            + ((k - 7.0) / 8.0).powi(2)
+            + 0.3 * opt
+            + (q - 0.75).powi(2)
     }
 
     fn run(s: &mut dyn Searcher, trials: u64, sign: f64) -> f64 {
@@ -496,7 +589,10 @@ mod tests {
             assert!((1..=9).contains(&k));
             assert!(["sgd", "adam", "adamw"].contains(&p["opt"].as_str().unwrap()));
             let q = p["q"].as_f64().unwrap();
-            assert!((q / 0.25 - (q / 0.25).round()).abs() < 1e-9 && (0.0..=1.0).contains(&q), "{q}");
+            assert!(
+                (q / 0.25 - (q / 0.25).round()).abs() < 1e-9 && (0.0..=1.0).contains(&q),
+                "{q}"
+            );
             assert_eq!(p["fixed"], "yes");
         }
     }
@@ -539,8 +635,22 @@ mod tests {
     }
 
     #[test]
+    fn fast_exp_is_accurate() {
+        for x in [0.0, -1e-9, -0.5, -1.0, -7.3, -50.0, -699.0] {
+            let (got, want) = (fast_exp(x), x.exp());
+            assert!(((got - want) / want).abs() < 1e-7, "e^{x}: {got} vs {want}");
+        }
+        assert_eq!(fast_exp(-1e6), fast_exp(-700.0));
+    }
+
+    #[test]
     fn erfc_is_accurate() {
-        for (x, want) in [(0.0, 1.0), (1.0, 0.157_299_207), (-1.0, 1.842_700_793), (2.5, 0.000_406_952)] {
+        for (x, want) in [
+            (0.0, 1.0),
+            (1.0, 0.157_299_207),
+            (-1.0, 1.842_700_793),
+            (2.5, 0.000_406_952),
+        ] {
             assert!((erfc(x) - want).abs() < 1e-7, "erfc({x}) = {}", erfc(x));
         }
     }
