@@ -52,6 +52,7 @@ fn main() -> anyhow::Result<()> {
         s.observe(&SearchEvent::Completed {
             trial: t,
             value: Some(v),
+            objectives: Vec::new(),
         });
     };
     for _ in 0..args.history {

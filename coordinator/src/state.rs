@@ -609,11 +609,21 @@ impl State {
         t.ended_ms = now_ms();
         t.message = message.to_string();
         let (exp_id, best) = (t.experiment, t.best_value);
+        let last: serde_json::Value = serde_json::from_str(&t.last_metrics).unwrap_or_default();
         self.set_trial_state(tid, state);
+        let objectives: Vec<f64> = match self.experiments.get(&exp_id).map(|e| e.spec.objectives()) {
+            Some(o) if o.len() > 1 => o
+                .iter()
+                .map(|m| last.get(&m.name).and_then(serde_json::Value::as_f64))
+                .collect::<Option<Vec<f64>>>()
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
         let event = match state {
             TrialState::Completed => SearchEvent::Completed {
                 trial: tid,
                 value: best,
+                objectives,
             },
             _ => SearchEvent::Failed { trial: tid },
         };

@@ -32,8 +32,14 @@ pub enum SearchEvent {
         epoch: Option<f64>,
         value: f64,
     },
-    /// A trial completed; `value` is its best metric, if it reported any.
-    Completed { trial: TrialId, value: Option<f64> },
+    /// A trial completed; `value` is its best metric, if it reported any. For an experiment with
+    /// several objectives, `objectives` holds the trial's last value of each, in the spec's
+    /// order (empty when it did not report them all).
+    Completed {
+        trial: TrialId,
+        value: Option<f64>,
+        objectives: Vec<f64>,
+    },
     /// A trial failed for good (restarts exhausted) or was killed.
     Failed { trial: TrialId },
 }
@@ -119,17 +125,20 @@ fn build_searcher(spec: &ValidSpec, saved: Option<&serde_json::Value>) -> Box<dy
     match s.name {
         SearcherName::Grid => Box::new(GridSearcher::new(space, saved)),
         SearcherName::Random => Box::new(RandomSearcher::new(space, s.seed, saved)),
-        SearcherName::Tpe => Box::new(TpeSearcher::new(
-            space,
-            s.seed,
-            goal,
-            TpeSettings {
-                n_startup_trials: s.n_startup_trials.unwrap_or(10),
-                n_ei_candidates: s.n_ei_candidates.unwrap_or(24),
-                gamma: s.gamma.unwrap_or(0.25),
-            },
-            saved,
-        )),
+        SearcherName::Tpe => Box::new(
+            TpeSearcher::new(
+                space,
+                s.seed,
+                goal,
+                TpeSettings {
+                    n_startup_trials: s.n_startup_trials.unwrap_or(10),
+                    n_ei_candidates: s.n_ei_candidates.unwrap_or(24),
+                    gamma: s.gamma.unwrap_or(0.25),
+                },
+                saved,
+            )
+            .with_objectives(spec.objectives().iter().map(|m| m.goal).collect()),
+        ),
         SearcherName::Pbt => Box::new(PbtSearcher::new(
             space,
             s.seed,
@@ -199,7 +208,11 @@ mod tests {
                     epoch: None,
                     value: v,
                 });
-                a.observe(&SearchEvent::Completed { trial, value: Some(v) });
+                a.observe(&SearchEvent::Completed {
+                    trial,
+                    value: Some(v),
+                    objectives: Vec::new(),
+                });
             }
             let saved = a.save();
             let mut b = build(&s, Some(&saved));

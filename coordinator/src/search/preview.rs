@@ -178,6 +178,7 @@ pub fn simulate(mut searcher: Box<dyn Searcher>, spec: &ValidSpec, max_trials: u
             searcher.observe(&SearchEvent::Completed {
                 trial: TrialId(t.trial),
                 value: Some(t.value),
+                objectives: Vec::new(),
             });
         }
     }

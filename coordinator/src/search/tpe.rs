@@ -46,6 +46,8 @@ pub struct TpeSearcher {
     /// The non-constant parameters, in space order, with their internal domains.
     dims: Vec<(String, Dim)>,
     state: TpeState,
+    /// The goals of several objectives (empty or one: a single objective).
+    goals: Vec<Goal>,
     /// Finished trials' coordinates, derived from `state` (so not saved).
     coords: std::collections::HashMap<TrialId, Vec<f64>>,
     /// Finished trials by loss, best first, kept sorted as they arrive (derived).
@@ -61,6 +63,9 @@ struct TpeState {
     params: BTreeMap<TrialId, Params>,
     /// Final losses of finished trials.
     finished: BTreeMap<TrialId, f64>,
+    /// With several objectives: every objective's loss of each finished trial that reported all.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    multi: BTreeMap<TrialId, Vec<f64>>,
 }
 
 /// A parameter's domain as the estimator sees it.
@@ -407,6 +412,7 @@ impl TpeSearcher {
                 .and_then(|v| serde_json::from_value(v.clone()).ok())
                 .unwrap_or_default(),
             coords: Default::default(),
+            goals: Vec::new(),
             ranked: Default::default(),
             cache: Default::default(),
         };
@@ -418,6 +424,52 @@ impl TpeSearcher {
             .filter_map(|t| s.state.params.get(t).map(|p| (*t, s.encode(p))))
             .collect();
         s
+    }
+
+    /// Optimises several objectives at once (MOTPE): the good trials are the first
+    /// non-dominated fronts, the last one cut by crowding distance.
+    pub fn with_objectives(mut self, goals: Vec<Goal>) -> Self {
+        self.goals = goals;
+        self
+    }
+
+    /// With several objectives: the `n` best trials by non-dominated sorting, filling whole
+    /// fronts first and taking the most isolated (by crowding distance) of the front that does
+    /// not fit whole, so the good set spreads along the Pareto front.
+    fn good_by_fronts(&self, n: usize) -> Vec<TrialId> {
+        let mut left: Vec<(TrialId, &Vec<f64>)> = self.state.multi.iter().map(|(t, v)| (*t, v)).collect();
+        let dominates =
+            |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| x <= y) && a.iter().zip(b).any(|(x, y)| x < y);
+        let mut good = Vec::new();
+        while good.len() < n && !left.is_empty() {
+            let (front, rest): (Vec<_>, Vec<_>) = left
+                .iter()
+                .partition(|(_, p)| !left.iter().any(|(_, q)| dominates(q, p)));
+            if good.len() + front.len() <= n {
+                good.extend(front.iter().map(|(t, _)| *t));
+            } else {
+                let mut crowd = vec![0.0f64; front.len()];
+                for m in 0..self.goals.len() {
+                    let mut order: Vec<usize> = (0..front.len()).collect();
+                    order.sort_by(|&a, &b| {
+                        front[a].1[m]
+                            .total_cmp(&front[b].1[m])
+                            .then(front[a].0.cmp(&front[b].0))
+                    });
+                    let span = (front[order[order.len() - 1]].1[m] - front[order[0]].1[m]).max(f64::MIN_POSITIVE);
+                    crowd[order[0]] = f64::INFINITY;
+                    crowd[order[order.len() - 1]] = f64::INFINITY;
+                    for w in order.windows(3) {
+                        crowd[w[1]] += (front[w[2]].1[m] - front[w[0]].1[m]) / span;
+                    }
+                }
+                let mut idx: Vec<usize> = (0..front.len()).collect();
+                idx.sort_by(|&a, &b| crowd[b].total_cmp(&crowd[a]).then(front[a].0.cmp(&front[b].0)));
+                good.extend(idx.into_iter().take(n - good.len()).map(|i| front[i].0));
+            }
+            left = rest;
+        }
+        good
     }
 
     fn rng(&self, index: u64) -> ChaCha8Rng {
@@ -439,8 +491,15 @@ impl TpeSearcher {
     }
 
     fn model(&self, rng: &mut ChaCha8Rng) -> Params {
-        let obs: Vec<(u64, TrialId)> = self.ranked.iter().copied().collect();
-        let n_good = ((self.settings.gamma * obs.len() as f64).ceil() as usize).clamp(1, MAX_GOOD);
+        let mut obs: Vec<(u64, TrialId)> = self.ranked.iter().copied().collect();
+        let mut n_good = ((self.settings.gamma * obs.len() as f64).ceil() as usize).clamp(1, MAX_GOOD);
+        if self.goals.len() > 1 && !self.state.multi.is_empty() {
+            // Good trials first, by Pareto rank; the order within each side does not matter.
+            let n = ((self.settings.gamma * self.state.multi.len() as f64).ceil() as usize).clamp(1, MAX_GOOD);
+            let good: std::collections::BTreeSet<TrialId> = self.good_by_fronts(n).into_iter().collect();
+            obs.sort_by_key(|(_, t)| !good.contains(t));
+            n_good = good.len();
+        }
         let members = |range: &[(u64, TrialId)]| -> Vec<(TrialId, &Vec<f64>)> {
             range
                 .iter()
@@ -491,7 +550,17 @@ impl Searcher for TpeSearcher {
     }
 
     fn observe(&mut self, event: &SearchEvent) -> Vec<SearchAction> {
-        if let SearchEvent::Completed { trial, value: Some(v) } = event
+        if let SearchEvent::Completed { trial, objectives, .. } = event
+            && self.goals.len() > 1
+            && objectives.len() == self.goals.len()
+            && self.state.params.contains_key(trial)
+        {
+            let losses = objectives.iter().zip(&self.goals).map(|(v, g)| loss(*g, *v)).collect();
+            self.state.multi.insert(*trial, losses);
+        }
+        if let SearchEvent::Completed {
+            trial, value: Some(v), ..
+        } = event
             && let Some(p) = self.state.params.get(trial)
         {
             let c = self.encode(p);
@@ -571,6 +640,7 @@ mod tests {
             s.observe(&SearchEvent::Completed {
                 trial: TrialId(t),
                 value: Some(sign * v),
+                objectives: Vec::new(),
             });
         }
         best
@@ -632,6 +702,50 @@ mod tests {
         let mut max = TpeSearcher::new(space(), 2, Goal::Maximize, settings(), None);
         let mut min = TpeSearcher::new(space(), 2, Goal::Minimize, settings(), None);
         assert_eq!(run(&mut max, 30, -1.0), run(&mut min, 30, 1.0));
+    }
+
+    /// Two objectives pulling apart (x near 2 against x near 8): MOTPE's good set is the
+    /// Pareto front, spread along it by crowding distance.
+    #[test]
+    fn several_objectives_pick_the_pareto_front() {
+        let mut s = TpeSearcher::new(space(), 3, Goal::Minimize, settings(), None)
+            .with_objectives(vec![Goal::Minimize, Goal::Maximize]);
+        for t in 1..=40 {
+            let Suggestion::Create(p) = s.suggest(TrialId(t)) else {
+                panic!("tpe always suggests")
+            };
+            let x = p["x"].as_f64().unwrap();
+            let (a, b) = ((x - 2.0).powi(2), -(x - 8.0).powi(2));
+            s.observe(&SearchEvent::Completed {
+                trial: TrialId(t),
+                value: Some(a),
+                objectives: vec![a, b],
+            });
+        }
+        let good = s.good_by_fronts(5);
+        assert_eq!(good.len(), 5);
+        // The first front, found here by brute force: the good set is inside it when it is
+        // larger than five, and contains it otherwise.
+        let m = &s.state.multi;
+        let front: Vec<TrialId> = m
+            .iter()
+            .filter(|(_, p)| {
+                !m.values()
+                    .any(|q| q[0] <= p[0] && q[1] <= p[1] && (q[0] < p[0] || q[1] < p[1]))
+            })
+            .map(|(t, _)| *t)
+            .collect();
+        if front.len() >= 5 {
+            assert!(good.iter().all(|t| front.contains(t)), "{good:?} not within {front:?}");
+        } else {
+            assert!(front.iter().all(|t| good.contains(t)), "{front:?} not within {good:?}");
+        }
+        let xs: Vec<f64> = good.iter().map(|t| s.state.params[t]["x"].as_f64().unwrap()).collect();
+        let spread = xs.iter().copied().fold(f64::MIN, f64::max) - xs.iter().copied().fold(f64::MAX, f64::min);
+        assert!(spread > 2.0, "the good set spreads along the front: {xs:?}");
+        let restored = TpeSearcher::new(space(), 3, Goal::Minimize, settings(), Some(&s.save()))
+            .with_objectives(vec![Goal::Minimize, Goal::Maximize]);
+        assert_eq!(restored.good_by_fronts(5), good);
     }
 
     #[test]
