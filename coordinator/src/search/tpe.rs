@@ -7,12 +7,21 @@
 //! truncated normal (floats, log floats in log space, integers widened by half a step) or a
 //! smoothed point mass (categories). Candidates are drawn from the good mixture, one component
 //! for all parameters at once, and the one with the highest `log l(x) - log g(x)` is suggested.
-//! Bandwidths follow Scott's rule for a d-dimensional mixture, `(high - low) * n^(-1/(d+4))`.
 //!
-//! Trials stopped early arrive as completed with their best value so far, so they inform the
-//! model as Optuna's pruned trials do; failed trials do not. A parameter missing from a trial's
-//! values (a conditional one) is left out of that trial's kernel product. Pure: every draw comes
-//! from a ChaCha stream keyed by the suggestion's index, and the state is plain data.
+//! Kernel widths are Optuna's multivariate ones: Scott's rule scaled to a fifth of the range,
+//! `0.2 * (high - low) * n^(-1/(d+4))`, never narrower than `(high - low) / min(100, n + 1)`
+//! (the "magic clip") nor wider than the range; the prior is as wide as the range. Without the
+//! fifth a group of a few good trials is nearly as wide as the prior and the search barely
+//! leaves random sampling. A categorical kernel is Optuna's too: one count on its own category
+//! plus a prior weight of `1 / (n + 1)` on every category, so it sharpens as the group grows.
+//!
+//! A trial counts once it has finished: with the better of its completed value and its best
+//! report (trials stopped early arrive as completed with their best value so far, which is how
+//! Optuna uses pruned trials). Running trials do not count: a partial curve ranked against
+//! finished ones would read as a bad result and steer the search away from the very region it
+//! is exploring. Failed trials are forgotten. A parameter missing from a trial's values (a
+//! conditional one) is left out of that trial's kernel product. Pure: every draw comes from a
+//! ChaCha stream keyed by the suggestion's index, and the state is plain data.
 
 use super::{SearchAction, SearchEvent, Searcher, Suggestion, loss};
 use chorus_core::TrialId;
@@ -34,8 +43,8 @@ pub struct TpeSettings {
 
 /// Good trials never exceed this many, however many have finished (Optuna's default cap).
 const MAX_GOOD: usize = 25;
-/// Weight of the observed category in a categorical kernel; the rest is spread evenly.
-const CATEGORY_WEIGHT: f64 = 0.75;
+/// Scott's rule scaled down, as Optuna's multivariate estimator does (`SIGMA0_MAGNITUDE`).
+const SIGMA0: f64 = 0.2;
 
 #[derive(Debug)]
 pub struct TpeSearcher {
@@ -63,6 +72,9 @@ struct TpeState {
     params: BTreeMap<TrialId, Params>,
     /// Final losses of finished trials.
     finished: BTreeMap<TrialId, f64>,
+    /// Best loss reported so far by each trial still running.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    reported: BTreeMap<TrialId, f64>,
     /// With several objectives: every objective's loss of each finished trial that reported all.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     multi: BTreeMap<TrialId, Vec<f64>>,
@@ -130,13 +142,26 @@ impl Dim {
     }
 }
 
-/// The bandwidth of a group of `n` components in `d` dimensions over `[lo, hi]`: Scott's rule,
-/// floored so a kernel never collapses onto a point. `n` is rounded down to a power of 1.05 so
-/// the bandwidth (and every kernel normaliser cached under it) changes only when the group has
-/// grown by 5 %, a change of under 0.5 % in the bandwidth.
-fn bandwidth(lo: f64, hi: f64, n: usize, d: usize) -> f64 {
-    let bucket = 1.05f64.powi(((n.max(1) as f64).ln() / 1.05f64.ln()).floor() as i32);
-    ((hi - lo) * bucket.powf(-1.0 / (d as f64 + 4.0))).max((hi - lo) * 1e-3)
+/// A group of `n` trials' size rounded down to a power of 1.05, so kernel widths (and every
+/// normaliser cached under them) change only when the group has grown by 5 %, a change of under
+/// 0.5 % in a width. Returns the exponent, which keys the cache, and the rounded size.
+fn size_bucket(n: usize) -> (i32, f64) {
+    let e = ((n.max(1) as f64).ln() / 1.05f64.ln()).floor() as i32;
+    (e, 1.05f64.powi(e).max(1.0))
+}
+
+/// The kernel width of a group of `n` trials in `d` dimensions over `[lo, hi]`.
+fn bandwidth(lo: f64, hi: f64, n: f64, d: usize) -> f64 {
+    let scott = SIGMA0 * n.powf(-1.0 / (d as f64 + 4.0));
+    let clip = 1.0 / (n + 1.0).min(100.0);
+    (hi - lo) * scott.clamp(clip, 1.0)
+}
+
+/// The chance that a categorical kernel of a group of `n` trials keeps its own category (it
+/// draws uniformly otherwise): Optuna's kernel, `1 + p` on its category and `p = 1 / (n + 1)`
+/// on each of the `k`, normalised, is exactly this mixture.
+fn category_weight(k: usize, n: f64) -> f64 {
+    (n + 1.0) / (n + 1.0 + k as f64)
 }
 
 /// `ln` of a truncated normal's normaliser on `[lo, hi]`.
@@ -168,13 +193,15 @@ struct Mixture {
     /// The components' own centres, for drawing.
     points: Vec<Vec<f64>>,
     sigma: Vec<f64>,
+    /// Per categorical dimension, [`category_weight`].
+    keep: Vec<f64>,
 }
 
 /// Per trial and group size: the part of a component's `base` that depends only on the trial's
-/// centres and the bandwidths, which change only at the bucket boundaries of [`bandwidth`].
+/// centres and the kernel widths, which change only at the boundaries of [`size_bucket`].
 #[derive(Debug, Default)]
 struct BaseCache {
-    key: usize,
+    key: Option<i32>,
     by_trial: std::collections::HashMap<TrialId, f64>,
 }
 
@@ -189,22 +216,27 @@ impl Mixture {
     ) -> Mixture {
         let n = members.len() + 1;
         let d = dims.len();
+        let (bucket, size) = size_bucket(members.len());
         let sigma: Vec<f64> = dims
             .iter()
             .map(|(_, dim)| match dim {
-                Dim::Real { lo, hi, .. } => bandwidth(*lo, *hi, n, d),
+                Dim::Real { lo, hi, .. } => bandwidth(*lo, *hi, size, d),
                 Dim::Choice { .. } => 0.0,
             })
             .collect();
-        let bucket = sigma
+        let keep: Vec<f64> = dims
             .iter()
-            .map(|s| s.to_bits() as usize)
-            .fold(d, |a, b| a.wrapping_mul(31).wrapping_add(b));
-        if cache.key != bucket {
-            cache.key = bucket;
+            .map(|(_, dim)| match dim {
+                Dim::Real { .. } => 0.0,
+                Dim::Choice { values } => category_weight(values.len(), size),
+            })
+            .collect();
+        if cache.key != Some(bucket) {
+            cache.key = Some(bucket);
             cache.by_trial.clear();
         }
-        let off = |n: usize| ((1.0 - CATEGORY_WEIGHT) / n as f64).ln();
+        // Log mass a categorical kernel of dimension `k` (of `n` categories) puts on each other one.
+        let off = |k: usize, n: usize| ((1.0 - keep[k]) / n as f64).ln();
         let prior_kernel = |k: usize| match &dims[k].1 {
             Dim::Real { lo, hi, .. } => (0.5 * (lo + hi), 1.0 / (hi - lo)),
             Dim::Choice { .. } => (f64::NAN, 0.0),
@@ -219,7 +251,7 @@ impl Mixture {
                 b -= match dim {
                     Dim::Real { lo, hi, .. } if !c[k].is_nan() => log_norm(c[k], sigma[k], *lo, *hi),
                     Dim::Real { lo, hi, .. } => log_norm(0.5 * (lo + hi), hi - lo, *lo, *hi),
-                    Dim::Choice { values } if !c[k].is_nan() => -off(values.len()),
+                    Dim::Choice { values } if !c[k].is_nan() => -off(k, values.len()),
                     Dim::Choice { values } => (values.len() as f64).ln(),
                 };
             }
@@ -248,11 +280,10 @@ impl Mixture {
         }
         let bonus = dims
             .iter()
-            .map(|(_, dim)| match dim {
+            .enumerate()
+            .map(|(k, (_, dim))| match dim {
                 Dim::Real { .. } => 0.0,
-                Dim::Choice { values } => {
-                    (CATEGORY_WEIGHT + (1.0 - CATEGORY_WEIGHT) / values.len() as f64).ln() - off(values.len())
-                }
+                Dim::Choice { values } => (keep[k] + (1.0 - keep[k]) / values.len() as f64).ln() - off(k, values.len()),
             })
             .collect();
         let mut points: Vec<Vec<f64>> = if drawn_from {
@@ -269,6 +300,7 @@ impl Mixture {
             base,
             points,
             sigma,
+            keep,
         }
     }
 
@@ -335,7 +367,7 @@ impl Mixture {
                 }
                 Dim::Choice { values } => {
                     let c = self.points[j][k];
-                    if j != last && !c.is_nan() && rng.random::<f64>() < CATEGORY_WEIGHT {
+                    if j != last && !c.is_nan() && rng.random::<f64>() < self.keep[k] {
                         c
                     } else {
                         rng.random_range(0..values.len()) as f64
@@ -558,18 +590,37 @@ impl Searcher for TpeSearcher {
             let losses = objectives.iter().zip(&self.goals).map(|(v, g)| loss(*g, *v)).collect();
             self.state.multi.insert(*trial, losses);
         }
-        if let SearchEvent::Completed {
-            trial, value: Some(v), ..
-        } = event
-            && let Some(p) = self.state.params.get(trial)
-        {
-            let c = self.encode(p);
-            let l = loss(self.goal, *v);
-            self.coords.insert(*trial, c);
-            if let Some(old) = self.state.finished.insert(*trial, l) {
-                self.ranked.remove(&(order_key(old), *trial));
+        match event {
+            SearchEvent::Reported { trial, value, .. } => {
+                if self.state.params.contains_key(trial) && !self.state.finished.contains_key(trial) {
+                    let l = loss(self.goal, *value);
+                    let best = self.state.reported.entry(*trial).or_insert(l);
+                    *best = best.min(l);
+                }
             }
-            self.ranked.insert((order_key(l), *trial));
+            SearchEvent::Completed { trial, value, .. } => {
+                let reported = self.state.reported.remove(trial);
+                let l = match (value.map(|v| loss(self.goal, v)), reported) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                if let (Some(l), Some(p)) = (l.filter(|l| !l.is_nan()), self.state.params.get(trial)) {
+                    let c = self.encode(p);
+                    self.coords.insert(*trial, c);
+                    if let Some(old) = self.state.finished.insert(*trial, l) {
+                        self.ranked.remove(&(order_key(old), *trial));
+                    }
+                    self.ranked.insert((order_key(l), *trial));
+                }
+            }
+            SearchEvent::Failed { trial } => {
+                // Its parameters go too: a failure says nothing about its loss, and a late
+                // event for it must not bring it back.
+                self.state.reported.remove(trial);
+                if !self.state.finished.contains_key(trial) {
+                    self.state.params.remove(trial);
+                }
+            }
         }
         Vec::new()
     }
@@ -630,52 +681,185 @@ mod tests {
     }
 
     fn run(s: &mut dyn Searcher, trials: u64, sign: f64) -> f64 {
+        run_from(s, 1, trials, sign).0
+    }
+
+    /// Trials `first..first + count`, one at a time, each reporting twice (a worse value, then
+    /// its own) before it completes. Returns the best value and every suggestion.
+    fn run_from(s: &mut dyn Searcher, first: u64, count: u64, sign: f64) -> (f64, Vec<Suggestion>) {
         let mut best = f64::INFINITY;
-        for t in 1..=trials {
-            let Suggestion::Create(p) = s.suggest(TrialId(t)) else {
+        let mut seen = Vec::new();
+        for t in first..first + count {
+            let suggestion = s.suggest(TrialId(t));
+            let Suggestion::Create(p) = &suggestion else {
                 panic!("tpe always suggests")
             };
-            let v = f(&p);
+            let v = f(p);
             best = best.min(v);
+            for (step, value) in [(1, v + 1.0), (2, v)] {
+                s.observe(&SearchEvent::Reported {
+                    trial: TrialId(t),
+                    step: Some(step),
+                    epoch: None,
+                    value: sign * value,
+                });
+            }
             s.observe(&SearchEvent::Completed {
                 trial: TrialId(t),
                 value: Some(sign * v),
                 objectives: Vec::new(),
             });
+            seen.push(suggestion);
         }
-        best
+        (best, seen)
+    }
+
+    fn suggest(s: &mut TpeSearcher, t: u64) -> Params {
+        match s.suggest(TrialId(t)) {
+            Suggestion::Create(p) => p,
+            other => panic!("tpe always suggests, got {other:?}"),
+        }
     }
 
     #[test]
     fn values_respect_their_domains() {
-        let mut s = TpeSearcher::new(space(), 1, Goal::Minimize, settings(), None);
-        run(&mut s, 40, 1.0);
-        for p in s.state.params.values() {
-            let x = p["x"].as_f64().unwrap();
-            assert!((-5.0..=10.0).contains(&x));
-            let lr = p["lr"].as_f64().unwrap();
-            assert!((1e-5..=1.0).contains(&lr));
-            let k = p["k"].as_i64().expect("integers stay integers");
-            assert!((1..=9).contains(&k));
-            assert!(["sgd", "adam", "adamw"].contains(&p["opt"].as_str().unwrap()));
-            let q = p["q"].as_f64().unwrap();
-            assert!(
-                (q / 0.25 - (q / 0.25).round()).abs() < 1e-9 && (0.0..=1.0).contains(&q),
-                "{q}"
-            );
-            assert_eq!(p["fixed"], "yes");
+        for seed in 0..5 {
+            let mut s = TpeSearcher::new(space(), seed, Goal::Minimize, settings(), None);
+            run(&mut s, 60, 1.0);
+            assert_eq!(s.state.params.len(), 60);
+            for p in s.state.params.values() {
+                assert!(p["x"].is_f64() && p["lr"].is_f64() && p["q"].is_f64(), "{p:?}");
+                let x = p["x"].as_f64().unwrap();
+                assert!((-5.0..=10.0).contains(&x));
+                let lr = p["lr"].as_f64().unwrap();
+                assert!((1e-5..=1.0).contains(&lr));
+                let k = p["k"].as_i64().expect("integers stay integers");
+                assert!((1..=9).contains(&k));
+                assert!(["sgd", "adam", "adamw"].contains(&p["opt"].as_str().unwrap()));
+                let q = p["q"].as_f64().unwrap();
+                assert!(
+                    (q / 0.25 - (q / 0.25).round()).abs() < 1e-9 && (0.0..=1.0).contains(&q),
+                    "{q}"
+                );
+                assert_eq!(p["fixed"], "yes");
+            }
         }
+    }
+
+    /// Failed trials and trials without a result do not count; a trial that only reported
+    /// counts with its best report once it ends.
+    #[test]
+    fn only_finished_results_count() {
+        let mut s = TpeSearcher::new(space(), 1, Goal::Maximize, settings(), None);
+        for t in 1..=4 {
+            suggest(&mut s, t);
+        }
+        let report = |s: &mut TpeSearcher, t: u64, value: f64| {
+            s.observe(&SearchEvent::Reported {
+                trial: TrialId(t),
+                step: None,
+                epoch: None,
+                value,
+            });
+        };
+        report(&mut s, 1, 0.7);
+        s.observe(&SearchEvent::Failed { trial: TrialId(1) });
+        s.observe(&SearchEvent::Completed {
+            trial: TrialId(2),
+            value: None,
+            objectives: Vec::new(),
+        });
+        report(&mut s, 3, 0.2);
+        report(&mut s, 3, 0.9);
+        report(&mut s, 3, 0.5);
+        report(&mut s, 4, 0.4);
+        assert!(s.state.finished.is_empty(), "running trials do not count yet");
+        s.observe(&SearchEvent::Completed {
+            trial: TrialId(3),
+            value: None,
+            objectives: Vec::new(),
+        });
+        s.observe(&SearchEvent::Completed {
+            trial: TrialId(4),
+            value: Some(0.3),
+            objectives: Vec::new(),
+        });
+        // A late event for the failed trial does not revive it.
+        s.observe(&SearchEvent::Completed {
+            trial: TrialId(1),
+            value: Some(0.8),
+            objectives: Vec::new(),
+        });
+        assert_eq!(
+            s.state.finished,
+            BTreeMap::from([(TrialId(3), -0.9), (TrialId(4), -0.4)]),
+            "best reports, as losses"
+        );
+        assert!(s.state.reported.is_empty());
+        assert!(!s.state.params.contains_key(&TrialId(1)));
+    }
+
+    /// Trials that lack a parameter (suggested before it existed, as a conditional parameter
+    /// will be) leave it out of their kernels, and suggestions still cover it.
+    #[test]
+    fn parameters_missing_from_some_trials() {
+        let mut old = TpeSearcher::new(space(), 6, Goal::Minimize, settings(), None);
+        run(&mut old, 20, 1.0);
+        let mut wider = space();
+        wider.insert("extra".into(), Param::Uniform { min: 3.0, max: 4.0 });
+        wider.insert(
+            "mode".into(),
+            Param::Categorical {
+                values: vec![true.into(), false.into()],
+            },
+        );
+        let mut s = TpeSearcher::new(wider, 6, Goal::Minimize, settings(), Some(&old.save()));
+        for t in 21..=40 {
+            let p = suggest(&mut s, t);
+            let extra = p["extra"].as_f64().unwrap();
+            assert!((3.0..=4.0).contains(&extra), "{extra}");
+            assert!(p["mode"].is_boolean());
+            s.observe(&SearchEvent::Completed {
+                trial: TrialId(t),
+                value: Some(f(&p) + (extra - 3.2).abs()),
+                objectives: Vec::new(),
+            });
+        }
+        assert_eq!(s.state.finished.len(), 40);
     }
 
     #[test]
     fn is_deterministic_and_restores() {
         let mut a = TpeSearcher::new(space(), 4, Goal::Minimize, settings(), None);
         let mut b = TpeSearcher::new(space(), 4, Goal::Minimize, settings(), None);
-        assert_eq!(run(&mut a, 25, 1.0), run(&mut b, 25, 1.0));
-        let mut r = TpeSearcher::new(space(), 4, Goal::Minimize, settings(), Some(&a.save()));
-        for t in 26..30 {
-            assert_eq!(a.suggest(TrialId(t)), r.suggest(TrialId(t)));
+        assert_eq!(run_from(&mut a, 1, 25, 1.0), run_from(&mut b, 1, 25, 1.0));
+        // A trial still running when the state is saved reports after the restore.
+        let running = suggest(&mut a, 26);
+        a.observe(&SearchEvent::Reported {
+            trial: TrialId(26),
+            step: Some(1),
+            epoch: None,
+            value: f(&running) - 0.5,
+        });
+        let saved = a.save();
+        let mut r = TpeSearcher::new(space(), 4, Goal::Minimize, settings(), Some(&saved));
+        assert_eq!(r.save(), saved, "restoring loses nothing");
+        for s in [&mut a, &mut r] {
+            s.observe(&SearchEvent::Completed {
+                trial: TrialId(26),
+                value: None,
+                objectives: Vec::new(),
+            });
         }
+        let (ra, rr) = (run_from(&mut a, 27, 20, 1.0), run_from(&mut r, 27, 20, 1.0));
+        assert_eq!(ra, rr);
+        let mut same = TpeSearcher::new(space(), 4, Goal::Minimize, settings(), None);
+        let mut other = TpeSearcher::new(space(), 5, Goal::Minimize, settings(), None);
+        assert_ne!(
+            run_from(&mut same, 1, 25, 1.0).1,
+            run_from(&mut other, 1, 25, 1.0).1,
+            "the seed matters"
+        );
     }
 
     /// Over 10 seeds of 60 trials each, TPE's median best value is below random search's.
@@ -693,7 +877,8 @@ mod tests {
             v[v.len() / 2]
         };
         let (t, r) = (median(&mut tpe), median(&mut random));
-        assert!(t < r, "median best: tpe {t}, random {r}");
+        // Kernels as wide as the old unscaled Scott's rule only reached about 0.7 of random's.
+        assert!(t < r / 4.0, "median best: tpe {t}, random {r}");
     }
 
     #[test]
