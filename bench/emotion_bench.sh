@@ -16,13 +16,8 @@ steps="${2:-20}"
 threads="${BENCH_THREADS:-1}"
 
 eval "$(scripts/libtorch.sh)"
-cache="${CHORUS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/chorus}"
-venv="${CHORUS_BENCH_VENV:-$cache/bench-venv}"
-if ! "$venv/bin/python" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.11.0")' 2>/dev/null; then
-  echo "bench: making $venv with torch==2.11.0" >&2
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --find-links "$cache/wheels" torch==2.11.0
-fi
+. bench/venv.sh
+bench_torch
 
 cargo build --release --quiet -p chorus-worker --example emotion_bench
 rust_bin=target/release/examples/emotion_bench

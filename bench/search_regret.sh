@@ -7,11 +7,7 @@ cd "$(dirname "$0")/.."
 seeds="${1:-10}"
 budget="${2:-400}"
 eval "$(scripts/libtorch.sh)"
-cache="${CHORUS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/chorus}"
-venv="${CHORUS_BENCH_VENV:-$cache/bench-venv}"
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-if ! "$venv/bin/python" -c 'import optuna, sys; sys.exit(optuna.__version__ != "5.0.0")' 2>/dev/null; then
-  "$venv/bin/pip" install --quiet optuna==5.0.0
-fi
+. bench/venv.sh
+bench_optuna
 cargo build --quiet --workspace --bins
 "$venv/bin/python" bench/search_regret.py --seeds "$seeds" --budget "$budget" --bin target/debug

@@ -12,13 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-5}"
 suggestions="${2:-20}"
-cache="${CHORUS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/chorus}"
-venv="${CHORUS_BENCH_VENV:-$cache/bench-venv}"
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-if ! "$venv/bin/python" -c 'import optuna, sys; sys.exit(optuna.__version__ != "5.0.0")' 2>/dev/null; then
-  echo "bench: installing optuna==5.0.0 into $venv" >&2
-  "$venv/bin/pip" install --quiet optuna==5.0.0
-fi
+. bench/venv.sh
+bench_optuna
 cargo build --release --quiet -p chorus-coordinator --example searcher_cost
 figure() { sed -n 's/^ms_per_suggestion=//p'; }
 declare -A got
