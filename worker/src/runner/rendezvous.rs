@@ -36,7 +36,7 @@ pub async fn meet(
         ));
     };
     let (reply, answer) = oneshot::channel();
-    let (rank, world_hint) = (request.rank, request.attempt);
+    let (rank, attempt) = (request.rank, request.attempt);
     if sender.send(RendezvousCall { request, reply }).is_err() {
         return Err(Missed::Failed("the worker's agent is gone".into()));
     }
@@ -57,7 +57,7 @@ pub async fn meet(
             Ok(Ok(Err(e))) => Err(Missed::Failed(format!("rendezvous (rank {rank}): {e}"))),
             Ok(Err(_)) => Err(Missed::Failed("the worker's agent dropped the rendezvous".into())),
             Err(_) => Err(Missed::Failed(format!(
-                "rendezvous (rank {rank}, attempt {world_hint}): the other ranks did not all join within {timeout:?}"
+                "rendezvous (rank {rank}, attempt {attempt}): the other ranks did not all join within {timeout:?}"
             ))),
         },
     }

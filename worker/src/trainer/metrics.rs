@@ -25,6 +25,21 @@ impl Confusion {
         self.classes
     }
 
+    /// The counts, row-major: `counts[truth * classes + predicted]`.
+    pub fn counts(&self) -> &[u64] {
+        &self.counts
+    }
+
+    /// A matrix from its row-major counts (e.g. summed over the ranks of a data-parallel run).
+    pub fn from_counts(classes: usize, counts: Vec<u64>) -> Self {
+        assert_eq!(
+            counts.len(),
+            classes * classes,
+            "a confusion matrix has classes^2 counts"
+        );
+        Confusion { classes, counts }
+    }
+
     /// Counts one prediction; both must be below `classes`.
     pub fn add(&mut self, truth: usize, predicted: usize) {
         assert!(

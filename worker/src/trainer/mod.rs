@@ -96,6 +96,21 @@ pub struct Validation {
     pub confusion: Vec<Vec<u64>>,
 }
 
+impl Validation {
+    /// The figures of a confusion matrix and the summed loss over its samples.
+    pub fn from_confusion(confusion: &metrics::Confusion, loss_sum: f64) -> Self {
+        let samples = confusion.total();
+        Validation {
+            samples,
+            loss: if samples == 0 { 0.0 } else { loss_sum / samples as f64 },
+            accuracy: confusion.accuracy(),
+            macro_f1: confusion.macro_f1(),
+            per_class_f1: confusion.per_class_f1(),
+            confusion: confusion.rows(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {

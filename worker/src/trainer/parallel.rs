@@ -24,7 +24,7 @@ use crate::trainer::{Control, EpochReport, Outcome, StopRequest, TrainerEvent, V
 use chorus_core::shards::{DataPosition, ShardSize, plan_epoch};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use tch::{Device, Kind, Reduction, Tensor};
+use tch::{Device, Tensor};
 
 /// What a rank of a data-parallel run needs beyond a single-rank trainer.
 pub struct DataParallel {
@@ -140,55 +140,31 @@ impl Trainer {
         source: &mut dyn BatchSource,
         c: &mut dyn Collective,
     ) -> Result<Validation, WorkerError> {
-        let k = self.model.num_classes();
+        let k = self.model.num_classes() as usize;
         let (rank, world) = (c.rank(), c.world_size());
-        let mut counts = vec![0f64; (k * k) as usize + 1];
+        let mut confusion = Confusion::new(k);
+        let mut loss_sum = 0.0;
         let ctx = Ctx::eval();
         {
             let _guard = tch::no_grad_guard();
             for (i, batch) in source.validation().enumerate() {
-                if i % world != rank {
-                    continue;
-                }
-                let batch = batch?;
-                self.check_labels(&batch.labels)?;
-                let batch = batch.to_device(self.device);
-                let logits = self.model.classify(&self.model.embed(&batch, &ctx)?, &ctx);
-                let loss =
-                    logits
-                        .log_softmax(-1, Kind::Float)
-                        .g_nll_loss::<Tensor>(&batch.labels, None, Reduction::Sum, -100);
-                counts[(k * k) as usize] += loss.double_value(&[]);
-                let predicted: Vec<i64> = Vec::try_from(logits.argmax(-1, false).to_device(Device::Cpu))?;
-                let truth: Vec<i64> = Vec::try_from(batch.labels.to_device(Device::Cpu))?;
-                for (t, p) in truth.into_iter().zip(predicted) {
-                    counts[(t * k + p) as usize] += 1.0;
+                if i % world == rank {
+                    loss_sum += self.score_batch(&batch?, &ctx, &mut confusion)?;
                 }
             }
         }
-        // Counts stay exact in float32 up to 2^24 samples per cell.
-        let mut summed =
-            Tensor::from_slice(&counts.iter().map(|&x| x as f32).collect::<Vec<_>>()).to_device(self.device);
+        // One all-reduce of the counts and the loss; counts stay exact in float32 up to 2^24
+        // samples per cell.
+        let mut local: Vec<f32> = confusion.counts().iter().map(|&x| x as f32).collect();
+        local.push(loss_sum as f32);
+        let mut summed = Tensor::from_slice(&local).to_device(self.device);
         c.all_reduce(&mut summed, ReduceOp::Sum)?;
         let summed: Vec<f32> = Vec::try_from(summed.to_device(Device::Cpu))?;
-        let mut confusion = Confusion::new(k as usize);
-        for t in 0..k as usize {
-            for p in 0..k as usize {
-                for _ in 0..summed[t * k as usize + p].round() as u64 {
-                    confusion.add(t, p);
-                }
-            }
-        }
-        let samples = confusion.total();
-        let loss_sum = f64::from(summed[(k * k) as usize]);
-        Ok(Validation {
-            samples,
-            loss: if samples == 0 { 0.0 } else { loss_sum / samples as f64 },
-            accuracy: confusion.accuracy(),
-            macro_f1: confusion.macro_f1(),
-            per_class_f1: confusion.per_class_f1(),
-            confusion: confusion.rows(),
-        })
+        let counts = summed[..k * k].iter().map(|x| x.round() as u64).collect();
+        Ok(Validation::from_confusion(
+            &Confusion::from_counts(k, counts),
+            f64::from(summed[k * k]),
+        ))
     }
 
     /// Trains as one rank of a data-parallel run until the configured epochs are done or a stop

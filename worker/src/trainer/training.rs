@@ -368,30 +368,26 @@ impl Trainer {
             if control.requested().is_some() {
                 return Ok(None);
             }
-            let batch = batch?;
-            self.check_labels(&batch.labels)?;
-            let batch = batch.to_device(self.device);
-            let logits = self.model.classify(&self.model.embed(&batch, &ctx)?, &ctx);
-            let loss =
-                logits
-                    .log_softmax(-1, Kind::Float)
-                    .g_nll_loss::<Tensor>(&batch.labels, None, Reduction::Sum, -100);
-            loss_sum += loss.double_value(&[]);
-            let predicted: Vec<i64> = Vec::try_from(logits.argmax(-1, false).to_device(Device::Cpu))?;
-            let truth: Vec<i64> = Vec::try_from(batch.labels.to_device(Device::Cpu))?;
-            for (t, p) in truth.into_iter().zip(predicted) {
-                confusion.add(t as usize, p as usize);
-            }
+            loss_sum += self.score_batch(&batch?, &ctx, &mut confusion)?;
         }
-        let samples = confusion.total();
-        Ok(Some(Validation {
-            samples,
-            loss: if samples == 0 { 0.0 } else { loss_sum / samples as f64 },
-            accuracy: confusion.accuracy(),
-            macro_f1: confusion.macro_f1(),
-            per_class_f1: confusion.per_class_f1(),
-            confusion: confusion.rows(),
-        }))
+        Ok(Some(Validation::from_confusion(&confusion, loss_sum)))
+    }
+
+    /// One validation batch: its predictions go into `confusion`; returns its summed loss.
+    /// Call under `no_grad`.
+    pub(super) fn score_batch(&self, batch: &Batch, ctx: &Ctx, confusion: &mut Confusion) -> Result<f64, WorkerError> {
+        self.check_labels(&batch.labels)?;
+        let batch = batch.to_device(self.device);
+        let logits = self.model.classify(&self.model.embed(&batch, ctx)?, ctx);
+        let loss = logits
+            .log_softmax(-1, Kind::Float)
+            .g_nll_loss::<Tensor>(&batch.labels, None, Reduction::Sum, -100);
+        let predicted: Vec<i64> = Vec::try_from(logits.argmax(-1, false).to_device(Device::Cpu))?;
+        let truth: Vec<i64> = Vec::try_from(batch.labels.to_device(Device::Cpu))?;
+        for (t, p) in truth.into_iter().zip(predicted) {
+            confusion.add(t as usize, p as usize);
+        }
+        Ok(loss.double_value(&[]))
     }
 
     /// Saves the state as of the last step into `dir`.
