@@ -235,7 +235,7 @@ pub fn experiment_json(e: &pb::Experiment) -> Value {
         "max_failed_trials": e.max_failed_trials,
         "counts": {
             "pending": c.pending, "running": c.running, "completed": c.completed,
-            "failed": c.failed, "killed": c.killed,
+            "failed": c.failed, "killed": c.killed, "paused": c.paused,
         },
         "best_trial_id": e.best_trial_id,
         "best_value": e.best_value,
@@ -311,8 +311,8 @@ pub fn experiment_detail(e: &pb::Experiment, spec_yaml: &str) -> String {
         (
             "trials",
             format!(
-                "{} pending, {} running, {} completed, {} failed, {} killed",
-                c.pending, c.running, c.completed, c.failed, c.killed
+                "{} pending, {} running, {} paused, {} completed, {} failed, {} killed",
+                c.pending, c.running, c.paused, c.completed, c.failed, c.killed
             ),
         ),
         ("best", best_summary(e)),

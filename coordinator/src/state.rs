@@ -51,6 +51,8 @@ pub struct Counts {
     pub completed: u64,
     pub failed: u64,
     pub killed: u64,
+    /// Held at a rung by successive halving: neither placed nor counted as active.
+    pub paused: u64,
 }
 
 impl Counts {
@@ -61,6 +63,7 @@ impl Counts {
             TrialState::Completed => &mut self.completed,
             TrialState::Failed => &mut self.failed,
             TrialState::Killed => &mut self.killed,
+            TrialState::Paused => &mut self.paused,
         }
     }
 
@@ -278,10 +281,15 @@ impl State {
         }
         let exp = self.experiments.get_mut(&id).expect("checked above");
         exp.state = ExperimentState::Paused;
-        let running: Vec<TrialId> = exp.trials.iter().copied().filter(|t| self.open.contains(t)).collect();
+        let running: Vec<TrialId> = exp
+            .trials
+            .iter()
+            .copied()
+            .filter(|t| self.open.contains(t) && self.trials[t].state != TrialState::Paused)
+            .collect();
         self.touch_experiment(id);
         // Running attempts stop now and resume from their last checkpoint later; a pause
-        // costs no restart.
+        // costs no restart. Trials held at a rung stay held.
         for t in running {
             self.kill_live(t, "experiment paused");
             self.set_trial_state(t, TrialState::Pending);
@@ -394,6 +402,18 @@ impl State {
                 exp.creation_finished() && self.counts.get(id).is_none_or(|c| c.active() == 0)
             };
             if done {
+                // Nothing runs and nothing more will be created or promoted: trials still
+                // held at a rung end where they are.
+                let held: Vec<TrialId> = self.experiments[id]
+                    .trials
+                    .iter()
+                    .copied()
+                    .filter(|t| self.trials[t].state == TrialState::Paused)
+                    .collect();
+                for t in held {
+                    let why = format!("stopped early, never promoted: {}", self.trials[&t].message);
+                    self.finish(t, TrialState::Completed, &why);
+                }
                 let exp = self.experiments.get_mut(id).expect("listed above");
                 exp.state = ExperimentState::Completed;
                 exp.ended_ms = now_ms();
@@ -407,7 +427,19 @@ impl State {
         loop {
             let active = self.counts.get(&id).map_or(0, Counts::active);
             let exp = self.experiments.get_mut(&id).expect("caller checked");
-            if exp.state != ExperimentState::Active || exp.creation_finished() || active >= exp.parallel_trials as u64 {
+            if exp.state != ExperimentState::Active || active >= exp.parallel_trials as u64 {
+                return;
+            }
+            // A trial held at a rung and now promoted comes before any new one.
+            if let Some((tid, reason)) = exp.searcher.promote() {
+                self.touch_experiment(id);
+                if self.trials.get(&tid).is_some_and(|t| t.state == TrialState::Paused) {
+                    self.trials.get_mut(&tid).expect("checked").message = reason;
+                    self.set_trial_state(tid, TrialState::Pending);
+                }
+                continue;
+            }
+            if exp.creation_finished() {
                 return;
             }
             match exp.searcher.suggest(TrialId(self.next_trial)) {
@@ -681,6 +713,16 @@ impl State {
                     if self.open.contains(&trial) {
                         self.kill_live(trial, &reason);
                         self.finish(trial, TrialState::Completed, &format!("stopped early: {reason}"));
+                    }
+                }
+                SearchAction::Pause { trial, reason } => {
+                    let held = self.trials.get(&trial).map(|t| t.state);
+                    if matches!(held, Some(TrialState::Running | TrialState::Pending)) {
+                        // Its newest checkpoint is where a promotion resumes it.
+                        self.kill_live(trial, &reason);
+                        let t = self.trials.get_mut(&trial).expect("checked");
+                        t.message = reason;
+                        self.set_trial_state(trial, TrialState::Paused);
                     }
                 }
                 SearchAction::Exploit {

@@ -539,3 +539,70 @@ fn a_version_one_store_is_migrated() {
     assert_eq!(live.len(), 1);
     assert_eq!(live[0].ranks[0].worker, WorkerId("w1".into()));
 }
+
+/// Successive halving with promotion through the state machine: a trial paused at a rung is
+/// neither placed nor counted as active, survives a coordinator restart, resumes (at no restart
+/// cost) when promoted, and ends as completed if never promoted.
+#[test]
+fn paused_trials_wait_for_promotion() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut st = open(dir.path(), 10_000);
+    let exp = st.reserve_experiment_id();
+    let spec = spec::parse(
+        "name: h\nmetric: {name: loss, goal: minimize}\n\
+         searcher: {name: asha, seed: 1, reduction_factor: 2, max_resource: 4, sampler: random}\n\
+         max_trials: 3\nparameters:\n  x: {min: 0.0, max: 1.0}\ntrial: {command: [train]}\n",
+        &[],
+    )
+    .unwrap();
+    st.add_experiment(exp, spec, "memory://t".into());
+    let (_, mut rx) = join(&mut st, "w1", 1, vec![]);
+    let metric = |step: i64, loss: f64| {
+        Kind::Metric(pb::Metric {
+            json: format!(r#"{{"step": {step}, "loss": {loss}}}"#),
+        })
+    };
+    let started = || Kind::Started(pb::Started { restored_step: None });
+    // Trial 1 alone at rung 0 (top floor(1/2) = 0): paused; trial 2 takes the slot.
+    let a1 = assignments(&mut rx).remove(0);
+    report(&mut st, "w1", &a1, 1, started()).unwrap();
+    report(&mut st, "w1", &a1, 2, metric(1, 0.5)).unwrap();
+    let t1 = TrialId(a1.trial_id);
+    assert_eq!(st.trials[&t1].state, TrialState::Paused);
+    assert!(st.trials[&t1].live.is_none());
+    assert!(
+        st.trials[&t1].message.contains("paused at rung 0"),
+        "{}",
+        st.trials[&t1].message
+    );
+    assert_eq!((st.counts[&exp].paused, st.counts[&exp].active()), (1, 1));
+    {
+        let again = open(dir.path(), 10_000);
+        assert_eq!(again.trials[&t1].state, TrialState::Paused, "held across a restart");
+        assert_eq!(again.counts[&exp].paused, 1);
+    }
+    let a2 = assignments(&mut rx).remove(0);
+    assert_ne!(a2.trial_id, a1.trial_id);
+    // Trial 2 is worse: trial 1 (now top 1 of 2) is promoted into the slot trial 2 frees.
+    report(&mut st, "w1", &a2, 1, started()).unwrap();
+    report(&mut st, "w1", &a2, 2, metric(1, 0.6)).unwrap();
+    assert_eq!(st.trials[&TrialId(a2.trial_id)].state, TrialState::Paused);
+    let a1b = assignments(&mut rx).remove(0);
+    assert_eq!((a1b.trial_id, a1b.attempt), (a1.trial_id, 2));
+    let t = &st.trials[&t1];
+    assert_eq!(t.restarts, 0, "a promotion is no restart");
+    assert!(t.message.contains("promoted from rung 0"), "{}", t.message);
+    // At rung 1 it is alone again: paused; the last trial is created and paused at rung 0.
+    report(&mut st, "w1", &a1b, 1, started()).unwrap();
+    report(&mut st, "w1", &a1b, 2, metric(2, 0.4)).unwrap();
+    let a3 = assignments(&mut rx).remove(0);
+    report(&mut st, "w1", &a3, 1, started()).unwrap();
+    report(&mut st, "w1", &a3, 2, metric(1, 0.7)).unwrap();
+    // Nothing runs, nothing is promotable, no trial is left to create: the search is over.
+    let e = st.experiment(exp).unwrap();
+    assert_eq!(e.state, ExperimentState::Completed);
+    for t in st.trials.values() {
+        assert_eq!(t.state, TrialState::Completed, "{t:?}");
+        assert!(t.message.contains("never promoted"), "{}", t.message);
+    }
+}

@@ -93,6 +93,7 @@ impl Telemetry {
             totals.completed += c.completed;
             totals.failed += c.failed;
             totals.killed += c.killed;
+            totals.paused += c.paused;
         }
         for (name, n) in [
             ("pending", totals.pending),
@@ -100,6 +101,7 @@ impl Telemetry {
             ("completed", totals.completed),
             ("failed", totals.failed),
             ("killed", totals.killed),
+            ("paused", totals.paused),
         ] {
             self.trials
                 .get_or_create(&vec![("state", name.to_string())])

@@ -23,6 +23,8 @@ pub enum TrialState {
     Completed,
     Failed,
     Killed,
+    /// Held at a rung by successive halving until promoted; not placed, not counted as active.
+    Paused,
 }
 
 macro_rules! str_enum {
@@ -50,7 +52,7 @@ macro_rules! str_enum {
 }
 
 str_enum!(ExperimentState { Active => "active", Paused => "paused", Completed => "completed", Failed => "failed", Killed => "killed" });
-str_enum!(TrialState { Pending => "pending", Running => "running", Completed => "completed", Failed => "failed", Killed => "killed" });
+str_enum!(TrialState { Pending => "pending", Running => "running", Completed => "completed", Failed => "failed", Killed => "killed", Paused => "paused" });
 
 impl ExperimentState {
     /// Ended experiments never change again.
@@ -101,6 +103,7 @@ impl From<TrialState> for pb::TrialState {
             TrialState::Completed => pb::TrialState::Completed,
             TrialState::Failed => pb::TrialState::Failed,
             TrialState::Killed => pb::TrialState::Killed,
+            TrialState::Paused => pb::TrialState::Paused,
         }
     }
 }
@@ -114,6 +117,7 @@ impl TryFrom<pb::TrialState> for TrialState {
             pb::TrialState::Completed => TrialState::Completed,
             pb::TrialState::Failed => TrialState::Failed,
             pb::TrialState::Killed => TrialState::Killed,
+            pb::TrialState::Paused => TrialState::Paused,
             pb::TrialState::Unspecified => return Err(CoreError::Conversion("trial state unspecified".into())),
         })
     }
@@ -147,6 +151,7 @@ mod tests {
             TrialState::Completed,
             TrialState::Failed,
             TrialState::Killed,
+            TrialState::Paused,
         ] {
             assert_eq!(s.as_str().parse::<TrialState>().unwrap(), s);
             assert_eq!(TrialState::try_from(pb::TrialState::from(s)).unwrap(), s);

@@ -134,13 +134,15 @@ pub struct SearcherSpec {
     pub name: SearcherName,
     #[serde(default)]
     pub seed: u64,
-    /// tpe: trials drawn at random before the model takes over (default 10).
+    /// tpe (and asha, hyperband with `sampler: tpe`): trials drawn at random before the model
+    /// takes over (default 10).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n_startup_trials: Option<u32>,
-    /// tpe: candidates drawn from the good density per suggestion (default 24).
+    /// tpe (and the tpe sampler): candidates drawn from the good density per suggestion
+    /// (default 24).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n_ei_candidates: Option<u32>,
-    /// tpe: the share of finished trials counted as good (default 0.25).
+    /// tpe (and the tpe sampler): the share of finished trials counted as good (default 0.25).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gamma: Option<f64>,
     /// asha, hyperband: keep the best 1/reduction_factor at each rung (default 3).
@@ -149,6 +151,14 @@ pub struct SearcherSpec {
     /// asha: the resource (step or epoch, as the trial reports it) of the first rung (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grace_period: Option<u64>,
+    /// asha, hyperband: decide once, when a trial reaches a rung (go on or stop for good),
+    /// instead of pausing it there until it is promoted (default false: pause and promote).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_once: Option<bool>,
+    /// asha, hyperband: where new configurations come from (default tpe: a TPE model of the
+    /// highest rung with enough results, as BOHB does; random: independent draws).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampler: Option<SamplerName>,
     /// asha, hyperband: the resource a trial runs to at most; required.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_resource: Option<u64>,
@@ -176,6 +186,15 @@ pub enum ResourceName {
     #[default]
     Step,
     Epoch,
+}
+
+/// How successive halving draws new configurations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SamplerName {
+    #[default]
+    Tpe,
+    Random,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -844,17 +863,37 @@ fn searcher_problems(s: &SearcherSpec, scheduler: Option<&SchedulerSpec>) -> Vec
         }
     };
     use SearcherName::*;
-    only("n_startup_trials", s.n_startup_trials.is_some(), &[Tpe]);
-    only("n_ei_candidates", s.n_ei_candidates.is_some(), &[Tpe]);
-    only("gamma", s.gamma.is_some(), &[Tpe]);
+    only(
+        "n_startup_trials",
+        s.n_startup_trials.is_some(),
+        &[Tpe, Asha, Hyperband],
+    );
+    only("n_ei_candidates", s.n_ei_candidates.is_some(), &[Tpe, Asha, Hyperband]);
+    only("gamma", s.gamma.is_some(), &[Tpe, Asha, Hyperband]);
     only("reduction_factor", s.reduction_factor.is_some(), &[Asha, Hyperband]);
     only("grace_period", s.grace_period.is_some(), &[Asha]);
+    only("stop_once", s.stop_once.is_some(), &[Asha, Hyperband]);
+    only("sampler", s.sampler.is_some(), &[Asha, Hyperband]);
     only("max_resource", s.max_resource.is_some(), &[Asha, Hyperband]);
     only("resource", s.resource.is_some(), &[Asha, Hyperband, Pbt]);
     only("population_size", s.population_size.is_some(), &[Pbt]);
     only("perturbation_interval", s.perturbation_interval.is_some(), &[Pbt]);
     only("quantile_fraction", s.quantile_fraction.is_some(), &[Pbt]);
     only("resample_probability", s.resample_probability.is_some(), &[Pbt]);
+    if matches!(name, Asha | Hyperband) && s.sampler == Some(SamplerName::Random) {
+        for (field, set) in [
+            ("n_startup_trials", s.n_startup_trials.is_some()),
+            ("n_ei_candidates", s.n_ei_candidates.is_some()),
+            ("gamma", s.gamma.is_some()),
+        ] {
+            if set {
+                out.push((
+                    format!("searcher.{field}"),
+                    "applies to the tpe sampler only, not to sampler: random".into(),
+                ));
+            }
+        }
+    }
     if name == Pbt {
         if s.perturbation_interval.is_none_or(|i| i == 0) {
             out.push((
@@ -1192,6 +1231,22 @@ trial:
         assert_eq!(e[0].path, "searcher.max_resource");
         let e = errors(&with("searcher: {name: random, max_resource: 9}"), &[]);
         assert!(e[0].message.contains("applies to asha and hyperband only"), "{e:?}");
+        let v = parse(
+            &with("searcher: {name: hyperband, max_resource: 9, stop_once: true, sampler: random}"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(v.spec.searcher.sampler, Some(SamplerName::Random));
+        let e = errors(&with("searcher: {name: tpe, stop_once: false}"), &[]);
+        assert_eq!(e[0].path, "searcher.stop_once");
+        let e = errors(
+            &with("searcher: {name: asha, max_resource: 9, sampler: random, gamma: 0.3}"),
+            &[],
+        );
+        assert_eq!(e[0].path, "searcher.gamma");
+        assert!(e[0].message.contains("tpe sampler only"), "{e:?}");
+        let e = errors(&with("searcher: {name: asha, max_resource: 9, sampler: bayes}"), &[]);
+        assert!(e[0].path.starts_with("searcher"), "{e:?}");
         let e = errors(&with("searcher: {name: tpe, gamma: 1.5}"), &[]);
         assert_eq!(e[0].path, "searcher.gamma");
         let e = errors(

@@ -24,12 +24,12 @@ trial:
 }
 
 #[test]
-fn asha_stops_weak_trials_at_their_rungs() {
+fn asha_stop_once_stops_weak_trials_at_their_rungs() {
     let c = TestCluster::start(ClusterConfig::default()).unwrap();
     let runs = c.dir.path().join("runs.txt");
     let yaml = curve_spec(
         "asha",
-        "{name: asha, seed: 4, reduction_factor: 3, grace_period: 1, max_resource: 9}",
+        "{name: asha, seed: 4, reduction_factor: 3, grace_period: 1, max_resource: 9, stop_once: true}",
         &runs,
         "max_trials: 9",
     );
@@ -62,6 +62,70 @@ fn asha_stops_weak_trials_at_their_rungs() {
         })
         .unwrap();
     assert_eq!(best["last_metrics"]["step"], 9, "{best}");
+}
+
+/// ASHA's promotion rule: trials pause at rungs, the promoted ones resume from the checkpoint
+/// they paused at (at no restart cost), and the rest end as never promoted.
+#[test]
+fn asha_pauses_and_promotes_from_checkpoints() {
+    let c = TestCluster::start(ClusterConfig::default()).unwrap();
+    let runs = c.dir.path().join("runs.txt");
+    let yaml = format!(
+        r#"
+name: asha-promote
+metric: {{name: loss, goal: minimize}}
+parameters:
+  x: {{min: 0.0, max: 1.0}}
+searcher: {{name: asha, seed: 4, reduction_factor: 3, grace_period: 1, max_resource: 9}}
+max_trials: 9
+parallel_trials: 2
+trial:
+  command: [sh, -c, 'd="$CHORUS_CHECKPOINT_DIR"; s=0; if [ -f "$d/step" ]; then s=$(cat "$d/step"); fi; echo "$CHORUS_TRIAL_ID $CHORUS_ATTEMPT $s" >> {runs}; while [ $s -lt 9 ]; do s=$((s+1)); echo $s > "$d/step.tmp"; mv "$d/step.tmp" "$d/step"; echo "chorus:metric {{\"step\": $s, \"loss\": $(awk -v x=${{params.x}} -v s=$s "BEGIN {{ print x + 1 / s }}")}}"; sleep 0.15; done']
+"#,
+        runs = runs.display()
+    );
+    let id = submit(&c, &c.write("asha-promote.yaml", &yaml));
+    assert_eq!(
+        wait_ended(&c, id, Duration::from_secs(120)),
+        "completed",
+        "{}",
+        c.logs_tail()
+    );
+    let ts = trials(&c, id);
+    assert_eq!(ts.len(), 9);
+    assert!(ts.iter().all(|t| t["restarts"] == 0), "pauses cost no restart: {ts:?}");
+    let never: Vec<&Value> = ts
+        .iter()
+        .filter(|t| t["message"].as_str().unwrap_or_default().contains("never promoted"))
+        .collect();
+    assert!(!never.is_empty(), "some trials stayed at their rungs: {ts:?}");
+    for t in &never {
+        assert!(t["last_metrics"]["step"].as_i64().unwrap() < 9, "{t}");
+    }
+    let best = ts
+        .iter()
+        .min_by(|a, b| {
+            a["params"]["x"]
+                .as_f64()
+                .unwrap()
+                .total_cmp(&b["params"]["x"].as_f64().unwrap())
+        })
+        .unwrap();
+    assert_eq!(best["last_metrics"]["step"], 9, "{best}");
+    // Attempts after the first resumed where their trial paused, from its checkpoint.
+    let text = std::fs::read_to_string(&runs).unwrap();
+    let resumed: Vec<(u64, u64)> = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<u64> = l.split(' ').map(|x| x.parse().unwrap()).collect();
+            (f[1] > 1).then_some((f[0], f[2]))
+        })
+        .collect();
+    assert!(!resumed.is_empty(), "some trial was promoted after a pause: {text}");
+    assert!(
+        resumed.iter().any(|(_, step)| *step > 0),
+        "resumed from a checkpoint: {text}"
+    );
 }
 
 #[test]

@@ -46,7 +46,11 @@ fn preview_table(p: &preview::Preview, metric: &str, trials: u64, steps: u64) ->
                 render::params_compact(&serde_json::to_string(&t.params).unwrap_or_default()),
                 t.steps.to_string(),
                 format!("{:.5}{mark}", t.value),
-                t.stopped.clone().unwrap_or_else(|| "ran to the end".into()),
+                match (&t.stopped, t.promotions) {
+                    (Some(why), _) => why.clone(),
+                    (None, 0) => "ran to the end".into(),
+                    (None, n) => format!("ran to the end, promoted {n} times"),
+                },
             ]
         })
         .collect();

@@ -148,6 +148,9 @@ pub fn progress_message(e: &pb::Experiment) -> String {
     if c.killed > 0 {
         s.push_str(&format!("  killed {}", c.killed));
     }
+    if c.paused > 0 {
+        s.push_str(&format!("  paused {}", c.paused));
+    }
     if e.best_value.is_some() {
         s.push_str(&format!("  best {}", best_summary(e)));
     }

@@ -24,6 +24,7 @@ pub fn experiment(st: &State, id: ExperimentId) -> Option<pb::Experiment> {
             completed: c.completed,
             failed: c.failed,
             killed: c.killed,
+            paused: c.paused,
         }),
         best_trial_id: best.map(|b| b.0.0),
         best_value: best.map(|b| b.1),

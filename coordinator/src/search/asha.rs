@@ -4,25 +4,44 @@
 //! A bracket has rungs at resources `r, r*eta, r*eta^2, ...` below `max_resource` (`r` the
 //! bracket's grace period, `eta` the reduction factor; the resource is the step or epoch a trial
 //! reports). When a trial first reports at or beyond a rung, its best loss so far is recorded
-//! there, and it goes on only if it is among the best `ceil(n / eta)` of the `n` trials recorded
-//! at that rung so far; otherwise it is stopped. Deciding as each trial arrives, rather than
-//! holding trials at a rung until a worker frees up, keeps every slot busy and needs no pause:
-//! the asynchronous promotion rule of the paper applied at arrival, as Ray Tune and Determined
-//! run it. A trial that reaches `max_resource` simply completes.
+//! there. Two rules decide what happens next:
+//!
+//! - **Promotion** (the default; the paper's Algorithm 2). A trial reaching a rung has finished
+//!   its job, so the slot it frees goes where the paper's `get_job` sends it: to the promotable
+//!   trial of the highest rung, where a rung's promotable trials are its best
+//!   `floor(n / eta)` of the `n` recorded there that were not promoted yet (best first), else to
+//!   a new configuration. If that is the arriving trial itself it simply goes on (no checkpoint
+//!   round trip); otherwise it is paused at the rung ([`SearchAction::Pause`]) and the
+//!   coordinator asks [`Searcher::promote`] before creating anything, which resumes the chosen
+//!   trial from its newest checkpoint. A paused trial may be promoted later, when enough trials
+//!   have been recorded behind it. Trials still paused when the search ends stay stopped.
+//! - **`stop_once`**. The decision is made once, at arrival: a trial goes on only while it is
+//!   among the best `ceil(n / eta)` of the `n` recorded at the rung so far, and is stopped for
+//!   good otherwise; nothing pauses, so trials need not checkpoint (Ray Tune's and
+//!   Determined's `stop_once` variant).
 //!
 //! Hyperband runs brackets with grace periods `r * eta^s` for `s = 0..=s_max`, where
-//! `s_max = floor(log_eta(max_resource / r))`; new trials are dealt to the brackets in turn, so the
-//! search hedges between aggressive early stopping and none. New configurations are random draws,
-//! each from its own stream of the seed, so the state is plain data and restores exactly.
+//! `s_max = floor(log_eta(max_resource / r))`; new trials are dealt to the brackets in turn, so
+//! the search hedges between aggressive early stopping and none. Each bracket promotes on its
+//! own; a free slot goes to the first bracket with a promotable trial.
+//!
+//! New configurations come from a TPE model (the default `sampler: tpe`, as BOHB does): each
+//! draw fits TPE to the results of the highest resource level (a rung, or `max_resource` for
+//! trials that got there) holding at least `max(n_startup_trials, dimensions + 2)` results, so
+//! the model learns from every trial early stopping cut short, on results measured at the same
+//! resource. Until a level has that many, and with `sampler: random`, draws are independent.
+//! Every draw comes from its own stream of the seed, so the state is plain data and restores
+//! exactly.
 
+use super::tpe::{TpeSearcher, TpeSettings};
 use super::{SearchAction, SearchEvent, Searcher, Suggestion, loss};
 use chorus_core::TrialId;
 use chorus_core::space::{Params, Space};
-use chorus_core::spec::{Goal, ResourceName, SearcherName, SearcherSpec};
+use chorus_core::spec::{Goal, ResourceName, SamplerName, SearcherName, SearcherSpec};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AshaSettings {
@@ -32,6 +51,10 @@ pub struct AshaSettings {
     pub resource: ResourceName,
     /// 1 for ASHA; Hyperband's bracket count otherwise.
     pub brackets: u32,
+    /// Decide once at each rung instead of pausing and promoting.
+    pub stop_once: bool,
+    /// The TPE sampler's settings; `None` draws at random.
+    pub sampler: Option<TpeSettings>,
 }
 
 impl AshaSettings {
@@ -49,6 +72,15 @@ impl AshaSettings {
             max_resource: max,
             resource: s.resource.unwrap_or_default(),
             brackets: brackets.max(1),
+            stop_once: s.stop_once.unwrap_or(false),
+            sampler: match s.sampler.unwrap_or_default() {
+                SamplerName::Random => None,
+                SamplerName::Tpe => Some(TpeSettings {
+                    n_startup_trials: s.n_startup_trials.unwrap_or(10),
+                    n_ei_candidates: s.n_ei_candidates.unwrap_or(24),
+                    gamma: s.gamma.unwrap_or(0.25),
+                }),
+            },
         }
     }
 
@@ -92,6 +124,12 @@ struct AshaState {
     trials: BTreeMap<TrialId, TrialProgress>,
     /// Per bracket, per rung: the losses recorded there, by trial.
     rungs: Vec<Vec<BTreeMap<TrialId, f64>>>,
+    /// Per bracket, per rung: the trials promoted from it.
+    #[serde(default)]
+    promoted: Vec<Vec<BTreeSet<TrialId>>>,
+    /// Best losses of the trials that ran to `max_resource`.
+    #[serde(default)]
+    top: BTreeMap<TrialId, f64>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -101,6 +139,15 @@ struct TrialProgress {
     /// Rungs passed (recorded and decided), counted from the bracket's first.
     decided: usize,
     stopped: bool,
+    /// Held at its last recorded rung, waiting for a promotion.
+    #[serde(default)]
+    paused: bool,
+    /// Failed or killed: never promoted.
+    #[serde(default)]
+    gone: bool,
+    /// What it was created with, for the sampler's model.
+    #[serde(default)]
+    params: Params,
 }
 
 impl AshaSearcher {
@@ -109,8 +156,12 @@ impl AshaSearcher {
             .and_then(|v| serde_json::from_value(v.clone()).ok())
             .unwrap_or_default();
         state.rungs.resize_with(settings.brackets as usize, Default::default);
+        state.promoted.resize_with(settings.brackets as usize, Default::default);
         for (b, rungs) in state.rungs.iter_mut().enumerate() {
             rungs.resize_with(settings.rungs(b as u32).len(), Default::default);
+        }
+        for (b, promoted) in state.promoted.iter_mut().enumerate() {
+            promoted.resize_with(settings.rungs(b as u32).len(), Default::default);
         }
         AshaSearcher {
             space,
@@ -122,12 +173,68 @@ impl AshaSearcher {
     }
 
     fn draw(&self, index: u64) -> Params {
+        if let Some(tpe) = self.settings.sampler
+            && let Some(results) = self.model_results(tpe)
+        {
+            return TpeSearcher::fitted(self.space.clone(), self.seed, self.goal, tpe, results).draw(index);
+        }
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
         rng.set_stream(index);
         self.space
             .iter()
             .map(|(k, p)| (k.clone(), p.sample(&mut rng)))
             .collect()
+    }
+
+    /// The results of the highest resource level with enough of them for a model: each
+    /// trial's best loss up to that level, whichever bracket recorded it.
+    fn model_results(&self, tpe: TpeSettings) -> Option<Vec<(TrialId, Params, f64)>> {
+        let varying = self.space.values().filter(|p| p.grid_len() != Some(1)).count();
+        let needed = (tpe.n_startup_trials as usize).max(varying + 2);
+        let mut levels: BTreeMap<u64, Vec<(&TrialId, &f64)>> = BTreeMap::new();
+        for (b, rungs) in self.state.rungs.iter().enumerate() {
+            for (resource, recorded) in self.settings.rungs(b as u32).into_iter().zip(rungs) {
+                levels.entry(resource).or_default().extend(recorded.iter());
+            }
+        }
+        levels
+            .entry(self.settings.max_resource)
+            .or_default()
+            .extend(self.state.top.iter());
+        let (_, results) = levels.into_iter().rev().find(|(_, r)| r.len() >= needed)?;
+        Some(
+            results
+                .into_iter()
+                .filter_map(|(t, l)| {
+                    let p = &self.state.trials.get(t)?.params;
+                    (!p.is_empty()).then(|| (*t, p.clone(), *l))
+                })
+                .collect(),
+        )
+    }
+
+    /// The paper's `get_job` within one bracket: the best not-yet-promoted trial among the
+    /// top `floor(n / eta)` of the highest rung that has one. Only paused trials and `arriving`
+    /// (the trial being decided) are candidates.
+    fn choose(&self, bracket: usize, arriving: Option<TrialId>) -> Option<(TrialId, usize, usize, usize)> {
+        let eta = self.settings.reduction_factor as usize;
+        let rungs = &self.state.rungs[bracket];
+        for k in (0..rungs.len()).rev() {
+            let mut order: Vec<(f64, TrialId)> = rungs[k].iter().map(|(t, l)| (*l, *t)).collect();
+            order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            let keep = order.len() / eta;
+            for (rank, (_, t)) in order.iter().enumerate().take(keep) {
+                let waiting = self
+                    .state
+                    .trials
+                    .get(t)
+                    .is_some_and(|p| (p.paused || arriving == Some(*t)) && !p.gone);
+                if waiting && !self.state.promoted[bracket][k].contains(t) {
+                    return Some((*t, k, rank + 1, order.len()));
+                }
+            }
+        }
+        None
     }
 
     /// Records a trial at every rung its resource has reached and decides each in turn.
@@ -137,39 +244,71 @@ impl AshaSearcher {
         let Some(p) = self.state.trials.get_mut(&trial) else {
             return Vec::new();
         };
-        if p.stopped {
+        if p.stopped || p.paused || p.gone {
             return Vec::new();
         }
-        p.best = Some(p.best.map_or(l, |b| b.min(l)));
-        let best = p.best.expect("just set");
+        let best = p.best.map_or(l, |b| b.min(l));
+        p.best = Some(best);
         let rungs = self.settings.rungs(p.bracket);
         let bracket = p.bracket as usize;
-        while p.decided < rungs.len() && resource >= rungs[p.decided] as f64 {
+        if resource >= self.settings.max_resource as f64 {
+            self.state.top.insert(trial, best);
+        }
+        let what = resource_name(self.settings.resource);
+        loop {
+            let p = self.state.trials.get_mut(&trial).expect("looked up above");
             let k = p.decided;
+            if k >= rungs.len() || resource < rungs[k] as f64 {
+                return Vec::new();
+            }
             let recorded = &mut self.state.rungs[bracket][k];
             recorded.insert(trial, best);
             p.decided += 1;
-            let better = recorded
-                .iter()
-                .filter(|(t, v)| **v < best || (**v == best && **t < trial))
-                .count();
-            let keep = recorded.len().div_ceil(eta);
-            if better >= keep {
-                p.stopped = true;
-                return vec![SearchAction::Stop {
-                    trial,
-                    reason: format!(
-                        "successive halving: at rung {} ({} {}) rank {} of {}, only the best {keep} go on",
-                        k,
-                        resource_name(self.settings.resource),
-                        rungs[k],
-                        better + 1,
-                        recorded.len()
-                    ),
-                }];
+            if self.settings.stop_once {
+                let better = recorded
+                    .iter()
+                    .filter(|(t, v)| **v < best || (**v == best && **t < trial))
+                    .count();
+                let keep = recorded.len().div_ceil(eta);
+                if better >= keep {
+                    p.stopped = true;
+                    return vec![SearchAction::Stop {
+                        trial,
+                        reason: format!(
+                            "successive halving: at rung {k} ({what} {}) rank {} of {}, only the best {keep} go on",
+                            rungs[k],
+                            better + 1,
+                            recorded.len()
+                        ),
+                    }];
+                }
+                continue;
+            }
+            match self.choose(bracket, Some(trial)) {
+                Some((t, at, _, _)) if t == trial && at == k => {
+                    self.state.promoted[bracket][k].insert(trial);
+                }
+                chosen => {
+                    let n = self.state.rungs[bracket][k].len();
+                    let rank = 1 + self.state.rungs[bracket][k]
+                        .iter()
+                        .filter(|(t, v)| **v < best || (**v == best && **t < trial))
+                        .count();
+                    self.state.trials.get_mut(&trial).expect("looked up above").paused = true;
+                    let why = match chosen {
+                        Some((t, at, _, _)) => format!("trial {t} at rung {at} is promoted first"),
+                        None => format!("not among the best {} of {n}", n / eta),
+                    };
+                    return vec![SearchAction::Pause {
+                        trial,
+                        reason: format!(
+                            "successive halving: paused at rung {k} ({what} {}), rank {rank} of {n}; {why}",
+                            rungs[k]
+                        ),
+                    }];
+                }
             }
         }
-        Vec::new()
     }
 }
 
@@ -189,6 +328,7 @@ impl Searcher for AshaSearcher {
             trial,
             TrialProgress {
                 bracket,
+                params: params.clone(),
                 ..Default::default()
             },
         );
@@ -201,8 +341,50 @@ impl Searcher for AshaSearcher {
                 Some(resource) => self.arrive(*trial, resource, *value),
                 None => Vec::new(),
             },
-            SearchEvent::Completed { .. } | SearchEvent::Failed { .. } => Vec::new(),
+            SearchEvent::Completed { trial, value, .. } => {
+                if let Some(p) = self.state.trials.get_mut(trial) {
+                    if p.paused {
+                        // Ended while held at a rung: the search is over for it.
+                        p.paused = false;
+                        p.stopped = true;
+                    } else if !p.stopped
+                        && let Some(l) = value.map(|v| loss(self.goal, v)).or(p.best)
+                        && self.settings.rungs(p.bracket).len() == p.decided
+                    {
+                        // It ran its whole course (its last report may not name the resource).
+                        let best = p.best.map_or(l, |b| b.min(l));
+                        self.state.top.entry(*trial).or_insert(best);
+                    }
+                }
+                Vec::new()
+            }
+            SearchEvent::Failed { trial } => {
+                if let Some(p) = self.state.trials.get_mut(trial) {
+                    p.gone = true;
+                    p.paused = false;
+                }
+                Vec::new()
+            }
         }
+    }
+
+    fn promote(&mut self) -> Option<(TrialId, String)> {
+        if self.settings.stop_once {
+            return None;
+        }
+        let what = resource_name(self.settings.resource);
+        for b in 0..self.state.rungs.len() {
+            if let Some((t, k, rank, n)) = self.choose(b, None) {
+                self.state.promoted[b][k].insert(t);
+                self.state.trials.get_mut(&t).expect("chosen trials exist").paused = false;
+                let rung = self.settings.rungs(b as u32)[k];
+                return Some((
+                    t,
+                    format!("successive halving: promoted from rung {k} ({what} {rung}) as rank {rank} of {n}"),
+                ));
+            }
+        }
+        None
     }
 
     fn save(&self) -> serde_json::Value {
@@ -215,6 +397,7 @@ mod tests {
     use super::*;
     use chorus_core::space::Param;
 
+    /// The decide-once rule with random draws: what the older tests script.
     fn settings(brackets: u32) -> AshaSettings {
         AshaSettings {
             reduction_factor: 3,
@@ -222,6 +405,8 @@ mod tests {
             max_resource: 27,
             resource: ResourceName::Step,
             brackets,
+            stop_once: true,
+            sampler: None,
         }
     }
 
@@ -243,6 +428,125 @@ mod tests {
             .any(|a| matches!(a, SearchAction::Stop { trial, .. } if *trial == TrialId(t)))
     }
 
+    /// What a report led to: "pause", "stop" or nothing.
+    fn act(s: &mut AshaSearcher, t: u64, step: i64, value: f64) -> Option<&'static str> {
+        let actions = s.observe(&SearchEvent::Reported {
+            trial: TrialId(t),
+            step: Some(step),
+            epoch: None,
+            value,
+        });
+        match actions.as_slice() {
+            [] => None,
+            [SearchAction::Pause { trial, .. }] if *trial == TrialId(t) => Some("pause"),
+            [SearchAction::Stop { trial, .. }] if *trial == TrialId(t) => Some("stop"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn promoting(eta: u32, max_resource: u64) -> AshaSearcher {
+        let mut space = Space::new();
+        space.insert("x".into(), Param::Uniform { min: 0.0, max: 1.0 });
+        let settings = AshaSettings {
+            reduction_factor: eta,
+            max_resource,
+            stop_once: false,
+            ..settings(1)
+        };
+        AshaSearcher::new(space, 1, Goal::Minimize, settings, None)
+    }
+
+    /// The paper's rule (eta = 3) on a scripted sequence: a trial reaching a rung goes on only
+    /// when it is the job `get_job` would hand out (the best not-yet-promoted trial among the
+    /// top floor(n/3) of its rung, with no such trial at a higher rung); otherwise it is paused,
+    /// and a paused trial is promoted once enough trials have been recorded behind it.
+    #[test]
+    fn promotes_and_pauses_exactly_by_the_papers_rule() {
+        let mut s = promoting(3, 27);
+        for t in 1..=12 {
+            s.suggest(TrialId(t));
+        }
+        // (trial, loss at step 1, outcome)
+        let script = [
+            (1, 0.50, Some("pause")),  // n=1, top 0
+            (2, 0.60, Some("pause")),  // n=2, top 0
+            (3, 0.40, None),           // n=3, top 1 = {3}: promoted
+            (4, 0.45, Some("pause")),  // n=4, top 1 = {3}, already promoted
+            (5, 0.70, Some("pause")),  // n=5, top 1
+            (6, 0.30, None),           // n=6, top 2 = {6, 3}: 6 promoted
+            (7, 0.55, Some("pause")),  // n=7, top 2 = {6, 3}
+            (8, 0.42, Some("pause")),  // n=8, top 2 = {6, 3}
+            (9, 0.35, None),           // n=9, top 3 = {6, 9, 3}: 9 promoted
+            (10, 0.44, Some("pause")), // n=10, top 3
+            (11, 0.90, Some("pause")), // n=11, top 3
+        ];
+        for (t, v, outcome) in script {
+            assert_eq!(act(&mut s, t, 1, v), outcome, "trial {t}");
+            assert_eq!(s.promote(), None, "nothing promotable after trial {t}");
+        }
+        // n=12, top 4 = {6, 9, 3, 8}: trial 8, paused earlier, is now promotable, so trial 12
+        // (last of 12) pauses and the free slot goes to trial 8.
+        assert_eq!(act(&mut s, 12, 1, 0.95), Some("pause"));
+        let (t, why) = s.promote().expect("trial 8 is promotable");
+        assert_eq!(t, TrialId(8));
+        assert!(why.contains("rank 4 of 12"), "{why}");
+        assert_eq!(s.promote(), None);
+        // A promoted trial resumes from its checkpoint: reports at or below its rung decide
+        // nothing again.
+        assert_eq!(act(&mut s, 8, 1, 0.42), None);
+        // Rung 1 (step 3): the first arrivals pause (top 0 of 1 and of 2), the third goes on.
+        assert_eq!(act(&mut s, 3, 3, 0.30), Some("pause"));
+        assert_eq!(act(&mut s, 6, 3, 0.25), Some("pause"));
+        assert_eq!(act(&mut s, 9, 3, 0.20), None);
+        // A paused trial sends no more decisions; one that fails is never promoted.
+        assert_eq!(act(&mut s, 1, 3, 0.01), None);
+        s.observe(&SearchEvent::Failed { trial: TrialId(6) });
+        assert!(s.state.trials[&TrialId(6)].gone);
+    }
+
+    /// A free slot goes to the highest rung first, even when the arriving trial is itself
+    /// promotable from a lower one.
+    #[test]
+    fn promotion_prefers_the_highest_rung() {
+        let mut s = promoting(2, 8); // rungs at 1, 2, 4
+        for t in 1..=11 {
+            s.suggest(TrialId(t));
+        }
+        let script = [
+            (1, 1, 0.50, Some("pause")), // rung 0: n=1, top 0
+            (2, 1, 0.40, None),          // rung 0: n=2, top 1 = {2}
+            (2, 2, 0.30, Some("pause")), // rung 1: n=1, top 0
+            (3, 1, 0.60, Some("pause")), // rung 0: n=3, top 1 = {2}, promoted
+            (4, 1, 0.20, None),          // rung 0: n=4, top 2 = {4, 2}
+            (4, 2, 0.10, None),          // rung 1: n=2, top 1 = {4}
+            (5, 1, 0.45, Some("pause")), // rung 0: n=5, top 2 = {4, 2}
+            (7, 1, 0.15, None),          // rung 0: n=6, top 3 = {7, 4, 2}
+            (7, 2, 0.05, None),          // rung 1: n=3, top 1 = {7}
+            (8, 1, 0.16, None),          // rung 0: n=7, top 3 = {7, 8, 4}
+            (8, 2, 0.32, Some("pause")), // rung 1: n=4, top 2 = {7, 4}
+            (5, 2, 0.99, None),          // paused: ignored
+            (9, 1, 0.17, None),          // rung 0: n=8, top 4 = {7, 8, 9, 4}
+            (9, 2, 0.60, Some("pause")), // rung 1: n=5, top 2 = {7, 4}
+        ];
+        for (t, step, v, outcome) in script {
+            assert_eq!(act(&mut s, t, step, v), outcome, "trial {t} at step {step}");
+        }
+        assert_eq!(s.promote(), None);
+        // Rungs record each trial's best loss so far. Rung 0 (n=9, top 4 = {7, 8, 9, 10}) lets
+        // trial 10 go on; at rung 1 (n=6, top 3 = {7, 4, 8}) the paused trial 8 is promotable,
+        // so trial 10 pauses for it.
+        assert_eq!(act(&mut s, 10, 1, 0.18), None);
+        assert_eq!(act(&mut s, 10, 2, 0.70), Some("pause"));
+        // Trial 11 arrives best at rung 0 (n=10, top 5), promotable there, but the slot goes to
+        // the higher rung first: it pauses, then both are promoted, rung 1 first.
+        assert_eq!(act(&mut s, 11, 1, 0.001), Some("pause"));
+        let (t, why) = s.promote().expect("rung 1 first");
+        assert_eq!(t, TrialId(8), "{why}");
+        assert!(why.contains("rung 1"), "{why}");
+        assert_eq!(s.promote().map(|p| p.0), Some(TrialId(11)));
+        assert_eq!(s.promote(), None);
+    }
+
     #[test]
     fn rungs_follow_the_reduction_factor() {
         assert_eq!(settings(1).rungs(0), vec![1, 3, 9]);
@@ -261,6 +565,8 @@ mod tests {
             perturbation_interval: None,
             quantile_fraction: None,
             resample_probability: None,
+            stop_once: None,
+            sampler: None,
         };
         assert_eq!(AshaSettings::from_spec(&spec).brackets, 4);
     }

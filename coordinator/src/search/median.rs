@@ -112,6 +112,10 @@ impl Searcher for MedianStopping {
         actions
     }
 
+    fn promote(&mut self) -> Option<(TrialId, String)> {
+        self.inner.promote()
+    }
+
     fn save(&self) -> serde_json::Value {
         serde_json::json!({
             "searcher": self.inner.save(),

@@ -62,6 +62,13 @@ pub enum SearchAction {
         trial: TrialId,
         reason: String,
     },
+    /// Successive halving with promotion: `trial` stops its attempt and waits at a rung until
+    /// [`Searcher::promote`] names it (it then resumes from its newest checkpoint) or the
+    /// search ends.
+    Pause {
+        trial: TrialId,
+        reason: String,
+    },
     /// Population-based training: `trial` stops its attempt and continues from `donor`'s latest
     /// checkpoint with `params` (the donor's, perturbed).
     Exploit {
@@ -96,6 +103,11 @@ pub trait Searcher: Send + std::fmt::Debug {
     /// searchers match later reports to what they suggested.
     fn suggest(&mut self, trial: TrialId) -> Suggestion;
     fn observe(&mut self, event: &SearchEvent) -> Vec<SearchAction>;
+    /// A paused trial to resume, with the reason, asked whenever the experiment has a free
+    /// slot and before [`Searcher::suggest`]: a promotion comes before any new trial.
+    fn promote(&mut self) -> Option<(TrialId, String)> {
+        None
+    }
     /// The state to persist; `build` with it yields an equivalent searcher.
     fn save(&self) -> serde_json::Value;
 }

@@ -29,6 +29,8 @@ pub struct PreviewTrial {
     pub stopped: Option<String>,
     /// Times it continued from a better trial's checkpoint (population-based training).
     pub exploits: u32,
+    /// Times it was promoted after a pause at a rung (successive halving).
+    pub promotions: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -98,10 +100,25 @@ pub fn simulate(mut searcher: Box<dyn Searcher>, spec: &ValidSpec, max_trials: u
     let mut created = 0u64;
     let mut exhausted = false;
     let mut total = 0u64;
+    // Trials held at a rung, by index in `out`, with their final loss.
+    let mut paused: Vec<(usize, f64)> = Vec::new();
     loop {
         // A searcher that says wait is asked again on the next tick.
         let mut waiting = false;
-        while running.len() < parallel && created < max_trials && !exhausted && !waiting {
+        while running.len() < parallel && !waiting {
+            // A promotion comes before any new trial, as on a live cluster.
+            if let Some((trial, _)) = searcher.promote() {
+                if let Some(k) = paused.iter().position(|(i, _)| out[*i].trial == trial.0) {
+                    let (j, f) = paused.remove(k);
+                    out[j].stopped = None;
+                    out[j].promotions += 1;
+                    running.push((j, f));
+                }
+                continue;
+            }
+            if created >= max_trials || exhausted {
+                break;
+            }
             let id = created + 1;
             match searcher.suggest(TrialId(id)) {
                 Suggestion::Create(params) => {
@@ -114,6 +131,7 @@ pub fn simulate(mut searcher: Box<dyn Searcher>, spec: &ValidSpec, max_trials: u
                         value: f64::NAN,
                         stopped: None,
                         exploits: 0,
+                        promotions: 0,
                     });
                     running.push((out.len() - 1, f));
                 }
@@ -123,10 +141,20 @@ pub fn simulate(mut searcher: Box<dyn Searcher>, spec: &ValidSpec, max_trials: u
         }
         if running.is_empty() {
             // Nothing runs and nothing more can start (a waiting searcher with no trial running
-            // would wait forever).
+            // would wait forever); trials still paused keep their pause as the reason they
+            // stopped.
+            for (j, _) in paused.drain(..) {
+                let t = &out[j];
+                searcher.observe(&SearchEvent::Completed {
+                    trial: TrialId(t.trial),
+                    value: Some(t.value),
+                    objectives: Vec::new(),
+                });
+            }
             break;
         }
         let mut ended: Vec<usize> = Vec::new();
+        let mut held: Vec<usize> = Vec::new();
         let mut exploited: Vec<(usize, f64)> = Vec::new();
         for &(i, f) in &running {
             let t = &mut out[i];
@@ -147,6 +175,12 @@ pub fn simulate(mut searcher: Box<dyn Searcher>, spec: &ValidSpec, max_trials: u
                             ended.push(j);
                         }
                     }
+                    SearchAction::Pause { trial, reason } => {
+                        if let Some(j) = out.iter().position(|x| x.trial == trial.0) {
+                            out[j].stopped = Some(reason);
+                            held.push(j);
+                        }
+                    }
                     SearchAction::Exploit {
                         trial, donor, params, ..
                     } => {
@@ -161,13 +195,18 @@ pub fn simulate(mut searcher: Box<dyn Searcher>, spec: &ValidSpec, max_trials: u
                     }
                 }
             }
-            if out[i].steps >= steps {
+            if out[i].steps >= steps && !held.contains(&i) {
                 ended.push(i);
             }
         }
         for (j, f) in exploited {
             if let Some(r) = running.iter_mut().find(|(i, _)| *i == j) {
                 r.1 = f;
+            }
+        }
+        for j in held {
+            if let Some(k) = running.iter().position(|(i, _)| *i == j) {
+                paused.push(running.remove(k));
             }
         }
         ended.sort_unstable();

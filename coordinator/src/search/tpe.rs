@@ -458,6 +458,36 @@ impl TpeSearcher {
         s
     }
 
+    /// A model of the given results alone, with no history of its own: successive halving's
+    /// sampler fits one to the results recorded at a rung (as BOHB does) for each draw.
+    pub fn fitted(
+        space: Space,
+        seed: u64,
+        goal: Goal,
+        settings: TpeSettings,
+        results: impl IntoIterator<Item = (TrialId, Params, f64)>,
+    ) -> Self {
+        let mut s = Self::new(space, seed, goal, settings, None);
+        for (t, p, l) in results {
+            s.coords.insert(t, s.encode(&p));
+            s.ranked.insert((order_key(l), t));
+            s.state.finished.insert(t, l);
+            s.state.params.insert(t, p);
+        }
+        s
+    }
+
+    /// The `index`-th draw from the model (random while it has too few results), without
+    /// recording it.
+    pub fn draw(&self, index: u64) -> Params {
+        let mut rng = self.rng(index);
+        if self.state.finished.len() < self.settings.n_startup_trials.max(1) as usize || self.dims.is_empty() {
+            self.random(&mut rng)
+        } else {
+            self.model(&mut rng)
+        }
+    }
+
     /// Optimises several objectives at once (MOTPE): the good trials are the first
     /// non-dominated fronts, the last one cut by crowding distance.
     pub fn with_objectives(mut self, goals: Vec<Goal>) -> Self {
