@@ -326,6 +326,7 @@ mod tests {
                 completed: 4,
                 failed: 1,
                 killed: 0,
+                paused: 0,
             }),
             best_value: best.map(|b| b.0),
             best_trial_id: best.map(|b| b.1),
