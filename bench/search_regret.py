@@ -1,16 +1,16 @@
 #!/usr/bin/env python3
-"""Search quality at equal compute: Chorus (through a real coordinator and workers; ASHA by
-default, or `CHORUS_REGRET_SEARCH=tpe-median|hyperband`) against Optuna (TPE with a Hyperband
-pruner), on multi-fidelity synthetic
-objectives with known optima, counted in epochs consumed.
+"""Search quality at equal compute: Chorus (through a real coordinator and workers; ASHA with its
+defaults, or `CHORUS_REGRET_SEARCH=asha-stop-once|asha-random|hyperband|tpe-median`) against
+Optuna (multivariate TPE with a Hyperband pruner), on multi-fidelity synthetic objectives with
+known optima, counted in epochs consumed, with the same number of trials in flight for both.
 
 Each objective is a noisy learning curve: the value at epoch e falls towards the configuration's
 final value f(x) (Branin, Hartmann-6, or a mixed log/categorical/integer bowl), with noise that
 shrinks as 1/sqrt(e). Regret is the noise-free curve value of the best report so far minus the
 known optimum, read at every epoch consumed. Both searchers see only the noisy values.
 
-Usage: bench/search_regret.sh [SEEDS] [BUDGET]  (sets up libtorch's paths for the workers)
-       python bench/search_regret.py [--seeds 10] [--budget 400] [--bin target/debug]
+Usage: bench/search_regret.sh [SEEDS] [BUDGET] [PARALLEL]  (sets up libtorch's paths)
+       python bench/search_regret.py [--seeds 10] [--budget 400] [--parallel 4] [--bin target/debug]
        python bench/search_regret.py trial OBJECTIVE LOG   (what each Chorus trial runs)
 """
 import argparse
@@ -82,12 +82,18 @@ def curve(name, p, epoch):
 
 def trial(name, log):
     p = json.loads(os.environ["CHORUS_PARAMS"])
-    for e in range(1, MAX_EPOCHS + 1):
+    # A trial paused at a rung and promoted later resumes from its checkpoint: the last epoch.
+    ckpt = os.path.join(os.environ["CHORUS_CHECKPOINT_DIR"], "epoch")
+    start = int(open(ckpt).read()) if os.path.exists(ckpt) else 0
+    for e in range(start + 1, MAX_EPOCHS + 1):
         clean, noisy = curve(name, p, e)
         with open(log, "a") as f:
             f.write(f"{time.time_ns()} {os.environ['CHORUS_TRIAL_ID']} {e} {clean}\n")
-        print("chorus:metric " + json.dumps({"step": e, "epoch": e, "loss": noisy}), flush=True)
         time.sleep(EPOCH_SECONDS)
+        with open(ckpt + ".tmp", "w") as f:
+            f.write(str(e))
+        os.replace(ckpt + ".tmp", ckpt)
+        print("chorus:metric " + json.dumps({"step": e, "epoch": e, "loss": noisy}), flush=True)
 
 
 # ---- runs --------------------------------------------------------------------------------
@@ -103,16 +109,19 @@ def regret_curve(events, optimum, budget):
     return out
 
 
-def run_optuna(name, seed, budget):
+def run_optuna(name, seed, budget, parallel):
+    """Optuna's ask-and-tell loop with `parallel` trials in flight, each advancing one epoch per
+    round in turn: what `n_jobs` or several workers sharing a study do, made deterministic."""
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = OBJECTIVES[name][3]
     study = optuna.create_study(
+        study_name=f"regret-{name}-{seed}",  # Hyperband assigns brackets by a hash of it
         sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True),
         pruner=optuna.pruners.HyperbandPruner(min_resource=1, max_resource=MAX_EPOCHS, reduction_factor=3),
     )
-    events = []
-    while len(events) < budget:
+
+    def ask():
         t = study.ask()
         p = {}
         for k, d in space.items():
@@ -122,34 +131,47 @@ def run_optuna(name, seed, budget):
                 p[k] = t.suggest_int(k, d["min"], d["max"])
             else:
                 p[k] = t.suggest_float(k, d["min"], d["max"], log=d.get("distribution") == "log_uniform")
-        last = None
-        for e in range(1, MAX_EPOCHS + 1):
+        return [t, p, 0, None]
+
+    events = []
+    running = [ask() for _ in range(parallel)]
+    while len(events) < budget:
+        for i, r in enumerate(running):
+            t, p, e, _ = r
+            e += 1
             clean, noisy = curve(name, p, e)
             events.append(clean)
-            last = noisy
+            r[2], r[3] = e, noisy
             t.report(noisy, e)
-            if t.should_prune() or len(events) >= budget:
+            if t.should_prune():
+                study.tell(t, state=optuna.trial.TrialState.PRUNED)
+                running[i] = ask()
+            elif e >= MAX_EPOCHS:
+                study.tell(t, noisy)
+                running[i] = ask()
+            if len(events) >= budget:
                 break
-        if t.should_prune():
-            study.tell(t, state=optuna.trial.TrialState.PRUNED)
-        else:
-            study.tell(t, last)
     return events
 
 
 def CHORUS_SEARCH(seed):
+    """The Chorus searcher: `asha` (promotion, TPE sampler: the defaults), `asha-stop-once`,
+    `asha-random`, `hyperband` (defaults), or TPE with the median rule."""
     mode = os.environ.get("CHORUS_REGRET_SEARCH", "asha")
+    asha = {"seed": seed, "reduction_factor": 3, "max_resource": MAX_EPOCHS, "resource": "epoch"}
     if mode == "hyperband":
-        return {"searcher": {"name": "hyperband", "seed": seed, "reduction_factor": 3, "max_resource": MAX_EPOCHS,
-                             "resource": "epoch"}}
+        return {"searcher": {"name": "hyperband", **asha}}
     if mode == "asha":
-        return {"searcher": {"name": "asha", "seed": seed, "reduction_factor": 3, "grace_period": 1,
-                             "max_resource": MAX_EPOCHS, "resource": "epoch"}}
+        return {"searcher": {"name": "asha", "grace_period": 1, **asha}}
+    if mode == "asha-stop-once":
+        return {"searcher": {"name": "asha", "grace_period": 1, "stop_once": True, **asha}}
+    if mode == "asha-random":
+        return {"searcher": {"name": "asha", "grace_period": 1, "sampler": "random", **asha}}
     return {"searcher": {"name": "tpe", "seed": seed, "n_startup_trials": 10},
             "scheduler": {"name": "median", "grace_period": 3, "min_trials": 3, "resource": "epoch"}}
 
 
-def run_chorus(name, seed, budget, chorus, env, workdir):
+def run_chorus(name, seed, budget, parallel, chorus, env, workdir):
     log = os.path.join(workdir, f"{name}-{seed}.log")
     open(log, "w").close()
     spec = {
@@ -158,7 +180,7 @@ def run_chorus(name, seed, budget, chorus, env, workdir):
         "parameters": OBJECTIVES[name][3],
         **CHORUS_SEARCH(seed),
         "max_trials": 500,
-        "parallel_trials": 4,
+        "parallel_trials": parallel,
         "trial": {"command": [sys.executable, os.path.abspath(__file__), "trial", name, log]},
     }
     path = os.path.join(workdir, f"{name}-{seed}.yaml")
@@ -188,6 +210,7 @@ def main():
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--budget", type=int, default=400)
     ap.add_argument("--bin", default="target/debug")
+    ap.add_argument("--parallel", type=int, default=4, help="trials in flight, for both")
     ap.add_argument("--objectives", default=",".join(OBJECTIVES))
     args = ap.parse_args()
     workdir = tempfile.mkdtemp(prefix="chorus-regret-")
@@ -212,8 +235,8 @@ def main():
             rc, ro, tc, to = [], [], [], []
             finals = {}
             for seed in range(args.seeds):
-                c = regret_curve(run_chorus(name, seed, args.budget, chorus, env, workdir), optimum, args.budget)
-                o = regret_curve(run_optuna(name, seed, args.budget), optimum, args.budget)
+                c = regret_curve(run_chorus(name, seed, args.budget, args.parallel, chorus, env, workdir), optimum, args.budget)
+                o = regret_curve(run_optuna(name, seed, args.budget, args.parallel), optimum, args.budget)
                 rc.append(c[-1])
                 ro.append(o[-1])
                 finals[seed] = (c, o)
