@@ -124,10 +124,7 @@ impl AshaSearcher {
     fn draw(&self, index: u64) -> Params {
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
         rng.set_stream(index);
-        self.space
-            .iter()
-            .map(|(k, p)| (k.clone(), p.sample(&mut rng)))
-            .collect()
+        self.space.sample(&mut rng)
     }
 
     /// Records a trial at every rung its resource has reached and decides each in turn.
