@@ -178,7 +178,8 @@ impl BuiltinSpec {
 }
 
 /// Replaces `${params.NAME}` throughout a YAML/JSON tree (typed where a string is exactly one
-/// reference).
+/// reference). A mapping field whose string refers to a parameter the trial lacks (an inactive
+/// conditional one) is left out, so the setting takes its default.
 pub fn substitute_tree(v: &Value, params: &Params) -> Value {
     match v {
         Value::String(s) => {
@@ -191,7 +192,12 @@ pub fn substitute_tree(v: &Value, params: &Params) -> Value {
             Value::String(crate::spec::substitute(s, params))
         }
         Value::Array(a) => Value::Array(a.iter().map(|x| substitute_tree(x, params)).collect()),
-        Value::Object(m) => Value::Object(m.iter().map(|(k, x)| (k.clone(), substitute_tree(x, params))).collect()),
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(_, x)| !x.as_str().is_some_and(|s| crate::spec::refers_to_missing(s, params)))
+                .map(|(k, x)| (k.clone(), substitute_tree(x, params)))
+                .collect(),
+        ),
         other => other.clone(),
     }
 }

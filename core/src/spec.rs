@@ -6,7 +6,7 @@
 //! and column.
 
 use crate::error::{CoreError, FieldError, SpecErrors};
-use crate::space::{self, Param, Params, Space};
+use crate::space::{self, Condition, Param, Params, Space};
 use crate::yaml_locate::Locations;
 use serde::{Deserialize, Serialize};
 use serde_json::{Number, Value};
@@ -98,7 +98,7 @@ impl Goal {
 }
 
 /// One entry of `parameters`, in W&B's shape: `value`, `values`, or `min`/`max` with a
-/// `distribution`.
+/// `distribution`; `when` makes it conditional on other parameters.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParamSpec {
@@ -115,6 +115,10 @@ pub struct ParamSpec {
     /// Step for `q_uniform`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub q: Option<f64>,
+    /// The parameter exists only when every parent named here is active and takes the value
+    /// given (a list: any of them), as in `when: {optimizer: [sgd, rmsprop]}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<BTreeMap<String, Value>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -442,9 +446,17 @@ impl ValidSpec {
         serde_yaml_ng::to_string(&spec).unwrap_or_default()
     }
 
-    /// The trial argv with `${params.NAME}` replaced.
+    /// The trial argv with `${params.NAME}` replaced. An argument that refers to a parameter
+    /// the trial lacks (an inactive conditional one) is left out, so `--momentum=${params.momentum}`
+    /// disappears for the trials without a momentum instead of reaching the program unreplaced.
     pub fn command_for(&self, params: &Params) -> Vec<String> {
-        self.spec.trial.command.iter().map(|a| substitute(a, params)).collect()
+        self.spec
+            .trial
+            .command
+            .iter()
+            .filter(|a| !refers_to_missing(a, params))
+            .map(|a| substitute(a, params))
+            .collect()
     }
 
     /// The builtin trainer settings with `${params.NAME}` replaced, as JSON, or `None` for a
@@ -457,12 +469,14 @@ impl ValidSpec {
             .map(|t| crate::builtin::substitute_tree(t, params))
     }
 
-    /// The trial environment with `${params.NAME}` replaced in values.
+    /// The trial environment with `${params.NAME}` replaced in values; a variable that refers
+    /// to a parameter the trial lacks is left unset.
     pub fn env_for(&self, params: &Params) -> BTreeMap<String, String> {
         self.spec
             .trial
             .env
             .iter()
+            .filter(|(_, v)| !refers_to_missing(v, params))
             .map(|(k, v)| (k.clone(), substitute(v, params)))
             .collect()
     }
@@ -682,6 +696,16 @@ fn validate(mut spec: ExperimentSpec, at: &dyn Fn(&str) -> Option<(usize, usize)
                 };
                 push(path, msg);
             }
+        }
+    }
+    let mut problems = Vec::new();
+    let conditions = conditions_of(&spec.parameters, &space, &mut problems);
+    for (path, msg) in problems {
+        push(path, msg);
+    }
+    for (name, when) in conditions {
+        if let Some(param) = space.get(&name).cloned() {
+            space.insert_when(name, param, when);
         }
     }
     if spec.parallel_trials == 0 {
@@ -1051,9 +1075,133 @@ fn param_of(p: &ParamSpec) -> Result<Param, (&'static str, String)> {
     }
 }
 
+/// The `when` of every parameter as conditions; the problems found in them go to `problems`
+/// (field path, message). `space` holds the parameters that converted; a parent missing from it
+/// had its own error reported already.
+fn conditions_of(
+    params: &BTreeMap<String, ParamSpec>,
+    space: &Space,
+    problems: &mut Vec<(String, String)>,
+) -> Vec<(String, Condition)> {
+    let mut out = Vec::new();
+    for (name, p) in params {
+        let Some(when) = &p.when else { continue };
+        let path = format!("parameters.{name}.when");
+        if when.is_empty() {
+            problems.push((path, "name at least one parameter this one depends on".into()));
+            continue;
+        }
+        let mut condition = Condition::new();
+        for (parent, given) in when {
+            let path = format!("{path}.{parent}");
+            // A list means any of its values; a single value is a list of one.
+            let (values, listed) = match given {
+                Value::Array(vs) => (vs.clone(), true),
+                v => (vec![v.clone()], false),
+            };
+            if parent == name {
+                problems.push((path, "a parameter cannot depend on itself".into()));
+                continue;
+            }
+            if !params.contains_key(parent) {
+                problems.push((path, format!("{parent} is not a parameter")));
+                continue;
+            }
+            if values.is_empty() {
+                problems.push((path, "must list at least one value".into()));
+                continue;
+            }
+            let Some(parent_param) = space.get(parent) else {
+                continue;
+            };
+            if matches!(
+                parent_param,
+                Param::Uniform { .. } | Param::LogUniform { .. } | Param::QUniform { .. }
+            ) {
+                problems.push((
+                    path,
+                    format!("{parent} is a float range; a condition tests a parameter given by value, values or an integer range"),
+                ));
+                continue;
+            }
+            for (i, v) in values.iter().enumerate() {
+                if !parent_param.can_take(v) {
+                    let at = if listed { format!("{path}[{i}]") } else { path.clone() };
+                    problems.push((at, format!("{parent} never takes {v} ({})", domain_text(parent_param))));
+                }
+            }
+            condition.insert(parent.clone(), values);
+        }
+        out.push((name.clone(), condition));
+    }
+    for cycle in cycles(params) {
+        let path = format!("parameters.{}.when.{}", cycle[0], cycle[1]);
+        problems.push((path, format!("conditions form a cycle: {}", cycle.join(" -> "))));
+    }
+    out
+}
+
+/// What a discrete domain can take, for error messages.
+fn domain_text(p: &Param) -> String {
+    match p {
+        Param::Constant { value } => format!("its value is {value}"),
+        Param::Categorical { values } => {
+            let vs: Vec<String> = values.iter().map(Value::to_string).collect();
+            format!("its values are {}", vs.join(", "))
+        }
+        Param::IntUniform { min, max } => format!("its range is {min} to {max}"),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Every cycle of `when` references between distinct, known parameters, each once: starting
+/// at its smallest name and closed by repeating it.
+fn cycles(params: &BTreeMap<String, ParamSpec>) -> Vec<Vec<String>> {
+    let parents = |name: &str| -> Vec<&str> {
+        params[name]
+            .when
+            .iter()
+            .flat_map(|w| w.keys())
+            .map(String::as_str)
+            .filter(|p| *p != name && params.contains_key(*p))
+            .collect()
+    };
+    let mut found = Vec::new();
+    // A cycle is reported from its smallest member, searching only through larger names, so
+    // each is found once however many members it has.
+    for start in params.keys() {
+        let mut path = vec![start.as_str()];
+        let mut stack = vec![parents(start)];
+        while let Some(next) = stack.last_mut() {
+            match next.pop() {
+                None => {
+                    stack.pop();
+                    path.pop();
+                }
+                Some(p) if p == start => {
+                    let mut cycle: Vec<String> = path.iter().map(|s| s.to_string()).collect();
+                    cycle.push(start.clone());
+                    found.push(cycle);
+                }
+                Some(p) if p > start.as_str() && !path.contains(&p) => {
+                    path.push(p);
+                    stack.push(parents(p));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    found
+}
+
 /// Names in `${params.NAME}` references of `s` that are not parameters.
 fn unknown_refs(s: &str, params: &BTreeMap<String, ParamSpec>) -> Vec<String> {
     refs(s).into_iter().filter(|n| !params.contains_key(n)).collect()
+}
+
+/// Whether `s` refers to a parameter that `params` lacks.
+pub(crate) fn refers_to_missing(s: &str, params: &Params) -> bool {
+    refs(s).iter().any(|n| !params.contains_key(n))
 }
 
 fn refs(s: &str) -> Vec<String> {
@@ -1329,6 +1477,155 @@ trial:
         assert_eq!(e[0].path, "trial.builtin.lr");
         let e = errors(&base.replace("epochs: 2", "epochs: 0"), &[]);
         assert_eq!(e[0].path, "trial.builtin.epochs");
+    }
+
+    const CONDITIONAL: &str = r#"
+name: cond
+metric: {name: val_loss, goal: minimize}
+parameters:
+  optimizer: {values: [sgd, adam, rmsprop]}
+  momentum: {values: [0.9, 0.99], when: {optimizer: sgd}}
+  beta2: {values: [0.99, 0.999], when: {optimizer: [adam, rmsprop]}}
+  nesterov: {values: [true, false], when: {optimizer: sgd, momentum: 0.99}}
+  layers: {min: 1, max: 2}
+searcher: {name: grid}
+trial:
+  command: [python3, train.py, "--opt=${params.optimizer}", "--momentum=${params.momentum}", "${params.layers}"]
+  env: {BETA2: "${params.beta2}", LAYERS: "${params.layers}"}
+"#;
+
+    #[test]
+    fn conditions_parse_and_size_the_grid() {
+        let v = parse(CONDITIONAL, &[]).unwrap();
+        let when = |name: &str| v.space.condition(name).cloned();
+        assert_eq!(when("optimizer"), None);
+        assert_eq!(
+            when("momentum"),
+            Some(Condition::from([("optimizer".into(), vec!["sgd".into()])]))
+        );
+        assert_eq!(
+            when("beta2"),
+            Some(Condition::from([(
+                "optimizer".into(),
+                vec!["adam".into(), "rmsprop".into()]
+            )]))
+        );
+        assert_eq!(
+            when("nesterov"),
+            Some(Condition::from([
+                ("momentum".into(), vec![serde_json::json!(0.99)]),
+                ("optimizer".into(), vec!["sgd".into()]),
+            ]))
+        );
+        // Per layer: sgd with 0.9 (1) or 0.99 and either nesterov (2), adam and rmsprop with two
+        // beta2 each (4): 7 points, not the 48 of the full product.
+        assert_eq!(v.max_trials, 2 * 7);
+        assert_eq!(space::grid_size(&v.space), Some(14));
+        // The normalised spec reads back the same.
+        assert_eq!(parse(&v.to_yaml(), &[]).unwrap().space, v.space);
+        // Overrides reach conditions too.
+        // With beta2 for adam only, rmsprop is one point: 3 + 2 + 1 per layer.
+        let v = parse(CONDITIONAL, &["parameters.beta2.when.optimizer=adam".into()]).unwrap();
+        assert_eq!(v.max_trials, 2 * 6);
+    }
+
+    #[test]
+    fn inactive_parameters_leave_their_arguments_out() {
+        let v = parse(CONDITIONAL, &[]).unwrap();
+        let p = Params::from([
+            ("optimizer".into(), "adam".into()),
+            ("beta2".into(), serde_json::json!(0.999)),
+            ("layers".into(), 2.into()),
+        ]);
+        assert_eq!(v.command_for(&p), vec!["python3", "train.py", "--opt=adam", "2"]);
+        let env = v.env_for(&p);
+        assert_eq!(env.get("BETA2").map(String::as_str), Some("0.999"));
+        assert_eq!(env.get("LAYERS").map(String::as_str), Some("2"));
+        let p = Params::from([
+            ("optimizer".into(), "sgd".into()),
+            ("momentum".into(), serde_json::json!(0.9)),
+            ("layers".into(), 1.into()),
+        ]);
+        assert_eq!(
+            v.command_for(&p),
+            vec!["python3", "train.py", "--opt=sgd", "--momentum=0.9", "1"]
+        );
+        assert!(!v.env_for(&p).contains_key("BETA2"));
+    }
+
+    #[test]
+    fn condition_errors_name_the_field() {
+        let with = |line: &str| CONDITIONAL.replace("  momentum: {values: [0.9, 0.99], when: {optimizer: sgd}}", line);
+        let one = |yaml: &str| {
+            let e = errors(yaml, &[]);
+            assert_eq!(e.len(), 1, "{e:?}");
+            e.into_iter().next().unwrap()
+        };
+        // The momentum line is line 6 of the file.
+        let e = one(&with("  momentum: {values: [0.9, 0.99], when: {optimiser: sgd}}"));
+        assert_eq!(
+            (e.path.as_str(), e.location.map(|l| l.0)),
+            ("parameters.momentum.when.optimiser", Some(6))
+        );
+        assert!(e.message.contains("optimiser is not a parameter"), "{e:?}");
+        let e = one(&with("  momentum: {values: [0.9, 0.99], when: {optimizer: adagrad}}"));
+        assert_eq!(e.path, "parameters.momentum.when.optimizer");
+        assert!(e.message.contains("never takes \"adagrad\""), "{e:?}");
+        assert!(e.message.contains("\"sgd\", \"adam\", \"rmsprop\""), "{e:?}");
+        let e = one(&with(
+            "  momentum: {values: [0.9, 0.99], when: {optimizer: [sgd, adagrad]}}",
+        ));
+        assert_eq!(e.path, "parameters.momentum.when.optimizer[1]");
+        let e = one(&with("  momentum: {values: [0.9, 0.99], when: {optimizer: []}}"));
+        assert_eq!(e.path, "parameters.momentum.when.optimizer");
+        assert!(e.message.contains("at least one value"), "{e:?}");
+        let e = one(&with("  momentum: {values: [0.9, 0.99], when: {}}"));
+        assert_eq!(e.path, "parameters.momentum.when");
+        let e = one(&with("  momentum: {values: [0.9, 0.99], when: {momentum: 0.9}}"));
+        assert_eq!(e.path, "parameters.momentum.when.momentum");
+        assert!(e.message.contains("itself"), "{e:?}");
+        let e = one(&with("  momentum: {values: [0.9, 0.99], when: {layers: 3}}"));
+        assert!(e.message.contains("its range is 1 to 2"), "{e:?}");
+        let e = one(&with("  momentum: {values: [0.9, 0.99], when: {layers: 1.0}}"));
+        assert_eq!(
+            e.path, "parameters.momentum.when.layers",
+            "a float never equals an integer draw"
+        );
+        // Integer and constant parents are fine.
+        parse(&with("  momentum: {values: [0.9, 0.99], when: {layers: [2]}}"), &[]).unwrap();
+        parse(&with("  momentum: {value: 0.99, when: {optimizer: sgd}}\n  fixed: {value: 1}\n  lr: {value: 2, when: {fixed: 1}}"), &[]).unwrap();
+        let float = with(
+            "  momentum: {min: 0.5, max: 0.99, when: {optimizer: sgd}}\n  lr: {min: 0.1, max: 1.0}\n  wd: {values: [0], when: {lr: 0.5}}",
+        );
+        let e = errors(&float, &[]);
+        assert!(
+            e.iter()
+                .any(|e| e.path == "parameters.wd.when.lr" && e.message.contains("float range")),
+            "{e:?}"
+        );
+        // A cycle is reported once, from its smallest name.
+        let e = one(&with("  momentum: {values: [0.9, 0.99], when: {nesterov: true}}"));
+        assert_eq!(e.path, "parameters.momentum.when.nesterov");
+        assert!(e.message.contains("cycle: momentum -> nesterov -> momentum"), "{e:?}");
+        let e = one(
+            &with("  momentum: {values: [0.9, 0.99], when: {optimizer: sgd, beta2: 0.99}}")
+                .replace("when: {optimizer: [adam, rmsprop]}", "when: {nesterov: true}"),
+        );
+        assert_eq!(e.path, "parameters.beta2.when.nesterov");
+        assert!(e.message.contains("beta2 -> nesterov -> momentum -> beta2"), "{e:?}");
+        // Unknown fields inside a parameter are still refused.
+        let e = one(&with("  momentum: {values: [0.9, 0.99], wen: {optimizer: sgd}}"));
+        assert!(e.message.contains("unknown field `wen`"), "{e:?}");
+    }
+
+    #[test]
+    fn a_builtin_setting_of_an_inactive_parameter_takes_its_default() {
+        let tree = serde_json::json!({"optimizer": "${params.optimizer}", "momentum": "${params.momentum}", "lr": 0.1});
+        let p = Params::from([("optimizer".into(), "adam".into())]);
+        assert_eq!(
+            crate::builtin::substitute_tree(&tree, &p),
+            serde_json::json!({"optimizer": "adam", "lr": 0.1})
+        );
     }
 
     #[test]

@@ -180,16 +180,13 @@ impl AshaSearcher {
         }
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
         rng.set_stream(index);
-        self.space
-            .iter()
-            .map(|(k, p)| (k.clone(), p.sample(&mut rng)))
-            .collect()
+        self.space.sample(&mut rng)
     }
 
     /// The results of the highest resource level with enough of them for a model: each
     /// trial's best loss up to that level, whichever bracket recorded it.
     fn model_results(&self, tpe: TpeSettings) -> Option<Vec<(TrialId, Params, f64)>> {
-        let varying = self.space.values().filter(|p| p.grid_len() != Some(1)).count();
+        let varying = self.space.iter().filter(|(_, p)| p.grid_len() != Some(1)).count();
         let needed = (tpe.n_startup_trials as usize).max(varying + 2);
         let mut levels: BTreeMap<u64, Vec<(&TrialId, &f64)>> = BTreeMap::new();
         for (b, rungs) in self.state.rungs.iter().enumerate() {

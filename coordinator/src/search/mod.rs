@@ -239,4 +239,190 @@ mod tests {
             );
         }
     }
+
+    /// The specs of the fixture: every searcher over a space without conditions.
+    fn fixture_specs() -> Vec<(&'static str, ValidSpec)> {
+        let spec = |searcher: &str| {
+            let float = if searcher.contains("grid") {
+                ""
+            } else {
+                "  d: {min: 0.001, max: 1.0, distribution: log_uniform}\n"
+            };
+            chorus_core::spec::parse(
+                &format!(
+                    "name: s\nmetric: {{name: loss, goal: minimize}}\nsearcher: {searcher}\nmax_trials: 8\n\
+                     parameters:\n  a: {{values: [1, 2, 3]}}\n  b: {{min: 0, max: 1}}\n  c: {{values: [x, y]}}\n{float}\
+                     trial: {{command: [x]}}\n"
+                ),
+                &[],
+            )
+            .unwrap()
+        };
+        vec![
+            ("grid", spec("{name: grid}")),
+            ("random", spec("{name: random, seed: 3}")),
+            ("tpe", spec("{name: tpe, seed: 3, n_startup_trials: 3}")),
+            // The fixture predates pausing and the TPE sampler: these settings are its rule.
+            (
+                "asha",
+                spec("{name: asha, seed: 3, max_resource: 9, stop_once: true, sampler: random}"),
+            ),
+            (
+                "hyperband",
+                spec("{name: hyperband, seed: 3, max_resource: 9, stop_once: true, sampler: random}"),
+            ),
+            (
+                "pbt",
+                spec("{name: pbt, seed: 3, population_size: 8, perturbation_interval: 1}"),
+            ),
+        ]
+    }
+
+    /// Runs `count` trials from `first`, each reporting at steps 1..=3 and completing; returns
+    /// what was suggested.
+    fn script(s: &mut dyn Searcher, first: u64, count: u64) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        let mut live = Vec::new();
+        for t in first..first + count {
+            match s.suggest(TrialId(t)) {
+                Suggestion::Create(p) => {
+                    let v = p.values().map(|v| v.to_string().len() as f64).sum::<f64>() / (t as f64 + 1.0);
+                    live.push((t, v));
+                    out.push(serde_json::to_value(&p).unwrap());
+                }
+                other => out.push(serde_json::Value::String(format!("{other:?}"))),
+            }
+        }
+        for step in 1..=3 {
+            for (t, v) in &live {
+                for a in s.observe(&SearchEvent::Reported {
+                    trial: TrialId(*t),
+                    step: Some(step),
+                    epoch: None,
+                    value: v / step as f64,
+                }) {
+                    if let SearchAction::Exploit { trial, params, .. } = a {
+                        out.push(serde_json::json!({"exploit": trial.0, "params": params}));
+                    }
+                }
+            }
+        }
+        for (t, v) in &live {
+            s.observe(&SearchEvent::Completed {
+                trial: TrialId(*t),
+                value: Some(v / 3.0),
+                objectives: Vec::new(),
+            });
+        }
+        out
+    }
+
+    /// Searches saved before parameters could be conditional continue exactly as they did:
+    /// the fixture was recorded by that code (the same script, draws and saved states).
+    #[test]
+    fn searches_saved_before_conditions_continue_identically() {
+        let fixture: serde_json::Value =
+            serde_json::from_str(include_str!("testdata/saved_before_conditions.json")).unwrap();
+        for (name, spec) in fixture_specs() {
+            let f = &fixture[name];
+            // Read back as the fixture was, so floats compare after the same parse.
+            let read = |v: serde_json::Value| -> serde_json::Value {
+                serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap()
+            };
+            let mut fresh = build(&spec, None);
+            assert_eq!(
+                read(script(&mut *fresh, 1, 5).into()),
+                f["before"],
+                "{name}: same draws"
+            );
+            if !name.contains("asha") && name != "hyperband" {
+                // Successive halving's state has gained fields since (defaulted when read).
+                assert_eq!(read(fresh.save()), f["saved"], "{name}: same state");
+            }
+            let mut restored = build(&spec, Some(&f["saved"]));
+            assert_eq!(
+                read(script(&mut *restored, 6, 4).into()),
+                f["after"],
+                "{name}: continues"
+            );
+        }
+    }
+
+    fn conditional_spec(searcher: &str) -> ValidSpec {
+        let yaml = format!(
+            "name: c\nmetric: {{name: loss, goal: minimize}}\nsearcher: {searcher}\nmax_trials: 40\n\
+                 parameters:\n  optimizer: {{values: [sgd, adam, rmsprop]}}\n\
+                 \x20 momentum: {{values: [0.0, 0.5, 0.9], when: {{optimizer: [sgd, rmsprop]}}}}\n\
+                 \x20 nesterov: {{values: [true, false], when: {{momentum: [0.5, 0.9]}}}}\n\
+                 \x20 beta2: {{min: 0.9, max: 0.9999, when: {{optimizer: adam}}}}\n\
+                 \x20 lr: {{min: 0.0001, max: 0.1, distribution: log_uniform}}\n\
+                 trial: {{command: [x]}}\n"
+        );
+        let yaml = if searcher.contains("grid") {
+            yaml.replace("{min: 0.9, max: 0.9999, ", "{values: [0.99, 0.999], ")
+                .replace("{min: 0.0001, max: 0.1, distribution: log_uniform}", "{value: 0.01}")
+        } else {
+            yaml
+        };
+        chorus_core::spec::parse(&yaml, &[]).unwrap()
+    }
+
+    /// What a suggestion may hold in [`conditional_spec`]: exactly the parameters its own values
+    /// make active.
+    fn assert_consistent(p: &serde_json::Value, what: &str) {
+        let opt = p["optimizer"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: no optimizer in {p}"));
+        let has = |k: &str| p.get(k).is_some();
+        assert!(has("lr"), "{what}: {p}");
+        assert_eq!(has("momentum"), opt != "adam", "{what}: {p}");
+        assert_eq!(has("beta2"), opt == "adam", "{what}: {p}");
+        let spun = p.get("momentum").and_then(|m| m.as_f64()).is_some_and(|m| m > 0.0);
+        assert_eq!(has("nesterov"), spun, "{what}: a grandchild follows its parent: {p}");
+    }
+
+    /// Every searcher suggests (and pbt explores to) only consistent parameter sets over a
+    /// conditional space, and restores from its saved state to continue identically.
+    #[test]
+    fn conditional_spaces_with_every_searcher() {
+        let specs = [
+            conditional_spec("{name: random, seed: 1}"),
+            conditional_spec("{name: tpe, seed: 1, n_startup_trials: 4}"),
+            conditional_spec("{name: asha, seed: 1, max_resource: 9}"),
+            conditional_spec("{name: hyperband, seed: 1, max_resource: 9}"),
+            conditional_spec("{name: pbt, seed: 1, population_size: 6, perturbation_interval: 1}"),
+        ];
+        for spec in specs {
+            let name = spec.spec.searcher.name.as_str();
+            let mut a = build(&spec, None);
+            let mut seen = script(&mut *a, 1, 12);
+            let saved = a.save();
+            let mut b = build(&spec, Some(&saved));
+            let (next_a, next_b) = (script(&mut *a, 13, 12), script(&mut *b, 13, 12));
+            assert_eq!(next_a, next_b, "{name} continues identically after a restore");
+            seen.extend(next_a);
+            let mut branches = std::collections::BTreeSet::new();
+            for s in &seen {
+                let p = s.get("params").unwrap_or(s);
+                if p.is_string() {
+                    continue; // pbt's population is complete
+                }
+                assert_consistent(p, name);
+                branches.insert(p["optimizer"].as_str().unwrap().to_string());
+            }
+            assert_eq!(branches.len(), 3, "{name} visits every branch");
+            if name == "pbt" {
+                assert!(seen.iter().any(|s| s.get("exploit").is_some()), "pbt explored");
+            }
+        }
+        let grid = conditional_spec("{name: grid}");
+        // sgd and rmsprop: momentum 0 (1) or 0.5 and 0.9 with either nesterov (4); adam: 2.
+        assert_eq!(grid.max_trials, 5 + 5 + 2);
+        let mut g = build(&grid, None);
+        let points = script(&mut *g, 1, 13);
+        assert_eq!(points.last().unwrap(), "Exhausted");
+        for p in &points[..12] {
+            assert_consistent(p, "grid");
+        }
+    }
 }

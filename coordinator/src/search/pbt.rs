@@ -75,20 +75,24 @@ impl PbtSearcher {
         rng
     }
 
-    /// The donor's parameters, explored: each resampled or perturbed.
+    /// The donor's parameters, explored: each resampled or perturbed. Parents go first, so a
+    /// parameter that a changed choice switches on is drawn afresh and one it switches off is
+    /// left out.
     fn explore(&self, donor: &Params, rng: &mut ChaCha8Rng) -> Params {
-        self.space
-            .iter()
-            .map(|(name, p)| {
-                let current = donor.get(name).cloned().unwrap_or_else(|| p.sample(rng));
-                let v = if rng.random::<f64>() < self.settings.resample {
-                    p.sample(rng)
-                } else {
-                    perturb(p, &current, rng)
-                };
-                (name.clone(), v)
-            })
-            .collect()
+        let mut out = Params::new();
+        for name in self.space.order() {
+            if !self.space.is_active(name, &out) {
+                continue;
+            }
+            let p = &self.space[name];
+            let v = match donor.get(name) {
+                None => p.sample(rng),
+                Some(_) if rng.random::<f64>() < self.settings.resample => p.sample(rng),
+                Some(current) => perturb(p, current, rng),
+            };
+            out.insert(name.to_string(), v);
+        }
+        out
     }
 
     fn decide(&mut self, trial: TrialId, at: f64) -> Vec<SearchAction> {
@@ -182,11 +186,7 @@ impl Searcher for PbtSearcher {
             return Suggestion::Exhausted;
         }
         let mut rng = self.rng(self.state.drawn, 0);
-        let params: Params = self
-            .space
-            .iter()
-            .map(|(k, p)| (k.clone(), p.sample(&mut rng)))
-            .collect();
+        let params = self.space.sample(&mut rng);
         self.state.drawn += 1;
         self.state.members.insert(
             trial,
@@ -329,6 +329,46 @@ mod tests {
         assert_eq!(first, run(&mut b));
         let mut restored = PbtSearcher::new(a.space.clone(), 5, Goal::Minimize, a.settings, Some(&a.save()));
         assert_eq!(report(&mut restored, 4, 40, 0.9), report(&mut a, 4, 40, 0.9));
+    }
+
+    /// Explore walks parents first: when the optimizer moves to a neighbouring choice, the
+    /// parameters it switches on are drawn and the ones it switches off are dropped.
+    #[test]
+    fn explore_keeps_conditional_parameters_consistent() {
+        let mut space = Space::new();
+        space.insert(
+            "opt".into(),
+            Param::Categorical {
+                values: vec!["sgd".into(), "adam".into()],
+            },
+        );
+        let when = |v: &str| chorus_core::space::Condition::from([("opt".to_string(), vec![Value::from(v)])]);
+        space.insert_when("momentum".into(), Param::Uniform { min: 0.5, max: 0.99 }, when("sgd"));
+        space.insert_when("beta2".into(), Param::Uniform { min: 0.9, max: 0.999 }, when("adam"));
+        space.insert("lr".into(), Param::LogUniform { min: 1e-4, max: 1.0 });
+        let consistent = |p: &Params| {
+            let sgd = p["opt"] == "sgd";
+            p.contains_key("lr") && p.contains_key("momentum") == sgd && p.contains_key("beta2") != sgd
+        };
+        let s = PbtSearcher::new(space, 5, Goal::Minimize, searcher().settings, None);
+        let (mut to_sgd, mut to_adam) = (0, 0);
+        for stream in 0..200 {
+            let mut rng = s.rng(stream, 1);
+            let donor = s.space.sample(&mut rng);
+            assert!(consistent(&donor), "{donor:?}");
+            let explored = s.explore(&donor, &mut rng);
+            assert!(consistent(&explored), "{donor:?} explored to {explored:?}");
+            if explored["opt"] != donor["opt"] {
+                let (on, off) = if explored["opt"] == "sgd" {
+                    ("momentum", "beta2")
+                } else {
+                    ("beta2", "momentum")
+                };
+                assert!(explored.contains_key(on) && !explored.contains_key(off));
+                if on == "momentum" { to_sgd += 1 } else { to_adam += 1 }
+            }
+        }
+        assert!(to_sgd > 10 && to_adam > 10, "{to_sgd} to sgd, {to_adam} to adam");
     }
 
     #[test]

@@ -1,12 +1,12 @@
 //! `chorus search preview`: a searcher run against a synthetic objective in simulation, to see
 //! which trials it would create, stop and let finish before spending any compute.
 //!
-//! The objective is a smooth bowl over the parameters (each mapped onto [0, 1] by its domain,
-//! categories by their index) whose centre is drawn from the preview seed, seen through a
-//! learning curve that falls as `1/sqrt(step)` towards the trial's final value. Trials run
-//! `parallel_trials` at a time, each advancing one step per tick and reporting at every step,
-//! so early-stopping searchers act exactly as they would on a live cluster with equal-speed
-//! workers. Pure and deterministic.
+//! The objective is a smooth bowl over the parameters a trial has (each mapped onto [0, 1] by
+//! its domain, categories by their index; inactive conditional ones left out) whose centre is
+//! drawn from the preview seed, seen through a learning curve that falls as `1/sqrt(step)`
+//! towards the trial's final value. Trials run `parallel_trials` at a time, each advancing one
+//! step per tick and reporting at every step, so early-stopping searchers act exactly as they
+//! would on a live cluster with equal-speed workers. Pure and deterministic.
 
 use super::{SearchAction, SearchEvent, Searcher, Suggestion};
 use chorus_core::TrialId;
@@ -257,6 +257,38 @@ mod tests {
         assert!(p.trials.iter().all(|t| t.steps == 9 && t.stopped.is_none()));
         assert_eq!(p.steps, 27 * 9);
         assert_eq!(p, simulate(build(&s, None), &s, 27, 9, 5), "deterministic");
+    }
+
+    /// Trials of a conditional space lack their inactive parameters: the objective scores them
+    /// over the parameters they have, and the preview lists them as created.
+    #[test]
+    fn conditional_parameters_are_left_out() {
+        let s = chorus_core::spec::parse(
+            "name: p\nmetric: {name: loss, goal: minimize}\nsearcher: {name: asha, seed: 1, max_resource: 9}\n\
+             max_trials: 27\nparallel_trials: 3\nparameters:\n  opt: {values: [sgd, adam]}\n\
+             \x20 momentum: {min: 0.5, max: 0.99, when: {opt: sgd}}\n  w: {min: 0, max: 1}\ntrial: {command: [x]}\n",
+            &[],
+        )
+        .unwrap();
+        let p = simulate(build(&s, None), &s, 27, 9, 5);
+        assert_eq!(p.trials.len(), 27);
+        for t in &p.trials {
+            assert_eq!(
+                t.params.contains_key("momentum"),
+                t.params["opt"] == "sgd",
+                "{:?}",
+                t.params
+            );
+            assert!(t.value.is_finite());
+        }
+        let adam = Params::from([("opt".into(), "adam".into()), ("w".into(), 1.into())]);
+        let mut sgd = adam.clone();
+        sgd.insert("opt".into(), "sgd".into());
+        sgd.insert("momentum".into(), serde_json::json!(0.7));
+        for params in [adam, sgd] {
+            let f = objective(&s.space, &params, 5);
+            assert!((0.0..=1.0).contains(&f), "{f}");
+        }
     }
 
     #[test]

@@ -34,10 +34,7 @@ impl RandomSearcher {
     pub fn draw(&self, index: u64) -> Params {
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
         rng.set_stream(index);
-        self.space
-            .iter()
-            .map(|(k, p)| (k.clone(), p.sample(&mut rng)))
-            .collect()
+        self.space.sample(&mut rng)
     }
 }
 
