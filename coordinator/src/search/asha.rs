@@ -210,6 +210,35 @@ impl AshaSearcher {
         )
     }
 
+    /// The bracket of the next new trial. Brackets get trials in proportion to their sizes in
+    /// Hyperband (Li et al. 2018): with `s_max + 1` brackets, the one with `s` rungs starts
+    /// `ceil((s_max + 1) / (s + 1) * eta^s)` configurations, so the aggressive brackets, whose
+    /// trials mostly stop at the first rung, get many more than the one that never stops any,
+    /// and each bracket spends about the same compute. Dealt by smooth weighted round robin
+    /// (the bracket furthest below its share goes next), so the sequence is deterministic.
+    fn next_bracket(&self) -> u32 {
+        let n = self.settings.brackets as usize;
+        if n == 1 {
+            return 0;
+        }
+        let eta = f64::from(self.settings.reduction_factor);
+        let s_max = (n - 1) as f64;
+        let mut dealt = vec![0u64; n];
+        for p in self.state.trials.values() {
+            if let Some(d) = dealt.get_mut(p.bracket as usize) {
+                *d += 1;
+            }
+        }
+        (0..n)
+            .map(|b| {
+                let s = s_max - b as f64;
+                let weight = ((s_max + 1.0) / (s + 1.0) * eta.powf(s)).ceil();
+                (dealt[b] as f64 / weight, b)
+            })
+            .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))
+            .map_or(0, |(_, b)| b as u32)
+    }
+
     /// The paper's `get_job` within one bracket: the best not-yet-promoted trial among the
     /// top `floor(n / eta)` of the highest rung that has one. Only paused trials and `arriving`
     /// (the trial being decided) are candidates.
@@ -319,7 +348,7 @@ fn resource_name(r: ResourceName) -> &'static str {
 impl Searcher for AshaSearcher {
     fn suggest(&mut self, trial: TrialId) -> Suggestion {
         let params = self.draw(self.state.drawn);
-        let bracket = (self.state.drawn % u64::from(self.settings.brackets)) as u32;
+        let bracket = self.next_bracket();
         self.state.drawn += 1;
         self.state.trials.insert(
             trial,
@@ -625,7 +654,17 @@ mod tests {
             s.suggest(TrialId(t));
         }
         let brackets: Vec<u32> = (1..=8).map(|t| s.state.trials[&TrialId(t)].bracket).collect();
-        assert_eq!(brackets, vec![0, 1, 2, 3, 0, 1, 2, 3]);
+        assert_eq!(brackets, vec![0, 1, 2, 3, 0, 0, 1, 0]);
+        // Over a whole round, Hyperband's bracket sizes for eta = 3 and 4 brackets: 27, 12, 6, 4.
+        let mut round = searcher(4);
+        for t in 1..=49 {
+            round.suggest(TrialId(t));
+        }
+        let mut sizes = [0; 4];
+        for p in round.state.trials.values() {
+            sizes[p.bracket as usize] += 1;
+        }
+        assert_eq!(sizes, [27, 12, 6, 4]);
         // Bracket 3 has no rung below 27: its trials are never stopped.
         assert!(!report(&mut s, 4, 26, 99.0));
         report(&mut s, 1, 1, 0.5);
