@@ -44,3 +44,39 @@ fn a_bad_spec_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("searcher.max_resource"));
 }
+
+/// ASHA's promotion rule in the preview: some trials are paused at a rung and promoted later,
+/// the rest end paused; `stop_once` stops instead and promotes nothing.
+#[test]
+fn preview_shows_pauses_and_promotions() {
+    // Random draws: with the TPE sampler, later trials tend to beat the paused ones outright.
+    let spec = SPEC
+        .replace("name: hyperband,", "name: asha, sampler: random,")
+        .replace("max_trials: 16", "max_trials: 27");
+    let out = chorus(&["--output", "json"], &spec);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let trials = v["trials"].as_array().unwrap();
+    let promoted = trials.iter().filter(|t| t["promotions"].as_u64().unwrap() > 0).count();
+    let paused = trials
+        .iter()
+        .filter(|t| t["stopped"].as_str().is_some_and(|s| s.contains("paused at rung")))
+        .count();
+    assert!(promoted > 0 && paused > 0, "{promoted} promoted, {paused} left paused");
+    let table = chorus(&[], &spec);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("promoted"), "{text}");
+
+    let once = chorus(
+        &["--output", "json"],
+        &spec.replace("seed: 2,", "seed: 2, stop_once: true,"),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&once.stdout).unwrap();
+    let trials = v["trials"].as_array().unwrap();
+    assert!(trials.iter().all(|t| t["promotions"] == 0));
+    assert!(
+        trials
+            .iter()
+            .any(|t| t["stopped"].as_str().is_some_and(|s| s.contains("only the best")))
+    );
+}
