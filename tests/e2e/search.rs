@@ -259,3 +259,48 @@ trial:
         "{text}"
     );
 }
+
+/// Conditional parameters through the real coordinator and workers: a grid over a tree visits
+/// each active combination once, and each trial sees only its active parameters, in
+/// `CHORUS_PARAMS` and in its command (an argument naming an inactive one is left out).
+#[test]
+fn conditional_parameters_reach_trials_only_when_active() {
+    let c = TestCluster::start(ClusterConfig::default()).unwrap();
+    let runs = c.dir.path().join("runs.txt");
+    let yaml = format!(
+        r#"
+name: conditional
+metric: {{name: loss, goal: minimize}}
+parameters:
+  optimizer: {{values: [sgd, adam]}}
+  momentum: {{values: [0.0, 0.9], when: {{optimizer: sgd}}}}
+searcher: {{name: grid}}
+parallel_trials: 2
+trial:
+  command: [sh, -c, 'echo "$CHORUS_PARAMS|$0|$1" >> {runs}; echo "chorus:metric {{\"step\": 1, \"loss\": 1}}"', '--opt=${{params.optimizer}}', '--momentum=${{params.momentum}}']
+"#,
+        runs = runs.display()
+    );
+    let id = submit(&c, &c.write("conditional.yaml", &yaml));
+    assert_eq!(
+        wait_ended(&c, id, Duration::from_secs(60)),
+        "completed",
+        "{}",
+        c.logs_tail()
+    );
+    assert_eq!(trials(&c, id).len(), 3, "sgd x 2 momenta, adam alone");
+    let mut lines: Vec<String> = std::fs::read_to_string(&runs)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        vec![
+            r#"{"momentum":0.0,"optimizer":"sgd"}|--opt=sgd|--momentum=0.0"#,
+            r#"{"momentum":0.9,"optimizer":"sgd"}|--opt=sgd|--momentum=0.9"#,
+            r#"{"optimizer":"adam"}|--opt=adam|"#,
+        ]
+    );
+}
