@@ -161,6 +161,7 @@ def CHORUS_SEARCH(seed):
     asha = {"seed": seed, "reduction_factor": 3, "max_resource": MAX_EPOCHS, "resource": "epoch"}
     if mode == "hyperband":
         return {"searcher": {"name": "hyperband", **asha}}
+    asha.update(json.loads(os.environ.get("CHORUS_REGRET_SETTINGS", "{}")))
     if mode == "asha":
         return {"searcher": {"name": "asha", "grace_period": 1, **asha}}
     if mode == "asha-stop-once":

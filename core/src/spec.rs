@@ -159,8 +159,9 @@ pub struct SearcherSpec {
     /// instead of pausing it there until it is promoted (default false: pause and promote).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_once: Option<bool>,
-    /// asha, hyperband: where new configurations come from (default tpe: a TPE model of the
-    /// highest rung with enough results, as BOHB does; random: independent draws).
+    /// asha, hyperband: where new configurations come from (default tpe: a TPE model of every
+    /// trial so far, ranked by how far it got and then by its loss there; random: independent
+    /// draws).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampler: Option<SamplerName>,
     /// asha, hyperband: the resource a trial runs to at most; required.

@@ -25,13 +25,15 @@
 //! the search hedges between aggressive early stopping and none. Each bracket promotes on its
 //! own; a free slot goes to the first bracket with a promotable trial.
 //!
-//! New configurations come from a TPE model (the default `sampler: tpe`, as BOHB does): each
-//! draw fits TPE to the results of the highest resource level (a rung, or `max_resource` for
-//! trials that got there) holding at least `max(n_startup_trials, dimensions + 2)` results, so
-//! the model learns from every trial early stopping cut short, on results measured at the same
-//! resource. Until a level has that many, and with `sampler: random`, draws are independent.
-//! Every draw comes from its own stream of the seed, so the state is plain data and restores
-//! exactly.
+//! New configurations come from a TPE model (the default `sampler: tpe`): each draw fits TPE to
+//! every trial recorded so far, ranked first by the highest resource it reached (a rung, or
+//! `max_resource`) and then by its loss there. Successive halving has already judged the trials
+//! that went further to be better, so the good group comes from them, and every trial cut short
+//! weighs on the bad one; this is how Optuna's TPE ranks pruned trials, and it learns from far
+//! more results than a model of one resource level alone (BOHB's choice), which sees only the
+//! few trials that reached it. Until `n_startup_trials` trials have a result, and with
+//! `sampler: random`, draws are independent. Every draw comes from its own stream of the seed,
+//! so the state is plain data and restores exactly.
 
 use super::tpe::{TpeSearcher, TpeSettings};
 use super::{SearchAction, SearchEvent, Searcher, Suggestion, loss};
@@ -183,28 +185,38 @@ impl AshaSearcher {
         self.space.sample(&mut rng)
     }
 
-    /// The results of the highest resource level with enough of them for a model: each
-    /// trial's best loss up to that level, whichever bracket recorded it.
+    /// Every trial recorded at a rung (or at `max_resource`), ranked by the highest resource it
+    /// reached and then by its loss there, with its rank as the loss the model sees: a trial
+    /// that got further beat every trial stopped or paused before it, so the good group is
+    /// drawn from the trials that went furthest and every trial cut short shapes the bad one.
+    /// `None` until `n_startup_trials` trials have a result.
     fn model_results(&self, tpe: TpeSettings) -> Option<Vec<(TrialId, Params, f64)>> {
-        let varying = self.space.iter().filter(|(_, p)| p.grid_len() != Some(1)).count();
-        let needed = (tpe.n_startup_trials as usize).max(varying + 2);
-        let mut levels: BTreeMap<u64, Vec<(&TrialId, &f64)>> = BTreeMap::new();
+        let mut at: BTreeMap<TrialId, (u64, f64)> = BTreeMap::new();
         for (b, rungs) in self.state.rungs.iter().enumerate() {
             for (resource, recorded) in self.settings.rungs(b as u32).into_iter().zip(rungs) {
-                levels.entry(resource).or_default().extend(recorded.iter());
+                for (t, l) in recorded {
+                    let e = at.entry(*t).or_insert((resource, *l));
+                    if resource > e.0 {
+                        *e = (resource, *l);
+                    }
+                }
             }
         }
-        levels
-            .entry(self.settings.max_resource)
-            .or_default()
-            .extend(self.state.top.iter());
-        let (_, results) = levels.into_iter().rev().find(|(_, r)| r.len() >= needed)?;
+        for (t, l) in &self.state.top {
+            at.insert(*t, (self.settings.max_resource, *l));
+        }
+        if at.len() < tpe.n_startup_trials as usize {
+            return None;
+        }
+        let mut order: Vec<(u64, f64, TrialId)> = at.into_iter().map(|(t, (r, l))| (r, l, t)).collect();
+        order.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.total_cmp(&b.1)).then(a.2.cmp(&b.2)));
         Some(
-            results
+            order
                 .into_iter()
-                .filter_map(|(t, l)| {
-                    let p = &self.state.trials.get(t)?.params;
-                    (!p.is_empty()).then(|| (*t, p.clone(), *l))
+                .enumerate()
+                .filter_map(|(i, (_, _, t))| {
+                    let p = &self.state.trials.get(&t)?.params;
+                    (!p.is_empty()).then(|| (t, p.clone(), i as f64))
                 })
                 .collect(),
         )
