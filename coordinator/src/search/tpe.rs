@@ -209,8 +209,11 @@ struct Mixture {
 #[derive(Debug, Default)]
 struct BaseCache {
     key: Option<i32>,
-    /// The sum, and its terms by dimension.
-    by_trial: std::collections::HashMap<TrialId, (f64, Vec<f64>)>,
+    /// The sum.
+    by_trial: std::collections::HashMap<TrialId, f64>,
+    /// Its terms by dimension, kept only for a conditional space (apart from the sums, so the
+    /// common case's lookups stay small).
+    parts: std::collections::HashMap<TrialId, Vec<f64>>,
 }
 
 impl Mixture {
@@ -244,6 +247,7 @@ impl Mixture {
         if cache.key != Some(bucket) {
             cache.key = Some(bucket);
             cache.by_trial.clear();
+            cache.parts.clear();
         }
         // Log mass a categorical kernel of dimension `k` (of `n` categories) puts on each other one.
         let off = |k: usize, n: usize| ((1.0 - keep[k]) / n as f64).ln();
@@ -261,26 +265,32 @@ impl Mixture {
             Vec::new()
         };
         let component_parts = |c: &[f64]| -> (f64, Vec<f64>) {
-            let parts: Vec<f64> = dims
-                .iter()
-                .enumerate()
-                .map(|(k, (_, dim))| -match dim {
-                    Dim::Real { lo, hi, .. } if !c[k].is_nan() => log_norm(c[k], sigma[k], *lo, *hi),
-                    Dim::Real { lo, hi, .. } => log_norm(0.5 * (lo + hi), hi - lo, *lo, *hi),
-                    Dim::Choice { values } if !c[k].is_nan() => -off(k, values.len()),
-                    Dim::Choice { values } => (values.len() as f64).ln(),
-                })
-                .collect();
-            (parts.iter().fold(0.0, |b, t| b + t), parts)
-        };
-        let mut push_base = |(sum, parts): &(f64, Vec<f64>)| {
-            base.push(*sum);
-            for (column, t) in part.iter_mut().zip(parts) {
-                column.push(*t);
+            let terms = dims.iter().enumerate().map(|(k, (_, dim))| -match dim {
+                Dim::Real { lo, hi, .. } if !c[k].is_nan() => log_norm(c[k], sigma[k], *lo, *hi),
+                Dim::Real { lo, hi, .. } => log_norm(0.5 * (lo + hi), hi - lo, *lo, *hi),
+                Dim::Choice { values } if !c[k].is_nan() => -off(k, values.len()),
+                Dim::Choice { values } => (values.len() as f64).ln(),
+            });
+            if marginals {
+                let parts: Vec<f64> = terms.collect();
+                (parts.iter().fold(0.0, |b, t| b + t), parts)
+            } else {
+                // Without conditions no point lacks a dimension: the sum alone, no allocation.
+                (terms.fold(0.0, |b, t| b + t), Vec::new())
             }
         };
         for (j, (t, c)) in members.iter().enumerate() {
-            push_base(cache.by_trial.entry(*t).or_insert_with(|| component_parts(c)));
+            if marginals && !cache.parts.contains_key(t) {
+                let (sum, parts) = component_parts(c);
+                cache.by_trial.insert(*t, sum);
+                cache.parts.insert(*t, parts);
+            }
+            base.push(*cache.by_trial.entry(*t).or_insert_with(|| component_parts(c).0));
+            if marginals {
+                for (column, x) in part.iter_mut().zip(&cache.parts[t]) {
+                    column.push(*x);
+                }
+            }
             for k in 0..d {
                 let real = matches!(dims[k].1, Dim::Real { .. });
                 if c[k].is_nan() && real {
@@ -293,7 +303,11 @@ impl Mixture {
         }
         // The prior component last.
         let prior: Vec<f64> = (0..d).map(|k| prior_kernel(k).0).collect();
-        push_base(&component_parts(&vec![f64::NAN; d]));
+        let (sum, parts) = component_parts(&vec![f64::NAN; d]);
+        base.push(sum);
+        for (column, x) in part.iter_mut().zip(parts) {
+            column.push(x);
+        }
         for (k, pc) in prior.iter().enumerate() {
             if matches!(dims[k].1, Dim::Real { .. }) {
                 wide.push((members.len(), k));
