@@ -304,3 +304,70 @@ trial:
         ]
     );
 }
+
+/// Live changes: a running search gets a larger trial budget and more trials at once, and the
+/// coordinator refuses an invalid budget (exit code 2) without touching the search.
+#[test]
+fn a_running_search_takes_a_new_budget() {
+    let c = TestCluster::start(ClusterConfig::default()).unwrap();
+    let runs = c.dir.path().join("runs.txt");
+    let yaml = format!(
+        r#"
+name: live
+metric: {{name: loss, goal: minimize}}
+parameters:
+  x: {{min: 0.0, max: 1.0}}
+searcher: {{name: random, seed: 5}}
+max_trials: 2
+parallel_trials: 1
+trial:
+  command: [sh, -c, 'echo "start $CHORUS_TRIAL_ID $(date +%s%N)" >> {runs}; sleep 2; echo "end $CHORUS_TRIAL_ID $(date +%s%N)" >> {runs}; echo "chorus:metric {{\"step\": 1, \"loss\": ${{params.x}}}}"']
+"#,
+        runs = runs.display()
+    );
+    let id = submit(&c, &c.write("live.yaml", &yaml));
+    c.wait_until(Duration::from_secs(30), "first trial running", |c| {
+        Ok(experiment(c, id)?["counts"]["running"].as_u64().unwrap_or(0) == 1)
+    })
+    .unwrap();
+    let below = c.chorus(&["experiment", "update", &id.to_string(), "--max-trials", "0"]);
+    assert_eq!(below.status.code(), Some(2), "{below:?}");
+    let out = c.chorus(&[
+        "experiment",
+        "update",
+        &id.to_string(),
+        "--max-trials",
+        "5",
+        "--parallel-trials",
+        "3",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let e = experiment(&c, id).unwrap();
+    assert_eq!(
+        (e["max_trials"].as_u64(), e["parallel_trials"].as_u64()),
+        (Some(5), Some(3))
+    );
+    assert_eq!(
+        wait_ended(&c, id, Duration::from_secs(60)),
+        "completed",
+        "{}",
+        c.logs_tail()
+    );
+    assert_eq!(trials(&c, id).len(), 5, "the new budget was spent");
+    // Most trials running at once: 1 before the update, up to 3 after.
+    let mut edges: Vec<(u128, i32)> = std::fs::read_to_string(&runs)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f[2].parse().unwrap(), if f[0] == "start" { 1 } else { -1 })
+        })
+        .collect();
+    edges.sort_by_key(|&(t, d)| (t, d));
+    let (mut now, mut most) = (0, 0);
+    for (_, d) in edges {
+        now += d;
+        most = most.max(now);
+    }
+    assert_eq!(most, 3, "three at once after the update");
+}
