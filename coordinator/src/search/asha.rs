@@ -21,8 +21,9 @@
 //!   Determined's `stop_once` variant).
 //!
 //! Hyperband runs brackets with grace periods `r * eta^s` for `s = 0..=s_max`, where
-//! `s_max = floor(log_eta(max_resource / r))`; new trials are dealt to the brackets in turn, so
-//! the search hedges between aggressive early stopping and none. Each bracket promotes on its
+//! `s_max = floor(log_eta(max_resource / r))`; new trials are dealt to the brackets in
+//! proportion to their sizes in Hyperband (see `next_bracket`), so the search hedges between
+//! aggressive early stopping and none at about equal compute each. Each bracket promotes on its
 //! own; a free slot goes to the first bracket with a promotable trial.
 //!
 //! New configurations come from a TPE model (the default `sampler: tpe`): each draw fits TPE to
