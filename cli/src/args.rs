@@ -210,6 +210,9 @@ pub enum TrialCmd {
         /// Keep streaming until the trial ends.
         #[arg(long, short)]
         follow: bool,
+        /// The rank whose output to print, for a multi-rank trial (rank 0 reports the metrics).
+        #[arg(long, default_value_t = 0)]
+        rank: u32,
     },
 }
 

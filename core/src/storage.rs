@@ -168,10 +168,14 @@ impl Storage {
     }
 
     /// Logs are written in chunks because object stores cannot append; names sort in order.
-    pub fn log_chunk_key(&self, exp: ExperimentId, trial: TrialId, attempt: u32, chunk: u32) -> Path {
-        self.logs_prefix(exp, trial)
-            .clone()
-            .join(format!("{attempt:04}-{chunk:06}.log"))
+    /// Rank 0's chunks are `AAAA-CCCCCC.log`; another rank's sit beside them as
+    /// `AAAA-rR-CCCCCC.log`.
+    pub fn log_chunk_key(&self, exp: ExperimentId, trial: TrialId, attempt: u32, rank: u32, chunk: u32) -> Path {
+        let name = match rank {
+            0 => format!("{attempt:04}-{chunk:06}.log"),
+            r => format!("{attempt:04}-r{r}-{chunk:06}.log"),
+        };
+        self.logs_prefix(exp, trial).clone().join(name)
     }
 
     pub fn checkpoints_prefix(&self, exp: ExperimentId, trial: TrialId) -> Path {
@@ -179,11 +183,18 @@ impl Storage {
     }
 }
 
-/// Parses a log chunk name back into `(attempt, chunk)`.
-pub fn parse_log_chunk_name(name: &str) -> Option<(u32, u32)> {
+/// Parses a log chunk name back into `(attempt, rank, chunk)`.
+pub fn parse_log_chunk_name(name: &str) -> Option<(u32, u32, u32)> {
     let stem = name.strip_suffix(".log")?;
-    let (a, c) = stem.split_once('-')?;
-    Some((a.parse().ok()?, c.parse().ok()?))
+    let (a, rest) = stem.split_once('-')?;
+    let (rank, c) = match rest.strip_prefix('r') {
+        Some(rest) => {
+            let (r, c) = rest.split_once('-')?;
+            (r.parse().ok()?, c)
+        }
+        None => (0, rest),
+    };
+    Some((a.parse().ok()?, rank, c.parse().ok()?))
 }
 
 #[cfg(test)]
@@ -207,10 +218,24 @@ mod tests {
         assert_eq!(s.spec_key(e).as_ref(), "experiments/3/spec.yaml");
         assert_eq!(s.metrics_key(e, t).as_ref(), "experiments/3/trials/12/metrics.jsonl");
         assert_eq!(
-            s.log_chunk_key(e, t, 2, 7).as_ref(),
+            s.log_chunk_key(e, t, 2, 0, 7).as_ref(),
             "experiments/3/trials/12/logs/0002-000007.log"
         );
-        assert_eq!(parse_log_chunk_name("0002-000007.log"), Some((2, 7)));
+        assert_eq!(parse_log_chunk_name("0002-000007.log"), Some((2, 0, 7)));
+        assert_eq!(
+            s.log_chunk_key(e, t, 2, 3, 7).as_ref(),
+            "experiments/3/trials/12/logs/0002-r3-000007.log"
+        );
+        assert_eq!(parse_log_chunk_name("0002-r3-000007.log"), Some((2, 3, 7)));
+        for bad in [
+            "0002.log",
+            "0002-rx-000007.log",
+            "0002-r3.log",
+            "x-000007.log",
+            "0002-000007.txt",
+        ] {
+            assert_eq!(parse_log_chunk_name(bad), None, "{bad}");
+        }
         assert_eq!(
             s.checkpoints_prefix(e, t).as_ref(),
             "experiments/3/trials/12/checkpoints"

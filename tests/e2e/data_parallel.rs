@@ -15,6 +15,7 @@ out = sys.argv[1]
 env = {k: os.environ.get(k) for k in ["MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK",
        "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RESTART_COUNT"]}
 addr = (env["MASTER_ADDR"], int(env["MASTER_PORT"]))
+print("hello from rank " + env["RANK"], flush=True)
 if env["RANK"] == "0":
     s = socket.create_server(addr)
     conn, _ = s.accept()
@@ -80,6 +81,26 @@ trial:
     assert_eq!(groups.len(), 2, "each worker is its own group");
     let t = &trials(&c, id)[0];
     assert_eq!(t["best_value"], 0.5, "rank 0's metrics are the trial's");
+    // Each rank's output is kept; `trial logs` shows rank 0's unless told another.
+    let tid = t["id"].to_string();
+    let logs = |extra: &[&str]| {
+        let mut args = vec!["trial", "logs", tid.as_str()];
+        args.extend_from_slice(extra);
+        c.chorus(&args)
+    };
+    let (r0, r1) = (logs(&[]), logs(&["--rank", "1"]));
+    let text = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        text(&r0).contains("hello from rank 0") && !text(&r0).contains("rank 1"),
+        "{r0:?}"
+    );
+    assert!(
+        text(&r1).contains("hello from rank 1") && !text(&r1).contains("rank 0"),
+        "{r1:?}"
+    );
+    let none = logs(&["--rank", "2"]);
+    assert_eq!(none.status.code(), Some(2), "{none:?}");
+    assert!(String::from_utf8_lossy(&none.stderr).contains("no rank 2"), "{none:?}");
 }
 
 /// Three one-slot workers and two experiments whose trials need two ranks each: one trial runs

@@ -41,11 +41,12 @@ pub async fn run(cmd: TrialCmd, ctx: &Ctx) -> Result<ExitCode, CliError> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        TrialCmd::Logs { trial, follow } => {
+        TrialCmd::Logs { trial, follow, rank } => {
             let coord = ctx.connect().await?;
             let req = coord.streaming(pb::TrialLogsRequest {
                 trial_id: trial,
                 follow,
+                rank,
             });
             let mut stream = coord.api().trial_logs(req).await?.into_inner();
             let mut attempt = None;

@@ -239,7 +239,15 @@ impl ExperimentService for ExperimentApi {
                 .trials
                 .get(&tid)
                 .ok_or_else(|| Status::not_found(format!("trial {tid} does not exist")))?;
-            (t.experiment, st.experiment(t.experiment)?.storage.clone())
+            let exp = st.experiment(t.experiment)?;
+            let ranks = exp.spec.spec.resources.workers.max();
+            if req.rank >= ranks {
+                return Err(Status::invalid_argument(format!(
+                    "trial {tid} has {ranks} rank(s); there is no rank {}",
+                    req.rank
+                )));
+            }
+            (t.experiment, exp.storage.clone())
         };
         let storage = self.coord.storage(&uri)?;
         let prefix = storage.logs_prefix(exp, tid);
@@ -264,9 +272,12 @@ impl ExperimentService for ExperimentApi {
                 objects.sort_by(|a, b| a.location.cmp(&b.location));
                 for o in objects {
                     let name = o.location.filename().unwrap_or_default().to_string();
-                    let Some((attempt, _)) = parse_log_chunk_name(&name) else {
+                    let Some((attempt, rank, _)) = parse_log_chunk_name(&name) else {
                         continue;
                     };
+                    if rank != req.rank {
+                        continue;
+                    }
                     if !seen.insert(name) {
                         continue;
                     }

@@ -210,17 +210,9 @@ impl Recorder {
         if self.log.is_empty() {
             return;
         }
-        let key = match self.rank {
-            0 => self
-                .storage
-                .log_chunk_key(self.exp, self.trial, self.attempt, self.next_chunk),
-            // Other ranks' chunks sit beside rank 0's under their own names.
-            r => self
-                .storage
-                .logs_prefix(self.exp, self.trial)
-                .clone()
-                .join(format!("{:04}-r{r}-{:06}.log", self.attempt, self.next_chunk)),
-        };
+        let key = self
+            .storage
+            .log_chunk_key(self.exp, self.trial, self.attempt, self.rank, self.next_chunk);
         let data = bytes::Bytes::from(std::mem::take(&mut self.log));
         match self.storage.store.put(&key, PutPayload::from(data.clone())).await {
             Ok(_) => self.next_chunk += 1,

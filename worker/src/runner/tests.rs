@@ -107,8 +107,8 @@ impl Fixture {
         let mut chunks: Vec<(u32, object_store::path::Path)> = objects
             .into_iter()
             .filter_map(|o| {
-                let (a, c) = parse_log_chunk_name(o.location.filename()?)?;
-                (a == attempt).then_some((c, o.location))
+                let (a, r, c) = parse_log_chunk_name(o.location.filename()?)?;
+                (a == attempt && r == 0).then_some((c, o.location))
             })
             .collect();
         chunks.sort();
