@@ -145,3 +145,75 @@ fn worker_sigkill_moves_its_trial_which_resumes_from_its_checkpoint() {
     let from: i64 = resumed.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(from >= 3, "{resumed}");
 }
+
+/// `chorus trial logs -f` survives a coordinator SIGKILL: it reconnects and resumes after the
+/// last chunk it printed, so its output holds every line of the trial once, in order.
+#[test]
+fn following_logs_survives_a_coordinator_sigkill() {
+    let mut c = TestCluster::start(ClusterConfig {
+        lease_ttl: Duration::from_secs(6),
+        ..Default::default()
+    })
+    .unwrap();
+    let yaml = r#"
+name: follow
+metric: {name: loss, goal: minimize}
+parameters: {}
+searcher: {name: grid}
+trial:
+  command: [sh, -c, 'i=0; while [ $i -lt 40 ]; do i=$((i+1)); echo "line $i"; sleep 0.1; done; echo "chorus:metric {\"step\": 1, \"loss\": 1}"']
+"#;
+    let id = submit(&c, &c.write("follow.yaml", yaml));
+    c.wait_until(Duration::from_secs(30), "the trial running", |c| {
+        Ok(experiment(c, id)?["counts"]["running"].as_u64().unwrap_or(0) == 1)
+    })
+    .unwrap();
+    let tid = trials(&c, id)[0]["id"].to_string();
+    let out = c.dir.path().join("follow.out");
+    let mut follower = std::process::Command::new(chorus_tests::binary("chorus"))
+        .env("CHORUS_COORDINATOR", c.url())
+        .args(["trial", "logs", &tid, "-f"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(c.dir.path().join("follow.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let printed = |n: usize| {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("line "))
+            .count()
+            >= n
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !printed(5) {
+        assert!(std::time::Instant::now() < deadline, "the follower printed nothing");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.kill_coordinator();
+    std::thread::sleep(Duration::from_millis(800));
+    c.start_coordinator().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = follower.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "the follower never ended");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let err = std::fs::read_to_string(c.dir.path().join("follow.err")).unwrap();
+    assert!(status.success(), "{status}: {err}");
+    assert!(
+        err.contains("reconnecting"),
+        "it lost the coordinator and came back: {err}"
+    );
+    let lines: Vec<String> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("line "))
+        .map(String::from)
+        .collect();
+    let want: Vec<String> = (1..=40).map(|i| format!("line {i}")).collect();
+    assert_eq!(lines, want, "every line once, in order");
+}

@@ -1,8 +1,10 @@
 //! `chorus trial list` and `chorus trial logs`.
 
+use super::watch::{Backoff, retryable};
 use super::{Ctx, emit, emit_bytes};
 use crate::args::{TabularOutput, TrialCmd};
-use crate::error::CliError;
+use crate::client::Coordinator;
+use crate::error::{CliError, code_name};
 use crate::rank::{SortKey, sort_trials};
 use crate::render;
 use chorus_proto::pb;
@@ -43,24 +45,71 @@ pub async fn run(cmd: TrialCmd, ctx: &Ctx) -> Result<ExitCode, CliError> {
         }
         TrialCmd::Logs { trial, follow, rank } => {
             let coord = ctx.connect().await?;
-            let req = coord.streaming(pb::TrialLogsRequest {
-                trial_id: trial,
-                follow,
-                rank,
-            });
-            let mut stream = coord.api().trial_logs(req).await?.into_inner();
             let mut attempt = None;
-            // No reconnect here: the request has no offset, so resuming would replay the log.
-            while let Some(chunk) = stream.message().await? {
-                if attempt != Some(chunk.attempt) {
-                    // The marker goes to stderr so stdout stays the program's own output; stdout
-                    // is flushed after every chunk, so the two interleave in order on a terminal.
-                    eprintln!("--- attempt {} ---", chunk.attempt);
-                    attempt = Some(chunk.attempt);
+            let mut after = String::new();
+            let mut backoff = Backoff::default();
+            // While following, a lost coordinator (restart, network) is reconnected to, resuming
+            // after the last chunk printed, so nothing is repeated or skipped.
+            loop {
+                match print_logs(&coord, trial, follow, rank, &mut after, &mut attempt, &mut backoff).await {
+                    Ok(()) => return Ok(ExitCode::SUCCESS),
+                    Err(LogsError::Rpc(status)) if follow && retryable(status.code()) => {
+                        let delay = backoff.next_delay();
+                        eprintln!(
+                            "lost the coordinator ({}: {}); reconnecting in {delay:.1?}",
+                            code_name(status.code()),
+                            status.message()
+                        );
+                        tokio::time::sleep(delay).await;
+                    }
+                    Err(LogsError::Rpc(status)) => return Err(CliError::Rpc(status)),
+                    Err(LogsError::Cli(e)) => return Err(e),
                 }
-                emit_bytes(&chunk.data)?;
             }
-            Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Why one logs stream stopped: the coordinator's status (maybe worth a reconnect) or a local
+/// failure (stdout closed).
+enum LogsError {
+    Rpc(tonic::Status),
+    Cli(CliError),
+}
+
+impl From<tonic::Status> for LogsError {
+    fn from(s: tonic::Status) -> Self {
+        LogsError::Rpc(s)
+    }
+}
+
+/// Streams a trial's log from just after `after`, advancing it past every chunk printed.
+async fn print_logs(
+    coord: &Coordinator,
+    trial: u64,
+    follow: bool,
+    rank: u32,
+    after: &mut String,
+    attempt: &mut Option<u32>,
+    backoff: &mut Backoff,
+) -> Result<(), LogsError> {
+    let req = coord.streaming(pb::TrialLogsRequest {
+        trial_id: trial,
+        follow,
+        rank,
+        after: after.clone(),
+    });
+    let mut stream = coord.api().trial_logs(req).await?.into_inner();
+    while let Some(chunk) = stream.message().await? {
+        backoff.reset();
+        if *attempt != Some(chunk.attempt) {
+            // The marker goes to stderr so stdout stays the program's own output; stdout is
+            // flushed after every chunk, so the two interleave in order on a terminal.
+            eprintln!("--- attempt {} ---", chunk.attempt);
+            *attempt = Some(chunk.attempt);
+        }
+        emit_bytes(&chunk.data).map_err(LogsError::Cli)?;
+        *after = chunk.cursor;
+    }
+    Ok(())
 }

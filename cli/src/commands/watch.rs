@@ -88,7 +88,7 @@ async fn follow(
 
 /// Codes a restarting or overloaded coordinator produces; anything else (not found, denied)
 /// will not get better by asking again.
-fn retryable(code: Code) -> bool {
+pub(crate) fn retryable(code: Code) -> bool {
     matches!(
         code,
         Code::Unavailable
@@ -110,7 +110,7 @@ fn is_terminal(state: i32) -> bool {
 
 /// Exponential, without jitter: there is one watcher per terminal, not a fleet.
 #[derive(Debug)]
-struct Backoff {
+pub(crate) struct Backoff {
     next: Duration,
 }
 
@@ -121,13 +121,13 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let d = self.next;
         self.next = (self.next * 2).min(BACKOFF_MAX);
         d
     }
 
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = BACKOFF_MIN;
     }
 }

@@ -275,10 +275,11 @@ impl ExperimentService for ExperimentApi {
                     let Some((attempt, rank, _)) = parse_log_chunk_name(&name) else {
                         continue;
                     };
-                    if rank != req.rank {
+                    // Names of one rank sort in log order, so a cursor is the chunk's name.
+                    if rank != req.rank || (!req.after.is_empty() && name.as_str() <= req.after.as_str()) {
                         continue;
                     }
-                    if !seen.insert(name) {
+                    if !seen.insert(name.clone()) {
                         continue;
                     }
                     let data = match storage.store.get(&o.location).await {
@@ -289,6 +290,7 @@ impl ExperimentService for ExperimentApi {
                         .map(|d| pb::LogChunk {
                             attempt,
                             data: d.to_vec(),
+                            cursor: name,
                         })
                         .map_err(|e| Status::unavailable(format!("cannot read {}: {e}", o.location)));
                     if tx.send(msg).await.is_err() {
