@@ -188,6 +188,7 @@ impl ExperimentService for Mock {
             Ok(pb::LogChunk {
                 attempt,
                 data: s.as_bytes().to_vec(),
+                cursor: format!("{attempt}-{s}"),
             })
         });
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
