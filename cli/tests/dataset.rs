@@ -374,3 +374,53 @@ fn pack_a_csv_of_real_files() {
         "{err}"
     );
 }
+
+/// `dataset pack` reads JPEG faces as well as PNG: a colour JPEG of another size is cropped,
+/// resized and turned gray like a PNG would be (close to it: JPEG is lossy).
+#[test]
+fn pack_reads_jpeg_faces() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("corpus");
+    std::fs::create_dir_all(&src).unwrap();
+    let face = image::RgbImage::from_fn(96, 64, |x, _| {
+        let v = if x < 48 { 60 } else { 180 };
+        image::Rgb([v, v, v])
+    });
+    face.save(src.join("a.jpg")).unwrap();
+    face.save(src.join("a.png")).unwrap();
+    std::fs::write(src.join("data.csv"), "image,label\na.jpg,anger\na.png,anger\n").unwrap();
+    let out = uri(&tmp.path().join("packed"));
+    let csv = src.join("data.csv");
+    ok(&[
+        "dataset",
+        "pack",
+        "--csv",
+        csv.to_str().unwrap(),
+        "--out",
+        &out,
+        "--shards",
+        "1",
+    ]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let storage = open(&StorageUri::parse(&out).unwrap(), &Default::default()).unwrap();
+    let manifest = rt.block_on(chorus_dataset::read_manifest(&storage)).unwrap();
+    let bytes = rt
+        .block_on(chorus_dataset::fetch_shard(&storage, &manifest.shards[0]))
+        .unwrap();
+    let mut samples = chorus_dataset::parse_shard(&manifest.shards[0].key, &bytes, &manifest).unwrap();
+    samples.sort_by(|a, b| a.key.cmp(&b.key));
+    let (jpg, png) = (samples[0].image.as_ref().unwrap(), samples[1].image.as_ref().unwrap());
+    assert_eq!(jpg.len(), 48 * 48);
+    let worst = jpg.iter().zip(png).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+    let mean = |v: &[u8]| v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len() as f64;
+    assert!(
+        (mean(jpg) - mean(png)).abs() < 3.0,
+        "same picture: {} vs {}",
+        mean(jpg),
+        mean(png)
+    );
+    assert!(worst < 100, "lossy, not different: worst pixel off by {worst}");
+}

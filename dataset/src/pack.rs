@@ -1,8 +1,8 @@
 //! `chorus dataset pack`: a user's CSV of files and labels into shards.
 //!
 //! Columns, by header name (case-insensitive, any order): `label` (required: a class name or
-//! index), `image` (a PNG of any size and colour type: centre-cropped to a square, resized to
-//! 48x48, converted to gray), `audio` (a WAV of any rate, channel count and PCM or float
+//! index), `image` (a PNG or JPEG of any size and colour type: centre-cropped to a square,
+//! resized to 48x48, converted to gray), `audio` (a WAV of any rate, channel count and PCM or float
 //! format: downmixed to mono, resampled to 16 kHz by linear interpolation), `text` (the
 //! utterance), `split` (`train`, `val` or `test`; rows without one are split at random by the
 //! fractions). Empty cells mean the modality is missing. Relative paths resolve against the
@@ -220,7 +220,7 @@ pub fn load_image(path: &Path) -> Result<Vec<u8>, String> {
         .decode()
         .map_err(|e| match e {
             image::ImageError::Unsupported(_) => {
-                format!("{e} (this build reads PNG only; convert first, e.g. `mogrify -format png *.jpg`)")
+                format!("{e} (PNG and JPEG are read; convert others first, e.g. `mogrify -format png *.webp`)")
             }
             e => e.to_string(),
         })?;
