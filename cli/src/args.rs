@@ -237,6 +237,18 @@ pub enum WorkerCmd {
         #[arg(long, short, value_enum, default_value_t)]
         output: Output,
     },
+    /// Place no new trials on a worker (its running trials go on to their end), e.g. before
+    /// taking its node away; `--undo` places on it again.
+    Drain {
+        /// Worker id.
+        worker: String,
+        /// Make the worker eligible for new trials again.
+        #[arg(long)]
+        undo: bool,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
 }
 
 #[derive(Debug, Subcommand)]

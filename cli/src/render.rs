@@ -566,6 +566,7 @@ pub fn worker_json(w: &pb::WorkerInfo) -> Value {
         "labels": w.labels,
         "last_seen_unix_ms": w.last_seen_unix_ms,
         "running_trials": w.running_trials,
+        "draining": w.draining,
     })
 }
 
@@ -589,7 +590,12 @@ pub fn workers_table(ws: &[pb::WorkerInfo], now_ms: i64) -> String {
             vec![
                 w.id.clone(),
                 w.address.clone(),
-                if w.alive { "yes".into() } else { "no".into() },
+                match (w.alive, w.draining) {
+                    (true, false) => "yes".into(),
+                    (true, true) => "yes, draining".into(),
+                    (false, false) => "no".into(),
+                    (false, true) => "no, draining".into(),
+                },
                 format!("{}/{}", used.cpus, cap.cpus),
                 format!("{}/{}", used.gpus, cap.gpus),
                 labels.join(" "),

@@ -200,6 +200,10 @@ impl ExperimentService for Mock {
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
         Err(Status::unimplemented("not scripted"))
     }
+
+    async fn drain_worker(&self, _: Request<pb::DrainWorkerRequest>) -> Result<Response<pb::WorkerInfo>, Status> {
+        Err(Status::unimplemented("not scripted"))
+    }
 }
 
 /// A stand-in coordinator on its own runtime, so dropping it closes every connection at once,

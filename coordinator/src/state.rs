@@ -102,6 +102,9 @@ pub struct State {
     /// Rendezvous of live multi-rank attempts, by trial (in memory: ranks call again after a
     /// coordinator restart).
     rendezvous: BTreeMap<TrialId, Rendezvous>,
+    /// Workers drained of new trials: what runs there finishes, nothing new is placed.
+    pub drained: BTreeSet<WorkerId>,
+    drained_dirty: bool,
 }
 
 impl State {
@@ -128,7 +131,10 @@ impl State {
             events,
             telemetry: Default::default(),
             rendezvous: BTreeMap::new(),
+            drained: BTreeSet::new(),
+            drained_dirty: false,
         };
+        st.drained = st.store.load_drained()?.into_iter().collect();
         for row in st.store.load_experiments()? {
             st.next_experiment = st.next_experiment.max(row.id.0 + 1);
             let id = row.id;
@@ -194,6 +200,7 @@ impl State {
                 .collect(),
             metrics: std::mem::take(&mut self.metrics),
             attempts: std::mem::take(&mut self.attempts),
+            drained: std::mem::take(&mut self.drained_dirty).then(|| self.drained.iter().cloned().collect()),
         };
         let started = Instant::now();
         let committed = self.store.commit(&batch);
@@ -501,7 +508,7 @@ impl State {
             .registry
             .workers
             .values()
-            .filter(|w| w.registered && w.stream.is_some())
+            .filter(|w| w.registered && w.stream.is_some() && !self.drained.contains(&w.id))
             .map(|w| {
                 let u = used.get(&w.id).copied().unwrap_or_default();
                 WorkerView {
@@ -749,6 +756,27 @@ impl State {
     }
 
     // ---- workers -----------------------------------------------------------------------
+
+    /// Drains a worker of new trials (its running attempts go on to their end), or with `undo`
+    /// makes it eligible again. Kept across coordinator restarts and worker re-registrations.
+    pub fn drain(&mut self, id: &WorkerId, undo: bool) -> Result<()> {
+        if !undo && !self.registry.workers.contains_key(id) {
+            return Err(CoordError::NotFound(format!(
+                "worker {id} is not known to this coordinator"
+            )));
+        }
+        let changed = if undo {
+            self.drained.remove(id)
+        } else {
+            self.drained.insert(id.clone())
+        };
+        if changed {
+            self.drained_dirty = true;
+            tracing::info!(worker = %id, drained = !undo, "worker drain changed");
+            self.pump();
+        }
+        Ok(())
+    }
 
     /// A worker joins or rejoins. Returns the attempts it should kill.
     pub fn register(&mut self, req: pb::RegisterRequest) -> Result<Vec<pb::RunningAttempt>> {

@@ -606,3 +606,33 @@ fn paused_trials_wait_for_promotion() {
         assert!(t.message.contains("never promoted"), "{}", t.message);
     }
 }
+
+/// A drained worker gets no new trials (what runs there goes on), the drain outlives a
+/// coordinator restart, and undoing it places trials there again.
+#[test]
+fn a_drained_worker_gets_no_new_trials() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut st = open(dir.path(), 10_000);
+    let (_, mut rx1) = join(&mut st, "w1", 1, vec![]);
+    assert!(matches!(
+        st.drain(&WorkerId("nosuch".into()), false),
+        Err(CoordError::NotFound(_))
+    ));
+    st.drain(&WorkerId("w1".into()), false).unwrap();
+    st.flush();
+    let exp = st.reserve_experiment_id();
+    st.add_experiment(exp, grid_spec(""), "memory://t".into());
+    st.flush();
+    assert!(assignments(&mut rx1).is_empty(), "nothing placed on a drained worker");
+    let (_, mut rx2) = join(&mut st, "w2", 1, vec![]);
+    assert_eq!(assignments(&mut rx2).len(), 1, "the other worker takes a trial");
+    {
+        let again = open(dir.path(), 10_000);
+        assert!(again.drained.contains(&WorkerId("w1".into())), "kept across a restart");
+    }
+    st.drain(&WorkerId("w1".into()), true).unwrap();
+    st.flush();
+    assert_eq!(assignments(&mut rx1).len(), 1, "undone: it takes a trial again");
+    let again = open(dir.path(), 10_000);
+    assert!(again.drained.is_empty());
+}

@@ -79,3 +79,60 @@ fn grid_sweep_completes_and_compare_names_the_best() {
         logs
     );
 }
+
+/// `chorus worker drain`: a drained worker gets no new trials while another takes them all,
+/// `worker list` says so, and `--undo` makes it eligible again. An unknown worker is an error.
+#[test]
+fn a_drained_worker_takes_no_new_trials() {
+    let c = TestCluster::start(ClusterConfig::default()).unwrap();
+    let ran = c.dir.path().join("ran.txt");
+    let out = c.chorus(&["worker", "drain", "worker-0", "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let w: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(w["draining"], true);
+    let listed = c.chorus_json(&["worker", "list", "-o", "json"]).unwrap();
+    let draining: Vec<bool> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["draining"].as_bool().unwrap())
+        .collect();
+    assert_eq!(draining, [true, false]);
+    let missing = c.chorus(&["worker", "drain", "nosuch"]);
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("nosuch"),
+        "{missing:?}"
+    );
+    let yaml = format!(
+        r#"
+name: drained
+metric: {{name: loss, goal: minimize}}
+parameters:
+  k: {{values: [1, 2, 3, 4]}}
+searcher: {{name: grid}}
+parallel_trials: 4
+trial:
+  command: [sh, -c, 'echo "$CHORUS_WORKER_ID" >> {ran}; sleep 0.3; echo "chorus:metric {{\"step\": 1, \"loss\": ${{params.k}}}}"']
+"#,
+        ran = ran.display()
+    );
+    let id = submit(&c, &c.write("drained.yaml", &yaml));
+    assert_eq!(
+        wait_ended(&c, id, Duration::from_secs(60)),
+        "completed",
+        "{}",
+        c.logs_tail()
+    );
+    let workers: Vec<String> = std::fs::read_to_string(&ran)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(workers, ["worker-1"; 4], "only the undrained worker ran trials");
+    let out = c.chorus(&["worker", "drain", "worker-0", "--undo"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("takes new trials"));
+    let listed = c.chorus_json(&["worker", "list", "-o", "json"]).unwrap();
+    assert!(listed.as_array().unwrap().iter().all(|w| w["draining"] == false));
+}

@@ -314,39 +314,55 @@ impl ExperimentService for ExperimentApi {
         _req: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let st = self.coord.lock();
-        let mut workers: Vec<pb::WorkerInfo> = st
-            .registry
-            .workers
-            .values()
-            .map(|w| {
-                let mut used = pb::Resources::default();
-                let mut running = Vec::new();
-                for t in st.trials.values() {
-                    let Some(l) = t.live.as_ref().filter(|l| l.on(&w.id)) else {
-                        continue;
-                    };
-                    let r = &st.experiments[&t.experiment].spec.spec.resources;
-                    let ranks_here = l.ranks.iter().filter(|x| x.worker == w.id).count() as u32;
-                    used.cpus += r.cpus * ranks_here;
-                    used.gpus += r.gpus * ranks_here;
-                    running.push(t.id.0);
-                }
-                pb::WorkerInfo {
-                    id: w.id.0.clone(),
-                    address: w.address.clone(),
-                    capacity: Some(pb::Resources {
-                        cpus: w.capacity.cpus,
-                        gpus: w.capacity.gpus,
-                    }),
-                    used: Some(used),
-                    labels: w.labels.clone().into_iter().collect(),
-                    alive: w.registered,
-                    last_seen_unix_ms: w.last_seen_ms,
-                    running_trials: running,
-                }
-            })
-            .collect();
+        let mut workers: Vec<pb::WorkerInfo> = st.registry.workers.values().map(|w| worker_info(&st, w)).collect();
         workers.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(Response::new(pb::ListWorkersResponse { workers }))
+    }
+
+    async fn drain_worker(&self, req: Request<pb::DrainWorkerRequest>) -> Result<Response<pb::WorkerInfo>, Status> {
+        let req = req.into_inner();
+        let id = chorus_core::WorkerId(req.worker_id);
+        let mut st = self.coord.lock();
+        st.drain(&id, req.undo)?;
+        st.flush();
+        let info = match st.registry.workers.get(&id) {
+            Some(w) => worker_info(&st, w),
+            // Undone for a worker that is gone: nothing to show but its id.
+            None => pb::WorkerInfo {
+                id: id.0,
+                ..Default::default()
+            },
+        };
+        Ok(Response::new(info))
+    }
+}
+
+/// What `ListWorkers` and `DrainWorker` say of one worker.
+fn worker_info(st: &crate::state::State, w: &crate::cluster::WorkerEntry) -> pb::WorkerInfo {
+    let mut used = pb::Resources::default();
+    let mut running = Vec::new();
+    for t in st.trials.values() {
+        let Some(l) = t.live.as_ref().filter(|l| l.on(&w.id)) else {
+            continue;
+        };
+        let r = &st.experiments[&t.experiment].spec.spec.resources;
+        let ranks_here = l.ranks.iter().filter(|x| x.worker == w.id).count() as u32;
+        used.cpus += r.cpus * ranks_here;
+        used.gpus += r.gpus * ranks_here;
+        running.push(t.id.0);
+    }
+    pb::WorkerInfo {
+        id: w.id.0.clone(),
+        address: w.address.clone(),
+        capacity: Some(pb::Resources {
+            cpus: w.capacity.cpus,
+            gpus: w.capacity.gpus,
+        }),
+        used: Some(used),
+        labels: w.labels.clone().into_iter().collect(),
+        alive: w.registered,
+        last_seen_unix_ms: w.last_seen_ms,
+        running_trials: running,
+        draining: st.drained.contains(&w.id),
     }
 }

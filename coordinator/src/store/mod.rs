@@ -140,11 +140,17 @@ pub struct Batch {
     pub trials: Vec<TrialRecord>,
     pub metrics: Vec<MetricRow>,
     pub attempts: Vec<AttemptRow>,
+    /// The workers drained of new trials, when the set changed.
+    pub drained: Option<Vec<WorkerId>>,
 }
 
 impl Batch {
     pub fn is_empty(&self) -> bool {
-        self.experiments.is_empty() && self.trials.is_empty() && self.metrics.is_empty() && self.attempts.is_empty()
+        self.experiments.is_empty()
+            && self.trials.is_empty()
+            && self.metrics.is_empty()
+            && self.attempts.is_empty()
+            && self.drained.is_none()
     }
 }
 
@@ -289,12 +295,34 @@ impl Store {
         rows.collect()
     }
 
+    /// The workers drained of new trials (kept in `meta`: a short list that outlives every
+    /// worker's registration).
+    pub fn load_drained(&self) -> rusqlite::Result<Vec<WorkerId>> {
+        let json: Option<String> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'drained_workers'", [], |r| r.get(0))
+            .optional()?;
+        Ok(json
+            .and_then(|j| serde_json::from_str::<Vec<String>>(&j).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .map(WorkerId)
+            .collect())
+    }
+
     /// Writes a batch in one durable transaction.
     pub fn commit(&mut self, batch: &Batch) -> rusqlite::Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
         let tx = self.conn.transaction()?;
+        if let Some(drained) = &batch.drained {
+            let ids: Vec<&str> = drained.iter().map(|w| w.0.as_str()).collect();
+            tx.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('drained_workers', ?1)",
+                params![serde_json::to_string(&ids).expect("strings serialise")],
+            )?;
+        }
         {
             let mut put_exp = tx.prepare_cached(
                 "INSERT OR REPLACE INTO experiments (id, name, spec_yaml, state, storage, created_ms, ended_ms, message,
