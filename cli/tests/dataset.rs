@@ -260,19 +260,7 @@ fn pack_a_csv_of_real_files() {
         .collect();
     assert_eq!(totals, [1, 0, 0, 1, 1, 1, 1]);
 
-    // Read it back as the trainer would.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let storage = open(&StorageUri::parse(&out).unwrap(), &Default::default()).unwrap();
-    let manifest = rt.block_on(chorus_dataset::read_manifest(&storage)).unwrap();
-    let mut samples = Vec::new();
-    for shard in &manifest.shards {
-        let bytes = rt.block_on(chorus_dataset::fetch_shard(&storage, shard)).unwrap();
-        samples.extend(chorus_dataset::parse_shard(&shard.key, &bytes, &manifest).unwrap());
-    }
-    samples.sort_by(|a, b| a.key.cmp(&b.key));
+    let (manifest, samples) = read_packed(&out);
     let keys: Vec<&str> = samples.iter().map(|s| s.key.as_str()).collect();
     assert_eq!(
         keys,
@@ -401,17 +389,7 @@ fn pack_reads_jpeg_faces() {
         "--shards",
         "1",
     ]);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let storage = open(&StorageUri::parse(&out).unwrap(), &Default::default()).unwrap();
-    let manifest = rt.block_on(chorus_dataset::read_manifest(&storage)).unwrap();
-    let bytes = rt
-        .block_on(chorus_dataset::fetch_shard(&storage, &manifest.shards[0]))
-        .unwrap();
-    let mut samples = chorus_dataset::parse_shard(&manifest.shards[0].key, &bytes, &manifest).unwrap();
-    samples.sort_by(|a, b| a.key.cmp(&b.key));
+    let (_, samples) = read_packed(&out);
     let (jpg, png) = (samples[0].image.as_ref().unwrap(), samples[1].image.as_ref().unwrap());
     assert_eq!(jpg.len(), 48 * 48);
     let worst = jpg.iter().zip(png).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
@@ -423,4 +401,21 @@ fn pack_reads_jpeg_faces() {
         mean(png)
     );
     assert!(worst < 100, "lossy, not different: worst pixel off by {worst}");
+}
+
+/// A packed dataset's manifest and every sample, read back as the trainer would, by key.
+fn read_packed(out: &str) -> (chorus_dataset::Manifest, Vec<chorus_dataset::Sample>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let storage = open(&StorageUri::parse(out).unwrap(), &Default::default()).unwrap();
+    let manifest = rt.block_on(chorus_dataset::read_manifest(&storage)).unwrap();
+    let mut samples = Vec::new();
+    for shard in &manifest.shards {
+        let bytes = rt.block_on(chorus_dataset::fetch_shard(&storage, shard)).unwrap();
+        samples.extend(chorus_dataset::parse_shard(&shard.key, &bytes, &manifest).unwrap());
+    }
+    samples.sort_by(|a, b| a.key.cmp(&b.key));
+    (manifest, samples)
 }
