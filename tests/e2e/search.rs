@@ -68,13 +68,11 @@ fn cut_short_and_best_ran_on(ts: &[Value], marker: &str) {
     assert_eq!(best["last_metrics"]["step"], 9, "{best}");
 }
 
-/// ASHA's promotion rule: trials pause at rungs, the promoted ones resume from the checkpoint
-/// they paused at (at no restart cost), and the rest end as never promoted.
-#[test]
-fn asha_pauses_and_promotes_from_checkpoints() {
-    let c = TestCluster::start(ClusterConfig::default()).unwrap();
-    let runs = c.dir.path().join("runs.txt");
-    let yaml = format!(
+/// ASHA with promotion over 9 checkpointing trials (loss = x + 1/step up to step 9), one at a
+/// time, so arrivals at the rungs come in one order and the promotions are fixed. Each attempt
+/// appends `trial attempt first-step` to `runs`.
+fn promoting_spec(runs: &std::path::Path) -> String {
+    format!(
         r#"
 name: asha-promote
 metric: {{name: loss, goal: minimize}}
@@ -82,13 +80,21 @@ parameters:
   x: {{min: 0.0, max: 1.0}}
 searcher: {{name: asha, seed: 4, reduction_factor: 3, grace_period: 1, max_resource: 9}}
 max_trials: 9
-# One at a time, so arrivals at the rungs come in one order and the promotions are fixed.
 parallel_trials: 1
 trial:
   command: [sh, -c, 'd="$CHORUS_CHECKPOINT_DIR"; s=0; if [ -f "$d/step" ]; then s=$(cat "$d/step"); fi; echo "$CHORUS_TRIAL_ID $CHORUS_ATTEMPT $s" >> {runs}; while [ $s -lt 9 ]; do s=$((s+1)); echo $s > "$d/step.tmp"; mv "$d/step.tmp" "$d/step"; echo "chorus:metric {{\"step\": $s, \"loss\": $(awk -v x=${{params.x}} -v s=$s "BEGIN {{ print x + 1 / s }}")}}"; sleep 0.15; done']
 "#,
         runs = runs.display()
-    );
+    )
+}
+
+/// ASHA's promotion rule: trials pause at rungs, the promoted ones resume from the checkpoint
+/// they paused at (at no restart cost), and the rest end as never promoted.
+#[test]
+fn asha_pauses_and_promotes_from_checkpoints() {
+    let c = TestCluster::start(ClusterConfig::default()).unwrap();
+    let runs = c.dir.path().join("runs.txt");
+    let yaml = promoting_spec(&runs);
     let id = submit(&c, &c.write("asha-promote.yaml", &yaml));
     assert_eq!(
         wait_ended(&c, id, Duration::from_secs(120)),
@@ -358,4 +364,36 @@ trial:
         most = most.max(now);
     }
     assert_eq!(most, 3, "three at once after the update");
+}
+
+/// A coordinator SIGKILLed while trials wait at rungs: the restarted one keeps them paused,
+/// promotes them as before, and the search ends with every trial once and none left paused.
+#[test]
+fn paused_trials_survive_a_coordinator_sigkill() {
+    let mut c = TestCluster::start(ClusterConfig {
+        lease_ttl: Duration::from_secs(6),
+        ..Default::default()
+    })
+    .unwrap();
+    let runs = c.dir.path().join("runs.txt");
+    let id = submit(&c, &c.write("asha-crash.yaml", &promoting_spec(&runs)));
+    c.wait_until(Duration::from_secs(60), "two trials paused", |c| {
+        Ok(experiment(c, id)?["counts"]["paused"].as_u64().unwrap_or(0) >= 2)
+    })
+    .unwrap();
+    c.kill_coordinator();
+    std::thread::sleep(Duration::from_millis(500));
+    c.start_coordinator().unwrap();
+    assert_eq!(
+        wait_ended(&c, id, Duration::from_secs(120)),
+        "completed",
+        "{}",
+        c.logs_tail()
+    );
+    let ts = trials(&c, id);
+    assert_eq!(ts.len(), 9, "no trial lost, none extra");
+    let params: BTreeSet<String> = ts.iter().map(|t| t["params"].to_string()).collect();
+    assert_eq!(params.len(), 9, "no parameter set twice");
+    assert_eq!(experiment(&c, id).unwrap()["counts"]["paused"], 0);
+    cut_short_and_best_ran_on(&ts, "never promoted");
 }
