@@ -141,25 +141,32 @@ fn a_tpe_search_survives_a_coordinator_sigkill() {
         Ok(experiment(c, id)?["counts"]["completed"].as_u64().unwrap_or(0) >= 4)
     })
     .unwrap();
-    c.kill_coordinator();
-    std::thread::sleep(Duration::from_millis(500));
-    c.start_coordinator().unwrap();
-    assert_eq!(
-        wait_ended(&c, id, Duration::from_secs(120)),
-        "completed",
-        "{}",
-        c.logs_tail()
-    );
-    let ts = trials(&c, id);
-    assert_eq!(ts.len(), 10, "no trial lost, none extra");
-    let params: BTreeSet<String> = ts.iter().map(|t| t["params"].to_string()).collect();
-    assert_eq!(params.len(), 10, "no parameter set twice: {params:?}");
+    sigkill_the_coordinator_and_finish(&mut c, id, 10);
     let mut count: BTreeMap<String, usize> = BTreeMap::new();
     for line in std::fs::read_to_string(&runs).unwrap().lines() {
         *count.entry(line.split(' ').next().unwrap().to_string()).or_default() += 1;
     }
     assert_eq!(count.len(), 10, "{count:?}");
     assert!(count.values().all(|n| *n == 1), "a trial ran twice: {count:?}");
+}
+
+/// SIGKILLs the coordinator mid-search and restarts it on the same store; the experiment must
+/// then complete with exactly `n` trials, no parameter set twice. Returns the trials.
+fn sigkill_the_coordinator_and_finish(c: &mut TestCluster, id: u64, n: usize) -> Vec<Value> {
+    c.kill_coordinator();
+    std::thread::sleep(Duration::from_millis(500));
+    c.start_coordinator().unwrap();
+    assert_eq!(
+        wait_ended(c, id, Duration::from_secs(120)),
+        "completed",
+        "{}",
+        c.logs_tail()
+    );
+    let ts = trials(c, id);
+    assert_eq!(ts.len(), n, "no trial lost, none extra");
+    let params: BTreeSet<String> = ts.iter().map(|t| t["params"].to_string()).collect();
+    assert_eq!(params.len(), n, "no parameter set twice: {params:?}");
+    ts
 }
 
 /// Population-based training: the worst trials continue from the best ones' checkpoints (copied
@@ -381,19 +388,7 @@ fn paused_trials_survive_a_coordinator_sigkill() {
         Ok(experiment(c, id)?["counts"]["paused"].as_u64().unwrap_or(0) >= 2)
     })
     .unwrap();
-    c.kill_coordinator();
-    std::thread::sleep(Duration::from_millis(500));
-    c.start_coordinator().unwrap();
-    assert_eq!(
-        wait_ended(&c, id, Duration::from_secs(120)),
-        "completed",
-        "{}",
-        c.logs_tail()
-    );
-    let ts = trials(&c, id);
-    assert_eq!(ts.len(), 9, "no trial lost, none extra");
-    let params: BTreeSet<String> = ts.iter().map(|t| t["params"].to_string()).collect();
-    assert_eq!(params.len(), 9, "no parameter set twice");
+    let ts = sigkill_the_coordinator_and_finish(&mut c, id, 9);
     assert_eq!(experiment(&c, id).unwrap()["counts"]["paused"], 0);
     cut_short_and_best_ran_on(&ts, "never promoted");
 }

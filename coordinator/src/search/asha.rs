@@ -160,11 +160,10 @@ impl AshaSearcher {
             .unwrap_or_default();
         state.rungs.resize_with(settings.brackets as usize, Default::default);
         state.promoted.resize_with(settings.brackets as usize, Default::default);
-        for (b, rungs) in state.rungs.iter_mut().enumerate() {
-            rungs.resize_with(settings.rungs(b as u32).len(), Default::default);
-        }
-        for (b, promoted) in state.promoted.iter_mut().enumerate() {
-            promoted.resize_with(settings.rungs(b as u32).len(), Default::default);
+        for (b, (rungs, promoted)) in state.rungs.iter_mut().zip(&mut state.promoted).enumerate() {
+            let n = settings.rungs(b as u32).len();
+            rungs.resize_with(n, Default::default);
+            promoted.resize_with(n, Default::default);
         }
         AshaSearcher {
             space,
@@ -304,10 +303,7 @@ impl AshaSearcher {
             recorded.insert(trial, best);
             p.decided += 1;
             if self.settings.stop_once {
-                let better = recorded
-                    .iter()
-                    .filter(|(t, v)| **v < best || (**v == best && **t < trial))
-                    .count();
+                let better = better_than(recorded, trial, best);
                 let keep = recorded.len().div_ceil(eta);
                 if better >= keep {
                     p.stopped = true;
@@ -328,11 +324,8 @@ impl AshaSearcher {
                     self.state.promoted[bracket][k].insert(trial);
                 }
                 chosen => {
-                    let n = self.state.rungs[bracket][k].len();
-                    let rank = 1 + self.state.rungs[bracket][k]
-                        .iter()
-                        .filter(|(t, v)| **v < best || (**v == best && **t < trial))
-                        .count();
+                    let recorded = &self.state.rungs[bracket][k];
+                    let (n, rank) = (recorded.len(), 1 + better_than(recorded, trial, best));
                     self.state.trials.get_mut(&trial).expect("looked up above").paused = true;
                     let why = match chosen {
                         Some((t, at, _, _)) => format!("trial {t} at rung {at} is promoted first"),
@@ -349,6 +342,15 @@ impl AshaSearcher {
             }
         }
     }
+}
+
+/// How many trials recorded at a rung rank ahead of `trial` with loss `best` (ties go to the
+/// older trial, so every rank is distinct).
+fn better_than(recorded: &BTreeMap<TrialId, f64>, trial: TrialId, best: f64) -> usize {
+    recorded
+        .iter()
+        .filter(|(t, v)| **v < best || (**v == best && **t < trial))
+        .count()
 }
 
 fn resource_name(r: ResourceName) -> &'static str {

@@ -132,6 +132,11 @@ mod tests {
     use chorus_core::spec::SchedulerName;
 
     fn scheduler(goal: Goal) -> MedianStopping {
+        restored(goal, &serde_json::Value::Null)
+    }
+
+    /// The scheduler (over random search) rebuilt from `saved`, as `build` would.
+    fn restored(goal: Goal, saved: &serde_json::Value) -> MedianStopping {
         let mut space = Space::new();
         space.insert("x".into(), Param::Uniform { min: 0.0, max: 1.0 });
         let spec = SchedulerSpec {
@@ -140,7 +145,12 @@ mod tests {
             min_trials: 2,
             resource: ResourceName::Step,
         };
-        MedianStopping::new(Box::new(RandomSearcher::new(space, 1, None)), goal, &spec, None)
+        MedianStopping::new(
+            Box::new(RandomSearcher::new(space, 1, saved.get("searcher"))),
+            goal,
+            &spec,
+            saved.get("scheduler"),
+        )
     }
 
     fn report(s: &mut MedianStopping, t: u64, step: i64, value: f64) -> bool {
@@ -181,21 +191,7 @@ mod tests {
             report(&mut s, 4, 5, 0.2),
             "maximising: 0.2 is below the median 0.8 of 0.9, 0.1 and 0.8"
         );
-        let saved = s.save();
-        let mut space = Space::new();
-        space.insert("x".into(), Param::Uniform { min: 0.0, max: 1.0 });
-        let spec = SchedulerSpec {
-            name: SchedulerName::Median,
-            grace_period: 2,
-            min_trials: 2,
-            resource: ResourceName::Step,
-        };
-        let r = MedianStopping::new(
-            Box::new(RandomSearcher::new(space, 1, saved.get("searcher"))),
-            Goal::Maximize,
-            &spec,
-            saved.get("scheduler"),
-        );
+        let r = restored(Goal::Maximize, &s.save());
         assert_eq!(r.state, s.state);
     }
 }
