@@ -1,29 +1,99 @@
-//! Crash-safe checkpoints on object storage.
+//! Crash-safe checkpoints on object storage, fenced by attempt.
 //!
 //! Object stores cannot rename, so a checkpoint is committed by writing its `MANIFEST.json`
 //! last, with create-if-absent, listing every file with its size and CRC-32C. A directory
 //! without a manifest is an interrupted upload and is ignored; one whose files do not match
 //! its manifest is corrupt, and restore falls back to the next older checkpoint.
+//!
+//! Every attempt of a trial writes under directories of its own, `{step:012}-a{attempt:04}`,
+//! so two attempts never write the same object: an attempt the coordinator has given up on
+//! (a frozen or partitioned worker that still runs it) can neither overwrite a newer attempt's
+//! checkpoint nor commit a step in its place. Which checkpoints belong to a trial's history
+//! is decided by lineage, never by recency: each manifest names the checkpoint its attempt
+//! started from (`parent`), a new attempt restores only the checkpoint the coordinator
+//! acknowledged (and its ancestors, as fallbacks), and retention deletes only within the
+//! pruning attempt's own lineage and what no lineage reaches, never an attempt newer than
+//! itself, never the newest acknowledged checkpoint nor anything after it.
+//! Directories named `{step:012}` alone are checkpoints written before this scheme; they read
+//! as attempt 0.
+//!
+//! Files are streamed in both directions in bounded chunks, so a checkpoint of any size costs
+//! a few megabytes of memory.
 
 use crate::error::CoreError;
 use crate::storage::Storage;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path as FsPath, PathBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub const MANIFEST: &str = "MANIFEST.json";
+/// A manifest larger than this is refused unread.
+pub const MAX_MANIFEST_BYTES: u64 = 16 * 1024 * 1024;
+/// Files one checkpoint may hold.
+pub const MAX_MANIFEST_FILES: usize = 100_000;
+/// Bytes held in memory per file while uploading or restoring (also the multipart part size).
+const IO_CHUNK: usize = 8 * 1024 * 1024;
+
+/// A committed checkpoint: the step it holds and the attempt that committed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct CheckpointRef {
+    pub step: i64,
+    /// 0 for a checkpoint written before checkpoints were kept per attempt.
+    pub attempt: u32,
+}
+
+impl CheckpointRef {
+    pub fn new(step: i64, attempt: u32) -> Self {
+        CheckpointRef { step, attempt }
+    }
+
+    /// Its directory name: zero-padded so names sort by step, then attempt.
+    pub fn dir_name(&self) -> String {
+        match self.attempt {
+            0 => format!("{:012}", self.step),
+            a => format!("{:012}-a{a:04}", self.step),
+        }
+    }
+
+    pub fn parse_dir_name(name: &str) -> Option<Self> {
+        let (step, attempt) = match name.split_once("-a") {
+            Some((s, a)) => (s, a.parse().ok().filter(|&a| a > 0)?),
+            None => (name, 0),
+        };
+        if step.is_empty() || !step.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some(CheckpointRef::new(step.parse().ok()?, attempt))
+    }
+}
+
+impl std::fmt::Display for CheckpointRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "step {} of attempt {}", self.step, self.attempt)
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Manifest {
     pub version: u32,
     pub step: i64,
+    /// The attempt that committed it (0: written before checkpoints were kept per attempt).
+    #[serde(default)]
+    pub attempt: u32,
+    /// The checkpoint the committing attempt started from, if any: the link to its ancestors.
+    #[serde(default)]
+    pub parent: Option<CheckpointRef>,
     pub created_unix_ms: i64,
     pub files: Vec<ManifestFile>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ManifestFile {
     /// Path relative to the checkpoint directory, `/`-separated.
     pub path: String,
@@ -31,9 +101,71 @@ pub struct ManifestFile {
     pub crc32c: u32,
 }
 
-/// Directory name of a step: zero-padded so names sort by step.
+impl Manifest {
+    /// Parses and checks a manifest as read from storage: bounded, and every path a plain
+    /// relative path that cannot leave the checkpoint directory.
+    pub fn parse(bytes: &[u8]) -> Result<Manifest, String> {
+        if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(format!(
+                "manifest is {} bytes, over the limit of {MAX_MANIFEST_BYTES}",
+                bytes.len()
+            ));
+        }
+        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| format!("manifest is not valid: {e}"))?;
+        if m.files.len() > MAX_MANIFEST_FILES {
+            return Err(format!(
+                "manifest lists {} files, over the limit of {MAX_MANIFEST_FILES}",
+                m.files.len()
+            ));
+        }
+        if let Some(p) = m.parent
+            && p.attempt > m.attempt
+        {
+            return Err(format!("parent {p} is newer than the manifest's attempt {}", m.attempt));
+        }
+        let mut seen = BTreeSet::new();
+        for f in &m.files {
+            if !safe_relative_path(&f.path) {
+                return Err(format!("unsafe path {:?}", f.path));
+            }
+            if f.path == MANIFEST {
+                return Err("a file may not be named like the manifest".into());
+            }
+            if !seen.insert(f.path.as_str()) {
+                return Err(format!("path {:?} is listed twice", f.path));
+            }
+        }
+        Ok(m)
+    }
+
+    pub fn at(&self) -> CheckpointRef {
+        CheckpointRef::new(self.step, self.attempt)
+    }
+}
+
+/// A `/`-separated relative path with no empty, `.` or `..` part and no backslash or NUL.
+fn safe_relative_path(p: &str) -> bool {
+    !p.is_empty()
+        && !p.contains(['\\', '\0'])
+        && p.split('/').all(|part| !part.is_empty() && part != "." && part != "..")
+}
+
+/// Directory name of a step committed before checkpoints were kept per attempt.
 pub fn step_dir(step: i64) -> String {
-    format!("{step:012}")
+    CheckpointRef::new(step, 0).dir_name()
+}
+
+fn dir_of(prefix: &Path, at: CheckpointRef) -> Path {
+    prefix.clone().join(at.dir_name())
+}
+
+/// The manifest key of a checkpoint.
+pub fn manifest_key(prefix: &Path, at: CheckpointRef) -> Path {
+    dir_of(prefix, at).join(MANIFEST)
+}
+
+fn file_key(base: &Path, rel: &str) -> Path {
+    rel.split('/').fold(base.clone(), |p, part| p.join(part))
 }
 
 /// Files under `dir`, relative and sorted, skipping nothing but directories.
@@ -82,38 +214,77 @@ pub fn fingerprint(dir: &FsPath) -> Result<Option<u64>, CoreError> {
     Ok(Some(h as u64))
 }
 
-/// Uploads every file of `dir` as the checkpoint of `step` under `prefix`, manifest last.
-/// Returns `None` when the directory is empty. If a valid checkpoint of this step already
-/// exists (an earlier attempt committed it), it is kept and returned unchanged.
-pub async fn commit(storage: &Storage, prefix: &Path, step: i64, dir: &FsPath) -> Result<Option<Manifest>, CoreError> {
+/// Streams one local file to `key`, returning its size and CRC-32C.
+async fn upload_file(storage: &Storage, key: &Path, path: &FsPath) -> Result<(u64, u32), CoreError> {
+    let mut file = tokio::fs::File::open(path).await.map_err(|e| CoreError::io(path, e))?;
+    let mut out = object_store::buffered::BufWriter::with_capacity(storage.store.clone(), key.clone(), IO_CHUNK);
+    let mut buf = vec![0u8; 1024 * 1024];
+    let (mut size, mut crc) = (0u64, 0u32);
+    loop {
+        let n = file.read(&mut buf).await.map_err(|e| CoreError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        size += n as u64;
+        if let Err(e) = out.write_all(&buf[..n]).await {
+            let _ = out.abort().await;
+            return Err(upload_error(key, e));
+        }
+    }
+    out.shutdown().await.map_err(|e| upload_error(key, e))?;
+    Ok((size, crc))
+}
+
+fn upload_error(key: &Path, e: std::io::Error) -> CoreError {
+    match e.downcast::<object_store::Error>() {
+        Ok(e) => CoreError::ObjectStore(e),
+        Err(e) => CoreError::ObjectStore(object_store::Error::Generic {
+            store: "checkpoint upload",
+            source: format!("{key}: {e}").into(),
+        }),
+    }
+}
+
+/// Uploads every file of `dir` as the checkpoint `at` under `prefix`, manifest last, naming
+/// `parent` (the checkpoint the attempt started from) as its ancestor. Returns `None` when the
+/// directory is empty. If this attempt already committed this step (a retry), the valid
+/// checkpoint is kept and returned unchanged.
+pub async fn commit(
+    storage: &Storage,
+    prefix: &Path,
+    at: CheckpointRef,
+    parent: Option<CheckpointRef>,
+    dir: &FsPath,
+) -> Result<Option<Manifest>, CoreError> {
     let files = local_files(dir)?;
     if files.is_empty() {
         return Ok(None);
     }
-    let base = prefix.clone().join(step_dir(step));
-    let manifest_key = base.clone().join(MANIFEST);
-    match read_manifest(storage, &manifest_key).await {
-        Ok(Some(m)) if verify(storage, &base, &m).await.is_ok() => return Ok(Some(m)),
+    let base = dir_of(prefix, at);
+    let key = base.clone().join(MANIFEST);
+    match read_manifest(storage, &key).await {
+        Ok(Some(m)) if verify_contents(storage, &base, &m).await.is_ok() => return Ok(Some(m)),
         Ok(None) => {}
-        // Corrupt or unreadable: clear it so this commit can take its place.
+        Err(CoreError::ObjectStore(e)) => return Err(CoreError::ObjectStore(e)),
+        // Corrupt: our own directory, so it is ours to clear.
         _ => delete_prefix(storage, &base).await?,
     }
     let mut entries = Vec::with_capacity(files.len());
     for rel in &files {
-        let full = dir.join(rel);
-        let data = tokio::fs::read(&full).await.map_err(|e| CoreError::io(&full, e))?;
         let rel_str = rel.to_string_lossy().replace('\\', "/");
+        let (size, crc32c) = upload_file(storage, &file_key(&base, &rel_str), &dir.join(rel)).await?;
         entries.push(ManifestFile {
-            path: rel_str.clone(),
-            size: data.len() as u64,
-            crc32c: crc32c::crc32c(&data),
+            path: rel_str,
+            size,
+            crc32c,
         });
-        let key = rel_str.split('/').fold(base.clone(), |p, part| p.join(part));
-        storage.store.put(&key, PutPayload::from(data)).await?;
     }
     let manifest = Manifest {
-        version: 1,
-        step,
+        version: 2,
+        step: at.step,
+        attempt: at.attempt,
+        parent,
         created_unix_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64),
@@ -124,121 +295,274 @@ pub async fn commit(storage: &Storage, prefix: &Path, step: i64, dir: &FsPath) -
         mode: PutMode::Create,
         ..Default::default()
     };
-    match storage
-        .store
-        .put_opts(&manifest_key, PutPayload::from(body), opts)
-        .await
-    {
+    match storage.store.put_opts(&key, PutPayload::from(body), opts).await {
         Ok(_) => Ok(Some(manifest)),
-        Err(object_store::Error::AlreadyExists { .. }) => {
-            // Another writer committed this step between our check and our put; theirs stands.
-            Ok(read_manifest(storage, &manifest_key).await?)
-        }
+        // An earlier run of this same attempt got there first; its checkpoint stands.
+        Err(object_store::Error::AlreadyExists { .. }) => Ok(read_manifest(storage, &key).await?),
         Err(e) => Err(e.into()),
     }
 }
 
-async fn read_manifest(storage: &Storage, key: &Path) -> Result<Option<Manifest>, CoreError> {
-    let bytes = match storage.store.get(key).await {
-        Ok(r) => r.bytes().await?,
+/// Reads and checks a manifest; `None` when there is none (an interrupted upload).
+pub async fn read_manifest(storage: &Storage, key: &Path) -> Result<Option<Manifest>, CoreError> {
+    let r = match storage.store.get(key).await {
+        Ok(r) => r,
         Err(object_store::Error::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| CoreError::CorruptCheckpoint {
+    if r.meta.size > MAX_MANIFEST_BYTES {
+        return Err(CoreError::CorruptCheckpoint {
             key: key.to_string(),
-            reason: format!("manifest is not valid: {e}"),
+            reason: format!(
+                "manifest is {} bytes, over the limit of {MAX_MANIFEST_BYTES}",
+                r.meta.size
+            ),
+        });
+    }
+    let bytes = r.bytes().await?;
+    Manifest::parse(&bytes)
+        .map(Some)
+        .map_err(|reason| CoreError::CorruptCheckpoint {
+            key: key.to_string(),
+            reason,
         })
 }
 
-async fn fetch_verified(storage: &Storage, base: &Path, f: &ManifestFile) -> Result<bytes::Bytes, CoreError> {
-    let key = f.path.split('/').fold(base.clone(), |p, part| p.join(part));
-    let data = match storage.store.get(&key).await {
-        Ok(r) => r.bytes().await?,
-        Err(object_store::Error::NotFound { .. }) => {
-            return Err(CoreError::CorruptCheckpoint {
-                key: key.to_string(),
-                reason: "file listed in manifest is missing".into(),
-            });
-        }
-        Err(e) => return Err(e.into()),
-    };
-    if data.len() as u64 != f.size {
-        return Err(CoreError::CorruptCheckpoint {
-            key: key.to_string(),
-            reason: format!("size {} differs from manifest's {}", data.len(), f.size),
-        });
-    }
-    let crc = crc32c::crc32c(&data);
-    if crc != f.crc32c {
-        return Err(CoreError::CorruptCheckpoint {
-            key: key.to_string(),
-            reason: format!("crc32c {crc:08x} differs from manifest's {:08x}", f.crc32c),
-        });
-    }
-    Ok(data)
-}
-
-async fn verify(storage: &Storage, base: &Path, m: &Manifest) -> Result<(), CoreError> {
+/// Checks, by listing, that every file of `m` is there with its size. Cheap: nothing is read.
+async fn verify_listing(storage: &Storage, base: &Path, m: &Manifest) -> Result<(), CoreError> {
+    let listed: BTreeMap<String, u64> = storage
+        .store
+        .list(Some(base))
+        .map_ok(|o| (o.location.to_string(), o.size))
+        .try_collect()
+        .await?;
     for f in &m.files {
-        fetch_verified(storage, base, f).await?;
+        let key = file_key(base, &f.path);
+        match listed.get(key.as_ref()) {
+            None => {
+                return Err(CoreError::CorruptCheckpoint {
+                    key: key.to_string(),
+                    reason: "file listed in manifest is missing".into(),
+                });
+            }
+            Some(&size) if size != f.size => {
+                return Err(CoreError::CorruptCheckpoint {
+                    key: key.to_string(),
+                    reason: format!("size {size} differs from manifest's {}", f.size),
+                });
+            }
+            Some(_) => {}
+        }
     }
     Ok(())
 }
 
-/// Steps that have a manifest (committed or corrupt), newest first.
-pub async fn list_steps(storage: &Storage, prefix: &Path) -> Result<Vec<i64>, CoreError> {
+/// Reads every file of `m` back and checks its size and CRC-32C.
+async fn verify_contents(storage: &Storage, base: &Path, m: &Manifest) -> Result<(), CoreError> {
+    for f in &m.files {
+        download_verified(storage, base, f, None).await?;
+    }
+    Ok(())
+}
+
+/// Streams one checkpoint file to `dest` (or nowhere, to check it), checking its size and
+/// CRC-32C.
+async fn download_verified(
+    storage: &Storage,
+    base: &Path,
+    f: &ManifestFile,
+    dest: Option<&FsPath>,
+) -> Result<(), CoreError> {
+    let key = file_key(base, &f.path);
+    let corrupt = |reason: String| CoreError::CorruptCheckpoint {
+        key: key.to_string(),
+        reason,
+    };
+    let r = match storage.store.get(&key).await {
+        Ok(r) => r,
+        Err(object_store::Error::NotFound { .. }) => return Err(corrupt("file listed in manifest is missing".into())),
+        Err(e) => return Err(e.into()),
+    };
+    if r.meta.size != f.size {
+        return Err(corrupt(format!(
+            "size {} differs from manifest's {}",
+            r.meta.size, f.size
+        )));
+    }
+    let mut out = match dest {
+        Some(dest) => {
+            if let Some(parent) = dest.parent() {
+                tokio::fs::create_dir_all(parent)
+                    .await
+                    .map_err(|e| CoreError::io(parent, e))?;
+            }
+            Some((
+                tokio::fs::File::create(dest)
+                    .await
+                    .map_err(|e| CoreError::io(dest, e))?,
+                dest,
+            ))
+        }
+        None => None,
+    };
+    let mut stream = r.into_stream();
+    let (mut size, mut crc) = (0u64, 0u32);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        size += chunk.len() as u64;
+        if size > f.size {
+            return Err(corrupt(format!("larger than the manifest's {} bytes", f.size)));
+        }
+        crc = crc32c::crc32c_append(crc, &chunk);
+        if let Some((file, dest)) = out.as_mut() {
+            file.write_all(&chunk).await.map_err(|e| CoreError::io(dest, e))?;
+        }
+    }
+    if let Some((file, dest)) = out.as_mut() {
+        file.flush().await.map_err(|e| CoreError::io(dest, e))?;
+    }
+    if size != f.size {
+        return Err(corrupt(format!("size {size} differs from manifest's {}", f.size)));
+    }
+    if crc != f.crc32c {
+        return Err(corrupt(format!(
+            "crc32c {crc:08x} differs from manifest's {:08x}",
+            f.crc32c
+        )));
+    }
+    Ok(())
+}
+
+/// Every checkpoint directory under `prefix` (committed, corrupt or interrupted), newest first.
+pub async fn list(storage: &Storage, prefix: &Path) -> Result<Vec<CheckpointRef>, CoreError> {
     let listing = storage.store.list_with_delimiter(Some(prefix)).await?;
-    let mut steps: Vec<i64> = listing
+    let mut refs: Vec<CheckpointRef> = listing
         .common_prefixes
         .iter()
-        .filter_map(|p| p.filename().and_then(|n| n.parse().ok()))
+        .filter_map(|p| p.filename().and_then(CheckpointRef::parse_dir_name))
         .collect();
-    steps.sort_unstable_by(|a, b| b.cmp(a));
+    refs.sort_unstable_by(|a, b| b.cmp(a));
+    Ok(refs)
+}
+
+/// Steps that have a checkpoint directory, newest first (each step once).
+pub async fn list_steps(storage: &Storage, prefix: &Path) -> Result<Vec<i64>, CoreError> {
+    let mut steps: Vec<i64> = list(storage, prefix).await?.iter().map(|r| r.step).collect();
+    steps.dedup();
     Ok(steps)
 }
 
-/// Deletes every checkpoint under `prefix` (a lineage that population-based training abandoned).
-pub async fn discard_all(storage: &Storage, prefix: &Path) -> Result<usize, CoreError> {
-    let steps = list_steps(storage, prefix).await?;
-    for &step in &steps {
-        delete_prefix(storage, &prefix.clone().join(step_dir(step))).await?;
+/// The lineage of `from`: `from` and the older checkpoints of its attempt, then those of the
+/// attempt it started from up to where it started, and so on, newest first. `all` is the
+/// listing of the trial's checkpoints.
+async fn lineage_of(
+    storage: &Storage,
+    prefix: &Path,
+    all: &[CheckpointRef],
+    from: CheckpointRef,
+) -> Result<Vec<CheckpointRef>, CoreError> {
+    let mut out = Vec::new();
+    let mut cur = Some(from);
+    let mut seen = BTreeSet::new();
+    while let Some(c) = cur.take() {
+        if !seen.insert(c.attempt) {
+            break;
+        }
+        let mine: Vec<CheckpointRef> = all
+            .iter()
+            .filter(|r| r.attempt == c.attempt && r.step <= c.step)
+            .copied()
+            .collect();
+        // Where this attempt started: any of its manifests names it.
+        for r in &mine {
+            match read_manifest(storage, &manifest_key(prefix, *r)).await {
+                Ok(Some(m)) => {
+                    cur = m.parent.filter(|p| p.attempt < c.attempt);
+                    break;
+                }
+                Ok(None) | Err(CoreError::CorruptCheckpoint { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        out.extend(mine);
     }
-    Ok(steps.len())
+    Ok(out)
 }
 
 /// Outcome of a restore.
 #[derive(Debug, Default)]
 pub struct Restored {
-    /// Step restored, or `None` when no valid checkpoint exists.
-    pub step: Option<i64>,
+    /// The checkpoint restored, or `None` when no valid one exists.
+    pub restored: Option<CheckpointRef>,
     /// Newer checkpoints that were skipped, with the reason, newest first.
-    pub skipped: Vec<(i64, String)>,
+    pub skipped: Vec<(CheckpointRef, String)>,
 }
 
-/// Restores the newest valid checkpoint under `prefix` into `dest` (emptied first).
-pub async fn restore_latest(storage: &Storage, prefix: &Path, dest: &FsPath) -> Result<Restored, CoreError> {
+impl Restored {
+    pub fn step(&self) -> Option<i64> {
+        self.restored.map(|r| r.step)
+    }
+}
+
+/// Restores `from` into `dest` (emptied first), or when it cannot be restored, the newest
+/// valid checkpoint of its lineage. `None` restores nothing.
+pub async fn restore(
+    storage: &Storage,
+    prefix: &Path,
+    from: Option<CheckpointRef>,
+    dest: &FsPath,
+) -> Result<Restored, CoreError> {
+    let Some(from) = from else {
+        return Ok(Restored::default());
+    };
+    let all = list(storage, prefix).await?;
+    let candidates = lineage_of(storage, prefix, &all, from).await?;
     let mut out = Restored::default();
-    for step in list_steps(storage, prefix).await? {
-        let base = prefix.clone().join(step_dir(step));
+    if !candidates.contains(&from) {
+        out.skipped.push((from, "not found in storage".into()));
+    }
+    restore_first_valid(storage, prefix, &candidates, dest, out).await
+}
+
+/// Restores the newest valid checkpoint under `prefix`, of whichever attempt (for tools and
+/// tests that look at storage as a whole; attempts restore by lineage with [`restore`]).
+pub async fn restore_latest(storage: &Storage, prefix: &Path, dest: &FsPath) -> Result<Restored, CoreError> {
+    let all = list(storage, prefix).await?;
+    restore_first_valid(storage, prefix, &all, dest, Restored::default()).await
+}
+
+async fn restore_first_valid(
+    storage: &Storage,
+    prefix: &Path,
+    candidates: &[CheckpointRef],
+    dest: &FsPath,
+    mut out: Restored,
+) -> Result<Restored, CoreError> {
+    let staging = staging_dir(dest);
+    for &at in candidates {
+        let base = dir_of(prefix, at);
         let manifest = match read_manifest(storage, &base.clone().join(MANIFEST)).await {
             Ok(Some(m)) => m,
             Ok(None) => {
-                out.skipped.push((step, "no manifest (upload was interrupted)".into()));
+                out.skipped.push((at, "no manifest (upload was interrupted)".into()));
                 continue;
             }
+            Err(CoreError::ObjectStore(e)) => return Err(CoreError::ObjectStore(e)),
             Err(e) => {
-                out.skipped.push((step, e.to_string()));
+                out.skipped.push((at, e.to_string()));
                 continue;
             }
         };
-        let mut files = Vec::with_capacity(manifest.files.len());
+        remove_dir_if_any(&staging)?;
+        std::fs::create_dir_all(&staging).map_err(|e| CoreError::io(&staging, e))?;
         let mut bad = None;
         for f in &manifest.files {
-            match fetch_verified(storage, &base, f).await {
-                Ok(d) => files.push((f.path.clone(), d)),
-                Err(CoreError::ObjectStore(e)) => return Err(CoreError::ObjectStore(e)),
+            match download_verified(storage, &base, f, Some(&staging.join(&f.path))).await {
+                Ok(()) => {}
+                Err(e @ (CoreError::ObjectStore(_) | CoreError::Io { .. })) => {
+                    remove_dir_if_any(&staging)?;
+                    return Err(e);
+                }
                 Err(e) => {
                     bad = Some(e.to_string());
                     break;
@@ -246,30 +570,31 @@ pub async fn restore_latest(storage: &Storage, prefix: &Path, dest: &FsPath) -> 
             }
         }
         if let Some(reason) = bad {
-            out.skipped.push((step, reason));
+            out.skipped.push((at, reason));
             continue;
         }
-        if dest.exists() {
-            std::fs::remove_dir_all(dest).map_err(|e| CoreError::io(dest, e))?;
-        }
-        std::fs::create_dir_all(dest).map_err(|e| CoreError::io(dest, e))?;
-        for (rel, data) in files {
-            if rel.split('/').any(|p| p == ".." || p.is_empty()) {
-                return Err(CoreError::CorruptCheckpoint {
-                    key: base.to_string(),
-                    reason: format!("unsafe path {rel:?}"),
-                });
-            }
-            let path = dest.join(&rel);
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
-            }
-            std::fs::write(&path, &data).map_err(|e| CoreError::io(&path, e))?;
-        }
-        out.step = Some(step);
+        // The directory appears whole or not at all: a crash mid-download leaves only staging.
+        remove_dir_if_any(dest)?;
+        std::fs::rename(&staging, dest).map_err(|e| CoreError::io(dest, e))?;
+        out.restored = Some(at);
         return Ok(out);
     }
+    remove_dir_if_any(&staging)?;
     Ok(out)
+}
+
+fn staging_dir(dest: &FsPath) -> PathBuf {
+    let mut name = dest.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".restoring");
+    dest.with_file_name(name)
+}
+
+fn remove_dir_if_any(dir: &FsPath) -> Result<(), CoreError> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(CoreError::io(dir, e)),
+    }
 }
 
 async fn delete_prefix(storage: &Storage, prefix: &Path) -> Result<(), CoreError> {
@@ -283,6 +608,19 @@ async fn delete_prefix(storage: &Storage, prefix: &Path) -> Result<(), CoreError
     Ok(())
 }
 
+/// Deletes every checkpoint of the attempts before `attempt` (a lineage that population-based
+/// training abandoned); never one of `attempt` or a newer attempt.
+pub async fn discard_before(storage: &Storage, prefix: &Path, attempt: u32) -> Result<usize, CoreError> {
+    let mut removed = 0;
+    for at in list(storage, prefix).await? {
+        if at.attempt < attempt {
+            delete_prefix(storage, &dir_of(prefix, at)).await?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// Which checkpoints of a trial to keep.
 pub struct Retention<'a> {
     /// The newest this many committed checkpoints.
@@ -294,171 +632,103 @@ pub struct Retention<'a> {
     pub score: &'a (dyn Fn(i64) -> Option<f64> + Sync),
 }
 
-/// Deletes committed checkpoints that `retention` does not keep, and interrupted uploads older
-/// than the newest committed one. Newer uploads without a manifest may still be in flight and
-/// are left alone. Returns how many were deleted.
-pub async fn prune(storage: &Storage, prefix: &Path, retention: &Retention<'_>) -> Result<usize, CoreError> {
-    let steps = list_steps(storage, prefix).await?;
-    let mut committed = Vec::new();
-    for &step in &steps {
-        match storage
-            .store
-            .head(&prefix.clone().join(step_dir(step)).join(MANIFEST))
-            .await
-        {
-            Ok(_) => committed.push(step),
-            Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => return Err(e.into()),
-        }
+/// Who prunes, and what it must leave alone.
+#[derive(Debug, Clone, Copy)]
+pub struct PruneScope {
+    /// The pruning attempt. Checkpoints of newer attempts are never touched.
+    pub attempt: u32,
+    /// The checkpoint the attempt started from: its ancestors form the rest of its lineage.
+    pub start: Option<CheckpointRef>,
+    /// The newest checkpoint the coordinator has acknowledged. It, and every checkpoint of
+    /// this attempt after it, are kept whatever the retention says: the coordinator may
+    /// restore a new attempt from it, and the others' acknowledgements may be in flight.
+    /// `None` keeps every checkpoint of this attempt.
+    pub acknowledged: Option<CheckpointRef>,
+}
+
+/// Deletes, in the pruning attempt's lineage, committed checkpoints `retention` does not keep,
+/// corrupt ones, and interrupted uploads older than the newest committed one; and every
+/// checkpoint of an earlier attempt that the lineage does not reach (a stale attempt's late
+/// commits, an abandoned branch). A checkpoint counts towards `keep_last` only when its files
+/// are all there with their sizes. Returns how many directories were deleted.
+pub async fn prune(
+    storage: &Storage,
+    prefix: &Path,
+    scope: &PruneScope,
+    retention: &Retention<'_>,
+) -> Result<usize, CoreError> {
+    let all = list(storage, prefix).await?;
+    let mut lineage: Vec<CheckpointRef> = all.iter().filter(|r| r.attempt == scope.attempt).copied().collect();
+    if let Some(start) = scope.start {
+        lineage.extend(lineage_of(storage, prefix, &all, start).await?);
     }
-    let mut keep: std::collections::BTreeSet<i64> = committed.iter().take(retention.keep_last).copied().collect();
-    let mut scored: Vec<(i64, f64)> = committed
+    lineage.sort_unstable_by(|a, b| b.cmp(a));
+    lineage.dedup();
+    let protected = |r: &CheckpointRef| match scope.acknowledged {
+        Some(ack) => *r == ack || (r.attempt == scope.attempt && r.step > ack.step),
+        None => r.attempt == scope.attempt,
+    };
+
+    #[derive(PartialEq)]
+    enum Health {
+        Valid,
+        Corrupt,
+        Partial,
+    }
+    let mut health = BTreeMap::new();
+    for &r in &lineage {
+        let base = dir_of(prefix, r);
+        let h = match read_manifest(storage, &base.clone().join(MANIFEST)).await {
+            Ok(Some(m)) => match verify_listing(storage, &base, &m).await {
+                Ok(()) => Health::Valid,
+                Err(CoreError::ObjectStore(e)) => return Err(e.into()),
+                Err(_) => Health::Corrupt,
+            },
+            Ok(None) => Health::Partial,
+            Err(CoreError::ObjectStore(e)) => return Err(e.into()),
+            Err(_) => Health::Corrupt,
+        };
+        health.insert(r, h);
+    }
+    let valid: Vec<CheckpointRef> = lineage
         .iter()
-        .filter_map(|&s| (retention.score)(s).filter(|v| v.is_finite()).map(|v| (s, v)))
+        .filter(|r| health[*r] == Health::Valid)
+        .copied()
+        .collect();
+    let mut keep: BTreeSet<CheckpointRef> = valid.iter().take(retention.keep_last).copied().collect();
+    let mut scored: Vec<(CheckpointRef, f64)> = valid
+        .iter()
+        .filter_map(|&r| (retention.score)(r.step).filter(|v| v.is_finite()).map(|v| (r, v)))
         .collect();
     scored.sort_by(|a, b| {
         let order = a.1.total_cmp(&b.1);
         // Best first; among equals, the newer.
         (if retention.maximize { order.reverse() } else { order }).then(b.0.cmp(&a.0))
     });
-    keep.extend(scored.iter().take(retention.keep_best).map(|(s, _)| *s));
-    let newest_committed = committed.first().copied();
+    keep.extend(scored.iter().take(retention.keep_best).map(|(r, _)| *r));
+    let newest_valid = valid.first().copied();
+
     let mut removed = 0;
-    for step in steps {
-        let stale_partial = !committed.contains(&step) && newest_committed.is_some_and(|n| step < n);
-        if keep.contains(&step) || !(committed.contains(&step) || stale_partial) {
+    for &r in &all {
+        if r.attempt > scope.attempt || protected(&r) || keep.contains(&r) {
             continue;
         }
-        delete_prefix(storage, &prefix.clone().join(step_dir(step))).await?;
-        removed += 1;
+        let delete = match health.get(&r) {
+            // Outside the lineage: nothing will ever restore it.
+            None => r.attempt < scope.attempt,
+            Some(Health::Valid) => true,
+            // Only once something newer and whole is kept: until then it may be all there is.
+            Some(Health::Corrupt) => newest_valid.is_some_and(|n| r < n),
+            // Ours may still be uploading; an ancestor's never will be.
+            Some(Health::Partial) => r.attempt < scope.attempt || newest_valid.is_some_and(|n| r < n),
+        };
+        if delete {
+            delete_prefix(storage, &dir_of(prefix, r)).await?;
+            removed += 1;
+        }
     }
     Ok(removed)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::storage::{StorageUri, open};
-
-    fn mem(name: &str) -> Storage {
-        open(
-            &StorageUri::parse(&format!("memory://{name}")).unwrap(),
-            &Default::default(),
-        )
-        .unwrap()
-    }
-
-    #[tokio::test]
-    async fn commit_restore_and_fallback() {
-        let s = mem("ckpt-fallback");
-        let prefix = Path::from("t/checkpoints");
-        let src = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(src.path().join("sub")).unwrap();
-        std::fs::write(src.path().join("state.txt"), "step 1").unwrap();
-        std::fs::write(src.path().join("sub/w.bin"), [1u8, 2, 3]).unwrap();
-        commit(&s, &prefix, 1, src.path()).await.unwrap().unwrap();
-        std::fs::write(src.path().join("state.txt"), "step 2").unwrap();
-        let m2 = commit(&s, &prefix, 2, src.path()).await.unwrap().unwrap();
-        assert_eq!(m2.files.len(), 2);
-
-        // An interrupted upload of step 3: files but no manifest.
-        s.store
-            .put(
-                &prefix.clone().join(step_dir(3)).clone().join("state.txt"),
-                "partial".into(),
-            )
-            .await
-            .unwrap();
-        let dest = tempfile::tempdir().unwrap();
-        let r = restore_latest(&s, &prefix, dest.path()).await.unwrap();
-        assert_eq!(r.step, Some(2));
-        assert_eq!(r.skipped.len(), 1);
-        assert_eq!(
-            std::fs::read_to_string(dest.path().join("state.txt")).unwrap(),
-            "step 2"
-        );
-        assert_eq!(std::fs::read(dest.path().join("sub/w.bin")).unwrap(), vec![1, 2, 3]);
-
-        // Corrupt step 2: restore falls back to step 1.
-        s.store
-            .put(
-                &prefix.clone().join(step_dir(2)).clone().join("state.txt"),
-                "step X".into(),
-            )
-            .await
-            .unwrap();
-        let r = restore_latest(&s, &prefix, dest.path()).await.unwrap();
-        assert_eq!(r.step, Some(1));
-        assert!(
-            r.skipped.iter().any(|(st, why)| *st == 2 && why.contains("crc32c")),
-            "{:?}",
-            r.skipped
-        );
-        assert_eq!(
-            std::fs::read_to_string(dest.path().join("state.txt")).unwrap(),
-            "step 1"
-        );
-
-        // Re-committing the corrupt step replaces it.
-        std::fs::write(src.path().join("state.txt"), "step 2 again").unwrap();
-        commit(&s, &prefix, 2, src.path()).await.unwrap();
-        let r = restore_latest(&s, &prefix, dest.path()).await.unwrap();
-        assert_eq!(r.step, Some(2));
-        assert_eq!(
-            std::fs::read_to_string(dest.path().join("state.txt")).unwrap(),
-            "step 2 again"
-        );
-
-        // Keep the newest committed one; the newer partial upload may be in flight.
-        let last_only = Retention {
-            keep_last: 1,
-            keep_best: 0,
-            maximize: false,
-            score: &|_| None,
-        };
-        assert_eq!(prune(&s, &prefix, &last_only).await.unwrap(), 1);
-        assert_eq!(list_steps(&s, &prefix).await.unwrap(), vec![3, 2]);
-    }
-
-    #[tokio::test]
-    async fn retention_keeps_the_newest_and_the_best() {
-        let s = mem("ckpt-retention");
-        let prefix = Path::from("r/checkpoints");
-        let src = tempfile::tempdir().unwrap();
-        for step in 1..=6 {
-            std::fs::write(src.path().join("w"), format!("{step}")).unwrap();
-            commit(&s, &prefix, step, src.path()).await.unwrap();
-        }
-        // Loss by step: step 2 is the best, then step 5.
-        let loss = |step: i64| Some([0.0, 0.9, 0.1, 0.8, 0.7, 0.3, 0.6][step as usize]);
-        let r = Retention {
-            keep_last: 2,
-            keep_best: 1,
-            maximize: false,
-            score: &loss,
-        };
-        assert_eq!(prune(&s, &prefix, &r).await.unwrap(), 3);
-        assert_eq!(list_steps(&s, &prefix).await.unwrap(), vec![6, 5, 2]);
-        let r = Retention {
-            keep_last: 1,
-            keep_best: 1,
-            maximize: true,
-            score: &loss,
-        };
-        prune(&s, &prefix, &r).await.unwrap();
-        assert_eq!(
-            list_steps(&s, &prefix).await.unwrap(),
-            vec![6],
-            "step 6 is newest, and best of what is left"
-        );
-    }
-
-    #[tokio::test]
-    async fn empty_dir_commits_nothing() {
-        let s = mem("ckpt-empty");
-        let src = tempfile::tempdir().unwrap();
-        assert!(commit(&s, &Path::from("x"), 1, src.path()).await.unwrap().is_none());
-        let r = restore_latest(&s, &Path::from("x"), src.path()).await.unwrap();
-        assert_eq!(r.step, None);
-    }
-}
+mod tests;

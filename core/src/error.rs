@@ -46,6 +46,8 @@ pub enum CoreError {
     StorageUri { uri: String, reason: String },
     #[error("object storage: {0}")]
     ObjectStore(#[from] object_store::Error),
+    #[error("record {key} cannot be read: {reason}")]
+    CorruptRecord { key: String, reason: String },
     #[error("checkpoint {key}: {reason}")]
     CorruptCheckpoint { key: String, reason: String },
     #[error("local file {path}: {source}")]

@@ -10,6 +10,7 @@ pub mod builtin;
 pub mod checkpoint;
 pub mod convert;
 pub mod error;
+pub mod history;
 pub mod ids;
 pub mod metric;
 pub mod shards;

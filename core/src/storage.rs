@@ -2,10 +2,15 @@
 //!
 //! ```text
 //! {root}/experiments/{exp}/spec.yaml
-//! {root}/experiments/{exp}/trials/{trial}/metrics.jsonl
+//! {root}/experiments/{exp}/trials/{trial}/metrics/{attempt:04}/lineage.json
+//! {root}/experiments/{exp}/trials/{trial}/metrics/{attempt:04}/{segment:06}.jsonl
 //! {root}/experiments/{exp}/trials/{trial}/logs/{attempt:04}-{chunk:06}.log
-//! {root}/experiments/{exp}/trials/{trial}/checkpoints/{step:012}/{files, MANIFEST.json}
+//! {root}/experiments/{exp}/trials/{trial}/checkpoints/{step:012}-a{attempt:04}/{files, MANIFEST.json}
 //! ```
+//!
+//! Everything a trial's attempt writes is under names that carry its attempt number, so an
+//! attempt the coordinator has given up on can never overwrite a newer attempt's records
+//! (see [`crate::history`] and [`crate::checkpoint`] for how readers pick the live lineage).
 
 use crate::error::CoreError;
 use crate::ids::{ExperimentId, TrialId};
@@ -159,8 +164,32 @@ impl Storage {
         join(&self.experiment_prefix(exp), &["trials", &trial.to_string()])
     }
 
-    pub fn metrics_key(&self, exp: ExperimentId, trial: TrialId) -> Path {
+    /// Where trials kept their whole metric history before it was kept per attempt: one
+    /// object every attempt rewrote. Read, never written.
+    pub fn legacy_metrics_key(&self, exp: ExperimentId, trial: TrialId) -> Path {
         self.trial_prefix(exp, trial).clone().join("metrics.jsonl")
+    }
+
+    pub fn metrics_prefix(&self, exp: ExperimentId, trial: TrialId) -> Path {
+        self.trial_prefix(exp, trial).clone().join("metrics")
+    }
+
+    /// One attempt's metric records: its `lineage.json` and its line segments.
+    pub fn attempt_metrics_prefix(&self, exp: ExperimentId, trial: TrialId, attempt: u32) -> Path {
+        self.metrics_prefix(exp, trial).clone().join(format!("{attempt:04}"))
+    }
+
+    pub fn metrics_lineage_key(&self, exp: ExperimentId, trial: TrialId, attempt: u32) -> Path {
+        self.attempt_metrics_prefix(exp, trial, attempt)
+            .clone()
+            .join("lineage.json")
+    }
+
+    /// Segment `segment` of an attempt's own metric lines; names sort in order.
+    pub fn metrics_segment_key(&self, exp: ExperimentId, trial: TrialId, attempt: u32, segment: u32) -> Path {
+        self.attempt_metrics_prefix(exp, trial, attempt)
+            .clone()
+            .join(format!("{segment:06}.jsonl"))
     }
 
     pub fn logs_prefix(&self, exp: ExperimentId, trial: TrialId) -> Path {
@@ -216,7 +245,14 @@ mod tests {
         let s = open(&StorageUri::parse("memory://layout").unwrap(), &Default::default()).unwrap();
         let (e, t) = (ExperimentId(3), TrialId(12));
         assert_eq!(s.spec_key(e).as_ref(), "experiments/3/spec.yaml");
-        assert_eq!(s.metrics_key(e, t).as_ref(), "experiments/3/trials/12/metrics.jsonl");
+        assert_eq!(
+            s.metrics_segment_key(e, t, 2, 5).as_ref(),
+            "experiments/3/trials/12/metrics/0002/000005.jsonl"
+        );
+        assert_eq!(
+            s.metrics_lineage_key(e, t, 2).as_ref(),
+            "experiments/3/trials/12/metrics/0002/lineage.json"
+        );
         assert_eq!(
             s.log_chunk_key(e, t, 2, 0, 7).as_ref(),
             "experiments/3/trials/12/logs/0002-000007.log"
