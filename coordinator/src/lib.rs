@@ -10,6 +10,7 @@ pub mod api;
 pub mod cluster;
 pub mod error;
 pub mod experiment;
+pub mod logs;
 pub mod rendezvous;
 pub mod scheduler;
 pub mod search;

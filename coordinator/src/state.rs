@@ -168,6 +168,11 @@ impl State {
             }
             st.trials.insert(t.id, t);
         }
+        for (tid, attempt, n) in st.store.open_metric_counts()? {
+            if let Some(t) = st.trials.get_mut(&tid) {
+                t.acked_metrics.insert(attempt, n);
+            }
+        }
         Ok(st)
     }
 
@@ -594,6 +599,19 @@ impl State {
                 group_world_size: groups.len().max(1) as u32,
                 data_parallel: r.workers.is_distributed(),
                 restore_from_trial: t.exploit_from.map_or(0, |d| d.0),
+                restore: match t.exploit_from {
+                    Some(donor) => self.trials.get(&donor).and_then(TrialRecord::acknowledged_checkpoint),
+                    None => t.acknowledged_checkpoint(),
+                }
+                .map(|c| pb::CheckpointRef {
+                    step: c.step,
+                    attempt: c.attempt,
+                }),
+                acked_metrics: t
+                    .acked_metrics
+                    .range(..t.attempt)
+                    .map(|(&attempt, &count)| pb::AttemptMetricCount { attempt, count })
+                    .collect(),
             })),
         }
     }
@@ -968,9 +986,13 @@ impl State {
                 }
                 if let Some(step) = s.restored_step {
                     t.checkpoint_step = Some(step);
+                    t.checkpoint_attempt = s.restored_attempt;
                 }
             }
             Kind::Metric(m) => {
+                // Counted before parsing: the worker stored this line, so a later attempt's
+                // history must carry it whatever it holds.
+                *t.acked_metrics.entry(attempt).or_default() += 1;
                 let report = match MetricReport::from_json(&m.json) {
                     Ok(r) => r,
                     Err(e) => {
@@ -1019,6 +1041,7 @@ impl State {
             }
             Kind::Checkpoint(c) => {
                 t.checkpoint_step = Some(c.step);
+                t.checkpoint_attempt = attempt;
                 if !c.data_position_json.is_empty() {
                     t.data_position = c.data_position_json;
                 }

@@ -255,6 +255,7 @@ impl ExperimentService for ExperimentApi {
         let coord = self.coord.clone();
         tokio::spawn(async move {
             let mut seen = BTreeSet::new();
+            let cursor = crate::logs::Cursor::parse(&req.after);
             loop {
                 // Read the trial's state before listing, so the last pass after it ends sees
                 // every chunk its worker wrote.
@@ -275,26 +276,19 @@ impl ExperimentService for ExperimentApi {
                     let Some((attempt, rank, _)) = parse_log_chunk_name(&name) else {
                         continue;
                     };
-                    // Names of one rank sort in log order, so a cursor is the chunk's name.
-                    if rank != req.rank || (!req.after.is_empty() && name.as_str() <= req.after.as_str()) {
+                    let Some(start) = cursor.start_in(&name).filter(|_| rank == req.rank) else {
                         continue;
-                    }
+                    };
                     if !seen.insert(name.clone()) {
                         continue;
                     }
-                    let data = match storage.store.get(&o.location).await {
-                        Ok(r) => r.bytes().await,
-                        Err(e) => Err(e),
-                    };
-                    let msg = data
-                        .map(|d| pb::LogChunk {
-                            attempt,
-                            data: d.to_vec(),
-                            cursor: name,
-                        })
-                        .map_err(|e| Status::unavailable(format!("cannot read {}: {e}", o.location)));
-                    if tx.send(msg).await.is_err() {
-                        return;
+                    match crate::logs::send_chunk(&storage, &o.location, &name, attempt, start, &tx).await {
+                        Ok(true) => {}
+                        Ok(false) => return,
+                        Err(status) => {
+                            let _ = tx.send(Err(status)).await;
+                            return;
+                        }
                     }
                 }
                 if !req.follow || ended {

@@ -4,11 +4,13 @@
 
 use crate::search::{self, Searcher};
 use crate::store::ExperimentRow;
+use chorus_core::checkpoint::CheckpointRef;
 use chorus_core::convert::{ExperimentState, TrialState};
 use chorus_core::space::Params;
 use chorus_core::spec::{Goal, ValidSpec};
 use chorus_core::{ExperimentId, TrialId, WorkerId};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 /// One experiment: its validated spec, budgets, searcher and best result so far.
@@ -212,6 +214,12 @@ pub struct TrialRecord {
     pub run_ms: i64,
     pub message: String,
     pub checkpoint_step: Option<i64>,
+    /// The attempt that committed `checkpoint_step` (0: one committed before checkpoints were
+    /// kept per attempt). Together they name the newest acknowledged checkpoint.
+    pub checkpoint_attempt: u32,
+    /// Metric reports acknowledged per attempt (only for open trials): a new attempt's history
+    /// carries exactly these lines of the earlier ones.
+    pub acked_metrics: BTreeMap<u32, u64>,
     pub malformed: u64,
     /// For a data-parallel builtin trial: where its data stood at the last checkpoint or
     /// rendezvous (core's `DataPosition` as JSON), i.e. which samples each rank has consumed.
@@ -240,10 +248,18 @@ impl TrialRecord {
             run_ms: 0,
             message: String::new(),
             checkpoint_step: None,
+            checkpoint_attempt: 0,
+            acked_metrics: BTreeMap::new(),
             malformed: 0,
             data_position: String::new(),
             exploit_from: None,
         }
+    }
+
+    /// The newest checkpoint the coordinator acknowledged, the one a new attempt resumes from.
+    pub fn acknowledged_checkpoint(&self) -> Option<CheckpointRef> {
+        self.checkpoint_step
+            .map(|step| CheckpointRef::new(step, self.checkpoint_attempt))
     }
 
     /// Milliseconds run so far, counting the live attempt up to `now_ms`.

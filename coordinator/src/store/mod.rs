@@ -11,7 +11,7 @@ use chorus_core::{ExperimentId, TrialId, WorkerId};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// Brings a store of an older schema up to [`SCHEMA_VERSION`], one step at a time.
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -21,6 +21,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
      ALTER TABLE trials ADD COLUMN data_position TEXT NOT NULL DEFAULT '';",
     ),
     (2, "ALTER TABLE trials ADD COLUMN exploit_from INTEGER;"),
+    (
+        3,
+        "ALTER TABLE trials ADD COLUMN checkpoint_attempt INTEGER NOT NULL DEFAULT 0;",
+    ),
 ];
 
 const SCHEMA: &str = r#"
@@ -67,6 +71,7 @@ CREATE TABLE IF NOT EXISTS trials (
     live_ranks TEXT NOT NULL DEFAULT '',
     data_position TEXT NOT NULL DEFAULT '',
     exploit_from INTEGER,
+    checkpoint_attempt INTEGER NOT NULL DEFAULT 0,
     UNIQUE (experiment_id, seq)
 );
 CREATE TABLE IF NOT EXISTS metrics (
@@ -242,7 +247,7 @@ impl Store {
             "SELECT id, experiment_id, seq, params, state, attempt, restarts, live_worker, live_started,
                     live_assigned_ms, live_started_ms, last_seq, best_value, best_step, last_metrics, started_ms,
                     ended_ms, run_ms, message, checkpoint_step, malformed, live_ranks, data_position,
-                    exploit_from FROM trials ORDER BY id",
+                    exploit_from, checkpoint_attempt FROM trials ORDER BY id",
         )?;
         let rows = stmt.query_map([], |r| {
             let live_worker: Option<String> = r.get(7)?;
@@ -290,6 +295,8 @@ impl Store {
                 malformed: r.get::<_, i64>(20)? as u64,
                 data_position: r.get(22)?,
                 exploit_from: r.get::<_, Option<i64>>(23)?.map(|v| TrialId(v as u64)),
+                checkpoint_attempt: r.get::<_, i64>(24)? as u32,
+                acked_metrics: Default::default(),
             })
         })?;
         rows.collect()
@@ -349,9 +356,10 @@ impl Store {
             let mut put_trial = tx.prepare_cached(
                 "INSERT OR REPLACE INTO trials (id, experiment_id, seq, params, state, attempt, restarts, live_worker,
                     live_started, live_assigned_ms, live_started_ms, last_seq, best_value, best_step, last_metrics,
-                    started_ms, ended_ms, run_ms, message, checkpoint_step, malformed, live_ranks, data_position, exploit_from)
+                    started_ms, ended_ms, run_ms, message, checkpoint_step, malformed, live_ranks, data_position, exploit_from,
+                    checkpoint_attempt)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21,
-                    ?22, ?23, ?24)",
+                    ?22, ?23, ?24, ?25)",
             )?;
             for t in &batch.trials {
                 put_trial.execute(params![
@@ -382,6 +390,7 @@ impl Store {
                         .unwrap_or_default(),
                     t.data_position,
                     t.exploit_from.map(|t| t.0 as i64),
+                    t.checkpoint_attempt as i64,
                 ])?;
             }
             let mut put_metric = tx.prepare_cached(
@@ -424,6 +433,22 @@ impl Store {
     }
 
     /// Metric history of one trial, oldest first.
+    /// Metric reports kept per attempt of every trial that has not ended.
+    pub fn open_metric_counts(&self) -> rusqlite::Result<Vec<(TrialId, u32, u64)>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT m.trial_id, m.attempt, COUNT(*) FROM metrics m JOIN trials t ON t.id = m.trial_id
+             WHERE t.state NOT IN ('completed', 'failed', 'killed') GROUP BY m.trial_id, m.attempt",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                TrialId(r.get::<_, i64>(0)? as u64),
+                r.get::<_, i64>(1)? as u32,
+                r.get::<_, i64>(2)? as u64,
+            ))
+        })?;
+        rows.collect()
+    }
+
     pub fn trial_metrics(&self, trial: TrialId) -> rusqlite::Result<Vec<MetricRow>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT attempt, seq, step, unix_ms, json FROM metrics WHERE trial_id = ?1 ORDER BY attempt, seq",
