@@ -9,7 +9,7 @@ use chorus_core::storage::Storage;
 use chorus_proto::pb;
 use futures::StreamExt;
 use object_store::path::Path;
-use object_store::{GetOptions, GetRange, ObjectStoreExt};
+use object_store::{GetOptions, GetRange};
 use tokio::sync::mpsc;
 use tonic::Status;
 

@@ -4,6 +4,7 @@ mod auth;
 mod builtin;
 mod crash;
 mod data_parallel;
+mod fencing;
 mod s3;
 mod search;
 mod spec_errors;
