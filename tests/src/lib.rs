@@ -212,6 +212,11 @@ impl TestCluster {
         }
     }
 
+    /// The process id of worker `i`, while it runs.
+    pub fn worker_pid(&self, i: usize) -> Option<u32> {
+        self.workers.get(i).and_then(Option::as_ref).map(|p| p.child.id())
+    }
+
     /// Sends `signal` to worker `i` (SIGSTOP freezes it as a long pause or a partition would).
     pub fn signal_worker(&self, i: usize, signal: Signal) {
         if let Some(p) = self.workers.get(i).and_then(Option::as_ref) {
