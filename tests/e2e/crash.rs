@@ -122,10 +122,7 @@ fn worker_sigkill_moves_its_trial_which_resumes_from_its_checkpoint() {
     assert_eq!(t["best_value"].as_f64(), Some(86.0));
 
     // The second attempt started from the checkpoint, not from scratch.
-    let metrics_path = c.dir.path().join(format!(
-        "coordinator/storage/experiments/{id}/trials/{}/metrics.jsonl",
-        t["id"].as_u64().unwrap()
-    ));
+    let metrics_path = experiment_dir(&c, id).join(format!("trials/{}/metrics.jsonl", t["id"].as_u64().unwrap()));
     let text = std::fs::read_to_string(&metrics_path).unwrap();
     let second: Vec<i64> = text
         .lines()
