@@ -127,6 +127,26 @@ fn a_full_disk_is_reported_survived_and_recovered_from() {
     std::fs::remove_file(&filler).unwrap();
     let killed = c.chorus_json(&["experiment", "kill", &l, "--output", "json"]).unwrap();
     assert_eq!(killed["state"], "killed", "{killed}");
+
+    // Closed cleanly, then the disk fills: there is no room to open the store for writing. It
+    // starts read-only, answers changes with "disk full", and writes again once there is room.
+    let out = c.chorus(&["worker", "drain", "worker-0"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    c.stop_worker(0);
+    assert!(c.stop_coordinator(Duration::from_secs(10)), "a clean stop");
+    let filler = disk.fill("filler").unwrap();
+    c.start_coordinator().unwrap();
+    assert_eq!(experiment(&c, long).unwrap()["state"], "killed");
+    assert_eq!(experiment(&c, q).unwrap()["state"], "completed");
+    refused(
+        &c,
+        &["worker", "drain", "worker-0", "--undo"],
+        &["resource exhausted: disk full", &db],
+    );
+    refused(&c, &["experiment", "submit", quick], &["resource exhausted", "is full"]);
+    std::fs::remove_file(&filler).unwrap();
+    let out = c.chorus(&["worker", "drain", "worker-0", "--undo"]);
+    assert!(out.status.success(), "{}", stderr(&out));
     drop(c);
 }
 

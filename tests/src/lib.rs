@@ -201,6 +201,24 @@ impl TestCluster {
         Ok(())
     }
 
+    /// Asks the coordinator to shut down (SIGTERM) and waits for it to exit, killing it after
+    /// `timeout`; returns whether it exited by itself.
+    pub fn stop_coordinator(&mut self, timeout: Duration) -> bool {
+        let Some(mut p) = self.coordinator.take() else {
+            return true;
+        };
+        let _ = kill(Pid::from_raw(p.child.id() as i32), Signal::SIGTERM);
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(_)) = p.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        p.sigkill();
+        false
+    }
+
     pub fn kill_coordinator(&mut self) {
         if let Some(mut p) = self.coordinator.take() {
             p.sigkill();
