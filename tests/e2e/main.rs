@@ -9,6 +9,8 @@ mod output;
 mod s3;
 mod search;
 mod spec_errors;
+mod storage_policy;
+mod store;
 mod sweep;
 
 use chorus_tests::TestCluster;
@@ -33,6 +35,18 @@ pub fn trials(c: &TestCluster, id: u64) -> Vec<Value> {
         .chorus_json(&["trial", "list", &id.to_string(), "--output", "json"])
         .expect("trial list");
     v["trials"].as_array().cloned().unwrap_or_default()
+}
+
+/// The local directory of an experiment's records (its `file://` storage, then
+/// `experiments/{id}`).
+pub fn experiment_dir(c: &TestCluster, id: u64) -> std::path::PathBuf {
+    let e = experiment(c, id).expect("describe");
+    let uri = e["storage"].as_str().expect("storage URI");
+    let loc = chorus_core::storage_policy::StorageLocation::parse(uri).expect("storage URI");
+    assert_eq!(loc.scheme(), "file", "{uri}");
+    let mut dir = std::path::PathBuf::from("/");
+    dir.extend(loc.segments());
+    dir.join("experiments").join(id.to_string())
 }
 
 /// Waits until the experiment has ended; returns its final state name.

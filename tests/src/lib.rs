@@ -53,6 +53,10 @@ pub struct ClusterConfig {
     pub env: Vec<(String, String)>,
     /// Serve the coordinator's Prometheus metrics on a free port.
     pub metrics: bool,
+    /// More coordinator flags, e.g. `--allowed-storage`.
+    pub coordinator_args: Vec<String>,
+    /// The coordinator's data directory; `coordinator/` in the cluster's directory when `None`.
+    pub coordinator_dir: Option<PathBuf>,
 }
 
 impl Default for ClusterConfig {
@@ -65,6 +69,8 @@ impl Default for ClusterConfig {
             storage: None,
             env: Vec::new(),
             metrics: false,
+            coordinator_args: Vec::new(),
+            coordinator_dir: None,
         }
     }
 }
@@ -116,6 +122,21 @@ impl TestCluster {
         format!("http://{}", self.addr.expect("coordinator started"))
     }
 
+    /// The coordinator's data directory.
+    pub fn coordinator_dir(&self) -> PathBuf {
+        self.config
+            .coordinator_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("coordinator"))
+    }
+
+    /// The coordinator's exit status, if it has exited.
+    pub fn coordinator_exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.coordinator
+            .as_mut()
+            .and_then(|p| p.child.try_wait().ok().flatten())
+    }
+
     fn log_file(&self, name: &str) -> Result<std::fs::File> {
         let path = self.dir.path().join("logs").join(format!("{name}.log"));
         std::fs::create_dir_all(path.parent().unwrap())?;
@@ -140,7 +161,8 @@ impl TestCluster {
         cmd.arg("--listen")
             .arg(&listen)
             .arg("--data-dir")
-            .arg(self.dir.path().join("coordinator"))
+            .arg(self.coordinator_dir())
+            .args(&self.config.coordinator_args)
             .arg("--lease-ttl")
             .arg(format!("{}ms", self.config.lease_ttl.as_millis()))
             .arg("--heartbeat-interval")
@@ -167,11 +189,34 @@ impl TestCluster {
             .rsplit(' ')
             .next()
             .and_then(|a| a.parse().ok())
-            .with_context(|| format!("coordinator did not print its address (got {line:?}); see its log"))?;
+            .with_context(|| {
+                format!(
+                    "coordinator did not print its address (got {line:?}):\n{}",
+                    self.logs_tail()
+                )
+            })?;
         self.addr = Some(addr);
         self.coordinator = Some(Proc { child });
         wait_for_port(addr, Duration::from_secs(10))?;
         Ok(())
+    }
+
+    /// Asks the coordinator to shut down (SIGTERM) and waits for it to exit, killing it after
+    /// `timeout`; returns whether it exited by itself.
+    pub fn stop_coordinator(&mut self, timeout: Duration) -> bool {
+        let Some(mut p) = self.coordinator.take() else {
+            return true;
+        };
+        let _ = kill(Pid::from_raw(p.child.id() as i32), Signal::SIGTERM);
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(_)) = p.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        p.sigkill();
+        false
     }
 
     pub fn kill_coordinator(&mut self) {
@@ -362,6 +407,73 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
+}
+
+/// A size-limited tmpfs on a fresh directory: a disk that fills up. Unmounted on drop.
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. `"24m"`); the error says why when this process may not
+    /// mount one (it must run as root, or with CAP_SYS_ADMIN).
+    pub fn mount(size: &str) -> Result<Tmpfs> {
+        let dir = tempfile::Builder::new().prefix("chorus-tmpfs-").tempdir()?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .context("run mount")?;
+        if !out.status.success() {
+            bail!(
+                "cannot mount a tmpfs ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(Tmpfs { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Bytes still free on the filesystem.
+    pub fn free_bytes(&self) -> u64 {
+        let s = nix::sys::statvfs::statvfs(self.path()).expect("statvfs");
+        s.blocks_available() as u64 * s.fragment_size() as u64
+    }
+
+    /// Fills the filesystem to its last byte with a file `name`, and returns the file's path:
+    /// remove it to give the space back.
+    pub fn fill(&self, name: &str) -> Result<PathBuf> {
+        use std::io::Write;
+        let path = self.path().join(name);
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        let chunk = vec![0u8; 1 << 20];
+        let mut size = chunk.len();
+        loop {
+            match f.write(&chunk[..size]) {
+                Ok(n) if n > 0 => {}
+                Ok(_) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::StorageFull => {
+                    if size == 1 {
+                        break;
+                    }
+                    size /= 2;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(path)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazily: a process still holding a file there must not keep the mount alive.
+        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
 }
 
 /// A real S3 server (`s3s-fs`) on loopback, serving a temporary directory.
