@@ -38,7 +38,12 @@ trial:
   command: [sh, -c, 'yes "$(printf %999s | tr " " x)" | head -n 60000; echo "chorus:metric {\"loss\": 1}"; echo flood-done']
 "#;
     let exp = submit(&c, &c.write("flood.yaml", spec));
-    assert_eq!(wait_ended(&c, exp, Duration::from_secs(180)), "completed", "{}", c.logs_tail());
+    assert_eq!(
+        wait_ended(&c, exp, Duration::from_secs(180)),
+        "completed",
+        "{}",
+        c.logs_tail()
+    );
     let grown = peak_rss(pid).saturating_sub(before);
     assert!(
         grown < 64 * 1024 * 1024,
