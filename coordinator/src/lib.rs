@@ -21,6 +21,7 @@ pub mod telemetry;
 use crate::api::auth::{AuthInterceptor, Role, Tokens};
 use crate::error::{CoordError, Result};
 use crate::state::{State, Timing};
+use chorus_core::limits::BudgetLimits;
 use chorus_core::storage::{Storage, StorageOptions, StorageUri};
 use chorus_proto::pb::experiment_service_server::ExperimentServiceServer;
 use chorus_proto::pb::worker_service_server::WorkerServiceServer;
@@ -45,6 +46,8 @@ pub struct Options {
     pub reconcile_interval: Duration,
     /// Where to serve Prometheus `/metrics` over HTTP; not served when `None`.
     pub metrics_listener: Option<std::net::SocketAddr>,
+    /// What one experiment may ask for (trials, trials at once, restarts per trial).
+    pub budgets: BudgetLimits,
 }
 
 impl Options {
@@ -57,6 +60,7 @@ impl Options {
             timing: Timing::default(),
             reconcile_interval: Duration::from_millis(500),
             metrics_listener: None,
+            budgets: BudgetLimits::default(),
         }
     }
 }
@@ -65,6 +69,7 @@ impl Options {
 pub struct Coordinator {
     state: Mutex<State>,
     pub default_storage: StorageUri,
+    pub budgets: BudgetLimits,
     storage_options: StorageOptions,
     /// Opened stores by URI: opening S3 or GCS clients is not free.
     stores: Mutex<HashMap<String, Storage>>,
@@ -89,6 +94,7 @@ impl Coordinator {
         Ok(Coordinator {
             state: Mutex::new(state),
             default_storage,
+            budgets: opts.budgets,
             storage_options: opts.storage.clone(),
             stores: Mutex::new(HashMap::new()),
         })

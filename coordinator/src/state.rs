@@ -135,11 +135,23 @@ impl State {
             drained_dirty: false,
         };
         st.drained = st.store.load_drained()?.into_iter().collect();
+        // A stored spec that can no longer be read must not keep the coordinator from starting:
+        // its experiment is kept (records, trials) and ends as failed, saying why.
+        let mut unreadable = Vec::new();
         for row in st.store.load_experiments()? {
             st.next_experiment = st.next_experiment.max(row.id.0 + 1);
             let id = row.id;
-            let exp = Experiment::from_row(row)
-                .map_err(|e| CoordError::FailedPrecondition(format!("stored experiment {id} no longer parses: {e}")))?;
+            let exp = match Experiment::from_row(row.clone()) {
+                Ok(exp) => exp,
+                Err(e) => {
+                    let reason = format!("its stored spec can no longer be read: {}", one_line(&e));
+                    tracing::error!(experiment = %id, "{reason}");
+                    if !row.state.is_terminal() {
+                        unreadable.push((id, reason.clone()));
+                    }
+                    Experiment::unreadable(row, &reason)
+                }
+            };
             st.counts.insert(id, Counts::default());
             st.experiments.insert(id, exp);
         }
@@ -167,6 +179,9 @@ impl State {
                 }
             }
             st.trials.insert(t.id, t);
+        }
+        for (id, reason) in unreadable {
+            st.end_experiment(id, ExperimentState::Failed, &reason);
         }
         Ok(st)
     }
@@ -1209,6 +1224,14 @@ impl State {
 }
 
 /// Workers as one attempt-row field.
+/// A spec error on one line, for a message.
+fn one_line(e: &chorus_core::CoreError) -> String {
+    match e {
+        chorus_core::CoreError::Spec(errs) => errs.0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+        other => other.to_string(),
+    }
+}
+
 fn joined(workers: &[WorkerId]) -> WorkerId {
     WorkerId(workers.iter().map(|w| w.0.as_str()).collect::<Vec<_>>().join(","))
 }

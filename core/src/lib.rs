@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod convert;
 pub mod error;
 pub mod ids;
+pub mod limits;
 pub mod metric;
 pub mod shards;
 pub mod space;

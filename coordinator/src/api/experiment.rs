@@ -3,6 +3,7 @@
 use super::convert;
 use crate::Coordinator;
 use crate::error::CoordError;
+use chorus_core::limits::BudgetLimits;
 use chorus_core::storage::{StorageUri, parse_log_chunk_name};
 use chorus_core::{ExperimentId, TrialId, spec};
 use chorus_proto::pb;
@@ -54,7 +55,10 @@ impl ExperimentService for ExperimentApi {
         req: Request<pb::SubmitExperimentRequest>,
     ) -> Result<Response<pb::SubmitExperimentResponse>, Status> {
         let req = req.into_inner();
-        let valid = spec::parse(&req.spec_yaml, &req.overrides).map_err(CoordError::from)?;
+        let valid = spec::parse_with(&req.spec_yaml, &req.overrides, &self.coord.budgets).map_err(CoordError::from)?;
+        // What is stored must read back: a spec that would not is refused here, never found
+        // unreadable when the coordinator restarts.
+        let stored = valid.to_stored_yaml().map_err(CoordError::from)?;
         let uri = match &valid.spec.storage {
             Some(s) => StorageUri::parse(s).map_err(CoordError::from)?,
             None => self.coord.default_storage.clone(),
@@ -64,7 +68,7 @@ impl ExperimentService for ExperimentApi {
         // The spec goes to storage before the experiment exists, so an unreachable store
         // rejects the submission instead of leaving an experiment that cannot keep records.
         let key = storage.spec_key(id);
-        let put = storage.store.put(&key, PutPayload::from(valid.to_yaml().into_bytes()));
+        let put = storage.store.put(&key, PutPayload::from(stored.into_bytes()));
         match tokio::time::timeout(STORAGE_TIMEOUT, put).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
@@ -93,9 +97,11 @@ impl ExperimentService for ExperimentApi {
         req: Request<pb::ValidateExperimentRequest>,
     ) -> Result<Response<pb::ValidateExperimentResponse>, Status> {
         let req = req.into_inner();
-        let valid = spec::parse(&req.spec_yaml, &req.overrides).map_err(CoordError::from)?;
+        let valid = spec::parse_with(&req.spec_yaml, &req.overrides, &self.coord.budgets).map_err(CoordError::from)?;
+        let normalized_yaml = valid.to_stored_yaml().map_err(CoordError::from)?;
         Ok(Response::new(pb::ValidateExperimentResponse {
-            normalized_yaml: valid.to_yaml(),
+            normalized_yaml,
+            // Sized within the validation limits: 0 for a continuous space or one past them.
             grid_size: chorus_core::space::grid_size(&valid.space).unwrap_or(0),
         }))
     }
@@ -171,6 +177,7 @@ impl ExperimentService for ExperimentApi {
     ) -> Result<Response<pb::Experiment>, Status> {
         let req = req.into_inner();
         let id = ExperimentId(req.experiment_id);
+        check_budget_update(&self.coord.budgets, req.max_trials, req.parallel_trials)?;
         self.change(id, |st| {
             st.update_budget(id, req.max_trials, req.parallel_trials, req.max_failed_trials)
         })
@@ -335,6 +342,27 @@ impl ExperimentService for ExperimentApi {
         };
         Ok(Response::new(info))
     }
+}
+
+/// Refuses an `experiment update` past this coordinator's budget limits, as a submit would be.
+fn check_budget_update(
+    limits: &BudgetLimits,
+    max_trials: Option<u64>,
+    parallel_trials: Option<u32>,
+) -> Result<(), CoordError> {
+    if let Some(m) = max_trials.filter(|m| *m > limits.max_trials) {
+        return Err(CoordError::InvalidArgument(format!(
+            "max_trials: {m} is above this coordinator's limit of {} trials per experiment (--max-trials-per-experiment)",
+            limits.max_trials
+        )));
+    }
+    if let Some(p) = parallel_trials.filter(|p| *p > limits.max_parallel_trials) {
+        return Err(CoordError::InvalidArgument(format!(
+            "parallel_trials: {p} is above this coordinator's limit of {} (--max-parallel-trials)",
+            limits.max_parallel_trials
+        )));
+    }
+    Ok(())
 }
 
 /// What `ListWorkers` and `DrainWorker` say of one worker.

@@ -61,7 +61,7 @@ impl Experiment {
 
     /// Rebuilds an experiment from its row; the stored spec was valid when it was written.
     pub fn from_row(row: ExperimentRow) -> Result<Self, chorus_core::CoreError> {
-        let spec = chorus_core::spec::parse(&row.spec_yaml, &[])?;
+        let spec = chorus_core::spec::parse_stored(&row.spec_yaml)?;
         let searcher = search::build(&spec, Some(&row.searcher_state));
         Ok(Experiment {
             id: row.id,
@@ -81,6 +81,53 @@ impl Experiment {
             trials: Vec::new(),
             spec,
         })
+    }
+
+    /// An experiment whose stored spec can no longer be read (written by a version that stored
+    /// what it could not read back, or made invalid by a later one): kept with its row, its
+    /// trials and its records so the coordinator starts and nothing is lost, but it cannot run.
+    /// Its spec is a stand-in naming its metric, when that can still be found, so its trials
+    /// still rank; its stored YAML is shown as it is.
+    pub fn unreadable(row: ExperimentRow, reason: &str) -> Self {
+        let doc: serde_json::Value = serde_yaml_ng::from_str(&row.spec_yaml).unwrap_or_default();
+        let metric = doc
+            .pointer("/metric")
+            .or_else(|| doc.pointer("/metrics/0"))
+            .cloned()
+            .unwrap_or_default();
+        let name = metric["name"].as_str().unwrap_or("unknown").to_string();
+        let goal = match metric["goal"].as_str() {
+            Some("maximize") => "maximize",
+            _ => "minimize",
+        };
+        let stand_in: chorus_core::spec::ExperimentSpec = serde_json::from_value(serde_json::json!({
+            "name": row.name,
+            "metric": {"name": name, "goal": goal},
+            "searcher": {"name": "grid"},
+            "trial": {"command": ["(unreadable spec)"]},
+        }))
+        .expect("a fixed stand-in spec deserializes");
+        let spec = ValidSpec {
+            spec: stand_in,
+            space: Default::default(),
+            max_trials: row.max_trials,
+            timeout: None,
+        };
+        let mut exp = Experiment::new(row.id, spec, row.storage, row.created_ms);
+        exp.spec_yaml = row.spec_yaml;
+        exp.state = row.state;
+        exp.ended_ms = row.ended_ms;
+        exp.message = if row.state.is_terminal() {
+            row.message
+        } else {
+            reason.to_string()
+        };
+        exp.max_trials = row.max_trials;
+        exp.parallel_trials = row.parallel_trials;
+        exp.max_failed_trials = row.max_failed_trials;
+        exp.exhausted = true;
+        exp.created_trials = row.created_trials;
+        exp
     }
 
     pub fn row(&self) -> ExperimentRow {
