@@ -647,7 +647,11 @@ fn parse_text(yaml: &str, overrides: &[String], budgets: &BudgetLimits) -> Resul
             path.strip_prefix(p.as_str())
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
         });
-        if from_set { Err(()) } else { Ok(at(path)) }
+        if from_set {
+            Place::Override
+        } else {
+            Place::File(at(path))
+        }
     };
     validate(spec, &place, budgets)
 }
@@ -763,13 +767,21 @@ fn apply_override(doc: &mut serde_yaml_ng::Value, o: &str) -> Result<String, Cor
     unreachable!("a non-empty path always reaches its last part")
 }
 
+/// Where a field of the spec came from.
+enum Place {
+    /// The file, at this line and column when it is found there.
+    File(Option<(usize, usize)>),
+    /// A `--set` override.
+    Override,
+}
+
 /// Semantic checks the schema cannot express; collects every problem (the first
 /// [`MAX_ERRORS`] of them).
 ///
-/// `place` gives a field's position in the file, or `Err` for a field a `--set` override gave.
+/// `place` says where each field came from.
 fn validate(
     mut spec: ExperimentSpec,
-    place: &dyn Fn(&str) -> Result<Option<(usize, usize)>, ()>,
+    place: &dyn Fn(&str) -> Place,
     budgets: &BudgetLimits,
 ) -> Result<ValidSpec, CoreError> {
     let mut errs = Vec::new();
@@ -780,8 +792,8 @@ fn validate(
             return;
         }
         let (location, message) = match place(&path) {
-            Ok(location) => (location, message),
-            Err(()) => (None, format!("{message} (from --set)")),
+            Place::File(location) => (location, message),
+            Place::Override => (None, format!("{message} (from --set)")),
         };
         errs.push(FieldError {
             path,
