@@ -22,7 +22,7 @@ pub const MAX_DEPTH: usize = 32;
 
 /// Most YAML nodes in a spec once aliases are expanded: what a reader of the spec builds in
 /// memory, so an alias "bomb" is refused before anything expands it.
-pub const MAX_NODES: u64 = 1_000_000;
+pub const MAX_NODES: u64 = 200_000;
 
 /// Most items in one YAML sequence or mapping (`values`, `command`, `env`, a `when` list...).
 pub const MAX_ITEMS: usize = 10_000;

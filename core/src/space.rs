@@ -311,8 +311,9 @@ pub enum GridSize {
     /// More than `u128::MAX` points.
     Overflow,
     /// Counting would take more than the steps allowed: conditions tangled so that too many
-    /// combinations of parent values lead to different subtrees.
-    TooIntricate,
+    /// combinations of parent values lead to different subtrees. The grid has at least
+    /// `at_least` points: the product of the parameters that are always active.
+    TooIntricate { at_least: u128 },
 }
 
 /// Sizes the grid of `space` exactly, in at most `max_steps` steps: the cost does not depend on
@@ -324,7 +325,12 @@ pub fn grid_count(space: &Space, max_steps: u64) -> GridSize {
     };
     let n = grid.count(0, &mut vec![None; grid.axes.len()]);
     if grid.out_of_steps {
-        GridSize::TooIntricate
+        let at_least = space
+            .iter()
+            .filter(|(name, _)| space.condition(name).is_none())
+            .filter_map(|(_, p)| p.grid_len_exact())
+            .fold(1u128, u128::saturating_mul);
+        GridSize::TooIntricate { at_least }
     } else if n == u128::MAX {
         GridSize::Overflow
     } else {

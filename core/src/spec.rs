@@ -1059,11 +1059,11 @@ fn validate(
             too_many => {
                 let size = match too_many {
                     GridSize::Points(g) => format!("{g} points"),
-                    GridSize::Overflow => "more than 2^128 points".to_string(),
-                    _ => "conditions too intricate to count within the limit".to_string(),
+                    GridSize::TooIntricate { at_least } => format!("at least {at_least} points"),
+                    _ => "more than 2^128 points".to_string(),
                 };
                 let message = match too_many {
-                    GridSize::TooIntricate => format!(
+                    GridSize::TooIntricate { at_least } if at_least <= limits::MAX_GRID_POINTS as u128 => format!(
                         "the grid's conditions are too intricate to size (more than {} steps); use fewer conditions between parameters",
                         limits::MAX_GRID_STEPS
                     ),
