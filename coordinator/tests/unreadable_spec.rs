@@ -43,7 +43,7 @@ fn row(id: u64, state: ExperimentState, message: &str) -> ExperimentRow {
         max_trials: 3,
         parallel_trials: 1,
         max_failed_trials: None,
-        searcher_state: serde_json::Value::Null,
+        searcher_state: serde_json::json!({"seed": 0, "drawn": 2}),
         created_trials: 2,
     }
 }
@@ -92,6 +92,11 @@ fn an_unreadable_stored_spec_fails_its_experiment_instead_of_the_coordinator() {
     assert_eq!(
         (live.metric(), live.goal()),
         ("val_loss", chorus_core::spec::Goal::Maximize)
+    );
+    assert_eq!(
+        live.row().searcher_state,
+        serde_json::json!({"seed": 0, "drawn": 2}),
+        "its searcher state is written back as it was"
     );
     assert_eq!(st.trials[&TrialId(1)].state, TrialState::Completed, "records kept");
     assert_eq!(st.trials[&TrialId(2)].state, TrialState::Killed, "nothing left open");

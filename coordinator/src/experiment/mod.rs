@@ -2,7 +2,7 @@
 //! their lifecycles: when a searcher may create trials, when an experiment is done, what a
 //! failure costs. The state module applies these rules under its lock and persists the result.
 
-use crate::search::{self, Searcher};
+use crate::search::{self, SearchAction, SearchEvent, Searcher, Suggestion};
 use crate::store::ExperimentRow;
 use chorus_core::convert::{ExperimentState, TrialState};
 use chorus_core::space::Params;
@@ -89,6 +89,7 @@ impl Experiment {
     /// Its spec is a stand-in naming its metric, when that can still be found, so its trials
     /// still rank; its stored YAML is shown as it is.
     pub fn unreadable(row: ExperimentRow, reason: &str) -> Self {
+        let saved = row.searcher_state.clone();
         let doc: serde_json::Value = serde_yaml_ng::from_str(&row.spec_yaml).unwrap_or_default();
         let metric = doc
             .pointer("/metric")
@@ -127,6 +128,7 @@ impl Experiment {
         exp.max_failed_trials = row.max_failed_trials;
         exp.exhausted = true;
         exp.created_trials = row.created_trials;
+        exp.searcher = Box::new(Frozen(saved));
         exp
     }
 
@@ -159,6 +161,25 @@ impl Experiment {
     /// No trial will ever be created again.
     pub fn creation_finished(&self) -> bool {
         self.exhausted || self.created_trials >= self.max_trials
+    }
+}
+
+/// The searcher of an experiment whose spec cannot be read: it suggests nothing and keeps its
+/// saved state exactly as stored, so rewriting the experiment's row loses nothing.
+#[derive(Debug)]
+struct Frozen(serde_json::Value);
+
+impl Searcher for Frozen {
+    fn suggest(&mut self, _trial: TrialId) -> Suggestion {
+        Suggestion::Exhausted
+    }
+
+    fn observe(&mut self, _event: &SearchEvent) -> Vec<SearchAction> {
+        Vec::new()
+    }
+
+    fn save(&self) -> serde_json::Value {
+        self.0.clone()
     }
 }
 
