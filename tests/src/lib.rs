@@ -183,6 +183,28 @@ impl TestCluster {
     /// Starts one more worker; returns its index.
     pub fn start_worker(&mut self) -> Result<usize> {
         let i = self.workers.len();
+        let child = self.spawn_worker(i)?;
+        self.workers.push(Some(Proc { child }));
+        Ok(i)
+    }
+
+    /// Starts worker `i` again (after a kill or stop), with the same id and data directory.
+    pub fn restart_worker(&mut self, i: usize) -> Result<()> {
+        assert!(
+            self.workers.get(i).is_some_and(Option::is_none),
+            "worker {i} is not stopped"
+        );
+        let child = self.spawn_worker(i)?;
+        self.workers[i] = Some(Proc { child });
+        Ok(())
+    }
+
+    /// The pid of worker `i`, while it runs.
+    pub fn worker_pid(&self, i: usize) -> Option<u32> {
+        self.workers.get(i)?.as_ref().map(|p| p.child.id())
+    }
+
+    fn spawn_worker(&self, i: usize) -> Result<Child> {
         let name = format!("worker-{i}");
         let mut cmd = self.base_command("chorus-worker");
         cmd.arg("--coordinator")
@@ -199,9 +221,7 @@ impl TestCluster {
             cmd.env("CHORUS_WORKER_TOKEN", &a.worker);
         }
         cmd.stdout(self.log_file(&name)?).stderr(self.log_file(&name)?);
-        let child = cmd.spawn().context("spawn chorus-worker")?;
-        self.workers.push(Some(Proc { child }));
-        Ok(i)
+        cmd.spawn().context("spawn chorus-worker")
     }
 
     /// Asks a worker to shut down (SIGTERM) and waits for it to exit.

@@ -9,6 +9,8 @@
 use crate::attempts::{AttemptKey, Attempts, Held};
 use crate::config::{Timings, WorkerConfig};
 use crate::error::WorkerError;
+use crate::runner::containment::Containment;
+use crate::runner::environment::TrialEnv;
 use crate::runner::rendezvous::RendezvousCall;
 use crate::runner::{self, Events, RunnerContext, Stop, StorageCache};
 use chorus_core::TrialId;
@@ -99,12 +101,16 @@ pub(crate) struct Agent {
     timings: Timings,
     endpoint: Endpoint,
     auth: BearerAuth,
+    has_token: bool,
     attempts: Attempts,
     runner: RunnerContext,
     link: watch::Sender<Link>,
     accepting: AtomicBool,
     /// Runners' rendezvous requests, taken by the task that serves them.
     rendezvous_calls: std::sync::Mutex<Option<mpsc::UnboundedReceiver<RendezvousCall>>>,
+    /// Holds the data directory's lock for the worker's lifetime; the kernel drops it when
+    /// the process dies, however it dies.
+    _data_dir_lock: std::fs::File,
 }
 
 impl Agent {
@@ -124,10 +130,14 @@ impl Agent {
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
         std::fs::create_dir_all(&config.data_dir).map_err(WorkerError::io(&config.data_dir))?;
+        // The start kills whatever the data directory's records name: never a live worker's trials.
+        let data_dir_lock = lock_data_dir(&config.data_dir)?;
+        let containment = Arc::new(Containment::for_worker(config.containment, &config.data_dir)?);
         let gpus = u32::try_from(config.gpu_ids.len()).unwrap_or(u32::MAX);
         let (rendezvous_tx, rendezvous_rx) = mpsc::unbounded_channel();
         Ok(Arc::new(Agent {
             auth: BearerAuth::new(config.token.as_deref())?,
+            has_token: config.token.is_some(),
             capacity: pb::Resources {
                 cpus: config.slots,
                 gpus,
@@ -144,6 +154,8 @@ impl Agent {
                 collective_timeout: config.timings.collective_timeout,
                 rendezvous_timeout: config.timings.rendezvous_timeout,
                 rendezvous: Some(rendezvous_tx),
+                containment,
+                trial_env: TrialEnv::from_worker(&config.trial_env),
             },
             rendezvous_calls: std::sync::Mutex::new(Some(rendezvous_rx)),
             worker_id: config.worker_id,
@@ -152,6 +164,7 @@ impl Agent {
             endpoint,
             link: watch::channel(None).0,
             accepting: AtomicBool::new(true),
+            _data_dir_lock: data_dir_lock,
         }))
     }
 
@@ -165,8 +178,18 @@ impl Agent {
             slots = self.capacity.cpus,
             gpus = self.capacity.gpus,
             data_dir = %self.runner.data_dir.display(),
+            containment = %self.runner.containment.describe(),
             "worker starting"
         );
+        // Before registering: an attempt the coordinator hands out next must not run beside
+        // what an earlier run of this worker left.
+        let leftovers = self.runner.containment.kill_leftovers().await?;
+        if leftovers > 0 {
+            info!(
+                attempts = leftovers,
+                "killed the processes an earlier run of this worker left behind"
+            );
+        }
         let (stop_tx, stop_rx) = watch::channel(false);
         let calls = self.rendezvous_calls.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(mut calls) = calls {
@@ -292,7 +315,13 @@ impl Agent {
             .clone()
             .register(self.request(register))
             .await
-            .map_err(WorkerError::rpc("Register"))?
+            .map_err(|status| match status.code() {
+                Code::Unauthenticated => WorkerError::Unauthenticated {
+                    has_token: self.has_token,
+                    status: Box::new(status),
+                },
+                _ => WorkerError::rpc("Register")(status),
+            })?
             .into_inner();
         self.apply_kills(&terms.kill, "the coordinator no longer wants this attempt");
         // No deadline on the call itself: it lives as long as the session. Only its opening is bounded.
@@ -724,5 +753,21 @@ mod tests {
                 .is_none()
         );
         assert!(BearerAuth::new(Some("bad\ntoken")).is_err());
+    }
+}
+
+/// An exclusive lock on `DATA_DIR/worker.lock`, held while the returned file is open.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, WorkerError> {
+    let path = dir.join("worker.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(WorkerError::io(&path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(WorkerError::DataDirInUse(dir.to_path_buf())),
+        Err(std::fs::TryLockError::Error(e)) => Err(WorkerError::Io { path, source: e }),
     }
 }
