@@ -132,16 +132,62 @@ fn nonce() -> u32 {
     100_000 + (t ^ std::process::id().wrapping_mul(2_654_435_761)) % 900_000
 }
 
-fn worker_sigkill_then_restart_leaves_nothing_of_the_old_attempt(containment: Option<&str>) {
+/// The worker's guardian: its child named `chorus-guardian`.
+fn guardian_of(worker: u32) -> Option<i32> {
+    std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let (comm, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+        let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+        (comm == "chorus-guardian" && ppid == worker).then_some(pid)
+    })
+}
+
+fn sigkill(pid: i32) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+}
+
+/// The report's case: SIGKILL of the worker alone. Its guardian kills the trial's detached
+/// processes at once, with no restart.
+fn a_sigkilled_worker_takes_its_trials_processes_along(containment: Option<&str>) {
+    let mut c = cluster(containment, 1);
+    let nonce = nonce();
+    submit(&c, &escaping_trial(&c, nonce));
+    wait_all_detached(&c, nonce, 1);
+    c.kill_worker(0);
+    assert_none_left(nonce, 1, Duration::from_secs(10), "after the worker's SIGKILL");
+}
+
+#[test]
+fn a_sigkilled_worker_takes_its_trials_processes_along_with_cgroups_where_possible() {
+    a_sigkilled_worker_takes_its_trials_processes_along(None);
+}
+
+#[test]
+fn a_sigkilled_worker_takes_its_trials_processes_along_with_process_tracking() {
+    a_sigkilled_worker_takes_its_trials_processes_along(Some("process"));
+}
+
+/// SIGKILL of the worker and of its guardian: the restarted worker (same id, same data
+/// directory) kills what attempt 1 left before it registers, so attempt 2 runs alone.
+fn worker_restart_kills_what_a_killed_worker_left(containment: Option<&str>) {
     let mut c = cluster(containment, 1);
     let nonce = nonce();
     let id = submit(&c, &escaping_trial(&c, nonce));
     wait_all_detached(&c, nonce, 1);
 
+    let guardian = guardian_of(c.worker_pid(0).unwrap()).expect("the worker's guardian");
+    sigkill(guardian);
     c.kill_worker(0);
+    std::thread::sleep(Duration::from_millis(300));
+    let left = attempt_processes(nonce, 1);
+    assert!(
+        left.len() >= 3,
+        "the detached processes outlive a worker killed with its guardian: {left:?}"
+    );
+
     c.restart_worker(0).unwrap();
-    // The trial comes back to the restarted worker (the only one) as attempt 2, which must run
-    // alone: the restarted worker killed attempt 1's leftovers before it registered.
+    // The trial comes back to the restarted worker (the only one) as attempt 2.
     c.wait_until(Duration::from_secs(60), "attempt 2 to run", |_| {
         Ok(!attempt_processes(nonce, 2).is_empty())
     })
@@ -173,13 +219,13 @@ fn worker_sigkill_then_restart_leaves_nothing_of_the_old_attempt(containment: Op
 }
 
 #[test]
-fn worker_sigkill_then_restart_leaves_nothing_of_the_old_attempt_with_cgroups_where_possible() {
-    worker_sigkill_then_restart_leaves_nothing_of_the_old_attempt(None);
+fn worker_restart_kills_what_a_killed_worker_left_with_cgroups_where_possible() {
+    worker_restart_kills_what_a_killed_worker_left(None);
 }
 
 #[test]
-fn worker_sigkill_then_restart_leaves_nothing_of_the_old_attempt_with_process_tracking() {
-    worker_sigkill_then_restart_leaves_nothing_of_the_old_attempt(Some("process"));
+fn worker_restart_kills_what_a_killed_worker_left_with_process_tracking() {
+    worker_restart_kills_what_a_killed_worker_left(Some("process"));
 }
 
 fn killing_an_experiment_kills_detached_descendants(containment: Option<&str>) {

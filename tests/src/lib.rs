@@ -329,12 +329,31 @@ impl Drop for TestCluster {
         for p in self.workers.iter_mut().flatten() {
             p.sigkill();
         }
+        // A killed worker's guardian kills what its trials left, from records in the worker's
+        // data directory, and holds the directory's lock until it is done: the directory must
+        // not go before that.
+        for i in 0..self.workers.len() {
+            wait_unlocked(
+                &self.dir.path().join(format!("worker-{i}/worker.lock")),
+                Duration::from_secs(15),
+            );
+        }
         self.kill_coordinator();
         if std::env::var_os("CHORUS_KEEP_TEST_DIRS").is_some() {
             let path = self.dir.path().to_path_buf();
             eprintln!("keeping {}", path.display());
             std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")));
         }
+    }
+}
+
+fn wait_unlocked(lock: &Path, timeout: Duration) {
+    let Ok(file) = std::fs::OpenOptions::new().write(true).open(lock) else {
+        return;
+    };
+    let start = Instant::now();
+    while matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock)) && start.elapsed() < timeout {
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

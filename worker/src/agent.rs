@@ -9,7 +9,7 @@
 use crate::attempts::{AttemptKey, Attempts, Held};
 use crate::config::{Timings, WorkerConfig};
 use crate::error::WorkerError;
-use crate::runner::containment::Containment;
+use crate::runner::containment::{Containment, DataDirLock};
 use crate::runner::environment::TrialEnv;
 use crate::runner::rendezvous::RendezvousCall;
 use crate::runner::{self, Events, RunnerContext, Stop, StorageCache};
@@ -108,13 +108,14 @@ pub(crate) struct Agent {
     accepting: AtomicBool,
     /// Runners' rendezvous requests, taken by the task that serves them.
     rendezvous_calls: std::sync::Mutex<Option<mpsc::UnboundedReceiver<RendezvousCall>>>,
-    /// Holds the data directory's lock for the worker's lifetime; the kernel drops it when
-    /// the process dies, however it dies.
-    _data_dir_lock: std::fs::File,
+    /// Held for the worker's lifetime; the kernel drops it when the process dies, however it dies.
+    _data_dir_lock: DataDirLock,
 }
 
 impl Agent {
-    pub fn new(config: WorkerConfig) -> Result<Arc<Self>, WorkerError> {
+    /// `lock` is the data directory's: the start kills whatever the directory's records name,
+    /// which must never be a live worker's trials.
+    pub fn new(config: WorkerConfig, lock: DataDirLock) -> Result<Arc<Self>, WorkerError> {
         let url = if config.coordinator.contains("://") {
             config.coordinator.clone()
         } else {
@@ -130,8 +131,6 @@ impl Agent {
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
         std::fs::create_dir_all(&config.data_dir).map_err(WorkerError::io(&config.data_dir))?;
-        // The start kills whatever the data directory's records name: never a live worker's trials.
-        let data_dir_lock = lock_data_dir(&config.data_dir)?;
         let containment = Arc::new(Containment::for_worker(config.containment, &config.data_dir)?);
         let gpus = u32::try_from(config.gpu_ids.len()).unwrap_or(u32::MAX);
         let (rendezvous_tx, rendezvous_rx) = mpsc::unbounded_channel();
@@ -164,7 +163,7 @@ impl Agent {
             endpoint,
             link: watch::channel(None).0,
             accepting: AtomicBool::new(true),
-            _data_dir_lock: data_dir_lock,
+            _data_dir_lock: lock,
         }))
     }
 
@@ -753,21 +752,5 @@ mod tests {
                 .is_none()
         );
         assert!(BearerAuth::new(Some("bad\ntoken")).is_err());
-    }
-}
-
-/// An exclusive lock on `DATA_DIR/worker.lock`, held while the returned file is open.
-fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, WorkerError> {
-    let path = dir.join("worker.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(WorkerError::io(&path))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(WorkerError::DataDirInUse(dir.to_path_buf())),
-        Err(std::fs::TryLockError::Error(e)) => Err(WorkerError::Io { path, source: e }),
     }
 }
