@@ -2,6 +2,7 @@
 
 mod auth;
 mod builtin;
+mod containment;
 mod crash;
 mod data_parallel;
 mod fencing;

@@ -228,6 +228,28 @@ impl TestCluster {
     /// Starts one more worker; returns its index.
     pub fn start_worker(&mut self) -> Result<usize> {
         let i = self.workers.len();
+        let child = self.spawn_worker(i)?;
+        self.workers.push(Some(Proc { child }));
+        Ok(i)
+    }
+
+    /// Starts worker `i` again (after a kill or stop), with the same id and data directory.
+    pub fn restart_worker(&mut self, i: usize) -> Result<()> {
+        assert!(
+            self.workers.get(i).is_some_and(Option::is_none),
+            "worker {i} is not stopped"
+        );
+        let child = self.spawn_worker(i)?;
+        self.workers[i] = Some(Proc { child });
+        Ok(())
+    }
+
+    /// The pid of worker `i`, while it runs.
+    pub fn worker_pid(&self, i: usize) -> Option<u32> {
+        self.workers.get(i)?.as_ref().map(|p| p.child.id())
+    }
+
+    fn spawn_worker(&self, i: usize) -> Result<Child> {
         let name = format!("worker-{i}");
         let mut cmd = self.base_command("chorus-worker");
         cmd.arg("--coordinator")
@@ -244,9 +266,7 @@ impl TestCluster {
             cmd.env("CHORUS_WORKER_TOKEN", &a.worker);
         }
         cmd.stdout(self.log_file(&name)?).stderr(self.log_file(&name)?);
-        let child = cmd.spawn().context("spawn chorus-worker")?;
-        self.workers.push(Some(Proc { child }));
-        Ok(i)
+        cmd.spawn().context("spawn chorus-worker")
     }
 
     /// Asks a worker to shut down (SIGTERM) and waits for it to exit.
@@ -255,11 +275,6 @@ impl TestCluster {
             let _ = kill(Pid::from_raw(p.child.id() as i32), Signal::SIGTERM);
             let _ = p.child.wait();
         }
-    }
-
-    /// The process id of worker `i`, while it runs.
-    pub fn worker_pid(&self, i: usize) -> Option<u32> {
-        self.workers.get(i).and_then(Option::as_ref).map(|p| p.child.id())
     }
 
     /// Sends `signal` to worker `i` (SIGSTOP freezes it as a long pause or a partition would).
@@ -366,12 +381,31 @@ impl Drop for TestCluster {
         for p in self.workers.iter_mut().flatten() {
             p.sigkill();
         }
+        // A killed worker's guardian kills what its trials left, from records in the worker's
+        // data directory, and holds the directory's lock until it is done: the directory must
+        // not go before that.
+        for i in 0..self.workers.len() {
+            wait_unlocked(
+                &self.dir.path().join(format!("worker-{i}/worker.lock")),
+                Duration::from_secs(15),
+            );
+        }
         self.kill_coordinator();
         if std::env::var_os("CHORUS_KEEP_TEST_DIRS").is_some() {
             let path = self.dir.path().to_path_buf();
             eprintln!("keeping {}", path.display());
             std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")));
         }
+    }
+}
+
+fn wait_unlocked(lock: &Path, timeout: Duration) {
+    let Ok(file) = std::fs::OpenOptions::new().write(true).open(lock) else {
+        return;
+    };
+    let start = Instant::now();
+    while matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock)) && start.elapsed() < timeout {
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
