@@ -149,6 +149,7 @@ impl Agent {
                 stores: StorageCache::new(config.storage),
                 kill_grace: config.timings.kill_grace,
                 output_grace: config.timings.output_grace,
+                store_retry: config.timings.store_retry,
                 advertise_address: config.advertise_address,
                 collective_timeout: config.timings.collective_timeout,
                 rendezvous_timeout: config.timings.rendezvous_timeout,
@@ -219,7 +220,8 @@ impl Agent {
             "shutting down: stopping trials, flushing their reports"
         );
         self.attempts.stop_all(Stop::Shutdown);
-        let stopping = self.timings.kill_grace + self.timings.output_grace + FINAL_UPLOAD_BUDGET;
+        let stopping =
+            self.timings.kill_grace + self.timings.output_grace + self.timings.store_retry + FINAL_UPLOAD_BUDGET;
         if tokio::time::timeout(stopping, self.attempts.wait_until(Held::NoRunner))
             .await
             .is_err()

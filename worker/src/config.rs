@@ -180,6 +180,10 @@ pub struct Timings {
     pub output_grace: Duration,
     /// How long a shutting-down worker keeps trying to deliver its buffered reports.
     pub shutdown_flush: Duration,
+    /// How long an ended attempt keeps retrying the records storage refuses (a full disk, an
+    /// outage) before it gives them up; a trial whose metric lines could not be stored then
+    /// fails instead of completing with a history that stops short.
+    pub store_retry: Duration,
     /// How long one collective call waits on a peer.
     pub collective_timeout: Duration,
     /// How long a rank of a multi-rank attempt waits for the others at rendezvous.
@@ -194,6 +198,7 @@ impl Default for Timings {
             kill_grace: Duration::from_secs(5),
             output_grace: Duration::from_secs(2),
             shutdown_flush: Duration::from_secs(10),
+            store_retry: Duration::from_secs(20),
             collective_timeout: Duration::from_secs(60),
             rendezvous_timeout: Duration::from_secs(300),
         }

@@ -114,7 +114,11 @@ mod tests {
         assert_eq!(user.check(None).unwrap_err().code(), Code::Unauthenticated);
         assert!(user.check(None).unwrap_err().message().contains("CHORUS_TOKEN"));
         let missing = worker.check(None).unwrap_err();
-        assert!(missing.message().contains("CHORUS_WORKER_TOKEN"), "{}", missing.message());
+        assert!(
+            missing.message().contains("CHORUS_WORKER_TOKEN"),
+            "{}",
+            missing.message()
+        );
         assert_eq!(user.check(Some("u1")).unwrap_err().code(), Code::Unauthenticated);
         let open = AuthInterceptor::new(Arc::new(Tokens::default()), Role::User);
         assert!(open.check(None).is_ok());

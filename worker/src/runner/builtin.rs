@@ -138,7 +138,7 @@ pub(super) async fn run(
         Err(e) => return exited(pb::ExitKind::Failed, None, e.to_string()),
     };
     let checkpoint_dir = p.checkpoint_dir.clone();
-    let (mut lines, recorder) = super::start_recording(a, events, p);
+    let (mut lines, recorder) = super::start_recording(a, events, p, ctx.store_retry);
 
     let control = trainer.control();
     let timeout = (a.timeout_ms > 0).then(|| Duration::from_millis(a.timeout_ms));
@@ -187,15 +187,19 @@ pub(super) async fn run(
     }
     let joined = tokio::task::spawn_blocking(move || trainer.join()).await;
     drop(lines);
-    if let Err(e) = recorder.await {
+    let unstored = recorder.await.unwrap_or_else(|e| {
         tracing::warn!(trial = a.trial_id, attempt = a.attempt, error = %e, "the trial's recorder failed");
-    }
+        super::records::Unstored {
+            error: Some(format!("the recorder failed: {e}")),
+            ..Default::default()
+        }
+    });
     if let Ok(Err(e)) = joined
         && failure.is_none()
     {
         failure = Some(e.to_string());
     }
-    match (ending, failure, outcome) {
+    let mut result = match (ending, failure, outcome) {
         (_, Some(error), _) => exited(pb::ExitKind::Failed, None, error),
         (Some(super::Ending::TimedOut(t)), ..) => {
             exited(pb::ExitKind::TimedOut, None, format!("timed out after {t:?}"))
@@ -219,7 +223,9 @@ pub(super) async fn run(
             None,
             "the trainer stopped without finishing".into(),
         ),
-    }
+    };
+    unstored.amend(&mut result);
+    result
 }
 
 /// Meets the other ranks: announces this rank's collective listener (rank 0 also what the data

@@ -278,6 +278,8 @@ pub struct RunnerContext {
     pub stores: StorageCache,
     pub kill_grace: Duration,
     pub output_grace: Duration,
+    /// See [`crate::config::Timings::store_retry`].
+    pub store_retry: Duration,
     /// Where peers reach this worker (collectives; MASTER_ADDR of a command trial's rank 0).
     pub advertise_address: std::net::IpAddr,
     pub collective_timeout: Duration,
@@ -460,7 +462,12 @@ async fn exploit(
 
 /// Reports the start, then starts the attempt's recorder; returns the line handler that feeds
 /// it and the recorder's task, which finishes once the handler is dropped.
-fn start_recording(a: &pb::Assignment, events: &Events, p: Prepared) -> (Output, tokio::task::JoinHandle<()>) {
+fn start_recording(
+    a: &pb::Assignment,
+    events: &Events,
+    p: Prepared,
+    store_retry: Duration,
+) -> (Output, tokio::task::JoinHandle<records::Unstored>) {
     events.emit(Kind::Started(pb::Started {
         restored_step: p.restored_step,
         restored_attempt: p.restored.map_or(0, |r| r.attempt),
@@ -478,6 +485,7 @@ fn start_recording(a: &pb::Assignment, events: &Events, p: Prepared) -> (Output,
         },
         events.clone(),
         backlog.clone(),
+        store_retry,
     );
     let (jobs, jobs_rx) = mpsc::unbounded_channel();
     (
@@ -522,7 +530,7 @@ async fn run_prepared(
         Ok(c) => c,
         Err(message) => return exited(pb::ExitKind::Failed, None, message),
     };
-    let (mut lines, recorder) = start_recording(a, events, p);
+    let (mut lines, recorder) = start_recording(a, events, p, ctx.store_retry);
 
     // Lines are capped at 64 KiB, so this holds at most 4 MiB.
     let (line_tx, mut line_rx) = mpsc::channel(64);
@@ -607,9 +615,13 @@ async fn run_prepared(
     let malformed = lines.malformed;
     drop(lines);
     // The recorder drains its queue when the job sender is gone: final checkpoint, logs, metrics.
-    if let Err(e) = recorder.await {
+    let unstored = recorder.await.unwrap_or_else(|e| {
         warn!(trial = a.trial_id, attempt = a.attempt, error = %e, "the trial's recorder failed");
-    }
+        records::Unstored {
+            error: Some(format!("the recorder failed: {e}")),
+            ..Default::default()
+        }
+    });
 
     let mut result = match (ending, status) {
         (_, Err(e)) => exited(
@@ -631,6 +643,7 @@ async fn run_prepared(
     if malformed > 0 {
         result.message = format!("{}; {malformed} malformed metric line(s) ignored", result.message);
     }
+    unstored.amend(&mut result);
     result
 }
 

@@ -40,6 +40,43 @@ const METRICS_WRITE_EVERY: Duration = Duration::from_millis(200);
 /// At the end, how long to wait for the last checkpoint's acknowledgement before the final
 /// retention pass (until then the previous one must be kept).
 const FINAL_ACK_WAIT: Duration = Duration::from_secs(3);
+const FINAL_STORE_RETRY: Duration = Duration::from_millis(500);
+
+/// What an attempt's records came to once its recorder ended.
+#[derive(Debug, Default)]
+pub(super) struct Unstored {
+    /// Metric lines the trial printed that never reached storage (so were never reported).
+    pub metric_lines: usize,
+    pub log_bytes: usize,
+    /// The last storage error, to say why.
+    pub error: Option<String>,
+}
+
+impl Unstored {
+    /// Turns an exit that would claim success into a failure when the trial's history is
+    /// missing lines: the trial then runs again from its acknowledged checkpoint instead of
+    /// completing with a history that stops short. Lost log output is only noted.
+    pub fn amend(&self, exited: &mut pb::Exited) {
+        let why = self.error.as_deref().unwrap_or("storage refused the writes");
+        if self.metric_lines > 0 && exited.kind() == pb::ExitKind::Succeeded {
+            exited.kind = pb::ExitKind::Failed.into();
+            exited.message = format!(
+                "{} metric line(s) could not be stored ({why}); the trial's history would be incomplete",
+                self.metric_lines
+            );
+        } else if self.metric_lines > 0 || self.log_bytes > 0 {
+            let note = format!(
+                "{} metric line(s) and {} bytes of log could not be stored ({why})",
+                self.metric_lines, self.log_bytes
+            );
+            exited.message = if exited.message.is_empty() {
+                note
+            } else {
+                format!("{}; {note}", exited.message)
+            };
+        }
+    }
+}
 
 pub(super) enum Job {
     /// One output line, metric lines included.
@@ -95,10 +132,20 @@ pub(super) struct Recorder {
     committed_fingerprint: Option<u64>,
     /// The newest checkpoint this attempt committed.
     last_committed: Option<CheckpointRef>,
+    /// The last storage error, for the attempt's exit message.
+    last_error: Option<String>,
+    /// How long to keep retrying at the end.
+    store_retry: Duration,
 }
 
 impl Recorder {
-    pub fn new(a: &pb::Assignment, setup: RecorderSetup, events: Events, backlog: Arc<Backlog>) -> Self {
+    pub fn new(
+        a: &pb::Assignment,
+        setup: RecorderSetup,
+        events: Events,
+        backlog: Arc<Backlog>,
+        store_retry: Duration,
+    ) -> Self {
         let (exp, trial) = (ExperimentId(a.experiment_id), TrialId(a.trial_id));
         Recorder {
             checkpoints_prefix: setup.storage.checkpoints_prefix(exp, trial),
@@ -126,12 +173,15 @@ impl Recorder {
             last_metrics_write: None,
             committed_fingerprint: setup.restored_fingerprint,
             last_committed: None,
+            last_error: None,
+            store_retry,
         }
     }
 
-    /// Runs until the job sender is dropped, then stores what is left: the pending checkpoint,
-    /// the last log chunk and the metrics.
-    pub async fn run(mut self, mut jobs: mpsc::UnboundedReceiver<Job>) {
+    /// Runs until the job sender is dropped, then stores what is left (the pending checkpoint,
+    /// the last log chunk and the metrics), retrying for a while what storage refuses; says
+    /// what could not be stored.
+    pub async fn run(mut self, mut jobs: mpsc::UnboundedReceiver<Job>) -> Unstored {
         let mut log_tick = tokio::time::interval(LOG_FLUSH_EVERY);
         log_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut metrics_tick = tokio::time::interval(METRICS_WRITE_EVERY);
@@ -150,25 +200,43 @@ impl Recorder {
                 _ = metrics_tick.tick() => self.write_metrics().await,
             }
         }
-        self.write_metrics().await;
-        self.flush_log().await;
+        let give_up = Instant::now() + self.store_retry;
+        loop {
+            self.write_metrics().await;
+            self.flush_log().await;
+            if self.stale() || !self.holds_unstored() || Instant::now() >= give_up {
+                break;
+            }
+            tokio::time::sleep(FINAL_STORE_RETRY).await;
+        }
         if let Some(last) = self.last_committed
             && self.keep_checkpoints > 0
             && self.events.flow().acknowledges(last, FINAL_ACK_WAIT).await
         {
             self.prune().await;
         }
-        // Whatever could not be stored is given up: release its weight so nothing waits on it.
-        if !self.unsent_chunks.is_empty() || !self.log.is_empty() || !self.unstored.is_empty() {
+        let left = Unstored {
+            metric_lines: self.unstored.len(),
+            log_bytes: self.log.len() + self.unsent_chunks.iter().map(|c| c.len()).sum::<usize>(),
+            error: self.last_error.clone(),
+        };
+        if (left.metric_lines > 0 || left.log_bytes > 0) && !self.stale() {
             warn!(
                 trial = %self.trial,
                 attempt = self.attempt,
-                log_bytes = self.log.len() + self.unsent_chunks.iter().map(|c| c.len()).sum::<usize>(),
-                metric_lines = self.unstored.len(),
+                log_bytes = left.log_bytes,
+                metric_lines = left.metric_lines,
+                error = ?left.error,
                 "the attempt ended with records that could not be stored"
             );
         }
+        // Whatever could not be stored is given up: release its weight so nothing waits on it.
         self.drop_unstored();
+        left
+    }
+
+    fn holds_unstored(&self) -> bool {
+        !self.unstored.is_empty() || !self.log.is_empty() || !self.unsent_chunks.is_empty()
     }
 
     fn stale(&self) -> bool {
@@ -320,6 +388,7 @@ impl Recorder {
                     self.backlog.release(len);
                 }
                 Err(e) => {
+                    self.last_error = Some(e.to_string());
                     // Kept, in order, under the same name: the next flush retries. The backlog
                     // holds the trial's output back meanwhile.
                     warn!(trial = %self.trial, attempt = self.attempt, key = %key, error = %e, "cannot store a log chunk; will retry");
@@ -343,6 +412,7 @@ impl Recorder {
             .metrics_segment_key(self.exp, self.trial, self.attempt, self.segment_index);
         let body = PutPayload::from(self.segment.clone().into_bytes());
         if let Err(e) = self.storage.store.put(&key, body).await {
+            self.last_error = Some(e.to_string());
             warn!(trial = %self.trial, attempt = self.attempt, key = %key, error = %e, "cannot store metrics; will retry");
             return;
         }

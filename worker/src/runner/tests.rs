@@ -25,6 +25,7 @@ fn fixture(name: &str) -> Fixture {
         stores: StorageCache::new(StorageOptions::default()),
         kill_grace: Duration::from_millis(300),
         output_grace: Duration::from_millis(300),
+        store_retry: Duration::from_secs(2),
         advertise_address: std::net::Ipv4Addr::LOCALHOST.into(),
         collective_timeout: Duration::from_secs(5),
         rendezvous_timeout: Duration::from_secs(5),
@@ -774,14 +775,13 @@ async fn output_beyond_the_backlog_blocks_the_trial_instead_of_growing_the_worke
                 break;
             }
         }
-        // A file where the store's directory was: every write fails from here on, root or not.
-        std::fs::rename(&store_dir, dir.path().join("moved")).unwrap();
-        std::fs::write(&store_dir, "not a directory").unwrap();
+        let repair = break_store(&store_dir);
         tokio::time::sleep(Duration::from_secs(3)).await;
         let printed: u32 = std::fs::read_to_string(f.scratch("printed"))
             .map(|s| s.trim().parse().unwrap_or(0))
             .unwrap_or(0);
         let _ = stop_tx.send(Some(Stop::Kill("test over".into())));
+        repair();
         while rx.recv().await.is_some() {}
         printed
     };
@@ -792,4 +792,111 @@ async fn output_beyond_the_backlog_blocks_the_trial_instead_of_growing_the_worke
         printed < 400,
         "the trial was held back, not buffered whole ({printed} lines)"
     );
+}
+
+/// Makes every write to a `file://` store fail from now on (a file where its directory was,
+/// which stops root too), and returns how to give it back.
+fn break_store(dir: &Path) -> impl FnOnce() {
+    let moved = dir.with_extension("moved");
+    std::fs::rename(dir, &moved).unwrap();
+    std::fs::write(dir, "not a directory").unwrap();
+    let dir = dir.to_path_buf();
+    move || {
+        std::fs::remove_file(&dir).unwrap();
+        std::fs::rename(&moved, &dir).unwrap();
+    }
+}
+
+/// Runs `a` and breaks its store once it has started; `repair_after` gives the store back that
+/// long after the break (never when `None`).
+async fn run_with_broken_store(
+    f: &Fixture,
+    a: &pb::Assignment,
+    store_dir: &Path,
+    repair_after: Option<Duration>,
+) -> (pb::Exited, Vec<pb::TrialEvent>) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let events = Events::new(tx);
+    let flow = events.flow().clone();
+    let (_stop, stop_rx) = watch::channel(None);
+    let runner = run_attempt(&f.ctx, a, &[], events, stop_rx);
+    let watcher = async {
+        let mut seen = Vec::new();
+        let mut repair: Option<Box<dyn FnOnce()>> = None;
+        let mut repair_at = None;
+        loop {
+            let e = match repair_at {
+                Some(at) => match tokio::time::timeout_at(at, rx.recv()).await {
+                    Ok(e) => e,
+                    Err(_) => {
+                        if let Some(r) = repair.take() {
+                            r();
+                        }
+                        repair_at = None;
+                        continue;
+                    }
+                },
+                None => rx.recv().await,
+            };
+            let Some(e) = e else { break };
+            flow.delivered(a.attempt, std::slice::from_ref(&e));
+            if matches!(e.kind, Some(Kind::Started(_))) {
+                let r = break_store(store_dir);
+                if let Some(d) = repair_after {
+                    repair = Some(Box::new(r));
+                    repair_at = Some(tokio::time::Instant::now() + d);
+                }
+            }
+            seen.push(e);
+        }
+        if let Some(r) = repair.take() {
+            r();
+        }
+        seen
+    };
+    tokio::join!(runner, watcher)
+}
+
+const THREE_STEPS: &str = r#"
+    sleep 0.3
+    for s in 1 2 3; do echo "chorus:metric {\"step\": $s, \"loss\": 0.5}"; done
+"#;
+
+/// The failure the chaos suite found: storage refused the last metric lines, the attempt gave
+/// them up and reported success, and the trial completed with a history that stopped short.
+/// Now the attempt fails, saying why, and runs again from its acknowledged checkpoint.
+#[tokio::test]
+async fn a_trial_whose_metric_lines_cannot_be_stored_does_not_complete() {
+    let f = fixture("unstorable");
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let mut a = f.assignment(62, 1, THREE_STEPS);
+    a.storage = format!("file://{}", store.display());
+    let (exited, events) = run_with_broken_store(&f, &a, &store, None).await;
+    assert_eq!(exited.kind(), pb::ExitKind::Failed, "{exited:?}");
+    assert!(
+        exited.message.contains("3 metric line(s) could not be stored"),
+        "{}",
+        exited.message
+    );
+    assert!(!kind_names(&events).contains(&"metric"), "nothing unstored is reported");
+}
+
+/// Storage that comes back within the retry budget loses nothing: every line is stored and
+/// reported, and the trial completes.
+#[tokio::test]
+async fn metric_lines_refused_for_a_while_are_stored_once_storage_returns() {
+    let f = fixture("storable-later");
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let mut a = f.assignment(63, 1, THREE_STEPS);
+    a.storage = format!("file://{}", store.display());
+    let (exited, events) = run_with_broken_store(&f, &a, &store, Some(Duration::from_millis(800))).await;
+    assert_eq!(exited.kind(), pb::ExitKind::Succeeded, "{exited:?}");
+    assert_eq!(kind_names(&events).iter().filter(|k| **k == "metric").count(), 3);
+    let storage = f.ctx.stores.open(&a.storage).unwrap();
+    let history = chorus_core::history::read_history(&storage, ExperimentId(EXP), TrialId(63), 10)
+        .await
+        .unwrap();
+    assert_eq!(history.len(), 3, "{history:?}");
 }
