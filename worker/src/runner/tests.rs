@@ -756,7 +756,7 @@ async fn output_beyond_the_backlog_blocks_the_trial_instead_of_growing_the_worke
         while [ $i -lt 400 ]; do
             head -c 65000 /dev/zero | tr '\0' x; echo
             i=$((i + 1))
-            echo $i > "$SCRATCH/printed"
+            echo $i > "$SCRATCH/printed.tmp" && mv "$SCRATCH/printed.tmp" "$SCRATCH/printed"
         done
     "#,
     );
