@@ -2,6 +2,7 @@
 
 mod auth;
 mod builtin;
+mod chaos;
 mod crash;
 mod data_parallel;
 mod s3;

@@ -65,20 +65,15 @@ fn records_round_trip_through_s3() {
         for t in &ts {
             let tid = TrialId(t["id"].as_u64().unwrap());
             let k = t["params"]["k"].as_i64().unwrap();
-            let metrics = storage
-                .store
-                .get(&storage.metrics_key(exp, tid))
-                .await
-                .unwrap()
-                .bytes()
+            let metrics = chorus_core::history::read_history(&storage, exp, tid, 100)
                 .await
                 .unwrap();
-            assert_eq!(String::from_utf8_lossy(&metrics).lines().count(), 3);
+            assert_eq!(metrics.len(), 3, "{metrics:?}");
             let dest = tempfile::tempdir().unwrap();
             let restored = checkpoint::restore_latest(&storage, &storage.checkpoints_prefix(exp, tid), dest.path())
                 .await
                 .unwrap();
-            assert_eq!(restored.step, Some(3));
+            assert_eq!(restored.step(), Some(3));
             assert_eq!(
                 std::fs::read_to_string(dest.path().join("model.bin")).unwrap(),
                 format!("weights-{k}-3\n")

@@ -1,18 +1,26 @@
 //! `TestCluster`: the real Chorus binaries on ephemeral loopback ports, for end-to-end tests.
 //!
 //! It starts `chorus-coordinator` and any number of `chorus-worker` processes from the
-//! workspace's target directory, runs the `chorus` CLI against them, and kills any of them
-//! with SIGKILL on demand. A local S3 server (`s3s-fs`) can be started beside them. Nothing
+//! workspace's target directory, runs the `chorus` CLI against them, and injects faults on
+//! demand: SIGKILL, SIGSTOP and SIGCONT of any of them, a restart under the same id, a worker
+//! cut off from the coordinator ([`proxy::FaultProxy`] between them), a full disk under any of
+//! them ([`fault::Tmpfs`]). A local S3 server (`s3s-fs`) can be started beside them. Nothing
 //! here talks to anything but 127.0.0.1.
+
+pub mod fault;
+pub mod proxy;
 
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
+
+pub use fault::{MarkedProcess, Tmpfs, fill_disk, marked_processes};
+pub use proxy::{FaultProxy, ProxyMode};
 
 /// Directory holding the workspace's binaries: the test executable lives in `target/<profile>/deps`.
 pub fn bin_dir() -> PathBuf {
@@ -53,6 +61,13 @@ pub struct ClusterConfig {
     pub env: Vec<(String, String)>,
     /// Serve the coordinator's Prometheus metrics on a free port.
     pub metrics: bool,
+    /// Create the cluster's directory in this directory instead of the system's temporary one,
+    /// and run the coordinator and workers with their working directory in `ROOT/cwd` and
+    /// `TMPDIR=ROOT/tmp`, so everything they write lands under `ROOT` where a test can see it.
+    pub root: Option<PathBuf>,
+    /// Connect each worker to the coordinator through its own [`FaultProxy`], so a test can
+    /// cut or stall one worker's link ([`TestCluster::worker_proxy`]).
+    pub worker_proxies: bool,
 }
 
 impl Default for ClusterConfig {
@@ -65,6 +80,8 @@ impl Default for ClusterConfig {
             storage: None,
             env: Vec::new(),
             metrics: false,
+            root: None,
+            worker_proxies: false,
         }
     }
 }
@@ -74,11 +91,26 @@ struct Proc {
 }
 
 impl Proc {
+    fn signal(&self, sig: Signal) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), sig);
+    }
+
     fn sigkill(&mut self) {
-        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+        self.signal(Signal::SIGKILL);
         let _ = self.child.wait();
     }
 }
+
+/// The exit status of a process that ended by itself, taking it out of `slot`.
+fn reap(slot: &mut Option<Proc>) -> Option<ExitStatus> {
+    let status = slot.as_mut()?.child.try_wait().ok()??;
+    *slot = None;
+    Some(status)
+}
+
+/// How long a CLI call may take before the harness kills it (a stopped coordinator would
+/// otherwise hang a test).
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct TestCluster {
     pub dir: tempfile::TempDir,
@@ -88,28 +120,73 @@ pub struct TestCluster {
     /// Where the coordinator serves `/metrics`, when `config.metrics` is set.
     pub metrics_addr: Option<SocketAddr>,
     workers: Vec<Option<Proc>>,
+    worker_proxies: Vec<Option<FaultProxy>>,
+    /// File systems mounted under `dir`, unmounted (after every process is gone) on drop.
+    mounts: Vec<Tmpfs>,
 }
 
 impl TestCluster {
     /// Starts a coordinator and `config.workers` workers, and waits until all are registered.
     pub fn start(config: ClusterConfig) -> Result<TestCluster> {
-        let mut c = TestCluster {
-            dir: tempfile::Builder::new().prefix("chorus-e2e-").tempdir()?,
+        let mut c = TestCluster::create(config)?;
+        c.launch()?;
+        Ok(c)
+    }
+
+    /// Makes the cluster's directory but starts nothing, so a test can prepare it (mount a
+    /// small file system on a data directory, say) before [`TestCluster::launch`].
+    pub fn create(config: ClusterConfig) -> Result<TestCluster> {
+        let mut b = tempfile::Builder::new();
+        b.prefix("chorus-e2e-");
+        let dir = match &config.root {
+            Some(root) => {
+                for d in ["cwd", "tmp"] {
+                    std::fs::create_dir_all(root.join(d))?;
+                }
+                b.tempdir_in(root)?
+            }
+            None => b.tempdir()?,
+        };
+        Ok(TestCluster {
+            dir,
             config,
             coordinator: None,
             addr: None,
             metrics_addr: None,
             workers: Vec::new(),
-        };
-        c.start_coordinator()?;
-        for _ in 0..c.config.workers {
-            c.start_worker()?;
+            worker_proxies: Vec::new(),
+            mounts: Vec::new(),
+        })
+    }
+
+    /// Starts the coordinator and `config.workers` workers, and waits until all are registered.
+    pub fn launch(&mut self) -> Result<()> {
+        self.start_coordinator()?;
+        for _ in 0..self.config.workers {
+            self.start_worker()?;
         }
-        let n = c.config.workers;
-        c.wait_until(Duration::from_secs(30), "workers registered", |c| {
+        let n = self.config.workers;
+        self.wait_until(Duration::from_secs(30), "workers registered", |c| {
             Ok(c.alive_workers()? >= n)
-        })?;
-        Ok(c)
+        })
+    }
+
+    /// Where worker `i` keeps its data (it need not have started yet).
+    pub fn worker_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("worker-{i}"))
+    }
+
+    /// The coordinator's data directory.
+    pub fn coordinator_dir(&self) -> PathBuf {
+        self.dir.path().join("coordinator")
+    }
+
+    /// Mounts a tmpfs of `bytes` on `dir` (inside the cluster's directory), unmounted when the
+    /// cluster is dropped. Fails, with the reason, where mounting is not permitted.
+    pub fn mount_tmpfs(&mut self, dir: &Path, bytes: u64) -> Result<()> {
+        let t = Tmpfs::mount(dir, bytes)?;
+        self.mounts.push(t);
+        Ok(())
     }
 
     pub fn url(&self) -> String {
@@ -127,6 +204,9 @@ impl TestCluster {
         cmd.env_remove("CHORUS_TOKEN")
             .env_remove("CHORUS_WORKER_TOKEN")
             .env("RUST_LOG", "info");
+        if let Some(root) = &self.config.root {
+            cmd.current_dir(root.join("cwd")).env("TMPDIR", root.join("tmp"));
+        }
         for (k, v) in &self.config.env {
             cmd.env(k, v);
         }
@@ -180,13 +260,66 @@ impl TestCluster {
         }
     }
 
+    /// Freezes the coordinator (SIGSTOP), as a long pause or a hung host would.
+    pub fn pause_coordinator(&self) {
+        if let Some(p) = &self.coordinator {
+            p.signal(Signal::SIGSTOP);
+        }
+    }
+
+    /// Lets a frozen coordinator go on (SIGCONT).
+    pub fn resume_coordinator(&self) {
+        if let Some(p) = &self.coordinator {
+            p.signal(Signal::SIGCONT);
+        }
+    }
+
+    /// Whether a coordinator process is held (started and not killed or reaped).
+    pub fn coordinator_running(&self) -> bool {
+        self.coordinator.is_some()
+    }
+
+    /// If the coordinator exited by itself, its exit status (and it counts as stopped, so
+    /// [`TestCluster::start_coordinator`] may start it again).
+    pub fn coordinator_exited(&mut self) -> Option<ExitStatus> {
+        reap(&mut self.coordinator)
+    }
+
     /// Starts one more worker; returns its index.
     pub fn start_worker(&mut self) -> Result<usize> {
         let i = self.workers.len();
+        self.workers.push(None);
+        self.spawn_worker(i)?;
+        Ok(i)
+    }
+
+    /// Starts worker `i` again under the same id and data directory, after a kill or an exit.
+    pub fn restart_worker(&mut self, i: usize) -> Result<()> {
+        assert!(i < self.workers.len(), "no worker {i}");
+        self.kill_worker(i);
+        self.spawn_worker(i)
+    }
+
+    fn spawn_worker(&mut self, i: usize) -> Result<()> {
         let name = format!("worker-{i}");
+        let coordinator = if self.config.worker_proxies {
+            if self.worker_proxies.len() <= i {
+                self.worker_proxies.resize_with(i + 1, || None);
+            }
+            let upstream = self.addr.expect("coordinator started");
+            let proxy = match self.worker_proxies[i].take() {
+                Some(p) => p,
+                None => FaultProxy::start(upstream)?,
+            };
+            let url = format!("http://{}", proxy.addr());
+            self.worker_proxies[i] = Some(proxy);
+            url
+        } else {
+            self.url()
+        };
         let mut cmd = self.base_command("chorus-worker");
         cmd.arg("--coordinator")
-            .arg(self.url())
+            .arg(coordinator)
             .arg("--worker-id")
             .arg(&name)
             .arg("--slots")
@@ -200,8 +333,41 @@ impl TestCluster {
         }
         cmd.stdout(self.log_file(&name)?).stderr(self.log_file(&name)?);
         let child = cmd.spawn().context("spawn chorus-worker")?;
-        self.workers.push(Some(Proc { child }));
-        Ok(i)
+        self.workers[i] = Some(Proc { child });
+        Ok(())
+    }
+
+    /// The proxy between worker `i` and the coordinator, with `config.worker_proxies`.
+    pub fn worker_proxy(&self, i: usize) -> Option<&FaultProxy> {
+        self.worker_proxies.get(i).and_then(Option::as_ref)
+    }
+
+    /// Freezes worker `i` (SIGSTOP); its trials go on running but it neither renews its lease
+    /// nor reports, as in a long pause or a partition.
+    pub fn pause_worker(&self, i: usize) {
+        if let Some(p) = self.workers.get(i).and_then(Option::as_ref) {
+            p.signal(Signal::SIGSTOP);
+        }
+    }
+
+    pub fn resume_worker(&self, i: usize) {
+        if let Some(p) = self.workers.get(i).and_then(Option::as_ref) {
+            p.signal(Signal::SIGCONT);
+        }
+    }
+
+    /// If worker `i` exited by itself, its exit status.
+    pub fn worker_exited(&mut self, i: usize) -> Option<ExitStatus> {
+        reap(self.workers.get_mut(i)?)
+    }
+
+    /// Whether worker `i`'s process is held (started and not killed or reaped).
+    pub fn worker_running(&self, i: usize) -> bool {
+        self.workers.get(i).is_some_and(Option::is_some)
+    }
+
+    pub fn worker_count(&self) -> usize {
+        self.workers.len()
     }
 
     /// Asks a worker to shut down (SIGTERM) and waits for it to exit.
@@ -231,7 +397,7 @@ impl TestCluster {
         if let Some(t) = token {
             cmd.env("CHORUS_TOKEN", t);
         }
-        cmd.output().expect("run chorus")
+        output_within(cmd, CLI_TIMEOUT).expect("run chorus")
     }
 
     /// Runs the CLI and parses its stdout as JSON, failing on a non-zero exit.
@@ -310,12 +476,49 @@ impl Drop for TestCluster {
             p.sigkill();
         }
         self.kill_coordinator();
+        self.worker_proxies.clear();
         if std::env::var_os("CHORUS_KEEP_TEST_DIRS").is_some() {
             let path = self.dir.path().to_path_buf();
             eprintln!("keeping {}", path.display());
+            std::mem::forget(std::mem::take(&mut self.mounts));
             std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")));
         }
+        // Unmounted before the directory that holds the mount points is removed.
+        self.mounts.clear();
     }
+}
+
+/// Runs `cmd` to its end like [`Command::output`], but kills it after `timeout`; the output
+/// then holds what it printed, and its status says it was killed.
+pub fn output_within(mut cmd: Command, timeout: Duration) -> std::io::Result<Output> {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let drain = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = drain(child.stdout.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
+    let err = drain(child.stderr.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            break child.wait()?;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Ok(Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
 }
 
 fn wait_for_port(addr: SocketAddr, timeout: Duration) -> Result<()> {
@@ -362,10 +565,15 @@ pub struct S3Server {
 }
 
 impl S3Server {
-    /// Starts `s3s-fs` with one bucket; `None` if the binary is not installed.
+    /// Starts `s3s-fs` with one bucket, serving a new directory in the system's temporary one.
     pub fn start(bucket: &str) -> Result<S3Server> {
+        S3Server::start_in(bucket, &std::env::temp_dir())
+    }
+
+    /// Starts `s3s-fs` with one bucket, serving a new directory inside `parent`.
+    pub fn start_in(bucket: &str, parent: &Path) -> Result<S3Server> {
         let bin = which_s3s_fs().context("s3s-fs is not installed: run scripts/setup.sh")?;
-        let dir = tempfile::Builder::new().prefix("chorus-s3-").tempdir()?;
+        let dir = tempfile::Builder::new().prefix("chorus-s3-").tempdir_in(parent)?;
         std::fs::create_dir_all(dir.path().join(bucket))?;
         let port = free_port();
         let (access_key, secret_key) = ("chorus-test".to_string(), "chorus-test-secret".to_string());

@@ -1,0 +1,172 @@
+//! Host-level faults and checks for end-to-end tests: a small tmpfs that a test can fill to make
+//! a disk full, and a scan of `/proc` for processes that carry a marker.
+
+use anyhow::{Context, Result, bail};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A tmpfs of a fixed size mounted on a directory; unmounted when dropped.
+pub struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `bytes` on `path` (created if missing). Needs the right to mount
+    /// (root, or CAP_SYS_ADMIN); the error says why it could not, so a caller can skip.
+    pub fn mount(path: &Path, bytes: u64) -> Result<Tmpfs> {
+        std::fs::create_dir_all(path)?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes},mode=0755"), "tmpfs"])
+            .arg(path)
+            .output()
+            .context("run mount")?;
+        if !out.status.success() {
+            bail!(
+                "mount -t tmpfs on {} failed ({}): {}",
+                path.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(Tmpfs {
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy, so a process that still has a file open there cannot keep it mounted.
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// Writes `dir/name` until the file system holding it is full; returns the file, whose
+/// removal frees the space again.
+pub fn fill_disk(dir: &Path, name: &str) -> Result<PathBuf> {
+    let path = dir.join(name);
+    let mut f = std::fs::File::create(&path).with_context(|| format!("create {}", path.display()))?;
+    let block = vec![0xa5u8; 256 * 1024];
+    loop {
+        match f.write(&block) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc_enospc()) => break,
+            Err(e) => return Err(e).with_context(|| format!("fill {}", path.display())),
+        }
+    }
+    // Smaller writes take what is left in partly used blocks.
+    let small = [0x5au8; 512];
+    while matches!(f.write(&small), Ok(n) if n > 0) {}
+    let _ = f.sync_all();
+    Ok(path)
+}
+
+fn libc_enospc() -> i32 {
+    nix::errno::Errno::ENOSPC as i32
+}
+
+/// A live process whose command line or environment holds a marker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MarkedProcess {
+    pub pid: i32,
+    pub ppid: i32,
+    pub cmdline: String,
+}
+
+/// Every live process (zombies excepted) with `marker` in its command line or environment.
+pub fn marked_processes(marker: &str) -> Vec<MarkedProcess> {
+    let needle = marker.as_bytes();
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() as i32 {
+            continue;
+        }
+        let dir = e.path();
+        let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
+        let environ = std::fs::read(dir.join("environ")).unwrap_or_default();
+        let holds = |b: &[u8]| b.windows(needle.len()).any(|w| w == needle);
+        if !holds(&cmdline) && !holds(&environ) {
+            continue;
+        }
+        // `stat`: "pid (comm) S ppid ..."; comm may hold spaces, so read after the last ')'.
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+        let mut fields = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("").split_whitespace();
+        let state = fields.next().unwrap_or("?");
+        if state == "Z" || state == "X" || stat.is_empty() {
+            continue;
+        }
+        let ppid = fields.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ").trim().to_string();
+        out.push(MarkedProcess { pid, ppid, cmdline });
+    }
+    out.sort_by_key(|p| p.pid);
+    out
+}
+
+/// Every file (not directory) under `root`, as paths relative to it, sorted. Mount points are
+/// crossed; unreadable entries are skipped.
+pub fn files_under(root: &Path) -> Vec<PathBuf> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(rd) = std::fs::read_dir(dir) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => walk(root, &p, out),
+                Ok(_) => out.push(p.strip_prefix(root).unwrap_or(&p).to_path_buf()),
+                Err(_) => {}
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, root, &mut out);
+    out.sort();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_marked_child_and_not_after_it_exits() {
+        let marker = format!("chorus-marker-test-{}", std::process::id());
+        let mut child = Command::new("sleep").arg("30").env("MARK", &marker).spawn().unwrap();
+        let found = marked_processes(&marker);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].pid, child.id() as i32);
+        assert_eq!(found[0].ppid, std::process::id() as i32);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(marked_processes(&marker).is_empty());
+    }
+
+    #[test]
+    fn a_tmpfs_fills_up_and_frees() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = match Tmpfs::mount(&dir.path().join("m"), 2 * 1024 * 1024) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                return;
+            }
+        };
+        let fill = fill_disk(t.path(), "fill").unwrap();
+        assert!(std::fs::metadata(&fill).unwrap().len() > 1024 * 1024);
+        let err = std::fs::write(t.path().join("more"), vec![0u8; 64 * 1024]).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(nix::errno::Errno::ENOSPC as i32));
+        std::fs::remove_file(&fill).unwrap();
+        std::fs::write(t.path().join("more"), vec![0u8; 64 * 1024]).unwrap();
+    }
+}
