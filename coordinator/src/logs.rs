@@ -133,7 +133,11 @@ mod tests {
             pages.push(p.unwrap());
         }
         assert!(pages.len() >= 4, "{} pages", pages.len());
-        assert!(pages.iter().all(|p| p.data.len() <= LOG_PAGE_BYTES && p.data.ends_with(b"\n")));
+        assert!(
+            pages
+                .iter()
+                .all(|p| p.data.len() <= LOG_PAGE_BYTES && p.data.ends_with(b"\n"))
+        );
         let joined: Vec<u8> = pages.iter().flat_map(|p| p.data.clone()).collect();
         assert!(joined == body.as_bytes());
         assert_eq!(pages.last().unwrap().cursor, "0001-000000.log");
@@ -141,9 +145,16 @@ mod tests {
         // Resuming from the second page's cursor sends the rest, once.
         let c = Cursor::parse(&pages[1].cursor);
         let (tx, mut rx) = mpsc::channel(1024);
-        send_chunk(&s, &key, "0001-000000.log", 1, c.start_in("0001-000000.log").unwrap(), &tx)
-            .await
-            .unwrap();
+        send_chunk(
+            &s,
+            &key,
+            "0001-000000.log",
+            1,
+            c.start_in("0001-000000.log").unwrap(),
+            &tx,
+        )
+        .await
+        .unwrap();
         drop(tx);
         let mut rest = Vec::new();
         while let Some(p) = rx.recv().await {

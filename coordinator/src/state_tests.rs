@@ -75,7 +75,13 @@ fn finish(st: &mut State, worker: &str, a: &pb::Assignment, exit: pb::ExitKind) 
         trial_id: a.trial_id,
         attempt: a.attempt,
         events: vec![
-            ev(1, Kind::Started(pb::Started { restored_step: None, ..Default::default() })),
+            ev(
+                1,
+                Kind::Started(pb::Started {
+                    restored_step: None,
+                    ..Default::default()
+                }),
+            ),
             ev(
                 2,
                 Kind::Metric(pb::Metric {
@@ -143,7 +149,13 @@ fn reports_are_applied_once_and_stale_attempts_are_aborted() {
         trial_id: a.trial_id,
         attempt: a.attempt,
         events: vec![
-            ev(1, Kind::Started(pb::Started { restored_step: None, ..Default::default() })),
+            ev(
+                1,
+                Kind::Started(pb::Started {
+                    restored_step: None,
+                    ..Default::default()
+                }),
+            ),
             ev(
                 2,
                 Kind::Malformed(pb::MalformedMetric {
@@ -210,7 +222,13 @@ fn a_restarted_coordinator_reattaches_or_requeues() {
                 rank: 0,
                 trial_id: a.trial_id,
                 attempt: a.attempt,
-                events: vec![ev(1, Kind::Started(pb::Started { restored_step: None, ..Default::default() }))],
+                events: vec![ev(
+                    1,
+                    Kind::Started(pb::Started {
+                        restored_step: None,
+                        ..Default::default()
+                    }),
+                )],
             })
             .unwrap();
         }
@@ -421,7 +439,10 @@ fn a_gang_is_placed_whole_meets_and_fails_whole() {
         "w1",
         &a0,
         1,
-        Kind::Started(pb::Started { restored_step: None, ..Default::default() }),
+        Kind::Started(pb::Started {
+            restored_step: None,
+            ..Default::default()
+        }),
     )
     .unwrap();
     report(
@@ -429,7 +450,10 @@ fn a_gang_is_placed_whole_meets_and_fails_whole() {
         "w2",
         &a1,
         1,
-        Kind::Started(pb::Started { restored_step: None, ..Default::default() }),
+        Kind::Started(pb::Started {
+            restored_step: None,
+            ..Default::default()
+        }),
     )
     .unwrap();
     report(
@@ -498,7 +522,17 @@ fn elastic_gangs_pack_and_shrink() {
     locals.sort();
     assert_eq!(locals, vec![0, 1]);
     for a in &first {
-        report(&mut st, "w1", a, 1, Kind::Started(pb::Started { restored_step: None, ..Default::default() })).unwrap();
+        report(
+            &mut st,
+            "w1",
+            a,
+            1,
+            Kind::Started(pb::Started {
+                restored_step: None,
+                ..Default::default()
+            }),
+        )
+        .unwrap();
     }
     // The worker vanishes; a smaller one joins: the trial goes on with one rank.
     let (_, mut rx2) = join(&mut st, "w2", 1, vec![]);
@@ -562,7 +596,12 @@ fn paused_trials_wait_for_promotion() {
             json: format!(r#"{{"step": {step}, "loss": {loss}}}"#),
         })
     };
-    let started = || Kind::Started(pb::Started { restored_step: None, ..Default::default() });
+    let started = || {
+        Kind::Started(pb::Started {
+            restored_step: None,
+            ..Default::default()
+        })
+    };
     // Trial 1 alone at rung 0 (top floor(1/2) = 0): paused; trial 2 takes the slot.
     let a1 = assignments(&mut rx).remove(0);
     report(&mut st, "w1", &a1, 1, started()).unwrap();

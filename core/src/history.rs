@@ -84,8 +84,8 @@ async fn visit_object_lines(
     storage: &Storage,
     key: &Path,
     limit: u64,
-    keep: &mut dyn FnMut(&str) -> bool,
-    visit: &mut dyn FnMut(&str),
+    keep: &mut (dyn FnMut(&str) -> bool + Send),
+    visit: &mut (dyn FnMut(&str) + Send),
 ) -> Result<u64, CoreError> {
     let mut stream = match storage.store.get(key).await {
         Ok(r) => r.into_stream(),
@@ -163,7 +163,7 @@ pub async fn visit_attempt_lines(
     trial: TrialId,
     attempt: u32,
     limit: Option<u64>,
-    visit: &mut dyn FnMut(&str),
+    visit: &mut (dyn FnMut(&str) + Send),
 ) -> Result<u64, CoreError> {
     let mut left = limit.unwrap_or(u64::MAX);
     let keys = segments(storage, exp, trial, attempt).await?;
@@ -208,7 +208,7 @@ pub async fn visit_history(
     storage: &Storage,
     exp: ExperimentId,
     trial: TrialId,
-    visit: &mut dyn FnMut(&str),
+    visit: &mut (dyn FnMut(&str) + Send),
 ) -> Result<Option<u32>, CoreError> {
     let listing = storage
         .store

@@ -10,7 +10,7 @@ use crate::attempts::{AttemptKey, Attempts, Held};
 use crate::config::{Timings, WorkerConfig};
 use crate::error::WorkerError;
 use crate::runner::rendezvous::RendezvousCall;
-use crate::runner::{self, Events, RunnerContext, Stop, StorageCache};
+use crate::runner::{self, Events, ReportFlow, RunnerContext, Stop, StorageCache};
 use chorus_core::TrialId;
 use chorus_proto::MAX_MESSAGE_BYTES;
 use chorus_proto::pb::{self, trial_event::Kind, worker_command::Command, worker_service_client::WorkerServiceClient};
@@ -362,6 +362,8 @@ impl Agent {
     fn apply_kills(&self, kills: &[pb::RunningAttempt], reason: &str) {
         for k in kills {
             let key = AttemptKey::new(k.trial_id, k.attempt, k.rank);
+            // Listed as not wanted: another attempt may already run it elsewhere.
+            self.attempts.mark_stale(key);
             if self.attempts.stop(key, Stop::Kill(reason.to_string())) {
                 info!(trial = k.trial_id, attempt = k.attempt, reason, "killing attempt");
             }
@@ -430,6 +432,9 @@ impl Agent {
             "starting attempt"
         );
         let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let events = Events::new(events_tx);
+        let flow = events.flow().clone();
+        self.attempts.set_flow(key, flow.clone());
         let agent = self.clone();
         tokio::spawn(async move {
             let _release = Release {
@@ -437,14 +442,7 @@ impl Agent {
                 key,
                 runner: true,
             };
-            let exited = runner::run_attempt(
-                &agent.runner,
-                &a,
-                &admission.gpu_ids,
-                Events::new(events_tx),
-                admission.stop,
-            )
-            .await;
+            let exited = runner::run_attempt(&agent.runner, &a, &admission.gpu_ids, events, admission.stop).await;
             let kind = pb::ExitKind::try_from(exited.kind).map_or("unknown", |k| k.as_str_name());
             info!(trial = a.trial_id, attempt = a.attempt, kind, message = %exited.message, "attempt ended");
         });
@@ -455,13 +453,19 @@ impl Agent {
                 key,
                 runner: false,
             };
-            agent.deliver_reports(key, events_rx).await;
+            agent.deliver_reports(key, events_rx, &flow).await;
+            flow.close();
         });
     }
 
     /// Sends one attempt's events in order, in batches of whatever has queued, until `Exited`
     /// is acknowledged or the attempt turns out stale.
-    async fn deliver_reports(&self, key: AttemptKey, mut events: mpsc::UnboundedReceiver<pb::TrialEvent>) {
+    async fn deliver_reports(
+        &self,
+        key: AttemptKey,
+        mut events: mpsc::UnboundedReceiver<pb::TrialEvent>,
+        flow: &ReportFlow,
+    ) {
         let mut queue: VecDeque<pb::TrialEvent> = VecDeque::new();
         let mut link = self.link.subscribe();
         loop {
@@ -480,6 +484,7 @@ impl Agent {
             let ends = batch.iter().any(|e| matches!(e.kind, Some(Kind::Exited(_))));
             match self.report(key, batch, &mut link).await {
                 Delivery::Acknowledged => {
+                    flow.delivered(key.attempt, queue.make_contiguous().get(..n).unwrap_or_default());
                     queue.drain(..n);
                     if ends {
                         return;
@@ -487,12 +492,15 @@ impl Agent {
                 }
                 Delivery::Stale => {
                     info!(trial = %key.trial, attempt = key.attempt, "the coordinator says this attempt is stale; dropping its reports");
+                    // Before the kill: from here on the attempt writes nothing to storage.
+                    flow.mark_stale();
                     self.attempts
                         .stop(key, Stop::Kill("stale attempt: the coordinator has moved on".into()));
                     return;
                 }
                 Delivery::Rejected(status) => {
                     error!(trial = %key.trial, attempt = key.attempt, events = n, status = %status, "the coordinator rejected reports; dropping them");
+                    flow.delivered(key.attempt, queue.make_contiguous().get(..n).unwrap_or_default());
                     queue.drain(..n);
                     if ends {
                         return;

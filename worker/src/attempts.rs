@@ -5,11 +5,11 @@
 //! only from the `Exited` report, so until that is delivered the attempt is still "running" in
 //! every Register and Heartbeat, and a repeated assignment of it is still a duplicate.
 
-use crate::runner::Stop;
+use crate::runner::{ReportFlow, Stop};
 use chorus_core::TrialId;
 use chorus_proto::pb;
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{Notify, watch};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -68,6 +68,8 @@ struct State {
 
 struct Entry {
     stop: watch::Sender<Option<Stop>>,
+    /// Set once the attempt's reports flow; marks it stale when the coordinator says so.
+    flow: Option<Arc<ReportFlow>>,
     cpus: u32,
     gpus: Vec<usize>,
     runner_done: bool,
@@ -100,6 +102,19 @@ impl Attempts {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_flow(&self, key: AttemptKey, flow: Arc<ReportFlow>) {
+        if let Some(e) = self.lock().entries.get_mut(&key) {
+            e.flow = Some(flow);
+        }
+    }
+
+    /// The coordinator no longer counts this attempt as current: it must write nothing more.
+    pub fn mark_stale(&self, key: AttemptKey) {
+        if let Some(flow) = self.lock().entries.get(&key).and_then(|e| e.flow.clone()) {
+            flow.mark_stale();
+        }
     }
 
     /// Takes the attempt in, or returns `None` if it is already held here.
@@ -145,6 +160,7 @@ impl Attempts {
             key,
             Entry {
                 stop,
+                flow: None,
                 cpus: wants.cpus,
                 gpus,
                 runner_done: false,

@@ -148,7 +148,8 @@ pub(super) async fn run(
     let mut outcome: Option<Outcome> = None;
     loop {
         tokio::select! {
-            ev = trainer.events.recv() => match ev {
+            // Not taken while the backlog is full: the trainer then waits on its event channel.
+            ev = trainer.events.recv(), if lines.has_room() => match ev {
                 Some(TrainerEvent::Finished(o)) => outcome = Some(o),
                 Some(TrainerEvent::Failed { error }) => {
                     lines.handle(format!("training failed: {error}"));
@@ -157,6 +158,7 @@ pub(super) async fn run(
                 Some(ev) => handle_event(ev, &classes, &checkpoint_dir, &mut lines).await,
                 None => break,
             },
+            _ = lines.room(), if !lines.has_room() => {}
             _ = super::sleep_until(deadline), if ending.is_none() => {
                 info!(trial = a.trial_id, attempt = a.attempt, "builtin trial timed out; stopping its trainer");
                 ending = Some(super::Ending::TimedOut(timeout.unwrap_or_default()));

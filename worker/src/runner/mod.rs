@@ -16,15 +16,16 @@ mod tests;
 use crate::error::WorkerError;
 use chorus_core::metric::{self, Line};
 use chorus_core::storage::{self, Storage, StorageOptions, StorageUri};
-use chorus_core::{ExperimentId, TrialId, checkpoint};
+use chorus_core::{ExperimentId, TrialId, checkpoint, history};
 use chorus_proto::pb::{self, trial_event::Kind};
 use nix::sys::signal::Signal;
-use records::{Job, Recorder};
+use records::{Job, Recorder, RecorderSetup};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -44,7 +45,10 @@ pub enum Stop {
 /// with the send, so the numbers and the channel order always agree even though the output loop
 /// and the checkpoint uploader both emit.
 #[derive(Clone)]
-pub struct Events(Arc<Mutex<Sequencer>>);
+pub struct Events {
+    seq: Arc<Mutex<Sequencer>>,
+    flow: Arc<ReportFlow>,
+}
 
 struct Sequencer {
     last_seq: u64,
@@ -53,11 +57,19 @@ struct Sequencer {
 
 impl Events {
     pub fn new(tx: mpsc::UnboundedSender<pb::TrialEvent>) -> Self {
-        Events(Arc::new(Mutex::new(Sequencer { last_seq: 0, tx })))
+        Events {
+            seq: Arc::new(Mutex::new(Sequencer { last_seq: 0, tx })),
+            flow: Arc::new(ReportFlow::new()),
+        }
+    }
+
+    /// What the agent tells the attempt about its reports.
+    pub fn flow(&self) -> &Arc<ReportFlow> {
+        &self.flow
     }
 
     fn emit(&self, kind: Kind) {
-        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.seq.lock().unwrap_or_else(|p| p.into_inner());
         s.last_seq += 1;
         let event = pb::TrialEvent {
             seq: s.last_seq,
@@ -65,7 +77,160 @@ impl Events {
             kind: Some(kind),
         };
         // A closed channel means nobody wants this attempt's reports any more (it went stale).
-        let _ = s.tx.send(event);
+        if s.tx.send(event).is_ok() {
+            self.flow.undelivered.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Emits once fewer than [`MAX_UNDELIVERED_EVENTS`] events wait for the coordinator, so a
+    /// long coordinator outage holds the attempt's output back instead of growing a queue.
+    async fn emit_waiting(&self, kind: Kind) {
+        self.flow.room().await;
+        self.emit(kind);
+    }
+}
+
+/// Events of one attempt that may wait for the coordinator's acknowledgement at once. Beyond
+/// it the recorder stops storing metric lines, its backlog fills, and the trial's pipes are
+/// no longer read until the coordinator is back.
+pub const MAX_UNDELIVERED_EVENTS: usize = 4096;
+
+/// Shared by an attempt's runner and the agent that delivers its reports: how many reports are
+/// in flight, which checkpoint the coordinator acknowledged last, and whether the attempt is
+/// stale (the coordinator gave up on it), after which it writes nothing more.
+pub struct ReportFlow {
+    undelivered: AtomicUsize,
+    stale: AtomicBool,
+    closed: AtomicBool,
+    acknowledged: Mutex<Option<checkpoint::CheckpointRef>>,
+    changed: Notify,
+}
+
+impl ReportFlow {
+    fn new() -> Self {
+        ReportFlow {
+            undelivered: AtomicUsize::new(0),
+            stale: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            acknowledged: Mutex::new(None),
+            changed: Notify::new(),
+        }
+    }
+
+    /// The coordinator acknowledged these events of attempt `attempt`.
+    pub fn delivered(&self, attempt: u32, events: &[pb::TrialEvent]) {
+        if let Some(step) = events.iter().rev().find_map(|e| match &e.kind {
+            Some(Kind::Checkpoint(c)) => Some(c.step),
+            _ => None,
+        }) {
+            *self.acknowledged.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(checkpoint::CheckpointRef::new(step, attempt));
+        }
+        let n = events.len();
+        let _ = self
+            .undelivered
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| Some(u.saturating_sub(n)));
+        self.changed.notify_waiters();
+    }
+
+    /// The coordinator has moved on: nothing of this attempt is written from now on.
+    pub fn mark_stale(&self) {
+        self.stale.store(true, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    /// Nobody delivers this attempt's reports any more.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::SeqCst)
+    }
+
+    pub fn acknowledged_checkpoint(&self) -> Option<checkpoint::CheckpointRef> {
+        *self.acknowledged.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits (at most `limit`) until the coordinator has acknowledged checkpoint `at`.
+    async fn acknowledges(&self, at: checkpoint::CheckpointRef, limit: Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.changed.notified();
+                if self.acknowledged_checkpoint() == Some(at) {
+                    return true;
+                }
+                if self.is_stale() || self.closed.load(Ordering::SeqCst) {
+                    return false;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.unwrap_or(false)
+    }
+
+    async fn room(&self) {
+        loop {
+            let notified = self.changed.notified();
+            if self.undelivered.load(Ordering::SeqCst) < MAX_UNDELIVERED_EVENTS
+                || self.stale.load(Ordering::SeqCst)
+                || self.closed.load(Ordering::SeqCst)
+            {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Bytes of an attempt's output read from its pipes but not yet stored. Past
+/// [`MAX_BACKLOG_BYTES`] the runner stops reading the pipes, so a trial that prints faster than
+/// storage takes it (or prints during a storage outage) blocks on its own writes instead of
+/// growing the worker.
+pub struct Backlog {
+    bytes: AtomicUsize,
+    freed: Notify,
+}
+
+/// The bound of one attempt's [`Backlog`].
+pub const MAX_BACKLOG_BYTES: usize = 16 * 1024 * 1024;
+
+impl Backlog {
+    fn new() -> Self {
+        Backlog {
+            bytes: AtomicUsize::new(0),
+            freed: Notify::new(),
+        }
+    }
+
+    fn add(&self, n: usize) {
+        self.bytes.fetch_add(n, Ordering::SeqCst);
+    }
+
+    fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let _ = self
+            .bytes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| Some(b.saturating_sub(n)));
+        self.freed.notify_waiters();
+    }
+
+    fn has_room(&self) -> bool {
+        self.bytes.load(Ordering::SeqCst) < MAX_BACKLOG_BYTES
+    }
+
+    /// Waits until there is room again.
+    async fn room(&self) {
+        loop {
+            let freed = self.freed.notified();
+            if self.has_room() {
+                return;
+            }
+            freed.await;
+        }
     }
 }
 
@@ -170,18 +335,21 @@ fn exited(kind: pb::ExitKind, code: Option<i32>, message: String) -> pb::Exited 
 struct Prepared {
     storage: Storage,
     checkpoint_dir: PathBuf,
+    /// The checkpoint restored into `checkpoint_dir`, if any.
+    restored: Option<checkpoint::CheckpointRef>,
     restored_step: Option<i64>,
     /// Of the directory as restored, taken before the program can touch it: a checkpoint it
     /// writes before its first step report must count as a change.
     restored_fingerprint: Option<u64>,
-    earlier_metrics: String,
+    /// The experiment metric by step over the history this attempt carries over.
+    scores: std::collections::BTreeMap<i64, f64>,
 }
 
 async fn prepare(ctx: &RunnerContext, a: &pb::Assignment, attempt_dir: &Path) -> Result<Prepared, String> {
     let storage = ctx
         .stores
         .open(&a.storage)
-        .map_err(|e| format!("cannot open storage: {e}"))?;
+        .map_err(|e| format!("cannot open storage {}: {e}", a.storage))?;
     let (exp, trial) = (ExperimentId(a.experiment_id), TrialId(a.trial_id));
     // A leftover from an earlier run of this worker id must not leak into this attempt.
     match tokio::fs::remove_dir_all(attempt_dir).await {
@@ -194,60 +362,92 @@ async fn prepare(ctx: &RunnerContext, a: &pb::Assignment, attempt_dir: &Path) ->
         .await
         .map_err(|e| format!("cannot create {}: {e}", checkpoint_dir.display()))?;
     let own = storage.checkpoints_prefix(exp, trial);
+    let from = a.restore.map(|r| checkpoint::CheckpointRef::new(r.step, r.attempt));
     let restored = if a.restore_from_trial != 0 {
-        exploit(&storage, exp, TrialId(a.restore_from_trial), &own, &checkpoint_dir).await?
+        exploit(&storage, a, TrialId(a.restore_from_trial), from, &own, &checkpoint_dir).await?
     } else {
-        checkpoint::restore_latest(&storage, &own, &checkpoint_dir)
+        checkpoint::restore(&storage, &own, from, &checkpoint_dir)
             .await
-            .map_err(|e| format!("cannot restore the latest checkpoint: {e}"))?
+            .map_err(|e| format!("cannot restore the acknowledged checkpoint from {}: {e}", a.storage))?
     };
-    for (step, reason) in &restored.skipped {
+    for (at, reason) in &restored.skipped {
         warn!(
             trial = a.trial_id,
             attempt = a.attempt,
-            step,
+            checkpoint = %at,
             reason,
             "skipped a checkpoint that cannot be restored"
         );
     }
-    if let Some(step) = restored.step {
-        info!(trial = a.trial_id, attempt = a.attempt, step, "restored checkpoint");
+    if let Some(at) = restored.restored {
+        info!(trial = a.trial_id, attempt = a.attempt, checkpoint = %at, "restored checkpoint");
     }
-    let earlier_metrics = records::read_earlier_metrics(&storage, &storage.metrics_key(exp, trial), a.attempt)
-        .await
-        .map_err(|e| format!("cannot read the trial's metrics: {e}"))?;
+    let mut scores = std::collections::BTreeMap::new();
+    if a.rank == 0 {
+        // Rank 0 keeps the metric history: first the lineage that says which lines of the
+        // earlier attempts it carries (exactly those the coordinator acknowledged).
+        let lineage = history::Lineage {
+            attempt: a.attempt,
+            inherits: a
+                .acked_metrics
+                .iter()
+                .filter(|c| c.attempt < a.attempt && c.count > 0)
+                .map(|c| history::Inherited {
+                    attempt: c.attempt,
+                    lines: c.count,
+                })
+                .collect(),
+        };
+        history::write_lineage(&storage, exp, trial, &lineage)
+            .await
+            .map_err(|e| format!("cannot store the trial's metric lineage in {}: {e}", a.storage))?;
+        for inh in &lineage.inherits {
+            history::visit_attempt_lines(&storage, exp, trial, inh.attempt, Some(inh.lines), &mut |line| {
+                if let Ok(serde_json::Value::Object(m)) = serde_json::from_str(line) {
+                    records::record_score(&mut scores, &a.metric, &m);
+                }
+            })
+            .await
+            .map_err(|e| format!("cannot read the trial's metrics from {}: {e}", a.storage))?;
+        }
+    }
     let restored_fingerprint = checkpoint::fingerprint(&checkpoint_dir).ok().flatten();
     Ok(Prepared {
         storage,
         checkpoint_dir,
-        restored_step: restored.step,
+        restored_step: restored.step(),
+        restored: restored.restored,
         restored_fingerprint,
-        earlier_metrics,
+        scores,
     })
 }
 
-/// Population-based training: the trial continues from the donor's latest checkpoint. Its own
-/// checkpoints belong to the lineage it abandons, so they are discarded, and the donor's is
-/// committed in their place: a later restart of this trial resumes from there, not from the
-/// abandoned lineage.
+/// Population-based training: the trial continues from the donor's acknowledged checkpoint.
+/// Its own earlier checkpoints belong to the lineage it abandons, so they are discarded, and
+/// the donor's is committed in their place as this attempt's: a later restart of this trial
+/// resumes from there, not from the abandoned lineage.
 async fn exploit(
     storage: &Storage,
-    exp: ExperimentId,
+    a: &pb::Assignment,
     donor: TrialId,
+    from: Option<checkpoint::CheckpointRef>,
     own: &object_store::path::Path,
     dir: &Path,
 ) -> Result<checkpoint::Restored, String> {
-    let restored = checkpoint::restore_latest(storage, &storage.checkpoints_prefix(exp, donor), dir)
+    let exp = ExperimentId(a.experiment_id);
+    let mut restored = checkpoint::restore(storage, &storage.checkpoints_prefix(exp, donor), from, dir)
         .await
         .map_err(|e| format!("cannot restore trial {donor}'s checkpoint to exploit it: {e}"))?;
-    checkpoint::discard_all(storage, own)
+    checkpoint::discard_before(storage, own, a.attempt)
         .await
         .map_err(|e| format!("cannot discard the abandoned checkpoints: {e}"))?;
-    if let Some(step) = restored.step {
-        checkpoint::commit(storage, own, step, dir)
+    if let Some(at) = restored.restored {
+        let mine = checkpoint::CheckpointRef::new(at.step, a.attempt);
+        checkpoint::commit(storage, own, mine, None, dir)
             .await
             .map_err(|e| format!("cannot commit trial {donor}'s checkpoint as this trial's: {e}"))?;
-        info!(donor = %donor, step, "continuing from the donor's checkpoint");
+        info!(donor = %donor, checkpoint = %at, "continuing from the donor's checkpoint");
+        restored.restored = Some(mine);
     }
     Ok(restored)
 }
@@ -257,18 +457,25 @@ async fn exploit(
 fn start_recording(a: &pb::Assignment, events: &Events, p: Prepared) -> (Output, tokio::task::JoinHandle<()>) {
     events.emit(Kind::Started(pb::Started {
         restored_step: p.restored_step,
+        restored_attempt: p.restored.map_or(0, |r| r.attempt),
     }));
+    let backlog = Arc::new(Backlog::new());
     let recorder = Recorder::new(
-        p.storage,
         a,
-        p.checkpoint_dir,
-        p.restored_fingerprint,
-        p.earlier_metrics,
+        RecorderSetup {
+            storage: p.storage,
+            checkpoint_dir: p.checkpoint_dir,
+            // What this attempt continues: for an exploit, nothing before its own copy.
+            start: p.restored,
+            restored_fingerprint: p.restored_fingerprint,
+            scores: p.scores,
+        },
         events.clone(),
+        backlog.clone(),
     );
     let (jobs, jobs_rx) = mpsc::unbounded_channel();
     (
-        Output::new(a, events.clone(), jobs),
+        Output::new(a, events.clone(), jobs, backlog),
         tokio::spawn(recorder.run(jobs_rx)),
     )
 }
@@ -311,7 +518,8 @@ async fn run_prepared(
     };
     let (mut lines, recorder) = start_recording(a, events, p);
 
-    let (line_tx, mut line_rx) = mpsc::channel(1024);
+    // Lines are capped at 64 KiB, so this holds at most 4 MiB.
+    let (line_tx, mut line_rx) = mpsc::channel(64);
     let readers = [
         proc.child
             .stdout
@@ -331,7 +539,9 @@ async fn run_prepared(
     let mut stop_open = true;
     let status = loop {
         tokio::select! {
-            Some(line) = line_rx.recv() => lines.handle(line),
+            // Not read while the backlog is full: the trial then blocks on its own writes.
+            Some(line) = line_rx.recv(), if lines.has_room() => lines.handle(line),
+            _ = lines.room(), if !lines.has_room() => {}
             status = proc.child.wait() => break status,
             _ = sleep_until(deadline), if ending.is_none() => {
                 let t = timeout.unwrap_or_default();
@@ -499,21 +709,33 @@ struct Output {
     attempt: u32,
     events: Events,
     jobs: mpsc::UnboundedSender<Job>,
+    backlog: Arc<Backlog>,
     malformed: u64,
     /// A rank other than 0 of a multi-rank attempt.
     follower: bool,
 }
 
 impl Output {
-    fn new(a: &pb::Assignment, events: Events, jobs: mpsc::UnboundedSender<Job>) -> Self {
+    fn new(a: &pb::Assignment, events: Events, jobs: mpsc::UnboundedSender<Job>, backlog: Arc<Backlog>) -> Self {
         Output {
             trial: a.trial_id,
             attempt: a.attempt,
             events,
             jobs,
+            backlog,
             malformed: 0,
             follower: a.rank > 0,
         }
+    }
+
+    /// Whether more output may be taken now; see [`Backlog`].
+    fn has_room(&self) -> bool {
+        self.backlog.has_room()
+    }
+
+    /// Waits until more output may be taken.
+    async fn room(&self) {
+        self.backlog.room().await
     }
 
     /// Asks the recorder to commit the checkpoint directory as `step` (builtin trials, whose
@@ -525,20 +747,28 @@ impl Output {
         let _ = self.jobs.send(Job::Checkpoint(step as i64, data_position));
     }
 
+    fn log(&mut self, line: String) {
+        let weight = line.len() + 1;
+        if self.jobs.send(Job::Log(line)).is_ok() {
+            self.backlog.add(weight);
+        }
+    }
+
     fn handle(&mut self, line: String) {
         if self.follower {
             // Rank 0 speaks for a multi-rank attempt; the others' output is only logged.
-            let _ = self.jobs.send(Job::Log(line));
+            self.log(line);
             return;
         }
         match metric::parse_line(&line) {
             Line::Log => {}
             Line::Metric(report) => {
                 let json = report.to_json();
-                self.events.emit(Kind::Metric(pb::Metric {
-                    json: serde_json::Value::Object(json.clone()).to_string(),
-                }));
-                let _ = self.jobs.send(Job::Metric(json));
+                // Stored first and reported by the recorder once stored.
+                let weight = line.len() + 1;
+                if self.jobs.send(Job::Metric(json, weight)).is_ok() {
+                    self.backlog.add(weight);
+                }
                 if let Some(step) = report.step {
                     let _ = self.jobs.send(Job::Checkpoint(step, String::new()));
                 }
@@ -561,6 +791,6 @@ impl Output {
                 }
             }
         }
-        let _ = self.jobs.send(Job::Log(line));
+        self.log(line);
     }
 }

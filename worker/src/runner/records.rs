@@ -1,36 +1,65 @@
-//! The records an attempt leaves in object storage: log chunks, the trial's `metrics.jsonl`, and
-//! checkpoints. One recorder task per attempt does all of it, in the order jobs arrive, so output
-//! is never blocked on storage and checkpoints are committed in step order.
+//! The records an attempt leaves in object storage: log chunks, its metric lines, and
+//! checkpoints. One recorder task per attempt does all of it, in the order jobs arrive, so
+//! output is never blocked on storage and checkpoints are committed in step order.
+//!
+//! Every object the recorder writes carries its attempt in its name (see `chorus_core::history`
+//! and `chorus_core::checkpoint`), so what it writes can never overwrite a newer attempt's
+//! records; once the agent learns the attempt is stale, the recorder writes nothing more.
+//!
+//! A metric line is stored before it is reported: the coordinator acknowledges only lines
+//! that are already in storage, which is what lets a later attempt's history carry exactly
+//! the acknowledged lines.
+//!
+//! Memory is bounded: output not yet stored is counted in the attempt's [`Backlog`] (the
+//! trial's pipes stop being read when it is full), log chunks and metric segments are capped,
+//! and metric lines are only written as fast as the coordinator acknowledges their reports.
 
-use super::Events;
-use chorus_core::checkpoint::{self, MANIFEST};
+use super::{Backlog, Events};
+use chorus_core::checkpoint::{self, CheckpointRef, PruneScope};
+use chorus_core::history::MAX_SEGMENT_BYTES;
 use chorus_core::storage::Storage;
-use chorus_core::{CoreError, ExperimentId, TrialId};
+use chorus_core::{ExperimentId, TrialId};
 use chorus_proto::pb::{self, trial_event::Kind};
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload};
 use serde_json::{Map, Value};
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tokio::time::MissedTickBehavior;
+use tokio::time::{Instant, MissedTickBehavior};
 use tracing::warn;
 
 /// Object stores cannot append: the log goes out as one object per flush.
 const LOG_FLUSH_EVERY: Duration = Duration::from_secs(1);
-/// A chatty trial should not build one huge chunk between two flushes.
-const LOG_CHUNK_MAX_BYTES: usize = 8 * 1024 * 1024;
-/// `metrics.jsonl` is rewritten whole each time, so not on every line.
-const METRICS_WRITE_EVERY: Duration = Duration::from_secs(2);
+/// A chunk is cut at this size, far below the message limit, so any chunk is one page to read.
+pub(super) const LOG_CHUNK_MAX_BYTES: usize = 1024 * 1024;
+/// Metric lines are stored (and so reported) at most this long after they were printed.
+const METRICS_WRITE_EVERY: Duration = Duration::from_millis(200);
+/// At the end, how long to wait for the last checkpoint's acknowledgement before the final
+/// retention pass (until then the previous one must be kept).
+const FINAL_ACK_WAIT: Duration = Duration::from_secs(3);
 
 pub(super) enum Job {
     /// One output line, metric lines included.
     Log(String),
-    /// A metric report as `MetricReport::to_json` gives it.
-    Metric(Map<String, Value>),
+    /// A metric report as `MetricReport::to_json` gives it, and its weight in the backlog.
+    Metric(Map<String, Value>, usize),
     /// A metric named this step: commit the checkpoint directory if it changed. The string is
     /// where a data-parallel trial's data stands in it (JSON), or empty.
     Checkpoint(i64, String),
+}
+
+/// Where the recorder writes, and what it continues.
+pub(super) struct RecorderSetup {
+    pub storage: Storage,
+    pub checkpoint_dir: PathBuf,
+    /// The checkpoint the attempt started from: its lineage continues there.
+    pub start: Option<CheckpointRef>,
+    pub restored_fingerprint: Option<u64>,
+    /// The experiment metric's value by step, from the history this attempt carries over.
+    pub scores: BTreeMap<i64, f64>,
 }
 
 pub(super) struct Recorder {
@@ -44,41 +73,36 @@ pub(super) struct Recorder {
     /// The experiment's metric and whether it is maximised, for keeping the best checkpoints.
     metric: String,
     maximize: bool,
-    /// The metric's value by step, over every attempt of the trial.
-    scores: std::collections::BTreeMap<i64, f64>,
+    /// The metric's value by step, over the trial's history.
+    scores: BTreeMap<i64, f64>,
     checkpoint_dir: PathBuf,
     checkpoints_prefix: Path,
-    metrics_key: Path,
+    start: Option<CheckpointRef>,
     events: Events,
+    backlog: Arc<Backlog>,
+    /// The chunk being filled, and whole chunks whose upload failed, oldest first.
     log: Vec<u8>,
+    unsent_chunks: VecDeque<bytes::Bytes>,
     next_chunk: u32,
-    /// The whole `metrics.jsonl`: earlier attempts' lines, then this attempt's.
-    metrics: String,
-    metrics_dirty: bool,
+    /// The open segment of this attempt's metric lines, rewritten whole until it is full.
+    segment: String,
+    segment_index: u32,
+    /// Lines in `segment` not yet stored, to report once they are, and their backlog weight.
+    unstored: Vec<String>,
+    unstored_weight: usize,
+    last_metrics_write: Option<Instant>,
     /// Of the directory as last committed (or restored), so an unchanged one is not re-uploaded.
     committed_fingerprint: Option<u64>,
+    /// The newest checkpoint this attempt committed.
+    last_committed: Option<CheckpointRef>,
 }
 
 impl Recorder {
-    pub fn new(
-        storage: Storage,
-        a: &pb::Assignment,
-        checkpoint_dir: PathBuf,
-        restored_fingerprint: Option<u64>,
-        earlier_metrics: String,
-        events: Events,
-    ) -> Self {
+    pub fn new(a: &pb::Assignment, setup: RecorderSetup, events: Events, backlog: Arc<Backlog>) -> Self {
         let (exp, trial) = (ExperimentId(a.experiment_id), TrialId(a.trial_id));
-        let mut scores = std::collections::BTreeMap::new();
-        for line in earlier_metrics.lines() {
-            if let Ok(Value::Object(m)) = serde_json::from_str::<Value>(line) {
-                record_score(&mut scores, &a.metric, &m);
-            }
-        }
         Recorder {
-            checkpoints_prefix: storage.checkpoints_prefix(exp, trial),
-            metrics_key: storage.metrics_key(exp, trial),
-            storage,
+            checkpoints_prefix: setup.storage.checkpoints_prefix(exp, trial),
+            storage: setup.storage,
             exp,
             trial,
             attempt: a.attempt,
@@ -87,14 +111,21 @@ impl Recorder {
             keep_best: a.keep_best_checkpoints as usize,
             metric: a.metric.clone(),
             maximize: a.maximize,
-            scores,
-            checkpoint_dir,
+            scores: setup.scores,
+            checkpoint_dir: setup.checkpoint_dir,
+            start: setup.start,
             events,
+            backlog,
             log: Vec::new(),
+            unsent_chunks: VecDeque::new(),
             next_chunk: 0,
-            metrics: earlier_metrics,
-            metrics_dirty: false,
-            committed_fingerprint: restored_fingerprint,
+            segment: String::new(),
+            segment_index: 0,
+            unstored: Vec::new(),
+            unstored_weight: 0,
+            last_metrics_write: None,
+            committed_fingerprint: setup.restored_fingerprint,
+            last_committed: None,
         }
     }
 
@@ -116,17 +147,42 @@ impl Recorder {
                     self.apply(batch).await;
                 }
                 _ = log_tick.tick() => self.flush_log().await,
-                _ = metrics_tick.tick() => {
-                    if self.metrics_dirty {
-                        self.write_metrics().await;
-                    }
-                }
+                _ = metrics_tick.tick() => self.write_metrics().await,
             }
         }
+        self.write_metrics().await;
         self.flush_log().await;
-        if self.metrics_dirty {
-            self.write_metrics().await;
+        if let Some(last) = self.last_committed
+            && self.keep_checkpoints > 0
+            && self.events.flow().acknowledges(last, FINAL_ACK_WAIT).await
+        {
+            self.prune().await;
         }
+        // Whatever could not be stored is given up: release its weight so nothing waits on it.
+        if !self.unsent_chunks.is_empty() || !self.log.is_empty() || !self.unstored.is_empty() {
+            warn!(
+                trial = %self.trial,
+                attempt = self.attempt,
+                log_bytes = self.log.len() + self.unsent_chunks.iter().map(|c| c.len()).sum::<usize>(),
+                metric_lines = self.unstored.len(),
+                "the attempt ended with records that could not be stored"
+            );
+        }
+        self.drop_unstored();
+    }
+
+    fn stale(&self) -> bool {
+        self.events.flow().is_stale()
+    }
+
+    /// A stale attempt writes nothing more; what it held is dropped, and its weight released.
+    fn drop_unstored(&mut self) {
+        let log = self.log.len() + self.unsent_chunks.iter().map(|c| c.len()).sum::<usize>();
+        self.log.clear();
+        self.unsent_chunks.clear();
+        self.backlog.release(log + self.unstored_weight);
+        self.unstored.clear();
+        self.unstored_weight = 0;
     }
 
     async fn apply(&mut self, batch: Vec<Job>) {
@@ -138,19 +194,32 @@ impl Recorder {
                 Job::Log(line) => {
                     self.log.extend_from_slice(line.as_bytes());
                     self.log.push(b'\n');
+                    if self.log.len() >= LOG_CHUNK_MAX_BYTES {
+                        self.seal_chunk();
+                    }
                 }
-                Job::Metric(mut m) => {
+                Job::Metric(mut m, weight) => {
                     record_score(&mut self.scores, &self.metric, &m);
+                    // Reported as the trial printed it; stored with the attempt that printed it.
+                    let report = Value::Object(m.clone()).to_string();
                     m.insert("attempt".into(), Value::from(self.attempt));
-                    self.metrics.push_str(&Value::Object(m).to_string());
-                    self.metrics.push('\n');
-                    self.metrics_dirty = true;
+                    self.segment.push_str(&Value::Object(m).to_string());
+                    self.segment.push('\n');
+                    self.unstored.push(report);
+                    self.unstored_weight += weight;
                 }
                 Job::Checkpoint(step, position) => checkpoint_step = Some((step, position)),
             }
         }
-        if self.log.len() >= LOG_CHUNK_MAX_BYTES {
+        if !self.unsent_chunks.is_empty() {
             self.flush_log().await;
+        }
+        let due = self
+            .last_metrics_write
+            .is_none_or(|t| t.elapsed() >= METRICS_WRITE_EVERY);
+        if checkpoint_step.is_some() || due {
+            // A checkpoint's step is reported after the metric that named it.
+            self.write_metrics().await;
         }
         if let Some((step, position)) = checkpoint_step {
             self.commit_checkpoint(step, position).await;
@@ -158,6 +227,9 @@ impl Recorder {
     }
 
     async fn commit_checkpoint(&mut self, step: i64, data_position_json: String) {
+        if self.stale() {
+            return;
+        }
         let fingerprint = match checkpoint::fingerprint(&self.checkpoint_dir) {
             Ok(f) => f,
             Err(e) => {
@@ -168,7 +240,16 @@ impl Recorder {
         if fingerprint.is_none() || fingerprint == self.committed_fingerprint {
             return;
         }
-        match checkpoint::commit(&self.storage, &self.checkpoints_prefix, step, &self.checkpoint_dir).await {
+        let at = CheckpointRef::new(step, self.attempt);
+        match checkpoint::commit(
+            &self.storage,
+            &self.checkpoints_prefix,
+            at,
+            self.start,
+            &self.checkpoint_dir,
+        )
+        .await
+        {
             Ok(Some(_)) => {}
             Ok(None) => return,
             Err(e) => {
@@ -178,10 +259,24 @@ impl Recorder {
             }
         }
         self.committed_fingerprint = fingerprint;
-        if self.metrics_dirty {
-            self.write_metrics().await;
-        }
+        self.last_committed = Some(at);
         // 0 means the spec set no limit; pruning to zero would delete what was just committed.
+        if self.keep_checkpoints > 0 {
+            self.prune().await;
+        }
+        self.events
+            .emit_waiting(Kind::Checkpoint(pb::CheckpointCommitted {
+                step,
+                manifest_key: checkpoint::manifest_key(&self.checkpoints_prefix, at).to_string(),
+                data_position_json,
+            }))
+            .await;
+    }
+
+    async fn prune(&self) {
+        if self.stale() {
+            return;
+        }
         let scores = &self.scores;
         let retention = checkpoint::Retention {
             keep_last: self.keep_checkpoints,
@@ -189,84 +284,86 @@ impl Recorder {
             maximize: self.maximize,
             score: &|step| scores.get(&step).copied(),
         };
-        if self.keep_checkpoints > 0
-            && let Err(e) = checkpoint::prune(&self.storage, &self.checkpoints_prefix, &retention).await
-        {
+        let scope = PruneScope {
+            attempt: self.attempt,
+            start: self.start,
+            acknowledged: self.events.flow().acknowledged_checkpoint().or(self.start),
+        };
+        if let Err(e) = checkpoint::prune(&self.storage, &self.checkpoints_prefix, &scope, &retention).await {
             warn!(trial = %self.trial, attempt = self.attempt, error = %e, "cannot prune old checkpoints");
         }
-        let manifest_key = self
-            .checkpoints_prefix
-            .clone()
-            .join(checkpoint::step_dir(step))
-            .join(MANIFEST);
-        self.events.emit(Kind::Checkpoint(pb::CheckpointCommitted {
-            step,
-            manifest_key: manifest_key.to_string(),
-            data_position_json,
-        }));
+    }
+
+    /// Moves the chunk being filled to the upload queue.
+    fn seal_chunk(&mut self) {
+        if !self.log.is_empty() {
+            self.unsent_chunks
+                .push_back(bytes::Bytes::from(std::mem::take(&mut self.log)));
+        }
     }
 
     async fn flush_log(&mut self) {
-        if self.log.is_empty() {
+        if self.stale() {
+            self.drop_unstored();
+            return;
+        }
+        self.seal_chunk();
+        while let Some(chunk) = self.unsent_chunks.front().cloned() {
+            let key = self
+                .storage
+                .log_chunk_key(self.exp, self.trial, self.attempt, self.rank, self.next_chunk);
+            let len = chunk.len();
+            match self.storage.store.put(&key, PutPayload::from(chunk)).await {
+                Ok(_) => {
+                    self.unsent_chunks.pop_front();
+                    self.next_chunk += 1;
+                    self.backlog.release(len);
+                }
+                Err(e) => {
+                    // Kept, in order, under the same name: the next flush retries. The backlog
+                    // holds the trial's output back meanwhile.
+                    warn!(trial = %self.trial, attempt = self.attempt, key = %key, error = %e, "cannot store a log chunk; will retry");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Stores the open metric segment, then reports the lines it newly holds.
+    async fn write_metrics(&mut self) {
+        if self.unstored.is_empty() {
+            return;
+        }
+        if self.stale() {
+            self.drop_unstored();
             return;
         }
         let key = self
             .storage
-            .log_chunk_key(self.exp, self.trial, self.attempt, self.rank, self.next_chunk);
-        let data = bytes::Bytes::from(std::mem::take(&mut self.log));
-        match self.storage.store.put(&key, PutPayload::from(data.clone())).await {
-            Ok(_) => self.next_chunk += 1,
-            Err(e) => {
-                warn!(trial = %self.trial, attempt = self.attempt, key = %key, error = %e, "cannot store a log chunk; will retry");
-                let mut retry = data.to_vec();
-                retry.append(&mut self.log);
-                self.log = retry;
-            }
+            .metrics_segment_key(self.exp, self.trial, self.attempt, self.segment_index);
+        let body = PutPayload::from(self.segment.clone().into_bytes());
+        if let Err(e) = self.storage.store.put(&key, body).await {
+            warn!(trial = %self.trial, attempt = self.attempt, key = %key, error = %e, "cannot store metrics; will retry");
+            return;
         }
-    }
-
-    async fn write_metrics(&mut self) {
-        let body = PutPayload::from(self.metrics.clone().into_bytes());
-        match self.storage.store.put(&self.metrics_key, body).await {
-            Ok(_) => self.metrics_dirty = false,
-            Err(e) => {
-                warn!(trial = %self.trial, attempt = self.attempt, error = %e, "cannot store metrics; will retry")
-            }
+        self.last_metrics_write = Some(Instant::now());
+        for line in std::mem::take(&mut self.unstored) {
+            self.events.emit_waiting(Kind::Metric(pb::Metric { json: line })).await;
+        }
+        self.backlog.release(std::mem::take(&mut self.unstored_weight));
+        if self.segment.len() >= MAX_SEGMENT_BYTES {
+            self.segment.clear();
+            self.segment_index += 1;
         }
     }
 }
 
 /// Notes the value of `metric` at the report's step, if it has both.
-fn record_score(scores: &mut std::collections::BTreeMap<i64, f64>, metric: &str, m: &Map<String, Value>) {
+pub(super) fn record_score(scores: &mut BTreeMap<i64, f64>, metric: &str, m: &Map<String, Value>) {
     if let (Some(step), Some(v)) = (
         m.get("step").and_then(Value::as_i64),
         m.get(metric).and_then(Value::as_f64),
     ) {
         scores.insert(step, v);
     }
-}
-
-/// The trial's `metrics.jsonl` as earlier attempts left it. Lines of this same attempt (from an
-/// earlier run of it that was cut short) are dropped, since this run reports them again.
-pub(super) async fn read_earlier_metrics(storage: &Storage, key: &Path, attempt: u32) -> Result<String, CoreError> {
-    let bytes = match storage.store.get(key).await {
-        Ok(r) => r.bytes().await?,
-        Err(object_store::Error::NotFound { .. }) => return Ok(String::new()),
-        Err(e) => return Err(e.into()),
-    };
-    let mut out = String::with_capacity(bytes.len() + 1);
-    for line in String::from_utf8_lossy(&bytes).lines() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let same_attempt = serde_json::from_str::<Value>(line)
-            .ok()
-            .and_then(|v| v.get("attempt").and_then(Value::as_u64))
-            == Some(u64::from(attempt));
-        if !same_attempt {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
-    Ok(out)
 }

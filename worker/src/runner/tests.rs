@@ -76,12 +76,20 @@ impl Fixture {
         stop: watch::Receiver<Option<Stop>>,
     ) -> (pb::Exited, Vec<pb::TrialEvent>) {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let exited = run_attempt(&self.ctx, a, &[], Events::new(tx), stop).await;
-        let mut events = Vec::new();
-        while let Ok(e) = rx.try_recv() {
-            events.push(e);
-        }
-        (exited, events)
+        let events = Events::new(tx);
+        // Acknowledges every event at once, as an agent with a coordinator that is up does.
+        let flow = events.flow().clone();
+        let attempt = a.attempt;
+        let delivered = tokio::spawn(async move {
+            let mut all = Vec::new();
+            while let Some(e) = rx.recv().await {
+                flow.delivered(attempt, std::slice::from_ref(&e));
+                all.push(e);
+            }
+            all
+        });
+        let exited = run_attempt(&self.ctx, a, &[], events, stop).await;
+        (exited, delivered.await.unwrap())
     }
 
     async fn object(&self, key: &object_store::path::Path) -> Option<String> {
@@ -93,11 +101,12 @@ impl Fixture {
     }
 
     async fn metrics(&self, trial: u64) -> Vec<serde_json::Value> {
-        let text = self
-            .object(&self.storage.metrics_key(ExperimentId(EXP), TrialId(trial)))
+        chorus_core::history::read_history(&self.storage, ExperimentId(EXP), TrialId(trial), 10_000)
             .await
-            .unwrap_or_default();
-        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+            .unwrap()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 
     /// The attempt's log, chunks in order; also checks chunks are numbered 0, 1, 2...
@@ -258,7 +267,7 @@ async fn a_successful_trial_reports_metrics_checkpoints_and_logs() {
     assert_eq!(ck[0].step, 3);
     assert_eq!(
         ck[0].manifest_key,
-        "experiments/1/trials/11/checkpoints/000000000003/MANIFEST.json"
+        "experiments/1/trials/11/checkpoints/000000000003-a0001/MANIFEST.json"
     );
     assert!(
         f.object(&object_store::path::Path::from(ck[0].manifest_key.as_str()))
@@ -289,7 +298,7 @@ async fn a_successful_trial_reports_metrics_checkpoints_and_logs() {
     )
     .await
     .unwrap();
-    assert_eq!(r.step, Some(3));
+    assert_eq!(r.step(), Some(3));
     assert_eq!(
         std::fs::read_to_string(restored.path().join("state.txt")).unwrap(),
         "state-3\n"
@@ -338,6 +347,10 @@ async fn attempt_two_restores_the_checkpoint_and_extends_the_metrics() {
     "#,
     );
     a2.keep_checkpoints = 1;
+    // What the coordinator hands the second attempt: the checkpoint and metric line it
+    // acknowledged from the first.
+    a2.restore = Some(pb::CheckpointRef { step: 5, attempt: 1 });
+    a2.acked_metrics = vec![pb::AttemptMetricCount { attempt: 1, count: 1 }];
     let (exited, events) = f.run(&a2).await;
     assert_eq!(
         kind(&exited),
@@ -593,6 +606,7 @@ async fn retention_keeps_the_best_checkpoint_by_the_metric() {
     // Maximising instead keeps the newest only: it is also the best.
     a.attempt = 2;
     a.maximize = true;
+    a.restore = Some(pb::CheckpointRef { step: 5, attempt: 1 });
     f.run(&a).await;
     assert_eq!(checkpoint::list_steps(&f.storage, &prefix).await.unwrap(), vec![5]);
 }
