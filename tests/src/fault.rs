@@ -76,7 +76,42 @@ fn libc_enospc() -> i32 {
 pub struct MarkedProcess {
     pub pid: i32,
     pub ppid: i32,
+    /// When it started, in clock ticks after boot: with the pid, it names the process even
+    /// once the pid is reused.
+    pub start_time: u64,
     pub cmdline: String,
+    /// Whether the marker is in its command line (not only in its environment).
+    pub in_cmdline: bool,
+}
+
+impl MarkedProcess {
+    /// Whether this very process still runs (not a zombie, not a later one with its pid).
+    pub fn alive(&self) -> bool {
+        read_stat(self.pid).is_some_and(|(state, _, start)| start == self.start_time && state != "Z" && state != "X")
+    }
+
+    /// A variable of its environment, while it runs.
+    pub fn env(&self, key: &str) -> Option<String> {
+        let environ = std::fs::read(format!("/proc/{}/environ", self.pid)).ok()?;
+        let prefix = format!("{key}=");
+        environ
+            .split(|&b| b == 0)
+            .find_map(|kv| kv.strip_prefix(prefix.as_bytes()))
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+/// State, parent and start time from `/proc/PID/stat`: "pid (comm) S ppid ..."; comm may hold
+/// spaces and parentheses, so fields are read after the last ')'.
+fn read_stat(pid: i32) -> Option<(String, i32, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // After comm: state is field 3 of the line, ppid 4, starttime 22.
+    Some((
+        fields.first()?.to_string(),
+        fields.get(1)?.parse().ok()?,
+        fields.get(19)?.parse().ok()?,
+    ))
 }
 
 /// Every live process (zombies excepted) with `marker` in its command line or environment.
@@ -97,19 +132,24 @@ pub fn marked_processes(marker: &str) -> Vec<MarkedProcess> {
         let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
         let environ = std::fs::read(dir.join("environ")).unwrap_or_default();
         let holds = |b: &[u8]| b.windows(needle.len()).any(|w| w == needle);
-        if !holds(&cmdline) && !holds(&environ) {
+        let in_cmdline = holds(&cmdline);
+        if !in_cmdline && !holds(&environ) {
             continue;
         }
-        // `stat`: "pid (comm) S ppid ..."; comm may hold spaces, so read after the last ')'.
-        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
-        let mut fields = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("").split_whitespace();
-        let state = fields.next().unwrap_or("?");
-        if state == "Z" || state == "X" || stat.is_empty() {
+        let Some((state, ppid, start_time)) = read_stat(pid) else {
+            continue;
+        };
+        if state == "Z" || state == "X" {
             continue;
         }
-        let ppid = fields.next().and_then(|p| p.parse().ok()).unwrap_or(0);
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ").trim().to_string();
-        out.push(MarkedProcess { pid, ppid, cmdline });
+        out.push(MarkedProcess {
+            pid,
+            ppid,
+            start_time,
+            cmdline,
+            in_cmdline,
+        });
     }
     out.sort_by_key(|p| p.pid);
     out
@@ -147,8 +187,12 @@ mod tests {
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found[0].pid, child.id() as i32);
         assert_eq!(found[0].ppid, std::process::id() as i32);
+        assert!(!found[0].in_cmdline);
+        assert_eq!(found[0].env("MARK").as_deref(), Some(marker.as_str()));
+        assert!(found[0].alive());
         child.kill().unwrap();
         child.wait().unwrap();
+        assert!(!found[0].alive());
         assert!(marked_processes(&marker).is_empty());
     }
 
