@@ -40,7 +40,7 @@ trial: {command: [x]}
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let spec = chorus_core::spec::parse(SPEC, &[])?;
-    let mut s = search::build(&spec, None);
+    let mut s = search::build(&spec);
     let mut next = 1u64;
     let mut step = |s: &mut Box<dyn search::Searcher>| {
         let t = TrialId(next);

@@ -2,6 +2,7 @@
 
 use chorus_core::CoreError;
 use chorus_core::error::SpecErrors;
+use std::path::{Path, PathBuf};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -18,10 +19,28 @@ pub enum CoordError {
     /// A report or call from an attempt or worker incarnation the coordinator has moved past.
     #[error("{0}")]
     Stale(String),
-    #[error("object storage: {0}")]
+    /// Object storage failed; the message names the URI and the cause.
+    #[error("{0}")]
     Storage(String),
+    /// Object storage is out of space (a full disk under `file://` storage, or a quota).
+    #[error("{0}")]
+    StorageFull(String),
     #[error("coordinator store: {0}")]
     Store(#[from] rusqlite::Error),
+    /// The store could not record a change, so nothing of it was kept or acknowledged.
+    #[error("{}", store_write_message(.db, *.full, *.free, .source))]
+    StoreWrite {
+        db: PathBuf,
+        /// The disk (or a quota) is full, as opposed to another I/O failure.
+        full: bool,
+        /// Bytes free on the store's filesystem, when known.
+        free: Option<u64>,
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// A searcher's saved state cannot be read back.
+    #[error("the saved state of the {searcher} searcher cannot be read: {reason}")]
+    SearcherState { searcher: &'static str, reason: String },
     #[error("{0}")]
     Core(CoreError),
 }
@@ -31,13 +50,108 @@ impl From<CoreError> for CoordError {
         match e {
             CoreError::Spec(s) => CoordError::Spec(s),
             CoreError::StorageUri { .. } => CoordError::InvalidArgument(e.to_string()),
-            CoreError::ObjectStore(e) => CoordError::Storage(e.to_string()),
+            CoreError::ObjectStore(e) => CoordError::storage("", "", &e),
             other => CoordError::Core(other),
         }
     }
 }
 
 pub type Result<T, E = CoordError> = std::result::Result<T, E>;
+
+impl CoordError {
+    /// An object-storage failure of `what` (e.g. `write experiments/3/spec.yaml`) on the store
+    /// `uri` (empty when unknown), with every cause in the chain; out of space when an I/O error
+    /// in the chain says so.
+    pub fn storage(uri: &str, what: &str, e: &(dyn std::error::Error + 'static)) -> CoordError {
+        let store = if uri.is_empty() {
+            "object storage".to_string()
+        } else {
+            format!("storage {uri}")
+        };
+        let what = if what.is_empty() {
+            String::new()
+        } else {
+            format!(" cannot {what}:")
+        };
+        let cause = chain(e);
+        if io_errors(e).any(is_full) {
+            CoordError::StorageFull(format!("{store} is full:{what} {cause}"))
+        } else {
+            CoordError::Storage(format!("{store}:{what} {cause}"))
+        }
+    }
+
+    /// A failed write of the store at `db`: disk full when SQLite says so, or when the
+    /// filesystem has no space left (some full disks surface as plain I/O errors).
+    pub fn store_write(db: &Path, source: rusqlite::Error) -> CoordError {
+        let free = free_bytes(db.parent().unwrap_or(db));
+        let sqlite_full = matches!(
+            &source,
+            rusqlite::Error::SqliteFailure(e, _) if e.code == rusqlite::ErrorCode::DiskFull
+        );
+        CoordError::StoreWrite {
+            db: db.to_path_buf(),
+            full: sqlite_full || free.is_some_and(|f| f < NEARLY_FULL_BYTES),
+            free,
+            source,
+        }
+    }
+}
+
+/// Below this many free bytes a filesystem counts as full: SQLite writes whole pages and a
+/// WAL frame is larger than one.
+const NEARLY_FULL_BYTES: u64 = 64 * 1024;
+
+/// Bytes available to this process on the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    let s = nix::sys::statvfs::statvfs(path).ok()?;
+    Some(s.blocks_available() as u64 * s.fragment_size() as u64)
+}
+
+fn is_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
+
+/// The I/O errors in an error's chain.
+fn io_errors<'a>(e: &'a (dyn std::error::Error + 'static)) -> impl Iterator<Item = &'a std::io::Error> {
+    std::iter::successors(Some(e), |e| e.source()).filter_map(|e| e.downcast_ref::<std::io::Error>())
+}
+
+/// An error and its sources joined with `: `, skipping sources their parent already quotes.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+fn store_write_message(db: &Path, full: bool, free: Option<u64>, source: &rusqlite::Error) -> String {
+    let dir = db.parent().unwrap_or(db).display();
+    if full {
+        let free = free.map_or(String::new(), |f| format!(", {f} bytes free"));
+        format!(
+            "disk full: the coordinator cannot write its store {} ({source}{free}); the change was not made. \
+             Free space in {dir}; the coordinator resumes by itself, and reads work meanwhile",
+            db.display()
+        )
+    } else {
+        format!(
+            "the coordinator cannot write its store {} ({source}); the change was not made. Retry later; \
+             reads work meanwhile",
+            db.display()
+        )
+    }
+}
 
 impl From<CoordError> for Status {
     fn from(e: CoordError) -> Status {
@@ -66,8 +180,12 @@ impl From<CoordError> for Status {
             CoordError::NotFound(m) => Status::not_found(m),
             CoordError::FailedPrecondition(m) => Status::failed_precondition(m),
             CoordError::Stale(m) => Status::aborted(m),
-            CoordError::Storage(m) => Status::unavailable(format!("object storage: {m}")),
+            CoordError::Storage(m) => Status::unavailable(m),
+            CoordError::StorageFull(m) => Status::resource_exhausted(m),
             CoordError::Store(e) => Status::internal(format!("coordinator store: {e}")),
+            e @ CoordError::StoreWrite { full: true, .. } => Status::resource_exhausted(e.to_string()),
+            e @ CoordError::StoreWrite { .. } => Status::unavailable(e.to_string()),
+            e @ CoordError::SearcherState { .. } => Status::failed_precondition(e.to_string()),
             CoordError::Core(e) => Status::internal(e.to_string()),
         }
     }

@@ -23,6 +23,7 @@ use crate::api::auth::{AuthInterceptor, Role, Tokens};
 use crate::error::{CoordError, Result};
 use crate::state::{State, Timing};
 use chorus_core::storage::{Storage, StorageOptions, StorageUri};
+use chorus_core::storage_policy::{StorageLocation, StoragePolicy};
 use chorus_proto::pb::experiment_service_server::ExperimentServiceServer;
 use chorus_proto::pb::worker_service_server::WorkerServiceServer;
 use std::collections::HashMap;
@@ -46,6 +47,10 @@ pub struct Options {
     pub reconcile_interval: Duration,
     /// Where to serve Prometheus `/metrics` over HTTP; not served when `None`.
     pub metrics_listener: Option<std::net::SocketAddr>,
+    /// Storage prefixes experiments may use, besides the default storage (always allowed).
+    pub allowed_storage: Vec<String>,
+    /// Accept `memory://` storage, which each process keeps to itself: for tests only.
+    pub allow_memory_storage: bool,
 }
 
 impl Options {
@@ -58,6 +63,8 @@ impl Options {
             timing: Timing::default(),
             reconcile_interval: Duration::from_millis(500),
             metrics_listener: None,
+            allowed_storage: Vec::new(),
+            allow_memory_storage: false,
         }
     }
 }
@@ -65,7 +72,11 @@ impl Options {
 /// Shared by every handler and the reconcile loop.
 pub struct Coordinator {
     state: Mutex<State>,
-    pub default_storage: StorageUri,
+    /// Storage for experiments whose spec names none, normalised.
+    pub default_storage: StorageLocation,
+    policy: StoragePolicy,
+    /// The store's cluster id, the last segment of every new experiment's storage.
+    cluster_id: String,
     storage_options: StorageOptions,
     /// Opened stores by URI: opening S3 or GCS clients is not free.
     stores: Mutex<HashMap<String, Storage>>,
@@ -81,15 +92,41 @@ impl Coordinator {
             .canonicalize()
             .map_err(|e| CoordError::FailedPrecondition(format!("{}: {e}", opts.data_dir.display())))?;
         let default_storage = match &opts.default_storage {
-            Some(s) => StorageUri::parse(s)?,
-            None => StorageUri::from_dir(&data_dir.join("storage"))?,
+            Some(s) => s.clone(),
+            None => StorageUri::from_dir(&data_dir.join("storage"))?.as_str().to_string(),
         };
-        let store = store::Store::open(&data_dir.join("chorus.db"))?;
+        let policy = StoragePolicy::new(
+            opts.allowed_storage
+                .iter()
+                .map(String::as_str)
+                .chain([default_storage.as_str()]),
+            opts.allow_memory_storage,
+        )?;
+        let default_storage = policy.check(&default_storage)?;
+        let db = data_dir.join("chorus.db");
+        let store = store::Store::open(&db).map_err(|e| match CoordError::store_write(&db, e) {
+            CoordError::StoreWrite { full, free, source, .. } => CoordError::FailedPrecondition(format!(
+                "cannot open the coordinator store {}: {source}{}",
+                db.display(),
+                if full {
+                    format!(
+                        " (disk full: {} bytes free in {})",
+                        free.unwrap_or(0),
+                        data_dir.display()
+                    )
+                } else {
+                    String::new()
+                }
+            )),
+            other => other,
+        })?;
         let (events, _) = broadcast::channel(4096);
         let state = State::load(store, opts.timing.clone(), events)?;
         Ok(Coordinator {
+            cluster_id: state.cluster_id().to_string(),
             state: Mutex::new(state),
             default_storage,
+            policy,
             storage_options: opts.storage.clone(),
             stores: Mutex::new(HashMap::new()),
         })
@@ -101,22 +138,50 @@ impl Coordinator {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The storage a new experiment uses: what its spec names (or the default), normalised,
+    /// refused outside the allowed prefixes, and with this store's cluster id as its last
+    /// segment, so that a fresh store never meets another store's experiments.
+    pub fn experiment_storage(&self, requested: Option<&str>) -> Result<String> {
+        let loc = match requested {
+            Some(uri) => self.policy.check(uri).map_err(|e| {
+                CoordError::Spec(chorus_core::error::SpecErrors(vec![chorus_core::error::FieldError {
+                    path: "storage".into(),
+                    location: None,
+                    message: match e {
+                        chorus_core::CoreError::StorageUri { reason, .. } => reason,
+                        other => other.to_string(),
+                    },
+                }]))
+            })?,
+            None => self.default_storage.clone(),
+        };
+        Ok(loc.join(&self.cluster_id).to_uri())
+    }
+
     /// The store a URI names, opened once.
     pub fn storage(&self, uri: &str) -> Result<Storage> {
         let mut stores = self.stores.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = stores.get(uri) {
             return Ok(s.clone());
         }
-        let s = chorus_core::storage::open(&StorageUri::parse(uri)?, &self.storage_options)?;
+        let s = chorus_core::storage::open(&StorageUri::parse(uri)?, &self.storage_options).map_err(|e| match e {
+            e @ (chorus_core::CoreError::Io { .. } | chorus_core::CoreError::ObjectStore(_)) => {
+                CoordError::storage(uri, "open it", &e)
+            }
+            other => other.into(),
+        })?;
         stores.insert(uri.to_string(), s.clone());
         Ok(s)
     }
 }
 
-/// Serves the coordinator on `listener` until `shutdown` resolves.
+/// Serves the coordinator on `listener` until `shutdown` resolves. `ready` is called once the
+/// store is loaded, the tokens checked and the server accepts calls: a supervisor watching for
+/// it knows the coordinator started, and one that never sees it knows it did not.
 pub async fn run(
     listener: TcpListener,
     opts: Options,
+    ready: impl FnOnce(std::net::SocketAddr) + Send + 'static,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
@@ -131,7 +196,10 @@ pub async fn run(
         // Attempts found live at start get one lease to be claimed; schedule what can run.
         let mut st = coord.lock();
         st.pump();
-        st.flush();
+        if let Err(e) = st.flush() {
+            // Serve anyway: reads work, and the reconcile loop retries until the disk has room.
+            tracing::error!(error = %e, "cannot record the start-up pass");
+        }
     }
     let reconcile = {
         let coord = coord.clone();
@@ -143,7 +211,8 @@ pub async fn run(
                 tick.tick().await;
                 let mut st = coord.lock();
                 st.reconcile();
-                st.flush();
+                // A failure is logged by the store's writer and the pass retried next tick.
+                let _ = st.flush();
             }
         })
     };
@@ -201,13 +270,21 @@ pub async fn run(
 
     // With a listener of our own, the server's TCP settings do not reach accepted sockets:
     // without TCP_NODELAY, small replies wait out the peer's delayed ACK (~40 ms each).
-    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
-        if let Ok(s) = &s {
-            let _ = s.set_nodelay(true);
+    let mut accepted = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let mut ready = Some(ready);
+    let incoming = futures::stream::poll_fn(move |cx| {
+        // The server polls for its first connection once it is serving.
+        if let Some(ready) = ready.take() {
+            tracing::info!(%addr, "coordinator serving");
+            ready(addr);
         }
-        s
+        futures::Stream::poll_next(std::pin::Pin::new(&mut accepted), cx).map(|s| {
+            if let Some(Ok(s)) = &s {
+                let _ = s.set_nodelay(true);
+            }
+            s
+        })
     });
-    tracing::info!(%addr, "coordinator serving");
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))

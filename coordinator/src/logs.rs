@@ -5,11 +5,12 @@
 //! one chunk, and a cursor can point into the middle of a chunk, so a follower that reconnects
 //! resumes exactly after the last page it printed.
 
+use crate::error::CoordError;
 use chorus_core::storage::Storage;
 use chorus_proto::pb;
 use futures::StreamExt;
 use object_store::path::Path;
-use object_store::{GetOptions, GetRange, ObjectStoreExt};
+use object_store::{GetOptions, GetRange};
 use tokio::sync::mpsc;
 use tonic::Status;
 
@@ -51,6 +52,7 @@ impl Cursor {
 /// Sends chunk `name` from byte `start` as pages of at most [`LOG_PAGE_BYTES`], each cut after
 /// its last newline when it has one. Returns `false` once nobody listens any more.
 pub async fn send_chunk(
+    uri: &str,
     storage: &Storage,
     location: &Path,
     name: &str,
@@ -66,7 +68,7 @@ pub async fn send_chunk(
         .store
         .get_opts(location, opts)
         .await
-        .map_err(|e| Status::unavailable(format!("cannot read {location}: {e}")))?;
+        .map_err(|e| Status::from(CoordError::storage(uri, &format!("read {location}"), &e)))?;
     let total = result.meta.size;
     let mut stream = result.into_stream();
     let mut page: Vec<u8> = Vec::with_capacity(LOG_PAGE_BYTES.min(total as usize));
@@ -75,7 +77,7 @@ pub async fn send_chunk(
     while !eof {
         match stream.next().await {
             Some(Ok(bytes)) => page.extend_from_slice(&bytes),
-            Some(Err(e)) => return Err(Status::unavailable(format!("cannot read {location}: {e}"))),
+            Some(Err(e)) => return Err(CoordError::storage(uri, &format!("read {location}"), &e).into()),
             None => eof = true,
         }
         while page.len() >= LOG_PAGE_BYTES || (eof && !page.is_empty()) {
@@ -104,6 +106,7 @@ pub async fn send_chunk(
 mod tests {
     use super::*;
     use chorus_core::storage::{StorageUri, open};
+    use object_store::ObjectStoreExt;
 
     #[test]
     fn cursors_point_between_and_into_chunks() {
@@ -126,7 +129,11 @@ mod tests {
         let body = line.repeat(3 * LOG_PAGE_BYTES / 1000 + 7);
         s.store.put(&key, body.clone().into()).await.unwrap();
         let (tx, mut rx) = mpsc::channel(1024);
-        assert!(send_chunk(&s, &key, "0001-000000.log", 1, 0, &tx).await.unwrap());
+        assert!(
+            send_chunk("memory://log-pages", &s, &key, "0001-000000.log", 1, 0, &tx)
+                .await
+                .unwrap()
+        );
         drop(tx);
         let mut pages = Vec::new();
         while let Some(p) = rx.recv().await {
@@ -146,6 +153,7 @@ mod tests {
         let c = Cursor::parse(&pages[1].cursor);
         let (tx, mut rx) = mpsc::channel(1024);
         send_chunk(
+            "memory://log-pages",
             &s,
             &key,
             "0001-000000.log",

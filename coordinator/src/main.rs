@@ -42,6 +42,18 @@ struct Args {
     /// Serve Prometheus metrics on http://ADDR/metrics (off unless set).
     #[arg(long, env = "CHORUS_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// A storage prefix experiments may use (repeatable, or comma-separated); the default
+    /// storage is always allowed. Specs naming storage elsewhere are refused.
+    #[arg(
+        long = "allowed-storage",
+        env = "CHORUS_ALLOWED_STORAGE",
+        value_name = "PREFIX",
+        value_delimiter = ','
+    )]
+    allowed_storage: Vec<String>,
+    /// For tests only: accept memory:// storage, which each process keeps to itself.
+    #[arg(long, hide = true)]
+    allow_memory_storage: bool,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -66,17 +78,22 @@ async fn main() -> anyhow::Result<()> {
     opts.default_storage = args.storage;
     opts.storage.s3_endpoint = args.s3_endpoint;
     opts.metrics_listener = args.metrics_listen;
+    opts.allowed_storage = args.allowed_storage;
+    opts.allow_memory_storage = args.allow_memory_storage;
+    // An empty token is no token.
+    let set = |t: Option<String>| t.filter(|t| !t.trim().is_empty());
     opts.tokens = Tokens {
-        user: args.token.into_iter().collect(),
-        worker: args.worker_token.into_iter().collect(),
+        user: set(args.token).into_iter().collect(),
+        worker: set(args.worker_token).into_iter().collect(),
     };
     opts.timing = Timing {
         lease_ttl: args.lease_ttl,
         heartbeat_interval: args.heartbeat_interval,
         ..Timing::default()
     };
-    println!("chorus-coordinator listening on {}", listener.local_addr()?);
-    run(listener, opts, shutdown_signal()).await
+    // Printed only once the coordinator serves: a supervisor reading stdout may trust it.
+    let ready = |addr| println!("chorus-coordinator listening on {addr}");
+    run(listener, opts, ready, shutdown_signal()).await
 }
 
 async fn shutdown_signal() {

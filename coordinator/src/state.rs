@@ -2,8 +2,10 @@
 //!
 //! Handlers and the reconcile loop lock [`State`], apply a change, and call [`State::flush`]
 //! before they answer: flush writes every touched record in one durable transaction, and only
-//! then sends worker commands and change notifications. The lock is a std mutex because no
-//! critical section awaits; each is short and bounded (one SQLite commit at most).
+//! then sends worker commands and change notifications. When the commit fails (a full disk),
+//! the records in memory are read back from the store, so nothing the store does not hold is
+//! ever seen, sent or acknowledged, and the caller gets the error. The lock is a std mutex
+//! because no critical section awaits; each is short and bounded (one SQLite commit at most).
 
 use crate::cluster::Registry;
 use crate::error::{CoordError, Result};
@@ -105,7 +107,12 @@ pub struct State {
     /// Workers drained of new trials: what runs there finishes, nothing new is placed.
     pub drained: BTreeSet<WorkerId>,
     drained_dirty: bool,
+    /// Since when commits have been failing, and when that was last logged.
+    store_failing: Option<(Instant, Instant)>,
 }
+
+/// How often a store that keeps failing is logged again.
+const STORE_FAILURE_LOG_EVERY: Duration = Duration::from_secs(30);
 
 impl State {
     /// Rebuilds the state from the store. Live attempts are kept: their workers get one lease
@@ -133,47 +140,114 @@ impl State {
             rendezvous: BTreeMap::new(),
             drained: BTreeSet::new(),
             drained_dirty: false,
+            store_failing: None,
         };
-        st.drained = st.store.load_drained()?.into_iter().collect();
-        for row in st.store.load_experiments()? {
-            st.next_experiment = st.next_experiment.max(row.id.0 + 1);
+        st.read_store()?;
+        Ok(st)
+    }
+
+    /// This coordinator's cluster id (kept in its store).
+    pub fn cluster_id(&self) -> &str {
+        self.store.cluster_id()
+    }
+
+    /// The directory holding the store.
+    pub fn store_path(&self) -> &std::path::Path {
+        self.store.path()
+    }
+
+    /// Replaces every record held in memory with what the store holds: at start, and after a
+    /// commit failed, so that memory is never ahead of what is durable. What only ever lives in
+    /// memory stays (worker leases and streams, telemetry), rendezvous start again (their ranks
+    /// call again), and ids already handed out are not handed out again.
+    fn read_store(&mut self) -> Result<()> {
+        let drained: BTreeSet<WorkerId> = self.store.load_drained()?.into_iter().collect();
+        let mut experiments = BTreeMap::new();
+        let mut counts: BTreeMap<ExperimentId, Counts> = BTreeMap::new();
+        let mut next_experiment = self.next_experiment;
+        for row in self.store.load_experiments()? {
+            next_experiment = next_experiment.max(row.id.0 + 1);
             let id = row.id;
             let exp = Experiment::from_row(row)
                 .map_err(|e| CoordError::FailedPrecondition(format!("stored experiment {id} no longer parses: {e}")))?;
-            st.counts.insert(id, Counts::default());
-            st.experiments.insert(id, exp);
+            counts.insert(id, Counts::default());
+            experiments.insert(id, exp);
         }
-        let (now, now_ms) = (Instant::now(), now_ms());
-        for t in st.store.load_trials()? {
-            st.next_trial = st.next_trial.max(t.id.0 + 1);
-            let Some(exp) = st.experiments.get_mut(&t.experiment) else {
+        let mut trials = BTreeMap::new();
+        let mut open = BTreeSet::new();
+        let mut best: BTreeMap<ExperimentId, (TrialId, f64)> = BTreeMap::new();
+        let mut next_trial = self.next_trial;
+        for t in self.store.load_trials()? {
+            next_trial = next_trial.max(t.id.0 + 1);
+            let Some(exp) = experiments.get_mut(&t.experiment) else {
                 continue;
             };
             exp.trials.push(t.id);
-            *st.counts.entry(t.experiment).or_default().slot(t.state) += 1;
+            *counts.entry(t.experiment).or_default().slot(t.state) += 1;
             if !t.state.is_terminal() {
-                st.open.insert(t.id);
+                open.insert(t.id);
             }
             if let Some(v) = t.best_value {
                 let goal = exp.goal();
-                let entry = st.best.entry(t.experiment).or_insert((t.id, v));
+                let entry = best.entry(t.experiment).or_insert((t.id, v));
                 if goal.better(v, entry.1) {
                     *entry = (t.id, v);
                 }
             }
+            trials.insert(t.id, t);
+        }
+        let (now, now_ms) = (Instant::now(), now_ms());
+        for t in trials.values() {
             if let Some(live) = &t.live {
                 for w in live.workers() {
-                    st.registry.expect(w, now, now_ms);
+                    // A worker the registry already knows keeps its lease.
+                    self.registry.expect(w, now, now_ms);
                 }
             }
-            st.trials.insert(t.id, t);
         }
-        for (tid, attempt, n) in st.store.open_metric_counts()? {
-            if let Some(t) = st.trials.get_mut(&tid) {
+        for (tid, attempt, n) in self.store.open_metric_counts()? {
+            if let Some(t) = trials.get_mut(&tid) {
                 t.acked_metrics.insert(attempt, n);
             }
         }
-        Ok(st)
+        self.experiments = experiments;
+        self.trials = trials;
+        self.counts = counts;
+        self.best = best;
+        self.open = open;
+        self.drained = drained;
+        self.next_experiment = next_experiment;
+        self.next_trial = next_trial;
+        self.dirty_experiments.clear();
+        self.dirty_trials.clear();
+        self.metrics.clear();
+        self.attempts.clear();
+        self.outbox.clear();
+        self.changed.clear();
+        self.drained_dirty = false;
+        self.rendezvous.clear();
+        self.fail_unreadable_searchers();
+        Ok(())
+    }
+
+    /// An experiment whose searcher state cannot be read fails, saying why: starting its search
+    /// over would run its trials again.
+    fn fail_unreadable_searchers(&mut self) {
+        let broken: Vec<(ExperimentId, String)> = self
+            .experiments
+            .iter()
+            .filter_map(|(id, e)| Some((*id, e.unreadable_searcher.as_ref()?.reason.clone())))
+            .collect();
+        for (id, reason) in broken {
+            if self.experiments[&id].state.is_terminal() {
+                tracing::warn!(experiment = %id, %reason, "ended experiment's searcher state cannot be read");
+                continue;
+            }
+            tracing::error!(experiment = %id, %reason, "failing the experiment: its searcher state cannot be read");
+            let why =
+                format!("{reason}; the experiment stopped rather than start its search over and run trials again");
+            self.end_experiment(id, ExperimentState::Failed, &why);
+        }
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {
@@ -189,9 +263,11 @@ impl State {
 
     /// Writes every touched record in one transaction, then sends commands and notifications.
     ///
-    /// A coordinator that cannot write its store must not go on acting on state it cannot keep:
-    /// it exits, and its restart rebuilds everything from what was committed.
-    pub fn flush(&mut self) {
+    /// When the commit fails, nothing of the change is kept: the records are read back from
+    /// the store (which rolled the transaction back), nothing is sent, and the error says why
+    /// (a full disk is `RESOURCE_EXHAUSTED`). Reads go on working; the next commit that
+    /// succeeds is the recovery.
+    pub fn flush(&mut self) -> Result<()> {
         let batch = Batch {
             experiments: self
                 .dirty_experiments
@@ -215,8 +291,30 @@ impl State {
                 .observe(started.elapsed().as_secs_f64());
         }
         if let Err(e) = committed {
-            tracing::error!(error = %e, "cannot commit to the coordinator store; exiting so a restart recovers");
-            std::process::exit(70);
+            let err = CoordError::store_write(self.store.path(), e);
+            self.telemetry.store_commit_failures.inc();
+            let now = Instant::now();
+            match &mut self.store_failing {
+                None => {
+                    tracing::error!(error = %err, "a store commit failed; the change was dropped");
+                    self.store_failing = Some((now, now));
+                }
+                Some((_, logged)) if now.duration_since(*logged) >= STORE_FAILURE_LOG_EVERY => {
+                    tracing::error!(error = %err, "store commits are still failing");
+                    *logged = now;
+                }
+                Some(_) => {}
+            }
+            if let Err(read) = self.read_store() {
+                // Memory now holds changes the store does not: acting on them could lose or
+                // repeat work. A restart rebuilds from what was committed.
+                tracing::error!(error = %read, "cannot read the store back after a failed commit; exiting");
+                std::process::exit(70);
+            }
+            return Err(err);
+        }
+        if let Some((since, _)) = self.store_failing.take() {
+            tracing::info!(failing_for = ?since.elapsed(), "store commits succeed again");
         }
         self.dirty_experiments.clear();
         self.dirty_trials.clear();
@@ -226,6 +324,7 @@ impl State {
         for c in std::mem::take(&mut self.changed) {
             let _ = self.events.send(c);
         }
+        Ok(())
     }
 
     fn touch_trial(&mut self, t: TrialId, exp: ExperimentId) {

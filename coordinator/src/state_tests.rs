@@ -43,7 +43,7 @@ fn join(st: &mut State, id: &str, cpus: u32, running: Vec<pb::RunningAttempt>) -
         .unwrap();
     let (tx, rx) = unbounded_channel();
     st.open_stream(&WorkerId(id.into()), tx).unwrap();
-    st.flush();
+    st.flush().unwrap();
     (kill, rx)
 }
 
@@ -98,7 +98,7 @@ fn finish(st: &mut State, worker: &str, a: &pb::Assignment, exit: pb::ExitKind) 
             ),
         ],
     });
-    st.flush();
+    st.flush().unwrap();
     r
 }
 
@@ -108,7 +108,7 @@ fn a_grid_runs_to_completion_within_its_limits() {
     let mut st = open(dir.path(), 10_000);
     let exp = st.reserve_experiment_id();
     st.add_experiment(exp, grid_spec(""), "memory://t".into());
-    st.flush();
+    st.flush().unwrap();
     assert_eq!(
         st.counts[&exp].pending, 2,
         "parallel_trials bounds the trials created ahead"
@@ -188,7 +188,7 @@ fn reports_are_applied_once_and_stale_attempts_are_aborted() {
         )],
     };
     st.report(fail.clone()).unwrap();
-    st.flush();
+    st.flush().unwrap();
     let t = &st.trials[&TrialId(a.trial_id)];
     assert_eq!((t.restarts, t.state), (1, TrialState::Running));
     assert_eq!(t.attempt, 2);
@@ -232,7 +232,7 @@ fn a_restarted_coordinator_reattaches_or_requeues() {
             })
             .unwrap();
         }
-        st.flush();
+        st.flush().unwrap();
         (exp, a1, a2)
     }; // the coordinator dies here
 
@@ -253,7 +253,7 @@ fn a_restarted_coordinator_reattaches_or_requeues() {
     })
     .unwrap();
     st.reconcile();
-    st.flush();
+    st.flush().unwrap();
     let t1 = &st.trials[&TrialId(a1.trial_id)];
     assert_eq!(
         (t1.state, t1.attempt, t1.restarts),
@@ -305,12 +305,12 @@ fn pause_stops_attempts_without_spending_restarts() {
     let (_, mut rx) = join(&mut st, "w1", 2, vec![]);
     assert_eq!(assignments(&mut rx).len(), 2);
     st.pause(exp).unwrap();
-    st.flush();
+    st.flush().unwrap();
     assert_eq!(st.counts[&exp].pending, 2);
     assert!(st.trials.values().all(|t| t.restarts == 0 && t.live.is_none()));
     assert!(assignments(&mut rx).is_empty(), "a paused experiment places nothing");
     st.resume(exp).unwrap();
-    st.flush();
+    st.flush().unwrap();
     let again = assignments(&mut rx);
     assert_eq!(again.len(), 2);
     assert!(again.iter().all(|a| a.attempt == 2));
@@ -344,7 +344,7 @@ fn report(st: &mut State, worker: &str, a: &pb::Assignment, seq: u64, kind: Kind
         attempt: a.attempt,
         events: vec![ev(seq, kind)],
     });
-    st.flush();
+    st.flush().unwrap();
     r
 }
 
@@ -371,7 +371,7 @@ fn join_rendezvous(
         nccl_id: vec![],
         data,
     });
-    st.flush();
+    st.flush().unwrap();
     r
 }
 
@@ -543,7 +543,7 @@ fn elastic_gangs_pack_and_shrink() {
     })
     .unwrap();
     st.reconcile();
-    st.flush();
+    st.flush().unwrap();
     let again = assignments(&mut rx2);
     assert_eq!(again.len(), 1);
     assert_eq!((again[0].world_size, again[0].attempt), (1, 2));
@@ -563,7 +563,7 @@ fn a_version_one_store_is_migrated() {
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch(
         "ALTER TABLE trials DROP COLUMN live_ranks; ALTER TABLE trials DROP COLUMN data_position;
-         ALTER TABLE trials DROP COLUMN exploit_from;
+         ALTER TABLE trials DROP COLUMN exploit_from; ALTER TABLE trials DROP COLUMN checkpoint_attempt;
          UPDATE meta SET value = '1' WHERE key = 'schema_version';",
     )
     .unwrap();
@@ -658,10 +658,10 @@ fn a_drained_worker_gets_no_new_trials() {
         Err(CoordError::NotFound(_))
     ));
     st.drain(&WorkerId("w1".into()), false).unwrap();
-    st.flush();
+    st.flush().unwrap();
     let exp = st.reserve_experiment_id();
     st.add_experiment(exp, grid_spec(""), "memory://t".into());
-    st.flush();
+    st.flush().unwrap();
     assert!(assignments(&mut rx1).is_empty(), "nothing placed on a drained worker");
     let (_, mut rx2) = join(&mut st, "w2", 1, vec![]);
     assert_eq!(assignments(&mut rx2).len(), 1, "the other worker takes a trial");
@@ -670,7 +670,7 @@ fn a_drained_worker_gets_no_new_trials() {
         assert!(again.drained.contains(&WorkerId("w1".into())), "kept across a restart");
     }
     st.drain(&WorkerId("w1".into()), true).unwrap();
-    st.flush();
+    st.flush().unwrap();
     assert_eq!(assignments(&mut rx1).len(), 1, "undone: it takes a trial again");
     let again = open(dir.path(), 10_000);
     assert!(again.drained.is_empty());

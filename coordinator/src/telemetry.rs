@@ -25,6 +25,8 @@ pub struct Telemetry {
     pub reports: Counter,
     /// Durable commits of the store and how long each took.
     pub store_commit_seconds: Histogram,
+    /// Commits that failed (a full disk, an I/O error): their changes were dropped.
+    pub store_commit_failures: Counter,
 }
 
 impl Default for Telemetry {
@@ -62,6 +64,12 @@ impl Default for Telemetry {
             "Time to durably commit one change to the store",
             store_commit_seconds.clone(),
         );
+        let store_commit_failures = Counter::default();
+        registry.register(
+            "store_commit_failures",
+            "Store commits that failed (full disk, I/O error); their changes were not made",
+            store_commit_failures.clone(),
+        );
         Telemetry {
             registry,
             experiments,
@@ -72,6 +80,7 @@ impl Default for Telemetry {
             attempts_lost,
             reports,
             store_commit_seconds,
+            store_commit_failures,
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod shards;
 pub mod space;
 pub mod spec;
 pub mod storage;
+pub mod storage_policy;
 mod yaml_locate;
 
 pub use error::CoreError;

@@ -5,6 +5,7 @@ mod builtin;
 mod chaos;
 mod crash;
 mod data_parallel;
+mod fencing;
 mod s3;
 mod search;
 mod spec_errors;

@@ -378,6 +378,13 @@ impl TestCluster {
         }
     }
 
+    /// Sends `signal` to worker `i` (SIGSTOP freezes it as a long pause or a partition would).
+    pub fn signal_worker(&self, i: usize, signal: Signal) {
+        if let Some(p) = self.workers.get(i).and_then(Option::as_ref) {
+            let _ = kill(Pid::from_raw(p.child.id() as i32), signal);
+        }
+    }
+
     pub fn kill_worker(&mut self, i: usize) {
         if let Some(mut p) = self.workers.get_mut(i).and_then(Option::take) {
             p.sigkill();

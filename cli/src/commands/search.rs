@@ -24,7 +24,7 @@ pub fn run(cmd: SearchCmd) -> Result<ExitCode, CliError> {
             let spec = validate_locally(&read_spec(&file)?, &overrides)?;
             let trials = trials.unwrap_or(spec.max_trials);
             let steps = steps.or(spec.spec.searcher.max_resource).unwrap_or(DEFAULT_STEPS);
-            let p = preview::simulate(search::build(&spec, None), &spec, trials, steps, seed);
+            let p = preview::simulate(search::build(&spec), &spec, trials, steps, seed);
             emit(&match output {
                 Output::Json => render::json(&serde_json::to_value(&p).expect("previews serialise")),
                 Output::Table => preview_table(&p, &spec.metric().name, trials, steps),

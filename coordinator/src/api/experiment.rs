@@ -3,7 +3,7 @@
 use super::convert;
 use crate::Coordinator;
 use crate::error::CoordError;
-use chorus_core::storage::{StorageUri, parse_log_chunk_name};
+use chorus_core::storage::parse_log_chunk_name;
 use chorus_core::{ExperimentId, TrialId, spec};
 use chorus_proto::pb;
 use chorus_proto::pb::experiment_service_server::ExperimentService;
@@ -37,7 +37,7 @@ impl ExperimentApi {
     ) -> Result<Response<pb::Experiment>, Status> {
         let mut st = self.coord.lock();
         apply(&mut st)?;
-        st.flush();
+        st.flush()?;
         let exp =
             convert::experiment(&st, id).ok_or_else(|| Status::not_found(format!("experiment {id} does not exist")))?;
         Ok(Response::new(exp))
@@ -55,11 +55,8 @@ impl ExperimentService for ExperimentApi {
     ) -> Result<Response<pb::SubmitExperimentResponse>, Status> {
         let req = req.into_inner();
         let valid = spec::parse(&req.spec_yaml, &req.overrides).map_err(CoordError::from)?;
-        let uri = match &valid.spec.storage {
-            Some(s) => StorageUri::parse(s).map_err(CoordError::from)?,
-            None => self.coord.default_storage.clone(),
-        };
-        let storage = self.coord.storage(uri.as_str())?;
+        let uri = self.coord.experiment_storage(valid.spec.storage.as_deref())?;
+        let storage = self.coord.storage(&uri)?;
         let id = self.coord.lock().reserve_experiment_id();
         // The spec goes to storage before the experiment exists, so an unreachable store
         // rejects the submission instead of leaving an experiment that cannot keep records.
@@ -67,22 +64,17 @@ impl ExperimentService for ExperimentApi {
         let put = storage.store.put(&key, PutPayload::from(valid.to_yaml().into_bytes()));
         match tokio::time::timeout(STORAGE_TIMEOUT, put).await {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                return Err(Status::unavailable(format!(
-                    "cannot write to storage {}: {e}",
-                    uri.as_str()
-                )));
-            }
+            Ok(Err(e)) => return Err(CoordError::storage(&uri, &format!("write {key}"), &e).into()),
             Err(_) => {
-                return Err(Status::unavailable(format!(
-                    "storage {} did not answer in time",
-                    uri.as_str()
-                )));
+                return Err(CoordError::Storage(format!(
+                    "storage {uri}: writing {key} got no answer within {STORAGE_TIMEOUT:?}"
+                ))
+                .into());
             }
         }
         let mut st = self.coord.lock();
-        st.add_experiment(id, valid, uri.as_str().to_string());
-        st.flush();
+        st.add_experiment(id, valid, uri);
+        st.flush()?;
         let experiment = convert::experiment(&st, id);
         tracing::info!(experiment = %id, "experiment submitted");
         Ok(Response::new(pb::SubmitExperimentResponse { experiment }))
@@ -94,6 +86,8 @@ impl ExperimentService for ExperimentApi {
     ) -> Result<Response<pb::ValidateExperimentResponse>, Status> {
         let req = req.into_inner();
         let valid = spec::parse(&req.spec_yaml, &req.overrides).map_err(CoordError::from)?;
+        // What submit would refuse, validate refuses too.
+        self.coord.experiment_storage(valid.spec.storage.as_deref())?;
         Ok(Response::new(pb::ValidateExperimentResponse {
             normalized_yaml: valid.to_yaml(),
             grid_size: chorus_core::space::grid_size(&valid.space).unwrap_or(0),
@@ -264,9 +258,8 @@ impl ExperimentService for ExperimentApi {
                 let mut objects = match listed {
                     Ok(o) => o,
                     Err(e) => {
-                        let _ = tx
-                            .send(Err(Status::unavailable(format!("cannot list logs: {e}"))))
-                            .await;
+                        let e = CoordError::storage(&uri, &format!("list the logs under {prefix}"), &e);
+                        let _ = tx.send(Err(e.into())).await;
                         return;
                     }
                 };
@@ -282,7 +275,7 @@ impl ExperimentService for ExperimentApi {
                     if !seen.insert(name.clone()) {
                         continue;
                     }
-                    match crate::logs::send_chunk(&storage, &o.location, &name, attempt, start, &tx).await {
+                    match crate::logs::send_chunk(&uri, &storage, &o.location, &name, attempt, start, &tx).await {
                         Ok(true) => {}
                         Ok(false) => return,
                         Err(status) => {
@@ -318,7 +311,7 @@ impl ExperimentService for ExperimentApi {
         let id = chorus_core::WorkerId(req.worker_id);
         let mut st = self.coord.lock();
         st.drain(&id, req.undo)?;
-        st.flush();
+        st.flush()?;
         let info = match st.registry.workers.get(&id) {
             Some(w) => worker_info(&st, w),
             // Undone for a worker that is gone: nothing to show but its id.

@@ -29,7 +29,7 @@ impl WorkerService for WorkerApi {
         let worker = req.worker_id.clone();
         let mut st = self.coord.lock();
         let kill = st.register(req)?;
-        st.flush();
+        st.flush()?;
         tracing::info!(%worker, "worker registered");
         Ok(Response::new(pb::RegisterResponse {
             heartbeat_interval_ms: st.timing.heartbeat_interval.as_millis() as u64,
@@ -41,7 +41,7 @@ impl WorkerService for WorkerApi {
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let mut st = self.coord.lock();
         let kill = st.heartbeat(req.get_ref())?;
-        st.flush();
+        st.flush()?;
         Ok(Response::new(pb::HeartbeatResponse { kill }))
     }
 
@@ -57,7 +57,7 @@ impl WorkerService for WorkerApi {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut st = self.coord.lock();
         st.open_stream(&worker, tx)?;
-        st.flush();
+        st.flush()?;
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
     }
 
@@ -68,8 +68,9 @@ impl WorkerService for WorkerApi {
         let mut st = self.coord.lock();
         let res = st.report(req.into_inner());
         // Even a rejected report may have renewed the lease; keep what changed.
-        st.flush();
+        let flushed = st.flush();
         res?;
+        flushed?;
         Ok(Response::new(pb::ReportTrialResponse {}))
     }
 
@@ -83,8 +84,10 @@ impl WorkerService for WorkerApi {
             let joined = {
                 let mut st = self.coord.lock();
                 let res = st.rendezvous(&req);
-                st.flush();
-                res?
+                let flushed = st.flush();
+                let joined = res?;
+                flushed?;
+                joined
             };
             let mut rx = match joined {
                 Joined::Ready(resp) => return Ok(Response::new(resp)),

@@ -2,6 +2,7 @@
 //! their lifecycles: when a searcher may create trials, when an experiment is done, what a
 //! failure costs. The state module applies these rules under its lock and persists the result.
 
+use crate::error::CoordError;
 use crate::search::{self, Searcher};
 use crate::store::ExperimentRow;
 use chorus_core::checkpoint::CheckpointRef;
@@ -30,6 +31,9 @@ pub struct Experiment {
     pub parallel_trials: u32,
     pub max_failed_trials: Option<u64>,
     pub searcher: Box<dyn Searcher>,
+    /// Set when the saved searcher state could not be read: the experiment fails rather than
+    /// start its search over, and the state is written back exactly as it was found.
+    pub unreadable_searcher: Option<UnreadableSearcher>,
     /// The searcher said it has nothing more to try.
     pub exhausted: bool,
     /// Trials created so far; also the next trial's `seq`.
@@ -40,7 +44,7 @@ pub struct Experiment {
 
 impl Experiment {
     pub fn new(id: ExperimentId, spec: ValidSpec, storage: String, now_ms: i64) -> Self {
-        let searcher = search::build(&spec, None);
+        let searcher = search::build(&spec);
         Experiment {
             id,
             name: spec.spec.name.clone(),
@@ -54,6 +58,7 @@ impl Experiment {
             parallel_trials: spec.spec.parallel_trials,
             max_failed_trials: spec.spec.max_failed_trials,
             searcher,
+            unreadable_searcher: None,
             exhausted: false,
             created_trials: 0,
             trials: Vec::new(),
@@ -61,10 +66,26 @@ impl Experiment {
         }
     }
 
-    /// Rebuilds an experiment from its row; the stored spec was valid when it was written.
+    /// Rebuilds an experiment from its row; the stored spec was valid when it was written. A
+    /// searcher state that cannot be read leaves [`Experiment::unreadable_searcher`] set.
     pub fn from_row(row: ExperimentRow) -> Result<Self, chorus_core::CoreError> {
         let spec = chorus_core::spec::parse(&row.spec_yaml, &[])?;
-        let searcher = search::build(&spec, Some(&row.searcher_state));
+        let restored = serde_json::from_str(&row.searcher_state)
+            .map_err(|e| CoordError::SearcherState {
+                searcher: spec.spec.searcher.name.as_str(),
+                reason: format!("it is not JSON ({e})"),
+            })
+            .and_then(|saved| search::restore(&spec, &saved));
+        let (searcher, unreadable_searcher) = match restored {
+            Ok(s) => (s, None),
+            Err(e) => (
+                Box::new(search::Unreadable) as Box<dyn Searcher>,
+                Some(UnreadableSearcher {
+                    reason: e.to_string(),
+                    stored: row.searcher_state,
+                }),
+            ),
+        };
         Ok(Experiment {
             id: row.id,
             name: row.name,
@@ -78,6 +99,7 @@ impl Experiment {
             parallel_trials: row.parallel_trials,
             max_failed_trials: row.max_failed_trials,
             searcher,
+            unreadable_searcher,
             exhausted: false,
             created_trials: row.created_trials,
             trials: Vec::new(),
@@ -98,7 +120,10 @@ impl Experiment {
             max_trials: self.max_trials,
             parallel_trials: self.parallel_trials,
             max_failed_trials: self.max_failed_trials,
-            searcher_state: self.searcher.save(),
+            searcher_state: match &self.unreadable_searcher {
+                Some(u) => u.stored.clone(),
+                None => self.searcher.save().to_string(),
+            },
             created_trials: self.created_trials,
         }
     }
@@ -115,6 +140,14 @@ impl Experiment {
     pub fn creation_finished(&self) -> bool {
         self.exhausted || self.created_trials >= self.max_trials
     }
+}
+
+/// A saved searcher state that could not be read, and why.
+#[derive(Debug, Clone)]
+pub struct UnreadableSearcher {
+    pub reason: String,
+    /// The state as it was stored.
+    pub stored: String,
 }
 
 /// One rank of a live attempt: where it runs and what its worker said of it.

@@ -37,7 +37,8 @@
 //! so the state is plain data and restores exactly.
 
 use super::tpe::{TpeSearcher, TpeSettings};
-use super::{SearchAction, SearchEvent, Searcher, Suggestion, loss};
+use super::{SearchAction, SearchEvent, Searcher, Suggestion, loss, read_state};
+use crate::error::Result;
 use chorus_core::TrialId;
 use chorus_core::space::{Params, Space};
 use chorus_core::spec::{Goal, ResourceName, SamplerName, SearcherName, SearcherSpec};
@@ -154,10 +155,14 @@ struct TrialProgress {
 }
 
 impl AshaSearcher {
-    pub fn new(space: Space, seed: u64, goal: Goal, settings: AshaSettings, saved: Option<&serde_json::Value>) -> Self {
-        let mut state: AshaState = saved
-            .and_then(|v| serde_json::from_value(v.clone()).ok())
-            .unwrap_or_default();
+    pub fn new(
+        space: Space,
+        seed: u64,
+        goal: Goal,
+        settings: AshaSettings,
+        saved: Option<&serde_json::Value>,
+    ) -> Result<Self> {
+        let mut state: AshaState = read_state("successive halving", saved)?;
         state.rungs.resize_with(settings.brackets as usize, Default::default);
         state.promoted.resize_with(settings.brackets as usize, Default::default);
         for (b, (rungs, promoted)) in state.rungs.iter_mut().zip(&mut state.promoted).enumerate() {
@@ -165,13 +170,13 @@ impl AshaSearcher {
             rungs.resize_with(n, Default::default);
             promoted.resize_with(n, Default::default);
         }
-        AshaSearcher {
+        Ok(AshaSearcher {
             space,
             seed,
             goal,
             settings,
             state,
-        }
+        })
     }
 
     fn draw(&self, index: u64) -> Params {
@@ -454,7 +459,7 @@ mod tests {
     fn searcher(brackets: u32) -> AshaSearcher {
         let mut space = Space::new();
         space.insert("x".into(), Param::Uniform { min: 0.0, max: 1.0 });
-        AshaSearcher::new(space, 1, Goal::Minimize, settings(brackets), None)
+        AshaSearcher::new(space, 1, Goal::Minimize, settings(brackets), None).unwrap()
     }
 
     fn report(s: &mut AshaSearcher, t: u64, step: i64, value: f64) -> bool {
@@ -494,7 +499,7 @@ mod tests {
             stop_once: false,
             ..settings(1)
         };
-        AshaSearcher::new(space, 1, Goal::Minimize, settings, None)
+        AshaSearcher::new(space, 1, Goal::Minimize, settings, None).unwrap()
     }
 
     /// The paper's rule (eta = 3) on a scripted sequence: a trial reaching a rung goes on only
@@ -653,7 +658,7 @@ mod tests {
         let best = |sampler: &str, seed: u64| {
             let mut s = spec(sampler);
             s.spec.searcher.seed = seed;
-            let p = preview::simulate(build(&s, None), &s, 80, 27, seed);
+            let p = preview::simulate(build(&s), &s, 80, 27, seed);
             p.trials
                 .iter()
                 .filter(|t| t.steps >= 9)
@@ -736,7 +741,7 @@ mod tests {
     fn maximising_keeps_the_highest() {
         let mut space = Space::new();
         space.insert("x".into(), Param::Uniform { min: 0.0, max: 1.0 });
-        let mut s = AshaSearcher::new(space, 1, Goal::Maximize, settings(1), None);
+        let mut s = AshaSearcher::new(space, 1, Goal::Maximize, settings(1), None).unwrap();
         s.suggest(TrialId(1));
         s.suggest(TrialId(2));
         assert!(!report(&mut s, 1, 1, 0.9));
@@ -767,7 +772,7 @@ mod tests {
         let saved = s.save();
         let mut space = Space::new();
         space.insert("x".into(), Param::Uniform { min: 0.0, max: 1.0 });
-        let mut r = AshaSearcher::new(space, 1, Goal::Minimize, settings(4), Some(&saved));
+        let mut r = AshaSearcher::new(space, 1, Goal::Minimize, settings(4), Some(&saved)).unwrap();
         assert_eq!(r.state, s.state);
         assert_eq!(r.suggest(TrialId(9)), s.suggest(TrialId(9)));
         assert_eq!(report(&mut r, 5, 1, 0.6), report(&mut s, 5, 1, 0.6));

@@ -1,6 +1,7 @@
 //! Grid search: every point of the (discrete) space once, in a fixed order.
 
-use super::{SearchAction, SearchEvent, Searcher, Suggestion};
+use super::{SearchAction, SearchEvent, Searcher, Suggestion, read_state};
+use crate::error::Result;
 use chorus_core::TrialId;
 use chorus_core::space::{Space, grid_point};
 use serde::{Deserialize, Serialize};
@@ -18,11 +19,9 @@ struct GridState {
 }
 
 impl GridSearcher {
-    pub fn new(space: Space, saved: Option<&serde_json::Value>) -> Self {
-        let state = saved
-            .and_then(|v| serde_json::from_value(v.clone()).ok())
-            .unwrap_or_default();
-        GridSearcher { space, state }
+    pub fn new(space: Space, saved: Option<&serde_json::Value>) -> Result<Self> {
+        let state = read_state("grid", saved)?;
+        Ok(GridSearcher { space, state })
     }
 }
 
@@ -61,7 +60,7 @@ mod tests {
             },
         );
         space.insert("y".into(), Param::IntUniform { min: 0, max: 2 });
-        let mut g = GridSearcher::new(space, None);
+        let mut g = GridSearcher::new(space, None).unwrap();
         let mut seen = std::collections::HashSet::new();
         for _ in 0..6 {
             let Suggestion::Create(p) = g.suggest(TrialId(0)) else {

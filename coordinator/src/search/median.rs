@@ -5,7 +5,8 @@
 //! than `min_trials` others can be compared. The wrapped searcher still decides what to try;
 //! its state and the scheduler's are saved side by side.
 
-use super::{SearchAction, SearchEvent, Searcher, Suggestion, loss};
+use super::{SearchAction, SearchEvent, Searcher, Suggestion, loss, read_state};
+use crate::error::Result;
 use chorus_core::TrialId;
 use chorus_core::spec::{Goal, ResourceName, SchedulerSpec};
 use serde::{Deserialize, Serialize};
@@ -29,17 +30,20 @@ struct MedianState {
 }
 
 impl MedianStopping {
-    pub fn new(inner: Box<dyn Searcher>, goal: Goal, spec: &SchedulerSpec, saved: Option<&serde_json::Value>) -> Self {
-        MedianStopping {
+    pub fn new(
+        inner: Box<dyn Searcher>,
+        goal: Goal,
+        spec: &SchedulerSpec,
+        saved: Option<&serde_json::Value>,
+    ) -> Result<Self> {
+        Ok(MedianStopping {
             inner,
             goal,
             grace_period: spec.grace_period,
             min_trials: spec.min_trials,
             resource: spec.resource,
-            state: saved
-                .and_then(|v| serde_json::from_value(v.clone()).ok())
-                .unwrap_or_default(),
-        }
+            state: read_state("median stopping", saved)?,
+        })
     }
 
     fn decide(&mut self, trial: TrialId, at: f64) -> Option<SearchAction> {
@@ -146,11 +150,12 @@ mod tests {
             resource: ResourceName::Step,
         };
         MedianStopping::new(
-            Box::new(RandomSearcher::new(space, 1, saved.get("searcher"))),
+            Box::new(RandomSearcher::new(space, 1, saved.get("searcher")).unwrap()),
             goal,
             &spec,
             saved.get("scheduler"),
         )
+        .unwrap()
     }
 
     fn report(s: &mut MedianStopping, t: u64, step: i64, value: f64) -> bool {

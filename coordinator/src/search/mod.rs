@@ -10,6 +10,7 @@ pub mod preview;
 mod random;
 mod tpe;
 
+use crate::error::{CoordError, Result};
 use chorus_core::TrialId;
 use chorus_core::space::Params;
 use chorus_core::spec::{Goal, ResourceName, SearcherName, ValidSpec};
@@ -112,31 +113,88 @@ pub trait Searcher: Send + std::fmt::Debug {
     fn save(&self) -> serde_json::Value;
 }
 
-/// Builds the searcher a spec asks for (with its early-stopping scheduler, if any), from saved
-/// state when resuming.
-pub fn build(spec: &ValidSpec, saved: Option<&serde_json::Value>) -> Box<dyn Searcher> {
+/// Stands in for a searcher whose saved state could not be read: it never suggests a trial, so
+/// nothing runs twice while its experiment fails.
+#[derive(Debug)]
+pub struct Unreadable;
+
+impl Searcher for Unreadable {
+    fn suggest(&mut self, _trial: TrialId) -> Suggestion {
+        Suggestion::Wait
+    }
+
+    fn observe(&mut self, _event: &SearchEvent) -> Vec<SearchAction> {
+        Vec::new()
+    }
+
+    fn save(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+}
+
+/// A new searcher of the kind a spec asks for (with its early-stopping scheduler, if any).
+pub fn build(spec: &ValidSpec) -> Box<dyn Searcher> {
+    build_with(spec, None).expect("a new searcher reads no saved state")
+}
+
+/// The searcher a spec asks for, continuing from the state it saved. A state that cannot be
+/// read is an error, never a fresh start: a fresh grid would run its points again.
+pub fn restore(spec: &ValidSpec, saved: &serde_json::Value) -> Result<Box<dyn Searcher>> {
+    build_with(spec, Some(saved))
+}
+
+/// Reads a searcher's saved state; `None` (a new search) is the default state.
+pub(crate) fn read_state<T: serde::de::DeserializeOwned + Default>(
+    searcher: &'static str,
+    saved: Option<&serde_json::Value>,
+) -> Result<T> {
+    match saved {
+        None => Ok(T::default()),
+        Some(v) => T::deserialize(v).map_err(|e| CoordError::SearcherState {
+            searcher,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// The part `key` of a saved state that holds several, required when restoring.
+fn part<'a>(
+    searcher: &'static str,
+    saved: Option<&'a serde_json::Value>,
+    key: &str,
+) -> Result<Option<&'a serde_json::Value>> {
+    match saved {
+        None => Ok(None),
+        Some(v) => v.get(key).map(Some).ok_or_else(|| CoordError::SearcherState {
+            searcher,
+            reason: format!("the saved state has no `{key}` part"),
+        }),
+    }
+}
+
+fn build_with(spec: &ValidSpec, saved: Option<&serde_json::Value>) -> Result<Box<dyn Searcher>> {
     match &spec.spec.scheduler {
         Some(sch) => {
             // The scheduler keeps its own state beside the searcher's.
-            let inner = build_searcher(spec, saved.and_then(|v| v.get("searcher")));
-            Box::new(MedianStopping::new(
+            let inner = build_searcher(spec, part("median stopping", saved, "searcher")?)?;
+            Ok(Box::new(MedianStopping::new(
                 inner,
                 spec.metric().goal,
                 sch,
-                saved.and_then(|v| v.get("scheduler")),
-            ))
+                part("median stopping", saved, "scheduler")?,
+            )?))
         }
         None => build_searcher(spec, saved),
     }
 }
 
-fn build_searcher(spec: &ValidSpec, saved: Option<&serde_json::Value>) -> Box<dyn Searcher> {
+fn build_searcher(spec: &ValidSpec, saved: Option<&serde_json::Value>) -> Result<Box<dyn Searcher>> {
     let s = &spec.spec.searcher;
     let goal = spec.metric().goal;
     let space = spec.space.clone();
-    match s.name {
-        SearcherName::Grid => Box::new(GridSearcher::new(space, saved)),
-        SearcherName::Random => Box::new(RandomSearcher::new(space, s.seed, saved)),
+    Ok(match s.name {
+        SearcherName::Grid => Box::new(GridSearcher::new(space, saved)?),
+        SearcherName::Random => Box::new(RandomSearcher::new(space, s.seed, saved)?),
         SearcherName::Tpe => Box::new(
             TpeSearcher::new(
                 space,
@@ -148,7 +206,7 @@ fn build_searcher(spec: &ValidSpec, saved: Option<&serde_json::Value>) -> Box<dy
                     gamma: s.gamma.unwrap_or(0.25),
                 },
                 saved,
-            )
+            )?
             .with_objectives(spec.objectives().iter().map(|m| m.goal).collect()),
         ),
         SearcherName::Pbt => Box::new(PbtSearcher::new(
@@ -163,15 +221,15 @@ fn build_searcher(spec: &ValidSpec, saved: Option<&serde_json::Value>) -> Box<dy
                 resource: s.resource.unwrap_or_default(),
             },
             saved,
-        )),
+        )?),
         SearcherName::Asha | SearcherName::Hyperband => Box::new(AshaSearcher::new(
             space,
             s.seed,
             goal,
             AshaSettings::from_spec(s),
             saved,
-        )),
-    }
+        )?),
+    })
 }
 
 #[cfg(test)]
@@ -210,7 +268,7 @@ mod tests {
         ];
         for s in specs {
             let name = s.spec.searcher.name.as_str();
-            let mut a = build(&s, None);
+            let mut a = build(&s);
             let first: Vec<Suggestion> = (0..2).map(|i| a.suggest(TrialId(i))).collect();
             for (i, v) in [(0, 0.5), (1, 0.2)] {
                 let trial = TrialId(i);
@@ -227,11 +285,11 @@ mod tests {
                 });
             }
             let saved = a.save();
-            let mut b = build(&s, Some(&saved));
+            let mut b = restore(&s, &saved).unwrap();
             for _ in 0..4 {
                 assert_eq!(a.suggest(TrialId(9)), b.suggest(TrialId(9)), "{name}");
             }
-            let mut fresh = build(&s, None);
+            let mut fresh = build(&s);
             assert_eq!(
                 first,
                 (0..2).map(|i| fresh.suggest(TrialId(i))).collect::<Vec<_>>(),
@@ -329,7 +387,7 @@ mod tests {
             let read = |v: serde_json::Value| -> serde_json::Value {
                 serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap()
             };
-            let mut fresh = build(&spec, None);
+            let mut fresh = build(&spec);
             assert_eq!(
                 read(script(&mut *fresh, 1, 5).into()),
                 f["before"],
@@ -339,7 +397,7 @@ mod tests {
                 // Successive halving's state has gained fields since (defaulted when read).
                 assert_eq!(read(fresh.save()), f["saved"], "{name}: same state");
             }
-            let mut restored = build(&spec, Some(&f["saved"]));
+            let mut restored = restore(&spec, &f["saved"]).unwrap();
             assert_eq!(
                 read(script(&mut *restored, 6, 4).into()),
                 f["after"],
@@ -394,10 +452,10 @@ mod tests {
         ];
         for spec in specs {
             let name = spec.spec.searcher.name.as_str();
-            let mut a = build(&spec, None);
+            let mut a = build(&spec);
             let mut seen = script(&mut *a, 1, 12);
             let saved = a.save();
-            let mut b = build(&spec, Some(&saved));
+            let mut b = restore(&spec, &saved).unwrap();
             let (next_a, next_b) = (script(&mut *a, 13, 12), script(&mut *b, 13, 12));
             assert_eq!(next_a, next_b, "{name} continues identically after a restore");
             seen.extend(next_a);
@@ -418,7 +476,7 @@ mod tests {
         let grid = conditional_spec("{name: grid}");
         // sgd and rmsprop: momentum 0 (1) or 0.5 and 0.9 with either nesterov (4); adam: 2.
         assert_eq!(grid.max_trials, 5 + 5 + 2);
-        let mut g = build(&grid, None);
+        let mut g = build(&grid);
         let points = script(&mut *g, 1, 13);
         assert_eq!(points.last().unwrap(), "Exhausted");
         for p in &points[..12] {

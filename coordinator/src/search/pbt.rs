@@ -9,7 +9,8 @@
 //! worker copies through object storage. Decisions use only reported values and a counter-keyed
 //! random stream, so the state is plain data and a restarted coordinator continues identically.
 
-use super::{SearchAction, SearchEvent, Searcher, Suggestion, loss};
+use super::{SearchAction, SearchEvent, Searcher, Suggestion, loss, read_state};
+use crate::error::Result;
 use chorus_core::TrialId;
 use chorus_core::space::{Param, Params, Space};
 use chorus_core::spec::{Goal, ResourceName};
@@ -57,16 +58,20 @@ struct Member {
 }
 
 impl PbtSearcher {
-    pub fn new(space: Space, seed: u64, goal: Goal, settings: PbtSettings, saved: Option<&serde_json::Value>) -> Self {
-        PbtSearcher {
+    pub fn new(
+        space: Space,
+        seed: u64,
+        goal: Goal,
+        settings: PbtSettings,
+        saved: Option<&serde_json::Value>,
+    ) -> Result<Self> {
+        Ok(PbtSearcher {
             space,
             seed,
             goal,
             settings,
-            state: saved
-                .and_then(|v| serde_json::from_value(v.clone()).ok())
-                .unwrap_or_default(),
-        }
+            state: read_state("pbt", saved)?,
+        })
     }
 
     fn rng(&self, stream: u64, salt: u64) -> ChaCha8Rng {
@@ -252,6 +257,7 @@ mod tests {
             },
             None,
         )
+        .unwrap()
     }
 
     fn report(s: &mut PbtSearcher, t: u64, step: i64, value: f64) -> Vec<SearchAction> {
@@ -327,7 +333,7 @@ mod tests {
         let first = run(&mut a);
         assert!(!first.is_empty());
         assert_eq!(first, run(&mut b));
-        let mut restored = PbtSearcher::new(a.space.clone(), 5, Goal::Minimize, a.settings, Some(&a.save()));
+        let mut restored = PbtSearcher::new(a.space.clone(), 5, Goal::Minimize, a.settings, Some(&a.save())).unwrap();
         assert_eq!(report(&mut restored, 4, 40, 0.9), report(&mut a, 4, 40, 0.9));
     }
 
@@ -350,7 +356,7 @@ mod tests {
             let sgd = p["opt"] == "sgd";
             p.contains_key("lr") && p.contains_key("momentum") == sgd && p.contains_key("beta2") != sgd
         };
-        let s = PbtSearcher::new(space, 5, Goal::Minimize, searcher().settings, None);
+        let s = PbtSearcher::new(space, 5, Goal::Minimize, searcher().settings, None).unwrap();
         let (mut to_sgd, mut to_adam) = (0, 0);
         for stream in 0..200 {
             let mut rng = s.rng(stream, 1);

@@ -252,11 +252,11 @@ mod tests {
     #[test]
     fn random_runs_every_trial_to_the_end() {
         let s = spec("{name: random, seed: 1}");
-        let p = simulate(build(&s, None), &s, 27, 9, 5);
+        let p = simulate(build(&s), &s, 27, 9, 5);
         assert_eq!(p.trials.len(), 27);
         assert!(p.trials.iter().all(|t| t.steps == 9 && t.stopped.is_none()));
         assert_eq!(p.steps, 27 * 9);
-        assert_eq!(p, simulate(build(&s, None), &s, 27, 9, 5), "deterministic");
+        assert_eq!(p, simulate(build(&s), &s, 27, 9, 5), "deterministic");
     }
 
     /// Trials of a conditional space lack their inactive parameters: the objective scores them
@@ -270,7 +270,7 @@ mod tests {
             &[],
         )
         .unwrap();
-        let p = simulate(build(&s, None), &s, 27, 9, 5);
+        let p = simulate(build(&s), &s, 27, 9, 5);
         assert_eq!(p.trials.len(), 27);
         for t in &p.trials {
             assert_eq!(
@@ -294,7 +294,7 @@ mod tests {
     #[test]
     fn asha_spends_less_and_keeps_the_best() {
         let s = spec("{name: asha, seed: 1, max_resource: 9}");
-        let p = simulate(build(&s, None), &s, 27, 9, 5);
+        let p = simulate(build(&s), &s, 27, 9, 5);
         assert!(p.steps < 27 * 9, "{} steps", p.steps);
         assert!(p.trials.iter().any(|t| t.stopped.is_some()));
         let best = p.trials.iter().find(|t| Some(t.trial) == p.best_trial).unwrap();

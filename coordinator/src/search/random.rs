@@ -3,7 +3,8 @@
 //! Draw `i` uses its own ChaCha stream `i` of the spec's seed, so the state is just a counter
 //! and the sequence of trials is the same however often the coordinator restarts.
 
-use super::{SearchAction, SearchEvent, Searcher, Suggestion};
+use super::{SearchAction, SearchEvent, Searcher, Suggestion, read_state};
+use crate::error::Result;
 use chorus_core::TrialId;
 use chorus_core::space::{Params, Space};
 use rand::SeedableRng;
@@ -23,11 +24,9 @@ struct RandomState {
 }
 
 impl RandomSearcher {
-    pub fn new(space: Space, seed: u64, saved: Option<&serde_json::Value>) -> Self {
-        let state = saved
-            .and_then(|v| serde_json::from_value(v.clone()).ok())
-            .unwrap_or_default();
-        RandomSearcher { space, seed, state }
+    pub fn new(space: Space, seed: u64, saved: Option<&serde_json::Value>) -> Result<Self> {
+        let state = read_state("random", saved)?;
+        Ok(RandomSearcher { space, seed, state })
     }
 
     /// The parameters of draw `index`.
@@ -63,8 +62,8 @@ mod tests {
     fn draws_differ_and_depend_on_seed() {
         let mut space = Space::new();
         space.insert("lr".into(), Param::LogUniform { min: 1e-5, max: 1.0 });
-        let a = RandomSearcher::new(space.clone(), 1, None);
-        let b = RandomSearcher::new(space, 2, None);
+        let a = RandomSearcher::new(space.clone(), 1, None).unwrap();
+        let b = RandomSearcher::new(space, 2, None).unwrap();
         assert_ne!(a.draw(0), a.draw(1));
         assert_ne!(a.draw(0), b.draw(0));
         assert_eq!(a.draw(5), a.draw(5));

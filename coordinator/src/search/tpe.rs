@@ -26,7 +26,8 @@
 //! favoured nor penalised for the dimensions it lacks. Pure: every draw comes from a ChaCha
 //! stream keyed by the suggestion's index, and the state is plain data.
 
-use super::{SearchAction, SearchEvent, Searcher, Suggestion, loss};
+use super::{SearchAction, SearchEvent, Searcher, Suggestion, loss, read_state};
+use crate::error::Result;
 use chorus_core::TrialId;
 use chorus_core::space::{Param, Params, Space};
 use chorus_core::spec::Goal;
@@ -476,7 +477,13 @@ fn erfc(x: f64) -> f64 {
 }
 
 impl TpeSearcher {
-    pub fn new(space: Space, seed: u64, goal: Goal, settings: TpeSettings, saved: Option<&serde_json::Value>) -> Self {
+    pub fn new(
+        space: Space,
+        seed: u64,
+        goal: Goal,
+        settings: TpeSettings,
+        saved: Option<&serde_json::Value>,
+    ) -> Result<Self> {
         let dims = space
             .iter()
             .filter_map(|(k, p)| Dim::of(p).map(|d| (k.clone(), d)))
@@ -487,9 +494,7 @@ impl TpeSearcher {
             goal,
             settings,
             dims,
-            state: saved
-                .and_then(|v| serde_json::from_value(v.clone()).ok())
-                .unwrap_or_default(),
+            state: read_state("tpe", saved)?,
             coords: Default::default(),
             goals: Vec::new(),
             ranked: Default::default(),
@@ -502,7 +507,7 @@ impl TpeSearcher {
             .keys()
             .filter_map(|t| s.state.params.get(t).map(|p| (*t, s.encode(p))))
             .collect();
-        s
+        Ok(s)
     }
 
     /// A model of the given results alone, with no history of its own: successive halving's
@@ -514,7 +519,7 @@ impl TpeSearcher {
         settings: TpeSettings,
         results: impl IntoIterator<Item = (TrialId, Params, f64)>,
     ) -> Self {
-        let mut s = Self::new(space, seed, goal, settings, None);
+        let mut s = Self::new(space, seed, goal, settings, None).expect("a new searcher reads no saved state");
         for (t, p, l) in results {
             s.coords.insert(t, s.encode(&p));
             s.ranked.insert((order_key(l), t));
@@ -819,7 +824,7 @@ mod tests {
     #[test]
     fn values_respect_their_domains() {
         for seed in 0..5 {
-            let mut s = TpeSearcher::new(space(), seed, Goal::Minimize, settings(), None);
+            let mut s = TpeSearcher::new(space(), seed, Goal::Minimize, settings(), None).unwrap();
             run(&mut s, 60, 1.0);
             assert_eq!(s.state.params.len(), 60);
             for p in s.state.params.values() {
@@ -845,7 +850,7 @@ mod tests {
     /// counts with its best report once it ends.
     #[test]
     fn only_finished_results_count() {
-        let mut s = TpeSearcher::new(space(), 1, Goal::Maximize, settings(), None);
+        let mut s = TpeSearcher::new(space(), 1, Goal::Maximize, settings(), None).unwrap();
         for t in 1..=4 {
             suggest(&mut s, t);
         }
@@ -898,7 +903,7 @@ mod tests {
     /// will be) leave it out of their kernels, and suggestions still cover it.
     #[test]
     fn parameters_missing_from_some_trials() {
-        let mut old = TpeSearcher::new(space(), 6, Goal::Minimize, settings(), None);
+        let mut old = TpeSearcher::new(space(), 6, Goal::Minimize, settings(), None).unwrap();
         run(&mut old, 20, 1.0);
         let mut wider = space();
         wider.insert("extra".into(), Param::Uniform { min: 3.0, max: 4.0 });
@@ -908,7 +913,7 @@ mod tests {
                 values: vec![true.into(), false.into()],
             },
         );
-        let mut s = TpeSearcher::new(wider, 6, Goal::Minimize, settings(), Some(&old.save()));
+        let mut s = TpeSearcher::new(wider, 6, Goal::Minimize, settings(), Some(&old.save())).unwrap();
         for t in 21..=40 {
             let p = suggest(&mut s, t);
             let extra = p["extra"].as_f64().unwrap();
@@ -981,7 +986,7 @@ mod tests {
     fn conditional_space_converges_to_the_best_branch() {
         let (mut tpe, mut random, mut late_sgd) = (Vec::new(), Vec::new(), 0);
         for seed in 0..8 {
-            let mut s = TpeSearcher::new(conditional_space(), seed, Goal::Minimize, settings(), None);
+            let mut s = TpeSearcher::new(conditional_space(), seed, Goal::Minimize, settings(), None).unwrap();
             let mut best = f64::INFINITY;
             for t in 1..=60 {
                 let p = suggest(&mut s, t);
@@ -998,7 +1003,7 @@ mod tests {
                 });
             }
             tpe.push(best);
-            let r = RandomSearcher::new(conditional_space(), seed, None);
+            let r = RandomSearcher::new(conditional_space(), seed, None).unwrap();
             random.push((0..60).map(|i| conditional_f(&r.draw(i))).fold(f64::INFINITY, f64::min));
         }
         // Random search would put a third of the last 20 trials of each run in sgd.
@@ -1050,8 +1055,8 @@ mod tests {
 
     #[test]
     fn is_deterministic_and_restores() {
-        let mut a = TpeSearcher::new(space(), 4, Goal::Minimize, settings(), None);
-        let mut b = TpeSearcher::new(space(), 4, Goal::Minimize, settings(), None);
+        let mut a = TpeSearcher::new(space(), 4, Goal::Minimize, settings(), None).unwrap();
+        let mut b = TpeSearcher::new(space(), 4, Goal::Minimize, settings(), None).unwrap();
         assert_eq!(run_from(&mut a, 1, 25, 1.0), run_from(&mut b, 1, 25, 1.0));
         // A trial still running when the state is saved reports after the restore.
         let running = suggest(&mut a, 26);
@@ -1062,7 +1067,7 @@ mod tests {
             value: f(&running) - 0.5,
         });
         let saved = a.save();
-        let mut r = TpeSearcher::new(space(), 4, Goal::Minimize, settings(), Some(&saved));
+        let mut r = TpeSearcher::new(space(), 4, Goal::Minimize, settings(), Some(&saved)).unwrap();
         assert_eq!(r.save(), saved, "restoring loses nothing");
         for s in [&mut a, &mut r] {
             s.observe(&SearchEvent::Completed {
@@ -1073,8 +1078,8 @@ mod tests {
         }
         let (ra, rr) = (run_from(&mut a, 27, 20, 1.0), run_from(&mut r, 27, 20, 1.0));
         assert_eq!(ra, rr);
-        let mut same = TpeSearcher::new(space(), 4, Goal::Minimize, settings(), None);
-        let mut other = TpeSearcher::new(space(), 5, Goal::Minimize, settings(), None);
+        let mut same = TpeSearcher::new(space(), 4, Goal::Minimize, settings(), None).unwrap();
+        let mut other = TpeSearcher::new(space(), 5, Goal::Minimize, settings(), None).unwrap();
         assert_ne!(
             run_from(&mut same, 1, 25, 1.0).1,
             run_from(&mut other, 1, 25, 1.0).1,
@@ -1087,9 +1092,9 @@ mod tests {
     fn beats_random_search() {
         let (mut tpe, mut random) = (Vec::new(), Vec::new());
         for seed in 0..10 {
-            let mut t = TpeSearcher::new(space(), seed, Goal::Minimize, settings(), None);
+            let mut t = TpeSearcher::new(space(), seed, Goal::Minimize, settings(), None).unwrap();
             tpe.push(run(&mut t, 60, 1.0));
-            let mut r = RandomSearcher::new(space(), seed, None);
+            let mut r = RandomSearcher::new(space(), seed, None).unwrap();
             random.push(run(&mut r, 60, 1.0));
         }
         let median = |v: &mut Vec<f64>| {
@@ -1104,8 +1109,8 @@ mod tests {
     #[test]
     fn maximising_prefers_high_values() {
         // Maximise -f: the same search as minimising f.
-        let mut max = TpeSearcher::new(space(), 2, Goal::Maximize, settings(), None);
-        let mut min = TpeSearcher::new(space(), 2, Goal::Minimize, settings(), None);
+        let mut max = TpeSearcher::new(space(), 2, Goal::Maximize, settings(), None).unwrap();
+        let mut min = TpeSearcher::new(space(), 2, Goal::Minimize, settings(), None).unwrap();
         assert_eq!(run(&mut max, 30, -1.0), run(&mut min, 30, 1.0));
     }
 
@@ -1114,6 +1119,7 @@ mod tests {
     #[test]
     fn several_objectives_pick_the_pareto_front() {
         let mut s = TpeSearcher::new(space(), 3, Goal::Minimize, settings(), None)
+            .unwrap()
             .with_objectives(vec![Goal::Minimize, Goal::Maximize]);
         for t in 1..=40 {
             let Suggestion::Create(p) = s.suggest(TrialId(t)) else {
@@ -1149,6 +1155,7 @@ mod tests {
         let spread = xs.iter().copied().fold(f64::MIN, f64::max) - xs.iter().copied().fold(f64::MAX, f64::min);
         assert!(spread > 2.0, "the good set spreads along the front: {xs:?}");
         let restored = TpeSearcher::new(space(), 3, Goal::Minimize, settings(), Some(&s.save()))
+            .unwrap()
             .with_objectives(vec![Goal::Minimize, Goal::Maximize]);
         assert_eq!(restored.good_by_fronts(5), good);
     }

@@ -4,12 +4,16 @@
 //! committed with `synchronous=FULL` before it is acknowledged or acted on; everything the
 //! coordinator knows at start is read back from here. Rows hold domain names (`"running"`),
 //! never protobuf numbers.
+//!
+//! Each store has a cluster id, random and made with it (or added to a store that predates
+//! it), kept for its life: experiment storage paths include it, so a fresh store never meets
+//! another store's records under the same storage prefix.
 
 use crate::experiment::{Live, RankLive, TrialRecord};
 use chorus_core::convert::{ExperimentState, TrialState};
 use chorus_core::{ExperimentId, TrialId, WorkerId};
 use rusqlite::{Connection, OptionalExtension, params};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 const SCHEMA_VERSION: i64 = 4;
 
@@ -96,6 +100,8 @@ CREATE TABLE IF NOT EXISTS attempts (
 
 pub struct Store {
     conn: Connection,
+    path: PathBuf,
+    cluster_id: String,
 }
 
 /// An experiment row as stored; the experiment module turns it back into a live experiment.
@@ -112,7 +118,9 @@ pub struct ExperimentRow {
     pub max_trials: u64,
     pub parallel_trials: u32,
     pub max_failed_trials: Option<u64>,
-    pub searcher_state: serde_json::Value,
+    /// The searcher's saved state as JSON text, kept as stored: the experiment decides what a
+    /// state it cannot read means.
+    pub searcher_state: String,
     pub created_trials: u64,
 }
 
@@ -214,7 +222,44 @@ impl Store {
                 )));
             }
         }
-        Ok(Store { conn })
+        let cluster_id = match conn
+            .query_row("SELECT value FROM meta WHERE key = 'cluster_id'", [], |r| r.get(0))
+            .optional()?
+        {
+            Some(id) => id,
+            None => {
+                let id = format!("{:016x}", rand::random::<u64>());
+                conn.execute("INSERT INTO meta (key, value) VALUES ('cluster_id', ?1)", [&id])?;
+                id
+            }
+        };
+        Ok(Store {
+            conn,
+            path: path.to_path_buf(),
+            cluster_id,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// This store's cluster id: 16 hex digits, the same for the store's whole life.
+    pub fn cluster_id(&self) -> &str {
+        &self.cluster_id
+    }
+
+    /// Caps the database at its current size plus `extra_pages`, or lifts the cap (`None`):
+    /// a real `SQLITE_FULL` for tests, without filling a disk.
+    #[cfg(test)]
+    pub fn cap_pages(&self, extra_pages: Option<u64>) {
+        let count: u64 = self.conn.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap();
+        let max = extra_pages.map_or(u32::MAX as u64 - 1, |e| count + e);
+        let _: u64 = self
+            .conn
+            .query_row(&format!("PRAGMA max_page_count = {max}"), [], |r| r.get(0))
+            .unwrap();
     }
 
     pub fn load_experiments(&self) -> rusqlite::Result<Vec<ExperimentRow>> {
@@ -235,7 +280,7 @@ impl Store {
                 max_trials: r.get::<_, i64>(8)? as u64,
                 parallel_trials: r.get::<_, i64>(9)? as u32,
                 max_failed_trials: r.get::<_, Option<i64>>(10)?.map(|v| v as u64),
-                searcher_state: serde_json::from_str(&r.get::<_, String>(11)?).unwrap_or(serde_json::Value::Null),
+                searcher_state: r.get(11)?,
                 created_trials: r.get::<_, i64>(12)? as u64,
             })
         })?;
@@ -349,7 +394,7 @@ impl Store {
                     e.max_trials as i64,
                     e.parallel_trials as i64,
                     e.max_failed_trials.map(|v| v as i64),
-                    e.searcher_state.to_string(),
+                    e.searcher_state,
                     e.created_trials as i64,
                 ])?;
             }
