@@ -459,6 +459,9 @@ impl Run {
         let logs = self.cluster.as_ref().map(|c| c.logs_tail()).unwrap_or_default();
         // Processes first, then mounts and directories.
         drop(self.cluster.take());
+        if std::env::var_os("CHORUS_KEEP_TEST_DIRS").is_some() {
+            eprintln!("keeping {}", self.root.keep().display());
+        }
         Report {
             violations: self
                 .violations
@@ -967,7 +970,7 @@ impl Run {
                 let allowed = match first.as_deref() {
                     Some("coordinator") => {
                         // With S3 storage, no record may land on the coordinator's disk.
-                        !(self.plan.s3 && rest.starts_with("coordinator/storage/experiments"))
+                        !(self.plan.s3 && rest.starts_with("coordinator/storage"))
                     }
                     Some("logs") => true,
                     Some(w) if w.starts_with("worker-") => true,
@@ -1107,7 +1110,10 @@ fn wait_gone(marker: &str, timeout: Duration) -> Vec<MarkedProcess> {
 fn describe_procs(ps: &[MarkedProcess]) -> String {
     ps.iter()
         .take(12)
-        .map(|p| format!("pid {} (parent {}): {}", p.pid, p.ppid, truncate(&p.cmdline, 60)))
+        .map(|p| {
+            let parent = p.parent_now().unwrap_or(p.ppid);
+            format!("pid {} (parent {parent}): {}", p.pid, truncate(&p.cmdline, 60))
+        })
         .collect::<Vec<_>>()
         .join("; ")
 }

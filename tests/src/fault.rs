@@ -56,7 +56,7 @@ pub fn fill_disk(dir: &Path, name: &str) -> Result<PathBuf> {
         match f.write(&block) {
             Ok(0) => break,
             Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc_enospc()) => break,
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOSPC as i32) => break,
             Err(e) => return Err(e).with_context(|| format!("fill {}", path.display())),
         }
     }
@@ -65,10 +65,6 @@ pub fn fill_disk(dir: &Path, name: &str) -> Result<PathBuf> {
     while matches!(f.write(&small), Ok(n) if n > 0) {}
     let _ = f.sync_all();
     Ok(path)
-}
-
-fn libc_enospc() -> i32 {
-    nix::errno::Errno::ENOSPC as i32
 }
 
 /// A live process whose command line or environment holds a marker.
@@ -88,6 +84,13 @@ impl MarkedProcess {
     /// Whether this very process still runs (not a zombie, not a later one with its pid).
     pub fn alive(&self) -> bool {
         read_stat(self.pid).is_some_and(|(state, _, start)| start == self.start_time && state != "Z" && state != "X")
+    }
+
+    /// Its parent now (the one recorded may have died since), while it runs.
+    pub fn parent_now(&self) -> Option<i32> {
+        read_stat(self.pid)
+            .filter(|(_, _, start)| *start == self.start_time)
+            .map(|(_, ppid, _)| ppid)
     }
 
     /// A variable of its environment, while it runs.
