@@ -806,7 +806,8 @@ impl Run {
                 .map_err(|e| format!("{e}"));
             match history {
                 Ok(lines) => {
-                    let problems = self.check_history(&t, &lines);
+                    let shown = self.seen.get(&id).map(|s| s.metrics.clone()).unwrap_or_default();
+                    let problems = history_problems(&t, &lines, &shown, &mut self.notes);
                     for p in problems {
                         self.violation(format!("trial {id}: {p}\n    history: {}", short(&lines)));
                     }
@@ -818,127 +819,6 @@ impl Run {
                 self.violation(format!("trial {id}: {p}"));
             }
         }
-    }
-
-    fn check_history(&mut self, t: &Value, lines: &[String]) -> Vec<String> {
-        let id = t["id"].as_u64().unwrap_or(0);
-        let k = t["params"]["k"].as_i64().unwrap_or(0);
-        let final_attempt = t["attempt"].as_u64().unwrap_or(0);
-        let completed = t["state"] == "completed";
-        let mut problems = Vec::new();
-        let mut parsed: Vec<serde_json::Map<String, Value>> = Vec::new();
-        for l in lines {
-            match serde_json::from_str::<Value>(l) {
-                Ok(Value::Object(o)) => parsed.push(o),
-                _ => problems.push(format!("a line of its history is not a JSON object: {l}")),
-            }
-        }
-        // Lineage: attempts in order, each line its attempt's own.
-        let mut prev_attempt = 0;
-        let mut last_step_of: BTreeMap<u64, i64> = BTreeMap::new();
-        let mut prev_step: Option<i64> = None;
-        let mut ended_attempt: BTreeSet<u64> = BTreeSet::new();
-        for o in &parsed {
-            let Some(attempt) = o.get("attempt").and_then(Value::as_u64) else {
-                problems.push(format!("a line carries no attempt: {}", Value::Object(o.clone())));
-                continue;
-            };
-            let line = Value::Object(o.clone());
-            if attempt < prev_attempt {
-                problems.push(format!(
-                    "a line of attempt {attempt} follows one of attempt {prev_attempt}: {line}"
-                ));
-            }
-            if attempt == 0 || attempt > final_attempt {
-                problems.push(format!(
-                    "a line of attempt {attempt}, which is not of the trial's lineage (final attempt {final_attempt}): {line}"
-                ));
-            }
-            if int(o, "a") != Some(attempt as i64) {
-                problems.push(format!(
-                    "a line printed by attempt {} is stored as attempt {attempt}: {line}",
-                    o["a"]
-                ));
-            }
-            if o.contains_key("foreign_checkpoint") {
-                problems.push(format!(
-                    "attempt {attempt} was handed another trial's checkpoint: {line}"
-                ));
-            }
-            if ended_attempt.contains(&attempt) {
-                problems.push(format!("attempt {attempt} has a line after its last: {line}"));
-            }
-            if let Some(step) = int(o, "step") {
-                if o.get("loss").and_then(Value::as_f64) != Some(loss(k, step)) {
-                    problems.push(format!("a line that is not this trial's (k={k}): {line}"));
-                }
-                match last_step_of.get(&attempt) {
-                    Some(&p) if step != p + 1 => {
-                        problems.push(format!("attempt {attempt} jumps from step {p} to {step}"));
-                    }
-                    None if attempt != prev_attempt => {
-                        // The first line of a new attempt. The worker reads the checkpoint
-                        // directory after the line that names its step, while the trial may
-                        // have moved on, so a checkpoint can hold a later step than its name
-                        // and a resumed attempt skip steps whose lines were never
-                        // acknowledged: worth a note, not an invariant.
-                        if let Some(p) = prev_step.filter(|&p| step > p + 1) {
-                            self.notes.push(format!(
-                                "trial {id}: attempt {attempt} resumed at step {step}, after step {p} of the history"
-                            ));
-                        }
-                    }
-                    _ => {}
-                }
-                last_step_of.insert(attempt, step);
-                prev_step = Some(step);
-            }
-            if o.contains_key("final_step") {
-                ended_attempt.insert(attempt);
-            }
-            prev_attempt = attempt;
-        }
-        let last = parsed.last();
-        let last_attempt = last.and_then(|o| o.get("attempt")).and_then(Value::as_u64);
-        if completed {
-            let done = last.and_then(|o| int(o, "final_step"));
-            if last_attempt != Some(final_attempt) || done != Some(STEPS as i64) {
-                problems.push(format!(
-                    "it completed with attempt {final_attempt}, but its history does not end with that attempt's final line (last: {})",
-                    last.map(|o| Value::Object(o.clone()).to_string()).unwrap_or_else(|| "none".into())
-                ));
-            }
-            if !parsed.iter().any(|o| int(o, "step") == Some(STEPS as i64)) {
-                problems.push(format!("it completed, but step {STEPS} is not in its history"));
-            }
-        }
-        // No acknowledged metric lost: what the coordinator showed is in the history.
-        let holds = |want: &serde_json::Map<String, Value>| {
-            parsed.iter().any(|o| {
-                want.iter()
-                    .all(|(k, v)| o.get(k).and_then(Value::as_f64).is_some_and(|x| Some(x) == v.as_f64()))
-            })
-        };
-        let mut shown: BTreeSet<String> = self.seen.get(&id).map(|s| s.metrics.clone()).unwrap_or_default();
-        if t["last_metrics"].as_object().is_some_and(|o| !o.is_empty()) {
-            shown.insert(t["last_metrics"].to_string());
-        }
-        for m in &shown {
-            if let Ok(Value::Object(want)) = serde_json::from_str::<Value>(m)
-                && !holds(&want)
-            {
-                problems.push(format!("the coordinator showed {m}, which is not in its history"));
-            }
-        }
-        if let (Some(v), Some(step)) = (t["best_value"].as_f64(), t["best_step"].as_i64()) {
-            let mut want = serde_json::Map::new();
-            want.insert("step".into(), step.into());
-            want.insert("loss".into(), v.into());
-            if !holds(&want) {
-                problems.push(format!("its best (loss {v} at step {step}) is not in its history"));
-            }
-        }
-        problems
     }
 
     /// Invariant 5: everything under the run's root belongs to a cluster directory or to the
@@ -1016,6 +896,130 @@ impl Run {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid), nix::sys::signal::Signal::SIGKILL);
         }
     }
+}
+
+/// Invariants 2 and 3 for one trial: what is wrong with its history `lines`, given the trial
+/// as `trial list` shows it and the metric lines the coordinator showed for it during the run.
+/// What is worth knowing but no invariant goes to `notes`.
+fn history_problems(t: &Value, lines: &[String], shown: &BTreeSet<String>, notes: &mut Vec<String>) -> Vec<String> {
+    let id = t["id"].as_u64().unwrap_or(0);
+    let k = t["params"]["k"].as_i64().unwrap_or(0);
+    let final_attempt = t["attempt"].as_u64().unwrap_or(0);
+    let completed = t["state"] == "completed";
+    let mut problems = Vec::new();
+    let mut parsed: Vec<serde_json::Map<String, Value>> = Vec::new();
+    for l in lines {
+        match serde_json::from_str::<Value>(l) {
+            Ok(Value::Object(o)) => parsed.push(o),
+            _ => problems.push(format!("a line of its history is not a JSON object: {l}")),
+        }
+    }
+    // Lineage: attempts in order, each line its attempt's own.
+    let mut prev_attempt = 0;
+    let mut last_step_of: BTreeMap<u64, i64> = BTreeMap::new();
+    let mut prev_step: Option<i64> = None;
+    let mut ended_attempt: BTreeSet<u64> = BTreeSet::new();
+    for o in &parsed {
+        let Some(attempt) = o.get("attempt").and_then(Value::as_u64) else {
+            problems.push(format!("a line carries no attempt: {}", Value::Object(o.clone())));
+            continue;
+        };
+        let line = Value::Object(o.clone());
+        if attempt < prev_attempt {
+            problems.push(format!(
+                "a line of attempt {attempt} follows one of attempt {prev_attempt}: {line}"
+            ));
+        }
+        if attempt == 0 || attempt > final_attempt {
+            problems.push(format!(
+                "a line of attempt {attempt}, which is not of the trial's lineage (final attempt {final_attempt}): {line}"
+            ));
+        }
+        if int(o, "a") != Some(attempt as i64) {
+            problems.push(format!(
+                "a line printed by attempt {} is stored as attempt {attempt}: {line}",
+                o["a"]
+            ));
+        }
+        if o.contains_key("foreign_checkpoint") {
+            problems.push(format!(
+                "attempt {attempt} was handed another trial's checkpoint: {line}"
+            ));
+        }
+        if ended_attempt.contains(&attempt) {
+            problems.push(format!("attempt {attempt} has a line after its last: {line}"));
+        }
+        if let Some(step) = int(o, "step") {
+            if o.get("loss").and_then(Value::as_f64) != Some(loss(k, step)) {
+                problems.push(format!("a line that is not this trial's (k={k}): {line}"));
+            }
+            match last_step_of.get(&attempt) {
+                Some(&p) if step != p + 1 => {
+                    problems.push(format!("attempt {attempt} jumps from step {p} to {step}"));
+                }
+                None if attempt != prev_attempt => {
+                    // The first line of a new attempt. The worker reads the checkpoint
+                    // directory after the line that names its step, while the trial may
+                    // have moved on, so a checkpoint can hold a later step than its name
+                    // and a resumed attempt skip steps whose lines were never
+                    // acknowledged: worth a note, not an invariant.
+                    if let Some(p) = prev_step.filter(|&p| step > p + 1) {
+                        notes.push(format!(
+                            "trial {id}: attempt {attempt} resumed at step {step}, after step {p} of the history"
+                        ));
+                    }
+                }
+                _ => {}
+            }
+            last_step_of.insert(attempt, step);
+            prev_step = Some(step);
+        }
+        if o.contains_key("final_step") {
+            ended_attempt.insert(attempt);
+        }
+        prev_attempt = attempt;
+    }
+    let last = parsed.last();
+    let last_attempt = last.and_then(|o| o.get("attempt")).and_then(Value::as_u64);
+    if completed {
+        let done = last.and_then(|o| int(o, "final_step"));
+        if last_attempt != Some(final_attempt) || done != Some(STEPS as i64) {
+            problems.push(format!(
+                "it completed with attempt {final_attempt}, but its history does not end with that attempt's final line (last: {})",
+                last.map(|o| Value::Object(o.clone()).to_string()).unwrap_or_else(|| "none".into())
+            ));
+        }
+        if !parsed.iter().any(|o| int(o, "step") == Some(STEPS as i64)) {
+            problems.push(format!("it completed, but step {STEPS} is not in its history"));
+        }
+    }
+    // No acknowledged metric lost: what the coordinator showed is in the history.
+    let holds = |want: &serde_json::Map<String, Value>| {
+        parsed.iter().any(|o| {
+            want.iter()
+                .all(|(k, v)| o.get(k).and_then(Value::as_f64).is_some_and(|x| Some(x) == v.as_f64()))
+        })
+    };
+    let mut shown = shown.clone();
+    if t["last_metrics"].as_object().is_some_and(|o| !o.is_empty()) {
+        shown.insert(t["last_metrics"].to_string());
+    }
+    for m in &shown {
+        if let Ok(Value::Object(want)) = serde_json::from_str::<Value>(m)
+            && !holds(&want)
+        {
+            problems.push(format!("the coordinator showed {m}, which is not in its history"));
+        }
+    }
+    if let (Some(v), Some(step)) = (t["best_value"].as_f64(), t["best_step"].as_i64()) {
+        let mut want = serde_json::Map::new();
+        want.insert("step".into(), step.into());
+        want.insert("loss".into(), v.into());
+        if !holds(&want) {
+            problems.push(format!("its best (loss {v} at step {step}) is not in its history"));
+        }
+    }
+    problems
 }
 
 /// An integer field of a metric line, however the number was written (`3` or `3.0`).
@@ -1157,4 +1161,68 @@ fn plans_replay_and_cover_every_fault() {
     }
     assert_eq!(storages.len(), 2, "the fixed seeds run on file and on S3 storage");
     assert_eq!(kinds.len(), 10, "the fixed seeds draw every kind of fault: {kinds:?}");
+}
+
+/// The history checks fail on the histories the faults could leave behind.
+#[test]
+fn history_checks_catch_lost_mixed_and_foreign_lines() {
+    let line = |a: u64, step: i64| format!(r#"{{"step":{step},"loss":{},"a":{a},"attempt":{a}}}"#, loss(3, step));
+    let end = |a: u64| format!(r#"{{"final_step":{STEPS},"a":{a},"attempt":{a}}}"#);
+    // Attempt 1 ran to step 10, attempt 2 resumed from the checkpoint at step 8.
+    let mut good: Vec<String> = (1..=10).map(|s| line(1, s)).collect();
+    good.extend((9..=STEPS as i64).map(|s| line(2, s)));
+    good.push(end(2));
+    let trial = serde_json::json!({
+        "id": 4, "params": {"k": 3}, "attempt": 2, "state": "completed",
+        "best_value": loss(3, STEPS as i64), "best_step": STEPS,
+        "last_metrics": {"final_step": STEPS, "a": 2},
+    });
+    let shown: BTreeSet<String> = [r#"{"step":10,"loss":2990,"a":1}"#.to_string()].into();
+    let problems = |lines: &[String], shown: &BTreeSet<String>| {
+        let mut notes = Vec::new();
+        history_problems(&trial, lines, shown, &mut notes)
+    };
+    assert_eq!(problems(&good, &shown), Vec::<String>::new());
+
+    // A stale attempt 1 went on writing after attempt 2 had started, into the same history.
+    let mut mixed = good.clone();
+    mixed.insert(20, line(1, 11));
+    assert!(
+        problems(&mixed, &shown)
+            .iter()
+            .any(|p| p.contains("follows one of attempt 2"))
+    );
+    // An acknowledged line of attempt 1 is gone (the stale attempt rewrote the history).
+    let lost: Vec<String> = good.iter().filter(|l| !l.contains(r#""step":10,"#)).cloned().collect();
+    assert!(
+        problems(&lost, &shown)
+            .iter()
+            .any(|p| p.contains("which is not in its history"))
+    );
+    // Only the stale attempt's lines are left.
+    let stale: Vec<String> = good[..10].to_vec();
+    assert!(problems(&stale, &shown).iter().any(|p| p.contains("does not end with")));
+    // A line of another trial, and one stored under the wrong attempt.
+    let mut foreign = good.clone();
+    foreign[3] = r#"{"step":4,"loss":996,"a":1,"attempt":1}"#.into();
+    assert!(
+        problems(&foreign, &shown)
+            .iter()
+            .any(|p| p.contains("not this trial's"))
+    );
+    let mut retagged = good.clone();
+    retagged[2] = r#"{"step":3,"loss":2997,"a":2,"attempt":1}"#.into();
+    assert!(
+        problems(&retagged, &shown)
+            .iter()
+            .any(|p| p.contains("stored as attempt 1"))
+    );
+    // A line of an attempt the trial never had.
+    let mut future = good.clone();
+    future.push(line(3, 1));
+    assert!(
+        problems(&future, &shown)
+            .iter()
+            .any(|p| p.contains("not of the trial's lineage"))
+    );
 }
