@@ -293,10 +293,13 @@ impl TestCluster {
         Ok(i)
     }
 
-    /// Starts worker `i` again under the same id and data directory, after a kill or an exit.
+    /// Starts worker `i` again (after a kill, a stop or an exit), with the same id and data
+    /// directory.
     pub fn restart_worker(&mut self, i: usize) -> Result<()> {
-        assert!(i < self.workers.len(), "no worker {i}");
-        self.kill_worker(i);
+        assert!(
+            self.workers.get(i).is_some_and(Option::is_none),
+            "worker {i} is not stopped"
+        );
         self.spawn_worker(i)
     }
 
