@@ -230,6 +230,21 @@ mod tests {
         assert_eq!(e.report(), "error: permission denied: token lacks the submit right\n");
     }
 
+    /// A coordinator that cannot record a change says why; the CLI passes it on whole, as a
+    /// failure to retry (exit 1), not a usage error.
+    #[test]
+    fn store_and_storage_failures_are_told_whole() {
+        let full = "disk full: the coordinator cannot write its store /var/lib/chorus/chorus.db (database or disk \
+                    is full, 0 bytes free); the change was not made. Free space in /var/lib/chorus";
+        let e = CliError::Rpc(tonic::Status::resource_exhausted(full));
+        assert_eq!(e.exit_code(), ExitCode::from(1));
+        assert_eq!(e.report(), format!("error: resource exhausted: {full}\n"));
+        let io = "storage s3://b/runs/: cannot write experiments/3/spec.yaml: connection refused";
+        let e = CliError::Rpc(tonic::Status::unavailable(io));
+        assert_eq!(e.exit_code(), ExitCode::from(1));
+        assert_eq!(e.report(), format!("error: unavailable: {io}\n"));
+    }
+
     #[test]
     fn spec_errors_one_line_each() {
         let e = CliError::Spec(SpecErrors(vec![

@@ -102,6 +102,16 @@ impl CoordError {
 /// WAL frame is larger than one.
 const NEARLY_FULL_BYTES: u64 = 64 * 1024;
 
+/// Whether the filesystem holding `path` (a file or a directory) is full.
+pub fn disk_full(path: &Path) -> bool {
+    let dir = if path.is_dir() {
+        path
+    } else {
+        path.parent().unwrap_or(path)
+    };
+    free_bytes(dir).is_some_and(|f| f < NEARLY_FULL_BYTES)
+}
+
 /// Bytes available to this process on the filesystem holding `path`.
 pub fn free_bytes(path: &Path) -> Option<u64> {
     let s = nix::sys::statvfs::statvfs(path).ok()?;

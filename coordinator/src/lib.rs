@@ -301,3 +301,92 @@ pub async fn run(
     result?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::{Code, Status};
+
+    fn open(dir: &std::path::Path, allowed: &[&str], default: Option<&str>, memory: bool) -> Result<Coordinator> {
+        let mut opts = Options::new(dir.to_path_buf());
+        opts.allowed_storage = allowed.iter().map(|s| s.to_string()).collect();
+        opts.default_storage = default.map(str::to_string);
+        opts.allow_memory_storage = memory;
+        Coordinator::open(&opts)
+    }
+
+    /// Experiment storage lies under an allowed prefix however it is spelled, and ends in the
+    /// store's cluster id.
+    #[test]
+    fn experiment_storage_is_checked_normalised_and_scoped() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = open(dir.path(), &[], None, false).unwrap();
+        let root = format!("file://{}/storage/", dir.path().canonicalize().unwrap().display());
+        let cid = c.cluster_id.clone();
+        assert_eq!(c.experiment_storage(None).unwrap(), format!("{root}{cid}/"));
+        assert_eq!(
+            c.experiment_storage(Some(&format!("{root}team/./a//"))).unwrap(),
+            format!("{root}team/a/{cid}/")
+        );
+        for bad in [
+            "file:///anywhere".to_string(),
+            format!("{root}../../x"),
+            format!("{root}%2e%2e/%2e%2e/x"),
+            format!("{root}..%2F..%2Fx"),
+            format!("{}/storage-other", root.trim_end_matches("/storage/")),
+            "s3://bucket/x".to_string(),
+        ] {
+            let s = Status::from(c.experiment_storage(Some(&bad)).unwrap_err());
+            assert_eq!(s.code(), Code::InvalidArgument, "{bad}");
+            assert!(
+                s.message().contains(&root),
+                "{bad}: names what is allowed: {}",
+                s.message()
+            );
+        }
+        let mem = Status::from(c.experiment_storage(Some("memory://t")).unwrap_err());
+        assert_eq!(mem.code(), Code::InvalidArgument);
+        assert!(mem.message().contains("tests only"), "{}", mem.message());
+
+        // A fresh store under the same storage gets paths of its own.
+        let other = tempfile::tempdir().unwrap();
+        let shared = format!("{root}shared");
+        let c2 = open(other.path(), &[&root], Some(&shared), false).unwrap();
+        assert_ne!(
+            c2.experiment_storage(None).unwrap(),
+            c.experiment_storage(Some(&shared)).unwrap()
+        );
+    }
+
+    #[test]
+    fn allowed_storage_adds_prefixes_on_segment_boundaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = open(dir.path(), &["s3://bucket/sweeps"], None, false).unwrap();
+        let cid = c.cluster_id.clone();
+        assert_eq!(
+            c.experiment_storage(Some("s3://bucket/sweeps/a")).unwrap(),
+            format!("s3://bucket/sweeps/a/{cid}/")
+        );
+        for bad in [
+            "s3://bucket/sweeps2",
+            "s3://bucket",
+            "s3://other/sweeps",
+            "gs://bucket/sweeps",
+        ] {
+            let s = Status::from(c.experiment_storage(Some(bad)).unwrap_err());
+            assert!(s.message().contains("s3://bucket/sweeps/"), "{bad}: {}", s.message());
+        }
+    }
+
+    #[test]
+    fn memory_storage_needs_the_test_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = open(dir.path(), &[], Some("memory://x"), false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("tests only"), "{err}");
+        let c = open(dir.path(), &[], Some("memory://x"), true).unwrap();
+        assert!(c.experiment_storage(Some("memory://y")).is_ok());
+    }
+}

@@ -1097,6 +1097,16 @@ impl State {
                     Err(e) => {
                         t.malformed += 1;
                         tracing::warn!(trial = %tid, error = %e, "malformed metric report");
+                        // Kept all the same: the row count per attempt is what a later
+                        // attempt's history carries of this one after a restart.
+                        self.metrics.push(MetricRow {
+                            trial: tid,
+                            attempt,
+                            seq: ev.seq,
+                            step: None,
+                            unix_ms: at_ms,
+                            json: m.json,
+                        });
                         return;
                     }
                 };

@@ -675,3 +675,223 @@ fn a_drained_worker_gets_no_new_trials() {
     let again = open(dir.path(), 10_000);
     assert!(again.drained.is_empty());
 }
+
+/// Every command waiting on a worker's stream.
+fn commands(rx: &mut Rx) -> Vec<pb::WorkerCommand> {
+    let mut out = Vec::new();
+    while let Ok(Ok(cmd)) = rx.try_recv() {
+        out.push(cmd);
+    }
+    out
+}
+
+/// A commit that fails because the store is full keeps nothing of its change: nothing of it is
+/// visible, nothing is sent, the caller hears RESOURCE_EXHAUSTED naming the store, and once
+/// there is room again the worker's retry is applied once, without a restart, and survives one.
+#[test]
+fn a_failed_commit_changes_nothing_and_the_store_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut st = open(dir.path(), 10_000);
+    let exp = st.reserve_experiment_id();
+    st.add_experiment(exp, grid_spec(""), "memory://t".into());
+    st.flush().unwrap();
+    let (_, mut rx) = join(&mut st, "w1", 1, vec![]);
+    let a = assignments(&mut rx).remove(0);
+    let tid = TrialId(a.trial_id);
+    report(&mut st, "w1", &a, 1, Kind::Started(pb::Started { restored_step: None })).unwrap();
+
+    st.store.cap_pages(Some(0));
+    // Big enough to need pages the store cannot have; the attempt ends in the same report.
+    let extra: String = (0..2000).map(|i| format!(", \"m{i}\": {i}")).collect();
+    let metric = format!(r#"{{"step": 1, "loss": 5.0{extra}}}"#);
+    let req = pb::ReportTrialRequest {
+        worker_id: "w1".into(),
+        rank: 0,
+        trial_id: a.trial_id,
+        attempt: a.attempt,
+        events: vec![
+            ev(2, Kind::Metric(pb::Metric { json: metric })),
+            ev(3, exited(pb::ExitKind::Succeeded, "")),
+        ],
+    };
+    st.report(req.clone()).unwrap();
+    let status = tonic::Status::from(st.flush().unwrap_err());
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    let db = dir.path().join("db");
+    assert!(status.message().starts_with("disk full"), "{}", status.message());
+    assert!(
+        status.message().contains(&db.display().to_string()),
+        "names the store: {}",
+        status.message()
+    );
+    let t = &st.trials[&tid];
+    assert_eq!((t.state, t.best_value), (TrialState::Running, None), "{t:?}");
+    assert_eq!(
+        t.live.as_ref().unwrap().ranks[0].last_seq,
+        1,
+        "the report is not applied"
+    );
+    assert_eq!(st.counts[&exp].completed, 0);
+    assert!(!st.best.contains_key(&exp));
+    assert!(
+        commands(&mut rx).is_empty(),
+        "nothing sent for a change that was not kept"
+    );
+
+    st.store.cap_pages(None);
+    st.report(req.clone()).unwrap();
+    st.flush().unwrap();
+    assert_eq!(st.trials[&tid].state, TrialState::Completed);
+    assert_eq!(st.best[&exp], (tid, 5.0));
+    assert_eq!(assignments(&mut rx).len(), 1, "the next trial is placed");
+    // A duplicate of the retry changes nothing: that attempt has ended.
+    assert!(matches!(st.report(req), Err(CoordError::Stale(_))));
+    st.flush().unwrap();
+    drop(st);
+
+    let st = open(dir.path(), 10_000);
+    assert_eq!(st.trials[&tid].state, TrialState::Completed);
+    assert_eq!(st.counts[&exp].completed, 1);
+    assert_eq!(st.store.trial_metrics(tid).unwrap().len(), 1, "the metric is kept once");
+}
+
+/// Ids handed out before a failed commit are not handed out again by the same process.
+#[test]
+fn ids_are_not_reused_after_a_failed_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut st = open(dir.path(), 10_000);
+    st.store.cap_pages(Some(0));
+    let first = st.reserve_experiment_id();
+    let big = grid_spec(&format!("description: '{}'\n", "y".repeat(50_000)));
+    st.add_experiment(first, big, "memory://t".into());
+    assert!(st.flush().is_err());
+    assert!(st.experiments.is_empty(), "the experiment was not kept");
+    st.store.cap_pages(None);
+    let second = st.reserve_experiment_id();
+    assert!(second.0 > first.0, "{second} after {first}");
+}
+
+/// The searchers, each over the same discrete space.
+fn searcher_specs() -> Vec<(&'static str, ValidSpec)> {
+    let spec = |searcher: &str, extra: &str| {
+        spec::parse(
+            &format!(
+                "name: s\nmetric: {{name: loss, goal: minimize}}\nsearcher: {searcher}\nmax_trials: 6\n\
+                 parallel_trials: 1\nparameters:\n  a: {{values: [1, 2, 3]}}\n  b: {{values: [10, 20]}}\n\
+                 trial: {{command: [train]}}\n{extra}"
+            ),
+            &[],
+        )
+        .unwrap()
+    };
+    vec![
+        ("grid", spec("{name: grid}", "")),
+        ("random", spec("{name: random, seed: 1}", "")),
+        ("tpe", spec("{name: tpe, seed: 1, n_startup_trials: 2}", "")),
+        (
+            "asha",
+            spec("{name: asha, seed: 1, max_resource: 4, sampler: random}", ""),
+        ),
+        ("hyperband", spec("{name: hyperband, seed: 1, max_resource: 4}", "")),
+        (
+            "pbt",
+            spec("{name: pbt, seed: 1, population_size: 2, perturbation_interval: 1}", ""),
+        ),
+        (
+            "median stopping",
+            spec(
+                "{name: random, seed: 1}",
+                "scheduler: {name: median, grace_period: 1, min_trials: 1}\n",
+            ),
+        ),
+    ]
+}
+
+/// A searcher state that cannot be read back (cut short, or of the wrong shape) fails its
+/// experiment at start, saying why, instead of starting the search over: no trial is created
+/// or placed again, and the stored state is left as it was found.
+#[test]
+fn an_unreadable_searcher_state_fails_its_experiment() {
+    for (name, spec) in searcher_specs() {
+        for corruption in ["cut short", "wrong shape"] {
+            let what = format!("{name}, {corruption}");
+            let dir = tempfile::tempdir().unwrap();
+            let mut st = open(dir.path(), 10_000);
+            let exp = st.reserve_experiment_id();
+            st.add_experiment(exp, spec.clone(), "memory://t".into());
+            st.flush().unwrap();
+            let (_, mut rx) = join(&mut st, "w1", 1, vec![]);
+            let a = assignments(&mut rx).remove(0);
+            finish(&mut st, "w1", &a, pb::ExitKind::Succeeded).unwrap();
+            let created = st.experiments[&exp].created_trials;
+            let trials = st.trials.len();
+            assert!(created >= 2, "{what}: the search went on");
+            drop(st);
+
+            let conn = rusqlite::Connection::open(dir.path().join("db")).unwrap();
+            let saved: String = conn
+                .query_row("SELECT searcher_state FROM experiments", [], |r| r.get(0))
+                .unwrap();
+            let corrupt = match corruption {
+                "cut short" => saved[..saved.len() / 2].to_string(),
+                _ => r#""corrupt""#.to_string(),
+            };
+            conn.execute("UPDATE experiments SET searcher_state = ?1", [&corrupt])
+                .unwrap();
+            drop(conn);
+
+            let mut st = open(dir.path(), 10_000);
+            let e = &st.experiments[&exp];
+            assert_eq!(e.state, ExperimentState::Failed, "{what}");
+            let label = spec.spec.searcher.name.as_str();
+            assert!(
+                e.message
+                    .contains(&format!("the saved state of the {label} searcher cannot be read")),
+                "{what}: {}",
+                e.message
+            );
+            assert!(e.message.contains("run trials again"), "{what}: {}", e.message);
+            st.flush().unwrap();
+            assert_eq!(st.counts[&exp].active(), 0, "{what}: nothing left to run");
+            let (_, mut rx) = join(&mut st, "w1", 1, vec![]);
+            assert!(assignments(&mut rx).is_empty(), "{what}: nothing placed");
+            assert_eq!(st.trials.len(), trials, "{what}: no trial created");
+            assert_eq!(st.experiments[&exp].created_trials, created, "{what}");
+            drop(st);
+
+            // Still failed after another restart, with the state as it was found.
+            let st = open(dir.path(), 10_000);
+            assert_eq!(st.experiments[&exp].state, ExperimentState::Failed, "{what}");
+            assert_eq!(st.experiments[&exp].row().searcher_state, corrupt, "{what}");
+        }
+    }
+}
+
+/// Each store has its own cluster id, kept across restarts and added to a store that
+/// predates it.
+#[test]
+fn the_cluster_id_is_made_once_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = open(dir.path(), 10_000).cluster_id().to_string();
+    assert_eq!(id.len(), 16);
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+    assert_eq!(open(dir.path(), 10_000).cluster_id(), id, "kept across restarts");
+    let other = tempfile::tempdir().unwrap();
+    assert_ne!(open(other.path(), 10_000).cluster_id(), id, "a fresh store has its own");
+
+    // A store made before cluster ids gets one; its experiments keep their storage.
+    let mut st = open(dir.path(), 10_000);
+    let exp = st.reserve_experiment_id();
+    st.add_experiment(exp, grid_spec(""), "file:///data/storage/".into());
+    st.flush().unwrap();
+    drop(st);
+    let conn = rusqlite::Connection::open(dir.path().join("db")).unwrap();
+    conn.execute("DELETE FROM meta WHERE key = 'cluster_id'", []).unwrap();
+    drop(conn);
+    let st = open(dir.path(), 10_000);
+    let migrated = st.cluster_id().to_string();
+    assert_eq!(migrated.len(), 16);
+    assert_eq!(st.experiments[&exp].storage, "file:///data/storage/");
+    drop(st);
+    assert_eq!(open(dir.path(), 10_000).cluster_id(), migrated);
+}

@@ -122,14 +122,9 @@ fn worker_sigkill_moves_its_trial_which_resumes_from_its_checkpoint() {
     assert_eq!(t["best_value"].as_f64(), Some(86.0));
 
     // The second attempt started from the checkpoint, not from scratch.
-    let metrics_path = c.dir.path().join(format!(
-        "coordinator/storage/experiments/{id}/trials/{}/metrics.jsonl",
-        t["id"].as_u64().unwrap()
-    ));
-    let text = std::fs::read_to_string(&metrics_path).unwrap();
-    let second: Vec<i64> = text
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let history = trial_history(&c, id, t["id"].as_u64().unwrap());
+    let second: Vec<i64> = history
+        .iter()
         .filter(|v| v["attempt"] == 2)
         .map(|v| v["step"].as_i64().unwrap())
         .collect();

@@ -2,7 +2,7 @@
 //! up, its stale attempt must not write over, delete or mix into what the new attempt wrote.
 
 use super::*;
-use chorus_core::{ExperimentId, TrialId, checkpoint, history, storage};
+use chorus_core::{ExperimentId, TrialId, checkpoint};
 use chorus_tests::ClusterConfig;
 use nix::sys::signal::Signal;
 
@@ -18,20 +18,6 @@ checkpoint: {keep_last: 1}
 trial:
   command: [sh, -c, 'start=${CHORUS_RESTORED_STEP:-0}; for s in $(seq $((start + 1)) 40); do echo "step $s" > "$CHORUS_CHECKPOINT_DIR/state"; echo "chorus:metric {\"step\": $s, \"loss\": $((100 - s))}"; sleep 0.2; done']
 "#;
-
-fn history_of(storage: &storage::Storage, exp: u64, trial: u64) -> Vec<Value> {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(history::read_history(
-        storage,
-        ExperimentId(exp),
-        TrialId(trial),
-        100_000,
-    ))
-    .unwrap()
-    .iter()
-    .map(|l| serde_json::from_str(l).unwrap())
-    .collect()
-}
 
 #[test]
 fn a_frozen_workers_stale_attempt_cannot_touch_the_new_attempts_records() {
@@ -66,14 +52,13 @@ fn a_frozen_workers_stale_attempt_cannot_touch_the_new_attempts_records() {
     let tid = trial["id"].as_u64().unwrap();
     let final_attempt = trial["attempt"].as_u64().unwrap();
 
-    let uri = experiment(&c, exp).unwrap()["storage"].as_str().unwrap().to_string();
-    let store = storage::open(&storage::StorageUri::parse(&uri).unwrap(), &Default::default()).unwrap();
-    let before = history_of(&store, exp, tid);
+    let store = experiment_storage(&c, exp);
+    let before = trial_history(&c, exp, tid);
 
     // The stale attempt wakes up with a pipe full of output and flush timers due.
     c.signal_worker(0, Signal::SIGCONT);
     std::thread::sleep(Duration::from_secs(5));
-    let after = history_of(&store, exp, tid);
+    let after = trial_history(&c, exp, tid);
     assert_eq!(before, after, "the stale attempt changed the trial's history");
 
     // The history is the final attempt's lineage: attempts in order, ending with its step 40.

@@ -6,9 +6,12 @@ mod chaos;
 mod crash;
 mod data_parallel;
 mod fencing;
+mod output;
 mod s3;
 mod search;
 mod spec_errors;
+mod storage_policy;
+mod store;
 mod sweep;
 
 use chorus_tests::TestCluster;
@@ -35,6 +38,18 @@ pub fn trials(c: &TestCluster, id: u64) -> Vec<Value> {
     v["trials"].as_array().cloned().unwrap_or_default()
 }
 
+/// The local directory of an experiment's records (its `file://` storage, then
+/// `experiments/{id}`).
+pub fn experiment_dir(c: &TestCluster, id: u64) -> std::path::PathBuf {
+    let e = experiment(c, id).expect("describe");
+    let uri = e["storage"].as_str().expect("storage URI");
+    let loc = chorus_core::storage_policy::StorageLocation::parse(uri).expect("storage URI");
+    assert_eq!(loc.scheme(), "file", "{uri}");
+    let mut dir = std::path::PathBuf::from("/");
+    dir.extend(loc.segments());
+    dir.join("experiments").join(id.to_string())
+}
+
 /// Waits until the experiment has ended; returns its final state name.
 pub fn wait_ended(c: &TestCluster, id: u64, timeout: Duration) -> String {
     let mut state = String::new();
@@ -44,4 +59,31 @@ pub fn wait_ended(c: &TestCluster, id: u64, timeout: Duration) -> String {
     })
     .expect("experiment ended");
     state
+}
+
+/// The experiment's object storage, as the coordinator reports it.
+pub fn experiment_storage(c: &TestCluster, id: u64) -> chorus_core::storage::Storage {
+    let uri = experiment(c, id).expect("describe")["storage"]
+        .as_str()
+        .expect("storage uri")
+        .to_string();
+    let uri = chorus_core::storage::StorageUri::parse(&uri).expect("a valid storage uri");
+    let opts = chorus_core::storage::StorageOptions::default();
+    chorus_core::storage::open(&uri, &opts).expect("open storage")
+}
+
+/// A trial's metric history in storage, each line parsed.
+pub fn trial_history(c: &TestCluster, exp: u64, trial: u64) -> Vec<Value> {
+    let storage = experiment_storage(c, exp);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(chorus_core::history::read_history(
+        &storage,
+        chorus_core::ExperimentId(exp),
+        chorus_core::TrialId(trial),
+        1_000_000,
+    ))
+    .expect("read the history")
+    .iter()
+    .map(|l| serde_json::from_str(l).expect("a JSON line"))
+    .collect()
 }

@@ -25,6 +25,7 @@ fn records_round_trip_through_s3() {
     let c = TestCluster::start(ClusterConfig {
         workers: 1,
         env: s3.env(),
+        coordinator_args: vec!["--allowed-storage".into(), "s3://chorus/sweeps".into()],
         ..Default::default()
     })
     .unwrap();
@@ -37,6 +38,13 @@ fn records_round_trip_through_s3() {
     );
     let ts = trials(&c, id);
     assert_eq!(ts.len(), 2);
+    // The spec's storage, scoped by the coordinator's cluster id.
+    let uri = experiment(&c, id).unwrap()["storage"].as_str().unwrap().to_string();
+    let cluster = uri
+        .strip_prefix("s3://chorus/sweeps/")
+        .and_then(|rest| rest.strip_suffix('/'))
+        .unwrap_or_else(|| panic!("{uri}"));
+    assert_eq!(cluster.len(), 16, "{uri}");
 
     // Read everything back through S3 itself, as any other tool would.
     for (k, v) in s3.env() {
@@ -44,7 +52,7 @@ fn records_round_trip_through_s3() {
         unsafe { std::env::set_var(k, v) };
     }
     let storage = open(
-        &StorageUri::parse("s3://chorus/sweeps").unwrap(),
+        &StorageUri::parse(&uri).unwrap(),
         &StorageOptions {
             s3_endpoint: Some(s3.endpoint.clone()),
         },
@@ -84,7 +92,9 @@ fn records_round_trip_through_s3() {
     assert!(
         s3.dir
             .path()
-            .join("chorus/sweeps/experiments")
+            .join("chorus/sweeps")
+            .join(cluster)
+            .join("experiments")
             .join(id.to_string())
             .join("spec.yaml")
             .exists()

@@ -61,10 +61,9 @@ fn bad_specs_exit_2_and_store_nothing() {
 
     let listed = c.chorus_json(&["experiment", "list", "--output", "json"]).unwrap();
     assert_eq!(listed.as_array().map(Vec::len), Some(0), "nothing stored: {listed}");
-    assert!(
-        !c.dir.path().join("coordinator/storage/experiments").exists(),
-        "no records in storage"
-    );
+    let storage = c.coordinator_dir().join("storage");
+    let stored = std::fs::read_dir(&storage).map_or(0, |d| d.count());
+    assert_eq!(stored, 0, "no records in {}", storage.display());
 
     // The server validates too (for clients that skip local validation), with the field named.
     let bad = c.write("remote.yaml", &GOOD.replace("max_trials: 2", "max_trails: 2"));

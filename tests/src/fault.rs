@@ -1,71 +1,7 @@
-//! Host-level faults and checks for end-to-end tests: a small tmpfs that a test can fill to make
-//! a disk full, and a scan of `/proc` for processes that carry a marker.
+//! Host-level checks for end-to-end tests: a scan of `/proc` for processes that carry a marker,
+//! and a listing of every file a run left under a directory.
 
-use anyhow::{Context, Result, bail};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-/// A tmpfs of a fixed size mounted on a directory; unmounted when dropped.
-pub struct Tmpfs {
-    path: PathBuf,
-}
-
-impl Tmpfs {
-    /// Mounts a tmpfs of `bytes` on `path` (created if missing). Needs the right to mount
-    /// (root, or CAP_SYS_ADMIN); the error says why it could not, so a caller can skip.
-    pub fn mount(path: &Path, bytes: u64) -> Result<Tmpfs> {
-        std::fs::create_dir_all(path)?;
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={bytes},mode=0755"), "tmpfs"])
-            .arg(path)
-            .output()
-            .context("run mount")?;
-        if !out.status.success() {
-            bail!(
-                "mount -t tmpfs on {} failed ({}): {}",
-                path.display(),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(Tmpfs {
-            path: path.to_path_buf(),
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        // Lazy, so a process that still has a file open there cannot keep it mounted.
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-    }
-}
-
-/// Writes `dir/name` until the file system holding it is full; returns the file, whose
-/// removal frees the space again.
-pub fn fill_disk(dir: &Path, name: &str) -> Result<PathBuf> {
-    let path = dir.join(name);
-    let mut f = std::fs::File::create(&path).with_context(|| format!("create {}", path.display()))?;
-    let block = vec![0xa5u8; 256 * 1024];
-    loop {
-        match f.write(&block) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOSPC as i32) => break,
-            Err(e) => return Err(e).with_context(|| format!("fill {}", path.display())),
-        }
-    }
-    // Smaller writes take what is left in partly used blocks.
-    let small = [0x5au8; 512];
-    while matches!(f.write(&small), Ok(n) if n > 0) {}
-    let _ = f.sync_all();
-    Ok(path)
-}
 
 /// A live process whose command line or environment holds a marker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,6 +117,7 @@ pub fn files_under(root: &Path) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Command;
 
     #[test]
     fn finds_a_marked_child_and_not_after_it_exits() {
@@ -197,23 +134,5 @@ mod tests {
         child.wait().unwrap();
         assert!(!found[0].alive());
         assert!(marked_processes(&marker).is_empty());
-    }
-
-    #[test]
-    fn a_tmpfs_fills_up_and_frees() {
-        let dir = tempfile::tempdir().unwrap();
-        let t = match Tmpfs::mount(&dir.path().join("m"), 2 * 1024 * 1024) {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("skipped: {e}");
-                return;
-            }
-        };
-        let fill = fill_disk(t.path(), "fill").unwrap();
-        assert!(std::fs::metadata(&fill).unwrap().len() > 1024 * 1024);
-        let err = std::fs::write(t.path().join("more"), vec![0u8; 64 * 1024]).unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(nix::errno::Errno::ENOSPC as i32));
-        std::fs::remove_file(&fill).unwrap();
-        std::fs::write(t.path().join("more"), vec![0u8; 64 * 1024]).unwrap();
     }
 }

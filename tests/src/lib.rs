@@ -4,7 +4,7 @@
 //! workspace's target directory, runs the `chorus` CLI against them, and injects faults on
 //! demand: SIGKILL, SIGSTOP and SIGCONT of any of them, a restart under the same id, a worker
 //! cut off from the coordinator ([`proxy::FaultProxy`] between them), a full disk under any of
-//! them ([`fault::Tmpfs`]). A local S3 server (`s3s-fs`) can be started beside them. Nothing
+//! them ([`Tmpfs`]). A local S3 server (`s3s-fs`) can be started beside them. Nothing
 //! here talks to anything but 127.0.0.1.
 
 pub mod fault;
@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub use fault::{MarkedProcess, Tmpfs, fill_disk, marked_processes};
+pub use fault::{MarkedProcess, marked_processes};
 pub use proxy::{FaultProxy, ProxyMode};
 
 /// Directory holding the workspace's binaries: the test executable lives in `target/<profile>/deps`.
@@ -68,6 +68,10 @@ pub struct ClusterConfig {
     /// Connect each worker to the coordinator through its own [`FaultProxy`], so a test can
     /// cut or stall one worker's link ([`TestCluster::worker_proxy`]).
     pub worker_proxies: bool,
+    /// More coordinator flags, e.g. `--allowed-storage`.
+    pub coordinator_args: Vec<String>,
+    /// The coordinator's data directory; `coordinator/` in the cluster's directory when `None`.
+    pub coordinator_dir: Option<PathBuf>,
 }
 
 impl Default for ClusterConfig {
@@ -82,6 +86,8 @@ impl Default for ClusterConfig {
             metrics: false,
             root: None,
             worker_proxies: false,
+            coordinator_args: Vec::new(),
+            coordinator_dir: None,
         }
     }
 }
@@ -176,21 +182,24 @@ impl TestCluster {
         self.dir.path().join(format!("worker-{i}"))
     }
 
-    /// The coordinator's data directory.
-    pub fn coordinator_dir(&self) -> PathBuf {
-        self.dir.path().join("coordinator")
-    }
-
     /// Mounts a tmpfs of `bytes` on `dir` (inside the cluster's directory), unmounted when the
     /// cluster is dropped. Fails, with the reason, where mounting is not permitted.
     pub fn mount_tmpfs(&mut self, dir: &Path, bytes: u64) -> Result<()> {
-        let t = Tmpfs::mount(dir, bytes)?;
+        let t = Tmpfs::mount_at(dir, &bytes.to_string())?;
         self.mounts.push(t);
         Ok(())
     }
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr.expect("coordinator started"))
+    }
+
+    /// The coordinator's data directory.
+    pub fn coordinator_dir(&self) -> PathBuf {
+        self.config
+            .coordinator_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("coordinator"))
     }
 
     fn log_file(&self, name: &str) -> Result<std::fs::File> {
@@ -220,7 +229,8 @@ impl TestCluster {
         cmd.arg("--listen")
             .arg(&listen)
             .arg("--data-dir")
-            .arg(self.dir.path().join("coordinator"))
+            .arg(self.coordinator_dir())
+            .args(&self.config.coordinator_args)
             .arg("--lease-ttl")
             .arg(format!("{}ms", self.config.lease_ttl.as_millis()))
             .arg("--heartbeat-interval")
@@ -247,11 +257,34 @@ impl TestCluster {
             .rsplit(' ')
             .next()
             .and_then(|a| a.parse().ok())
-            .with_context(|| format!("coordinator did not print its address (got {line:?}); see its log"))?;
+            .with_context(|| {
+                format!(
+                    "coordinator did not print its address (got {line:?}):\n{}",
+                    self.logs_tail()
+                )
+            })?;
         self.addr = Some(addr);
         self.coordinator = Some(Proc { child });
         wait_for_port(addr, Duration::from_secs(10))?;
         Ok(())
+    }
+
+    /// Asks the coordinator to shut down (SIGTERM) and waits for it to exit, killing it after
+    /// `timeout`; returns whether it exited by itself.
+    pub fn stop_coordinator(&mut self, timeout: Duration) -> bool {
+        let Some(mut p) = self.coordinator.take() else {
+            return true;
+        };
+        let _ = kill(Pid::from_raw(p.child.id() as i32), Signal::SIGTERM);
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(_)) = p.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        p.sigkill();
+        false
     }
 
     pub fn kill_coordinator(&mut self) {
@@ -279,7 +312,7 @@ impl TestCluster {
         self.coordinator.is_some()
     }
 
-    /// If the coordinator exited by itself, its exit status (and it counts as stopped, so
+    /// The coordinator's exit status, if it has exited by itself (it then counts as stopped, so
     /// [`TestCluster::start_coordinator`] may start it again).
     pub fn coordinator_exited(&mut self) -> Option<ExitStatus> {
         reap(&mut self.coordinator)
@@ -379,6 +412,11 @@ impl TestCluster {
             let _ = kill(Pid::from_raw(p.child.id() as i32), Signal::SIGTERM);
             let _ = p.child.wait();
         }
+    }
+
+    /// The process id of worker `i`, while it runs.
+    pub fn worker_pid(&self, i: usize) -> Option<u32> {
+        self.workers.get(i).and_then(Option::as_ref).map(|p| p.child.id())
     }
 
     /// Sends `signal` to worker `i` (SIGSTOP freezes it as a long pause or a partition would).
@@ -563,6 +601,94 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
+}
+
+/// A size-limited tmpfs: a disk that fills up. Unmounted on drop.
+pub struct Tmpfs {
+    path: PathBuf,
+    /// The fresh directory it is mounted on, removed after the unmount; `None` when mounted
+    /// on a directory of the caller's.
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. `"24m"`) on a fresh directory; the error says why when
+    /// this process may not mount one (it must run as root, or with CAP_SYS_ADMIN).
+    pub fn mount(size: &str) -> Result<Tmpfs> {
+        let dir = tempfile::Builder::new().prefix("chorus-tmpfs-").tempdir()?;
+        let mut t = Tmpfs::mount_at(dir.path(), size)?;
+        t._dir = Some(dir);
+        Ok(t)
+    }
+
+    /// Mounts a tmpfs of `size` on `path` (created if missing).
+    pub fn mount_at(path: &Path, size: &str) -> Result<Tmpfs> {
+        std::fs::create_dir_all(path)?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .context("run mount")?;
+        if !out.status.success() {
+            bail!(
+                "cannot mount a tmpfs on {} ({}): {}",
+                path.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(Tmpfs {
+            path: path.to_path_buf(),
+            _dir: None,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes still free on the filesystem.
+    pub fn free_bytes(&self) -> u64 {
+        let s = nix::sys::statvfs::statvfs(self.path()).expect("statvfs");
+        s.blocks_available() as u64 * s.fragment_size() as u64
+    }
+
+    /// Fills the filesystem to its last byte with a file `name`, and returns the file's path:
+    /// remove it to give the space back.
+    pub fn fill(&self, name: &str) -> Result<PathBuf> {
+        fill_disk(self.path(), name)
+    }
+}
+
+/// Fills the filesystem that holds `dir` to its last byte with a file `name` there, and returns
+/// the file's path: remove it to give the space back.
+pub fn fill_disk(dir: &Path, name: &str) -> Result<PathBuf> {
+    use std::io::Write;
+    let path = dir.join(name);
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+    let chunk = vec![0u8; 1 << 20];
+    let mut size = chunk.len();
+    loop {
+        match f.write(&chunk[..size]) {
+            Ok(n) if n > 0 => {}
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::StorageFull => {
+                if size == 1 {
+                    break;
+                }
+                size /= 2;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(path)
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazily: a process still holding a file there must not keep the mount alive.
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
 }
 
 /// A real S3 server (`s3s-fs`) on loopback, serving a temporary directory.

@@ -140,7 +140,14 @@ pub fn build(spec: &ValidSpec) -> Box<dyn Searcher> {
 /// The searcher a spec asks for, continuing from the state it saved. A state that cannot be
 /// read is an error, never a fresh start: a fresh grid would run its points again.
 pub fn restore(spec: &ValidSpec, saved: &serde_json::Value) -> Result<Box<dyn Searcher>> {
-    build_with(spec, Some(saved))
+    build_with(spec, Some(saved)).map_err(|e| match e {
+        // Named as the spec names it, with the part that failed.
+        CoordError::SearcherState { searcher, reason } => CoordError::SearcherState {
+            searcher: spec.spec.searcher.name.as_str(),
+            reason: format!("{searcher} state: {reason}"),
+        },
+        other => other,
+    })
 }
 
 /// Reads a searcher's saved state; `None` (a new search) is the default state.

@@ -102,6 +102,9 @@ pub struct Store {
     conn: Connection,
     path: PathBuf,
     cluster_id: String,
+    /// Opened read-only because a full disk left no room to open it for writing; the first
+    /// commit that finds room opens it again for writing.
+    read_only: bool,
 }
 
 /// An experiment row as stored; the experiment module turns it back into a live experiment.
@@ -176,7 +179,70 @@ where
 }
 
 impl Store {
+    /// Opens (or creates) the store. On a full disk, a store that was closed cleanly is opened
+    /// read-only rather than not at all: the coordinator then serves reads, answers changes
+    /// with "disk full", and becomes writable by itself once there is room.
     pub fn open(path: &Path) -> rusqlite::Result<Store> {
+        match Self::open_writable(path) {
+            Ok(s) => Ok(s),
+            Err(e) if path.exists() && crate::error::disk_full(path) => match Self::open_read_only(path) {
+                Ok(s) => {
+                    tracing::warn!(store = %path.display(), error = %e, "disk full: store opened read-only");
+                    Ok(s)
+                }
+                Err(_) => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads the main database file alone, which holds everything only when the write-ahead
+    /// log is empty (the store was closed cleanly): otherwise this fails.
+    fn open_read_only(path: &Path) -> rusqlite::Result<Store> {
+        let refuse = |why: &str| rusqlite::Error::InvalidPath(PathBuf::from(format!("{}: {why}", path.display())));
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        if std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
+            return Err(refuse("its write-ahead log holds commits"));
+        }
+        let text = path.to_str().ok_or_else(|| refuse("not UTF-8"))?;
+        let uri = format!(
+            "file:{}?immutable=1",
+            text.replace('%', "%25").replace('?', "%3f").replace('#', "%23")
+        );
+        let conn = Connection::open_with_flags(
+            uri,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+        )?;
+        let version: String =
+            conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))?;
+        if version != SCHEMA_VERSION.to_string() {
+            return Err(refuse("its schema needs migrating"));
+        }
+        let cluster_id = conn.query_row("SELECT value FROM meta WHERE key = 'cluster_id'", [], |r| r.get(0))?;
+        Ok(Store {
+            conn,
+            path: path.to_path_buf(),
+            cluster_id,
+            read_only: true,
+        })
+    }
+
+    /// Makes a read-only store writable, when the disk now has room.
+    fn writable(&mut self) -> rusqlite::Result<()> {
+        if self.read_only {
+            let s = Self::open_writable(&self.path)?;
+            if s.cluster_id != self.cluster_id {
+                return Err(rusqlite::Error::InvalidPath(self.path.clone()));
+            }
+            self.conn = s.conn;
+            self.read_only = false;
+            tracing::info!(store = %self.path.display(), "store opened for writing again");
+        }
+        Ok(())
+    }
+
+    fn open_writable(path: &Path) -> rusqlite::Result<Store> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // FULL: a commit has reached the disk before we acknowledge it.
@@ -237,6 +303,7 @@ impl Store {
             conn,
             path: path.to_path_buf(),
             cluster_id,
+            read_only: false,
         })
     }
 
@@ -367,6 +434,7 @@ impl Store {
         if batch.is_empty() {
             return Ok(());
         }
+        self.writable()?;
         let tx = self.conn.transaction()?;
         if let Some(drained) = &batch.drained {
             let ids: Vec<&str> = drained.iter().map(|w| w.0.as_str()).collect();
@@ -471,6 +539,7 @@ impl Store {
 
     /// Removes an experiment that was never started (its storage could not be written).
     pub fn delete_experiment(&mut self, id: ExperimentId) -> rusqlite::Result<()> {
+        self.writable()?;
         let tx = self.conn.transaction()?;
         tx.execute("DELETE FROM trials WHERE experiment_id = ?1", [id.0 as i64])?;
         tx.execute("DELETE FROM experiments WHERE id = ?1", [id.0 as i64])?;

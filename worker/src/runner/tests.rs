@@ -610,3 +610,115 @@ async fn retention_keeps_the_best_checkpoint_by_the_metric() {
     f.run(&a).await;
     assert_eq!(checkpoint::list_steps(&f.storage, &prefix).await.unwrap(), vec![5]);
 }
+
+/// Once the agent learns the attempt is stale, its recorder writes nothing more: no metric
+/// line, no checkpoint, no log chunk, even though the program goes on printing until killed.
+#[tokio::test]
+async fn a_stale_attempt_writes_nothing_more() {
+    let f = fixture("stale");
+    let a = f.assignment(
+        60,
+        1,
+        r#"
+        echo 1 > "$CHORUS_CHECKPOINT_DIR/state"
+        echo 'chorus:metric {"step": 1, "loss": 1}'
+        sleep 1
+        for s in 2 3 4 5; do
+            echo "$s" > "$CHORUS_CHECKPOINT_DIR/state"
+            echo "chorus:metric {\"step\": $s, \"loss\": 1}"
+            echo "late output $s"
+        done
+        sleep 30
+    "#,
+    );
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let events = Events::new(tx);
+    let flow = events.flow().clone();
+    let (stop_tx, stop_rx) = watch::channel(None);
+    let runner = {
+        let a = a.clone();
+        let ctx = &f.ctx;
+        async move { run_attempt(ctx, &a, &[], events, stop_rx).await }
+    };
+    let watcher = async {
+        let mut seen = Vec::new();
+        while let Some(e) = rx.recv().await {
+            flow.delivered(1, std::slice::from_ref(&e));
+            if matches!(&e.kind, Some(Kind::Checkpoint(c)) if c.step == 1) {
+                // The coordinator answers ABORTED: the agent marks it stale, then kills it.
+                flow.mark_stale();
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                let _ = stop_tx.send(Some(Stop::Kill("stale attempt".into())));
+            }
+            seen.push(e);
+        }
+        seen
+    };
+    let (_, seen) = tokio::join!(runner, watcher);
+    let steps: Vec<i64> = seen
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(Kind::Metric(m)) => serde_json::from_str::<serde_json::Value>(&m.json).ok()?["step"].as_i64(),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steps, [1], "no report after the attempt went stale");
+    assert_eq!(checkpoints(&seen).iter().map(|c| c.step).collect::<Vec<_>>(), [1]);
+    let stored: Vec<i64> = f.metrics(60).await.iter().map(|m| m["step"].as_i64().unwrap()).collect();
+    assert_eq!(stored, [1], "no metric line stored after the attempt went stale");
+    let prefix = f.storage.checkpoints_prefix(ExperimentId(EXP), TrialId(60));
+    assert_eq!(checkpoint::list_steps(&f.storage, &prefix).await.unwrap(), [1]);
+    assert!(!f.log(60, 1).await.contains("late output"), "no log chunk after it went stale");
+}
+
+/// A trial printing far more than storage takes (here: storage refuses every write) cannot grow
+/// the worker: the runner stops reading its pipes once the backlog is full, and the trial
+/// blocks on its writes.
+#[tokio::test]
+async fn output_beyond_the_backlog_blocks_the_trial_instead_of_growing_the_worker() {
+    let f = fixture("backlog");
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("store");
+    let mut a = f.assignment(
+        61,
+        1,
+        r#"
+        i=0
+        while [ $i -lt 400 ]; do
+            head -c 65000 /dev/zero | tr '\0' x; echo
+            i=$((i + 1))
+            echo $i > "$SCRATCH/printed"
+        done
+    "#,
+    );
+    a.storage = format!("file://{}", store_dir.display());
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let events = Events::new(tx);
+    let (stop_tx, stop_rx) = watch::channel(None);
+    let runner = {
+        let a = a.clone();
+        let ctx = &f.ctx;
+        async move { run_attempt(ctx, &a, &[], events, stop_rx).await }
+    };
+    let probe = async {
+        while let Some(e) = rx.recv().await {
+            if matches!(e.kind, Some(Kind::Started(_))) {
+                break;
+            }
+        }
+        // A file where the store's directory was: every write fails from here on, root or not.
+        std::fs::rename(&store_dir, dir.path().join("moved")).unwrap();
+        std::fs::write(&store_dir, "not a directory").unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let printed: u32 = std::fs::read_to_string(f.scratch("printed"))
+            .map(|s| s.trim().parse().unwrap_or(0))
+            .unwrap_or(0);
+        let _ = stop_tx.send(Some(Stop::Kill("test over".into())));
+        while rx.recv().await.is_some() {}
+        printed
+    };
+    let (_, printed) = tokio::join!(runner, probe);
+    // 400 lines of 65 kB are 26 MB; the backlog holds 16 MiB, the line channel 4 MiB at most.
+    assert!(printed > 100, "the trial ran ({printed} lines)");
+    assert!(printed < 400, "the trial was held back, not buffered whole ({printed} lines)");
+}
