@@ -127,7 +127,10 @@ pub enum ExperimentCmd {
         /// Experiment id.
         experiment: u64,
     },
-    /// Stop placing new trials; running trials continue.
+    /// Pause an experiment: its running trials stop now and no new trial starts.
+    ///
+    /// On `resume`, each stopped trial starts again from its last checkpoint, at no cost to its
+    /// restart budget.
     Pause {
         /// Experiment id.
         experiment: u64,
@@ -379,6 +382,20 @@ mod tests {
     #[test]
     fn definitions_are_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn pause_says_that_running_trials_stop() {
+        // It once said they continue; the coordinator stops them.
+        let mut cli = Cli::command();
+        let pause = cli
+            .find_subcommand_mut("experiment")
+            .and_then(|c| c.find_subcommand_mut("pause"))
+            .expect("experiment pause");
+        let help = pause.render_long_help().to_string();
+        assert!(help.contains("its running trials stop now"), "{help}");
+        assert!(help.contains("from its last checkpoint"), "{help}");
+        assert!(!help.contains("continue"), "{help}");
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod telemetry;
 use crate::api::auth::{AuthInterceptor, Role, Tokens};
 use crate::error::{CoordError, Result};
 use crate::state::{State, Timing};
+use chorus_core::limits::BudgetLimits;
 use chorus_core::storage::{Storage, StorageOptions, StorageUri};
 use chorus_core::storage_policy::{StorageLocation, StoragePolicy};
 use chorus_proto::pb::experiment_service_server::ExperimentServiceServer;
@@ -51,6 +52,8 @@ pub struct Options {
     pub allowed_storage: Vec<String>,
     /// Accept `memory://` storage, which each process keeps to itself: for tests only.
     pub allow_memory_storage: bool,
+    /// What one experiment may ask for (trials, trials at once, restarts per trial).
+    pub budgets: BudgetLimits,
 }
 
 impl Options {
@@ -65,6 +68,7 @@ impl Options {
             metrics_listener: None,
             allowed_storage: Vec::new(),
             allow_memory_storage: false,
+            budgets: BudgetLimits::default(),
         }
     }
 }
@@ -77,6 +81,8 @@ pub struct Coordinator {
     policy: StoragePolicy,
     /// The store's cluster id, the last segment of every new experiment's storage.
     cluster_id: String,
+    /// What one experiment may ask for (trials, trials at once, restarts per trial).
+    pub budgets: BudgetLimits,
     storage_options: StorageOptions,
     /// Opened stores by URI: opening S3 or GCS clients is not free.
     stores: Mutex<HashMap<String, Storage>>,
@@ -127,6 +133,7 @@ impl Coordinator {
             state: Mutex::new(state),
             default_storage,
             policy,
+            budgets: opts.budgets,
             storage_options: opts.storage.clone(),
             stores: Mutex::new(HashMap::new()),
         })

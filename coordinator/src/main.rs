@@ -4,6 +4,7 @@ use anyhow::Context;
 use chorus_coordinator::api::auth::Tokens;
 use chorus_coordinator::state::Timing;
 use chorus_coordinator::{Options, run};
+use chorus_core::limits::BudgetLimits;
 use clap::Parser;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -57,6 +58,15 @@ struct Args {
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
+    /// Most trials one experiment may create (its max_trials, or its grid's size).
+    #[arg(long, env = "CHORUS_MAX_TRIALS_PER_EXPERIMENT", default_value_t = BudgetLimits::default().max_trials)]
+    max_trials_per_experiment: u64,
+    /// Most trials of one experiment running at once (its parallel_trials).
+    #[arg(long, env = "CHORUS_MAX_PARALLEL_TRIALS", default_value_t = BudgetLimits::default().max_parallel_trials)]
+    max_parallel_trials: u32,
+    /// Most restarts of one trial (an experiment's max_restarts).
+    #[arg(long, env = "CHORUS_MAX_RESTARTS", default_value_t = BudgetLimits::default().max_restarts)]
+    max_restarts: u32,
 }
 
 #[tokio::main]
@@ -78,6 +88,11 @@ async fn main() -> anyhow::Result<()> {
     opts.default_storage = args.storage;
     opts.storage.s3_endpoint = args.s3_endpoint;
     opts.metrics_listener = args.metrics_listen;
+    opts.budgets = BudgetLimits {
+        max_trials: args.max_trials_per_experiment,
+        max_parallel_trials: args.max_parallel_trials,
+        max_restarts: args.max_restarts,
+    };
     opts.allowed_storage = args.allowed_storage;
     opts.allow_memory_storage = args.allow_memory_storage;
     // An empty token is no token.

@@ -168,8 +168,16 @@ impl State {
         for row in self.store.load_experiments()? {
             next_experiment = next_experiment.max(row.id.0 + 1);
             let id = row.id;
-            let exp = Experiment::from_row(row)
-                .map_err(|e| CoordError::FailedPrecondition(format!("stored experiment {id} no longer parses: {e}")))?;
+            // A stored spec that can no longer be read must not keep the coordinator from
+            // starting: its experiment is kept (records, trials) and ends as failed, saying why.
+            let exp = match Experiment::from_row(row.clone()) {
+                Ok(exp) => exp,
+                Err(e) => {
+                    let reason = format!("its stored spec can no longer be read: {}", one_line(&e));
+                    tracing::error!(experiment = %id, "{reason}");
+                    Experiment::unreadable(row, &reason)
+                }
+            };
             counts.insert(id, Counts::default());
             experiments.insert(id, exp);
         }
@@ -244,9 +252,7 @@ impl State {
                 continue;
             }
             tracing::error!(experiment = %id, %reason, "failing the experiment: its searcher state cannot be read");
-            let why =
-                format!("{reason}; the experiment stopped rather than start its search over and run trials again");
-            self.end_experiment(id, ExperimentState::Failed, &why);
+            self.end_experiment(id, ExperimentState::Failed, &reason);
         }
     }
 
@@ -1341,6 +1347,14 @@ impl State {
 }
 
 /// Workers as one attempt-row field.
+/// A spec error on one line, for a message.
+fn one_line(e: &chorus_core::CoreError) -> String {
+    match e {
+        chorus_core::CoreError::Spec(errs) => errs.0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+        other => other.to_string(),
+    }
+}
+
 fn joined(workers: &[WorkerId]) -> WorkerId {
     WorkerId(workers.iter().map(|w| w.0.as_str()).collect::<Vec<_>>().join(","))
 }

@@ -698,7 +698,17 @@ fn a_failed_commit_changes_nothing_and_the_store_recovers() {
     let (_, mut rx) = join(&mut st, "w1", 1, vec![]);
     let a = assignments(&mut rx).remove(0);
     let tid = TrialId(a.trial_id);
-    report(&mut st, "w1", &a, 1, Kind::Started(pb::Started { restored_step: None })).unwrap();
+    report(
+        &mut st,
+        "w1",
+        &a,
+        1,
+        Kind::Started(pb::Started {
+            restored_step: None,
+            ..Default::default()
+        }),
+    )
+    .unwrap();
 
     st.store.cap_pages(Some(0));
     // Big enough to need pages the store cannot have; the attempt ends in the same report.

@@ -231,10 +231,7 @@ pub fn representative(space: &space::Space) -> Params {
                     serde_json::json!((min + max) / 2.0)
                 }
                 space::Param::LogUniform { min, max } => serde_json::json!((min * max).sqrt()),
-                other => other
-                    .grid_values()
-                    .and_then(|v| v.into_iter().next())
-                    .unwrap_or(Value::Null),
+                other => other.grid_value(0).unwrap_or(Value::Null),
             };
             (k.clone(), v)
         })

@@ -12,6 +12,7 @@ pub mod convert;
 pub mod error;
 pub mod history;
 pub mod ids;
+pub mod limits;
 pub mod metric;
 pub mod shards;
 pub mod space;

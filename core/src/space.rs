@@ -213,19 +213,11 @@ impl Param {
         }
     }
 
-    /// Every value a grid search visits, or `None` when the domain is continuous.
+    /// Every value a grid search visits, or `None` when the domain is continuous. Builds them
+    /// all: only for domains known to be small (use [`Param::grid_value`] otherwise).
     pub fn grid_values(&self) -> Option<Vec<Value>> {
-        match self {
-            Param::Constant { value } => Some(vec![value.clone()]),
-            Param::Categorical { values } => Some(values.clone()),
-            Param::IntUniform { min, max } => Some((*min..=*max).map(Value::from).collect()),
-            Param::QUniform { min, max, q } => {
-                let lo = (min / q).ceil() as i64;
-                let hi = (max / q).floor() as i64;
-                Some((lo..=hi).map(|k| float(tidy(k as f64 * q))).collect())
-            }
-            Param::Uniform { .. } | Param::LogUniform { .. } => None,
-        }
+        let len = u64::try_from(self.grid_len_exact()?).ok()?;
+        (0..len).map(|i| self.grid_value(i)).collect()
     }
 
     /// The `index`-th of [`Param::grid_values`], without building them.
@@ -238,10 +230,11 @@ impl Param {
                 (v <= *max).then(|| Value::from(v))
             }
             Param::QUniform { min, q, .. } => {
-                if index >= self.grid_len()? {
+                if index as u128 >= self.grid_len_exact()? {
                     return None;
                 }
-                Some(float(tidy(((min / q).ceil() as i64 + index as i64) as f64 * q)))
+                // Validation keeps min/q and max/q within ±2^53, where f64 counts exactly.
+                Some(float(tidy(((min / q).ceil() + index as f64) * q)))
             }
             Param::Uniform { .. } | Param::LogUniform { .. } => None,
         }
@@ -258,16 +251,22 @@ impl Param {
         }
     }
 
-    /// Number of grid points without building them (saturating).
+    /// Number of grid points without building them (saturating at `u64::MAX`).
     pub fn grid_len(&self) -> Option<u64> {
+        self.grid_len_exact().map(|n| u64::try_from(n).unwrap_or(u64::MAX))
+    }
+
+    /// Number of grid points without building them: an integer range of the whole `i64` has
+    /// 2^64, one more than a `u64` holds.
+    pub fn grid_len_exact(&self) -> Option<u128> {
         match self {
             Param::Constant { .. } => Some(1),
-            Param::Categorical { values } => Some(values.len() as u64),
-            Param::IntUniform { min, max } => Some((*max as i128 - *min as i128 + 1).min(u64::MAX as i128) as u64),
+            Param::Categorical { values } => Some(values.len() as u128),
+            Param::IntUniform { min, max } => Some((*max as i128 - *min as i128 + 1).max(0) as u128),
             Param::QUniform { min, max, q } => {
-                let lo = (min / q).ceil() as i64;
-                let hi = (max / q).floor() as i64;
-                Some((hi - lo + 1).max(0) as u64)
+                let (lo, hi) = ((min / q).ceil(), (max / q).floor());
+                // Float casts saturate (and NaN gives 0), so a degenerate range counts as empty.
+                Some(if hi >= lo { (hi - lo) as u128 + 1 } else { 0 })
             }
             Param::Uniform { .. } | Param::LogUniform { .. } => None,
         }
@@ -300,22 +299,65 @@ fn float(v: f64) -> Value {
     Number::from_f64(v).map(Value::Number).unwrap_or(Value::Null)
 }
 
-/// Number of points in the grid of `space` (saturating), or `None` when some domain is
-/// continuous. A conditional parameter multiplies only the points where it is active: with
-/// `momentum` under `optimizer: sgd`, the grid is the sgd points times the momenta plus the
-/// other optimizers' points alone.
+/// How many points the grid of a space has, as [`grid_count`] finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GridSize {
+    /// Some domain is a continuous range: there is no grid.
+    Continuous,
+    /// Exactly this many points. A conditional parameter multiplies only the points where it is
+    /// active: with `momentum` under `optimizer: sgd`, the grid is the sgd points times the
+    /// momenta plus the other optimizers' points alone.
+    Points(u128),
+    /// More than `u128::MAX` points.
+    Overflow,
+    /// Counting would take more than the steps allowed: conditions tangled so that too many
+    /// combinations of parent values lead to different subtrees. The grid has at least
+    /// `at_least` points: the product of the parameters that are always active.
+    TooIntricate { at_least: u128 },
+}
+
+/// Sizes the grid of `space` exactly, in at most `max_steps` steps: the cost does not depend on
+/// how many values a domain has (an integer range of 10^15 values costs what a list of two
+/// does), only on how many values conditions name.
+pub fn grid_count(space: &Space, max_steps: u64) -> GridSize {
+    let Some(mut grid) = Grid::new(space, max_steps) else {
+        return GridSize::Continuous;
+    };
+    let n = grid.count(0, &mut vec![None; grid.axes.len()]);
+    if grid.out_of_steps {
+        let at_least = space
+            .iter()
+            .filter(|(name, _)| space.condition(name).is_none())
+            .filter_map(|(_, p)| p.grid_len_exact())
+            .fold(1u128, u128::saturating_mul);
+        GridSize::TooIntricate { at_least }
+    } else if n == u128::MAX {
+        GridSize::Overflow
+    } else {
+        GridSize::Points(n)
+    }
+}
+
+/// Number of points in the grid of `space` when it has at most
+/// [`crate::limits::MAX_GRID_POINTS`] (what validation allows a grid search), or `None` when
+/// some domain is continuous or the grid is larger than that.
 pub fn grid_size(space: &Space) -> Option<u64> {
-    Some(Grid::new(space)?.count(0, &mut vec![None; space.len()]))
+    match grid_count(space, crate::limits::MAX_GRID_STEPS) {
+        GridSize::Points(n) if n <= crate::limits::MAX_GRID_POINTS as u128 => u64::try_from(n).ok(),
+        _ => None,
+    }
 }
 
 /// The `index`-th point of the grid: parameters in [`Space::order`] (name order without
 /// conditions), the last varying fastest, inactive ones left out. Computing a point from its
 /// index lets a searcher persist only a counter.
 pub fn grid_point(space: &Space, index: u64) -> Option<Params> {
-    let mut grid = Grid::new(space)?;
+    // A searcher's space passed validation, so its grid was sized within the step limit; the
+    // walk below visits no more subtrees than that sizing did.
+    let mut grid = Grid::new(space, u64::MAX)?;
     let n = grid.axes.len();
-    let mut chosen: Vec<Option<usize>> = vec![None; n];
-    let mut rest = index;
+    let mut chosen: Vec<Option<u64>> = vec![None; n];
+    let mut rest = index as u128;
     if rest >= grid.count(0, &mut chosen) {
         return None;
     }
@@ -324,18 +366,45 @@ pub fn grid_point(space: &Space, index: u64) -> Option<Params> {
         if !grid.active(i, &chosen) {
             continue;
         }
-        let axis = &grid.axes[i];
-        let pick = if axis.tested {
-            // Values of a parent lead to subtrees of different sizes: skip whole subtrees.
+        let pick = if grid.axes[i].tested {
+            // Values of a parent lead to subtrees of different sizes: skip whole subtrees, in
+            // value order, and whole runs of values no condition names (their subtrees are alike).
+            let (len, marks, other) = {
+                let a = &grid.axes[i];
+                (a.len, a.marks.clone(), a.other)
+            };
+            let below_other = match other {
+                Some(o) => {
+                    chosen[i] = Some(o);
+                    grid.count(i + 1, &mut chosen)
+                }
+                None => 0,
+            };
             let mut pick = None;
-            for v in 0..axis.len as usize {
-                chosen[i] = Some(v);
+            let mut from = 0u128;
+            for m in marks.iter().map(|m| *m as u128).chain([len]) {
+                let run = m - from;
+                if run > 0 && below_other > 0 {
+                    let span = run.saturating_mul(below_other);
+                    if rest < span {
+                        pick = Some((from + rest / below_other) as u64);
+                        chosen[i] = other;
+                        rest %= below_other;
+                        break;
+                    }
+                    rest -= span;
+                }
+                if m == len {
+                    break;
+                }
+                chosen[i] = Some(m as u64);
                 let below = grid.count(i + 1, &mut chosen);
                 if rest < below {
-                    pick = Some(v);
+                    pick = Some(m as u64);
                     break;
                 }
                 rest -= below;
+                from = m + 1;
             }
             pick?
         } else {
@@ -343,55 +412,70 @@ pub fn grid_point(space: &Space, index: u64) -> Option<Params> {
             if below == 0 {
                 return None;
             }
-            let v = rest / below;
+            let v = u64::try_from(rest / below).ok()?;
             rest %= below;
-            usize::try_from(v).ok()?
+            chosen[i] = Some(v);
+            v
         };
         let axis = &grid.axes[i];
-        chosen[i] = Some(pick);
-        out.insert(axis.name.to_string(), axis.param.grid_value(pick as u64)?);
+        out.insert(axis.name.to_string(), axis.param.grid_value(pick)?);
     }
     Some(out)
 }
 
 /// A discrete space laid out for counting the points below a partial assignment without
-/// enumerating them. An assignment holds each axis's value index (`None`: inactive or not yet
-/// chosen); the count below axis `i` depends only on the values of the earlier axes that later
-/// conditions test, which keys the memo.
+/// enumerating them. An assignment holds, per axis, a value index (`None`: inactive or not yet
+/// chosen); for an axis that conditions test, the values no condition names all lead to alike
+/// subtrees, so they share one representative index and are counted together.
 struct Grid<'a> {
     axes: Vec<Axis<'a>>,
-    memo: HashMap<(usize, Vec<Option<usize>>), u64>,
+    /// The count below axis `i` depends only on the values of the earlier axes that later
+    /// conditions test, which keys the memo.
+    memo: HashMap<(usize, Vec<Option<u64>>), u128>,
+    steps_left: u64,
+    out_of_steps: bool,
 }
 
 struct Axis<'a> {
     name: &'a str,
     param: &'a Param,
-    len: u64,
-    /// Per parent axis, which of its value indices activate this one; `None` when a parent is
-    /// not in the space (the axis is never active).
-    tests: Option<Vec<(usize, Vec<bool>)>>,
+    len: u128,
+    /// Per parent axis, the sorted indices of its values that activate this one; `None` when a
+    /// parent is not in the space (the axis is never active).
+    tests: Option<Vec<(usize, Vec<u64>)>>,
     /// A later axis tests this one, so its values must be told apart.
     tested: bool,
+    /// Sorted indices of this axis's values that some condition names.
+    marks: Vec<u64>,
+    /// The smallest index no condition names, standing for all of them; `None` when every value
+    /// is named.
+    other: Option<u64>,
     /// Earlier axes tested by this axis or a later one: what the count below it depends on.
     needed: Vec<usize>,
 }
 
 impl<'a> Grid<'a> {
-    fn new(space: &'a Space) -> Option<Self> {
+    fn new(space: &'a Space, max_steps: u64) -> Option<Self> {
         let order = space.order();
         let position: HashMap<&str, usize> = order.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+        let mut lookups: HashMap<&str, DomainIndex<'_>> = HashMap::new();
         let mut axes = Vec::with_capacity(order.len());
         for name in &order {
             let param = &space[name];
-            let len = param.grid_len()?;
+            let len = param.grid_len_exact()?;
             let tests = match space.condition(name) {
                 None => Some(Vec::new()),
                 Some(when) => when
                     .iter()
                     .map(|(parent, allowed)| {
                         let j = *position.get(parent.as_str())?;
-                        let values = space[parent.as_str()].grid_values()?;
-                        Some((j, values.iter().map(|v| allowed.contains(v)).collect()))
+                        let lookup = lookups
+                            .entry(order[j])
+                            .or_insert_with(|| DomainIndex::new(&space[order[j]]));
+                        let mut indices: Vec<u64> = allowed.iter().filter_map(|v| lookup.index_of(v)).collect();
+                        indices.sort_unstable();
+                        indices.dedup();
+                        Some((j, indices))
                     })
                     .collect(),
             };
@@ -401,37 +485,65 @@ impl<'a> Grid<'a> {
                 len,
                 tests,
                 tested: false,
+                marks: Vec::new(),
+                other: None,
                 needed: Vec::new(),
             });
         }
         let n = axes.len();
         let mut needed: BTreeSet<usize> = BTreeSet::new();
         for i in (0..n).rev() {
-            let parents: Vec<usize> = axes[i].tests.iter().flatten().map(|(j, _)| *j).collect();
-            needed.extend(parents.iter().copied());
+            let tests: Vec<(usize, Vec<u64>)> = axes[i].tests.iter().flatten().cloned().collect();
+            needed.extend(tests.iter().map(|(j, _)| *j));
             needed.retain(|j| *j < i);
             axes[i].needed = needed.iter().copied().collect();
-            for j in parents {
+            for (j, indices) in tests {
                 axes[j].tested = true;
+                axes[j].marks.extend(indices);
             }
+        }
+        for axis in &mut axes {
+            axis.marks.sort_unstable();
+            axis.marks.dedup();
+            // The first index missing from the sorted marks, if any is.
+            let first_gap = axis
+                .marks
+                .iter()
+                .enumerate()
+                .find(|(k, m)| **m != *k as u64)
+                .map_or(axis.marks.len() as u64, |(k, _)| k as u64);
+            axis.other = ((first_gap as u128) < axis.len).then_some(first_gap);
         }
         Some(Grid {
             axes,
             memo: HashMap::new(),
+            steps_left: max_steps,
+            out_of_steps: false,
         })
     }
 
     /// Whether axis `i` is active under the values chosen for the axes before it.
-    fn active(&self, i: usize, chosen: &[Option<usize>]) -> bool {
-        self.axes[i]
-            .tests
-            .as_ref()
-            .is_some_and(|tests| tests.iter().all(|(j, allowed)| chosen[*j].is_some_and(|v| allowed[v])))
+    fn active(&self, i: usize, chosen: &[Option<u64>]) -> bool {
+        self.axes[i].tests.as_ref().is_some_and(|tests| {
+            tests
+                .iter()
+                .all(|(j, allowed)| chosen[*j].is_some_and(|v| allowed.binary_search(&v).is_ok()))
+        })
+    }
+
+    fn step(&mut self) -> bool {
+        if self.steps_left == 0 {
+            self.out_of_steps = true;
+            return false;
+        }
+        self.steps_left -= 1;
+        true
     }
 
     /// Points of the grid below axis `i` given the values `chosen` for the axes before it
-    /// (saturating); `chosen[i..]` is scratch space, `None` on return.
-    fn count(&mut self, i: usize, chosen: &mut Vec<Option<usize>>) -> u64 {
+    /// (saturating at `u128::MAX`); `chosen[i..]` is scratch space, `None` on return. Returns 0
+    /// once out of steps.
+    fn count(&mut self, i: usize, chosen: &mut Vec<Option<u64>>) -> u128 {
         if i == self.axes.len() {
             return 1;
         }
@@ -439,21 +551,91 @@ impl<'a> Grid<'a> {
         if let Some(n) = self.memo.get(&key) {
             return *n;
         }
+        if !self.step() {
+            return 0;
+        }
         let n = if !self.active(i, chosen) {
             self.count(i + 1, chosen)
         } else if !self.axes[i].tested {
             self.axes[i].len.saturating_mul(self.count(i + 1, chosen))
         } else {
-            let mut sum = 0u64;
-            for v in 0..self.axes[i].len as usize {
-                chosen[i] = Some(v);
+            let (len, other) = (self.axes[i].len, self.axes[i].other);
+            let marks = std::mem::take(&mut self.axes[i].marks);
+            let mut sum = 0u128;
+            for m in &marks {
+                if !self.step() {
+                    break;
+                }
+                chosen[i] = Some(*m);
                 sum = sum.saturating_add(self.count(i + 1, chosen));
             }
+            if let Some(o) = other {
+                chosen[i] = Some(o);
+                let unnamed = len - marks.len() as u128;
+                sum = sum.saturating_add(unnamed.saturating_mul(self.count(i + 1, chosen)));
+            }
+            self.axes[i].marks = marks;
             chosen[i] = None;
             sum
         };
+        if self.out_of_steps {
+            return 0;
+        }
         self.memo.insert(key, n);
         n
+    }
+}
+
+/// Finds a value among the grid values of a discrete domain in constant time (a list is
+/// hashed once), so checking conditions costs what they name, not what their parents hold.
+pub struct DomainIndex<'a> {
+    param: &'a Param,
+    listed: HashMap<String, u64>,
+}
+
+impl<'a> DomainIndex<'a> {
+    pub fn new(param: &'a Param) -> Self {
+        let mut listed = HashMap::new();
+        if let Param::Categorical { values } = param {
+            for (i, v) in values.iter().enumerate() {
+                listed.entry(value_key(v)).or_insert(i as u64);
+            }
+        }
+        DomainIndex { param, listed }
+    }
+
+    /// Index of `v` among the domain's grid values, when a draw can be exactly `v`; always
+    /// `None` for floats, which conditions cannot test.
+    pub fn index_of(&self, v: &Value) -> Option<u64> {
+        match self.param {
+            Param::Constant { value } => (value == v).then_some(0),
+            Param::Categorical { .. } => self.listed.get(&value_key(v)).copied(),
+            Param::IntUniform { min, max } => {
+                let x = v.as_i64().filter(|x| (*min..=*max).contains(x))?;
+                u64::try_from(x as i128 - *min as i128).ok()
+            }
+            Param::Uniform { .. } | Param::LogUniform { .. } | Param::QUniform { .. } => None,
+        }
+    }
+}
+
+/// A string equal for two values exactly when the values are equal (`serde_json::Value`'s
+/// equality: `1` and `1.0` differ, `0.0` and `-0.0` do not).
+fn value_key(v: &Value) -> String {
+    match v {
+        Value::Number(n) if n.as_f64() == Some(0.0) && n.is_f64() => "0.0".to_string(),
+        Value::Array(items) => {
+            let parts: Vec<String> = items.iter().map(value_key).collect();
+            format!("[{}]", parts.join(","))
+        }
+        Value::Object(m) => {
+            let parts: Vec<String> = m
+                .iter()
+                .map(|(k, v)| format!("{}:{}", Value::from(k.as_str()), value_key(v)))
+                .collect();
+            format!("{{{}}}", parts.join(","))
+        }
+        other => other.to_string(),
     }
 }
 

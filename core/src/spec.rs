@@ -6,11 +6,12 @@
 //! and column.
 
 use crate::error::{CoreError, FieldError, SpecErrors};
-use crate::space::{self, Condition, Param, Params, Space};
+use crate::limits::{self, BudgetLimits, MAX_ERRORS};
+use crate::space::{self, Condition, DomainIndex, GridSize, Param, Params, Space};
 use crate::yaml_locate::Locations;
 use serde::{Deserialize, Serialize};
 use serde_json::{Number, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 /// An experiment file exactly as written (after overrides).
@@ -440,11 +441,35 @@ impl ValidSpec {
         }
     }
 
-    /// The spec as normalised YAML (defaults filled in), as stored and shown by `describe`.
+    /// The spec as normalised YAML (defaults filled in, `max_trials` resolved), as stored and
+    /// shown by `describe`. [`parse_stored`] reads it back to an equal `ValidSpec`.
     pub fn to_yaml(&self) -> String {
-        let mut spec = self.spec.clone();
-        spec.max_trials = Some(self.max_trials);
-        serde_yaml_ng::to_string(&spec).unwrap_or_default()
+        serde_yaml_ng::to_string(&self.spec).unwrap_or_default()
+    }
+
+    /// [`ValidSpec::to_yaml`], checked to read back to this very spec: what a coordinator stores,
+    /// so a spec it accepts can never be one it cannot load again.
+    pub fn to_stored_yaml(&self) -> Result<String, CoreError> {
+        let yaml = self.to_yaml();
+        match parse_stored(&yaml) {
+            Ok(back) if back == *self => Ok(yaml),
+            Ok(_) => Err(spec_err(
+                "",
+                None,
+                "the spec does not read back the same once normalised; it is refused so that no stored spec is unreadable",
+            )),
+            Err(CoreError::Spec(SpecErrors(errs))) => {
+                let first = errs.first().map_or(String::new(), |e| format!(": {e}"));
+                Err(spec_err(
+                    "",
+                    None,
+                    &format!(
+                        "the spec does not read back once normalised{first}; it is refused so that no stored spec is unreadable"
+                    ),
+                ))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The trial argv with `${params.NAME}` replaced. An argument that refers to a parameter
@@ -483,16 +508,119 @@ impl ValidSpec {
     }
 }
 
-/// Parses, applies `overrides` (`a.b.c=value`, value read as YAML), and validates.
+/// Parses, applies `overrides` (`a.b.c=value`, value read as YAML), and validates, with no
+/// budget limit: what the CLI does, since only a coordinator knows its own limits.
 pub fn parse(yaml: &str, overrides: &[String]) -> Result<ValidSpec, CoreError> {
-    let locs = Locations::scan(yaml);
+    parse_with(yaml, overrides, &BudgetLimits::UNLIMITED)
+}
+
+/// As [`parse`], and refuses budgets above `budgets` (what a coordinator does).
+pub fn parse_with(yaml: &str, overrides: &[String], budgets: &BudgetLimits) -> Result<ValidSpec, CoreError> {
+    check_size(yaml, overrides)?;
+    parse_text(yaml, overrides, budgets)
+}
+
+/// Reads back a spec written by [`ValidSpec::to_yaml`]: as [`parse`] without the size limit,
+/// which a normalised spec may exceed (block style is longer than flow style), and without
+/// budget limits, which the spec met when it was accepted.
+pub fn parse_stored(yaml: &str) -> Result<ValidSpec, CoreError> {
+    parse_text(yaml, &[], &BudgetLimits::UNLIMITED)
+}
+
+/// An experiment file as read from disk or stdin: at most [`limits::MAX_SPEC_BYTES`], and
+/// UTF-8 (the position of the first byte that is not is reported, so it can be found).
+pub fn spec_text(bytes: &[u8]) -> Result<&str, CoreError> {
+    if bytes.len() > limits::MAX_SPEC_BYTES {
+        return Err(too_large(bytes.len()));
+    }
+    std::str::from_utf8(bytes).map_err(|e| {
+        let valid = &bytes[..e.valid_up_to()];
+        let line = valid.iter().filter(|b| **b == b'\n').count() + 1;
+        let line_start = valid.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        // The prefix is valid UTF-8, so counting characters is exact.
+        let column = String::from_utf8_lossy(&valid[line_start..]).chars().count() + 1;
+        let byte = bytes[e.valid_up_to()];
+        spec_err(
+            "",
+            Some((line, column)),
+            &format!(
+                "the experiment file is not UTF-8 text: byte 0x{byte:02X} at offset {} does not start a UTF-8 character",
+                e.valid_up_to()
+            ),
+        )
+    })
+}
+
+fn too_large(len: usize) -> CoreError {
+    spec_err(
+        "",
+        None,
+        &format!(
+            "the experiment file is {len} bytes; the limit is {} bytes (1 MiB)",
+            limits::MAX_SPEC_BYTES
+        ),
+    )
+}
+
+fn check_size(yaml: &str, overrides: &[String]) -> Result<(), CoreError> {
+    if yaml.len() > limits::MAX_SPEC_BYTES {
+        return Err(too_large(yaml.len()));
+    }
+    if overrides.len() > limits::MAX_OVERRIDES {
+        return Err(spec_err(
+            "",
+            None,
+            &format!(
+                "{} --set overrides; the limit is {}",
+                overrides.len(),
+                limits::MAX_OVERRIDES
+            ),
+        ));
+    }
+    let total: usize = overrides.iter().map(String::len).sum();
+    if total > limits::MAX_OVERRIDE_BYTES {
+        return Err(spec_err(
+            "",
+            None,
+            &format!(
+                "the --set overrides total {total} bytes; the limit is {} bytes",
+                limits::MAX_OVERRIDE_BYTES
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The problems the first pass found, as spec errors.
+fn scan_errors(problems: &[(String, (usize, usize), String)], from_set: bool) -> CoreError {
+    CoreError::Spec(SpecErrors(
+        problems
+            .iter()
+            .map(|(path, at, message)| FieldError {
+                path: path.clone(),
+                location: (!from_set).then_some(*at),
+                message: if from_set {
+                    format!("{message} (from --set)")
+                } else {
+                    message.clone()
+                },
+            })
+            .collect(),
+    ))
+}
+
+fn parse_text(yaml: &str, overrides: &[String], budgets: &BudgetLimits) -> Result<ValidSpec, CoreError> {
+    let locs = Locations::scan(yaml, "");
+    if !locs.problems.is_empty() {
+        return Err(scan_errors(&locs.problems, false));
+    }
     let at = |path: &str| locs.get(path);
+    let mut overridden = Vec::new();
     let spec: ExperimentSpec = if overrides.is_empty() {
         deserialize_text(yaml, &at)?
     } else {
         // Parse the file first so its own errors keep their line numbers.
         let mut doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(yaml).map_err(|e| yaml_error(&e, ""))?;
-        let mut overridden = Vec::new();
         for o in overrides {
             let path = apply_override(&mut doc, o)?;
             overridden.push(path);
@@ -513,7 +641,19 @@ pub fn parse(yaml: &str, overrides: &[String]) -> Result<ValidSpec, CoreError> {
             }]))
         })?
     };
-    validate(spec, &at)
+    // A field an override set is not where the file says: name the override instead.
+    let place = |path: &str| {
+        let from_set = overridden.iter().any(|p| {
+            path.strip_prefix(p.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+        });
+        if from_set {
+            Place::Override
+        } else {
+            Place::File(at(path))
+        }
+    };
+    validate(spec, &place, budgets)
 }
 
 fn deserialize_text(yaml: &str, at: &dyn Fn(&str) -> Option<(usize, usize)>) -> Result<ExperimentSpec, CoreError> {
@@ -526,6 +666,12 @@ fn deserialize_text(yaml: &str, at: &dyn Fn(&str) -> Option<(usize, usize)>) -> 
         let inner = e.into_inner();
         let location = inner.location().map(|l| (l.line(), l.column())).or_else(|| at(&path));
         let message = strip_location(&inner.to_string());
+        // serde_yaml_ng starts nested errors with the path (or its parent), which the error
+        // shows already.
+        let message = match message.split_once(": ") {
+            Some((head, rest)) if !head.is_empty() && path.starts_with(head) => rest.to_string(),
+            _ => message,
+        };
         CoreError::Spec(SpecErrors(vec![FieldError {
             path,
             location,
@@ -573,10 +719,25 @@ fn apply_override(doc: &mut serde_yaml_ng::Value, o: &str) -> Result<String, Cor
             &format!("--set {o:?}: the key must be a dotted path such as parameters.lr.max"),
         ));
     }
+    let scan = Locations::scan(raw, path);
+    if !scan.problems.is_empty() {
+        return Err(scan_errors(&scan.problems, true));
+    }
     let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(raw)
         .map_err(|e| spec_err(path, None, &format!("--set {o:?}: value is not valid YAML: {e}")))?;
-    let mut cur = doc;
     let parts: Vec<&str> = path.split('.').collect();
+    if parts.len() > limits::MAX_DEPTH || parts.iter().any(|p| p.len() > limits::MAX_KEY_BYTES) {
+        return Err(spec_err(
+            "",
+            None,
+            &format!(
+                "--set {o:?}: a key is at most {} levels of {} bytes each",
+                limits::MAX_DEPTH,
+                limits::MAX_KEY_BYTES
+            ),
+        ));
+    }
+    let mut cur = doc;
     for (i, part) in parts.iter().enumerate() {
         let map = match cur {
             serde_yaml_ng::Value::Mapping(m) => m,
@@ -606,17 +767,57 @@ fn apply_override(doc: &mut serde_yaml_ng::Value, o: &str) -> Result<String, Cor
     unreachable!("a non-empty path always reaches its last part")
 }
 
-/// Semantic checks the schema cannot express; collects every problem.
-fn validate(mut spec: ExperimentSpec, at: &dyn Fn(&str) -> Option<(usize, usize)>) -> Result<ValidSpec, CoreError> {
+/// Where a field of the spec came from.
+enum Place {
+    /// The file, at this line and column when it is found there.
+    File(Option<(usize, usize)>),
+    /// A `--set` override.
+    Override,
+}
+
+/// Semantic checks the schema cannot express; collects every problem (the first
+/// [`MAX_ERRORS`] of them).
+///
+/// `place` says where each field came from.
+fn validate(
+    mut spec: ExperimentSpec,
+    place: &dyn Fn(&str) -> Place,
+    budgets: &BudgetLimits,
+) -> Result<ValidSpec, CoreError> {
     let mut errs = Vec::new();
+    let mut dropped = 0usize;
     let mut push = |path: String, message: String| {
-        let location = at(&path);
+        if errs.len() >= MAX_ERRORS {
+            dropped += 1;
+            return;
+        }
+        let (location, message) = match place(&path) {
+            Place::File(location) => (location, message),
+            Place::Override => (None, format!("{message} (from --set)")),
+        };
         errs.push(FieldError {
             path,
             location,
             message,
         });
     };
+    for (path, value) in floats(&spec) {
+        if let Some(v) = value
+            && !v.is_finite()
+        {
+            push(path, format!("{v} is not a finite number"));
+        }
+    }
+    if spec.parameters.len() > limits::MAX_PARAMETERS {
+        push(
+            "parameters".into(),
+            format!(
+                "{} parameters; the limit is {}",
+                spec.parameters.len(),
+                limits::MAX_PARAMETERS
+            ),
+        );
+    }
     if spec.name.trim().is_empty() {
         push("name".into(), "must not be empty".into());
     }
@@ -828,10 +1029,16 @@ fn validate(mut spec: ExperimentSpec, at: &dyn Fn(&str) -> Option<(usize, usize)
     if spec.checkpoint.keep_last == 0 {
         push("checkpoint.keep_last".into(), "must be at least 1".into());
     }
-    let grid = space::grid_size(&space);
     let max_trials = match spec.searcher.name {
-        SearcherName::Grid => match grid {
-            None if space.len() == spec.parameters.len() => {
+        // Sized only when every parameter converted and their number is within bounds: a grid
+        // of what is left would be sized for nothing.
+        SearcherName::Grid
+            if space.len() != spec.parameters.len() || spec.parameters.len() > limits::MAX_PARAMETERS =>
+        {
+            0
+        }
+        SearcherName::Grid => match space::grid_count(&space, limits::MAX_GRID_STEPS) {
+            GridSize::Continuous => {
                 let continuous: Vec<&str> = space
                     .iter()
                     .filter(|(_, p)| p.grid_len().is_none())
@@ -845,8 +1052,30 @@ fn validate(mut spec: ExperimentSpec, at: &dyn Fn(&str) -> Option<(usize, usize)
                 }
                 0
             }
-            None => 0,
-            Some(g) => spec.max_trials.map_or(g, |m| m.min(g)),
+            GridSize::Points(g) if g <= limits::MAX_GRID_POINTS as u128 => {
+                let g = g as u64;
+                spec.max_trials.map_or(g, |m| m.min(g))
+            }
+            too_many => {
+                let size = match too_many {
+                    GridSize::Points(g) => format!("{g} points"),
+                    GridSize::TooIntricate { at_least } => format!("at least {at_least} points"),
+                    _ => "more than 2^128 points".to_string(),
+                };
+                let message = match too_many {
+                    GridSize::TooIntricate { at_least } if at_least <= limits::MAX_GRID_POINTS as u128 => format!(
+                        "the grid's conditions are too intricate to size (more than {} steps); use fewer conditions between parameters",
+                        limits::MAX_GRID_STEPS
+                    ),
+                    _ => format!(
+                        "the grid has {size}, {}; a grid search is limited to {} points (use fewer values, or a random search)",
+                        grid_factors(&space),
+                        limits::MAX_GRID_POINTS
+                    ),
+                };
+                push("parameters".into(), message);
+                0
+            }
         },
         name => match spec.max_trials {
             Some(m) => m,
@@ -862,6 +1091,18 @@ fn validate(mut spec: ExperimentSpec, at: &dyn Fn(&str) -> Option<(usize, usize)
     for (field, message) in searcher_problems(&spec.searcher, spec.scheduler.as_ref()) {
         push(field, message);
     }
+    for (field, message) in budget_problems(&spec, max_trials, budgets) {
+        push(field, message);
+    }
+    // Stored and described with the budget it resolved to, so reading it back gives the same.
+    spec.max_trials = Some(max_trials);
+    if dropped > 0 {
+        errs.push(FieldError {
+            path: String::new(),
+            location: None,
+            message: format!("... and {dropped} more problems"),
+        });
+    }
     if errs.is_empty() {
         Ok(ValidSpec {
             spec,
@@ -872,6 +1113,88 @@ fn validate(mut spec: ExperimentSpec, at: &dyn Fn(&str) -> Option<(usize, usize)
     } else {
         Err(CoreError::Spec(SpecErrors(errs)))
     }
+}
+
+/// Every float field of the spec that a YAML `.nan` or `.inf` could reach, with its path.
+fn floats(spec: &ExperimentSpec) -> Vec<(String, Option<f64>)> {
+    let mut out = Vec::new();
+    if let Some(m) = &spec.metric {
+        out.push(("metric.target".to_string(), m.target));
+    }
+    for (i, m) in spec.metrics.iter().enumerate() {
+        out.push((format!("metrics.{i}.target"), m.target));
+    }
+    for (name, p) in &spec.parameters {
+        out.push((format!("parameters.{name}.q"), p.q));
+        out.push((
+            format!("parameters.{name}.min"),
+            p.min.as_ref().and_then(Number::as_f64),
+        ));
+        out.push((
+            format!("parameters.{name}.max"),
+            p.max.as_ref().and_then(Number::as_f64),
+        ));
+    }
+    let s = &spec.searcher;
+    out.push(("searcher.gamma".to_string(), s.gamma));
+    out.push(("searcher.quantile_fraction".to_string(), s.quantile_fraction));
+    out.push(("searcher.resample_probability".to_string(), s.resample_probability));
+    out
+}
+
+/// "10 x 1000 x 1000": the sizes of the parameters that make a grid large, largest first.
+fn grid_factors(space: &Space) -> String {
+    let mut sizes: Vec<(u128, &str)> = space
+        .iter()
+        .filter_map(|(name, p)| Some((p.grid_len_exact()?, name.as_str())))
+        .filter(|(n, _)| *n > 1)
+        .collect();
+    sizes.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
+    let shown: Vec<String> = sizes.iter().take(6).map(|(n, name)| format!("{name}: {n}")).collect();
+    let more = if sizes.len() > 6 {
+        format!(" and {} more", sizes.len() - 6)
+    } else {
+        String::new()
+    };
+    format!("from values per parameter {}{more}", shown.join(", "))
+}
+
+/// Budgets above what the coordinator allows; the flag that raises each is named.
+fn budget_problems(spec: &ExperimentSpec, max_trials: u64, budgets: &BudgetLimits) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if max_trials > budgets.max_trials {
+        let what = if spec.max_trials.is_none() {
+            format!("the grid has {max_trials} points, more than")
+        } else {
+            format!("{max_trials} is above")
+        };
+        out.push((
+            "max_trials".to_string(),
+            format!(
+                "{what} this coordinator's limit of {} trials per experiment (--max-trials-per-experiment)",
+                budgets.max_trials
+            ),
+        ));
+    }
+    if spec.parallel_trials > budgets.max_parallel_trials {
+        out.push((
+            "parallel_trials".to_string(),
+            format!(
+                "{} is above this coordinator's limit of {} (--max-parallel-trials)",
+                spec.parallel_trials, budgets.max_parallel_trials
+            ),
+        ));
+    }
+    if spec.max_restarts > budgets.max_restarts {
+        out.push((
+            "max_restarts".to_string(),
+            format!(
+                "{} is above this coordinator's limit of {} (--max-restarts)",
+                spec.max_restarts, budgets.max_restarts
+            ),
+        ));
+    }
+    out
 }
 
 /// Settings that do not fit the chosen algorithm, or values out of range.
@@ -954,8 +1277,13 @@ fn searcher_problems(s: &SearcherSpec, scheduler: Option<&SchedulerSpec>) -> Vec
             format!("must lie strictly between 0 and 1, got {g}"),
         ));
     }
-    if s.n_ei_candidates == Some(0) {
-        out.push(("searcher.n_ei_candidates".into(), "must be at least 1".into()));
+    match s.n_ei_candidates {
+        Some(0) => out.push(("searcher.n_ei_candidates".into(), "must be at least 1".into())),
+        Some(n) if n > limits::MAX_EI_CANDIDATES => out.push((
+            "searcher.n_ei_candidates".into(),
+            format!("{n} is above the limit of {}", limits::MAX_EI_CANDIDATES),
+        )),
+        _ => {}
     }
     if s.reduction_factor.is_some_and(|r| r < 2) {
         out.push(("searcher.reduction_factor".into(), "must be at least 2".into()));
@@ -1044,6 +1372,13 @@ fn param_of(p: &ParamSpec) -> Result<Param, (&'static str, String)> {
     if lo > hi {
         return Err(("min", format!("min ({min}) is greater than max ({max})")));
     }
+    // A draw spans max - min; past f64's range it is infinite and no draw can be made.
+    if !(hi - lo).is_finite() {
+        return Err((
+            "max",
+            format!("the range from {min} to {max} is wider than a float can hold"),
+        ));
+    }
     if p.q.is_some() && dist != Distribution::QUniform {
         return Err(("q", "only applies to distribution: q_uniform".into()));
     }
@@ -1068,6 +1403,14 @@ fn param_of(p: &ParamSpec) -> Result<Param, (&'static str, String)> {
             if !(q.is_finite() && q > 0.0) {
                 return Err(("q", format!("must be a positive number, got {q}")));
             }
+            // Grid values are counted as multiples of q; f64 counts them exactly up to 2^53.
+            const EXACT: f64 = (1u64 << 53) as f64;
+            if !((lo / q).abs() <= EXACT && (hi / q).abs() <= EXACT) {
+                return Err((
+                    "q",
+                    format!("{q} is too small for this range: min/q and max/q must lie within ±2^53"),
+                ));
+            }
             if (lo / q).ceil() > (hi / q).floor() {
                 return Err(("q", format!("no multiple of {q} lies between {min} and {max}")));
             }
@@ -1085,6 +1428,8 @@ fn conditions_of(
     problems: &mut Vec<(String, String)>,
 ) -> Vec<(String, Condition)> {
     let mut out = Vec::new();
+    // One hashed index per parent, so a condition costs what it names, not what its parent holds.
+    let mut lookups: BTreeMap<&str, DomainIndex<'_>> = BTreeMap::new();
     for (name, p) in params {
         let Some(when) = &p.when else { continue };
         let path = format!("parameters.{name}.when");
@@ -1125,8 +1470,11 @@ fn conditions_of(
                 ));
                 continue;
             }
+            let lookup = lookups
+                .entry(parent.as_str())
+                .or_insert_with(|| DomainIndex::new(parent_param));
             for (i, v) in values.iter().enumerate() {
-                if !parent_param.can_take(v) {
+                if lookup.index_of(v).is_none() {
                     let at = if listed { format!("{path}[{i}]") } else { path.clone() };
                     problems.push((at, format!("{parent} never takes {v} ({})", domain_text(parent_param))));
                 }
@@ -1155,44 +1503,113 @@ fn domain_text(p: &Param) -> String {
     }
 }
 
-/// Every cycle of `when` references between distinct, known parameters, each once: starting
-/// at its smallest name and closed by repeating it.
+/// One cycle of `when` references per group of parameters that depend on each other (a strongly
+/// connected component), starting at the group's smallest name and closed by repeating it; the
+/// shortest such cycle through that name. Linear in the parameters and their references.
 fn cycles(params: &BTreeMap<String, ParamSpec>) -> Vec<Vec<String>> {
-    let parents = |name: &str| -> Vec<&str> {
-        params[name]
-            .when
-            .iter()
-            .flat_map(|w| w.keys())
-            .map(String::as_str)
-            .filter(|p| *p != name && params.contains_key(*p))
-            .collect()
-    };
+    let names: Vec<&str> = params.keys().map(String::as_str).collect();
+    let index: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+    // Edges from a parameter to the parents it names, in name order.
+    let parents: Vec<Vec<usize>> = names
+        .iter()
+        .map(|name| {
+            params[*name]
+                .when
+                .iter()
+                .flat_map(|w| w.keys())
+                .filter(|p| p.as_str() != *name)
+                .filter_map(|p| index.get(p.as_str()).copied())
+                .collect()
+        })
+        .collect();
     let mut found = Vec::new();
-    // A cycle is reported from its smallest member, searching only through larger names, so
-    // each is found once however many members it has.
-    for start in params.keys() {
-        let mut path = vec![start.as_str()];
-        let mut stack = vec![parents(start)];
-        while let Some(next) = stack.last_mut() {
-            match next.pop() {
-                None => {
-                    stack.pop();
-                    path.pop();
+    for component in components(&parents) {
+        if component.len() < 2 {
+            continue;
+        }
+        let inside: HashSet<usize> = component.iter().copied().collect();
+        let start = *component.iter().min().expect("not empty");
+        // Breadth first from the smallest name, within the group, back to it.
+        let mut came_from: HashMap<usize, usize> = HashMap::new();
+        let mut queue = VecDeque::from([start]);
+        let mut last = None;
+        'search: while let Some(v) = queue.pop_front() {
+            for &w in &parents[v] {
+                if w == start {
+                    last = Some(v);
+                    break 'search;
                 }
-                Some(p) if p == start => {
-                    let mut cycle: Vec<String> = path.iter().map(|s| s.to_string()).collect();
-                    cycle.push(start.clone());
-                    found.push(cycle);
+                if inside.contains(&w) && !came_from.contains_key(&w) {
+                    came_from.insert(w, v);
+                    queue.push_back(w);
                 }
-                Some(p) if p > start.as_str() && !path.contains(&p) => {
-                    path.push(p);
-                    stack.push(parents(p));
+            }
+        }
+        let Some(mut v) = last else { continue };
+        let mut path = vec![v];
+        while v != start {
+            v = came_from[&v];
+            path.push(v);
+        }
+        path.reverse();
+        let mut cycle: Vec<String> = path.iter().map(|i| names[*i].to_string()).collect();
+        cycle.push(names[start].to_string());
+        found.push(cycle);
+    }
+    found.sort();
+    found
+}
+
+/// Strongly connected components of a graph given as adjacency lists (Tarjan's algorithm,
+/// iterative so a long chain of references cannot exhaust the stack).
+fn components(adj: &[Vec<usize>]) -> Vec<Vec<usize>> {
+    const UNSEEN: usize = usize::MAX;
+    let n = adj.len();
+    let (mut index, mut low, mut on_stack) = (vec![UNSEEN; n], vec![0; n], vec![false; n]);
+    let (mut stack, mut out, mut next) = (Vec::new(), Vec::new(), 0);
+    for root in 0..n {
+        if index[root] != UNSEEN {
+            continue;
+        }
+        let mut calls = vec![(root, 0usize)];
+        index[root] = next;
+        low[root] = next;
+        next += 1;
+        stack.push(root);
+        on_stack[root] = true;
+        while let Some(&(v, edge)) = calls.last() {
+            if let Some(&w) = adj[v].get(edge) {
+                calls.last_mut().expect("just read").1 += 1;
+                if index[w] == UNSEEN {
+                    index[w] = next;
+                    low[w] = next;
+                    next += 1;
+                    stack.push(w);
+                    on_stack[w] = true;
+                    calls.push((w, 0));
+                } else if on_stack[w] {
+                    low[v] = low[v].min(index[w]);
                 }
-                Some(_) => {}
+                continue;
+            }
+            calls.pop();
+            if let Some(&(u, _)) = calls.last() {
+                low[u] = low[u].min(low[v]);
+            }
+            if low[v] == index[v] {
+                let mut component = Vec::new();
+                while let Some(w) = stack.pop() {
+                    on_stack[w] = false;
+                    component.push(w);
+                    if w == v {
+                        break;
+                    }
+                }
+                out.push(component);
             }
         }
     }
-    found
+    out
 }
 
 /// Names in `${params.NAME}` references of `s` that are not parameters.
@@ -1639,3 +2056,7 @@ trial:
         );
     }
 }
+
+#[cfg(test)]
+#[path = "spec_limits_tests.rs"]
+mod limits_tests;

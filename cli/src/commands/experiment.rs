@@ -6,6 +6,8 @@ use crate::client::Coordinator;
 use crate::error::CliError;
 use crate::render;
 use chorus_core::CoreError;
+use chorus_core::error::{FieldError, SpecErrors};
+use chorus_core::limits::MAX_SPEC_BYTES;
 use chorus_core::spec::ValidSpec;
 use chorus_proto::pb;
 use serde_json::json;
@@ -223,16 +225,47 @@ fn state_change(exp: &pb::Experiment, output: Output) -> String {
     }
 }
 
-/// The experiment file; `-` reads stdin, so a generated spec can be piped in.
+/// The experiment file; `-` reads stdin, so a generated spec can be piped in. At most
+/// [`MAX_SPEC_BYTES`] are read (a larger file is refused before it is read, by its size) and
+/// the text must be UTF-8: both are spec errors (exit 2), the second with the position of the
+/// first byte that is not.
 pub(super) fn read_spec(path: &Path) -> Result<String, CliError> {
+    let limit = MAX_SPEC_BYTES as u64;
+    let mut bytes = Vec::new();
     if path.as_os_str() == "-" {
-        let mut s = String::new();
         std::io::stdin()
-            .read_to_string(&mut s)
+            .take(limit + 1)
+            .read_to_end(&mut bytes)
             .map_err(|e| CliError::io("cannot read the spec from stdin", e))?;
-        return Ok(s);
+    } else {
+        let what = || format!("cannot read {}", path.display());
+        let file = std::fs::File::open(path).map_err(|e| CliError::io(what(), e))?;
+        if let Ok(m) = file.metadata()
+            && m.is_file()
+            && m.len() > limit
+        {
+            return Err(too_large(&m.len().to_string()));
+        }
+        file.take(limit + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| CliError::io(what(), e))?;
     }
-    std::fs::read_to_string(path).map_err(|e| CliError::io(format!("cannot read {}", path.display()), e))
+    if bytes.len() as u64 > limit {
+        return Err(too_large(&format!("more than {limit}")));
+    }
+    match chorus_core::spec::spec_text(&bytes) {
+        Ok(_) => Ok(String::from_utf8(bytes).expect("checked to be UTF-8")),
+        Err(CoreError::Spec(errs)) => Err(CliError::Spec(errs)),
+        Err(other) => Err(CliError::Usage(other.to_string())),
+    }
+}
+
+fn too_large(size: &str) -> CliError {
+    CliError::Spec(SpecErrors(vec![FieldError {
+        path: String::new(),
+        location: None,
+        message: format!("the experiment file is {size} bytes; the limit is {MAX_SPEC_BYTES} bytes (1 MiB)"),
+    }]))
 }
 
 pub(super) fn validate_locally(yaml: &str, overrides: &[String]) -> Result<ValidSpec, CliError> {
@@ -269,5 +302,33 @@ mod tests {
 
         let fixed = validate_locally(yaml, &["parallel_trials=2".into()]).unwrap();
         assert_eq!(fixed.max_trials, 3);
+    }
+
+    #[test]
+    fn a_spec_file_is_bounded_and_utf8() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, bytes: &[u8]| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).unwrap();
+            p
+        };
+        let ok = write("ok.yaml", b"name: demo\n");
+        assert_eq!(read_spec(&ok).unwrap(), "name: demo\n");
+        // Once read whole (50 MB took 33 s to validate, then failed in transport with exit 1).
+        let big = write("big.yaml", &vec![b'#'; 3 * MAX_SPEC_BYTES]);
+        let err = read_spec(&big).unwrap_err();
+        assert_eq!(err.exit_code(), ExitCode::from(2));
+        assert_eq!(
+            err.report(),
+            "error: (document): the experiment file is 3145728 bytes; the limit is 1048576 bytes (1 MiB)\n"
+        );
+        // Once exit 1 with an I/O error that did not say where.
+        let latin1 = write("latin1.yaml", b"name: demo\ndescription: caf\xe9 cr\xe8me\n");
+        let err = read_spec(&latin1).unwrap_err();
+        assert_eq!(err.exit_code(), ExitCode::from(2));
+        assert_eq!(
+            err.report(),
+            "error: (document) (line 2, column 17): the experiment file is not UTF-8 text: byte 0xE9 at offset 27 does not start a UTF-8 character\n"
+        );
     }
 }

@@ -3,6 +3,7 @@
 use super::convert;
 use crate::Coordinator;
 use crate::error::CoordError;
+use chorus_core::limits::BudgetLimits;
 use chorus_core::storage::parse_log_chunk_name;
 use chorus_core::{ExperimentId, TrialId, spec};
 use chorus_proto::pb;
@@ -54,14 +55,17 @@ impl ExperimentService for ExperimentApi {
         req: Request<pb::SubmitExperimentRequest>,
     ) -> Result<Response<pb::SubmitExperimentResponse>, Status> {
         let req = req.into_inner();
-        let valid = spec::parse(&req.spec_yaml, &req.overrides).map_err(CoordError::from)?;
+        let valid = spec::parse_with(&req.spec_yaml, &req.overrides, &self.coord.budgets).map_err(CoordError::from)?;
+        // What is stored must read back: a spec that would not is refused here, never found
+        // unreadable when the coordinator restarts.
+        let stored = valid.to_stored_yaml().map_err(CoordError::from)?;
         let uri = self.coord.experiment_storage(valid.spec.storage.as_deref())?;
         let storage = self.coord.storage(&uri)?;
         let id = self.coord.lock().reserve_experiment_id();
         // The spec goes to storage before the experiment exists, so an unreachable store
         // rejects the submission instead of leaving an experiment that cannot keep records.
         let key = storage.spec_key(id);
-        let put = storage.store.put(&key, PutPayload::from(valid.to_yaml().into_bytes()));
+        let put = storage.store.put(&key, PutPayload::from(stored.into_bytes()));
         match tokio::time::timeout(STORAGE_TIMEOUT, put).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(CoordError::storage(&uri, &format!("write {key}"), &e).into()),
@@ -85,11 +89,13 @@ impl ExperimentService for ExperimentApi {
         req: Request<pb::ValidateExperimentRequest>,
     ) -> Result<Response<pb::ValidateExperimentResponse>, Status> {
         let req = req.into_inner();
-        let valid = spec::parse(&req.spec_yaml, &req.overrides).map_err(CoordError::from)?;
+        let valid = spec::parse_with(&req.spec_yaml, &req.overrides, &self.coord.budgets).map_err(CoordError::from)?;
         // What submit would refuse, validate refuses too.
         self.coord.experiment_storage(valid.spec.storage.as_deref())?;
+        let normalized_yaml = valid.to_stored_yaml().map_err(CoordError::from)?;
         Ok(Response::new(pb::ValidateExperimentResponse {
-            normalized_yaml: valid.to_yaml(),
+            normalized_yaml,
+            // Sized within the validation limits: 0 for a continuous space or one past them.
             grid_size: chorus_core::space::grid_size(&valid.space).unwrap_or(0),
         }))
     }
@@ -165,6 +171,7 @@ impl ExperimentService for ExperimentApi {
     ) -> Result<Response<pb::Experiment>, Status> {
         let req = req.into_inner();
         let id = ExperimentId(req.experiment_id);
+        check_budget_update(&self.coord.budgets, req.max_trials, req.parallel_trials)?;
         self.change(id, |st| {
             st.update_budget(id, req.max_trials, req.parallel_trials, req.max_failed_trials)
         })
@@ -322,6 +329,27 @@ impl ExperimentService for ExperimentApi {
         };
         Ok(Response::new(info))
     }
+}
+
+/// Refuses an `experiment update` past this coordinator's budget limits, as a submit would be.
+fn check_budget_update(
+    limits: &BudgetLimits,
+    max_trials: Option<u64>,
+    parallel_trials: Option<u32>,
+) -> Result<(), CoordError> {
+    if let Some(m) = max_trials.filter(|m| *m > limits.max_trials) {
+        return Err(CoordError::InvalidArgument(format!(
+            "max_trials: {m} is above this coordinator's limit of {} trials per experiment (--max-trials-per-experiment)",
+            limits.max_trials
+        )));
+    }
+    if let Some(p) = parallel_trials.filter(|p| *p > limits.max_parallel_trials) {
+        return Err(CoordError::InvalidArgument(format!(
+            "parallel_trials: {p} is above this coordinator's limit of {} (--max-parallel-trials)",
+            limits.max_parallel_trials
+        )));
+    }
+    Ok(())
 }
 
 /// What `ListWorkers` and `DrainWorker` say of one worker.

@@ -69,7 +69,7 @@ impl Experiment {
     /// Rebuilds an experiment from its row; the stored spec was valid when it was written. A
     /// searcher state that cannot be read leaves [`Experiment::unreadable_searcher`] set.
     pub fn from_row(row: ExperimentRow) -> Result<Self, chorus_core::CoreError> {
-        let spec = chorus_core::spec::parse(&row.spec_yaml, &[])?;
+        let spec = chorus_core::spec::parse_stored(&row.spec_yaml)?;
         let restored = serde_json::from_str(&row.searcher_state)
             .map_err(|e| CoordError::SearcherState {
                 searcher: spec.spec.searcher.name.as_str(),
@@ -81,7 +81,9 @@ impl Experiment {
             Err(e) => (
                 Box::new(search::Unreadable) as Box<dyn Searcher>,
                 Some(UnreadableSearcher {
-                    reason: e.to_string(),
+                    reason: format!(
+                        "{e}; the experiment stopped rather than start its search over and run trials again"
+                    ),
                     stored: row.searcher_state,
                 }),
             ),
@@ -105,6 +107,60 @@ impl Experiment {
             trials: Vec::new(),
             spec,
         })
+    }
+
+    /// An experiment whose stored spec can no longer be read (written by a version that stored
+    /// what it could not read back, or made invalid by a later one): kept with its row, its
+    /// trials and its records so the coordinator starts and nothing is lost, but it cannot run.
+    /// Its spec is a stand-in naming its metric, when that can still be found, so its trials
+    /// still rank; its stored YAML is shown as it is.
+    pub fn unreadable(row: ExperimentRow, reason: &str) -> Self {
+        let saved = row.searcher_state.clone();
+        let doc: serde_json::Value = serde_yaml_ng::from_str(&row.spec_yaml).unwrap_or_default();
+        let metric = doc
+            .pointer("/metric")
+            .or_else(|| doc.pointer("/metrics/0"))
+            .cloned()
+            .unwrap_or_default();
+        let name = metric["name"].as_str().unwrap_or("unknown").to_string();
+        let goal = match metric["goal"].as_str() {
+            Some("maximize") => "maximize",
+            _ => "minimize",
+        };
+        let stand_in: chorus_core::spec::ExperimentSpec = serde_json::from_value(serde_json::json!({
+            "name": row.name,
+            "metric": {"name": name, "goal": goal},
+            "searcher": {"name": "grid"},
+            "trial": {"command": ["(unreadable spec)"]},
+        }))
+        .expect("a fixed stand-in spec deserializes");
+        let spec = ValidSpec {
+            spec: stand_in,
+            space: Default::default(),
+            max_trials: row.max_trials,
+            timeout: None,
+        };
+        let mut exp = Experiment::new(row.id, spec, row.storage, row.created_ms);
+        exp.spec_yaml = row.spec_yaml;
+        exp.state = row.state;
+        exp.ended_ms = row.ended_ms;
+        exp.message = if row.state.is_terminal() {
+            row.message
+        } else {
+            reason.to_string()
+        };
+        exp.max_trials = row.max_trials;
+        exp.parallel_trials = row.parallel_trials;
+        exp.max_failed_trials = row.max_failed_trials;
+        exp.exhausted = true;
+        exp.created_trials = row.created_trials;
+        exp.searcher = Box::new(search::Unreadable);
+        // Written back as found; the experiment fails with the reason when its state loads.
+        exp.unreadable_searcher = Some(UnreadableSearcher {
+            reason: reason.to_string(),
+            stored: saved,
+        });
+        exp
     }
 
     pub fn row(&self) -> ExperimentRow {
@@ -142,7 +198,8 @@ impl Experiment {
     }
 }
 
-/// A saved searcher state that could not be read, and why.
+/// A saved searcher state that could not be read (or whose spec could not), and the message the
+/// experiment fails with.
 #[derive(Debug, Clone)]
 pub struct UnreadableSearcher {
     pub reason: String,

@@ -664,11 +664,19 @@ async fn a_stale_attempt_writes_nothing_more() {
         .collect();
     assert_eq!(steps, [1], "no report after the attempt went stale");
     assert_eq!(checkpoints(&seen).iter().map(|c| c.step).collect::<Vec<_>>(), [1]);
-    let stored: Vec<i64> = f.metrics(60).await.iter().map(|m| m["step"].as_i64().unwrap()).collect();
+    let stored: Vec<i64> = f
+        .metrics(60)
+        .await
+        .iter()
+        .map(|m| m["step"].as_i64().unwrap())
+        .collect();
     assert_eq!(stored, [1], "no metric line stored after the attempt went stale");
     let prefix = f.storage.checkpoints_prefix(ExperimentId(EXP), TrialId(60));
     assert_eq!(checkpoint::list_steps(&f.storage, &prefix).await.unwrap(), [1]);
-    assert!(!f.log(60, 1).await.contains("late output"), "no log chunk after it went stale");
+    assert!(
+        !f.log(60, 1).await.contains("late output"),
+        "no log chunk after it went stale"
+    );
 }
 
 /// A trial printing far more than storage takes (here: storage refuses every write) cannot grow
@@ -720,5 +728,8 @@ async fn output_beyond_the_backlog_blocks_the_trial_instead_of_growing_the_worke
     let (_, printed) = tokio::join!(runner, probe);
     // 400 lines of 65 kB are 26 MB; the backlog holds 16 MiB, the line channel 4 MiB at most.
     assert!(printed > 100, "the trial ran ({printed} lines)");
-    assert!(printed < 400, "the trial was held back, not buffered whole ({printed} lines)");
+    assert!(
+        printed < 400,
+        "the trial was held back, not buffered whole ({printed} lines)"
+    );
 }
