@@ -46,3 +46,43 @@ fn coordinator_refuses_a_public_address_without_tokens() {
         "{out:?}"
     );
 }
+
+#[test]
+fn a_worker_without_a_token_is_told_to_set_the_worker_token() {
+    let c = TestCluster::start(ClusterConfig {
+        workers: 0,
+        auth: Some(Auth {
+            user: "user-secret".into(),
+            worker: "worker-secret".into(),
+        }),
+        ..Default::default()
+    })
+    .unwrap();
+    for (token, expect) in [
+        (None, "set CHORUS_WORKER_TOKEN"),
+        (Some("wrong"), "refused the worker token (set with CHORUS_WORKER_TOKEN"),
+    ] {
+        let mut cmd = std::process::Command::new(chorus_tests::binary("chorus-worker"));
+        cmd.args([
+            "--coordinator",
+            &c.url(),
+            "--worker-id",
+            "tokenless",
+            "--gpus",
+            "0",
+            "--data-dir",
+        ])
+        .arg(c.dir.path().join("tokenless"))
+        .env_remove("CHORUS_TOKEN")
+        .env_remove("CHORUS_WORKER_TOKEN");
+        if let Some(t) = token {
+            cmd.env("CHORUS_WORKER_TOKEN", t);
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{token:?}: {stderr}");
+        assert!(stderr.contains(expect), "{token:?}: expected {expect:?}: {stderr}");
+        // The user's variable is the wrong advice for a worker.
+        assert!(!stderr.contains("set CHORUS_TOKEN"), "{token:?}: {stderr}");
+    }
+}

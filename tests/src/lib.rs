@@ -373,6 +373,11 @@ impl TestCluster {
         Ok(())
     }
 
+    /// The pid of worker `i`, while it runs.
+    pub fn worker_pid(&self, i: usize) -> Option<u32> {
+        self.workers.get(i)?.as_ref().map(|p| p.child.id())
+    }
+
     /// The proxy between worker `i` and the coordinator, with `config.worker_proxies`.
     pub fn worker_proxy(&self, i: usize) -> Option<&FaultProxy> {
         self.worker_proxies.get(i).and_then(Option::as_ref)
@@ -412,11 +417,6 @@ impl TestCluster {
             let _ = kill(Pid::from_raw(p.child.id() as i32), Signal::SIGTERM);
             let _ = p.child.wait();
         }
-    }
-
-    /// The process id of worker `i`, while it runs.
-    pub fn worker_pid(&self, i: usize) -> Option<u32> {
-        self.workers.get(i).and_then(Option::as_ref).map(|p| p.child.id())
     }
 
     /// Sends `signal` to worker `i` (SIGSTOP freezes it as a long pause or a partition would).
@@ -523,6 +523,15 @@ impl Drop for TestCluster {
         for p in self.workers.iter_mut().flatten() {
             p.sigkill();
         }
+        // A killed worker's guardian kills what its trials left, from records in the worker's
+        // data directory, and holds the directory's lock until it is done: the directory must
+        // not go before that.
+        for i in 0..self.workers.len() {
+            wait_unlocked(
+                &self.dir.path().join(format!("worker-{i}/worker.lock")),
+                Duration::from_secs(15),
+            );
+        }
         self.kill_coordinator();
         self.worker_proxies.clear();
         if std::env::var_os("CHORUS_KEEP_TEST_DIRS").is_some() {
@@ -567,6 +576,16 @@ pub fn output_within(mut cmd: Command, timeout: Duration) -> std::io::Result<Out
         stdout: out.join().unwrap_or_default(),
         stderr: err.join().unwrap_or_default(),
     })
+}
+
+fn wait_unlocked(lock: &Path, timeout: Duration) {
+    let Ok(file) = std::fs::OpenOptions::new().write(true).open(lock) else {
+        return;
+    };
+    let start = Instant::now();
+    while matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock)) && start.elapsed() < timeout {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn wait_for_port(addr: SocketAddr, timeout: Duration) -> Result<()> {

@@ -9,6 +9,8 @@
 use crate::attempts::{AttemptKey, Attempts, Held};
 use crate::config::{Timings, WorkerConfig};
 use crate::error::WorkerError;
+use crate::runner::containment::{Containment, DataDirLock};
+use crate::runner::environment::TrialEnv;
 use crate::runner::rendezvous::RendezvousCall;
 use crate::runner::{self, Events, ReportFlow, RunnerContext, Stop, StorageCache};
 use chorus_core::TrialId;
@@ -99,16 +101,21 @@ pub(crate) struct Agent {
     timings: Timings,
     endpoint: Endpoint,
     auth: BearerAuth,
+    has_token: bool,
     attempts: Attempts,
     runner: RunnerContext,
     link: watch::Sender<Link>,
     accepting: AtomicBool,
     /// Runners' rendezvous requests, taken by the task that serves them.
     rendezvous_calls: std::sync::Mutex<Option<mpsc::UnboundedReceiver<RendezvousCall>>>,
+    /// Held for the worker's lifetime; the kernel drops it when the process dies, however it dies.
+    _data_dir_lock: DataDirLock,
 }
 
 impl Agent {
-    pub fn new(config: WorkerConfig) -> Result<Arc<Self>, WorkerError> {
+    /// `lock` is the data directory's: the start kills whatever the directory's records name,
+    /// which must never be a live worker's trials.
+    pub fn new(config: WorkerConfig, lock: DataDirLock) -> Result<Arc<Self>, WorkerError> {
         let url = if config.coordinator.contains("://") {
             config.coordinator.clone()
         } else {
@@ -124,10 +131,12 @@ impl Agent {
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
         std::fs::create_dir_all(&config.data_dir).map_err(WorkerError::io(&config.data_dir))?;
+        let containment = Arc::new(Containment::for_worker(config.containment, &config.data_dir)?);
         let gpus = u32::try_from(config.gpu_ids.len()).unwrap_or(u32::MAX);
         let (rendezvous_tx, rendezvous_rx) = mpsc::unbounded_channel();
         Ok(Arc::new(Agent {
             auth: BearerAuth::new(config.token.as_deref())?,
+            has_token: config.token.is_some(),
             capacity: pb::Resources {
                 cpus: config.slots,
                 gpus,
@@ -144,6 +153,8 @@ impl Agent {
                 collective_timeout: config.timings.collective_timeout,
                 rendezvous_timeout: config.timings.rendezvous_timeout,
                 rendezvous: Some(rendezvous_tx),
+                containment,
+                trial_env: TrialEnv::from_worker(&config.trial_env),
             },
             rendezvous_calls: std::sync::Mutex::new(Some(rendezvous_rx)),
             worker_id: config.worker_id,
@@ -152,6 +163,7 @@ impl Agent {
             endpoint,
             link: watch::channel(None).0,
             accepting: AtomicBool::new(true),
+            _data_dir_lock: lock,
         }))
     }
 
@@ -165,8 +177,18 @@ impl Agent {
             slots = self.capacity.cpus,
             gpus = self.capacity.gpus,
             data_dir = %self.runner.data_dir.display(),
+            containment = %self.runner.containment.describe(),
             "worker starting"
         );
+        // Before registering: an attempt the coordinator hands out next must not run beside
+        // what an earlier run of this worker left.
+        let leftovers = self.runner.containment.kill_leftovers().await?;
+        if leftovers > 0 {
+            info!(
+                attempts = leftovers,
+                "killed the processes an earlier run of this worker left behind"
+            );
+        }
         let (stop_tx, stop_rx) = watch::channel(false);
         let calls = self.rendezvous_calls.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(mut calls) = calls {
@@ -292,7 +314,13 @@ impl Agent {
             .clone()
             .register(self.request(register))
             .await
-            .map_err(WorkerError::rpc("Register"))?
+            .map_err(|status| match status.code() {
+                Code::Unauthenticated => WorkerError::Unauthenticated {
+                    has_token: self.has_token,
+                    status: Box::new(status),
+                },
+                _ => WorkerError::rpc("Register")(status),
+            })?
             .into_inner();
         self.apply_kills(&terms.kill, "the coordinator no longer wants this attempt");
         // No deadline on the call itself: it lives as long as the session. Only its opening is bounded.

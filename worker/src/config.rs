@@ -2,6 +2,7 @@
 //! is left out (worker id, CPU slots, GPUs, data directory).
 
 use crate::error::WorkerError;
+use crate::runner::containment::ContainmentMode;
 use chorus_core::storage::StorageOptions;
 use clap::{Parser, ValueEnum};
 use std::collections::BTreeMap;
@@ -55,6 +56,19 @@ pub struct Args {
     /// attempt fails, e.g. `60s`.
     #[arg(long, env = "CHORUS_COLLECTIVE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub collective_timeout: Duration,
+    /// How trial processes are kept within their attempt: `cgroup` (a cgroup v2 per attempt),
+    /// `process` (subreaper and process tracking), or `auto` (cgroup where the host allows).
+    #[arg(long, env = "CHORUS_WORKER_CONTAINMENT", value_enum, default_value_t = ContainmentMode::Auto)]
+    pub containment: ContainmentMode,
+    /// A variable of the worker's environment that trials may inherit beyond the default
+    /// allow-list, by name or as `PREFIX*`; repeatable.
+    #[arg(
+        long = "trial-env",
+        value_name = "NAME",
+        env = "CHORUS_WORKER_TRIAL_ENV",
+        value_delimiter = ','
+    )]
+    pub trial_env: Vec<String>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -85,6 +99,9 @@ impl Args {
         let data_dir = self
             .data_dir
             .unwrap_or_else(|| PathBuf::from(".chorus").join(format!("worker-{worker_id}")));
+        for pattern in &self.trial_env {
+            crate::runner::environment::check_pattern(pattern).map_err(WorkerError::Config)?;
+        }
         // Trials get checkpoint paths through their environment and may chdir: hand them absolute ones.
         let data_dir = std::path::absolute(&data_dir).map_err(WorkerError::io(&data_dir))?;
         Ok(WorkerConfig {
@@ -103,6 +120,8 @@ impl Args {
                 collective_timeout: self.collective_timeout,
                 ..Timings::default()
             },
+            containment: self.containment,
+            trial_env: self.trial_env,
         })
     }
 }
@@ -123,6 +142,9 @@ pub struct WorkerConfig {
     /// Where peers reach this worker's collectives.
     pub advertise_address: std::net::IpAddr,
     pub timings: Timings,
+    pub containment: ContainmentMode,
+    /// Names (or `PREFIX*`) trials inherit beyond the default allow-list.
+    pub trial_env: Vec<String>,
 }
 
 impl WorkerConfig {
@@ -139,6 +161,8 @@ impl WorkerConfig {
             storage: StorageOptions::default(),
             advertise_address: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
             timings: Timings::default(),
+            containment: ContainmentMode::Auto,
+            trial_env: Vec::new(),
         }
     }
 }
@@ -151,8 +175,8 @@ pub struct Timings {
     pub connect_timeout: Duration,
     /// Between SIGTERM and SIGKILL when a trial is stopped.
     pub kill_grace: Duration,
-    /// How long output is still read after a trial's main process exited; grandchildren that
-    /// escaped its process group may hold the pipes open forever.
+    /// How long output is still read after a trial's processes were killed; one that could not
+    /// be killed may hold the pipes open forever.
     pub output_grace: Duration,
     /// How long a shutting-down worker keeps trying to deliver its buffered reports.
     pub shutdown_flush: Duration,

@@ -43,6 +43,18 @@ pub enum WorkerError {
         #[source]
         source: std::io::Error,
     },
+    /// Trial processes cannot be contained or killed (see `runner::containment`).
+    #[error("trial containment: {0}")]
+    Containment(String),
+    #[error("the data directory {0} is in use by another worker (each worker needs its own)")]
+    DataDirInUse(PathBuf),
+    /// The coordinator wants a worker token this worker lacks or it does not accept. Its own
+    /// message is meant for either kind of client, so this one names the worker's setting.
+    #[error("{}", unauthenticated_message(*.has_token, .status.message()))]
+    Unauthenticated {
+        has_token: bool,
+        status: Box<tonic::Status>,
+    },
     #[error("internal task failed: {0}")]
     Task(String),
     /// A built-in model or trainer setting that cannot work (shapes, names, values).
@@ -80,6 +92,14 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+fn unauthenticated_message(has_token: bool, detail: &str) -> String {
+    if has_token {
+        format!("the coordinator refused the worker token (set with CHORUS_WORKER_TOKEN or --token): {detail}")
+    } else {
+        "the coordinator requires a worker token: set CHORUS_WORKER_TOKEN (or pass --token)".into()
+    }
+}
+
 impl WorkerError {
     pub(crate) fn rpc(rpc: &'static str) -> impl FnOnce(tonic::Status) -> WorkerError {
         move |status| WorkerError::Rpc {
@@ -98,7 +118,11 @@ impl WorkerError {
     /// coordinator misconfigured mid-flight is waited out rather than allowed to kill them.
     pub fn is_permanent(&self) -> bool {
         match self {
-            WorkerError::Config(_) | WorkerError::CoordinatorUrl { .. } => true,
+            WorkerError::Config(_)
+            | WorkerError::CoordinatorUrl { .. }
+            | WorkerError::Unauthenticated { .. }
+            | WorkerError::DataDirInUse(_)
+            | WorkerError::Containment(_) => true,
             WorkerError::Rpc { status, .. } => matches!(
                 status.code(),
                 tonic::Code::Unauthenticated

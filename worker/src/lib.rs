@@ -1,5 +1,6 @@
 //! The Chorus worker: it registers with a coordinator, runs the trial attempts assigned to it on
-//! this host (command trials as child processes in their own process groups; builtin trials on a
+//! this host (command trials as contained child processes, none of which outlives its attempt
+//! or the worker, see `runner::containment`; builtin trials on a
 //! dedicated trainer thread with libtorch), stores their logs, metrics and checkpoints in object
 //! storage, and reports their events back in order.
 //!
@@ -22,12 +23,27 @@ pub mod trainer;
 
 pub use config::{Args, LogFormat, WorkerConfig};
 pub use error::WorkerError;
+pub use runner::containment::{DataDirLock, guardian};
 
 /// Runs the worker until `shutdown` completes (then stops its trials and flushes their reports)
 /// or until the coordinator refuses it for good. Takes the shutdown signal as a future so tests
-/// can run a worker in-process and stop it at will.
+/// can run a worker in-process and stop it at will. Takes the data directory's lock first.
 pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
-    agent::Agent::new(config)?.run(shutdown).await
+    let dir = config.data_dir.clone();
+    let lock = tokio::task::spawn_blocking(move || DataDirLock::acquire(&dir, guardian::LOCK_WAIT))
+        .await
+        .map_err(|e| WorkerError::Task(e.to_string()))??;
+    run_locked(config, lock, shutdown).await
+}
+
+/// As [`run`], with the data directory's lock already taken (the binary takes it, and forks
+/// the guardian that inherits it, before its runtime starts).
+pub async fn run_locked(
+    config: WorkerConfig,
+    lock: DataDirLock,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    agent::Agent::new(config, lock)?.run(shutdown).await
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).

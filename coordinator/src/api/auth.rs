@@ -42,7 +42,10 @@ impl AuthInterceptor {
             return Ok(());
         }
         let Some(header) = header else {
-            return Err(Status::unauthenticated("missing bearer token (set CHORUS_TOKEN)"));
+            return Err(Status::unauthenticated(match self.role {
+                Role::User => "missing bearer token (set CHORUS_TOKEN)",
+                Role::Worker => "missing bearer token (workers set CHORUS_WORKER_TOKEN)",
+            }));
         };
         let Some(token) = header.strip_prefix("Bearer ").map(str::trim) else {
             return Err(Status::unauthenticated("authorization header must be `Bearer <token>`"));
@@ -109,6 +112,9 @@ mod tests {
             Code::Unauthenticated
         );
         assert_eq!(user.check(None).unwrap_err().code(), Code::Unauthenticated);
+        assert!(user.check(None).unwrap_err().message().contains("CHORUS_TOKEN"));
+        let missing = worker.check(None).unwrap_err();
+        assert!(missing.message().contains("CHORUS_WORKER_TOKEN"), "{}", missing.message());
         assert_eq!(user.check(Some("u1")).unwrap_err().code(), Code::Unauthenticated);
         let open = AuthInterceptor::new(Arc::new(Tokens::default()), Role::User);
         assert!(open.check(None).is_ok());

@@ -1,11 +1,14 @@
 //! One attempt of one command trial, from its assignment to its `Exited` event: restore the newest
-//! checkpoint, run the program in its own process group, turn its output into metric events and
-//! log chunks, commit the checkpoints it writes, and stop it on a timeout or a kill order.
+//! checkpoint, run the program in its own process group and contained (no process of it outlives
+//! the attempt, see [`containment`]), turn its output into metric events and log chunks, commit
+//! the checkpoints it writes, and stop it on a timeout or a kill order.
 //!
 //! The runner knows nothing of gRPC or of the coordinator: it reports through [`Events`], a
 //! channel the agent drains, so every path here can be tested with `memory://` storage.
 
 mod builtin;
+pub mod containment;
+pub mod environment;
 mod output;
 mod process;
 mod records;
@@ -18,7 +21,6 @@ use chorus_core::metric::{self, Line};
 use chorus_core::storage::{self, Storage, StorageOptions, StorageUri};
 use chorus_core::{ExperimentId, TrialId, checkpoint, history};
 use chorus_proto::pb::{self, trial_event::Kind};
-use nix::sys::signal::Signal;
 use records::{Job, Recorder, RecorderSetup};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -282,6 +284,10 @@ pub struct RunnerContext {
     pub rendezvous_timeout: Duration,
     /// Rendezvous requests of multi-rank attempts go here; the agent serves them.
     pub rendezvous: Option<rendezvous::RendezvousSender>,
+    /// Keeps every process of a command trial within its attempt.
+    pub containment: Arc<containment::Containment>,
+    /// What command trials inherit of the worker's environment.
+    pub trial_env: environment::TrialEnv,
 }
 
 impl RunnerContext {
@@ -512,7 +518,7 @@ async fn run_prepared(
         worker_id: &ctx.worker_id,
         extra_env: &distributed,
     };
-    let mut proc = match process::spawn(&spec) {
+    let mut proc = match process::spawn(&spec, &ctx.containment, &ctx.trial_env).await {
         Ok(c) => c,
         Err(message) => return exited(pb::ExitKind::Failed, None, message),
     };
@@ -547,7 +553,7 @@ async fn run_prepared(
                 let t = timeout.unwrap_or_default();
                 info!(trial = a.trial_id, attempt = a.attempt, timeout = ?t, "trial timed out; stopping its process group");
                 ending = Some(Ending::TimedOut(t));
-                proc.group.signal(Signal::SIGTERM);
+                proc.processes.terminate();
                 hard_kill_at = Some(Instant::now() + ctx.kill_grace);
             }
             changed = stop.changed(), if ending.is_none() && stop_open => {
@@ -561,20 +567,25 @@ async fn run_prepared(
                     Stop::Kill(reason) => Ending::Killed(reason),
                     Stop::Shutdown => Ending::Shutdown,
                 });
-                proc.group.signal(Signal::SIGTERM);
+                proc.processes.terminate();
                 hard_kill_at = Some(Instant::now() + ctx.kill_grace);
             }
             _ = sleep_until(hard_kill_at) => {
                 warn!(trial = a.trial_id, attempt = a.attempt, grace = ?ctx.kill_grace, "trial ignored SIGTERM; sending SIGKILL");
-                proc.group.signal(Signal::SIGKILL);
+                proc.processes.kill_now();
                 hard_kill_at = None;
             }
         }
     };
-    // Whatever the main process left behind in its group would outlive the attempt (and hold
-    // GPU memory, or the pipes we read): a finished attempt owns no processes.
-    proc.group.signal(Signal::SIGKILL);
-    proc.group.disarm();
+    // Whatever the main process left behind, in its group or out of it (setsid, daemons), would
+    // outlive the attempt (and hold GPU memory, or the pipes we read): a finished attempt owns
+    // no processes.
+    let process::Running { child, mut processes } = proc;
+    drop(child);
+    processes.root_reaped();
+    if let Err(e) = processes.kill_all().await {
+        warn!(trial = a.trial_id, attempt = a.attempt, error = %e, "cannot kill every process of the trial; the next worker start will");
+    }
 
     let grace = tokio::time::sleep(ctx.output_grace);
     tokio::pin!(grace);
@@ -585,7 +596,7 @@ async fn run_prepared(
                 None => break,
             },
             _ = &mut grace => {
-                warn!(trial = a.trial_id, attempt = a.attempt, "output pipes are still open after the trial exited (a process left its group?); no longer reading them");
+                warn!(trial = a.trial_id, attempt = a.attempt, "output pipes are still open after the trial's processes were killed; no longer reading them");
                 break;
             }
         }

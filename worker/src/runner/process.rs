@@ -1,12 +1,13 @@
-//! Starting a trial's program in its own process group, signalling the group, and naming how the
-//! program ended.
+//! Starting a trial's program in its own process group, contained (see `containment`) and with
+//! the environment it is allowed, and naming how the program ended.
 
+use super::containment::{Containment, Enclosure};
+use super::environment::TrialEnv;
 use chorus_proto::pb;
-use nix::errno::Errno;
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use tracing::warn;
 
 pub(super) struct Spec<'a> {
@@ -21,52 +22,28 @@ pub(super) struct Spec<'a> {
 
 pub(super) struct Running {
     pub child: tokio::process::Child,
-    pub group: Group,
+    /// Every process of the attempt; dropped without [`Enclosure::kill_all`], it kills them.
+    pub processes: Enclosure,
 }
 
-/// The trial's process group. Dropping it armed kills the whole group, so an attempt whose task
-/// is cancelled (the worker panics or its runtime ends) leaves no processes behind; `kill_on_drop`
-/// alone would only reach the group leader.
-pub(super) struct Group {
-    pgid: Option<Pid>,
-    armed: bool,
-}
-
-impl Group {
-    pub fn signal(&self, sig: Signal) {
-        let Some(pgid) = self.pgid else { return };
-        match killpg(pgid, sig) {
-            Ok(()) | Err(Errno::ESRCH) => {}
-            Err(e) => warn!(pgid = pgid.as_raw(), signal = %sig, error = %e, "cannot signal the trial's process group"),
-        }
-    }
-
-    /// Called once the group is known empty: its id may be reused by an unrelated group later.
-    pub fn disarm(&mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        if self.armed {
-            self.signal(Signal::SIGKILL);
-        }
-    }
-}
-
-pub(super) fn spawn(spec: &Spec<'_>) -> Result<Running, String> {
+pub(super) async fn spawn(
+    spec: &Spec<'_>,
+    containment: &Arc<Containment>,
+    inherited: &TrialEnv,
+) -> Result<Running, String> {
     let a = spec.assignment;
     let Some((program, args)) = a.command.split_first() else {
         return Err("the assignment has an empty command".into());
     };
+    let mut processes = containment.enclose(a.trial_id, a.attempt, a.rank).await?;
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
+        // The worker's own environment holds secrets (its token, storage credentials): only
+        // what the allow-list names is passed on.
+        .env_clear()
+        .envs(inherited.vars().iter().map(|(k, v)| (k, v)))
         // Python buffers stdout in a pipe; metric lines must arrive as they are printed.
         .env("PYTHONUNBUFFERED", "1")
-        // The worker's own credentials are not the trial's business.
-        .env_remove("CHORUS_WORKER_TOKEN")
-        .env_remove("CHORUS_RESTORED_STEP")
         .envs(&a.env)
         .env("CHORUS_EXPERIMENT_ID", a.experiment_id.to_string())
         .env("CHORUS_TRIAL_ID", a.trial_id.to_string())
@@ -89,22 +66,42 @@ pub(super) fn spawn(spec: &Spec<'_>) -> Result<Running, String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
-        // Its own group, so one signal reaches every process the trial starts (data loaders,
-        // torchrun's ranks, shell pipelines) and none of the worker's.
+        // Its own group, so a polite stop (SIGTERM) reaches every process the trial starts
+        // (data loaders, torchrun's ranks, shell pipelines) and none of the worker's.
         .process_group(0);
-    #[cfg(target_os = "linux")]
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    let worker_pid = std::process::id() as libc::pid_t;
+    // SAFETY: prctl and getppid are async-signal-safe and touch no memory of the parent.
     unsafe {
         // If the worker is SIGKILLed its trials must not run on unsupervised: the coordinator will
-        // place them again elsewhere, and two copies would write the same records.
-        cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from));
+        // place them again elsewhere, and two copies would write the same records. The rest of
+        // the tree is the next worker start's to kill (see `containment`).
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            // The worker died between the fork and the prctl: the signal will never come.
+            if libc::getppid() != worker_pid {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
     }
-    let child = cmd.spawn().map_err(|e| format!("cannot start {program:?}: {e}"))?;
-    let pgid = child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
-    Ok(Running {
-        child,
-        group: Group { pgid, armed: true },
-    })
+    if let Err(e) = processes.configure(&mut cmd) {
+        discard(processes).await;
+        return Err(e);
+    }
+    match processes.spawn(&mut cmd).await {
+        Ok(child) => Ok(Running { child, processes }),
+        Err(e) => {
+            discard(processes).await;
+            Err(format!("cannot start {program:?}: {e}"))
+        }
+    }
+}
+
+/// Removes the record (and cgroup) of an attempt whose program never started.
+async fn discard(processes: Enclosure) {
+    if let Err(e) = processes.kill_all().await {
+        warn!(error = %e, "cannot clean up after a trial that did not start");
+    }
 }
 
 /// How a program that ended on its own did.

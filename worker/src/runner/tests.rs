@@ -29,6 +29,10 @@ fn fixture(name: &str) -> Fixture {
         collective_timeout: Duration::from_secs(5),
         rendezvous_timeout: Duration::from_secs(5),
         rendezvous: None,
+        containment: Arc::new(
+            containment::Containment::new(containment::ContainmentMode::Auto, &dir.path().join("data")).unwrap(),
+        ),
+        trial_env: environment::TrialEnv::from_worker(&[]),
     };
     let storage_uri = format!("memory://runner-{name}");
     let storage = ctx.stores.open(&storage_uri).unwrap();
@@ -547,27 +551,24 @@ async fn failures_name_their_cause() {
     assert!(exited.message.contains("cannot open storage"), "{}", exited.message);
 }
 
-#[tokio::test]
-async fn leftover_processes_do_not_hold_the_attempt_open() {
-    let f = fixture("leftovers");
-    // One grandchild stays in the group (killed when the main process exits); one leaves it with
-    // setsid and keeps the pipes open (only the output grace gets the runner past it).
+/// A trial's detached processes (a background child in its group, a `setsid` one holding the
+/// pipes, a double-forked daemon) die when its main process exits: a finished attempt owns no
+/// processes, in either containment mode.
+async fn detached_processes_die_with_the_attempt(f: Fixture) {
     let a = f.assignment(
         51,
         1,
         r#"
         sleep 1000 &
         setsid sh -c 'echo $$ > "$SCRATCH/escaped"; exec sleep 1000' &
-        while [ ! -s "$SCRATCH/escaped" ]; do sleep 0.05; done
+        sh -c 'setsid sh -c "echo \$\$ > \"$SCRATCH/daemon\"; exec sleep 1000" &' &
+        while [ ! -s "$SCRATCH/escaped" ] || [ ! -s "$SCRATCH/daemon" ]; do sleep 0.05; done
         echo $$ > "$SCRATCH/pgid"
         echo main-done
     "#,
     );
     let started = StdInstant::now();
     let (exited, _) = f.run(&a).await;
-    let escaped: i32 = wait_for_file(&f.scratch("escaped")).await.trim().parse().unwrap();
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(escaped), nix::sys::signal::Signal::SIGKILL);
-
     assert_eq!(kind(&exited), pb::ExitKind::Succeeded, "{exited:?}");
     assert!(
         started.elapsed() < Duration::from_secs(8),
@@ -580,7 +581,66 @@ async fn leftover_processes_do_not_hold_the_attempt_open() {
         .parse()
         .unwrap();
     assert_group_gone(pgid).await;
+    for name in ["escaped", "daemon"] {
+        let pid: i32 = wait_for_file(&f.scratch(name)).await.trim().parse().unwrap();
+        assert!(!is_alive(pid), "the {name} process outlived its attempt");
+    }
     assert!(f.log(51, 1).await.contains("main-done\n"));
+}
+
+fn is_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        let state = s.rfind(')').and_then(|i| s[i + 1..].split_whitespace().next());
+        !matches!(state, Some("Z" | "X") | None)
+    })
+}
+
+#[tokio::test]
+async fn detached_processes_die_with_the_attempt_in_the_default_containment() {
+    detached_processes_die_with_the_attempt(fixture("leftovers")).await;
+}
+
+#[tokio::test]
+async fn detached_processes_die_with_the_attempt_under_process_tracking() {
+    let mut f = fixture("leftovers-tracked");
+    f.ctx.containment =
+        Arc::new(containment::Containment::new(containment::ContainmentMode::Process, &f.ctx.data_dir).unwrap());
+    detached_processes_die_with_the_attempt(f).await;
+}
+
+/// The trial gets the allow-list of the worker's environment, its own `env` and Chorus's
+/// variables; never the worker's token or storage credentials.
+#[tokio::test]
+async fn a_trial_does_not_inherit_the_workers_secrets() {
+    let mut f = fixture("env");
+    f.ctx.trial_env = environment::TrialEnv::from_vars(
+        [
+            ("PATH", std::env::var("PATH").unwrap_or_default().as_str()),
+            ("LC_ALL", "C"),
+            ("CHORUS_WORKER_TOKEN", "worker-secret"),
+            ("CHORUS_TOKEN", "user-secret"),
+            ("AWS_SECRET_ACCESS_KEY", "aws-secret"),
+            ("UNLISTED", "not-on-the-list"),
+        ]
+        .map(|(k, v)| (k.into(), v.into())),
+        &[],
+    );
+    let a = f.assignment(52, 1, "env");
+    let (exited, _) = f.run(&a).await;
+    assert_eq!(kind(&exited), pb::ExitKind::Succeeded, "{exited:?}");
+    let env = f.log(52, 1).await;
+    for leaked in ["secret", "CHORUS_TOKEN", "AWS_", "UNLISTED"] {
+        assert!(!env.contains(leaked), "the trial saw {leaked}:\n{env}");
+    }
+    for line in [
+        "LC_ALL=C\n",
+        "CHORUS_TRIAL_ID=52\n",
+        "CHORUS_ATTEMPT=1\n",
+        "CHORUS_ATTEMPT_TOKEN=",
+    ] {
+        assert!(env.contains(line), "the trial lacks {line}:\n{env}");
+    }
+    assert!(env.contains(&format!("SCRATCH={}\n", f.scratch.path().display())));
 }
 
 /// Retention keeps the newest checkpoints and the best by the experiment's metric, including a
