@@ -123,7 +123,13 @@ mod tests {
     fn finds_a_marked_child_and_not_after_it_exits() {
         let marker = format!("chorus-marker-test-{}", std::process::id());
         let mut child = Command::new("sleep").arg("30").env("MARK", &marker).spawn().unwrap();
-        let found = marked_processes(&marker);
+        // Polled: right after the spawn the child may not have executed `sleep` yet.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut found = marked_processes(&marker);
+        while found.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            found = marked_processes(&marker);
+        }
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found[0].pid, child.id() as i32);
         assert_eq!(found[0].ppid, std::process::id() as i32);
