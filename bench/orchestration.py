@@ -12,6 +12,7 @@ Each scenario runs --runs times (default 5) on a fresh coordinator and workers; 
 max are printed as a Markdown table for docs/BENCHMARKS.md.
 
 Usage: python3 bench/orchestration.py [--runs 5] [--only a|b] [--build]
+       CHORUS_BENCH_BIN=DIR python3 bench/orchestration.py ...   (binaries from DIR)
 """
 import argparse
 import json
@@ -23,7 +24,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release")
+# CHORUS_BENCH_BIN runs another build (e.g. an earlier commit's) for a side-by-side comparison.
+BIN = os.environ.get("CHORUS_BENCH_BIN", os.path.join(ROOT, "target", "release"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 SPEC = """
