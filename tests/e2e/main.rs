@@ -2,6 +2,7 @@
 
 mod auth;
 mod builtin;
+mod chaos;
 mod containment;
 mod crash;
 mod data_parallel;

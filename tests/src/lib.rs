@@ -1,18 +1,26 @@
 //! `TestCluster`: the real Chorus binaries on ephemeral loopback ports, for end-to-end tests.
 //!
 //! It starts `chorus-coordinator` and any number of `chorus-worker` processes from the
-//! workspace's target directory, runs the `chorus` CLI against them, and kills any of them
-//! with SIGKILL on demand. A local S3 server (`s3s-fs`) can be started beside them. Nothing
+//! workspace's target directory, runs the `chorus` CLI against them, and injects faults on
+//! demand: SIGKILL, SIGSTOP and SIGCONT of any of them, a restart under the same id, a worker
+//! cut off from the coordinator ([`proxy::FaultProxy`] between them), a full disk under any of
+//! them ([`Tmpfs`]). A local S3 server (`s3s-fs`) can be started beside them. Nothing
 //! here talks to anything but 127.0.0.1.
+
+pub mod fault;
+pub mod proxy;
 
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
+
+pub use fault::{MarkedProcess, marked_processes};
+pub use proxy::{FaultProxy, ProxyMode};
 
 /// Directory holding the workspace's binaries: the test executable lives in `target/<profile>/deps`.
 pub fn bin_dir() -> PathBuf {
@@ -53,6 +61,13 @@ pub struct ClusterConfig {
     pub env: Vec<(String, String)>,
     /// Serve the coordinator's Prometheus metrics on a free port.
     pub metrics: bool,
+    /// Create the cluster's directory in this directory instead of the system's temporary one,
+    /// and run the coordinator and workers with their working directory in `ROOT/cwd` and
+    /// `TMPDIR=ROOT/tmp`, so everything they write lands under `ROOT` where a test can see it.
+    pub root: Option<PathBuf>,
+    /// Connect each worker to the coordinator through its own [`FaultProxy`], so a test can
+    /// cut or stall one worker's link ([`TestCluster::worker_proxy`]).
+    pub worker_proxies: bool,
     /// More coordinator flags, e.g. `--allowed-storage`.
     pub coordinator_args: Vec<String>,
     /// The coordinator's data directory; `coordinator/` in the cluster's directory when `None`.
@@ -69,6 +84,8 @@ impl Default for ClusterConfig {
             storage: None,
             env: Vec::new(),
             metrics: false,
+            root: None,
+            worker_proxies: false,
             coordinator_args: Vec::new(),
             coordinator_dir: None,
         }
@@ -80,11 +97,26 @@ struct Proc {
 }
 
 impl Proc {
+    fn signal(&self, sig: Signal) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), sig);
+    }
+
     fn sigkill(&mut self) {
-        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+        self.signal(Signal::SIGKILL);
         let _ = self.child.wait();
     }
 }
+
+/// The exit status of a process that ended by itself, taking it out of `slot`.
+fn reap(slot: &mut Option<Proc>) -> Option<ExitStatus> {
+    let status = slot.as_mut()?.child.try_wait().ok()??;
+    *slot = None;
+    Some(status)
+}
+
+/// How long a CLI call may take before the harness kills it (a stopped coordinator would
+/// otherwise hang a test).
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct TestCluster {
     pub dir: tempfile::TempDir,
@@ -94,28 +126,68 @@ pub struct TestCluster {
     /// Where the coordinator serves `/metrics`, when `config.metrics` is set.
     pub metrics_addr: Option<SocketAddr>,
     workers: Vec<Option<Proc>>,
+    worker_proxies: Vec<Option<FaultProxy>>,
+    /// File systems mounted under `dir`, unmounted (after every process is gone) on drop.
+    mounts: Vec<Tmpfs>,
 }
 
 impl TestCluster {
     /// Starts a coordinator and `config.workers` workers, and waits until all are registered.
     pub fn start(config: ClusterConfig) -> Result<TestCluster> {
-        let mut c = TestCluster {
-            dir: tempfile::Builder::new().prefix("chorus-e2e-").tempdir()?,
+        let mut c = TestCluster::create(config)?;
+        c.launch()?;
+        Ok(c)
+    }
+
+    /// Makes the cluster's directory but starts nothing, so a test can prepare it (mount a
+    /// small file system on a data directory, say) before [`TestCluster::launch`].
+    pub fn create(config: ClusterConfig) -> Result<TestCluster> {
+        let mut b = tempfile::Builder::new();
+        b.prefix("chorus-e2e-");
+        let dir = match &config.root {
+            Some(root) => {
+                for d in ["cwd", "tmp"] {
+                    std::fs::create_dir_all(root.join(d))?;
+                }
+                b.tempdir_in(root)?
+            }
+            None => b.tempdir()?,
+        };
+        Ok(TestCluster {
+            dir,
             config,
             coordinator: None,
             addr: None,
             metrics_addr: None,
             workers: Vec::new(),
-        };
-        c.start_coordinator()?;
-        for _ in 0..c.config.workers {
-            c.start_worker()?;
+            worker_proxies: Vec::new(),
+            mounts: Vec::new(),
+        })
+    }
+
+    /// Starts the coordinator and `config.workers` workers, and waits until all are registered.
+    pub fn launch(&mut self) -> Result<()> {
+        self.start_coordinator()?;
+        for _ in 0..self.config.workers {
+            self.start_worker()?;
         }
-        let n = c.config.workers;
-        c.wait_until(Duration::from_secs(30), "workers registered", |c| {
+        let n = self.config.workers;
+        self.wait_until(Duration::from_secs(30), "workers registered", |c| {
             Ok(c.alive_workers()? >= n)
-        })?;
-        Ok(c)
+        })
+    }
+
+    /// Where worker `i` keeps its data (it need not have started yet).
+    pub fn worker_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("worker-{i}"))
+    }
+
+    /// Mounts a tmpfs of `bytes` on `dir` (inside the cluster's directory), unmounted when the
+    /// cluster is dropped. Fails, with the reason, where mounting is not permitted.
+    pub fn mount_tmpfs(&mut self, dir: &Path, bytes: u64) -> Result<()> {
+        let t = Tmpfs::mount_at(dir, &bytes.to_string())?;
+        self.mounts.push(t);
+        Ok(())
     }
 
     pub fn url(&self) -> String {
@@ -130,13 +202,6 @@ impl TestCluster {
             .unwrap_or_else(|| self.dir.path().join("coordinator"))
     }
 
-    /// The coordinator's exit status, if it has exited.
-    pub fn coordinator_exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.coordinator
-            .as_mut()
-            .and_then(|p| p.child.try_wait().ok().flatten())
-    }
-
     fn log_file(&self, name: &str) -> Result<std::fs::File> {
         let path = self.dir.path().join("logs").join(format!("{name}.log"));
         std::fs::create_dir_all(path.parent().unwrap())?;
@@ -148,6 +213,9 @@ impl TestCluster {
         cmd.env_remove("CHORUS_TOKEN")
             .env_remove("CHORUS_WORKER_TOKEN")
             .env("RUST_LOG", "info");
+        if let Some(root) = &self.config.root {
+            cmd.current_dir(root.join("cwd")).env("TMPDIR", root.join("tmp"));
+        }
         for (k, v) in &self.config.env {
             cmd.env(k, v);
         }
@@ -225,35 +293,69 @@ impl TestCluster {
         }
     }
 
+    /// Freezes the coordinator (SIGSTOP), as a long pause or a hung host would.
+    pub fn pause_coordinator(&self) {
+        if let Some(p) = &self.coordinator {
+            p.signal(Signal::SIGSTOP);
+        }
+    }
+
+    /// Lets a frozen coordinator go on (SIGCONT).
+    pub fn resume_coordinator(&self) {
+        if let Some(p) = &self.coordinator {
+            p.signal(Signal::SIGCONT);
+        }
+    }
+
+    /// Whether a coordinator process is held (started and not killed or reaped).
+    pub fn coordinator_running(&self) -> bool {
+        self.coordinator.is_some()
+    }
+
+    /// The coordinator's exit status, if it has exited by itself (it then counts as stopped, so
+    /// [`TestCluster::start_coordinator`] may start it again).
+    pub fn coordinator_exited(&mut self) -> Option<ExitStatus> {
+        reap(&mut self.coordinator)
+    }
+
     /// Starts one more worker; returns its index.
     pub fn start_worker(&mut self) -> Result<usize> {
         let i = self.workers.len();
-        let child = self.spawn_worker(i)?;
-        self.workers.push(Some(Proc { child }));
+        self.workers.push(None);
+        self.spawn_worker(i)?;
         Ok(i)
     }
 
-    /// Starts worker `i` again (after a kill or stop), with the same id and data directory.
+    /// Starts worker `i` again (after a kill, a stop or an exit), with the same id and data
+    /// directory.
     pub fn restart_worker(&mut self, i: usize) -> Result<()> {
         assert!(
             self.workers.get(i).is_some_and(Option::is_none),
             "worker {i} is not stopped"
         );
-        let child = self.spawn_worker(i)?;
-        self.workers[i] = Some(Proc { child });
-        Ok(())
+        self.spawn_worker(i)
     }
 
-    /// The pid of worker `i`, while it runs.
-    pub fn worker_pid(&self, i: usize) -> Option<u32> {
-        self.workers.get(i)?.as_ref().map(|p| p.child.id())
-    }
-
-    fn spawn_worker(&self, i: usize) -> Result<Child> {
+    fn spawn_worker(&mut self, i: usize) -> Result<()> {
         let name = format!("worker-{i}");
+        let coordinator = if self.config.worker_proxies {
+            if self.worker_proxies.len() <= i {
+                self.worker_proxies.resize_with(i + 1, || None);
+            }
+            let upstream = self.addr.expect("coordinator started");
+            let proxy = match self.worker_proxies[i].take() {
+                Some(p) => p,
+                None => FaultProxy::start(upstream)?,
+            };
+            let url = format!("http://{}", proxy.addr());
+            self.worker_proxies[i] = Some(proxy);
+            url
+        } else {
+            self.url()
+        };
         let mut cmd = self.base_command("chorus-worker");
         cmd.arg("--coordinator")
-            .arg(self.url())
+            .arg(coordinator)
             .arg("--worker-id")
             .arg(&name)
             .arg("--slots")
@@ -266,7 +368,47 @@ impl TestCluster {
             cmd.env("CHORUS_WORKER_TOKEN", &a.worker);
         }
         cmd.stdout(self.log_file(&name)?).stderr(self.log_file(&name)?);
-        cmd.spawn().context("spawn chorus-worker")
+        let child = cmd.spawn().context("spawn chorus-worker")?;
+        self.workers[i] = Some(Proc { child });
+        Ok(())
+    }
+
+    /// The pid of worker `i`, while it runs.
+    pub fn worker_pid(&self, i: usize) -> Option<u32> {
+        self.workers.get(i)?.as_ref().map(|p| p.child.id())
+    }
+
+    /// The proxy between worker `i` and the coordinator, with `config.worker_proxies`.
+    pub fn worker_proxy(&self, i: usize) -> Option<&FaultProxy> {
+        self.worker_proxies.get(i).and_then(Option::as_ref)
+    }
+
+    /// Freezes worker `i` (SIGSTOP); its trials go on running but it neither renews its lease
+    /// nor reports, as in a long pause or a partition.
+    pub fn pause_worker(&self, i: usize) {
+        if let Some(p) = self.workers.get(i).and_then(Option::as_ref) {
+            p.signal(Signal::SIGSTOP);
+        }
+    }
+
+    pub fn resume_worker(&self, i: usize) {
+        if let Some(p) = self.workers.get(i).and_then(Option::as_ref) {
+            p.signal(Signal::SIGCONT);
+        }
+    }
+
+    /// If worker `i` exited by itself, its exit status.
+    pub fn worker_exited(&mut self, i: usize) -> Option<ExitStatus> {
+        reap(self.workers.get_mut(i)?)
+    }
+
+    /// Whether worker `i`'s process is held (started and not killed or reaped).
+    pub fn worker_running(&self, i: usize) -> bool {
+        self.workers.get(i).is_some_and(Option::is_some)
+    }
+
+    pub fn worker_count(&self) -> usize {
+        self.workers.len()
     }
 
     /// Asks a worker to shut down (SIGTERM) and waits for it to exit.
@@ -303,7 +445,7 @@ impl TestCluster {
         if let Some(t) = token {
             cmd.env("CHORUS_TOKEN", t);
         }
-        cmd.output().expect("run chorus")
+        output_within(cmd, CLI_TIMEOUT).expect("run chorus")
     }
 
     /// Runs the CLI and parses its stdout as JSON, failing on a non-zero exit.
@@ -391,12 +533,49 @@ impl Drop for TestCluster {
             );
         }
         self.kill_coordinator();
+        self.worker_proxies.clear();
         if std::env::var_os("CHORUS_KEEP_TEST_DIRS").is_some() {
             let path = self.dir.path().to_path_buf();
             eprintln!("keeping {}", path.display());
+            std::mem::forget(std::mem::take(&mut self.mounts));
             std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")));
         }
+        // Unmounted before the directory that holds the mount points is removed.
+        self.mounts.clear();
     }
+}
+
+/// Runs `cmd` to its end like [`Command::output`], but kills it after `timeout`; the output
+/// then holds what it printed, and its status says it was killed.
+pub fn output_within(mut cmd: Command, timeout: Duration) -> std::io::Result<Output> {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let drain = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = drain(child.stdout.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
+    let err = drain(child.stderr.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            break child.wait()?;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Ok(Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
 }
 
 fn wait_unlocked(lock: &Path, timeout: Duration) {
@@ -443,33 +622,48 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
-/// A size-limited tmpfs on a fresh directory: a disk that fills up. Unmounted on drop.
+/// A size-limited tmpfs: a disk that fills up. Unmounted on drop.
 pub struct Tmpfs {
-    dir: tempfile::TempDir,
+    path: PathBuf,
+    /// The fresh directory it is mounted on, removed after the unmount; `None` when mounted
+    /// on a directory of the caller's.
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Tmpfs {
-    /// Mounts a tmpfs of `size` (e.g. `"24m"`); the error says why when this process may not
-    /// mount one (it must run as root, or with CAP_SYS_ADMIN).
+    /// Mounts a tmpfs of `size` (e.g. `"24m"`) on a fresh directory; the error says why when
+    /// this process may not mount one (it must run as root, or with CAP_SYS_ADMIN).
     pub fn mount(size: &str) -> Result<Tmpfs> {
         let dir = tempfile::Builder::new().prefix("chorus-tmpfs-").tempdir()?;
+        let mut t = Tmpfs::mount_at(dir.path(), size)?;
+        t._dir = Some(dir);
+        Ok(t)
+    }
+
+    /// Mounts a tmpfs of `size` on `path` (created if missing).
+    pub fn mount_at(path: &Path, size: &str) -> Result<Tmpfs> {
+        std::fs::create_dir_all(path)?;
         let out = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
+            .arg(path)
             .output()
             .context("run mount")?;
         if !out.status.success() {
             bail!(
-                "cannot mount a tmpfs ({}): {}",
+                "cannot mount a tmpfs on {} ({}): {}",
+                path.display(),
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-        Ok(Tmpfs { dir })
+        Ok(Tmpfs {
+            path: path.to_path_buf(),
+            _dir: None,
+        })
     }
 
     pub fn path(&self) -> &Path {
-        self.dir.path()
+        &self.path
     }
 
     /// Bytes still free on the filesystem.
@@ -481,32 +675,38 @@ impl Tmpfs {
     /// Fills the filesystem to its last byte with a file `name`, and returns the file's path:
     /// remove it to give the space back.
     pub fn fill(&self, name: &str) -> Result<PathBuf> {
-        use std::io::Write;
-        let path = self.path().join(name);
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
-        let chunk = vec![0u8; 1 << 20];
-        let mut size = chunk.len();
-        loop {
-            match f.write(&chunk[..size]) {
-                Ok(n) if n > 0 => {}
-                Ok(_) => break,
-                Err(e) if e.kind() == std::io::ErrorKind::StorageFull => {
-                    if size == 1 {
-                        break;
-                    }
-                    size /= 2;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(path)
+        fill_disk(self.path(), name)
     }
+}
+
+/// Fills the filesystem that holds `dir` to its last byte with a file `name` there, and returns
+/// the file's path: remove it to give the space back.
+pub fn fill_disk(dir: &Path, name: &str) -> Result<PathBuf> {
+    use std::io::Write;
+    let path = dir.join(name);
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+    let chunk = vec![0u8; 1 << 20];
+    let mut size = chunk.len();
+    loop {
+        match f.write(&chunk[..size]) {
+            Ok(n) if n > 0 => {}
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::StorageFull => {
+                if size == 1 {
+                    break;
+                }
+                size /= 2;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(path)
 }
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         // Lazily: a process still holding a file there must not keep the mount alive.
-        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
     }
 }
 
@@ -520,10 +720,15 @@ pub struct S3Server {
 }
 
 impl S3Server {
-    /// Starts `s3s-fs` with one bucket; `None` if the binary is not installed.
+    /// Starts `s3s-fs` with one bucket, serving a new directory in the system's temporary one.
     pub fn start(bucket: &str) -> Result<S3Server> {
+        S3Server::start_in(bucket, &std::env::temp_dir())
+    }
+
+    /// Starts `s3s-fs` with one bucket, serving a new directory inside `parent`.
+    pub fn start_in(bucket: &str, parent: &Path) -> Result<S3Server> {
         let bin = which_s3s_fs().context("s3s-fs is not installed: run scripts/setup.sh")?;
-        let dir = tempfile::Builder::new().prefix("chorus-s3-").tempdir()?;
+        let dir = tempfile::Builder::new().prefix("chorus-s3-").tempdir_in(parent)?;
         std::fs::create_dir_all(dir.path().join(bucket))?;
         let port = free_port();
         let (access_key, secret_key) = ("chorus-test".to_string(), "chorus-test-secret".to_string());
