@@ -126,4 +126,28 @@ mod tests {
             assert!(matches!(parse_line(bad), Line::Malformed(_)), "{bad}");
         }
     }
+
+    /// Found by the `metric_line` fuzz target: serde_json's default float parsing may be one unit
+    /// in the last place off, so a value the worker sent (`to_json`) could read back as another
+    /// one in the coordinator and in `metrics.jsonl`.
+    #[test]
+    fn reports_read_back_bit_for_bit() {
+        #[allow(clippy::excessive_precision)]
+        let cases = [
+            (
+                r#"{"x": 99999999999999999999999999999999999999999999999999999999925}"#,
+                99999999999999999999999999999999999999999999999999999999925.0,
+            ),
+            (r#"{"x": 1.0000000000000001e59}"#, 1.0000000000000001e59),
+            (r#"{"x": 2.2250738585072014e-308}"#, 2.2250738585072014e-308),
+        ];
+        for (text, nearest) in cases {
+            let r = MetricReport::from_json(text).unwrap();
+            assert_eq!(r.values["x"].to_bits(), f64::to_bits(nearest), "{text}");
+            let sent = Value::Object(r.to_json()).to_string();
+            let back = MetricReport::from_json(&sent).unwrap();
+            assert_eq!(back, r, "changed through {sent}");
+            assert_eq!(back.values["x"].to_bits(), f64::to_bits(nearest), "{sent}");
+        }
+    }
 }
