@@ -260,6 +260,7 @@ impl Manifest {
         self.vocabulary.validate()?;
         let mut keys = std::collections::HashSet::new();
         let mut sums = SplitCounts::default();
+        let mut bytes = 0u64;
         for s in &self.shards {
             if s.key.is_empty() || s.key.contains('/') || !s.key.ends_with(".tar") {
                 return Err(format!(
@@ -278,7 +279,12 @@ impl Manifest {
                     self.classes.len()
                 ));
             }
-            let by_class: u64 = s.class_counts.iter().sum();
+            // Counts are untrusted u64s: a sum that wraps could make absurd counts add up.
+            let by_class = s
+                .class_counts
+                .iter()
+                .try_fold(0u64, |sum, &c| sum.checked_add(c))
+                .ok_or_else(|| format!("shard {} has class counts too large to add up", s.key))?;
             if by_class != s.samples {
                 return Err(format!(
                     "shard {} lists {} samples but its class counts add up to {by_class}",
@@ -289,7 +295,22 @@ impl Manifest {
             if m.image.max(m.audio).max(m.text) > s.samples {
                 return Err(format!("shard {} counts more modalities than samples", s.key));
             }
-            *sums.get_mut(s.split) += s.samples;
+            let sum = sums.get_mut(s.split);
+            *sum = sum
+                .checked_add(s.samples)
+                .ok_or_else(|| format!("the {} shards hold more samples than a count can", s.split))?;
+            bytes = bytes
+                .checked_add(s.bytes)
+                .ok_or_else(|| "the shards' sizes are too large to add up".to_string())?;
+        }
+        // Then every total the accessors compute (samples, bytes, per class, per modality) fits.
+        if sums
+            .train
+            .checked_add(sums.val)
+            .and_then(|n| n.checked_add(sums.test))
+            .is_none()
+        {
+            return Err("the splits hold more samples than a count can".into());
         }
         for split in Split::ALL {
             if sums.get(split) != self.splits.get(split) {
@@ -381,6 +402,43 @@ mod tests {
         let mut m = manifest();
         m.classes.pop();
         assert!(m.validate().unwrap_err().contains("7 class counts for 6 classes"));
+    }
+
+    /// Reproduced with the `dataset_manifest` fuzz target (fuzz/regressions/): sums of untrusted u64
+    /// counts overflowed (a panic with overflow checks, wrapped counts that "add up" without).
+    #[test]
+    fn counts_too_large_to_add_up_are_refused() {
+        let mut m = manifest();
+        // u64::MAX + 2 wraps to 1, the shard's sample count.
+        m.shards[1].class_counts = vec![u64::MAX, 0, 0, 0, 0, 2, 0];
+        assert_eq!(
+            m.validate().unwrap_err(),
+            "shard shard-00001.tar has class counts too large to add up"
+        );
+        let mut m = manifest();
+        m.shards[1].split = Split::Train;
+        m.shards[1].samples = u64::MAX;
+        m.shards[1].class_counts = vec![0, 0, 0, 0, 0, 0, u64::MAX];
+        m.splits = SplitCounts {
+            train: 2,
+            val: 0,
+            test: 0,
+        };
+        assert_eq!(
+            m.validate().unwrap_err(),
+            "the train shards hold more samples than a count can"
+        );
+        let mut m = manifest();
+        m.shards[1].samples = u64::MAX;
+        m.shards[1].class_counts = vec![0, 0, 0, 0, 0, 0, u64::MAX];
+        m.splits.val = u64::MAX;
+        assert_eq!(
+            m.validate().unwrap_err(),
+            "the splits hold more samples than a count can"
+        );
+        let mut m = manifest();
+        m.shards[0].bytes = u64::MAX;
+        assert_eq!(m.validate().unwrap_err(), "the shards' sizes are too large to add up");
     }
 
     #[test]

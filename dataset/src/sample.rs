@@ -1,8 +1,8 @@
 //! One decoded sample, and the byte encodings of its modalities inside a shard.
 
 use crate::manifest::{IMAGE_PIXELS, IMAGE_SIZE, SAMPLE_RATE};
-use image::ImageEncoder;
-use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+use image::codecs::png::{CompressionType, FilterType, PngDecoder, PngEncoder};
+use image::{DynamicImage, ImageDecoder, ImageEncoder};
 use std::io::Cursor;
 
 /// One sample, decoded. Only the label is required; a missing modality is `None`, and a model
@@ -34,18 +34,24 @@ pub fn encode_png(pixels: &[u8]) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// The most a PNG decoder may allocate for one face: pixels (48x48 at up to 16-bit RGBA is
+/// 18 KiB) and ancillary chunks (text, ICC profiles) together.
+pub const PNG_MAX_ALLOC: u64 = 8 * 1024 * 1024;
+
 /// Pixels of a 48x48 PNG. Other colour types than 8-bit gray are converted rather than
-/// refused, so shards written by other tools read as long as the size is right.
+/// refused, so shards written by other tools read as long as the size is right. The size is
+/// checked from the header, before any pixel is decoded, so a small file that claims a huge
+/// image costs nothing; other allocations are bounded by [`PNG_MAX_ALLOC`].
 pub fn decode_png(bytes: &[u8]) -> Result<Vec<u8>, String> {
-    let img = image::load_from_memory_with_format(bytes, image::ImageFormat::Png)
-        .map_err(|e| format!("PNG is not decodable: {e}"))?;
-    if img.width() != IMAGE_SIZE || img.height() != IMAGE_SIZE {
-        return Err(format!(
-            "PNG is {}x{}, expected {IMAGE_SIZE}x{IMAGE_SIZE}",
-            img.width(),
-            img.height()
-        ));
+    let not_decodable = |e: image::ImageError| format!("PNG is not decodable: {e}");
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(PNG_MAX_ALLOC);
+    let decoder = PngDecoder::with_limits(Cursor::new(bytes), limits).map_err(not_decodable)?;
+    let (width, height) = decoder.dimensions();
+    if width != IMAGE_SIZE || height != IMAGE_SIZE {
+        return Err(format!("PNG is {width}x{height}, expected {IMAGE_SIZE}x{IMAGE_SIZE}"));
     }
+    let img = DynamicImage::from_decoder(decoder).map_err(not_decodable)?;
     Ok(img.into_luma8().into_raw())
 }
 

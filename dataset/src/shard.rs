@@ -225,7 +225,19 @@ fn read_tar(name: &str, bytes: &[u8]) -> Result<Vec<Parts>> {
         } else {
             format!("{dir}/{stem}")
         };
-        let mut data = Vec::with_capacity(entry.size() as usize);
+        // The header's size is untrusted: it may claim far more than the shard holds (up to
+        // 2^63 bytes in GNU's base-256 form), so it bounds nothing until checked.
+        let size = entry.size();
+        if size > bytes.len() as u64 {
+            return Err(DatasetError::shard(
+                name,
+                format!(
+                    "tar entry {path} claims {size} bytes, more than the whole shard's {}",
+                    bytes.len()
+                ),
+            ));
+        }
+        let mut data = Vec::with_capacity(size as usize);
         entry.read_to_end(&mut data).map_err(|e| corrupt(&parts, e))?;
         let i = *index.entry(key.clone()).or_insert_with(|| {
             parts.push(Parts {

@@ -381,6 +381,84 @@ fn corrupt_tar_bytes_are_refused() {
     assert!(e.starts_with("shard shard-00000.tar: not a readable tar"), "{e}");
 }
 
+/// A tar entry whose header claims more bytes than the shard holds: reproduced with the
+/// `dataset_shard` fuzz target (fuzz/regressions/), where the reader reserved the claimed size
+/// up front (8 GiB, or a capacity overflow for GNU base-256 sizes) before reading a byte.
+#[test]
+fn a_tar_entry_claiming_more_than_the_shard_is_refused() {
+    let m = manifest_for(&[], one_of(1), ModalityCounts::default());
+    for (claimed, gnu) in [(8 * 1024 * 1024 * 1024 - 1, false), (1u64 << 62, true)] {
+        let mut h = if gnu {
+            tar::Header::new_gnu()
+        } else {
+            tar::Header::new_ustar()
+        };
+        h.set_path("k7.cls").unwrap();
+        h.set_mode(0o644);
+        h.set_size(claimed);
+        h.set_cksum();
+        let mut bytes = h.as_bytes().to_vec();
+        bytes.push(b'1');
+        bytes.resize(512 * 4, 0);
+        let e = parse_shard(&m.shards[0].key, &bytes, &m).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!("shard shard-00000.tar: tar entry k7.cls claims {claimed} bytes, more than the whole shard's 2048")
+        );
+    }
+}
+
+/// A PNG header (with a real IDAT) that claims a 20000x20000 image, 152 bytes in all.
+fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in data {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+    fn chunk(out: &mut Vec<u8>, kind: &[u8], data: &[u8]) {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let start = out.len();
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        let crc = crc32(&out[start..]);
+        out.extend_from_slice(&crc.to_be_bytes());
+    }
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&width.to_be_bytes());
+    ihdr.extend_from_slice(&height.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 0, 0, 0, 0]); // 8-bit gray, deflate, no filter, no interlace
+    chunk(&mut out, b"IHDR", &ihdr);
+    // zlib, one stored block holding one byte (a row's filter type), and its Adler-32.
+    chunk(
+        &mut out,
+        b"IDAT",
+        &[0x78, 0x01, 0x01, 0x01, 0x00, 0xfe, 0xff, 0x00, 0x00, 0x01, 0x00, 0x01],
+    );
+    chunk(&mut out, b"IEND", &[]);
+    out
+}
+
+/// The size of a face is read from its header before any pixel is decoded: a tiny file
+/// claiming 20000x20000 made the reader allocate 400 MB before finding out.
+#[test]
+fn a_png_claiming_a_huge_image_is_refused_from_its_header() {
+    let png = png_claiming(20_000, 20_000);
+    assert_eq!(decode_png(&png).unwrap_err(), "PNG is 20000x20000, expected 48x48");
+    // The same construction at the right size is a real PNG.
+    let small = png_claiming(48, 48);
+    assert!(decode_png(&small).unwrap_err().starts_with("PNG is not decodable"));
+}
+
 #[test]
 fn shards_that_disagree_with_the_manifest_are_refused() {
     let bytes = tar_of(&[("a.cls", b"1"), ("b.cls", b"1")]);
