@@ -5,6 +5,7 @@ set -euo pipefail
 
 S3S_FS_VERSION=0.14.1
 NEXTEST_VERSION=0.9.143
+CARGO_FUZZ_VERSION=0.13.2
 
 cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"
 export PATH="$cargo_bin:$PATH"
@@ -18,4 +19,10 @@ fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "setup: installing cargo-nextest $NEXTEST_VERSION" >&2
   cargo install cargo-nextest --version "$NEXTEST_VERSION" --locked
+fi
+
+# The fuzz targets under fuzz/ (scripts/fuzz.sh); libFuzzer itself comes with the fuzz crate.
+if ! cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
+  echo "setup: installing cargo-fuzz $CARGO_FUZZ_VERSION" >&2
+  cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked
 fi
