@@ -67,10 +67,21 @@ for t in "${targets[@]}"; do
     grep -E '^(Done|stat::number_of_executed_units|stat::new_units_added)' "$log" | tr '\n' ' ' >&2 || true
     echo >&2
   else
-    tail -n 60 "$log" >&2
+    # What went wrong (the panic message or the sanitizer's report, without stack frames), then
+    # the input; the whole log stays in $log.
+    grep -m1 -A15 -E "panicked at|ERROR: (AddressSanitizer|libFuzzer)" "$log" |
+      grep -vE '^ *(#[0-9]+ 0x|[0-9]+: |at )' >&2 || tail -n 40 "$log" >&2
+    grep -E '^(SUMMARY|Base64):' "$log" >&2 || true
     new="$(comm -13 <(echo "$before") <(ls -1 "fuzz/artifacts/$t") | sed "s|^|fuzz/artifacts/$t/|")"
     echo "fuzz: $t FAILED; reproducer: ${new:-none saved (see $log)}" >&2
-    [ -n "$new" ] && echo "fuzz: replay with: RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz --target-dir $cache/target $t $new" >&2
+    for f in $new; do
+      # libFuzzer names a crash by the SHA-1 of its input: say when it is a known regression.
+      for r in fuzz/regressions/"$t"/*; do
+        [ -f "$r" ] && [ "crash-$(sha1sum <"$r" | cut -c1-40)" = "$(basename "$f")" ] &&
+          echo "fuzz: $f is the recorded regression $r" >&2
+      done
+      echo "fuzz: replay with: RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz --target-dir $cache/target $t $f" >&2
+    done
     failed+=("$t")
   fi
 done
