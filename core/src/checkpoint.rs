@@ -135,6 +135,16 @@ impl Manifest {
                 return Err(format!("path {:?} is listed twice", f.path));
             }
         }
+        // A file and a directory of one name cannot both be restored.
+        for f in &m.files {
+            let mut dir = f.path.as_str();
+            while let Some((parent, _)) = dir.rsplit_once('/') {
+                if seen.contains(parent) {
+                    return Err(format!("{parent:?} is listed as a file and as the directory of {:?}", f.path));
+                }
+                dir = parent;
+            }
+        }
         Ok(m)
     }
 
