@@ -140,7 +140,10 @@ impl Manifest {
             let mut dir = f.path.as_str();
             while let Some((parent, _)) = dir.rsplit_once('/') {
                 if seen.contains(parent) {
-                    return Err(format!("{parent:?} is listed as a file and as the directory of {:?}", f.path));
+                    return Err(format!(
+                        "{parent:?} is listed as a file and as the directory of {:?}",
+                        f.path
+                    ));
                 }
                 dir = parent;
             }

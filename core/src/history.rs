@@ -1,10 +1,12 @@
 //! A trial's metric history in object storage, kept per attempt so that no attempt can
 //! overwrite another's lines.
 //!
-//! Each attempt writes only under `metrics/{attempt:04}/`: first `lineage.json`, which says how
-//! many lines of each earlier attempt its history carries (the counts the coordinator
-//! acknowledged, handed over in the assignment), then its own lines in segments of bounded size
-//! (`{segment:06}.jsonl`). The trial's history is what its newest attempt's lineage names,
+//! Each attempt writes only objects named for it under `metrics/`: first
+//! `{attempt:04}-lineage.json`, which says how many lines of each earlier attempt its history
+//! carries (the counts the coordinator acknowledged, handed over in the assignment), then its
+//! own lines in segments of bounded size (`{attempt:04}-{segment:06}.jsonl`). A first attempt
+//! carries nothing over and writes no lineage: an attempt 1 with segments and no lineage
+//! carries nothing. The trial's history is what its newest attempt's lineage names,
 //! followed by that attempt's own lines. An attempt the coordinator has given up on may go on
 //! writing its own segments for a while (until it learns it is stale), but nothing of what it
 //! writes after the new attempt started is ever part of the history: the new attempt's lineage
@@ -16,7 +18,7 @@
 
 use crate::error::CoreError;
 use crate::ids::{ExperimentId, TrialId};
-use crate::storage::Storage;
+use crate::storage::{MetricsObject, Storage, parse_metrics_name};
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStoreExt;
 use object_store::path::Path;
@@ -141,18 +143,33 @@ fn push_capped(line: &mut Vec<u8>, part: &[u8], too_long: &mut bool) {
     }
 }
 
-/// Keys of an attempt's own segments, in order.
-async fn segments(storage: &Storage, exp: ExperimentId, trial: TrialId, attempt: u32) -> Result<Vec<Path>, CoreError> {
-    let prefix = storage.attempt_metrics_prefix(exp, trial, attempt);
-    let mut keys: Vec<Path> = storage
+/// What the trial's `metrics/` holds, by attempt: whether it has a lineage, and its segments'
+/// keys in order.
+async fn listing(
+    storage: &Storage,
+    exp: ExperimentId,
+    trial: TrialId,
+) -> Result<std::collections::BTreeMap<u32, (bool, Vec<(u32, Path)>)>, CoreError> {
+    let mut by_attempt: std::collections::BTreeMap<u32, (bool, Vec<(u32, Path)>)> = Default::default();
+    let objects: Vec<object_store::ObjectMeta> = storage
         .store
-        .list(Some(&prefix))
-        .map_ok(|o| o.location)
-        .try_filter(|p| futures::future::ready(p.extension() == Some("jsonl")))
+        .list(Some(&storage.metrics_prefix(exp, trial)))
         .try_collect()
         .await?;
-    keys.sort();
-    Ok(keys)
+    for o in objects {
+        let Some((attempt, what)) = o.location.filename().and_then(parse_metrics_name) else {
+            continue;
+        };
+        let entry = by_attempt.entry(attempt).or_default();
+        match what {
+            MetricsObject::Lineage => entry.0 = true,
+            MetricsObject::Segment(n) => entry.1.push((n, o.location)),
+        }
+    }
+    for (_, segments) in by_attempt.values_mut() {
+        segments.sort();
+    }
+    Ok(by_attempt)
 }
 
 /// Calls `visit` with an attempt's own lines, oldest first, at most `limit` (all with `None`).
@@ -165,15 +182,21 @@ pub async fn visit_attempt_lines(
     limit: Option<u64>,
     visit: &mut (dyn FnMut(&str) + Send),
 ) -> Result<u64, CoreError> {
+    let listed = listing(storage, exp, trial).await?;
+    visit_listed_lines(storage, exp, trial, &listed, attempt, limit, visit).await
+}
+
+async fn visit_listed_lines(
+    storage: &Storage,
+    exp: ExperimentId,
+    trial: TrialId,
+    listed: &std::collections::BTreeMap<u32, (bool, Vec<(u32, Path)>)>,
+    attempt: u32,
+    limit: Option<u64>,
+    visit: &mut (dyn FnMut(&str) + Send),
+) -> Result<u64, CoreError> {
     let mut left = limit.unwrap_or(u64::MAX);
-    let keys = segments(storage, exp, trial, attempt).await?;
-    let has_dir = !keys.is_empty()
-        || storage
-            .store
-            .head(&storage.metrics_lineage_key(exp, trial, attempt))
-            .await
-            .is_ok();
-    if !has_dir {
+    let Some((_, segments)) = listed.get(&attempt) else {
         let mut tagged = |line: &str| {
             serde_json::from_str::<serde_json::Value>(line)
                 .ok()
@@ -188,13 +211,13 @@ pub async fn visit_attempt_lines(
             visit,
         )
         .await;
-    }
+    };
     let mut total = 0;
-    for key in keys {
+    for (_, key) in segments {
         if left == 0 {
             break;
         }
-        let n = visit_object_lines(storage, &key, left, &mut |_| true, visit).await?;
+        let n = visit_object_lines(storage, key, left, &mut |_| true, visit).await?;
         left -= n;
         total += n;
     }
@@ -210,24 +233,24 @@ pub async fn visit_history(
     trial: TrialId,
     visit: &mut (dyn FnMut(&str) + Send),
 ) -> Result<Option<u32>, CoreError> {
-    let listing = storage
-        .store
-        .list_with_delimiter(Some(&storage.metrics_prefix(exp, trial)))
-        .await?;
-    let mut attempts: Vec<u32> = listing
-        .common_prefixes
-        .iter()
-        .filter_map(|p| p.filename().and_then(|n| n.parse().ok()))
-        .collect();
-    attempts.sort_unstable_by(|a, b| b.cmp(a));
-    for attempt in attempts {
-        let Some(lineage) = read_lineage(storage, &storage.metrics_lineage_key(exp, trial, attempt)).await? else {
-            continue;
+    let listed = listing(storage, exp, trial).await?;
+    for (&attempt, (has_lineage, _)) in listed.iter().rev() {
+        let lineage = if *has_lineage {
+            read_lineage(storage, &storage.metrics_lineage_key(exp, trial, attempt)).await?
+        } else {
+            None
+        };
+        let lineage = match lineage {
+            Some(l) => l,
+            // A first attempt carries nothing; a later one without its lineage never started
+            // (it writes the lineage before anything else), so an earlier one holds the history.
+            None if attempt == 1 => Lineage::default(),
+            None => continue,
         };
         for inh in &lineage.inherits {
-            visit_attempt_lines(storage, exp, trial, inh.attempt, Some(inh.lines), visit).await?;
+            visit_listed_lines(storage, exp, trial, &listed, inh.attempt, Some(inh.lines), visit).await?;
         }
-        visit_attempt_lines(storage, exp, trial, attempt, None, visit).await?;
+        visit_listed_lines(storage, exp, trial, &listed, attempt, None, visit).await?;
         return Ok(Some(attempt));
     }
     visit_object_lines(
@@ -338,6 +361,16 @@ mod tests {
             .unwrap();
         assert_eq!((n, seen), (3, vec!["a".to_string(), "b".into(), "c".into()]));
         assert_eq!(read_history(&s, E, T, 10).await.unwrap(), vec!["a", "b", "c", "d"]);
+    }
+
+    #[tokio::test]
+    async fn a_first_attempt_needs_no_lineage_but_a_later_one_does() {
+        let s = mem("history-first");
+        segment(&s, 1, 0, "{\"step\":1}\n").await;
+        assert_eq!(read_history(&s, E, T, 10).await.unwrap(), vec!["{\"step\":1}"]);
+        // Attempt 2 left segments but no lineage: it never properly started, attempt 1 stands.
+        segment(&s, 2, 0, "{\"step\":9}\n").await;
+        assert_eq!(read_history(&s, E, T, 10).await.unwrap(), vec!["{\"step\":1}"]);
     }
 
     #[tokio::test]

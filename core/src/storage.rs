@@ -2,8 +2,8 @@
 //!
 //! ```text
 //! {root}/experiments/{exp}/spec.yaml
-//! {root}/experiments/{exp}/trials/{trial}/metrics/{attempt:04}/lineage.json
-//! {root}/experiments/{exp}/trials/{trial}/metrics/{attempt:04}/{segment:06}.jsonl
+//! {root}/experiments/{exp}/trials/{trial}/metrics/{attempt:04}-lineage.json
+//! {root}/experiments/{exp}/trials/{trial}/metrics/{attempt:04}-{segment:06}.jsonl
 //! {root}/experiments/{exp}/trials/{trial}/logs/{attempt:04}-{chunk:06}.log
 //! {root}/experiments/{exp}/trials/{trial}/checkpoints/{step:012}-a{attempt:04}/{files, MANIFEST.json}
 //! ```
@@ -174,22 +174,18 @@ impl Storage {
         self.trial_prefix(exp, trial).clone().join("metrics")
     }
 
-    /// One attempt's metric records: its `lineage.json` and its line segments.
-    pub fn attempt_metrics_prefix(&self, exp: ExperimentId, trial: TrialId, attempt: u32) -> Path {
-        self.metrics_prefix(exp, trial).clone().join(format!("{attempt:04}"))
-    }
-
+    /// An attempt's lineage (what its history carries over), beside its segments.
     pub fn metrics_lineage_key(&self, exp: ExperimentId, trial: TrialId, attempt: u32) -> Path {
-        self.attempt_metrics_prefix(exp, trial, attempt)
+        self.metrics_prefix(exp, trial)
             .clone()
-            .join("lineage.json")
+            .join(format!("{attempt:04}-lineage.json"))
     }
 
-    /// Segment `segment` of an attempt's own metric lines; names sort in order.
+    /// Segment `segment` of an attempt's own metric lines; names sort by attempt, then in order.
     pub fn metrics_segment_key(&self, exp: ExperimentId, trial: TrialId, attempt: u32, segment: u32) -> Path {
-        self.attempt_metrics_prefix(exp, trial, attempt)
+        self.metrics_prefix(exp, trial)
             .clone()
-            .join(format!("{segment:06}.jsonl"))
+            .join(format!("{attempt:04}-{segment:06}.jsonl"))
     }
 
     pub fn logs_prefix(&self, exp: ExperimentId, trial: TrialId) -> Path {
@@ -210,6 +206,27 @@ impl Storage {
     pub fn checkpoints_prefix(&self, exp: ExperimentId, trial: TrialId) -> Path {
         self.trial_prefix(exp, trial).clone().join("checkpoints")
     }
+}
+
+/// What an object under a trial's `metrics/` is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsObject {
+    Lineage,
+    Segment(u32),
+}
+
+/// Parses a name under a trial's `metrics/` back into its attempt and what it is.
+pub fn parse_metrics_name(name: &str) -> Option<(u32, MetricsObject)> {
+    let (attempt, rest) = name.split_once('-')?;
+    let attempt = attempt.parse().ok()?;
+    if rest == "lineage.json" {
+        return Some((attempt, MetricsObject::Lineage));
+    }
+    let segment = rest.strip_suffix(".jsonl")?;
+    if segment.is_empty() || !segment.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((attempt, MetricsObject::Segment(segment.parse().ok()?)))
 }
 
 /// Parses a log chunk name back into `(attempt, rank, chunk)`.
@@ -247,12 +264,29 @@ mod tests {
         assert_eq!(s.spec_key(e).as_ref(), "experiments/3/spec.yaml");
         assert_eq!(
             s.metrics_segment_key(e, t, 2, 5).as_ref(),
-            "experiments/3/trials/12/metrics/0002/000005.jsonl"
+            "experiments/3/trials/12/metrics/0002-000005.jsonl"
         );
         assert_eq!(
             s.metrics_lineage_key(e, t, 2).as_ref(),
-            "experiments/3/trials/12/metrics/0002/lineage.json"
+            "experiments/3/trials/12/metrics/0002-lineage.json"
         );
+        assert_eq!(
+            parse_metrics_name("0002-000005.jsonl"),
+            Some((2, MetricsObject::Segment(5)))
+        );
+        assert_eq!(
+            parse_metrics_name("0002-lineage.json"),
+            Some((2, MetricsObject::Lineage))
+        );
+        for bad in [
+            "0002.jsonl",
+            "x-000005.jsonl",
+            "0002-.jsonl",
+            "0002-5x.jsonl",
+            "0002-lineage",
+        ] {
+            assert_eq!(parse_metrics_name(bad), None, "{bad}");
+        }
         assert_eq!(
             s.log_chunk_key(e, t, 2, 0, 7).as_ref(),
             "experiments/3/trials/12/logs/0002-000007.log"

@@ -406,9 +406,13 @@ async fn prepare(ctx: &RunnerContext, a: &pb::Assignment, attempt_dir: &Path) ->
                 })
                 .collect(),
         };
-        history::write_lineage(&storage, exp, trial, &lineage)
-            .await
-            .map_err(|e| format!("cannot store the trial's metric lineage in {}: {e}", a.storage))?;
+        // A first attempt carries nothing over, and readers know it: one object fewer for the
+        // common case.
+        if a.attempt > 1 {
+            history::write_lineage(&storage, exp, trial, &lineage)
+                .await
+                .map_err(|e| format!("cannot store the trial's metric lineage in {}: {e}", a.storage))?;
+        }
         for inh in &lineage.inherits {
             history::visit_attempt_lines(&storage, exp, trial, inh.attempt, Some(inh.lines), &mut |line| {
                 if let Ok(serde_json::Value::Object(m)) = serde_json::from_str(line) {

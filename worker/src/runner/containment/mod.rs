@@ -307,6 +307,11 @@ impl Enclosure {
         };
         self.root = Some(pid);
         self.pgid = Some(Pid::from_raw(pid));
+        if self.cgroup.is_some() {
+            // The cgroup holds every process of the attempt, its first one included: the record
+            // already leads to all of them.
+            return Ok(child);
+        }
         let record = self.record.clone();
         let path = self.record_path.clone();
         let _ = tokio::task::spawn_blocking(move || {
@@ -319,13 +324,11 @@ impl Enclosure {
             }
         })
         .await;
-        if self.cgroup.is_none() {
-            self.tracker = Some(tokio::spawn(track(
-                self.record.clone(),
-                self.record_path.clone(),
-                self.owner.subreaper,
-            )));
-        }
+        self.tracker = Some(tokio::spawn(track(
+            self.record.clone(),
+            self.record_path.clone(),
+            self.owner.subreaper,
+        )));
         Ok(child)
     }
 
@@ -365,7 +368,7 @@ impl Enclosure {
         );
         let killed = tokio::task::spawn_blocking(move || {
             let mut r = record.lock().unwrap_or_else(|p| p.into_inner());
-            kill_recorded(&mut r, cgroup.as_deref(), subreaper)?;
+            kill_recorded(&mut r, cgroup.as_deref(), subreaper, Scan::Live)?;
             remove_record(&path);
             Ok(())
         })
@@ -421,7 +424,7 @@ impl Drop for Enclosure {
             .name("chorus-contain".into())
             .spawn(move || {
                 let mut r = record.lock().unwrap_or_else(|p| p.into_inner());
-                match kill_recorded(&mut r, cgroup.as_deref(), subreaper) {
+                match kill_recorded(&mut r, cgroup.as_deref(), subreaper, Scan::Live) {
                     Ok(()) => remove_record(&path),
                     Err(e) => {
                         warn!(error = %e, "cannot kill a cancelled attempt's processes; the next worker start will")
@@ -450,12 +453,13 @@ async fn track(record: Arc<Mutex<Record>>, path: PathBuf, subreaper: bool) {
             without.retain(|p| snap.get(&p.pid).is_some_and(|s| s.start == p.start));
             let needle = token_entry(&r.token);
             let checked = std::cell::RefCell::new(Vec::new());
+            let me = std::process::id() as i32;
             let found = members(&snap, &r.processes, |pid| {
-                let id = ProcessId {
-                    pid,
-                    start: snap[&pid].start,
-                };
-                if without.contains(&id) {
+                let stat = &snap[&pid];
+                let id = ProcessId { pid, start: stat.start };
+                // Only an orphan can have left the known tree, and the worker (a subreaper) or
+                // init adopts it: no other process's environment needs reading (see Scan::Live).
+                if without.contains(&id) || (stat.ppid != me && stat.ppid != 1) {
                     return false;
                 }
                 let has = procfs::environ_has(pid, &needle);
@@ -490,19 +494,34 @@ fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-/// Everything the record names: its cgroup, then every process that is known, carries the
-/// token, or descends from one of those.
-fn kill_recorded(r: &mut Record, cgroup: Option<&Path>, subreaper: bool) -> Result<(), String> {
+/// How far an attempt's processes may have strayed from where its record says they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    /// The attempt's worker is alive. Under a cgroup everything is in it. Without one, the
+    /// worker is a subreaper: a descendant is either in the known tree or was adopted by the
+    /// worker (or, without the subreaper, by init), so only those orphans' environments are
+    /// read for the token, not every process's.
+    Live,
+    /// Left by an earlier worker: its orphans went to init or to any subreaper above it, so
+    /// every process carrying the token is a member.
+    Leftover,
+}
+
+fn kill_recorded(r: &mut Record, cgroup: Option<&Path>, subreaper: bool, scan: Scan) -> Result<(), String> {
     if r.boot_id != boot_id() {
         return Ok(());
     }
     let mut problems = Vec::new();
-    if let Some(dir) = cgroup
-        && let Err(e) = cgroup::kill_and_remove(dir)
-    {
-        problems.push(e);
+    if let Some(dir) = cgroup {
+        match cgroup::kill_and_remove(dir) {
+            // A process cannot leave its cgroup by forking or by setsid: an empty cgroup is a
+            // dead attempt.
+            Ok(()) if scan == Scan::Live => return Ok(()),
+            Ok(()) => {}
+            Err(e) => problems.push(e),
+        }
     }
-    if let Err(e) = kill_processes(Some(&r.token), &mut r.processes, subreaper) {
+    if let Err(e) = kill_processes(Some(&r.token), &mut r.processes, subreaper, scan) {
         problems.push(e);
     }
     if problems.is_empty() {
@@ -544,7 +563,7 @@ fn kill_leftovers_in(dir: &Path, subreaper: bool) -> Result<usize, WorkerError> 
         };
         found += 1;
         let cgroup = record.cgroup.clone();
-        match kill_recorded(&mut record, cgroup.as_deref(), subreaper) {
+        match kill_recorded(&mut record, cgroup.as_deref(), subreaper, Scan::Leftover) {
             Ok(()) => {
                 info!(
                     trial = record.trial,
@@ -632,13 +651,17 @@ fn members(
 /// member is stopped, until a pass finds no member that is not stopped: a stopped process
 /// cannot fork, and while nothing dies no ancestry is lost. Then all are killed. `known`
 /// grows by every member found.
-fn kill_processes(token: Option<&str>, known: &mut BTreeSet<ProcessId>, reap: bool) -> Result<(), String> {
+fn kill_processes(token: Option<&str>, known: &mut BTreeSet<ProcessId>, reap: bool, scan: Scan) -> Result<(), String> {
     let needle = token.map(token_entry);
-    let carries = |pid: i32| needle.as_ref().is_some_and(|n| procfs::environ_has(pid, n));
+    let me = std::process::id() as i32;
+    let carries = |snap: &HashMap<i32, procfs::Stat>, pid: i32| {
+        let orphan = snap.get(&pid).is_some_and(|s| s.ppid == me || s.ppid == 1);
+        (scan == Scan::Leftover || orphan) && needle.as_ref().is_some_and(|n| procfs::environ_has(pid, n))
+    };
     let start = Instant::now();
     loop {
         let snap = procfs::snapshot();
-        let found = members(&snap, known, carries);
+        let found = members(&snap, known, |pid| carries(&snap, pid));
         known.extend(found.iter().copied());
         let running: Vec<ProcessId> = found
             .into_iter()
@@ -654,7 +677,7 @@ fn kill_processes(token: Option<&str>, known: &mut BTreeSet<ProcessId>, reap: bo
     }
     loop {
         let snap = procfs::snapshot();
-        let found = members(&snap, known, carries);
+        let found = members(&snap, known, |pid| carries(&snap, pid));
         known.extend(found.iter().copied());
         if reap {
             reap_adopted(&snap);
@@ -712,7 +735,7 @@ fn kill_unclaimed_adoptees(live: &AtomicUsize) -> Result<(), String> {
         count = adopted.len(),
         "killing processes of finished trials that no attempt could claim"
     );
-    kill_processes(None, &mut adopted, true)
+    kill_processes(None, &mut adopted, true, Scan::Live)
 }
 
 /// Reaps this subreaper's dead adopted children; tokio reaps the trials it spawned.
