@@ -145,12 +145,10 @@ fn push_capped(line: &mut Vec<u8>, part: &[u8], too_long: &mut bool) {
 
 /// What the trial's `metrics/` holds, by attempt: whether it has a lineage, and its segments'
 /// keys in order.
-async fn listing(
-    storage: &Storage,
-    exp: ExperimentId,
-    trial: TrialId,
-) -> Result<std::collections::BTreeMap<u32, (bool, Vec<(u32, Path)>)>, CoreError> {
-    let mut by_attempt: std::collections::BTreeMap<u32, (bool, Vec<(u32, Path)>)> = Default::default();
+type Listing = std::collections::BTreeMap<u32, (bool, Vec<(u32, Path)>)>;
+
+async fn listing(storage: &Storage, exp: ExperimentId, trial: TrialId) -> Result<Listing, CoreError> {
+    let mut by_attempt: Listing = Default::default();
     let objects: Vec<object_store::ObjectMeta> = storage
         .store
         .list(Some(&storage.metrics_prefix(exp, trial)))
@@ -190,7 +188,7 @@ async fn visit_listed_lines(
     storage: &Storage,
     exp: ExperimentId,
     trial: TrialId,
-    listed: &std::collections::BTreeMap<u32, (bool, Vec<(u32, Path)>)>,
+    listed: &Listing,
     attempt: u32,
     limit: Option<u64>,
     visit: &mut (dyn FnMut(&str) + Send),
