@@ -222,6 +222,36 @@ async fn visit_listed_lines(
     Ok(total)
 }
 
+/// Calls `visit` with the lines of earlier attempts that `lineage` carries over, oldest first
+/// (what a new attempt reads to continue its history), listing the trial's records once.
+pub async fn visit_lineage(
+    storage: &Storage,
+    exp: ExperimentId,
+    trial: TrialId,
+    lineage: &Lineage,
+    visit: &mut (dyn FnMut(&str) + Send),
+) -> Result<(), CoreError> {
+    if lineage.inherits.is_empty() {
+        return Ok(());
+    }
+    let listed = listing(storage, exp, trial).await?;
+    visit_inherited(storage, exp, trial, &listed, lineage, visit).await
+}
+
+async fn visit_inherited(
+    storage: &Storage,
+    exp: ExperimentId,
+    trial: TrialId,
+    listed: &Listing,
+    lineage: &Lineage,
+    visit: &mut (dyn FnMut(&str) + Send),
+) -> Result<(), CoreError> {
+    for inh in &lineage.inherits {
+        visit_listed_lines(storage, exp, trial, listed, inh.attempt, Some(inh.lines), visit).await?;
+    }
+    Ok(())
+}
+
 /// Calls `visit` with every line of a trial's history, oldest first: the lines its newest
 /// attempt's lineage names, then that attempt's own. Returns the attempt whose history it is
 /// (`None` for a trial recorded before the per-attempt layout, read whole from its old file).
@@ -245,9 +275,7 @@ pub async fn visit_history(
             None if attempt == 1 => Lineage::default(),
             None => continue,
         };
-        for inh in &lineage.inherits {
-            visit_listed_lines(storage, exp, trial, &listed, inh.attempt, Some(inh.lines), visit).await?;
-        }
+        visit_inherited(storage, exp, trial, &listed, &lineage, visit).await?;
         visit_listed_lines(storage, exp, trial, &listed, attempt, None, visit).await?;
         return Ok(Some(attempt));
     }

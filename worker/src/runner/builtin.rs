@@ -128,7 +128,7 @@ pub(super) async fn run(
         checkpoint_root: trainer_root,
         // Rank 0 restores; the other ranks take its state over the collective.
         resume_from: p
-            .restored_step
+            .restored_step()
             .filter(|_| a.rank == 0)
             .map(|_| p.checkpoint_dir.clone()),
         parallel,
@@ -250,7 +250,7 @@ async fn join_group(
     let listener = RingListener::bind(ctx.advertise_address).map_err(|e| failed(e.to_string()))?;
     let data = if a.rank == 0 {
         let shards = shards.map_err(|e| failed(e.to_string()))?;
-        let counters = match p.restored_step {
+        let counters = match p.restored_step() {
             Some(_) => Some(read_counters(&p.checkpoint_dir).map_err(|e| failed(e.to_string()))?),
             None => None,
         };

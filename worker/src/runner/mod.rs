@@ -345,12 +345,17 @@ struct Prepared {
     checkpoint_dir: PathBuf,
     /// The checkpoint restored into `checkpoint_dir`, if any.
     restored: Option<checkpoint::CheckpointRef>,
-    restored_step: Option<i64>,
     /// Of the directory as restored, taken before the program can touch it: a checkpoint it
     /// writes before its first step report must count as a change.
     restored_fingerprint: Option<u64>,
     /// The experiment metric by step over the history this attempt carries over.
     scores: std::collections::BTreeMap<i64, f64>,
+}
+
+impl Prepared {
+    fn restored_step(&self) -> Option<i64> {
+        self.restored.map(|r| r.step)
+    }
 }
 
 async fn prepare(ctx: &RunnerContext, a: &pb::Assignment, attempt_dir: &Path) -> Result<Prepared, String> {
@@ -413,21 +418,18 @@ async fn prepare(ctx: &RunnerContext, a: &pb::Assignment, attempt_dir: &Path) ->
                 .await
                 .map_err(|e| format!("cannot store the trial's metric lineage in {}: {e}", a.storage))?;
         }
-        for inh in &lineage.inherits {
-            history::visit_attempt_lines(&storage, exp, trial, inh.attempt, Some(inh.lines), &mut |line| {
-                if let Ok(serde_json::Value::Object(m)) = serde_json::from_str(line) {
-                    records::record_score(&mut scores, &a.metric, &m);
-                }
-            })
-            .await
-            .map_err(|e| format!("cannot read the trial's metrics from {}: {e}", a.storage))?;
-        }
+        history::visit_lineage(&storage, exp, trial, &lineage, &mut |line| {
+            if let Ok(serde_json::Value::Object(m)) = serde_json::from_str(line) {
+                records::record_score(&mut scores, &a.metric, &m);
+            }
+        })
+        .await
+        .map_err(|e| format!("cannot read the trial's metrics from {}: {e}", a.storage))?;
     }
     let restored_fingerprint = checkpoint::fingerprint(&checkpoint_dir).ok().flatten();
     Ok(Prepared {
         storage,
         checkpoint_dir,
-        restored_step: restored.step(),
         restored: restored.restored,
         restored_fingerprint,
         scores,
@@ -473,7 +475,7 @@ fn start_recording(
     store_retry: Duration,
 ) -> (Output, tokio::task::JoinHandle<records::Unstored>) {
     events.emit(Kind::Started(pb::Started {
-        restored_step: p.restored_step,
+        restored_step: p.restored_step(),
         restored_attempt: p.restored.map_or(0, |r| r.attempt),
     }));
     let backlog = Arc::new(Backlog::new());
@@ -525,7 +527,7 @@ async fn run_prepared(
     let spec = process::Spec {
         assignment: a,
         checkpoint_dir: &p.checkpoint_dir,
-        restored_step: p.restored_step,
+        restored_step: p.restored_step(),
         gpu_ids,
         worker_id: &ctx.worker_id,
         extra_env: &distributed,
