@@ -86,6 +86,7 @@ fn finish(st: &mut State, worker: &str, a: &pb::Assignment, exit: pb::ExitKind) 
                 2,
                 Kind::Metric(pb::Metric {
                     json: format!(r#"{{"step": 1, "loss": {loss}}}"#),
+                    ..Default::default()
                 }),
             ),
             ev(
@@ -594,6 +595,7 @@ fn paused_trials_wait_for_promotion() {
     let metric = |step: i64, loss: f64| {
         Kind::Metric(pb::Metric {
             json: format!(r#"{{"step": {step}, "loss": {loss}}}"#),
+            ..Default::default()
         })
     };
     let started = || {
@@ -720,7 +722,7 @@ fn a_failed_commit_changes_nothing_and_the_store_recovers() {
         trial_id: a.trial_id,
         attempt: a.attempt,
         events: vec![
-            ev(2, Kind::Metric(pb::Metric { json: metric })),
+            ev(2, Kind::Metric(pb::Metric { json: metric, ..Default::default() })),
             ev(3, exited(pb::ExitKind::Succeeded, "")),
         ],
     };

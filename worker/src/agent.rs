@@ -719,7 +719,9 @@ mod tests {
             seq,
             unix_ms: 0,
             kind: Some(Kind::Metric(pb::Metric {
-                json: "{\"x\":1}".into(),
+                step: Some(seq as i64),
+                values: [("x".to_string(), 1.0)].into(),
+                ..Default::default()
             })),
         };
         let q: VecDeque<_> = (1..=1200).map(small).collect();

@@ -419,7 +419,7 @@ async fn prepare(ctx: &RunnerContext, a: &pb::Assignment, attempt_dir: &Path) ->
                 .map_err(|e| format!("cannot store the trial's metric lineage in {}: {e}", a.storage))?;
         }
         history::visit_lineage(&storage, exp, trial, &lineage, &mut |line| {
-            if let Ok(serde_json::Value::Object(m)) = serde_json::from_str(line) {
+            if let Ok(m) = chorus_core::metric::MetricReport::from_json(line) {
                 records::record_score(&mut scores, &a.metric, &m);
             }
         })
@@ -793,13 +793,13 @@ impl Output {
         match metric::parse_line(&line) {
             Line::Log => {}
             Line::Metric(report) => {
-                let json = report.to_json();
                 // Stored first and reported by the recorder once stored.
                 let weight = line.len() + 1;
-                if self.jobs.send(Job::Metric(json, weight)).is_ok() {
+                let step = report.step;
+                if self.jobs.send(Job::Metric(report, weight)).is_ok() {
                     self.backlog.add(weight);
                 }
-                if let Some(step) = report.step {
+                if let Some(step) = step {
                     let _ = self.jobs.send(Job::Checkpoint(step, String::new()));
                 }
             }

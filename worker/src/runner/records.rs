@@ -17,6 +17,7 @@
 use super::{Backlog, Events};
 use chorus_core::checkpoint::{self, CheckpointRef, PruneScope};
 use chorus_core::history::MAX_SEGMENT_BYTES;
+use chorus_core::metric::MetricReport;
 use chorus_core::storage::Storage;
 use chorus_core::{ExperimentId, TrialId};
 use chorus_proto::pb::{self, trial_event::Kind};
@@ -81,8 +82,8 @@ impl Unstored {
 pub(super) enum Job {
     /// One output line, metric lines included.
     Log(String),
-    /// A metric report as `MetricReport::to_json` gives it, and its weight in the backlog.
-    Metric(Map<String, Value>, usize),
+    /// A parsed metric report, and its weight in the backlog.
+    Metric(MetricReport, usize),
     /// A metric named this step: commit the checkpoint directory if it changed. The string is
     /// where a data-parallel trial's data stands in it (JSON), or empty.
     Checkpoint(i64, String),
@@ -125,7 +126,7 @@ pub(super) struct Recorder {
     segment: String,
     segment_index: u32,
     /// Lines in `segment` not yet stored, to report once they are, and their backlog weight.
-    unstored: Vec<String>,
+    unstored: Vec<pb::Metric>,
     unstored_weight: usize,
     last_metrics_write: Option<Instant>,
     /// Of the directory as last committed (or restored), so an unchanged one is not re-uploaded.
@@ -266,14 +267,18 @@ impl Recorder {
                         self.seal_chunk();
                     }
                 }
-                Job::Metric(mut m, weight) => {
-                    record_score(&mut self.scores, &self.metric, &m);
-                    // Reported as the trial printed it; stored with the attempt that printed it.
-                    let report = Value::Object(m.clone()).to_string();
+                Job::Metric(report, weight) => {
+                    record_score(&mut self.scores, &self.metric, &report);
+                    // Stored with the attempt that printed it; reported typed, as parsed.
+                    let mut m = report.to_json();
                     m.insert("attempt".into(), Value::from(self.attempt));
                     self.segment.push_str(&Value::Object(m).to_string());
                     self.segment.push('\n');
-                    self.unstored.push(report);
+                    self.unstored.push(pb::Metric {
+                        json: String::new(),
+                        step: report.step,
+                        values: report.values.into_iter().collect(),
+                    });
                     self.unstored_weight += weight;
                 }
                 Job::Checkpoint(step, position) => checkpoint_step = Some((step, position)),
@@ -417,8 +422,8 @@ impl Recorder {
             return;
         }
         self.last_metrics_write = Some(Instant::now());
-        for line in std::mem::take(&mut self.unstored) {
-            self.events.emit_waiting(Kind::Metric(pb::Metric { json: line })).await;
+        for metric in std::mem::take(&mut self.unstored) {
+            self.events.emit_waiting(Kind::Metric(metric)).await;
         }
         self.backlog.release(std::mem::take(&mut self.unstored_weight));
         if self.segment.len() >= MAX_SEGMENT_BYTES {
@@ -429,11 +434,8 @@ impl Recorder {
 }
 
 /// Notes the value of `metric` at the report's step, if it has both.
-pub(super) fn record_score(scores: &mut BTreeMap<i64, f64>, metric: &str, m: &Map<String, Value>) {
-    if let (Some(step), Some(v)) = (
-        m.get("step").and_then(Value::as_i64),
-        m.get(metric).and_then(Value::as_f64),
-    ) {
+pub(super) fn record_score(scores: &mut BTreeMap<i64, f64>, metric: &str, m: &MetricReport) {
+    if let (Some(step), Some(&v)) = (m.step, m.values.get(metric)) {
         scores.insert(step, v);
     }
 }

@@ -159,11 +159,19 @@ fn assert_seqs_from_one(events: &[pb::TrialEvent]) {
     assert_eq!(seqs, (1..=events.len() as u64).collect::<Vec<_>>());
 }
 
+/// A typed metric event as the report it carries.
+fn typed(m: &pb::Metric) -> chorus_core::metric::MetricReport {
+    chorus_core::metric::MetricReport {
+        step: m.step,
+        values: m.values.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+    }
+}
+
 fn metric_jsons(events: &[pb::TrialEvent]) -> Vec<serde_json::Value> {
     events
         .iter()
         .filter_map(|e| match &e.kind {
-            Some(Kind::Metric(m)) => Some(serde_json::from_str(&m.json).unwrap()),
+            Some(Kind::Metric(m)) => Some(serde_json::Value::Object(typed(m).to_json())),
             _ => None,
         })
         .collect()
@@ -719,7 +727,7 @@ async fn a_stale_attempt_writes_nothing_more() {
     let steps: Vec<i64> = seen
         .iter()
         .filter_map(|e| match &e.kind {
-            Some(Kind::Metric(m)) => serde_json::from_str::<serde_json::Value>(&m.json).ok()?["step"].as_i64(),
+            Some(Kind::Metric(m)) => m.step,
             _ => None,
         })
         .collect();
