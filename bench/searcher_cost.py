@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Optuna's TPE sampler (multivariate, as Chorus's TPE) cost per suggestion after N completed
-trials: the anchor of coordinator/examples/searcher_cost.rs. The same six-parameter space; N
+trials: the anchor of search/examples/searcher_cost.rs. The same six-parameter space; N
 trials with random parameters are added to the study, then each timed suggestion is an ask with
 every parameter sampled, told its value from a simple bowl.
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Searcher cost per suggestion after 1,000 and 5,000 completed trials: Chorus's TPE
-# (coordinator/examples/searcher_cost.rs, release build) against Optuna's multivariate TPE sampler
+# (search/examples/searcher_cost.rs, release build) against Optuna's multivariate TPE sampler
 # (bench/searcher_cost.py) on the same six-parameter space, on this machine in the same run.
 # Each figure is the median over SUGGESTIONS timed suggestions; the whole is run RUNS times
 # (default 5), interleaved, and the medians of the runs are printed with min and max.
@@ -14,7 +14,7 @@ runs="${1:-5}"
 suggestions="${2:-20}"
 . bench/venv.sh
 bench_optuna
-cargo build --release --quiet -p chorus-coordinator --example searcher_cost
+cargo build --release --quiet -p chorus-search --example searcher_cost
 figure() { sed -n 's/^ms_per_suggestion=//p'; }
 declare -A got
 for i in $(seq 1 "$runs"); do

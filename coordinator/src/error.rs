@@ -2,6 +2,7 @@
 
 use chorus_core::CoreError;
 use chorus_core::error::SpecErrors;
+use chorus_search::SearchError;
 use std::path::{Path, PathBuf};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -39,8 +40,8 @@ pub enum CoordError {
         source: rusqlite::Error,
     },
     /// A searcher's saved state cannot be read back.
-    #[error("the saved state of the {searcher} searcher cannot be read: {reason}")]
-    SearcherState { searcher: &'static str, reason: String },
+    #[error(transparent)]
+    Search(#[from] SearchError),
     #[error("{0}")]
     Core(CoreError),
 }
@@ -195,7 +196,7 @@ impl From<CoordError> for Status {
             CoordError::Store(e) => Status::internal(format!("coordinator store: {e}")),
             e @ CoordError::StoreWrite { full: true, .. } => Status::resource_exhausted(e.to_string()),
             e @ CoordError::StoreWrite { .. } => Status::unavailable(e.to_string()),
-            e @ CoordError::SearcherState { .. } => Status::failed_precondition(e.to_string()),
+            CoordError::Search(e) => Status::failed_precondition(e.to_string()),
             CoordError::Core(e) => Status::internal(e.to_string()),
         }
     }

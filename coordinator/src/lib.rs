@@ -13,7 +13,6 @@ pub mod experiment;
 pub mod logs;
 pub mod rendezvous;
 pub mod scheduler;
-pub mod search;
 pub mod shards;
 pub mod state;
 pub mod store;

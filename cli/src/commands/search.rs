@@ -5,7 +5,7 @@ use super::experiment::{read_spec, validate_locally};
 use crate::args::{Output, SearchCmd};
 use crate::error::CliError;
 use crate::render;
-use chorus_coordinator::search::{self, preview};
+use chorus_search::preview;
 use std::process::ExitCode;
 
 /// Default steps per simulated trial when the searcher names no `max_resource`.
@@ -24,7 +24,7 @@ pub fn run(cmd: SearchCmd) -> Result<ExitCode, CliError> {
             let spec = validate_locally(&read_spec(&file)?, &overrides)?;
             let trials = trials.unwrap_or(spec.max_trials);
             let steps = steps.or(spec.spec.searcher.max_resource).unwrap_or(DEFAULT_STEPS);
-            let p = preview::simulate(search::build(&spec), &spec, trials, steps, seed);
+            let p = preview::simulate(chorus_search::build(&spec), &spec, trials, steps, seed);
             emit(&match output {
                 Output::Json => render::json(&serde_json::to_value(&p).expect("previews serialise")),
                 Output::Table => preview_table(&p, &spec.metric().name, trials, steps),

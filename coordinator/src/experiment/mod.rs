@@ -2,14 +2,13 @@
 //! their lifecycles: when a searcher may create trials, when an experiment is done, what a
 //! failure costs. The state module applies these rules under its lock and persists the result.
 
-use crate::error::CoordError;
-use crate::search::{self, Searcher};
 use crate::store::ExperimentRow;
 use chorus_core::checkpoint::CheckpointRef;
 use chorus_core::convert::{ExperimentState, TrialState};
 use chorus_core::space::Params;
 use chorus_core::spec::{Goal, ValidSpec};
 use chorus_core::{ExperimentId, TrialId, WorkerId};
+use chorus_search::{SearchError, Searcher};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -44,7 +43,7 @@ pub struct Experiment {
 
 impl Experiment {
     pub fn new(id: ExperimentId, spec: ValidSpec, storage: String, now_ms: i64) -> Self {
-        let searcher = search::build(&spec);
+        let searcher = chorus_search::build(&spec);
         Experiment {
             id,
             name: spec.spec.name.clone(),
@@ -71,15 +70,15 @@ impl Experiment {
     pub fn from_row(row: ExperimentRow) -> Result<Self, chorus_core::CoreError> {
         let spec = chorus_core::spec::parse_stored(&row.spec_yaml)?;
         let restored = serde_json::from_str(&row.searcher_state)
-            .map_err(|e| CoordError::SearcherState {
+            .map_err(|e| SearchError::State {
                 searcher: spec.spec.searcher.name.as_str(),
                 reason: format!("it is not JSON ({e})"),
             })
-            .and_then(|saved| search::restore(&spec, &saved));
+            .and_then(|saved| chorus_search::restore(&spec, &saved));
         let (searcher, unreadable_searcher) = match restored {
             Ok(s) => (s, None),
             Err(e) => (
-                Box::new(search::Unreadable) as Box<dyn Searcher>,
+                Box::new(chorus_search::Unreadable) as Box<dyn Searcher>,
                 Some(UnreadableSearcher {
                     reason: format!(
                         "{e}; the experiment stopped rather than start its search over and run trials again"
@@ -154,7 +153,7 @@ impl Experiment {
         exp.max_failed_trials = row.max_failed_trials;
         exp.exhausted = true;
         exp.created_trials = row.created_trials;
-        exp.searcher = Box::new(search::Unreadable);
+        exp.searcher = Box::new(chorus_search::Unreadable);
         // Written back as found; the experiment fails with the reason when its state loads.
         exp.unreadable_searcher = Some(UnreadableSearcher {
             reason: reason.to_string(),

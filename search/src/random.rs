@@ -4,7 +4,7 @@
 //! and the sequence of trials is the same however often the coordinator restarts.
 
 use super::{SearchAction, SearchEvent, Searcher, Suggestion, read_state};
-use crate::error::Result;
+use crate::Result;
 use chorus_core::TrialId;
 use chorus_core::space::{Params, Space};
 use rand::SeedableRng;

@@ -235,7 +235,7 @@ pub fn simulate(mut searcher: Box<dyn Searcher>, spec: &ValidSpec, max_trials: u
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::search::build;
+    use crate::build;
 
     fn spec(searcher: &str) -> ValidSpec {
         chorus_core::spec::parse(

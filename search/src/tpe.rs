@@ -27,7 +27,7 @@
 //! stream keyed by the suggestion's index, and the state is plain data.
 
 use super::{SearchAction, SearchEvent, Searcher, Suggestion, loss, read_state};
-use crate::error::Result;
+use crate::Result;
 use chorus_core::TrialId;
 use chorus_core::space::{Param, Params, Space};
 use chorus_core::spec::Goal;
@@ -733,7 +733,7 @@ impl Searcher for TpeSearcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::search::RandomSearcher;
+    use crate::RandomSearcher;
 
     fn space() -> Space {
         let mut s = Space::new();

@@ -10,7 +10,7 @@
 //! random stream, so the state is plain data and a restarted coordinator continues identically.
 
 use super::{SearchAction, SearchEvent, Searcher, Suggestion, loss, read_state};
-use crate::error::Result;
+use crate::Result;
 use chorus_core::TrialId;
 use chorus_core::space::{Param, Params, Space};
 use chorus_core::spec::{Goal, ResourceName};

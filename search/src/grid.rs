@@ -1,7 +1,7 @@
 //! Grid search: every point of the (discrete) space once, in a fixed order.
 
 use super::{SearchAction, SearchEvent, Searcher, Suggestion, read_state};
-use crate::error::Result;
+use crate::Result;
 use chorus_core::TrialId;
 use chorus_core::space::{Space, grid_point};
 use serde::{Deserialize, Serialize};

@@ -3,10 +3,10 @@
 //! followed by its completion as a live search would. `bench/searcher_cost.py` does the same with
 //! Optuna's TPE sampler.
 //!
-//! cargo run --release -p chorus-coordinator --example searcher_cost -- --history 1000 --suggestions 20
+//! cargo run --release -p chorus-search --example searcher_cost -- --history 1000 --suggestions 20
 
-use chorus_coordinator::search::{self, SearchEvent, Suggestion, preview};
 use chorus_core::TrialId;
+use chorus_search::{SearchEvent, Searcher, Suggestion, preview};
 use clap::Parser;
 use std::time::Instant;
 
@@ -40,9 +40,9 @@ trial: {command: [x]}
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let spec = chorus_core::spec::parse(SPEC, &[])?;
-    let mut s = search::build(&spec);
+    let mut s = chorus_search::build(&spec);
     let mut next = 1u64;
-    let mut step = |s: &mut Box<dyn search::Searcher>| {
+    let mut step = |s: &mut Box<dyn Searcher>| {
         let t = TrialId(next);
         next += 1;
         let Suggestion::Create(params) = s.suggest(t) else {

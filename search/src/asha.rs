@@ -38,7 +38,7 @@
 
 use super::tpe::{TpeSearcher, TpeSettings};
 use super::{SearchAction, SearchEvent, Searcher, Suggestion, loss, read_state};
-use crate::error::Result;
+use crate::Result;
 use chorus_core::TrialId;
 use chorus_core::space::{Params, Space};
 use chorus_core::spec::{Goal, ResourceName, SamplerName, SearcherName, SearcherSpec};
@@ -642,7 +642,7 @@ mod tests {
     /// sampler finds better configurations than random draws under the same promotion rule.
     #[test]
     fn the_tpe_sampler_beats_random_draws() {
-        use crate::search::{build, preview};
+        use crate::{build, preview};
         let spec = |sampler: &str| {
             chorus_core::spec::parse(
                 &format!(

@@ -6,7 +6,7 @@
 //! its state and the scheduler's are saved side by side.
 
 use super::{SearchAction, SearchEvent, Searcher, Suggestion, loss, read_state};
-use crate::error::Result;
+use crate::Result;
 use chorus_core::TrialId;
 use chorus_core::spec::{Goal, ResourceName, SchedulerSpec};
 use serde::{Deserialize, Serialize};
@@ -131,7 +131,7 @@ impl Searcher for MedianStopping {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::search::RandomSearcher;
+    use crate::RandomSearcher;
     use chorus_core::space::{Param, Space};
     use chorus_core::spec::SchedulerName;
 

@@ -1,8 +1,15 @@
-//! Searchers decide which hyperparameters to try next. They are pure: no I/O, no clock,
-//! deterministic from the spec's seed, and their whole state is a JSON value so a restarted
-//! coordinator continues exactly where the old one stopped. One file per algorithm.
+//! The pure searchers of Chorus: they decide which hyperparameters to try next (grid, random,
+//! TPE, ASHA and Hyperband, PBT), the median stopping rule that may wrap any of them, and the
+//! simulator behind `chorus search preview`. A searcher takes events (a trial reported, completed,
+//! failed) and returns actions (create, stop, pause, promote, exploit); it does no I/O, reads no
+//! clock, is deterministic from the spec's seed, and its whole state is a JSON value so a
+//! restarted coordinator continues exactly where the old one stopped. One file per algorithm.
+//!
+//! This crate depends on `chorus-core` alone among ours and must stay free of servers, stores and
+//! async runtimes: the coordinator runs it under its lock, and the CLI links it for previews.
 
 mod asha;
+mod error;
 mod grid;
 mod median;
 mod pbt;
@@ -10,12 +17,12 @@ pub mod preview;
 mod random;
 mod tpe;
 
-use crate::error::{CoordError, Result};
 use chorus_core::TrialId;
 use chorus_core::space::Params;
 use chorus_core::spec::{Goal, ResourceName, SearcherName, ValidSpec};
 
 pub use asha::{AshaSearcher, AshaSettings};
+pub use error::{Result, SearchError};
 pub use grid::GridSearcher;
 pub use median::MedianStopping;
 pub use pbt::{PbtSearcher, PbtSettings};
@@ -142,11 +149,10 @@ pub fn build(spec: &ValidSpec) -> Box<dyn Searcher> {
 pub fn restore(spec: &ValidSpec, saved: &serde_json::Value) -> Result<Box<dyn Searcher>> {
     build_with(spec, Some(saved)).map_err(|e| match e {
         // Named as the spec names it, with the part that failed.
-        CoordError::SearcherState { searcher, reason } => CoordError::SearcherState {
+        SearchError::State { searcher, reason } => SearchError::State {
             searcher: spec.spec.searcher.name.as_str(),
             reason: format!("{searcher} state: {reason}"),
         },
-        other => other,
     })
 }
 
@@ -157,7 +163,7 @@ pub(crate) fn read_state<T: serde::de::DeserializeOwned + Default>(
 ) -> Result<T> {
     match saved {
         None => Ok(T::default()),
-        Some(v) => T::deserialize(v).map_err(|e| CoordError::SearcherState {
+        Some(v) => T::deserialize(v).map_err(|e| SearchError::State {
             searcher,
             reason: e.to_string(),
         }),
@@ -172,7 +178,7 @@ fn part<'a>(
 ) -> Result<Option<&'a serde_json::Value>> {
     match saved {
         None => Ok(None),
-        Some(v) => v.get(key).map(Some).ok_or_else(|| CoordError::SearcherState {
+        Some(v) => v.get(key).map(Some).ok_or_else(|| SearchError::State {
             searcher,
             reason: format!("the saved state has no `{key}` part"),
         }),
