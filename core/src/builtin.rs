@@ -4,7 +4,7 @@
 //!
 //! Every field may be swept: a string that is exactly `${params.NAME}` takes the parameter's
 //! value with its type (`lr: ${params.lr}` becomes a number), and other strings have their
-//! references replaced as text.
+//! references replaced as text ([`crate::template::substitute_tree`]).
 
 use crate::space::{self, Params};
 use serde::{Deserialize, Serialize};
@@ -177,49 +177,6 @@ impl BuiltinSpec {
     }
 }
 
-/// Replaces `${params.NAME}` throughout a YAML/JSON tree (typed where a string is exactly one
-/// reference). A mapping field whose string refers to a parameter the trial lacks (an inactive
-/// conditional one) is left out, so the setting takes its default.
-pub fn substitute_tree(v: &Value, params: &Params) -> Value {
-    match v {
-        Value::String(s) => {
-            if let Some(name) = s.strip_prefix("${params.").and_then(|r| r.strip_suffix('}'))
-                && !name.contains('}')
-                && let Some(value) = params.get(name)
-            {
-                return value.clone();
-            }
-            Value::String(crate::spec::substitute(s, params))
-        }
-        Value::Array(a) => Value::Array(a.iter().map(|x| substitute_tree(x, params)).collect()),
-        Value::Object(m) => Value::Object(
-            m.iter()
-                .filter(|(_, x)| !x.as_str().is_some_and(|s| crate::spec::refers_to_missing(s, params)))
-                .map(|(k, x)| (k.clone(), substitute_tree(x, params)))
-                .collect(),
-        ),
-        other => other.clone(),
-    }
-}
-
-/// Every string in the tree, with the dotted path it sits at (for reference checks).
-pub fn strings(v: &Value, path: &str, out: &mut Vec<(String, String)>) {
-    match v {
-        Value::String(s) => out.push((path.to_string(), s.clone())),
-        Value::Array(a) => {
-            for (i, x) in a.iter().enumerate() {
-                strings(x, &format!("{path}[{i}]"), out);
-            }
-        }
-        Value::Object(m) => {
-            for (k, x) in m {
-                strings(x, &format!("{path}.{k}"), out);
-            }
-        }
-        _ => {}
-    }
-}
-
 /// A representative value of every parameter, to type-check a builtin spec before any trial
 /// exists: the first grid value, or the middle of a continuous range.
 pub fn representative(space: &space::Space) -> Params {
@@ -242,19 +199,6 @@ pub fn representative(space: &space::Space) -> Params {
 mod tests {
     use super::*;
     use serde_json::json;
-
-    #[test]
-    fn whole_references_keep_their_type() {
-        let mut p = Params::new();
-        p.insert("lr".into(), json!(0.01));
-        p.insert("opt".into(), json!("sgd"));
-        let tree = json!({"lr": "${params.lr}", "optimizer": "${params.opt}", "name": "run-${params.lr}", "n": [1, "${params.lr}"]});
-        let out = substitute_tree(&tree, &p);
-        assert_eq!(
-            out,
-            json!({"lr": 0.01, "optimizer": "sgd", "name": "run-0.01", "n": [1, 0.01]})
-        );
-    }
 
     #[test]
     fn problems_are_named() {

@@ -19,6 +19,7 @@ pub mod space;
 pub mod spec;
 pub mod storage;
 pub mod storage_policy;
+pub mod template;
 mod yaml_locate;
 
 pub use error::CoreError;

@@ -8,6 +8,7 @@
 use crate::error::{CoreError, FieldError, SpecErrors};
 use crate::limits::{self, BudgetLimits, MAX_ERRORS};
 use crate::space::{self, Condition, DomainIndex, GridSize, Param, Params, Space};
+use crate::template;
 use crate::yaml_locate::Locations;
 use serde::{Deserialize, Serialize};
 use serde_json::{Number, Value};
@@ -480,8 +481,8 @@ impl ValidSpec {
             .trial
             .command
             .iter()
-            .filter(|a| !refers_to_missing(a, params))
-            .map(|a| substitute(a, params))
+            .filter(|a| !template::refers_to_missing(a, params))
+            .map(|a| template::substitute(a, params))
             .collect()
     }
 
@@ -492,7 +493,7 @@ impl ValidSpec {
             .trial
             .builtin
             .as_ref()
-            .map(|t| crate::builtin::substitute_tree(t, params))
+            .map(|t| template::substitute_tree(t, params))
     }
 
     /// The trial environment with `${params.NAME}` replaced in values; a variable that refers
@@ -502,8 +503,8 @@ impl ValidSpec {
             .trial
             .env
             .iter()
-            .filter(|(_, v)| !refers_to_missing(v, params))
-            .map(|(k, v)| (k.clone(), substitute(v, params)))
+            .filter(|(_, v)| !template::refers_to_missing(v, params))
+            .map(|(k, v)| (k.clone(), template::substitute(v, params)))
             .collect()
     }
 }
@@ -976,7 +977,7 @@ fn validate(
     }
     if let Some(tree) = &spec.trial.builtin {
         let mut found = Vec::new();
-        crate::builtin::strings(tree, "trial.builtin", &mut found);
+        template::strings(tree, "trial.builtin", &mut found);
         for (path, s) in &found {
             for missing in unknown_refs(s, &spec.parameters) {
                 push(
@@ -986,7 +987,7 @@ fn validate(
             }
         }
         // Type-check with a representative value of each parameter in place.
-        let sample = crate::builtin::substitute_tree(tree, &crate::builtin::representative(&space));
+        let sample = template::substitute_tree(tree, &crate::builtin::representative(&space));
         match serde_path_to_error::deserialize::<_, crate::builtin::BuiltinSpec>(sample) {
             Ok(b) => {
                 for (field, msg) in b.problems() {
@@ -1614,54 +1615,10 @@ fn components(adj: &[Vec<usize>]) -> Vec<Vec<usize>> {
 
 /// Names in `${params.NAME}` references of `s` that are not parameters.
 fn unknown_refs(s: &str, params: &BTreeMap<String, ParamSpec>) -> Vec<String> {
-    refs(s).into_iter().filter(|n| !params.contains_key(n)).collect()
-}
-
-/// Whether `s` refers to a parameter that `params` lacks.
-pub(crate) fn refers_to_missing(s: &str, params: &Params) -> bool {
-    refs(s).iter().any(|n| !params.contains_key(n))
-}
-
-fn refs(s: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut rest = s;
-    while let Some(i) = rest.find("${params.") {
-        let after = &rest[i + 9..];
-        match after.find('}') {
-            Some(j) => {
-                out.push(after[..j].to_string());
-                rest = &after[j + 1..];
-            }
-            None => break,
-        }
-    }
-    out
-}
-
-/// Replaces each `${params.NAME}` in `s` with the trial's value.
-pub fn substitute(s: &str, params: &Params) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find("${params.") {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 9..];
-        match after.find('}') {
-            Some(j) => {
-                let name = &after[..j];
-                match params.get(name) {
-                    Some(v) => out.push_str(&space::render_value(v)),
-                    None => out.push_str(&rest[i..i + 9 + j + 1]),
-                }
-                rest = &after[j + 1..];
-            }
-            None => {
-                out.push_str(&rest[i..]);
-                rest = "";
-            }
-        }
-    }
-    out.push_str(rest);
-    out
+    template::refs(s)
+        .into_iter()
+        .filter(|n| !params.contains_key(n))
+        .collect()
 }
 
 #[cfg(test)]
@@ -2034,26 +1991,6 @@ trial:
         // Unknown fields inside a parameter are still refused.
         let e = one(&with("  momentum: {values: [0.9, 0.99], wen: {optimizer: sgd}}"));
         assert!(e.message.contains("unknown field `wen`"), "{e:?}");
-    }
-
-    #[test]
-    fn a_builtin_setting_of_an_inactive_parameter_takes_its_default() {
-        let tree = serde_json::json!({"optimizer": "${params.optimizer}", "momentum": "${params.momentum}", "lr": 0.1});
-        let p = Params::from([("optimizer".into(), "adam".into())]);
-        assert_eq!(
-            crate::builtin::substitute_tree(&tree, &p),
-            serde_json::json!({"optimizer": "adam", "lr": 0.1})
-        );
-    }
-
-    #[test]
-    fn substitute_leaves_unknown_and_unclosed_refs() {
-        let mut p = Params::new();
-        p.insert("a".into(), serde_json::json!(1.5));
-        assert_eq!(
-            substitute("x${params.a}y${params.b}z${params.", &p),
-            "x1.5y${params.b}z${params."
-        );
     }
 }
 
