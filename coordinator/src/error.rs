@@ -42,6 +42,10 @@ pub enum CoordError {
     /// A searcher's saved state cannot be read back.
     #[error(transparent)]
     Search(#[from] SearchError),
+    /// A store commit that failed, as told to every change of its group (each gets the same
+    /// words: the [`CoordError::StoreWrite`] they came from is logged once).
+    #[error("{message}")]
+    CommitFailed { full: bool, message: String },
     #[error("{0}")]
     Core(CoreError),
 }
@@ -197,6 +201,8 @@ impl From<CoordError> for Status {
             e @ CoordError::StoreWrite { full: true, .. } => Status::resource_exhausted(e.to_string()),
             e @ CoordError::StoreWrite { .. } => Status::unavailable(e.to_string()),
             CoordError::Search(e) => Status::failed_precondition(e.to_string()),
+            CoordError::CommitFailed { full: true, message } => Status::resource_exhausted(message),
+            CoordError::CommitFailed { message, .. } => Status::unavailable(message),
             CoordError::Core(e) => Status::internal(e.to_string()),
         }
     }

@@ -1,26 +1,33 @@
 //! The Chorus coordinator: one gRPC server that runs hyperparameter sweeps. It owns the
 //! durable store (experiments, trials, attempts, metric summaries, searcher state), the
-//! searchers and the scheduler, the worker registry and its leases, and the reconcile loop
-//! that repairs whatever messages were lost.
+//! scheduler, the worker registry and its leases, and the reconcile loop that repairs
+//! whatever messages were lost; the searchers it drives live in `chorus-search`.
 //!
 //! It must not train anything, link tch, or move tensors and checkpoints: workers do that
 //! and tell it object-store keys. Its searchers and scheduler stay pure (no I/O, no clock).
+//!
+//! Map: `api/` (one file per gRPC service, protobuf converted in `api/convert.rs`), `state/`
+//! (every transition, one file per concern), `store/` (SQLite and its writer thread),
+//! `protocol.rs` (what workers and the coordinator say, as domain types), `clock.rs`.
 
 pub mod api;
-pub mod cluster;
+pub mod clock;
+pub(crate) mod cluster;
 pub mod error;
-pub mod experiment;
-pub mod logs;
-pub mod rendezvous;
-pub mod scheduler;
-pub mod shards;
+pub(crate) mod experiment;
+pub(crate) mod logs;
+pub mod protocol;
+pub(crate) mod rendezvous;
+pub(crate) mod scheduler;
+pub(crate) mod shards;
 pub mod state;
-pub mod store;
-pub mod telemetry;
+pub(crate) mod store;
+pub(crate) mod telemetry;
 
 use crate::api::auth::{AuthInterceptor, Role, Tokens};
+use crate::clock::Clock;
 use crate::error::{CoordError, Result};
-use crate::state::{State, Timing};
+use crate::state::{Change, State, Timing};
 use chorus_core::limits::BudgetLimits;
 use chorus_core::storage::{Storage, StorageOptions, StorageUri};
 use chorus_core::storage_policy::{StorageLocation, StoragePolicy};
@@ -53,6 +60,8 @@ pub struct Options {
     pub allow_memory_storage: bool,
     /// What one experiment may ask for (trials, trials at once, restarts per trial).
     pub budgets: BudgetLimits,
+    /// Where the coordinator reads the time: the system clocks, or one a test moves.
+    pub clock: Clock,
 }
 
 impl Options {
@@ -68,13 +77,16 @@ impl Options {
             allowed_storage: Vec::new(),
             allow_memory_storage: false,
             budgets: BudgetLimits::default(),
+            clock: Clock::system(),
         }
     }
 }
 
 /// Shared by every handler and the reconcile loop.
 pub struct Coordinator {
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
+    /// Changes, announced once durable.
+    events: broadcast::Sender<Change>,
     /// Storage for experiments whose spec names none, normalised.
     pub default_storage: StorageLocation,
     policy: StoragePolicy,
@@ -126,10 +138,14 @@ impl Coordinator {
             other => other,
         })?;
         let (events, _) = broadcast::channel(4096);
-        let state = State::load(store, opts.timing.clone(), events)?;
+        let state = State::load(&store, opts.timing.clone(), opts.clock.clone(), Default::default())?;
+        let cluster_id = state.cluster_id().to_string();
+        let state = Arc::new(Mutex::new(state));
+        State::attach(&state, store, events.clone());
         Ok(Coordinator {
-            cluster_id: state.cluster_id().to_string(),
-            state: Mutex::new(state),
+            cluster_id,
+            state,
+            events,
             default_storage,
             policy,
             budgets: opts.budgets,
@@ -142,6 +158,27 @@ impl Coordinator {
         // A panic while holding the lock leaves the state as it was at the last flush plus
         // partial changes; continuing is no worse than the restart that would follow.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies a change under the lock, lets go of it, and waits until the change is durable
+    /// (and its commands sent) before answering. What the change touched is committed even
+    /// when it then fails (a rejected report may still have renewed a lease); its own error
+    /// comes first.
+    pub async fn change<T>(&self, apply: impl FnOnce(&mut State) -> Result<T>) -> Result<T> {
+        let (out, commit) = {
+            let mut st = self.lock();
+            let out = apply(&mut st);
+            (out, st.flush())
+        };
+        let committed = commit.wait().await;
+        let out = out?;
+        committed?;
+        Ok(out)
+    }
+
+    /// Changes of experiments and trials, announced once durable.
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.events.subscribe()
     }
 
     /// The storage a new experiment uses: what its spec names (or the default), normalised,
@@ -197,15 +234,15 @@ pub async fn run(
              and a worker token (--worker-token / CHORUS_WORKER_TOKEN), or bind to a loopback address"
         );
     }
-    let coord = Arc::new(Coordinator::open(&opts)?);
-    {
-        // Attempts found live at start get one lease to be claimed; schedule what can run.
-        let mut st = coord.lock();
-        st.pump();
-        if let Err(e) = st.flush() {
-            // Serve anyway: reads work, and the reconcile loop retries until the disk has room.
-            tracing::error!(error = %e, "cannot record the start-up pass");
-        }
+    // Opening reads the whole store: off the async threads.
+    let coord = {
+        let opts = opts.clone();
+        Arc::new(tokio::task::spawn_blocking(move || Coordinator::open(&opts)).await??)
+    };
+    // Attempts found live at start get one lease to be claimed; schedule what can run.
+    if let Err(e) = coord.change(|st| Ok(st.pump())).await {
+        // Serve anyway: reads work, and the reconcile loop retries until the disk has room.
+        tracing::error!(error = %e, "cannot record the start-up pass");
     }
     let reconcile = {
         let coord = coord.clone();
@@ -215,10 +252,8 @@ pub async fn run(
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let mut st = coord.lock();
-                st.reconcile();
                 // A failure is logged by the store's writer and the pass retried next tick.
-                let _ = st.flush();
+                let _ = coord.change(|st| Ok(st.reconcile())).await;
             }
         })
     };
@@ -233,8 +268,11 @@ pub async fn run(
                 axum::routing::get(move || {
                     let coord = coord.clone();
                     async move {
-                        let st = coord.lock();
-                        let body = st.telemetry.render(&st);
+                        let body = {
+                            let st = coord.lock();
+                            let gauges = st.gauges();
+                            st.telemetry.clone().render(&gauges)
+                        };
                         (
                             [(
                                 "content-type",
@@ -301,12 +339,18 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     reconcile.abort();
+    // Changes already queued (a reconcile pass) are written before the process exits.
+    let writer = coord.lock().writer().clone();
+    writer.sync().await;
     if let Some(m) = metrics {
         m.abort();
     }
     result?;
     Ok(())
 }
+
+#[cfg(test)]
+mod unreadable_spec_tests;
 
 #[cfg(test)]
 mod tests {

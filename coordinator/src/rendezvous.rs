@@ -6,23 +6,23 @@
 //! call again. It belongs to one attempt; a call for an attempt the trial has moved past is
 //! stale (ABORTED), and ending the attempt drops the rendezvous, which wakes its waiters.
 
-use chorus_proto::pb;
+use crate::protocol::{DataPlan, JoinRequest, Peers};
 use tokio::sync::watch;
 
 pub struct Rendezvous {
     pub attempt: u32,
     addresses: Vec<Option<String>>,
     nccl_id: Vec<u8>,
-    data: Option<pb::DataPlanRequest>,
+    data: Option<DataPlan>,
     session: u64,
-    ready: Option<pb::RendezvousResponse>,
+    ready: Option<Peers>,
     /// Flips to true once every rank has joined.
     notify: watch::Sender<bool>,
 }
 
 /// What a joining rank gets: the answer, or something to wait on.
 pub enum Joined {
-    Ready(pb::RendezvousResponse),
+    Ready(Peers),
     Wait(watch::Receiver<bool>),
 }
 
@@ -40,7 +40,7 @@ impl Rendezvous {
     }
 
     /// Records a rank's call (a repeated call replaces what it said before, until all joined).
-    pub fn join(&mut self, req: &pb::RendezvousRequest) {
+    pub fn join(&mut self, req: &JoinRequest) {
         if self.ready.is_some() {
             return;
         }
@@ -59,17 +59,13 @@ impl Rendezvous {
     }
 
     /// Rank 0's data request, once every rank joined and before the answer is made.
-    pub fn data(&self) -> Option<&pb::DataPlanRequest> {
+    pub fn data(&self) -> Option<&DataPlan> {
         self.data.as_ref()
     }
 
-    pub fn world(&self) -> usize {
-        self.addresses.len()
-    }
-
     /// Completes the rendezvous with the data position chosen for it, and wakes the waiters.
-    pub fn complete(&mut self, position_json: String) -> pb::RendezvousResponse {
-        let resp = pb::RendezvousResponse {
+    pub fn complete(&mut self, position_json: String) -> Peers {
+        let resp = Peers {
             world_size: self.addresses.len() as u32,
             addresses: self.addresses.iter().map(|a| a.clone().unwrap_or_default()).collect(),
             nccl_id: self.nccl_id.clone(),

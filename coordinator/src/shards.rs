@@ -8,11 +8,11 @@
 //! consumed. Pure: the caller supplies rank 0's request and records the result.
 
 use crate::error::{CoordError, Result};
-use chorus_core::shards::{DataPosition, ShardSize, plan_epoch};
-use chorus_proto::pb;
+use crate::protocol::DataPlan;
+use chorus_core::shards::{DataPosition, plan_epoch};
 
 /// Where the ranks of an attempt of `world` ranks start reading.
-pub fn start_position(req: &pb::DataPlanRequest, world: usize) -> Result<DataPosition> {
+pub fn start_position(req: &DataPlan, world: usize) -> Result<DataPosition> {
     let bad = |m: String| CoordError::InvalidArgument(format!("rendezvous data plan: {m}"));
     if req.batch_size == 0 {
         return Err(bad("batch_size must be at least 1".into()));
@@ -29,16 +29,8 @@ pub fn start_position(req: &pb::DataPlanRequest, world: usize) -> Result<DataPos
     if req.shards.is_empty() {
         return Err(bad("the dataset lists no training shards".into()));
     }
-    let shards: Vec<ShardSize> = req
-        .shards
-        .iter()
-        .map(|s| ShardSize {
-            key: s.key.clone(),
-            samples: s.samples,
-        })
-        .collect();
     Ok(DataPosition::start(
-        plan_epoch(&shards, req.seed, req.epoch, world),
+        plan_epoch(&req.shards, req.seed, req.epoch, world),
         req.batch_size,
     ))
 }
@@ -47,10 +39,10 @@ pub fn start_position(req: &pb::DataPlanRequest, world: usize) -> Result<DataPos
 mod tests {
     use super::*;
 
-    fn request(position_json: String) -> pb::DataPlanRequest {
-        pb::DataPlanRequest {
+    fn request(position_json: String) -> DataPlan {
+        DataPlan {
             shards: (0..4)
-                .map(|i| pb::ShardSize {
+                .map(|i| chorus_core::shards::ShardSize {
                     key: format!("shard-{i:05}.tar"),
                     samples: 30,
                 })

@@ -1,7 +1,6 @@
 //! Prometheus metrics of the coordinator, served on `/metrics` when `--metrics-listen` is set.
 //! Names start with `chorus_` and use base units (seconds, counts).
 
-use crate::state::State;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -27,6 +26,20 @@ pub struct Telemetry {
     pub store_commit_seconds: Histogram,
     /// Commits that failed (a full disk, an I/O error): their changes were dropped.
     pub store_commit_failures: Counter,
+    /// Changes written by one commit (group commit).
+    pub store_group_batches: Histogram,
+}
+
+/// What the gauges show, read from the state when they are rendered.
+#[derive(Debug, Clone, Default)]
+pub struct Gauges {
+    /// Experiments by state name.
+    pub experiments: Vec<(&'static str, u64)>,
+    /// Trials by state name.
+    pub trials: Vec<(&'static str, u64)>,
+    pub workers: u64,
+    pub cpu_capacity: u64,
+    pub cpu_busy: u64,
 }
 
 impl Default for Telemetry {
@@ -70,8 +83,15 @@ impl Default for Telemetry {
             "Store commits that failed (full disk, I/O error); their changes were not made",
             store_commit_failures.clone(),
         );
+        let store_group_batches = Histogram::new(exponential_buckets(1.0, 2.0, 13));
+        registry.register(
+            "store_group_batches",
+            "Changes made durable together by one store commit",
+            store_group_batches.clone(),
+        );
         Telemetry {
             registry,
+            store_group_batches,
             experiments,
             trials,
             workers,
@@ -86,45 +106,25 @@ impl Default for Telemetry {
 }
 
 impl Telemetry {
-    /// Refreshes the gauges from `st` and renders the OpenMetrics text.
-    pub fn render(&self, st: &State) -> String {
-        use chorus_core::convert::ExperimentState as E;
-        for s in [E::Active, E::Paused, E::Completed, E::Failed, E::Killed] {
-            let n = st.experiments.values().filter(|e| e.state == s).count();
+    /// Sets the gauges and renders the OpenMetrics text.
+    pub fn render(&self, g: &Gauges) -> String {
+        for (state, n) in &g.experiments {
             self.experiments
-                .get_or_create(&vec![("state", s.as_str().to_string())])
-                .set(n as i64);
+                .get_or_create(&vec![("state", state.to_string())])
+                .set(*n as i64);
         }
-        let mut totals = crate::state::Counts::default();
-        for c in st.counts.values() {
-            totals.pending += c.pending;
-            totals.running += c.running;
-            totals.completed += c.completed;
-            totals.failed += c.failed;
-            totals.killed += c.killed;
-            totals.paused += c.paused;
-        }
-        for (name, n) in [
-            ("pending", totals.pending),
-            ("running", totals.running),
-            ("completed", totals.completed),
-            ("failed", totals.failed),
-            ("killed", totals.killed),
-            ("paused", totals.paused),
-        ] {
+        for (state, n) in &g.trials {
             self.trials
-                .get_or_create(&vec![("state", name.to_string())])
-                .set(n as i64);
+                .get_or_create(&vec![("state", state.to_string())])
+                .set(*n as i64);
         }
-        let registered: Vec<_> = st.registry.workers.values().filter(|w| w.registered).collect();
-        self.workers.set(registered.len() as i64);
-        let capacity: u64 = registered.iter().map(|w| w.capacity.cpus as u64).sum();
+        self.workers.set(g.workers as i64);
         self.slots
             .get_or_create(&vec![("use", "capacity".to_string())])
-            .set(capacity as i64);
+            .set(g.cpu_capacity as i64);
         self.slots
             .get_or_create(&vec![("use", "busy".to_string())])
-            .set(st.busy_cpu_slots() as i64);
+            .set(g.cpu_busy as i64);
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out

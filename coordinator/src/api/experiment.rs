@@ -30,17 +30,21 @@ impl ExperimentApi {
         ExperimentApi { coord }
     }
 
-    /// Applies one state change to an experiment, commits it, and answers with the result.
-    fn change(
+    /// Applies one state change to an experiment and answers, once it is durable, with the
+    /// experiment as the change left it.
+    async fn change(
         &self,
         id: ExperimentId,
         apply: impl FnOnce(&mut crate::state::State) -> Result<(), CoordError>,
     ) -> Result<Response<pb::Experiment>, Status> {
-        let mut st = self.coord.lock();
-        apply(&mut st)?;
-        st.flush()?;
-        let exp =
-            convert::experiment(&st, id).ok_or_else(|| Status::not_found(format!("experiment {id} does not exist")))?;
+        let exp = self
+            .coord
+            .change(|st| {
+                apply(st)?;
+                Ok(convert::experiment(st, id))
+            })
+            .await?;
+        let exp = exp.ok_or_else(|| Status::not_found(format!("experiment {id} does not exist")))?;
         Ok(Response::new(exp))
     }
 }
@@ -76,10 +80,13 @@ impl ExperimentService for ExperimentApi {
                 .into());
             }
         }
-        let mut st = self.coord.lock();
-        st.add_experiment(id, valid, uri);
-        st.flush()?;
-        let experiment = convert::experiment(&st, id);
+        let experiment = self
+            .coord
+            .change(|st| {
+                st.add_experiment(id, valid, uri);
+                Ok(convert::experiment(st, id))
+            })
+            .await?;
         tracing::info!(experiment = %id, "experiment submitted");
         Ok(Response::new(pb::SubmitExperimentResponse { experiment }))
     }
@@ -152,17 +159,17 @@ impl ExperimentService for ExperimentApi {
 
     async fn pause_experiment(&self, req: Request<pb::ExperimentRef>) -> Result<Response<pb::Experiment>, Status> {
         let id = ExperimentId(req.into_inner().experiment_id);
-        self.change(id, |st| st.pause(id))
+        self.change(id, |st| st.pause(id)).await
     }
 
     async fn resume_experiment(&self, req: Request<pb::ExperimentRef>) -> Result<Response<pb::Experiment>, Status> {
         let id = ExperimentId(req.into_inner().experiment_id);
-        self.change(id, |st| st.resume(id))
+        self.change(id, |st| st.resume(id)).await
     }
 
     async fn kill_experiment(&self, req: Request<pb::ExperimentRef>) -> Result<Response<pb::Experiment>, Status> {
         let id = ExperimentId(req.into_inner().experiment_id);
-        self.change(id, |st| st.kill(id))
+        self.change(id, |st| st.kill(id)).await
     }
 
     async fn update_experiment(
@@ -175,6 +182,7 @@ impl ExperimentService for ExperimentApi {
         self.change(id, |st| {
             st.update_budget(id, req.max_trials, req.parallel_trials, req.max_failed_trials)
         })
+        .await
     }
 
     type WatchExperimentStream = ResponseStream<pb::ExperimentEvent>;
@@ -187,7 +195,7 @@ impl ExperimentService for ExperimentApi {
         let mut changes = {
             let st = self.coord.lock();
             st.experiment(id)?;
-            st.subscribe()
+            self.coord.subscribe()
         };
         let (tx, rx) = mpsc::channel(256);
         let coord = self.coord.clone();
@@ -307,20 +315,23 @@ impl ExperimentService for ExperimentApi {
         &self,
         _req: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        let st = self.coord.lock();
-        let mut workers: Vec<pb::WorkerInfo> = st.registry.workers.values().map(|w| worker_info(&st, w)).collect();
-        workers.sort_by(|a, b| a.id.cmp(&b.id));
+        let workers = self.coord.lock().workers();
+        let workers = workers.into_iter().map(convert::worker).collect();
         Ok(Response::new(pb::ListWorkersResponse { workers }))
     }
 
     async fn drain_worker(&self, req: Request<pb::DrainWorkerRequest>) -> Result<Response<pb::WorkerInfo>, Status> {
         let req = req.into_inner();
         let id = chorus_core::WorkerId(req.worker_id);
-        let mut st = self.coord.lock();
-        st.drain(&id, req.undo)?;
-        st.flush()?;
-        let info = match st.registry.workers.get(&id) {
-            Some(w) => worker_info(&st, w),
+        let summary = self
+            .coord
+            .change(|st| {
+                st.drain(&id, req.undo)?;
+                Ok(st.worker(&id))
+            })
+            .await?;
+        let info = match summary {
+            Some(w) => convert::worker(w),
             // Undone for a worker that is gone: nothing to show but its id.
             None => pb::WorkerInfo {
                 id: id.0,
@@ -350,34 +361,4 @@ fn check_budget_update(
         )));
     }
     Ok(())
-}
-
-/// What `ListWorkers` and `DrainWorker` say of one worker.
-fn worker_info(st: &crate::state::State, w: &crate::cluster::WorkerEntry) -> pb::WorkerInfo {
-    let mut used = pb::Resources::default();
-    let mut running = Vec::new();
-    for t in st.trials.values() {
-        let Some(l) = t.live.as_ref().filter(|l| l.on(&w.id)) else {
-            continue;
-        };
-        let r = &st.experiments[&t.experiment].spec.spec.resources;
-        let ranks_here = l.ranks.iter().filter(|x| x.worker == w.id).count() as u32;
-        used.cpus += r.cpus * ranks_here;
-        used.gpus += r.gpus * ranks_here;
-        running.push(t.id.0);
-    }
-    pb::WorkerInfo {
-        id: w.id.0.clone(),
-        address: w.address.clone(),
-        capacity: Some(pb::Resources {
-            cpus: w.capacity.cpus,
-            gpus: w.capacity.gpus,
-        }),
-        used: Some(used),
-        labels: w.labels.clone().into_iter().collect(),
-        alive: w.registered,
-        last_seen_unix_ms: w.last_seen_ms,
-        running_trials: running,
-        draining: st.drained.contains(&w.id),
-    }
 }

@@ -1,15 +1,18 @@
-//! `chorus.v1.WorkerService`, for worker agents.
+//! `chorus.v1.WorkerService`, for worker agents: each handler converts its request, applies it
+//! to the state through [`Coordinator::change`] (durable before it answers), and converts the
+//! answer back.
 
+use super::convert;
 use crate::Coordinator;
 use crate::rendezvous::Joined;
-use chorus_core::WorkerId;
+use chorus_core::{TrialId, WorkerId};
 use chorus_proto::pb;
 use chorus_proto::pb::worker_service_server::WorkerService;
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 pub struct WorkerApi {
@@ -25,24 +28,28 @@ impl WorkerApi {
 #[tonic::async_trait]
 impl WorkerService for WorkerApi {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
-        let req = req.into_inner();
-        let worker = req.worker_id.clone();
-        let mut st = self.coord.lock();
-        let kill = st.register(req)?;
-        st.flush()?;
+        let reg = convert::registration(req.into_inner());
+        let worker = reg.worker.clone();
+        let (kill, timing) = self
+            .coord
+            .change(|st| Ok((st.register(reg)?, st.timing.clone())))
+            .await?;
         tracing::info!(%worker, "worker registered");
         Ok(Response::new(pb::RegisterResponse {
-            heartbeat_interval_ms: st.timing.heartbeat_interval.as_millis() as u64,
-            lease_ttl_ms: st.timing.lease_ttl.as_millis() as u64,
-            kill,
+            heartbeat_interval_ms: timing.heartbeat_interval.as_millis() as u64,
+            lease_ttl_ms: timing.lease_ttl.as_millis() as u64,
+            kill: kill.into_iter().map(convert::running_to_pb).collect(),
         }))
     }
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let mut st = self.coord.lock();
-        let kill = st.heartbeat(req.get_ref())?;
-        st.flush()?;
-        Ok(Response::new(pb::HeartbeatResponse { kill }))
+        let req = req.into_inner();
+        let worker = WorkerId(req.worker_id);
+        let running: Vec<_> = req.running.iter().map(convert::running).collect();
+        let kill = self.coord.change(|st| st.heartbeat(&worker, &running)).await?;
+        Ok(Response::new(pb::HeartbeatResponse {
+            kill: kill.into_iter().map(convert::running_to_pb).collect(),
+        }))
     }
 
     type AssignmentsStream = Pin<Box<dyn Stream<Item = Result<pb::WorkerCommand, Status>> + Send>>;
@@ -52,25 +59,18 @@ impl WorkerService for WorkerApi {
         req: Request<pb::AssignmentsRequest>,
     ) -> Result<Response<Self::AssignmentsStream>, Status> {
         let worker = WorkerId(req.into_inner().worker_id);
-        // Unbounded: commands are produced under the state lock, which must never wait on a
-        // slow worker; their number is bounded by the worker's slots plus kills.
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut st = self.coord.lock();
-        st.open_stream(&worker, tx)?;
-        st.flush()?;
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+        self.coord.change(|st| st.open_stream(&worker, tx)).await?;
+        let commands = UnboundedReceiverStream::new(rx).map(|c| Ok(convert::command(c)));
+        Ok(Response::new(Box::pin(commands)))
     }
 
     async fn report_trial(
         &self,
         req: Request<pb::ReportTrialRequest>,
     ) -> Result<Response<pb::ReportTrialResponse>, Status> {
-        let mut st = self.coord.lock();
-        let res = st.report(req.into_inner());
-        // Even a rejected report may have renewed the lease; keep what changed.
-        let flushed = st.flush();
-        res?;
-        flushed?;
+        let report = convert::report(req.into_inner());
+        self.coord.change(|st| st.report(report)).await?;
         Ok(Response::new(pb::ReportTrialResponse {}))
     }
 
@@ -78,19 +78,11 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<pb::RendezvousRequest>,
     ) -> Result<Response<pb::RendezvousResponse>, Status> {
-        let req = req.into_inner();
+        let req = convert::join_request(req.into_inner());
         let deadline = tokio::time::Instant::now() + RENDEZVOUS_WAIT;
         loop {
-            let joined = {
-                let mut st = self.coord.lock();
-                let res = st.rendezvous(&req);
-                let flushed = st.flush();
-                let joined = res?;
-                flushed?;
-                joined
-            };
-            let mut rx = match joined {
-                Joined::Ready(resp) => return Ok(Response::new(resp)),
+            let mut rx = match self.coord.change(|st| st.rendezvous(&req)).await? {
+                Joined::Ready(peers) => return Ok(Response::new(convert::peers(peers))),
                 Joined::Wait(rx) => rx,
             };
             // Woken when the last rank joins, or (sender dropped) when the attempt ends; either
@@ -99,10 +91,10 @@ impl WorkerService for WorkerApi {
                 .await
                 .is_err()
             {
-                let missing = self.coord.lock().rendezvous_missing(chorus_core::TrialId(req.trial_id));
+                let missing = self.coord.lock().rendezvous_missing(TrialId(req.trial.0));
                 return Err(Status::deadline_exceeded(format!(
                     "rendezvous of trial {} attempt {}: ranks {missing:?} have not joined yet; call again",
-                    req.trial_id, req.attempt
+                    req.trial, req.attempt
                 )));
             }
         }

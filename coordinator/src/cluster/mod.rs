@@ -2,16 +2,17 @@
 //! Workers are not persisted: after a coordinator restart they re-register within one lease,
 //! and until then the workers named by live attempts are held as unconfirmed entries.
 
+use crate::protocol::Command;
 use crate::scheduler::Resources;
 use chorus_core::WorkerId;
-use chorus_proto::pb;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use tonic::Status;
 
-/// The channel that feeds one worker's `Assignments` stream.
-pub type CommandSender = mpsc::UnboundedSender<Result<pb::WorkerCommand, Status>>;
+/// The channel that feeds one worker's `Assignments` stream. Unbounded: commands are made
+/// under the state lock, which must never wait on a slow worker; their number is bounded by
+/// the worker's slots plus kills.
+pub type CommandSender = mpsc::UnboundedSender<Command>;
 
 #[derive(Debug)]
 pub struct WorkerEntry {
@@ -100,18 +101,22 @@ impl Registry {
         lapsed
     }
 
-    /// Pushes a command down a worker's stream; false when it is not connected (the command
-    /// is then re-derived from state when the worker reconnects).
-    pub fn send(&mut self, id: &WorkerId, cmd: pb::WorkerCommand) -> bool {
-        let Some(e) = self.workers.get_mut(id) else {
-            return false;
-        };
-        let Some(tx) = &e.stream else { return false };
-        if tx.send(Ok(cmd)).is_err() {
-            e.stream = None;
-            return false;
-        }
-        true
+    /// The stream commands for a worker go down, while it is connected (a command for one that
+    /// is not is re-derived from the state when it connects again).
+    pub fn sender(&self, id: &WorkerId) -> Option<CommandSender> {
+        self.workers
+            .get(id)?
+            .stream
+            .as_ref()
+            .filter(|tx| !tx.is_closed())
+            .cloned()
+    }
+
+    /// Whether new work can be sent to the worker now.
+    pub fn connected(&self, id: &WorkerId) -> bool {
+        self.workers
+            .get(id)
+            .is_some_and(|e| e.registered && e.stream.as_ref().is_some_and(|tx| !tx.is_closed()))
     }
 }
 

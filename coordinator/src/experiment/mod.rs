@@ -2,13 +2,16 @@
 //! their lifecycles: when a searcher may create trials, when an experiment is done, what a
 //! failure costs. The state module applies these rules under its lock and persists the result.
 
-use crate::store::ExperimentRow;
+pub mod journal;
+
+use crate::store::{ExperimentRow, SearcherRecord, SearcherWrite};
 use chorus_core::checkpoint::CheckpointRef;
 use chorus_core::convert::{ExperimentState, TrialState};
 use chorus_core::space::Params;
 use chorus_core::spec::{Goal, ValidSpec};
 use chorus_core::{ExperimentId, TrialId, WorkerId};
-use chorus_search::{SearchError, Searcher};
+use chorus_search::{self as search, SearchAction, SearchError, SearchEvent, Searcher, Suggestion};
+use journal::Call;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -29,10 +32,12 @@ pub struct Experiment {
     pub max_trials: u64,
     pub parallel_trials: u32,
     pub max_failed_trials: Option<u64>,
-    pub searcher: Box<dyn Searcher>,
+    searcher: Box<dyn Searcher>,
     /// Set when the saved searcher state could not be read: the experiment fails rather than
-    /// start its search over, and the state is written back exactly as it was found.
+    /// start its search over, and the stored state is left exactly as it was found.
     pub unreadable_searcher: Option<UnreadableSearcher>,
+    /// Where the searcher's journal stands, and what is to be written of it.
+    log: SearcherLog,
     /// The searcher said it has nothing more to try.
     pub exhausted: bool,
     /// Trials created so far; also the next trial's `seq`.
@@ -41,10 +46,34 @@ pub struct Experiment {
     pub trials: Vec<TrialId>,
 }
 
+/// The journal of one searcher, as far as the store knows it.
+#[derive(Debug, Default)]
+struct SearcherLog {
+    /// The last journal entry made.
+    seq: u64,
+    /// Bytes of journal written since the last snapshot, and that snapshot's size.
+    since_snapshot: usize,
+    snapshot_bytes: usize,
+    /// Not yet handed to the store.
+    writes: Vec<SearcherWrite>,
+}
+
 impl Experiment {
     pub fn new(id: ExperimentId, spec: ValidSpec, storage: String, now_ms: i64) -> Self {
-        let searcher = chorus_search::build(&spec);
+        let searcher = search::build(&spec);
+        let state = searcher.save().to_string();
+        let log = SearcherLog {
+            seq: 0,
+            since_snapshot: 0,
+            snapshot_bytes: state.len(),
+            writes: vec![SearcherWrite::Snapshot {
+                experiment: id,
+                seq: 0,
+                state,
+            }],
+        };
         Experiment {
+            log,
             id,
             name: spec.spec.name.clone(),
             spec_yaml: spec.to_yaml(),
@@ -65,16 +94,32 @@ impl Experiment {
         }
     }
 
-    /// Rebuilds an experiment from its row; the stored spec was valid when it was written. A
-    /// searcher state that cannot be read leaves [`Experiment::unreadable_searcher`] set.
-    pub fn from_row(row: ExperimentRow) -> Result<Self, chorus_core::CoreError> {
-        let spec = chorus_core::spec::parse_stored(&row.spec_yaml)?;
-        let restored = serde_json::from_str(&row.searcher_state)
-            .map_err(|e| SearchError::State {
-                searcher: spec.spec.searcher.name.as_str(),
-                reason: format!("it is not JSON ({e})"),
-            })
-            .and_then(|saved| chorus_search::restore(&spec, &saved));
+    /// Rebuilds an experiment from its row and its searcher's snapshot and journal; the stored
+    /// spec was valid when it was written. A searcher state that cannot be read leaves
+    /// [`Experiment::unreadable_searcher`] set.
+    pub fn from_row(row: ExperimentRow, saved: SearcherRecord) -> Result<Self, chorus_core::CoreError> {
+        let spec_yaml = row.spec_yaml.clone().unwrap_or_default();
+        let spec = chorus_core::spec::parse_stored(&spec_yaml)?;
+        let (snapshot_seq, snapshot) = saved.snapshot.clone().unwrap_or((0, String::new()));
+        let unreadable = |reason: String| SearchError::State {
+            searcher: spec.spec.searcher.name.as_str(),
+            reason,
+        };
+        let restored = if saved.snapshot.is_none() {
+            Err(unreadable("no saved state was found".into()))
+        } else {
+            serde_json::from_str(&snapshot)
+                .map_err(|e| unreadable(format!("it is not JSON ({e})")))
+                .and_then(|state| search::restore(&spec, &state))
+                .and_then(|mut searcher| {
+                    for (seq, entry) in &saved.journal {
+                        let call: Call = serde_json::from_str(entry)
+                            .map_err(|e| unreadable(format!("its journal entry {seq} does not parse ({e})")))?;
+                        call.replay(searcher.as_mut());
+                    }
+                    Ok(searcher)
+                })
+        };
         let (searcher, unreadable_searcher) = match restored {
             Ok(s) => (s, None),
             Err(e) => (
@@ -83,14 +128,19 @@ impl Experiment {
                     reason: format!(
                         "{e}; the experiment stopped rather than start its search over and run trials again"
                     ),
-                    stored: row.searcher_state,
                 }),
             ),
+        };
+        let log = SearcherLog {
+            seq: saved.journal.last().map_or(snapshot_seq, |(s, _)| *s),
+            since_snapshot: saved.journal.iter().map(|(_, e)| e.len()).sum(),
+            snapshot_bytes: snapshot.len(),
+            writes: Vec::new(),
         };
         Ok(Experiment {
             id: row.id,
             name: row.name,
-            spec_yaml: row.spec_yaml,
+            spec_yaml,
             state: row.state,
             storage: row.storage,
             created_ms: row.created_ms,
@@ -101,6 +151,7 @@ impl Experiment {
             max_failed_trials: row.max_failed_trials,
             searcher,
             unreadable_searcher,
+            log,
             exhausted: false,
             created_trials: row.created_trials,
             trials: Vec::new(),
@@ -114,8 +165,8 @@ impl Experiment {
     /// Its spec is a stand-in naming its metric, when that can still be found, so its trials
     /// still rank; its stored YAML is shown as it is.
     pub fn unreadable(row: ExperimentRow, reason: &str) -> Self {
-        let saved = row.searcher_state.clone();
-        let doc: serde_json::Value = serde_yaml_ng::from_str(&row.spec_yaml).unwrap_or_default();
+        let spec_yaml = row.spec_yaml.clone().unwrap_or_default();
+        let doc: serde_json::Value = serde_yaml_ng::from_str(&spec_yaml).unwrap_or_default();
         let metric = doc
             .pointer("/metric")
             .or_else(|| doc.pointer("/metrics/0"))
@@ -140,7 +191,9 @@ impl Experiment {
             timeout: None,
         };
         let mut exp = Experiment::new(row.id, spec, row.storage, row.created_ms);
-        exp.spec_yaml = row.spec_yaml;
+        exp.spec_yaml = spec_yaml;
+        // Its stored searcher state is left as it was found.
+        exp.log = SearcherLog::default();
         exp.state = row.state;
         exp.ended_ms = row.ended_ms;
         exp.message = if row.state.is_terminal() {
@@ -153,20 +206,21 @@ impl Experiment {
         exp.max_failed_trials = row.max_failed_trials;
         exp.exhausted = true;
         exp.created_trials = row.created_trials;
-        exp.searcher = Box::new(chorus_search::Unreadable);
-        // Written back as found; the experiment fails with the reason when its state loads.
+        exp.searcher = Box::new(search::Unreadable);
+        // The experiment fails with the reason when its state loads.
         exp.unreadable_searcher = Some(UnreadableSearcher {
             reason: reason.to_string(),
-            stored: saved,
         });
         exp
     }
 
-    pub fn row(&self) -> ExperimentRow {
+    /// The experiment's row; with its spec only when it is being created (a spec never
+    /// changes, so it is written once).
+    pub fn row(&self, created: bool) -> ExperimentRow {
         ExperimentRow {
             id: self.id,
             name: self.name.clone(),
-            spec_yaml: self.spec_yaml.clone(),
+            spec_yaml: created.then(|| self.spec_yaml.clone()),
             state: self.state,
             storage: self.storage.clone(),
             created_ms: self.created_ms,
@@ -175,12 +229,69 @@ impl Experiment {
             max_trials: self.max_trials,
             parallel_trials: self.parallel_trials,
             max_failed_trials: self.max_failed_trials,
-            searcher_state: match &self.unreadable_searcher {
-                Some(u) => u.stored.clone(),
-                None => self.searcher.save().to_string(),
-            },
             created_trials: self.created_trials,
         }
+    }
+
+    /// Asks the searcher for a new trial's parameters.
+    pub fn suggest(&mut self, trial: TrialId) -> Suggestion {
+        let s = self.searcher.suggest(trial);
+        if Call::suggestion_counts(&s) {
+            self.journal(Call::Suggest { trial });
+        }
+        s
+    }
+
+    /// Asks the searcher for a paused trial to resume.
+    pub fn promote(&mut self) -> Option<(TrialId, String)> {
+        let p = self.searcher.promote();
+        if p.is_some() {
+            self.journal(Call::Promote);
+        }
+        p
+    }
+
+    /// Tells the searcher what happened.
+    pub fn observe(&mut self, event: &SearchEvent) -> Vec<SearchAction> {
+        let actions = self.searcher.observe(event);
+        self.journal(Call::observed(event));
+        actions
+    }
+
+    fn journal(&mut self, call: Call) {
+        if self.unreadable_searcher.is_some() {
+            return;
+        }
+        let entry = serde_json::to_string(&call).expect("calls serialise");
+        self.log.seq += 1;
+        self.log.since_snapshot += entry.len();
+        self.log.writes.push(SearcherWrite::Journal {
+            experiment: self.id,
+            seq: self.log.seq,
+            call: entry,
+        });
+        if self.log.since_snapshot >= self.log.snapshot_bytes.max(journal::MIN_SNAPSHOT_EVERY) {
+            let state = self.searcher.save().to_string();
+            self.log.snapshot_bytes = state.len();
+            self.log.since_snapshot = 0;
+            // The entries this snapshot includes need not be written at all.
+            self.log.writes.retain(|w| matches!(w, SearcherWrite::Snapshot { .. }));
+            self.log.writes.push(SearcherWrite::Snapshot {
+                experiment: self.id,
+                seq: self.log.seq,
+                state,
+            });
+        }
+    }
+
+    /// What the store has yet to be told of the searcher.
+    pub fn take_searcher_writes(&mut self) -> Vec<SearcherWrite> {
+        std::mem::take(&mut self.log.writes)
+    }
+
+    /// The searcher's state as it would be saved now.
+    pub fn searcher_state(&self) -> serde_json::Value {
+        self.searcher.save()
     }
 
     pub fn metric(&self) -> &str {
@@ -202,8 +313,6 @@ impl Experiment {
 #[derive(Debug, Clone)]
 pub struct UnreadableSearcher {
     pub reason: String,
-    /// The state as it was stored.
-    pub stored: String,
 }
 
 /// One rank of a live attempt: where it runs and what its worker said of it.

@@ -1,13 +1,23 @@
 //! The coordinator's durable state: one SQLite database in WAL mode in the data directory.
 //!
-//! The coordinator is its only writer. Every change is written in one transaction and
-//! committed with `synchronous=FULL` before it is acknowledged or acted on; everything the
-//! coordinator knows at start is read back from here. Rows hold domain names (`"running"`),
-//! never protobuf numbers.
+//! The coordinator is its only writer, through one thread ([`writer`]) that owns the
+//! connection: changes queue there in batches, and each group of batches is committed in one
+//! transaction with `synchronous=FULL` before any of them is acknowledged or acted on.
+//! Everything the coordinator knows at start is read back from here. Rows hold domain names
+//! (`"running"`), never protobuf numbers.
+//!
+//! What is written per report stays small and flat: a trial row (updated in place), and one
+//! searcher journal entry. A searcher's state is a snapshot plus the journal of calls made on
+//! it since; the snapshot is rewritten only once the journal outweighs it, so the bytes written
+//! per report do not grow with the sweep. An experiment's spec is written once, when it is
+//! created. Metric history is not kept here: it lives in the experiment's storage, written by
+//! the workers; the store counts, per attempt, the lines it acknowledged.
 //!
 //! Each store has a cluster id, random and made with it (or added to a store that predates
 //! it), kept for its life: experiment storage paths include it, so a fresh store never meets
 //! another store's records under the same storage prefix.
+
+pub mod writer;
 
 use crate::experiment::{Live, RankLive, TrialRecord};
 use chorus_core::convert::{ExperimentState, TrialState};
@@ -15,7 +25,7 @@ use chorus_core::{ExperimentId, TrialId, WorkerId};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// Brings a store of an older schema up to [`SCHEMA_VERSION`], one step at a time.
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -28,6 +38,20 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (
         3,
         "ALTER TABLE trials ADD COLUMN checkpoint_attempt INTEGER NOT NULL DEFAULT 0;",
+    ),
+    // Searcher state moves out of the experiment row into a snapshot and a journal; metric
+    // history (kept in storage) is replaced by the count of acknowledged lines per attempt.
+    (
+        4,
+        "CREATE TABLE searcher_snapshots (experiment_id INTEGER PRIMARY KEY, seq INTEGER NOT NULL, state TEXT NOT NULL);
+     CREATE TABLE searcher_journal (experiment_id INTEGER NOT NULL, seq INTEGER NOT NULL, call TEXT NOT NULL,
+         PRIMARY KEY (experiment_id, seq));
+     INSERT INTO searcher_snapshots (experiment_id, seq, state) SELECT id, 0, searcher_state FROM experiments;
+     UPDATE experiments SET searcher_state = '';
+     ALTER TABLE trials ADD COLUMN acked_metrics TEXT NOT NULL DEFAULT '';
+     UPDATE trials SET acked_metrics = COALESCE((SELECT json_group_object(attempt, n)
+         FROM (SELECT attempt, COUNT(*) AS n FROM metrics WHERE trial_id = trials.id GROUP BY attempt)), '');
+     DROP TABLE metrics;",
     ),
 ];
 
@@ -45,7 +69,8 @@ CREATE TABLE IF NOT EXISTS experiments (
     max_trials INTEGER NOT NULL,
     parallel_trials INTEGER NOT NULL,
     max_failed_trials INTEGER,
-    searcher_state TEXT NOT NULL,
+    -- Unused since searcher state has tables of its own; kept so older stores need no rewrite.
+    searcher_state TEXT NOT NULL DEFAULT '',
     created_trials INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS trials (
@@ -76,16 +101,21 @@ CREATE TABLE IF NOT EXISTS trials (
     data_position TEXT NOT NULL DEFAULT '',
     exploit_from INTEGER,
     checkpoint_attempt INTEGER NOT NULL DEFAULT 0,
+    -- Metric lines acknowledged per attempt, as a JSON object {"attempt": count}.
+    acked_metrics TEXT NOT NULL DEFAULT '',
     UNIQUE (experiment_id, seq)
 );
-CREATE TABLE IF NOT EXISTS metrics (
-    trial_id INTEGER NOT NULL,
-    attempt INTEGER NOT NULL,
+CREATE TABLE IF NOT EXISTS searcher_snapshots (
+    experiment_id INTEGER PRIMARY KEY,
+    -- The last journal entry the snapshot includes.
     seq INTEGER NOT NULL,
-    step INTEGER,
-    unix_ms INTEGER NOT NULL,
-    json TEXT NOT NULL,
-    PRIMARY KEY (trial_id, attempt, seq)
+    state TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS searcher_journal (
+    experiment_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    call TEXT NOT NULL,
+    PRIMARY KEY (experiment_id, seq)
 );
 CREATE TABLE IF NOT EXISTS attempts (
     trial_id INTEGER NOT NULL,
@@ -112,7 +142,8 @@ pub struct Store {
 pub struct ExperimentRow {
     pub id: ExperimentId,
     pub name: String,
-    pub spec_yaml: String,
+    /// Read at load; written only with a new experiment (a spec never changes).
+    pub spec_yaml: Option<String>,
     pub state: ExperimentState,
     pub storage: String,
     pub created_ms: i64,
@@ -121,21 +152,33 @@ pub struct ExperimentRow {
     pub max_trials: u64,
     pub parallel_trials: u32,
     pub max_failed_trials: Option<u64>,
-    /// The searcher's saved state as JSON text, kept as stored: the experiment decides what a
-    /// state it cannot read means.
-    pub searcher_state: String,
     pub created_trials: u64,
 }
 
-/// One metric report, kept for history.
+/// A searcher's saved state as stored: the newest snapshot and the calls made since, kept as
+/// text so the experiment decides what a state it cannot read means.
+#[derive(Debug, Clone, Default)]
+pub struct SearcherRecord {
+    /// The snapshot and the last journal entry it includes.
+    pub snapshot: Option<(u64, String)>,
+    /// Journal entries after the snapshot, in order.
+    pub journal: Vec<(u64, String)>,
+}
+
+/// A write to a searcher's saved state.
 #[derive(Debug, Clone)]
-pub struct MetricRow {
-    pub trial: TrialId,
-    pub attempt: u32,
-    pub seq: u64,
-    pub step: Option<i64>,
-    pub unix_ms: i64,
-    pub json: String,
+pub enum SearcherWrite {
+    /// A new snapshot including every journal entry up to `seq`, which are then dropped.
+    Snapshot {
+        experiment: ExperimentId,
+        seq: u64,
+        state: String,
+    },
+    Journal {
+        experiment: ExperimentId,
+        seq: u64,
+        call: String,
+    },
 }
 
 /// One placement of a trial on a worker, opened when assigned and closed when it ends.
@@ -154,7 +197,7 @@ pub struct AttemptRow {
 pub struct Batch {
     pub experiments: Vec<ExperimentRow>,
     pub trials: Vec<TrialRecord>,
-    pub metrics: Vec<MetricRow>,
+    pub searchers: Vec<SearcherWrite>,
     pub attempts: Vec<AttemptRow>,
     /// The workers drained of new trials, when the set changed.
     pub drained: Option<Vec<WorkerId>>,
@@ -164,7 +207,7 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.experiments.is_empty()
             && self.trials.is_empty()
-            && self.metrics.is_empty()
+            && self.searchers.is_empty()
             && self.attempts.is_empty()
             && self.drained.is_none()
     }
@@ -332,13 +375,13 @@ impl Store {
     pub fn load_experiments(&self) -> rusqlite::Result<Vec<ExperimentRow>> {
         let mut stmt = self.conn.prepare(
             "SELECT id, name, spec_yaml, state, storage, created_ms, ended_ms, message, max_trials, parallel_trials,
-                    max_failed_trials, searcher_state, created_trials FROM experiments ORDER BY id",
+                    max_failed_trials, created_trials FROM experiments ORDER BY id",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok(ExperimentRow {
                 id: ExperimentId(r.get::<_, i64>(0)? as u64),
                 name: r.get(1)?,
-                spec_yaml: r.get(2)?,
+                spec_yaml: Some(r.get(2)?),
                 state: parse_state(r.get(3)?, 3)?,
                 storage: r.get(4)?,
                 created_ms: r.get(5)?,
@@ -347,8 +390,7 @@ impl Store {
                 max_trials: r.get::<_, i64>(8)? as u64,
                 parallel_trials: r.get::<_, i64>(9)? as u32,
                 max_failed_trials: r.get::<_, Option<i64>>(10)?.map(|v| v as u64),
-                searcher_state: r.get(11)?,
-                created_trials: r.get::<_, i64>(12)? as u64,
+                created_trials: r.get::<_, i64>(11)? as u64,
             })
         })?;
         rows.collect()
@@ -359,7 +401,7 @@ impl Store {
             "SELECT id, experiment_id, seq, params, state, attempt, restarts, live_worker, live_started,
                     live_assigned_ms, live_started_ms, last_seq, best_value, best_step, last_metrics, started_ms,
                     ended_ms, run_ms, message, checkpoint_step, malformed, live_ranks, data_position,
-                    exploit_from, checkpoint_attempt FROM trials ORDER BY id",
+                    exploit_from, checkpoint_attempt, acked_metrics FROM trials ORDER BY id",
         )?;
         let rows = stmt.query_map([], |r| {
             let live_worker: Option<String> = r.get(7)?;
@@ -408,7 +450,16 @@ impl Store {
                 data_position: r.get(22)?,
                 exploit_from: r.get::<_, Option<i64>>(23)?.map(|v| TrialId(v as u64)),
                 checkpoint_attempt: r.get::<_, i64>(24)? as u32,
-                acked_metrics: Default::default(),
+                acked_metrics: {
+                    let text: String = r.get(25)?;
+                    if text.is_empty() {
+                        Default::default()
+                    } else {
+                        serde_json::from_str(&text).map_err(|e| {
+                            rusqlite::Error::FromSqlConversionFailure(25, rusqlite::types::Type::Text, Box::new(e))
+                        })?
+                    }
+                },
             })
         })?;
         rows.collect()
@@ -429,6 +480,43 @@ impl Store {
             .collect())
     }
 
+    /// Every experiment's saved searcher state: its snapshot and the journal after it.
+    pub fn load_searchers(&self) -> rusqlite::Result<std::collections::BTreeMap<ExperimentId, SearcherRecord>> {
+        let mut out: std::collections::BTreeMap<ExperimentId, SearcherRecord> = Default::default();
+        let mut stmt = self
+            .conn
+            .prepare("SELECT experiment_id, seq, state FROM searcher_snapshots")?;
+        for row in stmt.query_map([], |r| {
+            Ok((
+                ExperimentId(r.get::<_, i64>(0)? as u64),
+                r.get::<_, i64>(1)? as u64,
+                r.get(2)?,
+            ))
+        })? {
+            let (id, seq, state) = row?;
+            out.entry(id).or_default().snapshot = Some((seq, state));
+        }
+        let mut stmt = self
+            .conn
+            .prepare("SELECT experiment_id, seq, call FROM searcher_journal ORDER BY experiment_id, seq")?;
+        for row in stmt.query_map([], |r| {
+            Ok((
+                ExperimentId(r.get::<_, i64>(0)? as u64),
+                r.get::<_, i64>(1)? as u64,
+                r.get(2)?,
+            ))
+        })? {
+            let (id, seq, call) = row?;
+            let rec = out.entry(id).or_default();
+            // Entries the snapshot already includes (a crash between the two writes cannot
+            // happen: they share a transaction; this keeps a replay exact regardless).
+            if rec.snapshot.as_ref().is_none_or(|(s, _)| seq > *s) {
+                rec.journal.push((seq, call));
+            }
+        }
+        Ok(out)
+    }
+
     /// Writes a batch in one durable transaction.
     pub fn commit(&mut self, batch: &Batch) -> rusqlite::Result<()> {
         if batch.is_empty() {
@@ -444,35 +532,64 @@ impl Store {
             )?;
         }
         {
-            let mut put_exp = tx.prepare_cached(
-                "INSERT OR REPLACE INTO experiments (id, name, spec_yaml, state, storage, created_ms, ended_ms, message,
-                    max_trials, parallel_trials, max_failed_trials, searcher_state, created_trials)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            // New experiments carry their spec; every later write is an update of the few
+            // columns that change (no delete and re-insert: that would check every trial's
+            // foreign key).
+            let mut insert_exp = tx.prepare_cached(
+                "INSERT INTO experiments (id, name, spec_yaml, state, storage, created_ms, ended_ms, message,
+                    max_trials, parallel_trials, max_failed_trials, created_trials)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?;
+            let mut update_exp = tx.prepare_cached(
+                "UPDATE experiments SET state = ?2, ended_ms = ?3, message = ?4, max_trials = ?5, parallel_trials = ?6,
+                    max_failed_trials = ?7, created_trials = ?8 WHERE id = ?1",
             )?;
             for e in &batch.experiments {
-                put_exp.execute(params![
-                    e.id.0 as i64,
-                    e.name,
-                    e.spec_yaml,
-                    e.state.as_str(),
-                    e.storage,
-                    e.created_ms,
-                    e.ended_ms,
-                    e.message,
-                    e.max_trials as i64,
-                    e.parallel_trials as i64,
-                    e.max_failed_trials.map(|v| v as i64),
-                    e.searcher_state,
-                    e.created_trials as i64,
-                ])?;
+                match &e.spec_yaml {
+                    Some(spec) => insert_exp.execute(params![
+                        e.id.0 as i64,
+                        e.name,
+                        spec,
+                        e.state.as_str(),
+                        e.storage,
+                        e.created_ms,
+                        e.ended_ms,
+                        e.message,
+                        e.max_trials as i64,
+                        e.parallel_trials as i64,
+                        e.max_failed_trials.map(|v| v as i64),
+                        e.created_trials as i64,
+                    ])?,
+                    None => update_exp.execute(params![
+                        e.id.0 as i64,
+                        e.state.as_str(),
+                        e.ended_ms,
+                        e.message,
+                        e.max_trials as i64,
+                        e.parallel_trials as i64,
+                        e.max_failed_trials.map(|v| v as i64),
+                        e.created_trials as i64,
+                    ])?,
+                };
             }
             let mut put_trial = tx.prepare_cached(
-                "INSERT OR REPLACE INTO trials (id, experiment_id, seq, params, state, attempt, restarts, live_worker,
+                "INSERT INTO trials (id, experiment_id, seq, params, state, attempt, restarts, live_worker,
                     live_started, live_assigned_ms, live_started_ms, last_seq, best_value, best_step, last_metrics,
                     started_ms, ended_ms, run_ms, message, checkpoint_step, malformed, live_ranks, data_position, exploit_from,
-                    checkpoint_attempt)
+                    checkpoint_attempt, acked_metrics)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21,
-                    ?22, ?23, ?24, ?25)",
+                    ?22, ?23, ?24, ?25, ?26)
+                 ON CONFLICT (id) DO UPDATE SET params = excluded.params, state = excluded.state,
+                    attempt = excluded.attempt, restarts = excluded.restarts, live_worker = excluded.live_worker,
+                    live_started = excluded.live_started, live_assigned_ms = excluded.live_assigned_ms,
+                    live_started_ms = excluded.live_started_ms, last_seq = excluded.last_seq,
+                    best_value = excluded.best_value, best_step = excluded.best_step,
+                    last_metrics = excluded.last_metrics, started_ms = excluded.started_ms,
+                    ended_ms = excluded.ended_ms, run_ms = excluded.run_ms, message = excluded.message,
+                    checkpoint_step = excluded.checkpoint_step, malformed = excluded.malformed,
+                    live_ranks = excluded.live_ranks, data_position = excluded.data_position,
+                    exploit_from = excluded.exploit_from, checkpoint_attempt = excluded.checkpoint_attempt,
+                    acked_metrics = excluded.acked_metrics",
             )?;
             for t in &batch.trials {
                 put_trial.execute(params![
@@ -504,24 +621,40 @@ impl Store {
                     t.data_position,
                     t.exploit_from.map(|t| t.0 as i64),
                     t.checkpoint_attempt as i64,
+                    if t.acked_metrics.is_empty() {
+                        String::new()
+                    } else {
+                        serde_json::to_string(&t.acked_metrics).expect("counts serialise")
+                    },
                 ])?;
             }
-            let mut put_metric = tx.prepare_cached(
-                "INSERT OR IGNORE INTO metrics (trial_id, attempt, seq, step, unix_ms, json) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            let mut snapshot = tx.prepare_cached(
+                "INSERT OR REPLACE INTO searcher_snapshots (experiment_id, seq, state) VALUES (?1, ?2, ?3)",
             )?;
-            for m in &batch.metrics {
-                put_metric.execute(params![
-                    m.trial.0 as i64,
-                    m.attempt as i64,
-                    m.seq as i64,
-                    m.step,
-                    m.unix_ms,
-                    m.json
-                ])?;
+            let mut compact =
+                tx.prepare_cached("DELETE FROM searcher_journal WHERE experiment_id = ?1 AND seq <= ?2")?;
+            let mut journal = tx.prepare_cached(
+                "INSERT OR REPLACE INTO searcher_journal (experiment_id, seq, call) VALUES (?1, ?2, ?3)",
+            )?;
+            for w in &batch.searchers {
+                match w {
+                    SearcherWrite::Snapshot { experiment, seq, state } => {
+                        snapshot.execute(params![experiment.0 as i64, *seq as i64, state])?;
+                        compact.execute(params![experiment.0 as i64, *seq as i64])?;
+                    }
+                    SearcherWrite::Journal { experiment, seq, call } => {
+                        journal.execute(params![experiment.0 as i64, *seq as i64, call])?;
+                    }
+                }
             }
+            // An attempt's row is opened at placement and closed at its end; closing keeps the
+            // time it was assigned.
             let mut put_attempt = tx.prepare_cached(
-                "INSERT OR REPLACE INTO attempts (trial_id, attempt, worker_id, assigned_ms, ended_ms, outcome)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO attempts (trial_id, attempt, worker_id, assigned_ms, ended_ms, outcome)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (trial_id, attempt) DO UPDATE SET worker_id = excluded.worker_id,
+                    assigned_ms = CASE WHEN excluded.assigned_ms > 0 THEN excluded.assigned_ms ELSE attempts.assigned_ms END,
+                    ended_ms = excluded.ended_ms, outcome = excluded.outcome",
             )?;
             for a in &batch.attempts {
                 put_attempt.execute(params![
@@ -535,48 +668,5 @@ impl Store {
             }
         }
         tx.commit()
-    }
-
-    /// Removes an experiment that was never started (its storage could not be written).
-    pub fn delete_experiment(&mut self, id: ExperimentId) -> rusqlite::Result<()> {
-        self.writable()?;
-        let tx = self.conn.transaction()?;
-        tx.execute("DELETE FROM trials WHERE experiment_id = ?1", [id.0 as i64])?;
-        tx.execute("DELETE FROM experiments WHERE id = ?1", [id.0 as i64])?;
-        tx.commit()
-    }
-
-    /// Metric history of one trial, oldest first.
-    /// Metric reports kept per attempt of every trial that has not ended.
-    pub fn open_metric_counts(&self) -> rusqlite::Result<Vec<(TrialId, u32, u64)>> {
-        let mut stmt = self.conn.prepare(
-            "SELECT m.trial_id, m.attempt, COUNT(*) FROM metrics m JOIN trials t ON t.id = m.trial_id
-             WHERE t.state NOT IN ('completed', 'failed', 'killed') GROUP BY m.trial_id, m.attempt",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                TrialId(r.get::<_, i64>(0)? as u64),
-                r.get::<_, i64>(1)? as u32,
-                r.get::<_, i64>(2)? as u64,
-            ))
-        })?;
-        rows.collect()
-    }
-
-    pub fn trial_metrics(&self, trial: TrialId) -> rusqlite::Result<Vec<MetricRow>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT attempt, seq, step, unix_ms, json FROM metrics WHERE trial_id = ?1 ORDER BY attempt, seq",
-        )?;
-        let rows = stmt.query_map([trial.0 as i64], |r| {
-            Ok(MetricRow {
-                trial,
-                attempt: r.get::<_, i64>(0)? as u32,
-                seq: r.get::<_, i64>(1)? as u64,
-                step: r.get(2)?,
-                unix_ms: r.get(3)?,
-                json: r.get(4)?,
-            })
-        })?;
-        rows.collect()
     }
 }

@@ -23,7 +23,7 @@ use chorus_core::{ExperimentId, TrialId};
 use chorus_proto::pb::{self, trial_event::Kind};
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;

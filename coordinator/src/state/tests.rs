@@ -2,13 +2,70 @@
 //! report, restart from the store, lose a worker.
 
 use super::*;
+use crate::api::convert;
 use crate::rendezvous::Joined;
 use crate::store::Store;
 use chorus_core::spec;
+use chorus_core::spec::ValidSpec;
+use chorus_proto::pb;
 use pb::trial_event::Kind;
+use std::sync::{Mutex, MutexGuard};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-type Rx = UnboundedReceiver<Result<pb::WorkerCommand, tonic::Status>>;
+type Rx = UnboundedReceiver<Command>;
+
+/// A state with its store's writer, as the coordinator holds it, on a clock the test moves.
+struct Harness {
+    state: Arc<Mutex<State>>,
+    writer: Writer,
+    clock: Clock,
+}
+
+impl Harness {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap()
+    }
+
+    /// Waits until the writer has done everything queued (a failed commit's reload included).
+    fn settle(&self) {
+        self.writer.sync_blocking();
+    }
+}
+
+/// The requests as the API receives them, converted as the API converts them.
+trait PbApi {
+    fn register_pb(&mut self, req: pb::RegisterRequest) -> Result<Vec<pb::RunningAttempt>>;
+    fn heartbeat_pb(&mut self, req: &pb::HeartbeatRequest) -> Result<Vec<pb::RunningAttempt>>;
+    fn report_pb(&mut self, req: pb::ReportTrialRequest) -> Result<()>;
+    fn rendezvous_pb(&mut self, req: &pb::RendezvousRequest) -> Result<Joined>;
+    /// Flushes and waits for the commit.
+    fn commit(&mut self) -> Result<()>;
+}
+
+impl PbApi for State {
+    fn register_pb(&mut self, req: pb::RegisterRequest) -> Result<Vec<pb::RunningAttempt>> {
+        let kill = self.register(convert::registration(req))?;
+        Ok(kill.into_iter().map(convert::running_to_pb).collect())
+    }
+
+    fn heartbeat_pb(&mut self, req: &pb::HeartbeatRequest) -> Result<Vec<pb::RunningAttempt>> {
+        let running: Vec<RunningAttempt> = req.running.iter().map(convert::running).collect();
+        let kill = self.heartbeat(&WorkerId(req.worker_id.clone()), &running)?;
+        Ok(kill.into_iter().map(convert::running_to_pb).collect())
+    }
+
+    fn report_pb(&mut self, req: pb::ReportTrialRequest) -> Result<()> {
+        self.report(convert::report(req))
+    }
+
+    fn rendezvous_pb(&mut self, req: &pb::RendezvousRequest) -> Result<Joined> {
+        self.rendezvous(&convert::join_request(req.clone()))
+    }
+
+    fn commit(&mut self) -> Result<()> {
+        self.flush().wait_blocking()
+    }
+}
 
 fn grid_spec(extra: &str) -> ValidSpec {
     spec::parse(
@@ -22,19 +79,24 @@ fn grid_spec(extra: &str) -> ValidSpec {
     .unwrap()
 }
 
-fn open(dir: &std::path::Path, ttl_ms: u64) -> State {
+fn open(dir: &std::path::Path, ttl_ms: u64) -> Harness {
     let store = Store::open(&dir.join("db")).unwrap();
     let timing = Timing {
         lease_ttl: Duration::from_millis(ttl_ms),
         heartbeat_interval: Duration::from_millis(ttl_ms / 3),
         start_timeout: Duration::from_secs(60),
     };
-    State::load(store, timing, broadcast::channel(1024).0).unwrap()
+    let clock = Clock::manual();
+    let state = State::load(&store, timing, clock.clone(), Default::default()).unwrap();
+    let state = Arc::new(Mutex::new(state));
+    State::attach(&state, store, broadcast::channel(1024).0);
+    let writer = state.lock().unwrap().writer().clone();
+    Harness { state, writer, clock }
 }
 
 fn join(st: &mut State, id: &str, cpus: u32, running: Vec<pb::RunningAttempt>) -> (Vec<pb::RunningAttempt>, Rx) {
     let kill = st
-        .register(pb::RegisterRequest {
+        .register_pb(pb::RegisterRequest {
             worker_id: id.into(),
             capacity: Some(pb::Resources { cpus, gpus: 0 }),
             running,
@@ -43,24 +105,24 @@ fn join(st: &mut State, id: &str, cpus: u32, running: Vec<pb::RunningAttempt>) -
         .unwrap();
     let (tx, rx) = unbounded_channel();
     st.open_stream(&WorkerId(id.into()), tx).unwrap();
-    st.flush().unwrap();
+    st.commit().unwrap();
     (kill, rx)
 }
 
 fn assignments(rx: &mut Rx) -> Vec<pb::Assignment> {
-    let mut out = Vec::new();
-    while let Ok(Ok(cmd)) = rx.try_recv() {
-        if let Some(pb::worker_command::Command::Assign(a)) = cmd.command {
-            out.push(a);
-        }
-    }
-    out
+    commands(rx)
+        .into_iter()
+        .filter_map(|c| match c.command? {
+            pb::worker_command::Command::Assign(a) => Some(a),
+            _ => None,
+        })
+        .collect()
 }
 
 fn ev(seq: u64, kind: Kind) -> pb::TrialEvent {
     pb::TrialEvent {
         seq,
-        unix_ms: now_ms(),
+        unix_ms: Clock::system().now_ms(),
         kind: Some(kind),
     }
 }
@@ -69,7 +131,7 @@ fn ev(seq: u64, kind: Kind) -> pb::TrialEvent {
 fn finish(st: &mut State, worker: &str, a: &pb::Assignment, exit: pb::ExitKind) -> Result<()> {
     let params: serde_json::Value = serde_json::from_str(&a.params_json).unwrap();
     let loss = params["a"].as_f64().unwrap() * params["b"].as_f64().unwrap();
-    let r = st.report(pb::ReportTrialRequest {
+    let r = st.report_pb(pb::ReportTrialRequest {
         worker_id: worker.into(),
         rank: 0,
         trial_id: a.trial_id,
@@ -99,17 +161,18 @@ fn finish(st: &mut State, worker: &str, a: &pb::Assignment, exit: pb::ExitKind) 
             ),
         ],
     });
-    st.flush().unwrap();
+    st.commit().unwrap();
     r
 }
 
 #[test]
 fn a_grid_runs_to_completion_within_its_limits() {
     let dir = tempfile::tempdir().unwrap();
-    let mut st = open(dir.path(), 10_000);
+    let h = open(dir.path(), 10_000);
+    let mut st = h.lock();
     let exp = st.reserve_experiment_id();
     st.add_experiment(exp, grid_spec(""), "memory://t".into());
-    st.flush().unwrap();
+    st.commit().unwrap();
     assert_eq!(
         st.counts[&exp].pending, 2,
         "parallel_trials bounds the trials created ahead"
@@ -139,7 +202,8 @@ fn a_grid_runs_to_completion_within_its_limits() {
 #[test]
 fn reports_are_applied_once_and_stale_attempts_are_aborted() {
     let dir = tempfile::tempdir().unwrap();
-    let mut st = open(dir.path(), 10_000);
+    let h = open(dir.path(), 10_000);
+    let mut st = h.lock();
     let exp = st.reserve_experiment_id();
     st.add_experiment(exp, grid_spec("max_restarts: 1\n"), "memory://t".into());
     let (_, mut rx) = join(&mut st, "w1", 1, vec![]);
@@ -166,8 +230,8 @@ fn reports_are_applied_once_and_stale_attempts_are_aborted() {
             ),
         ],
     };
-    st.report(started.clone()).unwrap();
-    st.report(started).unwrap();
+    st.report_pb(started.clone()).unwrap();
+    st.report_pb(started).unwrap();
     assert_eq!(
         st.trials[&TrialId(a.trial_id)].malformed,
         1,
@@ -188,12 +252,12 @@ fn reports_are_applied_once_and_stale_attempts_are_aborted() {
             }),
         )],
     };
-    st.report(fail.clone()).unwrap();
-    st.flush().unwrap();
+    st.report_pb(fail.clone()).unwrap();
+    st.commit().unwrap();
     let t = &st.trials[&TrialId(a.trial_id)];
     assert_eq!((t.restarts, t.state), (1, TrialState::Running));
     assert_eq!(t.attempt, 2);
-    let err = st.report(fail).unwrap_err();
+    let err = st.report_pb(fail).unwrap_err();
     assert!(matches!(err, CoordError::Stale(_)), "{err:?}");
     let again = assignments(&mut rx)
         .into_iter()
@@ -210,7 +274,8 @@ fn reports_are_applied_once_and_stale_attempts_are_aborted() {
 fn a_restarted_coordinator_reattaches_or_requeues() {
     let dir = tempfile::tempdir().unwrap();
     let (exp, a1, a2) = {
-        let mut st = open(dir.path(), 300);
+        let h = open(dir.path(), 300);
+        let mut st = h.lock();
         let exp = st.reserve_experiment_id();
         st.add_experiment(exp, grid_spec("max_restarts: 2\n"), "memory://t".into());
         let (_, mut rx1) = join(&mut st, "w1", 1, vec![]);
@@ -218,7 +283,7 @@ fn a_restarted_coordinator_reattaches_or_requeues() {
         let a1 = assignments(&mut rx1).remove(0);
         let a2 = assignments(&mut rx2).remove(0);
         for (w, a) in [("w1", &a1), ("w2", &a2)] {
-            st.report(pb::ReportTrialRequest {
+            st.report_pb(pb::ReportTrialRequest {
                 worker_id: w.into(),
                 rank: 0,
                 trial_id: a.trial_id,
@@ -233,11 +298,13 @@ fn a_restarted_coordinator_reattaches_or_requeues() {
             })
             .unwrap();
         }
-        st.flush().unwrap();
+        st.commit().unwrap();
         (exp, a1, a2)
     }; // the coordinator dies here
 
-    let mut st = open(dir.path(), 300);
+    let h = open(dir.path(), 300);
+
+    let mut st = h.lock();
     assert_eq!(st.counts[&exp].running, 2);
     // w1 comes back still running its attempt; w2 never returns.
     let claim = vec![pb::RunningAttempt {
@@ -247,14 +314,15 @@ fn a_restarted_coordinator_reattaches_or_requeues() {
     }];
     let (kill, _rx) = join(&mut st, "w1", 1, claim.clone());
     assert!(kill.is_empty(), "a live attempt is re-attached, not killed");
-    std::thread::sleep(Duration::from_millis(400));
-    st.heartbeat(&pb::HeartbeatRequest {
+    // The lease lapses: time moves, no one sleeps.
+    h.clock.advance(Duration::from_millis(400));
+    st.heartbeat_pb(&pb::HeartbeatRequest {
         worker_id: "w1".into(),
         running: claim,
     })
     .unwrap();
     st.reconcile();
-    st.flush().unwrap();
+    st.commit().unwrap();
     let t1 = &st.trials[&TrialId(a1.trial_id)];
     assert_eq!(
         (t1.state, t1.attempt, t1.restarts),
@@ -275,7 +343,8 @@ fn a_restarted_coordinator_reattaches_or_requeues() {
 #[test]
 fn failures_beyond_the_budget_fail_the_experiment() {
     let dir = tempfile::tempdir().unwrap();
-    let mut st = open(dir.path(), 10_000);
+    let h = open(dir.path(), 10_000);
+    let mut st = h.lock();
     let exp = st.reserve_experiment_id();
     st.add_experiment(exp, grid_spec("max_failed_trials: 0\n"), "memory://t".into());
     let (_, mut rx) = join(&mut st, "w1", 2, vec![]);
@@ -284,8 +353,9 @@ fn failures_beyond_the_budget_fail_the_experiment() {
     assert_eq!(st.experiments[&exp].state, ExperimentState::Failed);
     let other = &st.trials[&TrialId(a[1].trial_id)];
     assert_eq!(other.state, TrialState::Killed);
-    let killed = std::iter::from_fn(|| rx.try_recv().ok())
-        .filter_map(|c| match c.ok()?.command? {
+    let killed = commands(&mut rx)
+        .into_iter()
+        .filter_map(|c| match c.command? {
             pb::worker_command::Command::Kill(k) => Some(k.trial_id),
             _ => None,
         })
@@ -300,18 +370,19 @@ fn failures_beyond_the_budget_fail_the_experiment() {
 #[test]
 fn pause_stops_attempts_without_spending_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let mut st = open(dir.path(), 10_000);
+    let h = open(dir.path(), 10_000);
+    let mut st = h.lock();
     let exp = st.reserve_experiment_id();
     st.add_experiment(exp, grid_spec(""), "memory://t".into());
     let (_, mut rx) = join(&mut st, "w1", 2, vec![]);
     assert_eq!(assignments(&mut rx).len(), 2);
     st.pause(exp).unwrap();
-    st.flush().unwrap();
+    st.commit().unwrap();
     assert_eq!(st.counts[&exp].pending, 2);
     assert!(st.trials.values().all(|t| t.restarts == 0 && t.live.is_none()));
     assert!(assignments(&mut rx).is_empty(), "a paused experiment places nothing");
     st.resume(exp).unwrap();
-    st.flush().unwrap();
+    st.commit().unwrap();
     let again = assignments(&mut rx);
     assert_eq!(again.len(), 2);
     assert!(again.iter().all(|a| a.attempt == 2));
@@ -326,7 +397,8 @@ fn pause_stops_attempts_without_spending_restarts() {
 #[test]
 fn an_interrupted_attempt_is_placed_again_at_no_cost() {
     let dir = tempfile::tempdir().unwrap();
-    let mut st = open(dir.path(), 10_000);
+    let h = open(dir.path(), 10_000);
+    let mut st = h.lock();
     let exp = st.reserve_experiment_id();
     st.add_experiment(exp, grid_spec(""), "memory://t".into());
     let (_, mut rx) = join(&mut st, "w1", 1, vec![]);
@@ -338,14 +410,14 @@ fn an_interrupted_attempt_is_placed_again_at_no_cost() {
 }
 
 fn report(st: &mut State, worker: &str, a: &pb::Assignment, seq: u64, kind: Kind) -> Result<()> {
-    let r = st.report(pb::ReportTrialRequest {
+    let r = st.report_pb(pb::ReportTrialRequest {
         worker_id: worker.into(),
         rank: a.rank,
         trial_id: a.trial_id,
         attempt: a.attempt,
         events: vec![ev(seq, kind)],
     });
-    st.flush().unwrap();
+    st.commit().unwrap();
     r
 }
 
@@ -363,7 +435,7 @@ fn join_rendezvous(
     a: &pb::Assignment,
     data: Option<pb::DataPlanRequest>,
 ) -> Result<Joined> {
-    let r = st.rendezvous(&pb::RendezvousRequest {
+    let r = st.rendezvous_pb(&pb::RendezvousRequest {
         worker_id: worker.into(),
         trial_id: a.trial_id,
         attempt: a.attempt,
@@ -372,7 +444,7 @@ fn join_rendezvous(
         nccl_id: vec![],
         data,
     });
-    st.flush().unwrap();
+    st.commit().unwrap();
     r
 }
 
@@ -397,7 +469,8 @@ fn plan_request() -> pb::DataPlanRequest {
 #[test]
 fn a_gang_is_placed_whole_meets_and_fails_whole() {
     let dir = tempfile::tempdir().unwrap();
-    let mut st = open(dir.path(), 10_000);
+    let h = open(dir.path(), 10_000);
+    let mut st = h.lock();
     let exp = st.reserve_experiment_id();
     st.add_experiment(
         exp,
@@ -470,7 +543,7 @@ fn a_gang_is_placed_whole_meets_and_fails_whole() {
     assert!(t.message.contains("rank 1 of 2"), "{}", t.message);
     let mut on_w1 = Vec::new();
     let mut killed = Vec::new();
-    while let Ok(Ok(cmd)) = rx1.try_recv() {
+    for cmd in commands(&mut rx1) {
         match cmd.command {
             Some(pb::worker_command::Command::Kill(k)) => killed.push((k.trial_id, k.attempt)),
             Some(pb::worker_command::Command::Assign(a)) => on_w1.push(a),
@@ -508,7 +581,8 @@ fn a_gang_is_placed_whole_meets_and_fails_whole() {
 #[test]
 fn elastic_gangs_pack_and_shrink() {
     let dir = tempfile::tempdir().unwrap();
-    let mut st = open(dir.path(), 200);
+    let h = open(dir.path(), 200);
+    let mut st = h.lock();
     let exp = st.reserve_experiment_id();
     st.add_experiment(
         exp,
@@ -537,14 +611,14 @@ fn elastic_gangs_pack_and_shrink() {
     }
     // The worker vanishes; a smaller one joins: the trial goes on with one rank.
     let (_, mut rx2) = join(&mut st, "w2", 1, vec![]);
-    std::thread::sleep(Duration::from_millis(250));
-    st.heartbeat(&pb::HeartbeatRequest {
+    h.clock.advance(Duration::from_millis(250));
+    st.heartbeat_pb(&pb::HeartbeatRequest {
         worker_id: "w2".into(),
         running: vec![],
     })
     .unwrap();
     st.reconcile();
-    st.flush().unwrap();
+    st.commit().unwrap();
     let again = assignments(&mut rx2);
     assert_eq!(again.len(), 1);
     assert_eq!((again[0].world_size, again[0].attempt), (1, 2));
@@ -556,23 +630,39 @@ fn a_version_one_store_is_migrated() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
     {
-        let mut st = open(dir.path(), 10_000);
+        let h = open(dir.path(), 10_000);
+        let mut st = h.lock();
         let exp = st.reserve_experiment_id();
         st.add_experiment(exp, grid_spec(""), "memory://t".into());
         join(&mut st, "w1", 1, vec![]);
     }
     let conn = rusqlite::Connection::open(&path).unwrap();
+    // As version 1 kept them: searcher state in the experiment row, metric history in a table.
     conn.execute_batch(
         "ALTER TABLE trials DROP COLUMN live_ranks; ALTER TABLE trials DROP COLUMN data_position;
          ALTER TABLE trials DROP COLUMN exploit_from; ALTER TABLE trials DROP COLUMN checkpoint_attempt;
+         ALTER TABLE trials DROP COLUMN acked_metrics;
+         UPDATE experiments SET searcher_state = (SELECT state FROM searcher_snapshots WHERE experiment_id = experiments.id);
+         DROP TABLE searcher_snapshots; DROP TABLE searcher_journal;
+         CREATE TABLE metrics (trial_id INTEGER NOT NULL, attempt INTEGER NOT NULL, seq INTEGER NOT NULL, step INTEGER,
+             unix_ms INTEGER NOT NULL, json TEXT NOT NULL, PRIMARY KEY (trial_id, attempt, seq));
+         INSERT INTO metrics SELECT id, 1, 2, 1, 0, '{\"loss\": 1}' FROM trials WHERE live_worker IS NOT NULL;
+         INSERT INTO metrics SELECT id, 1, 3, 2, 0, 'not json' FROM trials WHERE live_worker IS NOT NULL;
          UPDATE meta SET value = '1' WHERE key = 'schema_version';",
     )
     .unwrap();
     drop(conn);
-    let st = open(dir.path(), 10_000);
-    let live: Vec<&Live> = st.trials.values().filter_map(|t| t.live.as_ref()).collect();
+    let h = open(dir.path(), 10_000);
+    let st = h.lock();
+    let live: Vec<&TrialRecord> = st.trials.values().filter(|t| t.live.is_some()).collect();
     assert_eq!(live.len(), 1);
-    assert_eq!(live[0].ranks[0].worker, WorkerId("w1".into()));
+    assert_eq!(live[0].live.as_ref().unwrap().ranks[0].worker, WorkerId("w1".into()));
+    assert_eq!(
+        live[0].acked_metrics,
+        BTreeMap::from([(1, 2)]),
+        "the metric lines acknowledged per attempt are counted from the old history table"
+    );
+    assert!(st.experiments.values().all(|e| e.unreadable_searcher.is_none()));
 }
 
 /// Successive halving with promotion through the state machine: a trial paused at a rung is
@@ -581,7 +671,8 @@ fn a_version_one_store_is_migrated() {
 #[test]
 fn paused_trials_wait_for_promotion() {
     let dir = tempfile::tempdir().unwrap();
-    let mut st = open(dir.path(), 10_000);
+    let h = open(dir.path(), 10_000);
+    let mut st = h.lock();
     let exp = st.reserve_experiment_id();
     let spec = spec::parse(
         "name: h\nmetric: {name: loss, goal: minimize}\n\
@@ -618,7 +709,8 @@ fn paused_trials_wait_for_promotion() {
     );
     assert_eq!((st.counts[&exp].paused, st.counts[&exp].active()), (1, 1));
     {
-        let again = open(dir.path(), 10_000);
+        let h2 = open(dir.path(), 10_000);
+        let again = h2.lock();
         assert_eq!(again.trials[&t1].state, TrialState::Paused, "held across a restart");
         assert_eq!(again.counts[&exp].paused, 1);
     }
@@ -653,36 +745,39 @@ fn paused_trials_wait_for_promotion() {
 #[test]
 fn a_drained_worker_gets_no_new_trials() {
     let dir = tempfile::tempdir().unwrap();
-    let mut st = open(dir.path(), 10_000);
+    let h = open(dir.path(), 10_000);
+    let mut st = h.lock();
     let (_, mut rx1) = join(&mut st, "w1", 1, vec![]);
     assert!(matches!(
         st.drain(&WorkerId("nosuch".into()), false),
         Err(CoordError::NotFound(_))
     ));
     st.drain(&WorkerId("w1".into()), false).unwrap();
-    st.flush().unwrap();
+    st.commit().unwrap();
     let exp = st.reserve_experiment_id();
     st.add_experiment(exp, grid_spec(""), "memory://t".into());
-    st.flush().unwrap();
+    st.commit().unwrap();
     assert!(assignments(&mut rx1).is_empty(), "nothing placed on a drained worker");
     let (_, mut rx2) = join(&mut st, "w2", 1, vec![]);
     assert_eq!(assignments(&mut rx2).len(), 1, "the other worker takes a trial");
     {
-        let again = open(dir.path(), 10_000);
+        let h2 = open(dir.path(), 10_000);
+        let again = h2.lock();
         assert!(again.drained.contains(&WorkerId("w1".into())), "kept across a restart");
     }
     st.drain(&WorkerId("w1".into()), true).unwrap();
-    st.flush().unwrap();
+    st.commit().unwrap();
     assert_eq!(assignments(&mut rx1).len(), 1, "undone: it takes a trial again");
-    let again = open(dir.path(), 10_000);
+    let h2 = open(dir.path(), 10_000);
+    let again = h2.lock();
     assert!(again.drained.is_empty());
 }
 
-/// Every command waiting on a worker's stream.
+/// Every command waiting on a worker's stream, as the stream sends it.
 fn commands(rx: &mut Rx) -> Vec<pb::WorkerCommand> {
     let mut out = Vec::new();
-    while let Ok(Ok(cmd)) = rx.try_recv() {
-        out.push(cmd);
+    while let Ok(cmd) = rx.try_recv() {
+        out.push(convert::command(cmd));
     }
     out
 }
@@ -693,10 +788,11 @@ fn commands(rx: &mut Rx) -> Vec<pb::WorkerCommand> {
 #[test]
 fn a_failed_commit_changes_nothing_and_the_store_recovers() {
     let dir = tempfile::tempdir().unwrap();
-    let mut st = open(dir.path(), 10_000);
+    let h = open(dir.path(), 10_000);
+    let mut st = h.lock();
     let exp = st.reserve_experiment_id();
     st.add_experiment(exp, grid_spec(""), "memory://t".into());
-    st.flush().unwrap();
+    st.commit().unwrap();
     let (_, mut rx) = join(&mut st, "w1", 1, vec![]);
     let a = assignments(&mut rx).remove(0);
     let tid = TrialId(a.trial_id);
@@ -712,7 +808,7 @@ fn a_failed_commit_changes_nothing_and_the_store_recovers() {
     )
     .unwrap();
 
-    st.store.cap_pages(Some(0));
+    st.writer().with_store(|s| s.cap_pages(Some(0)));
     // Big enough to need pages the store cannot have; the attempt ends in the same report.
     let extra: String = (0..2000).map(|i| format!(", \"m{i}\": {i}")).collect();
     let metric = format!(r#"{{"step": 1, "loss": 5.0{extra}}}"#);
@@ -722,12 +818,22 @@ fn a_failed_commit_changes_nothing_and_the_store_recovers() {
         trial_id: a.trial_id,
         attempt: a.attempt,
         events: vec![
-            ev(2, Kind::Metric(pb::Metric { json: metric, ..Default::default() })),
+            ev(
+                2,
+                Kind::Metric(pb::Metric {
+                    json: metric,
+                    ..Default::default()
+                }),
+            ),
             ev(3, exited(pb::ExitKind::Succeeded, "")),
         ],
     };
-    st.report(req.clone()).unwrap();
-    let status = tonic::Status::from(st.flush().unwrap_err());
+    st.report_pb(req.clone()).unwrap();
+    let status = tonic::Status::from(st.commit().unwrap_err());
+    // The writer puts memory back to what the store holds once the lock is free.
+    drop(st);
+    h.settle();
+    let mut st = h.lock();
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
     let db = dir.path().join("db");
     assert!(status.message().starts_with("disk full"), "{}", status.message());
@@ -750,35 +856,45 @@ fn a_failed_commit_changes_nothing_and_the_store_recovers() {
         "nothing sent for a change that was not kept"
     );
 
-    st.store.cap_pages(None);
-    st.report(req.clone()).unwrap();
-    st.flush().unwrap();
+    st.writer().with_store(|s| s.cap_pages(None));
+    st.report_pb(req.clone()).unwrap();
+    st.commit().unwrap();
     assert_eq!(st.trials[&tid].state, TrialState::Completed);
     assert_eq!(st.best[&exp], (tid, 5.0));
     assert_eq!(assignments(&mut rx).len(), 1, "the next trial is placed");
     // A duplicate of the retry changes nothing: that attempt has ended.
-    assert!(matches!(st.report(req), Err(CoordError::Stale(_))));
-    st.flush().unwrap();
+    assert!(matches!(st.report_pb(req), Err(CoordError::Stale(_))));
+    st.commit().unwrap();
     drop(st);
 
-    let st = open(dir.path(), 10_000);
+    let h = open(dir.path(), 10_000);
+
+    let st = h.lock();
     assert_eq!(st.trials[&tid].state, TrialState::Completed);
     assert_eq!(st.counts[&exp].completed, 1);
-    assert_eq!(st.store.trial_metrics(tid).unwrap().len(), 1, "the metric is kept once");
+    assert_eq!(
+        st.trials[&tid].acked_metrics.get(&a.attempt),
+        Some(&1),
+        "the metric is counted once"
+    );
 }
 
 /// Ids handed out before a failed commit are not handed out again by the same process.
 #[test]
 fn ids_are_not_reused_after_a_failed_commit() {
     let dir = tempfile::tempdir().unwrap();
-    let mut st = open(dir.path(), 10_000);
-    st.store.cap_pages(Some(0));
+    let h = open(dir.path(), 10_000);
+    let mut st = h.lock();
+    st.writer().with_store(|s| s.cap_pages(Some(0)));
     let first = st.reserve_experiment_id();
     let big = grid_spec(&format!("description: '{}'\n", "y".repeat(50_000)));
     st.add_experiment(first, big, "memory://t".into());
-    assert!(st.flush().is_err());
+    assert!(st.commit().is_err());
+    drop(st);
+    h.settle();
+    let mut st = h.lock();
     assert!(st.experiments.is_empty(), "the experiment was not kept");
-    st.store.cap_pages(None);
+    st.writer().with_store(|s| s.cap_pages(None));
     let second = st.reserve_experiment_id();
     assert!(second.0 > first.0, "{second} after {first}");
 }
@@ -825,13 +941,14 @@ fn searcher_specs() -> Vec<(&'static str, ValidSpec)> {
 #[test]
 fn an_unreadable_searcher_state_fails_its_experiment() {
     for (name, spec) in searcher_specs() {
-        for corruption in ["cut short", "wrong shape"] {
+        for corruption in ["cut short", "wrong shape", "journal"] {
             let what = format!("{name}, {corruption}");
             let dir = tempfile::tempdir().unwrap();
-            let mut st = open(dir.path(), 10_000);
+            let h = open(dir.path(), 10_000);
+            let mut st = h.lock();
             let exp = st.reserve_experiment_id();
             st.add_experiment(exp, spec.clone(), "memory://t".into());
-            st.flush().unwrap();
+            st.commit().unwrap();
             let (_, mut rx) = join(&mut st, "w1", 1, vec![]);
             let a = assignments(&mut rx).remove(0);
             finish(&mut st, "w1", &a, pb::ExitKind::Succeeded).unwrap();
@@ -842,17 +959,22 @@ fn an_unreadable_searcher_state_fails_its_experiment() {
 
             let conn = rusqlite::Connection::open(dir.path().join("db")).unwrap();
             let saved: String = conn
-                .query_row("SELECT searcher_state FROM experiments", [], |r| r.get(0))
+                .query_row("SELECT state FROM searcher_snapshots", [], |r| r.get(0))
                 .unwrap();
-            let corrupt = match corruption {
-                "cut short" => saved[..saved.len() / 2].to_string(),
-                _ => r#""corrupt""#.to_string(),
+            let (table, column, corrupt) = match corruption {
+                "cut short" => ("searcher_snapshots", "state", saved[..saved.len() / 2].to_string()),
+                "wrong shape" => ("searcher_snapshots", "state", r#""corrupt""#.to_string()),
+                _ => ("searcher_journal", "call", r#"{"call": "nonsense"}"#.to_string()),
             };
-            conn.execute("UPDATE experiments SET searcher_state = ?1", [&corrupt])
+            let changed = conn
+                .execute(&format!("UPDATE {table} SET {column} = ?1"), [&corrupt])
                 .unwrap();
+            assert!(changed > 0, "{what}: there is a stored state to corrupt");
             drop(conn);
 
-            let mut st = open(dir.path(), 10_000);
+            let h = open(dir.path(), 10_000);
+
+            let mut st = h.lock();
             let e = &st.experiments[&exp];
             assert_eq!(e.state, ExperimentState::Failed, "{what}");
             let label = spec.spec.searcher.name.as_str();
@@ -863,7 +985,7 @@ fn an_unreadable_searcher_state_fails_its_experiment() {
                 e.message
             );
             assert!(e.message.contains("run trials again"), "{what}: {}", e.message);
-            st.flush().unwrap();
+            st.commit().unwrap();
             assert_eq!(st.counts[&exp].active(), 0, "{what}: nothing left to run");
             let (_, mut rx) = join(&mut st, "w1", 1, vec![]);
             assert!(assignments(&mut rx).is_empty(), "{what}: nothing placed");
@@ -872,9 +994,20 @@ fn an_unreadable_searcher_state_fails_its_experiment() {
             drop(st);
 
             // Still failed after another restart, with the state as it was found.
-            let st = open(dir.path(), 10_000);
+            let h = open(dir.path(), 10_000);
+            let st = h.lock();
             assert_eq!(st.experiments[&exp].state, ExperimentState::Failed, "{what}");
-            assert_eq!(st.experiments[&exp].row().searcher_state, corrupt, "{what}");
+            drop(st);
+            drop(h);
+            let conn = rusqlite::Connection::open(dir.path().join("db")).unwrap();
+            let kept: Vec<String> = conn
+                .prepare(&format!("SELECT {column} FROM {table}"))
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            assert!(kept.contains(&corrupt), "{what}: left as it was found");
         }
     }
 }
@@ -884,26 +1017,32 @@ fn an_unreadable_searcher_state_fails_its_experiment() {
 #[test]
 fn the_cluster_id_is_made_once_and_kept() {
     let dir = tempfile::tempdir().unwrap();
-    let id = open(dir.path(), 10_000).cluster_id().to_string();
+    let id = open(dir.path(), 10_000).lock().cluster_id().to_string();
     assert_eq!(id.len(), 16);
     assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
-    assert_eq!(open(dir.path(), 10_000).cluster_id(), id, "kept across restarts");
+    assert_eq!(open(dir.path(), 10_000).lock().cluster_id(), id, "kept across restarts");
     let other = tempfile::tempdir().unwrap();
-    assert_ne!(open(other.path(), 10_000).cluster_id(), id, "a fresh store has its own");
+    assert_ne!(
+        open(other.path(), 10_000).lock().cluster_id(),
+        id,
+        "a fresh store has its own"
+    );
 
     // A store made before cluster ids gets one; its experiments keep their storage.
-    let mut st = open(dir.path(), 10_000);
+    let h = open(dir.path(), 10_000);
+    let mut st = h.lock();
     let exp = st.reserve_experiment_id();
     st.add_experiment(exp, grid_spec(""), "file:///data/storage/".into());
-    st.flush().unwrap();
+    st.commit().unwrap();
     drop(st);
     let conn = rusqlite::Connection::open(dir.path().join("db")).unwrap();
     conn.execute("DELETE FROM meta WHERE key = 'cluster_id'", []).unwrap();
     drop(conn);
-    let st = open(dir.path(), 10_000);
+    let h = open(dir.path(), 10_000);
+    let st = h.lock();
     let migrated = st.cluster_id().to_string();
     assert_eq!(migrated.len(), 16);
     assert_eq!(st.experiments[&exp].storage, "file:///data/storage/");
     drop(st);
-    assert_eq!(open(dir.path(), 10_000).cluster_id(), migrated);
+    assert_eq!(open(dir.path(), 10_000).lock().cluster_id(), migrated);
 }

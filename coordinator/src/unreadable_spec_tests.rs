@@ -4,9 +4,9 @@
 //! the coordinator then refused to start on that store, for good. Now such an experiment is kept
 //! with its trials and records and ends as failed, saying why.
 
-use chorus_coordinator::experiment::TrialRecord;
-use chorus_coordinator::store::{Batch, ExperimentRow, Store};
-use chorus_coordinator::{Coordinator, Options};
+use crate::experiment::TrialRecord;
+use crate::store::{Batch, ExperimentRow, SearcherWrite, Store};
+use crate::{Coordinator, Options};
 use chorus_core::convert::{ExperimentState, TrialState};
 use chorus_core::space::Params;
 use chorus_core::{ExperimentId, TrialId};
@@ -30,11 +30,14 @@ trial:
   - train
 ";
 
+/// The random searcher's saved state as that coordinator stored it.
+const SAVED: &str = r#"{"seed": 0, "drawn": 2}"#;
+
 fn row(id: u64, state: ExperimentState, message: &str) -> ExperimentRow {
     ExperimentRow {
         id: ExperimentId(id),
         name: format!("exp-{id}"),
-        spec_yaml: NAN_ERA_SPEC.to_string(),
+        spec_yaml: Some(NAN_ERA_SPEC.to_string()),
         state,
         storage: "memory://".to_string(),
         created_ms: 1,
@@ -43,7 +46,6 @@ fn row(id: u64, state: ExperimentState, message: &str) -> ExperimentRow {
         max_trials: 3,
         parallel_trials: 1,
         max_failed_trials: None,
-        searcher_state: serde_json::json!({"seed": 0, "drawn": 2}).to_string(),
         created_trials: 2,
     }
 }
@@ -73,13 +75,19 @@ fn an_unreadable_stored_spec_fails_its_experiment_instead_of_the_coordinator() {
                     trial(2, 1, 1, TrialState::Pending, None),
                     trial(3, 2, 0, TrialState::Completed, Some(0.7)),
                 ],
-                metrics: Vec::new(),
+                searchers: [1, 2]
+                    .map(|id| SearcherWrite::Snapshot {
+                        experiment: ExperimentId(id),
+                        seq: 0,
+                        state: SAVED.to_string(),
+                    })
+                    .to_vec(),
                 attempts: Vec::new(),
                 drained: None,
             })
             .unwrap();
     }
-    let coord = Coordinator::open(&Options::new(data)).expect("the coordinator starts");
+    let coord = Coordinator::open(&Options::new(data.clone())).expect("the coordinator starts");
     let st = coord.lock();
     let live = &st.experiments[&ExperimentId(1)];
     assert_eq!(live.state, ExperimentState::Failed);
@@ -93,11 +101,7 @@ fn an_unreadable_stored_spec_fails_its_experiment_instead_of_the_coordinator() {
         (live.metric(), live.goal()),
         ("val_loss", chorus_core::spec::Goal::Maximize)
     );
-    assert_eq!(
-        serde_json::from_str::<serde_json::Value>(&live.row().searcher_state).unwrap(),
-        serde_json::json!({"seed": 0, "drawn": 2}),
-        "its searcher state is written back as it was"
-    );
+    assert!(live.unreadable_searcher.is_some(), "its search does not start over");
     assert_eq!(st.trials[&TrialId(1)].state, TrialState::Completed, "records kept");
     assert_eq!(st.trials[&TrialId(2)].state, TrialState::Killed, "nothing left open");
     assert_eq!(st.best[&ExperimentId(1)], (TrialId(1), 0.5));
@@ -106,5 +110,14 @@ fn an_unreadable_stored_spec_fails_its_experiment_instead_of_the_coordinator() {
     assert_eq!(
         (ended.state, ended.message.as_str()),
         (ExperimentState::Completed, "all trials done")
+    );
+    drop(st);
+    drop(coord);
+    let store = Store::open(&data.join("chorus.db")).unwrap();
+    let saved = store.load_searchers().unwrap();
+    assert_eq!(
+        saved[&ExperimentId(1)].snapshot,
+        Some((0, SAVED.to_string())),
+        "its searcher state is left as it was"
     );
 }

@@ -1,0 +1,221 @@
+//! Workers and their leases: registration, heartbeats, drains, command streams, and what each worker says it runs.
+
+use super::*;
+use crate::protocol::Registration;
+
+/// One worker as `ListWorkers` shows it.
+#[derive(Debug, Clone)]
+pub struct WorkerSummary {
+    pub id: WorkerId,
+    pub capacity: Resources,
+    pub used: Resources,
+    pub labels: BTreeMap<String, String>,
+    pub address: String,
+    pub last_seen_ms: i64,
+    pub registered: bool,
+    pub connected: bool,
+    pub drained: bool,
+    pub running: Vec<RunningAttempt>,
+}
+
+impl State {
+    /// Drains a worker of new trials (its running attempts go on to their end), or with `undo`
+    /// makes it eligible again. Kept across coordinator restarts and worker re-registrations.
+    pub fn drain(&mut self, id: &WorkerId, undo: bool) -> Result<()> {
+        if !undo && !self.registry.workers.contains_key(id) {
+            return Err(CoordError::NotFound(format!(
+                "worker {id} is not known to this coordinator"
+            )));
+        }
+        let changed = if undo {
+            self.drained.remove(id)
+        } else {
+            self.drained.insert(id.clone())
+        };
+        if changed {
+            self.drained_dirty = true;
+            self.placement_due = true;
+            tracing::info!(worker = %id, drained = !undo, "worker drain changed");
+            self.pump();
+        }
+        Ok(())
+    }
+
+    /// A worker joins or rejoins. Returns the attempts it should kill.
+    pub fn register(&mut self, r: Registration) -> Result<Vec<RunningAttempt>> {
+        if r.worker.0.trim().is_empty() {
+            return Err(CoordError::InvalidArgument("worker_id must not be empty".into()));
+        }
+        self.registry.register(
+            r.worker.clone(),
+            r.capacity,
+            r.labels,
+            r.address,
+            self.clock.now(),
+            self.clock.now_ms(),
+        );
+        let kill = self.claim(&r.worker, &r.running, true);
+        self.placement_due = true;
+        self.pump();
+        Ok(kill)
+    }
+
+    /// Matches what a worker says it runs against the live attempts placed on it: what it
+    /// runs that is not placed there is to be killed, and what is placed there and it no longer
+    /// lists is missing (lost once missing for a lease).
+    pub(super) fn claim(
+        &mut self,
+        worker: &WorkerId,
+        running: &[RunningAttempt],
+        registering: bool,
+    ) -> Vec<RunningAttempt> {
+        let mut kill = Vec::new();
+        let mut listed = BTreeSet::new();
+        let now_ms = self.clock.now_ms();
+        for r in running {
+            let here = |t: &TrialRecord| {
+                t.attempt == r.attempt
+                    && t.live
+                        .as_ref()
+                        .and_then(|l| l.ranks.get(r.rank as usize))
+                        .is_some_and(|x| &x.worker == worker)
+            };
+            match self.trials.get_mut(&r.trial) {
+                Some(t) if here(t) => {
+                    listed.insert((r.trial, r.rank));
+                    let l = t.live.as_mut().expect("checked");
+                    let rank = &mut l.ranks[r.rank as usize];
+                    rank.missing_since = None;
+                    if registering && !rank.started {
+                        // It runs there, so it started; the Started report may still be buffered.
+                        rank.started = true;
+                        if l.started_ms == 0 {
+                            l.started_ms = now_ms;
+                        }
+                        let exp = t.experiment;
+                        self.touch_trial(r.trial, exp);
+                    } else if !rank.started {
+                        // The worker holds it (e.g. still restoring a large checkpoint): the
+                        // start timeout counts from its latest word, not from the assignment.
+                        l.assigned_ms = now_ms;
+                    }
+                }
+                _ => kill.push(*r),
+            }
+        }
+        let now = self.clock.now();
+        for tid in self.live_on.get(worker).into_iter().flatten() {
+            let Some(l) = self.trials.get_mut(tid).and_then(|t| t.live.as_mut()) else {
+                continue;
+            };
+            for (i, rank) in l.ranks.iter_mut().enumerate() {
+                if &rank.worker == worker
+                    && rank.started
+                    && !rank.finished
+                    && !listed.contains(&(*tid, i as u32))
+                    && rank.missing_since.is_none()
+                {
+                    rank.missing_since = Some(now);
+                }
+            }
+        }
+        kill
+    }
+
+    /// A worker renews its lease and says what it runs. Returns the attempts it should kill.
+    pub fn heartbeat(&mut self, worker: &WorkerId, running: &[RunningAttempt]) -> Result<Vec<RunningAttempt>> {
+        if !self.registry.touch(worker, self.clock.now(), self.clock.now_ms()) {
+            return Err(CoordError::NotFound(format!(
+                "worker {worker} is not registered; register again"
+            )));
+        }
+        Ok(self.claim(worker, running, false))
+    }
+
+    /// Attaches a worker's command stream and re-sends the assignments it has not started.
+    pub fn open_stream(&mut self, worker: &WorkerId, tx: crate::cluster::CommandSender) -> Result<()> {
+        let entry = self
+            .registry
+            .workers
+            .get_mut(worker)
+            .filter(|e| e.registered)
+            .ok_or_else(|| CoordError::NotFound(format!("worker {worker} is not registered; register first")))?;
+        entry.stream = Some(tx);
+        let mut unstarted: Vec<(TrialId, u32)> = Vec::new();
+        for tid in self.live_on.get(worker).into_iter().flatten() {
+            if let Some(l) = self.trials.get(tid).and_then(|t| t.live.as_ref()) {
+                for (i, rank) in l.ranks.iter().enumerate() {
+                    if &rank.worker == worker && !rank.started {
+                        unstarted.push((*tid, i as u32));
+                    }
+                }
+            }
+        }
+        for (t, rank) in unstarted {
+            let cmd = self.assignment(t, rank);
+            self.outbox.push((worker.clone(), cmd));
+        }
+        self.placement_due = true;
+        self.pump();
+        Ok(())
+    }
+
+    /// Every known worker with what runs there, in id order: one pass over the workers and
+    /// their live attempts, never over every trial.
+    pub fn workers(&self) -> Vec<WorkerSummary> {
+        let mut out: Vec<WorkerSummary> = self.registry.workers.keys().filter_map(|id| self.worker(id)).collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// One known worker with what runs there.
+    pub fn worker(&self, id: &WorkerId) -> Option<WorkerSummary> {
+        let w = self.registry.workers.get(id)?;
+        Some({
+            {
+                let mut used = Resources::default();
+                let mut running = Vec::new();
+                for tid in self.live_on.get(&w.id).into_iter().flatten() {
+                    let Some(t) = self.trials.get(tid) else { continue };
+                    let Some(l) = &t.live else { continue };
+                    let r = &self.experiments[&t.experiment].spec.spec.resources;
+                    for (i, rank) in l.ranks.iter().enumerate() {
+                        if rank.worker == w.id {
+                            used.cpus += r.cpus;
+                            used.gpus += r.gpus;
+                            running.push(RunningAttempt {
+                                trial: *tid,
+                                attempt: t.attempt,
+                                rank: i as u32,
+                            });
+                        }
+                    }
+                }
+                WorkerSummary {
+                    id: w.id.clone(),
+                    capacity: w.capacity,
+                    used,
+                    labels: w.labels.clone(),
+                    address: w.address.clone(),
+                    last_seen_ms: w.last_seen_ms,
+                    registered: w.registered,
+                    connected: self.registry.connected(&w.id),
+                    drained: self.drained.contains(&w.id),
+                    running,
+                }
+            }
+        })
+    }
+
+    /// CPU slots taken by live attempts, over all workers.
+    pub fn busy_cpu_slots(&self) -> u64 {
+        self.live
+            .iter()
+            .filter_map(|t| {
+                let t = &self.trials[t];
+                let ranks = t.live.as_ref()?.ranks.len() as u64;
+                Some(ranks * self.experiments[&t.experiment].spec.spec.resources.cpus as u64)
+            })
+            .sum()
+    }
+}
