@@ -10,24 +10,28 @@
 //! (every transition, one file per concern), `store/` (SQLite and its writer thread),
 //! `protocol.rs` (what workers and the coordinator say, as domain types), `clock.rs`.
 
-pub mod api;
+pub(crate) mod api;
 pub mod clock;
 pub(crate) mod cluster;
 pub mod error;
 pub(crate) mod experiment;
 pub(crate) mod logs;
-pub mod protocol;
+pub(crate) mod protocol;
 pub(crate) mod rendezvous;
 pub(crate) mod scheduler;
 pub(crate) mod shards;
-pub mod state;
+pub(crate) mod state;
 pub(crate) mod store;
 pub(crate) mod telemetry;
+pub(crate) mod trial;
 
-use crate::api::auth::{AuthInterceptor, Role, Tokens};
+pub use crate::api::auth::Tokens;
+pub use crate::state::Timing;
+
+use crate::api::auth::{AuthInterceptor, Role};
 use crate::clock::Clock;
 use crate::error::{CoordError, Result};
-use crate::state::{Change, State, Timing};
+use crate::state::{Change, State};
 use chorus_core::limits::BudgetLimits;
 use chorus_core::storage::{Storage, StorageOptions, StorageUri};
 use chorus_core::storage_policy::{StorageLocation, StoragePolicy};
@@ -201,20 +205,25 @@ impl Coordinator {
         Ok(loc.join(&self.cluster_id).to_uri())
     }
 
-    /// The store a URI names, opened once.
-    pub fn storage(&self, uri: &str) -> Result<Storage> {
-        let mut stores = self.stores.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = stores.get(uri) {
+    /// The store a URI names, opened once. Opening may touch the file system (a `file://`
+    /// root is created), so it runs off the async threads.
+    pub async fn storage(&self, uri: &str) -> Result<Storage> {
+        if let Some(s) = self.stores.lock().unwrap_or_else(|p| p.into_inner()).get(uri) {
             return Ok(s.clone());
         }
-        let s = chorus_core::storage::open(&StorageUri::parse(uri)?, &self.storage_options).map_err(|e| match e {
+        let parsed = StorageUri::parse(uri)?;
+        let options = self.storage_options.clone();
+        let opened = tokio::task::spawn_blocking(move || chorus_core::storage::open(&parsed, &options))
+            .await
+            .map_err(|e| CoordError::Storage(format!("storage {uri}: cannot open it: {e}")))?;
+        let s = opened.map_err(|e| match e {
             e @ (chorus_core::CoreError::Io { .. } | chorus_core::CoreError::ObjectStore(_)) => {
                 CoordError::storage(uri, "open it", &e)
             }
             other => other.into(),
         })?;
-        stores.insert(uri.to_string(), s.clone());
-        Ok(s)
+        let mut stores = self.stores.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(stores.entry(uri.to_string()).or_insert(s).clone())
     }
 }
 

@@ -1,9 +1,7 @@
 //! `chorus-coordinator`: parses flags and runs [`chorus_coordinator::run`].
 
 use anyhow::Context;
-use chorus_coordinator::api::auth::Tokens;
-use chorus_coordinator::state::Timing;
-use chorus_coordinator::{Options, run};
+use chorus_coordinator::{Options, Timing, Tokens, run};
 use chorus_core::limits::BudgetLimits;
 use clap::Parser;
 use std::path::PathBuf;

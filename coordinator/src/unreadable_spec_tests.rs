@@ -4,8 +4,8 @@
 //! the coordinator then refused to start on that store, for good. Now such an experiment is kept
 //! with its trials and records and ends as failed, saying why.
 
-use crate::experiment::TrialRecord;
 use crate::store::{Batch, ExperimentRow, SearcherWrite, Store};
+use crate::trial::TrialRecord;
 use crate::{Coordinator, Options};
 use chorus_core::convert::{ExperimentState, TrialState};
 use chorus_core::space::Params;

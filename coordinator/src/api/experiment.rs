@@ -64,7 +64,7 @@ impl ExperimentService for ExperimentApi {
         // unreadable when the coordinator restarts.
         let stored = valid.to_stored_yaml().map_err(CoordError::from)?;
         let uri = self.coord.experiment_storage(valid.spec.storage.as_deref())?;
-        let storage = self.coord.storage(&uri)?;
+        let storage = self.coord.storage(&uri).await?;
         let id = self.coord.lock().reserve_experiment_id();
         // The spec goes to storage before the experiment exists, so an unreachable store
         // rejects the submission instead of leaving an experiment that cannot keep records.
@@ -258,7 +258,7 @@ impl ExperimentService for ExperimentApi {
             }
             (t.experiment, exp.storage.clone())
         };
-        let storage = self.coord.storage(&uri)?;
+        let storage = self.coord.storage(&uri).await?;
         let prefix = storage.logs_prefix(exp, tid);
         let (tx, rx) = mpsc::channel(16);
         let coord = self.coord.clone();

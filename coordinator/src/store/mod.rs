@@ -19,7 +19,7 @@
 
 pub mod writer;
 
-use crate::experiment::{Live, RankLive, TrialRecord};
+use crate::trial::{Live, RankLive, TrialRecord};
 use chorus_core::convert::{ExperimentState, TrialState};
 use chorus_core::{ExperimentId, TrialId, WorkerId};
 use rusqlite::{Connection, OptionalExtension, params};

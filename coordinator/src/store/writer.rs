@@ -16,10 +16,10 @@
 use super::{Batch, Store};
 use crate::cluster::CommandSender;
 use crate::error::{CoordError, Result};
-use crate::experiment::TrialRecord;
 use crate::protocol::Command;
 use crate::state::{Change, State};
 use crate::telemetry::Telemetry;
+use crate::trial::TrialRecord;
 use chorus_core::{ExperimentId, TrialId};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
