@@ -64,3 +64,18 @@ pub fn trial(st: &State, id: TrialId) -> Option<pb::Trial> {
         run_seconds: t.run_ms_at(now) as f64 / 1000.0,
     })
 }
+
+pub fn metrics_page(page: crate::history::Page) -> pb::TrialMetricsPage {
+    pb::TrialMetricsPage {
+        points: page
+            .points
+            .into_iter()
+            .map(|p| pb::MetricPoint {
+                step: p.step,
+                attempt: p.attempt,
+                values: p.values.into_iter().collect(),
+            })
+            .collect(),
+        cursor: page.cursor,
+    }
+}
