@@ -58,6 +58,10 @@ fn listings_of_twenty_thousand_trials_are_complete() {
         let ids: BTreeSet<&String> = rows.iter().map(|r| &r[0]).collect();
         assert_eq!(ids.len(), 20_000);
     }
+    // A limit without a sort is the first trials, fetched a page at a time until there are enough.
+    let rows = csv_rows(&["trial", "list", &e, "-o", "csv", "--limit", "1500"]);
+    let seqs: Vec<u64> = rows.iter().map(|r| r[1].parse().unwrap()).collect();
+    assert_eq!(seqs, (0..1500).collect::<Vec<u64>>());
     let rows = csv_rows(&["compare", &e, &small.to_string(), "-o", "csv", "--page-size", "4096"]);
     assert_eq!(rows.len(), 20_002, "compare sees every trial of both");
 

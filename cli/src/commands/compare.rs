@@ -12,7 +12,7 @@ pub async fn run(args: CompareArgs, ctx: &Ctx) -> Result<ExitCode, CliError> {
     let calls = args.experiments.iter().map(|&id| {
         let coord = &coord;
         async move {
-            let resp = listing::trials(coord, ctx, id).await?;
+            let resp = listing::trials(coord, ctx, id, None).await?;
             Ok::<_, CliError>(CompareGroup::new(id, resp, args.limit))
         }
     });

@@ -8,7 +8,8 @@ use chorus_proto::pb;
 
 /// Follows `next_page_token` until it comes back empty. A coordinator that hands the same
 /// token back would keep a client asking forever: that is refused.
-async fn follow_pages<T, F, Fut>(mut ask: F) -> Result<Vec<T>, CliError>
+/// `enough` says when the pages so far hold all the caller needs.
+async fn follow_pages<T, F, Fut>(mut ask: F, enough: impl Fn(&[T]) -> bool) -> Result<Vec<T>, CliError>
 where
     F: FnMut(String) -> Fut,
     Fut: std::future::Future<Output = Result<(T, String), CliError>>,
@@ -18,7 +19,7 @@ where
     loop {
         let (page, next) = ask(token.clone()).await?;
         pages.push(page);
-        if next.is_empty() {
+        if next.is_empty() || enough(&pages) {
             return Ok(pages);
         }
         if next == token {
@@ -30,19 +31,31 @@ where
     }
 }
 
-/// Every trial of an experiment, in creation order, with the ranking fields of the first page.
-pub async fn trials(coord: &Coordinator, ctx: &Ctx, experiment: u64) -> Result<pb::ListTrialsResponse, CliError> {
+/// The trials of an experiment in creation order, with the ranking fields of the first page:
+/// every one, or with `first` at least the first that many.
+pub async fn trials(
+    coord: &Coordinator,
+    ctx: &Ctx,
+    experiment: u64,
+    first: Option<usize>,
+) -> Result<pb::ListTrialsResponse, CliError> {
     let page_size = ctx.page_size();
-    let pages = follow_pages(|page_token| async move {
-        let req = pb::ListTrialsRequest {
-            experiment_id: experiment,
-            page_size,
-            page_token,
-        };
-        let mut resp = coord.api().list_trials(coord.unary(req)).await?.into_inner();
-        let next = std::mem::take(&mut resp.next_page_token);
-        Ok((resp, next))
-    })
+    let enough = |pages: &[pb::ListTrialsResponse]| {
+        first.is_some_and(|n| pages.iter().map(|p| p.trials.len()).sum::<usize>() >= n)
+    };
+    let pages = follow_pages(
+        |page_token| async move {
+            let req = pb::ListTrialsRequest {
+                experiment_id: experiment,
+                page_size,
+                page_token,
+            };
+            let mut resp = coord.api().list_trials(coord.unary(req)).await?.into_inner();
+            let next = std::mem::take(&mut resp.next_page_token);
+            Ok((resp, next))
+        },
+        enough,
+    )
     .await?;
     let mut pages = pages.into_iter();
     let mut all = pages.next().unwrap_or_default();
@@ -55,11 +68,14 @@ pub async fn trials(coord: &Coordinator, ctx: &Ctx, experiment: u64) -> Result<p
 /// Every experiment, by id.
 pub async fn experiments(coord: &Coordinator, ctx: &Ctx) -> Result<Vec<pb::Experiment>, CliError> {
     let page_size = ctx.page_size();
-    let pages = follow_pages(|page_token| async move {
-        let req = pb::ListExperimentsRequest { page_size, page_token };
-        let resp = coord.api().list_experiments(coord.unary(req)).await?.into_inner();
-        Ok((resp.experiments, resp.next_page_token))
-    })
+    let pages = follow_pages(
+        |page_token| async move {
+            let req = pb::ListExperimentsRequest { page_size, page_token };
+            let resp = coord.api().list_experiments(coord.unary(req)).await?.into_inner();
+            Ok((resp.experiments, resp.next_page_token))
+        },
+        |_| false,
+    )
     .await?;
     Ok(pages.into_iter().flatten().collect())
 }
@@ -70,21 +86,21 @@ mod tests {
 
     #[tokio::test]
     async fn pages_are_followed_to_the_empty_token() {
-        let pages = follow_pages(|t| async move {
+        let ask = |t: String| async move {
             Ok(match t.as_str() {
                 "" => (1, "a".to_string()),
                 "a" => (2, "b".to_string()),
                 _ => (3, String::new()),
             })
-        })
-        .await
-        .unwrap();
-        assert_eq!(pages, [1, 2, 3]);
+        };
+        assert_eq!(follow_pages(ask, |_| false).await.unwrap(), [1, 2, 3]);
+        // Stops as soon as the caller has what it needs.
+        assert_eq!(follow_pages(ask, |p| p.len() >= 2).await.unwrap(), [1, 2]);
     }
 
     #[tokio::test]
     async fn a_token_handed_back_is_refused_not_followed_forever() {
-        let err = follow_pages(|_| async { Ok((0, "same".to_string())) })
+        let err = follow_pages(|_| async { Ok((0, "same".to_string())) }, |_| false)
             .await
             .unwrap_err();
         assert!(matches!(&err, CliError::BadResponse(m) if m.contains("same")), "{err}");

@@ -19,7 +19,9 @@ pub async fn run(cmd: TrialCmd, ctx: &Ctx) -> Result<ExitCode, CliError> {
             output,
         } => {
             let coord = ctx.connect().await?;
-            let resp = listing::trials(&coord, ctx, experiment).await?;
+            // Unsorted, the first trials by creation order are the first pages'.
+            let first = if sort.is_none() { limit } else { None };
+            let resp = listing::trials(&coord, ctx, experiment, first).await?;
             let mut trials = resp.trials;
             trials.sort_by_key(|t| t.seq);
             if let Some(name) = &sort {
