@@ -30,6 +30,10 @@ pub struct GlobalOpts {
     /// Deadline for each request/response call, in seconds (streams have none).
     #[arg(long, global = true, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: u64,
+    /// Records asked for per page when listing experiments or trials (each page is one call
+    /// under `--timeout`) [default: the coordinator's, 1000].
+    #[arg(long, global = true, value_name = "N", hide = true, value_parser = clap::value_parser!(u32).range(1..))]
+    pub page_size: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -202,6 +206,24 @@ pub enum TrialCmd {
         /// Show only the first N trials (after sorting).
         #[arg(long, value_name = "N")]
         limit: Option<usize>,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t)]
+        output: TabularOutput,
+    },
+    /// Print a trial's metric history, oldest report first (across restarts: the reports the
+    /// trial's history keeps).
+    Metrics {
+        /// Trial id.
+        trial: u64,
+        /// Only this metric; repeat for more [default: every metric].
+        #[arg(long = "metric", short = 'm', value_name = "NAME")]
+        metrics: Vec<String>,
+        /// Only reports from this step on.
+        #[arg(long, value_name = "STEP")]
+        min_step: Option<i64>,
+        /// Only reports up to this step.
+        #[arg(long, value_name = "STEP")]
+        max_step: Option<i64>,
         /// Output format.
         #[arg(long, short, value_enum, default_value_t)]
         output: TabularOutput,
@@ -431,6 +453,31 @@ mod tests {
         assert_eq!(sets.overrides, ["a=1", "b.c=2"]);
         assert!(!wait);
         assert!(Cli::try_parse_from(["chorus", "--timeout", "0", "worker", "list"]).is_err());
+    }
+
+    #[test]
+    fn trial_metrics_takes_repeated_metrics() {
+        let cli = Cli::try_parse_from([
+            "chorus", "trial", "metrics", "7", "--metric", "loss", "-m", "acc", "-o", "csv",
+        ])
+        .unwrap();
+        let Command::Trial(TrialCmd::Metrics {
+            trial,
+            metrics,
+            output,
+            min_step,
+            ..
+        }) = cli.command
+        else {
+            panic!("parsed {cli:?}")
+        };
+        assert_eq!(
+            (trial, metrics, output, min_step),
+            (7, vec!["loss".into(), "acc".into()], TabularOutput::Csv, None)
+        );
+        let err = Cli::try_parse_from(["chorus", "trial", "metrics", "7", "-o", "yaml"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::InvalidValue);
+        assert!(Cli::try_parse_from(["chorus", "trial", "metrics"]).is_err());
     }
 
     #[test]

@@ -442,6 +442,75 @@ pub fn trials_csv(trials: &[pb::Trial], metric: &str, now_ms: i64) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Metric history
+
+/// The metric columns of `trial metrics`: the metrics asked for, in the order given (once
+/// each), or else every metric the points hold, sorted.
+pub fn metric_columns(points: &[pb::MetricPoint], requested: &[String]) -> Vec<String> {
+    if requested.is_empty() {
+        let names: BTreeSet<&String> = points.iter().flat_map(|p| p.values.keys()).collect();
+        return names.into_iter().cloned().collect();
+    }
+    let mut seen = BTreeSet::new();
+    requested.iter().filter(|m| seen.insert(*m)).cloned().collect()
+}
+
+/// One row per report: its step, its attempt, then each metric (`-` where it has none).
+pub fn metrics_table(points: &[pb::MetricPoint], names: &[String]) -> String {
+    let mut header = vec!["step".to_string(), "attempt".to_string()];
+    header.extend(names.iter().cloned());
+    let rows = points
+        .iter()
+        .map(|p| {
+            let mut r = vec![p.step.map_or("-".into(), |s| s.to_string()), p.attempt.to_string()];
+            r.extend(
+                names
+                    .iter()
+                    .map(|n| p.values.get(n).map_or("-".into(), |v| fmt_value(*v))),
+            );
+            r
+        })
+        .collect();
+    table(header, rows)
+}
+
+/// Values exactly as reported; an empty cell where a report has no step or lacks a metric.
+pub fn metrics_csv(points: &[pb::MetricPoint], names: &[String]) -> String {
+    let mut header = vec!["step".to_string(), "attempt".to_string()];
+    header.extend(names.iter().cloned());
+    let rows: Vec<Vec<String>> = points
+        .iter()
+        .map(|p| {
+            let mut r = vec![p.step.map(|s| s.to_string()).unwrap_or_default(), p.attempt.to_string()];
+            r.extend(
+                names
+                    .iter()
+                    .map(|n| p.values.get(n).map(f64::to_string).unwrap_or_default()),
+            );
+            r
+        })
+        .collect();
+    csv(&header, &rows)
+}
+
+pub fn metrics_json(trial: u64, points: &[pb::MetricPoint]) -> String {
+    let points: Vec<Value> = points
+        .iter()
+        .map(|p| {
+            let values: Map<String, Value> = p
+                .values
+                .iter()
+                .map(|(k, v)| (k.clone(), json!(v)))
+                .collect::<std::collections::BTreeMap<_, _>>()
+                .into_iter()
+                .collect();
+            json!({"step": p.step, "attempt": p.attempt, "values": values})
+        })
+        .collect();
+    json(&json!({"trial_id": trial, "points": points}))
+}
+
+// ---------------------------------------------------------------------------------------------
 // Compare
 
 /// Rows in display order, each with whether it is the best trial overall.
@@ -804,6 +873,44 @@ mod tests {
         assert_eq!(fmt_value(1.5e-7), "1.5e-7");
         assert_eq!(fmt_value(2.5e9), "2.5e9");
         assert_eq!(fmt_value(f64::NAN), "NaN");
+    }
+
+    fn point(step: Option<i64>, attempt: u32, values: &[(&str, f64)]) -> pb::MetricPoint {
+        pb::MetricPoint {
+            step,
+            attempt,
+            values: values.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        }
+    }
+
+    #[test]
+    fn metric_history_in_three_formats() {
+        let points = [
+            point(Some(1), 1, &[("loss", 0.123456789), ("acc", 0.5)]),
+            point(Some(2), 2, &[("loss", 0.1)]),
+            point(None, 2, &[("zeta", 3.0)]),
+        ];
+        let names = metric_columns(&points, &[]);
+        assert_eq!(names, ["acc", "loss", "zeta"]);
+        let t = metrics_table(&points, &names);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("step") && lines[0].ends_with("zeta"), "{t}");
+        assert!(lines[2].contains("0.123457") && lines[2].contains("0.5"), "{t}");
+        assert!(lines[4].trim_start().starts_with('-'), "{t}");
+        assert_eq!(
+            metrics_csv(&points, &names),
+            "step,attempt,acc,loss,zeta\n1,1,0.5,0.123456789,\n2,2,,0.1,\n,2,,,3\n"
+        );
+        let v: Value = serde_json::from_str(&metrics_json(9, &points)).unwrap();
+        assert_eq!(v["trial_id"], 9);
+        assert_eq!(
+            v["points"][0],
+            json!({"step": 1, "attempt": 1, "values": {"acc": 0.5, "loss": 0.123456789}})
+        );
+        assert_eq!(v["points"][2]["step"], Value::Null);
+        // Asked-for columns keep their order, once each, present or not.
+        let asked = ["loss".to_string(), "nope".into(), "loss".into()];
+        assert_eq!(metric_columns(&points, &asked), ["loss", "nope"]);
     }
 
     #[test]

@@ -17,6 +17,7 @@ use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
 type EventStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ExperimentEvent, Status>> + Send>>;
 type LogStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::LogChunk, Status>> + Send>>;
+type MetricsStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::TrialMetricsPage, Status>> + Send>>;
 
 #[derive(Default)]
 struct Script {
@@ -178,6 +179,12 @@ impl ExperimentService for Mock {
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    type TrialMetricsStream = MetricsStream;
+
+    async fn trial_metrics(&self, _: Request<pb::TrialMetricsRequest>) -> Result<Response<MetricsStream>, Status> {
+        Err(Status::unimplemented("not scripted"))
     }
 
     type TrialLogsStream = LogStream;

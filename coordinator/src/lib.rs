@@ -15,6 +15,7 @@ pub mod clock;
 pub(crate) mod cluster;
 pub mod error;
 pub(crate) mod experiment;
+pub(crate) mod history;
 pub(crate) mod logs;
 pub(crate) mod protocol;
 pub(crate) mod rendezvous;
@@ -316,10 +317,17 @@ pub async fn run(
             .set_service_status(name, tonic_health::ServingStatus::Serving)
             .await;
     }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(chorus_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Both reflection versions, each listing both: grpcurl speaks v1, many tools v1alpha only.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(chorus_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
 
     // With a listener of our own, the server's TCP settings do not reach accepted sockets:
     // without TCP_NODELAY, small replies wait out the peer's delayed ACK (~40 ms each).
@@ -342,7 +350,8 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(experiments)
         .add_service(workers)
         .serve_with_incoming_shutdown(incoming, shutdown)

@@ -83,7 +83,7 @@ impl Server {
     async fn experiments(&mut self) -> usize {
         let resp = self
             .client
-            .list_experiments(pb::ListExperimentsRequest {})
+            .list_experiments(pb::ListExperimentsRequest::default())
             .await
             .unwrap();
         resp.into_inner().experiments.len()

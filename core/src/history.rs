@@ -15,6 +15,10 @@
 //!
 //! Trials recorded before this layout kept one `metrics.jsonl` for all attempts, each line
 //! tagged with its attempt; it is read as the lines of the attempts that have no directory.
+//!
+//! [`plan_history`] says which parts make the history; each part's lines are pulled one at a
+//! time, so a reader that streams the history elsewhere (the coordinator's `TrialMetrics`)
+//! holds one line, never the history. [`visit_history`] and [`read_history`] read the same plan.
 
 use crate::error::CoreError;
 use crate::ids::{ExperimentId, TrialId};
@@ -80,57 +84,67 @@ async fn read_lineage(storage: &Storage, key: &Path) -> Result<Option<Lineage>, 
     serde_json::from_slice(&bytes).map(Some).map_err(|e| bad(e.to_string()))
 }
 
-/// Calls `visit` with each line of an object, at most `limit` of them; returns how many.
-/// Memory is bounded by [`MAX_LINE_BYTES`] whatever the object holds.
-async fn visit_object_lines(
-    storage: &Storage,
-    key: &Path,
-    limit: u64,
-    keep: &mut (dyn FnMut(&str) -> bool + Send),
-    visit: &mut (dyn FnMut(&str) + Send),
-) -> Result<u64, CoreError> {
-    let mut stream = match storage.store.get(key).await {
-        Ok(r) => r.into_stream(),
-        Err(object_store::Error::NotFound { .. }) => return Ok(0),
-        Err(e) => return Err(e.into()),
-    };
-    let mut left = limit;
-    let mut line: Vec<u8> = Vec::new();
-    let mut too_long = false;
-    let mut emit = |line: &mut Vec<u8>, too_long: &mut bool, left: &mut u64| {
-        if !*too_long && *left > 0 {
-            let text = String::from_utf8_lossy(line);
-            let text = text.trim_end_matches('\r');
-            if !text.trim().is_empty() && keep(text) {
-                visit(text);
-                *left -= 1;
-            }
-        }
-        line.clear();
-        *too_long = false;
-    };
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk?;
-        let mut rest = &chunk[..];
-        while !rest.is_empty() && left > 0 {
-            match rest.iter().position(|&b| b == b'\n') {
-                Some(i) => {
-                    push_capped(&mut line, &rest[..i], &mut too_long);
-                    emit(&mut line, &mut too_long, &mut left);
-                    rest = &rest[i + 1..];
+/// An object read line by line, oldest first. Memory is bounded by [`MAX_LINE_BYTES`] whatever
+/// the object holds: a longer line is skipped, never held. Blank lines are skipped; a missing
+/// object reads as empty.
+struct ObjectLines {
+    stream: Option<futures::stream::BoxStream<'static, object_store::Result<bytes::Bytes>>>,
+    /// What the last chunk holds beyond the lines already returned.
+    rest: bytes::Bytes,
+    line: Vec<u8>,
+    too_long: bool,
+}
+
+impl ObjectLines {
+    async fn open(storage: &Storage, key: &Path) -> Result<ObjectLines, CoreError> {
+        let stream = match storage.store.get(key).await {
+            Ok(r) => Some(r.into_stream()),
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(ObjectLines {
+            stream,
+            rest: bytes::Bytes::new(),
+            line: Vec::new(),
+            too_long: false,
+        })
+    }
+
+    async fn next_line(&mut self) -> Result<Option<String>, CoreError> {
+        loop {
+            if let Some(i) = self.rest.iter().position(|&b| b == b'\n') {
+                push_capped(&mut self.line, &self.rest[..i], &mut self.too_long);
+                self.rest = self.rest.slice(i + 1..);
+                if let Some(text) = self.take_line() {
+                    return Ok(Some(text));
                 }
+                continue;
+            }
+            push_capped(&mut self.line, &self.rest, &mut self.too_long);
+            self.rest = bytes::Bytes::new();
+            let Some(stream) = self.stream.as_mut() else {
+                return Ok(None);
+            };
+            match stream.next().await {
+                Some(chunk) => self.rest = chunk?,
                 None => {
-                    push_capped(&mut line, rest, &mut too_long);
-                    rest = &[];
+                    // The last line need not end in a newline.
+                    self.stream = None;
+                    return Ok(self.take_line());
                 }
             }
-        }
-        if left == 0 {
-            return Ok(limit);
         }
     }
-    emit(&mut line, &mut too_long, &mut left);
-    Ok(limit - left)
+
+    fn take_line(&mut self) -> Option<String> {
+        let text = (!self.too_long).then(|| {
+            let text = String::from_utf8_lossy(&self.line);
+            text.trim_end_matches('\r').to_string()
+        });
+        self.line.clear();
+        self.too_long = false;
+        text.filter(|t| !t.trim().is_empty())
+    }
 }
 
 fn push_capped(line: &mut Vec<u8>, part: &[u8], too_long: &mut bool) {
@@ -170,6 +184,107 @@ async fn listing(storage: &Storage, exp: ExperimentId, trial: TrialId) -> Result
     Ok(by_attempt)
 }
 
+/// One run of consecutive lines of a trial's history: the first lines of one attempt's own
+/// records (all of them, or as many as a later attempt's lineage carries over).
+#[derive(Debug, Clone)]
+pub struct HistoryPart {
+    /// The attempt whose lines these are; `None` for a trial recorded before the per-attempt
+    /// layout, whose one shared file is read whole.
+    pub attempt: Option<u32>,
+    keys: Vec<Path>,
+    /// Only the lines tagged with this attempt (an attempt kept in the old shared file).
+    tagged: Option<u32>,
+    limit: Option<u64>,
+}
+
+impl HistoryPart {
+    /// Attempt `attempt`'s own lines as listed, at most `limit`; an attempt recorded before the
+    /// per-attempt layout is read from the old shared file.
+    fn of(
+        storage: &Storage,
+        exp: ExperimentId,
+        trial: TrialId,
+        listed: &Listing,
+        attempt: u32,
+        limit: Option<u64>,
+    ) -> Self {
+        match listed.get(&attempt) {
+            Some((_, segments)) => HistoryPart {
+                attempt: Some(attempt),
+                keys: segments.iter().map(|(_, k)| k.clone()).collect(),
+                tagged: None,
+                limit,
+            },
+            None => HistoryPart {
+                attempt: Some(attempt),
+                keys: vec![storage.legacy_metrics_key(exp, trial)],
+                tagged: Some(attempt),
+                limit,
+            },
+        }
+    }
+
+    /// Its lines, read as they are asked for.
+    pub fn lines(&self, storage: &Storage) -> PartLines {
+        PartLines {
+            storage: storage.clone(),
+            keys: self.keys.clone().into_iter(),
+            tagged: self.tagged,
+            left: self.limit.unwrap_or(u64::MAX),
+            current: None,
+        }
+    }
+}
+
+/// The lines of one [`HistoryPart`], object after object, holding at most one line at a time.
+pub struct PartLines {
+    storage: Storage,
+    keys: std::vec::IntoIter<Path>,
+    tagged: Option<u32>,
+    left: u64,
+    current: Option<ObjectLines>,
+}
+
+impl PartLines {
+    /// The next line, or `None` once the part is read.
+    pub async fn next_line(&mut self) -> Result<Option<String>, CoreError> {
+        while self.left > 0 {
+            let Some(current) = self.current.as_mut() else {
+                match self.keys.next() {
+                    Some(key) => self.current = Some(ObjectLines::open(&self.storage, &key).await?),
+                    None => return Ok(None),
+                }
+                continue;
+            };
+            let Some(line) = current.next_line().await? else {
+                self.current = None;
+                continue;
+            };
+            if let Some(attempt) = self.tagged {
+                let tag = serde_json::from_str::<serde_json::Value>(&line)
+                    .ok()
+                    .and_then(|v| v.get("attempt").and_then(serde_json::Value::as_u64));
+                if tag != Some(u64::from(attempt)) {
+                    continue;
+                }
+            }
+            self.left -= 1;
+            return Ok(Some(line));
+        }
+        Ok(None)
+    }
+
+    /// Calls `visit` with each remaining line; returns how many.
+    async fn visit(&mut self, visit: &mut (dyn FnMut(&str) + Send)) -> Result<u64, CoreError> {
+        let mut n = 0;
+        while let Some(line) = self.next_line().await? {
+            visit(&line);
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
 /// Calls `visit` with an attempt's own lines, oldest first, at most `limit` (all with `None`).
 /// An attempt recorded before the per-attempt layout is read from the old shared file.
 pub async fn visit_attempt_lines(
@@ -181,45 +296,10 @@ pub async fn visit_attempt_lines(
     visit: &mut (dyn FnMut(&str) + Send),
 ) -> Result<u64, CoreError> {
     let listed = listing(storage, exp, trial).await?;
-    visit_listed_lines(storage, exp, trial, &listed, attempt, limit, visit).await
-}
-
-async fn visit_listed_lines(
-    storage: &Storage,
-    exp: ExperimentId,
-    trial: TrialId,
-    listed: &Listing,
-    attempt: u32,
-    limit: Option<u64>,
-    visit: &mut (dyn FnMut(&str) + Send),
-) -> Result<u64, CoreError> {
-    let mut left = limit.unwrap_or(u64::MAX);
-    let Some((_, segments)) = listed.get(&attempt) else {
-        let mut tagged = |line: &str| {
-            serde_json::from_str::<serde_json::Value>(line)
-                .ok()
-                .and_then(|v| v.get("attempt").and_then(serde_json::Value::as_u64))
-                == Some(u64::from(attempt))
-        };
-        return visit_object_lines(
-            storage,
-            &storage.legacy_metrics_key(exp, trial),
-            left,
-            &mut tagged,
-            visit,
-        )
-        .await;
-    };
-    let mut total = 0;
-    for (_, key) in segments {
-        if left == 0 {
-            break;
-        }
-        let n = visit_object_lines(storage, key, left, &mut |_| true, visit).await?;
-        left -= n;
-        total += n;
-    }
-    Ok(total)
+    HistoryPart::of(storage, exp, trial, &listed, attempt, limit)
+        .lines(storage)
+        .visit(visit)
+        .await
 }
 
 /// Calls `visit` with the lines of earlier attempts that `lineage` carries over, oldest first
@@ -235,32 +315,41 @@ pub async fn visit_lineage(
         return Ok(());
     }
     let listed = listing(storage, exp, trial).await?;
-    visit_inherited(storage, exp, trial, &listed, lineage, visit).await
+    for part in inherited(storage, exp, trial, &listed, lineage) {
+        part.lines(storage).visit(visit).await?;
+    }
+    Ok(())
 }
 
-async fn visit_inherited(
+fn inherited(
     storage: &Storage,
     exp: ExperimentId,
     trial: TrialId,
     listed: &Listing,
     lineage: &Lineage,
-    visit: &mut (dyn FnMut(&str) + Send),
-) -> Result<(), CoreError> {
-    for inh in &lineage.inherits {
-        visit_listed_lines(storage, exp, trial, listed, inh.attempt, Some(inh.lines), visit).await?;
-    }
-    Ok(())
+) -> Vec<HistoryPart> {
+    lineage
+        .inherits
+        .iter()
+        .map(|inh| HistoryPart::of(storage, exp, trial, listed, inh.attempt, Some(inh.lines)))
+        .collect()
 }
 
-/// Calls `visit` with every line of a trial's history, oldest first: the lines its newest
-/// attempt's lineage names, then that attempt's own. Returns the attempt whose history it is
-/// (`None` for a trial recorded before the per-attempt layout, read whole from its old file).
-pub async fn visit_history(
-    storage: &Storage,
-    exp: ExperimentId,
-    trial: TrialId,
-    visit: &mut (dyn FnMut(&str) + Send),
-) -> Result<Option<u32>, CoreError> {
+/// A trial's history as the parts to read, in order, from one listing of its records.
+#[derive(Debug, Clone)]
+pub struct HistoryPlan {
+    /// The attempt whose history it is (`None` for a trial recorded before the per-attempt
+    /// layout, read whole from its old file).
+    pub attempt: Option<u32>,
+    /// The lines its newest attempt's lineage names, then that attempt's own. Attempts appear
+    /// in increasing order.
+    pub parts: Vec<HistoryPart>,
+}
+
+/// Plans the reading of a trial's history: the newest attempt's lineage, then its own lines.
+/// Reading the parts costs one line of memory at a time, so a caller can stream a history of
+/// any length.
+pub async fn plan_history(storage: &Storage, exp: ExperimentId, trial: TrialId) -> Result<HistoryPlan, CoreError> {
     let listed = listing(storage, exp, trial).await?;
     for (&attempt, (has_lineage, _)) in listed.iter().rev() {
         let lineage = if *has_lineage {
@@ -275,19 +364,38 @@ pub async fn visit_history(
             None if attempt == 1 => Lineage::default(),
             None => continue,
         };
-        visit_inherited(storage, exp, trial, &listed, &lineage, visit).await?;
-        visit_listed_lines(storage, exp, trial, &listed, attempt, None, visit).await?;
-        return Ok(Some(attempt));
+        let mut parts = inherited(storage, exp, trial, &listed, &lineage);
+        parts.push(HistoryPart::of(storage, exp, trial, &listed, attempt, None));
+        return Ok(HistoryPlan {
+            attempt: Some(attempt),
+            parts,
+        });
     }
-    visit_object_lines(
-        storage,
-        &storage.legacy_metrics_key(exp, trial),
-        u64::MAX,
-        &mut |_| true,
-        visit,
-    )
-    .await?;
-    Ok(None)
+    Ok(HistoryPlan {
+        attempt: None,
+        parts: vec![HistoryPart {
+            attempt: None,
+            keys: vec![storage.legacy_metrics_key(exp, trial)],
+            tagged: None,
+            limit: None,
+        }],
+    })
+}
+
+/// Calls `visit` with every line of a trial's history, oldest first: the lines its newest
+/// attempt's lineage names, then that attempt's own. Returns the attempt whose history it is
+/// (`None` for a trial recorded before the per-attempt layout, read whole from its old file).
+pub async fn visit_history(
+    storage: &Storage,
+    exp: ExperimentId,
+    trial: TrialId,
+    visit: &mut (dyn FnMut(&str) + Send),
+) -> Result<Option<u32>, CoreError> {
+    let plan = plan_history(storage, exp, trial).await?;
+    for part in &plan.parts {
+        part.lines(storage).visit(visit).await?;
+    }
+    Ok(plan.attempt)
 }
 
 /// The whole history as lines; for tools and tests, so at most `max_lines` of it.
@@ -440,5 +548,26 @@ mod tests {
         let body = format!("a\n{}\nb\n", "x".repeat(MAX_LINE_BYTES + 10));
         segment(&s, 1, 0, &body).await;
         assert_eq!(read_history(&s, E, T, 10).await.unwrap(), vec!["a", "b"]);
+    }
+
+    /// File storage hands an object over in chunks: lines cut across them come out whole.
+    #[tokio::test]
+    async fn lines_cut_across_read_chunks_come_out_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&StorageUri::from_dir(dir.path()).unwrap(), &Default::default()).unwrap();
+        let lines: Vec<String> = (0..20_000)
+            .map(|i| format!("{{\"step\":{i},\"x\":\"{}\"}}", "y".repeat(i % 97)))
+            .collect();
+        let body: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        assert!(body.len() > 1 << 20);
+        segment(&s, 1, 0, &body).await;
+        let plan = plan_history(&s, E, T).await.unwrap();
+        assert_eq!((plan.attempt, plan.parts.len()), (Some(1), 1));
+        let mut reader = plan.parts[0].lines(&s);
+        let mut got = Vec::new();
+        while let Some(l) = reader.next_line().await.unwrap() {
+            got.push(l);
+        }
+        assert!(got == lines, "{} lines read back", got.len());
     }
 }

@@ -1,11 +1,10 @@
 //! `chorus compare EXP...`: the trials of several experiments side by side, best first.
 
-use super::{Ctx, emit};
+use super::{Ctx, emit, listing};
 use crate::args::{CompareArgs, TabularOutput};
 use crate::error::CliError;
 use crate::rank::{CompareGroup, best_overall, shared_metric};
 use crate::render;
-use chorus_proto::pb;
 use std::process::ExitCode;
 
 pub async fn run(args: CompareArgs, ctx: &Ctx) -> Result<ExitCode, CliError> {
@@ -13,8 +12,7 @@ pub async fn run(args: CompareArgs, ctx: &Ctx) -> Result<ExitCode, CliError> {
     let calls = args.experiments.iter().map(|&id| {
         let coord = &coord;
         async move {
-            let req = coord.unary(pb::ListTrialsRequest { experiment_id: id });
-            let resp = coord.api().list_trials(req).await?.into_inner();
+            let resp = listing::trials(coord, ctx, id, None).await?;
             Ok::<_, CliError>(CompareGroup::new(id, resp, args.limit))
         }
     });

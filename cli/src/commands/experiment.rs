@@ -1,6 +1,6 @@
 //! `chorus experiment ...`: submit, validate, list, describe, watch, pause, resume, kill, update.
 
-use super::{Ctx, emit, required, watch};
+use super::{Ctx, emit, listing, required, watch};
 use crate::args::{ExperimentCmd, Output, UpdateArgs};
 use crate::client::Coordinator;
 use crate::error::CliError;
@@ -91,16 +91,11 @@ pub async fn run(cmd: ExperimentCmd, ctx: &Ctx) -> Result<ExitCode, CliError> {
         }
         ExperimentCmd::List { output } => {
             let coord = ctx.connect().await?;
-            let resp = coord
-                .api()
-                .list_experiments(coord.unary(pb::ListExperimentsRequest {}))
-                .await?
-                .into_inner();
+            let experiments = listing::experiments(&coord, ctx).await?;
             emit(&match output {
-                Output::Table => render::experiments_table(&resp.experiments),
+                Output::Table => render::experiments_table(&experiments),
                 Output::Json => render::json(
-                    &resp
-                        .experiments
+                    &experiments
                         .iter()
                         .map(render::experiment_json)
                         .collect::<serde_json::Value>(),

@@ -4,6 +4,7 @@
 mod compare;
 mod dataset;
 mod experiment;
+mod listing;
 mod search;
 mod trial;
 mod watch;
@@ -44,6 +45,11 @@ impl Ctx {
     async fn connect(&self) -> Result<Coordinator, CliError> {
         let g = &self.global;
         Coordinator::connect(&g.coordinator, g.token.as_deref(), Duration::from_secs(g.timeout)).await
+    }
+
+    /// The page size to ask for; 0 leaves it to the coordinator.
+    fn page_size(&self) -> u32 {
+        self.global.page_size.unwrap_or(0)
     }
 }
 

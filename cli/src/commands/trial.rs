@@ -1,7 +1,7 @@
-//! `chorus trial list` and `chorus trial logs`.
+//! `chorus trial list`, `chorus trial metrics` and `chorus trial logs`.
 
 use super::watch::{Backoff, retryable};
-use super::{Ctx, emit, emit_bytes};
+use super::{Ctx, emit, emit_bytes, listing};
 use crate::args::{TabularOutput, TrialCmd};
 use crate::client::Coordinator;
 use crate::error::{CliError, code_name};
@@ -19,10 +19,9 @@ pub async fn run(cmd: TrialCmd, ctx: &Ctx) -> Result<ExitCode, CliError> {
             output,
         } => {
             let coord = ctx.connect().await?;
-            let req = pb::ListTrialsRequest {
-                experiment_id: experiment,
-            };
-            let resp = coord.api().list_trials(coord.unary(req)).await?.into_inner();
+            // Unsorted, the first trials by creation order are the first pages'.
+            let first = if sort.is_none() { limit } else { None };
+            let resp = listing::trials(&coord, ctx, experiment, first).await?;
             let mut trials = resp.trials;
             trials.sort_by_key(|t| t.seq);
             if let Some(name) = &sort {
@@ -40,6 +39,37 @@ pub async fn run(cmd: TrialCmd, ctx: &Ctx) -> Result<ExitCode, CliError> {
                 TabularOutput::Table => render::trials_table(&trials, &resp.metric, now),
                 TabularOutput::Json => render::trials_json(&trials, &resp.metric, resp.maximize),
                 TabularOutput::Csv => render::trials_csv(&trials, &resp.metric, now),
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        TrialCmd::Metrics {
+            trial,
+            metrics,
+            min_step,
+            max_step,
+            output,
+        } => {
+            let coord = ctx.connect().await?;
+            let req = pb::TrialMetricsRequest {
+                trial_id: trial,
+                metrics: metrics.clone(),
+                min_step,
+                max_step,
+                page_size: 0,
+                after: String::new(),
+            };
+            let points = read_metrics(&coord, req).await?;
+            let names = render::metric_columns(&points, &metrics);
+            for m in names
+                .iter()
+                .filter(|m| !points.iter().any(|p| p.values.contains_key(*m)))
+            {
+                eprintln!("warning: trial {trial} has no report of {m:?} in the steps asked for");
+            }
+            emit(&match output {
+                TabularOutput::Table => render::metrics_table(&points, &names),
+                TabularOutput::Json => render::metrics_json(trial, &points),
+                TabularOutput::Csv => render::metrics_csv(&points, &names),
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -66,6 +96,45 @@ pub async fn run(cmd: TrialCmd, ctx: &Ctx) -> Result<ExitCode, CliError> {
                     Err(LogsError::Cli(e)) => return Err(e),
                 }
             }
+        }
+    }
+}
+
+/// Most times a metrics read that lost the coordinator is resumed before giving up.
+const METRICS_RETRIES: u32 = 5;
+
+/// Reads the whole (filtered) history, page by page; a lost coordinator is asked again for the
+/// points after the last page received, so none is repeated or skipped.
+async fn read_metrics(coord: &Coordinator, mut req: pb::TrialMetricsRequest) -> Result<Vec<pb::MetricPoint>, CliError> {
+    let mut points = Vec::new();
+    let mut backoff = Backoff::default();
+    let mut retries = 0;
+    loop {
+        let read = async {
+            let mut stream = coord
+                .api()
+                .trial_metrics(coord.streaming(req.clone()))
+                .await?
+                .into_inner();
+            while let Some(page) = stream.message().await? {
+                points.extend(page.points);
+                req.after = page.cursor;
+            }
+            Ok::<_, tonic::Status>(())
+        };
+        match read.await {
+            Ok(()) => return Ok(points),
+            Err(status) if retryable(status.code()) && retries < METRICS_RETRIES => {
+                retries += 1;
+                let delay = backoff.next_delay();
+                eprintln!(
+                    "lost the coordinator ({}: {}); resuming in {delay:.1?}",
+                    code_name(status.code()),
+                    status.message()
+                );
+                tokio::time::sleep(delay).await;
+            }
+            Err(status) => return Err(CliError::Rpc(status)),
         }
     }
 }

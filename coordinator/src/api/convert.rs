@@ -275,3 +275,18 @@ pub fn worker(w: WorkerSummary) -> pb::WorkerInfo {
         draining: w.drained,
     }
 }
+
+pub fn metrics_page(page: crate::history::Page) -> pb::TrialMetricsPage {
+    pb::TrialMetricsPage {
+        points: page
+            .points
+            .into_iter()
+            .map(|p| pb::MetricPoint {
+                step: p.step,
+                attempt: p.attempt,
+                values: p.values.into_iter().collect(),
+            })
+            .collect(),
+        cursor: page.cursor,
+    }
+}

@@ -1,8 +1,9 @@
 //! `chorus.v1.ExperimentService`, for the CLI.
 
-use super::convert;
+use super::{convert, paging};
 use crate::Coordinator;
 use crate::error::CoordError;
+use crate::history;
 use chorus_core::limits::BudgetLimits;
 use chorus_core::storage::parse_log_chunk_name;
 use chorus_core::{ExperimentId, TrialId, spec};
@@ -15,8 +16,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
-use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -109,15 +110,19 @@ impl ExperimentService for ExperimentApi {
 
     async fn list_experiments(
         &self,
-        _req: Request<pb::ListExperimentsRequest>,
+        req: Request<pb::ListExperimentsRequest>,
     ) -> Result<Response<pb::ListExperimentsResponse>, Status> {
+        let req = req.into_inner();
+        let listing = paging::Listing::Experiments;
+        let after = listing.parse_token(&req.page_token)?.map(ExperimentId);
+        let size = paging::page_size(req.page_size);
         let st = self.coord.lock();
-        let experiments = st
-            .experiments
-            .keys()
-            .filter_map(|id| convert::experiment(&st, *id))
-            .collect();
-        Ok(Response::new(pb::ListExperimentsResponse { experiments }))
+        let page = paging::page(listing, paging::keys_after(&st.experiments, after), size, |id| id.0);
+        let experiments = page.ids.iter().filter_map(|id| convert::experiment(&st, *id)).collect();
+        Ok(Response::new(pb::ListExperimentsResponse {
+            experiments,
+            next_page_token: page.next_page_token,
+        }))
     }
 
     async fn describe_experiment(
@@ -137,12 +142,19 @@ impl ExperimentService for ExperimentApi {
         &self,
         req: Request<pb::ListTrialsRequest>,
     ) -> Result<Response<pb::ListTrialsResponse>, Status> {
-        let id = ExperimentId(req.into_inner().experiment_id);
+        let req = req.into_inner();
+        let id = ExperimentId(req.experiment_id);
+        let listing = paging::Listing::Trials(id);
+        let after = listing.parse_token(&req.page_token)?.map(TrialId);
+        let size = paging::page_size(req.page_size);
         let st = self.coord.lock();
         let exp = st.experiment(id)?;
-        let trials = exp.trials.iter().filter_map(|t| convert::trial(&st, *t)).collect();
+        // An experiment's trials are in creation order, which is id order: ids only grow.
+        let page = paging::page(listing, paging::sorted_after(&exp.trials, after), size, |t| t.0);
+        let trials = page.ids.iter().filter_map(|t| convert::trial(&st, *t)).collect();
         Ok(Response::new(pb::ListTrialsResponse {
             trials,
+            next_page_token: page.next_page_token,
             metric: exp.metric().to_string(),
             maximize: exp.goal() == spec::Goal::Maximize,
             objectives: exp
@@ -309,6 +321,30 @@ impl ExperimentService for ExperimentApi {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type TrialMetricsStream = ResponseStream<pb::TrialMetricsPage>;
+
+    async fn trial_metrics(
+        &self,
+        req: Request<pb::TrialMetricsRequest>,
+    ) -> Result<Response<Self::TrialMetricsStream>, Status> {
+        let req = req.into_inner();
+        let tid = TrialId(req.trial_id);
+        let query = history::Query::new(req.metrics, req.min_step, req.max_step, req.page_size, &req.after)?;
+        let (exp, uri) = {
+            let st = self.coord.lock();
+            let t = st
+                .trials
+                .get(&tid)
+                .ok_or_else(|| Status::not_found(format!("trial {tid} does not exist")))?;
+            (t.experiment, st.experiment(t.experiment)?.storage.clone())
+        };
+        let storage = self.coord.storage(&uri).await?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(history::send_history(storage, uri, exp, tid, query, tx));
+        let pages = ReceiverStream::new(rx).map(|page| page.map(convert::metrics_page).map_err(Status::from));
+        Ok(Response::new(Box::pin(pages)))
     }
 
     async fn list_workers(

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod convert;
 mod experiment;
+pub mod paging;
 mod worker;
 
 pub use experiment::ExperimentApi;
