@@ -1,10 +1,12 @@
 //! One attempt of a builtin trial: a model from [`crate::models`] trained on a sharded dataset by
 //! the trainer thread, inside the same attempt lifecycle as a command trial.
 //!
-//! The trainer's events are turned into exactly what a command trial would print: log lines and
-//! `chorus:metric` lines, fed to the same [`Output`] and recorder. A trainer checkpoint is copied
-//! into the attempt's checkpoint directory and committed under its step like any other, so
-//! restore, retention and the coordinator's view need nothing builtin-specific.
+//! The trainer's events are turned into log lines and typed metric reports, fed to the same
+//! [`Output`] and recorder as a command trial's output: a report is stored, reported and logged as
+//! the `chorus:metric` line a command trial printing it would be, without being printed and parsed
+//! back. A trainer checkpoint is copied into the attempt's checkpoint directory and committed
+//! under its step like any other, so restore, retention and the coordinator's view need nothing
+//! builtin-specific.
 
 use super::rendezvous::Missed;
 use super::{Events, Output, Prepared, Stop, exited, kill_message};
@@ -16,6 +18,7 @@ use crate::data::shards::{ShardSource, ShardSourceConfig};
 use crate::trainer::DataParallel;
 use crate::trainer::checkpoint::read_counters;
 use crate::trainer::{self, DeviceChoice, Outcome, TrainConfig, TrainerEvent, TrainerJob};
+use chorus_core::metric::MetricReport;
 use chorus_core::shards::DataPosition;
 use chorus_dataset::Split;
 use chorus_proto::pb;
@@ -338,11 +341,15 @@ async fn join_group(
 /// it trained on, per step, under this directory: a lineage to audit exactly-once reading.
 pub const SAMPLE_TRACE_ENV: &str = "CHORUS_SAMPLE_TRACE_DIR";
 
-fn metric_line(fields: serde_json::Map<String, Value>) -> String {
-    format!("{} {}", chorus_core::metric::PREFIX, Value::Object(fields))
+/// A report of the trainer at `step`.
+fn report<'a>(step: u64, values: impl IntoIterator<Item = (&'a str, f64)>) -> MetricReport {
+    MetricReport {
+        step: Some(step as i64),
+        values: values.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+    }
 }
 
-/// Turns one trainer event into log and metric lines, and a checkpoint into a commit.
+/// Turns one trainer event into log lines and metric reports, and a checkpoint into a commit.
 async fn handle_event(ev: TrainerEvent, classes: &[String], checkpoint_dir: &Path, lines: &mut Output) {
     match ev {
         TrainerEvent::Started {
@@ -357,8 +364,10 @@ async fn handle_event(ev: TrainerEvent, classes: &[String], checkpoint_dir: &Pat
             ));
         }
         TrainerEvent::TrainLoss { epoch, step, loss, lr } => {
-            let m = json!({"step": step, "epoch": epoch, "train_loss": loss, "lr": lr});
-            lines.handle(metric_line(m.as_object().cloned().unwrap_or_default()));
+            lines.report(report(
+                step,
+                [("epoch", epoch as f64), ("train_loss", loss), ("lr", lr)],
+            ));
         }
         TrainerEvent::GanLoss {
             epoch,
@@ -366,28 +375,36 @@ async fn handle_event(ev: TrainerEvent, classes: &[String], checkpoint_dir: &Pat
             generator,
             discriminator,
         } => {
-            let m =
-                json!({"step": step, "epoch": epoch, "generator_loss": generator, "discriminator_loss": discriminator});
-            lines.handle(metric_line(m.as_object().cloned().unwrap_or_default()));
+            lines.report(report(
+                step,
+                [
+                    ("epoch", epoch as f64),
+                    ("generator_loss", generator),
+                    ("discriminator_loss", discriminator),
+                ],
+            ));
         }
         TrainerEvent::Epoch(r) => {
             let v = &r.validation;
-            let mut m = serde_json::Map::new();
-            m.insert("step".into(), json!(r.step));
-            m.insert("epoch".into(), json!(r.epoch));
-            m.insert("train_loss".into(), json!(r.train_loss));
-            m.insert("val_loss".into(), json!(v.loss));
-            m.insert("val_accuracy".into(), json!(v.accuracy));
-            m.insert("macro_f1".into(), json!(v.macro_f1));
+            let name = |i: usize| classes.get(i).cloned().unwrap_or_else(|| i.to_string());
+            let mut summary = report(
+                r.step,
+                [
+                    ("epoch", r.epoch as f64),
+                    ("train_loss", r.train_loss),
+                    ("val_loss", v.loss),
+                    ("val_accuracy", v.accuracy),
+                    ("macro_f1", v.macro_f1),
+                ],
+            );
             for (i, f1) in v.per_class_f1.iter().enumerate() {
-                let name = classes.get(i).cloned().unwrap_or_else(|| i.to_string());
-                m.insert(format!("f1_{name}"), json!(f1));
+                summary.values.insert(format!("f1_{}", name(i)), *f1);
             }
             if let Some(g) = r.generator_loss {
-                m.insert("generator_loss".into(), json!(g));
+                summary.values.insert("generator_loss".into(), g);
             }
             if let Some(d) = r.discriminator_loss {
-                m.insert("discriminator_loss".into(), json!(d));
+                summary.values.insert("discriminator_loss".into(), d);
             }
             lines.handle(format!(
                 "epoch {}: validation on {} samples; confusion matrix (rows: true class, columns: predicted) {}",
@@ -395,18 +412,18 @@ async fn handle_event(ev: TrainerEvent, classes: &[String], checkpoint_dir: &Pat
                 v.samples,
                 json!(v.confusion)
             ));
-            // The confusion matrix as counts `confusion.<true>.<predicted>`, on its own line
+            // The confusion matrix as counts `confusion.<true>.<predicted>`, in its own report
             // before the epoch's summary, so the summary stays the trial's latest report.
-            let name = |i: usize| classes.get(i).cloned().unwrap_or_else(|| i.to_string());
-            let mut cm = serde_json::Map::new();
-            cm.insert("step".into(), json!(r.step));
+            let mut confusion = report(r.step, []);
             for (t, row) in v.confusion.iter().enumerate() {
                 for (p, count) in row.iter().enumerate() {
-                    cm.insert(format!("confusion.{}.{}", name(t), name(p)), json!(count));
+                    confusion
+                        .values
+                        .insert(format!("confusion.{}.{}", name(t), name(p)), *count as f64);
                 }
             }
-            lines.handle(metric_line(cm));
-            lines.handle(metric_line(m));
+            lines.report(confusion);
+            lines.report(summary);
         }
         TrainerEvent::Checkpoint {
             step,
@@ -440,3 +457,6 @@ fn replace_dir(source: &Path, target: &Path) -> std::io::Result<()> {
     }
     std::fs::remove_dir_all(source)
 }
+
+#[cfg(test)]
+mod tests;

@@ -17,7 +17,7 @@ pub mod rendezvous;
 mod tests;
 
 use crate::error::WorkerError;
-use chorus_core::metric::{self, Line};
+use chorus_core::metric::{self, Line, MetricReport};
 use chorus_core::storage::{self, Storage, StorageOptions, StorageUri};
 use chorus_core::{ExperimentId, TrialId, checkpoint, history};
 use chorus_proto::pb::{self, trial_event::Kind};
@@ -733,7 +733,7 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Turns output lines into events and recorder jobs.
+/// Turns output lines, and reports made in this process, into events and recorder jobs.
 struct Output {
     trial: u64,
     attempt: u32,
@@ -784,6 +784,7 @@ impl Output {
         }
     }
 
+    /// One line a trial printed: a metric line is recorded (and logged), anything else logged.
     fn handle(&mut self, line: String) {
         if self.follower {
             // Rank 0 speaks for a multi-rank attempt; the others' output is only logged.
@@ -792,35 +793,80 @@ impl Output {
         }
         match metric::parse_line(&line) {
             Line::Log => {}
-            Line::Metric(report) => {
-                // Stored first and reported by the recorder once stored.
-                let weight = line.len() + 1;
-                let step = report.step;
-                if self.jobs.send(Job::Metric(report, weight)).is_ok() {
-                    self.backlog.add(weight);
-                }
-                if let Some(step) = step {
-                    let _ = self.jobs.send(Job::Checkpoint(step, String::new()));
-                }
-            }
-            Line::Malformed(error) => {
-                self.malformed += 1;
-                if self.malformed <= MAX_MALFORMED_REPORTED {
-                    warn!(trial = self.trial, attempt = self.attempt, line = %line, error = %error, "malformed metric line");
-                    self.events.emit(Kind::Malformed(pb::MalformedMetric {
-                        line: line.clone(),
-                        error,
-                    }));
-                }
-                if self.malformed == MAX_MALFORMED_REPORTED {
-                    warn!(
-                        trial = self.trial,
-                        attempt = self.attempt,
-                        "further malformed metric lines are counted but not reported"
-                    );
-                }
-            }
+            Line::Metric(report) => self.metric(report, line.len() + 1),
+            Line::Malformed(error) => self.malformed(&line, error),
         }
         self.log(line);
     }
+
+    /// A report made in this process (a builtin trial's trainer), typed from the start: recorded
+    /// as the `chorus:metric` line that a trial printing it would be, and logged as that line.
+    fn report(&mut self, report: MetricReport) {
+        let line = format!("{} {}", metric::PREFIX, serde_json::Value::Object(report.to_json()));
+        if self.follower {
+            self.log(line);
+            return;
+        }
+        match protocol_breach(&report) {
+            None => self.metric(report, line.len() + 1),
+            Some(error) => self.malformed(&line, error),
+        }
+        self.log(line);
+    }
+
+    /// Sends a well-formed report to the recorder; `weight` is its line's share of the backlog.
+    fn metric(&mut self, report: MetricReport, weight: usize) {
+        // Stored first and reported by the recorder once stored.
+        let step = report.step;
+        if self.jobs.send(Job::Metric(report, weight)).is_ok() {
+            self.backlog.add(weight);
+        }
+        if let Some(step) = step {
+            let _ = self.jobs.send(Job::Checkpoint(step, String::new()));
+        }
+    }
+
+    fn malformed(&mut self, line: &str, error: String) {
+        self.malformed += 1;
+        if self.malformed <= MAX_MALFORMED_REPORTED {
+            warn!(trial = self.trial, attempt = self.attempt, line = %line, error = %error, "malformed metric line");
+            self.events.emit(Kind::Malformed(pb::MalformedMetric {
+                line: line.to_string(),
+                error,
+            }));
+        }
+        if self.malformed == MAX_MALFORMED_REPORTED {
+            warn!(
+                trial = self.trial,
+                attempt = self.attempt,
+                "further malformed metric lines are counted but not reported"
+            );
+        }
+    }
+}
+
+/// Why a typed report breaks the metric protocol, if it does: the rules of
+/// `MetricReport::from_json` for the line the report is logged as, in its words, so a report made
+/// in this process is refused exactly where the same line printed by a trial would be. A value
+/// that is not finite appears in that line as `null`.
+fn protocol_breach(report: &MetricReport) -> Option<String> {
+    if let Some(step) = report.step.filter(|s| *s < 0) {
+        return Some(format!("step must be a non-negative integer, got {step}"));
+    }
+    for (name, value) in &report.values {
+        if name.is_empty() {
+            return Some("metric names must not be empty".into());
+        }
+        if name == "step" {
+            // `to_json` would write it over the step.
+            return Some("a metric must not be named step".into());
+        }
+        if !value.is_finite() {
+            return Some(format!("metric {name:?} must be a finite number, got null"));
+        }
+    }
+    if report.values.is_empty() {
+        return Some("the object holds no metric besides step".into());
+    }
+    None
 }

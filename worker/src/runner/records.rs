@@ -270,9 +270,7 @@ impl Recorder {
                 Job::Metric(report, weight) => {
                     record_score(&mut self.scores, &self.metric, &report);
                     // Stored with the attempt that printed it; reported typed, as parsed.
-                    let mut m = report.to_json();
-                    m.insert("attempt".into(), Value::from(self.attempt));
-                    self.segment.push_str(&Value::Object(m).to_string());
+                    self.segment.push_str(&stored_line(&report, self.attempt));
                     self.segment.push('\n');
                     self.unstored.push(pb::Metric {
                         json: String::new(),
@@ -431,6 +429,13 @@ impl Recorder {
             self.segment_index += 1;
         }
     }
+}
+
+/// A report as its line in a metrics segment: the report's JSON object and the attempt that made it.
+pub(super) fn stored_line(report: &MetricReport, attempt: u32) -> String {
+    let mut m = report.to_json();
+    m.insert("attempt".into(), Value::from(attempt));
+    Value::Object(m).to_string()
 }
 
 /// Notes the value of `metric` at the report's step, if it has both.

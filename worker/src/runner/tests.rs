@@ -908,3 +908,123 @@ async fn metric_lines_refused_for_a_while_are_stored_once_storage_returns() {
         .unwrap();
     assert_eq!(history.len(), 3, "{history:?}");
 }
+
+/// A builtin trial of a tiny model on a small synthetic dataset in `memory://` storage.
+async fn builtin_assignment(f: &Fixture, trial: u64) -> (pb::Assignment, chorus_dataset::Manifest) {
+    let data = format!("{}-data", f.storage_uri);
+    let options = chorus_dataset::SynthOptions {
+        samples: 120,
+        shards: 3,
+        seed: 1,
+        ..Default::default()
+    };
+    let manifest = chorus_dataset::synth(f.ctx.stores.open(&data).unwrap(), &options, false)
+        .await
+        .unwrap();
+    let mut a = f.assignment(trial, 1, "");
+    a.command.clear();
+    a.metric = "val_accuracy".into();
+    a.maximize = true;
+    a.builtin_json = json!({
+        "data": data,
+        "model": {
+            "kind": "multimodal",
+            "image": {"channels": [4, 8]},
+            "text": {"embedding_dim": 8, "hidden": 8},
+            "audio": {"hidden": 8},
+            "classifier": {"hidden": 16},
+        },
+        "epochs": 2,
+        "batch_size": 16,
+        "log_every": 2,
+        "seed": 1,
+    })
+    .to_string();
+    (a, manifest)
+}
+
+/// The trainer's reports reach the agent typed, as the reports they are, and the metrics
+/// segment holds each as the line it is logged as would be stored if a trial printed it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_builtin_trials_reports_arrive_typed_and_are_stored_as_their_lines() {
+    let f = fixture("builtin-typed");
+    let (a, manifest) = builtin_assignment(&f, 71).await;
+    let (exited, events) = f.run(&a).await;
+    assert_eq!(kind(&exited), pb::ExitKind::Succeeded, "{exited:?}");
+    assert!(!kind_names(&events).contains(&"malformed"), "{events:?}");
+
+    let reports: Vec<MetricReport> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(Kind::Metric(m)) => {
+                assert!(m.json.is_empty(), "sent as text: {m:?}");
+                Some(typed(m))
+            }
+            _ => None,
+        })
+        .collect();
+    let keys = |r: &MetricReport| r.values.keys().cloned().collect::<Vec<_>>();
+    let mut summaries = Vec::new();
+    let mut last_step = 0;
+    for (i, r) in reports.iter().enumerate() {
+        let step = r.step.expect("every report of the trainer has its step");
+        assert!(step >= last_step, "steps go forward: {reports:?}");
+        last_step = step;
+        if r.values.contains_key("lr") {
+            assert_eq!(keys(r), ["epoch", "lr", "train_loss"]);
+            assert_eq!(step % 2, 0, "a training loss every 2 steps: {r:?}");
+        } else if r.values.contains_key("val_accuracy") {
+            // An epoch's summary, right after its confusion matrix at the same step.
+            let confusion = &reports[i - 1];
+            assert_eq!(confusion.step, r.step);
+            let classes = &manifest.classes;
+            assert_eq!(confusion.values.len(), classes.len() * classes.len());
+            for t in classes {
+                for p in classes {
+                    let count = confusion.values[&format!("confusion.{t}.{p}")];
+                    assert!(count >= 0.0 && count.fract() == 0.0, "{confusion:?}");
+                }
+                assert!((0.0..=1.0).contains(&r.values[&format!("f1_{t}")]), "{r:?}");
+            }
+            let total: f64 = confusion.values.values().sum();
+            assert_eq!(
+                total, manifest.splits.val as f64,
+                "every validation sample counted once"
+            );
+            for k in ["train_loss", "val_loss", "macro_f1"] {
+                assert!(r.values[k].is_finite(), "{k} in {r:?}");
+            }
+            assert!((0.0..=1.0).contains(&r.values["val_accuracy"]), "{r:?}");
+            summaries.push((r.values["epoch"], step));
+        } else {
+            assert!(keys(r).iter().all(|k| k.starts_with("confusion.")), "{r:?}");
+        }
+    }
+    let epochs: Vec<f64> = summaries.iter().map(|s| s.0).collect();
+    assert_eq!(epochs, [1.0, 2.0]);
+    assert!(reports.iter().any(|r| r.values.contains_key("lr")), "{reports:?}");
+    // A checkpoint committed at each epoch's end, as the trainer made it.
+    let committed: Vec<i64> = checkpoints(&events).iter().map(|c| c.step).collect();
+    assert_eq!(committed, summaries.iter().map(|s| s.1).collect::<Vec<_>>());
+
+    // Stored in the order reported, each with the attempt.
+    let history = chorus_core::history::read_history(&f.storage, ExperimentId(EXP), TrialId(71), 10_000)
+        .await
+        .unwrap();
+    let stored: Vec<String> = reports.iter().map(|r| records::stored_line(r, 1)).collect();
+    assert_eq!(history, stored);
+    // The log carries each report as a `chorus:metric` line; a trial printing those lines would
+    // have had exactly the same lines stored.
+    let log = f.log(71, 1).await;
+    let printed: Vec<String> = log
+        .lines()
+        .filter(|l| l.starts_with(metric::PREFIX))
+        .map(|l| match metric::parse_line(l) {
+            Line::Metric(r) => records::stored_line(&r, 1),
+            other => panic!("{l}: {other:?}"),
+        })
+        .collect();
+    assert_eq!(printed, history);
+    assert!(log.starts_with("training on Cpu with 1 thread(s), "), "{log}");
+    assert!(log.contains("epoch 2: validation on "), "{log}");
+}
