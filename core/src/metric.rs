@@ -34,6 +34,31 @@ impl MetricReport {
         m
     }
 
+    /// Holds a report made in a program (not parsed from a line) to the rules a parsed line
+    /// meets, in the parser's words: a value that is not finite is refused as the `null` it
+    /// would be written as, and no value may be named `step` (it would be written over the
+    /// step).
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(step) = self.step.filter(|s| *s < 0) {
+            return Err(format!("step must be a non-negative integer, got {step}"));
+        }
+        for (name, value) in &self.values {
+            if name.is_empty() {
+                return Err("metric names must not be empty".into());
+            }
+            if name == "step" {
+                return Err("a metric must not be named step".into());
+            }
+            if !value.is_finite() {
+                return Err(format!("metric {name:?} must be a finite number, got null"));
+            }
+        }
+        if self.values.is_empty() {
+            return Err("the object holds no metric besides step".into());
+        }
+        Ok(())
+    }
+
     /// Parses a JSON object produced by [`MetricReport::to_json`] or written by a trial.
     pub fn from_json(text: &str) -> Result<Self, String> {
         let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
@@ -94,6 +119,33 @@ pub fn parse_line(line: &str) -> Line {
 
 #[cfg(test)]
 mod tests {
+    /// A report made in a program meets the rules a parsed line does, in the same words.
+    #[test]
+    fn a_typed_report_is_checked_as_a_line_is() {
+        let report = |step: Option<i64>, values: &[(&str, f64)]| MetricReport {
+            step,
+            values: values.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        };
+        assert_eq!(report(Some(3), &[("loss", 0.5)]).check(), Ok(()));
+        for (r, why) in [
+            (report(Some(-1), &[("loss", 0.5)]), "non-negative"),
+            (report(None, &[("", 0.5)]), "must not be empty"),
+            (report(None, &[("loss", f64::NAN)]), "finite number, got null"),
+            (report(None, &[("loss", f64::INFINITY)]), "finite number, got null"),
+            (report(None, &[("step", 1.0)]), "named step"),
+            (report(Some(1), &[]), "no metric besides step"),
+        ] {
+            let err = r.check().unwrap_err();
+            assert!(err.contains(why), "{r:?}: {err}");
+        }
+        // The parser says the same of the line such a report is written as.
+        let line = serde_json::Value::Object(report(None, &[("loss", f64::NAN)]).to_json()).to_string();
+        assert_eq!(
+            MetricReport::from_json(&line).unwrap_err(),
+            report(None, &[("loss", f64::NAN)]).check().unwrap_err()
+        );
+    }
+
     use super::*;
 
     #[test]

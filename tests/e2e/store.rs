@@ -262,8 +262,7 @@ trial:
     let conn = rusqlite::Connection::open(c.coordinator_dir().join("chorus.db")).unwrap();
     let damaged = conn
         .execute(
-            "UPDATE experiments SET searcher_state = substr(searcher_state, 1, length(searcher_state) - 1) \
-             WHERE id = ?1",
+            "UPDATE searcher_snapshots SET state = substr(state, 1, length(state) - 1) WHERE experiment_id = ?1",
             [id as i64],
         )
         .unwrap();

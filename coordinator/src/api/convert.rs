@@ -147,26 +147,17 @@ fn event(ev: pb::TrialEvent) -> Option<Event> {
 }
 
 /// A metric report: typed, or as JSON text from a worker older than typed reports. A typed
-/// report is held to the same rules as a parsed line (a name, a finite value).
+/// report is held to the same rules as a parsed line.
 fn metric(m: pb::Metric) -> Result<MetricReport, String> {
     if m.values.is_empty() && m.step.is_none() && !m.json.is_empty() {
         return MetricReport::from_json(&m.json);
     }
-    if let Some(s) = m.step.filter(|s| *s < 0) {
-        return Err(format!("step must be a non-negative integer, got {s}"));
-    }
-    for (name, v) in &m.values {
-        if name.is_empty() {
-            return Err("metric names must not be empty".into());
-        }
-        if !v.is_finite() {
-            return Err(format!("metric {name:?} must be a finite number, got {v}"));
-        }
-    }
-    Ok(MetricReport {
+    let report = MetricReport {
         step: m.step,
         values: m.values.into_iter().collect(),
-    })
+    };
+    report.check()?;
+    Ok(report)
 }
 
 pub fn command(c: Command) -> pb::WorkerCommand {

@@ -109,6 +109,16 @@ impl Call {
         }
     }
 
+    /// The calls of one stored journal entry: one call, or several written together (a JSON
+    /// array, in order).
+    pub fn parse_entry(entry: &str) -> serde_json::Result<Vec<Call>> {
+        if entry.trim_start().starts_with('[') {
+            serde_json::from_str(entry)
+        } else {
+            serde_json::from_str(entry).map(|c| vec![c])
+        }
+    }
+
     /// Whether a suggestion's call must be journalled: only one that changed the searcher.
     pub fn suggestion_counts(s: &Suggestion) -> bool {
         !matches!(s, Suggestion::Wait)
@@ -202,10 +212,24 @@ mod tests {
                     }
                 }
             }
+            // Stored as the writer folds them: runs of calls in one entry.
+            let mut stored = Vec::new();
+            let mut rest = &journal[..];
+            while !rest.is_empty() {
+                let n = rng.random_range(1..=4).min(rest.len());
+                let (run, tail) = rest.split_at(n);
+                stored.push(if n == 1 {
+                    run[0].clone()
+                } else {
+                    format!("[{}]", run.join(","))
+                });
+                rest = tail;
+            }
             let mut rebuilt = chorus_search::restore(spec, &first).unwrap();
-            for entry in &journal {
-                let call: Call = serde_json::from_str(entry).unwrap();
-                call.replay(rebuilt.as_mut());
+            for entry in &stored {
+                for call in Call::parse_entry(entry).unwrap() {
+                    call.replay(rebuilt.as_mut());
+                }
             }
             assert_eq!(rebuilt.save(), live.save(), "case {n}: {:?}", spec.spec.searcher.name);
             assert_eq!(rebuilt.suggest(TrialId(next)), live.suggest(TrialId(next)), "case {n}");

@@ -108,9 +108,11 @@ impl Experiment {
                 .and_then(|state| search::restore(&spec, &state))
                 .and_then(|mut searcher| {
                     for (seq, entry) in &saved.journal {
-                        let call: Call = serde_json::from_str(entry)
+                        let calls = Call::parse_entry(entry)
                             .map_err(|e| unreadable(format!("its journal entry {seq} does not parse ({e})")))?;
-                        call.replay(searcher.as_mut());
+                        for call in calls {
+                            call.replay(searcher.as_mut());
+                        }
                     }
                     Ok(searcher)
                 })

@@ -13,7 +13,7 @@
 //! the state back to what the store holds (under the state lock, so nothing new is queued on
 //! the lost changes meanwhile).
 
-use super::{Batch, Store};
+use super::{Batch, SearcherWrite, Store};
 use crate::cluster::CommandSender;
 use crate::error::{CoordError, Result};
 use crate::protocol::Command;
@@ -353,5 +353,85 @@ fn merge(batches: impl Iterator<Item = Batch>) -> Batch {
     }
     out.experiments = experiments.into_values().collect();
     out.trials = trials.into_values().collect();
+    out.searchers = fold_journals(std::mem::take(&mut out.searchers));
     out
+}
+
+/// A group's searcher writes with each experiment's journal entries folded into one row (a
+/// JSON array of calls, keyed by the last one's number): under load, one row per experiment
+/// per commit rather than one per report. A snapshot supersedes the entries before it.
+fn fold_journals(writes: Vec<SearcherWrite>) -> Vec<SearcherWrite> {
+    let mut out = Vec::new();
+    let mut open: BTreeMap<ExperimentId, (u64, Vec<String>)> = BTreeMap::new();
+    for w in writes {
+        match w {
+            SearcherWrite::Journal { experiment, seq, call } => {
+                let entry = open.entry(experiment).or_default();
+                entry.0 = seq;
+                entry.1.push(call);
+            }
+            snapshot @ SearcherWrite::Snapshot { experiment, .. } => {
+                // Its state includes every call journalled before it.
+                open.remove(&experiment);
+                out.push(snapshot);
+            }
+        }
+    }
+    for (experiment, (seq, calls)) in open {
+        let call = if calls.len() == 1 {
+            calls.into_iter().next().expect("one call")
+        } else {
+            format!("[{}]", calls.join(","))
+        };
+        out.push(SearcherWrite::Journal { experiment, seq, call });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn journal(e: u64, seq: u64) -> SearcherWrite {
+        SearcherWrite::Journal {
+            experiment: ExperimentId(e),
+            seq,
+            call: format!("{{\"n\":{seq}}}"),
+        }
+    }
+
+    /// Each experiment's journal entries of a group become one row holding them in order; a
+    /// snapshot drops the entries it includes and keeps its place.
+    #[test]
+    fn journal_entries_fold_per_experiment_and_snapshots_supersede_them() {
+        let snapshot = SearcherWrite::Snapshot {
+            experiment: ExperimentId(2),
+            seq: 5,
+            state: "{}".into(),
+        };
+        let folded = fold_journals(vec![
+            journal(1, 1),
+            journal(2, 4),
+            journal(1, 2),
+            journal(2, 5),
+            snapshot,
+            journal(2, 6),
+            journal(1, 3),
+        ]);
+        let rows: Vec<(u64, u64, String)> = folded
+            .iter()
+            .map(|w| match w {
+                SearcherWrite::Snapshot { experiment, seq, .. } => (experiment.0, *seq, "snapshot".to_string()),
+                SearcherWrite::Journal { experiment, seq, call } => (experiment.0, *seq, call.clone()),
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                (2, 5, "snapshot".to_string()),
+                (1, 3, r#"[{"n":1},{"n":2},{"n":3}]"#.to_string()),
+                (2, 6, r#"{"n":6}"#.to_string()),
+            ]
+        );
+    }
 }

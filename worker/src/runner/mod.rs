@@ -850,23 +850,5 @@ impl Output {
 /// in this process is refused exactly where the same line printed by a trial would be. A value
 /// that is not finite appears in that line as `null`.
 fn protocol_breach(report: &MetricReport) -> Option<String> {
-    if let Some(step) = report.step.filter(|s| *s < 0) {
-        return Some(format!("step must be a non-negative integer, got {step}"));
-    }
-    for (name, value) in &report.values {
-        if name.is_empty() {
-            return Some("metric names must not be empty".into());
-        }
-        if name == "step" {
-            // `to_json` would write it over the step.
-            return Some("a metric must not be named step".into());
-        }
-        if !value.is_finite() {
-            return Some(format!("metric {name:?} must be a finite number, got null"));
-        }
-    }
-    if report.values.is_empty() {
-        return Some("the object holds no metric besides step".into());
-    }
-    None
+    report.check().err()
 }
