@@ -100,17 +100,22 @@ impl Shared {
         *self.stop.borrow()
     }
 
-    /// Whether every report of the budget has been handed out.
-    pub fn budget_spent(&self) -> bool {
-        self.report_budget
-            .is_some_and(|b| self.reports_claimed.load(Ordering::Relaxed) >= b)
-    }
-
-    /// Takes one report from the budget; false once it is spent.
+    /// Takes one report from the budget; false while it is spent.
     fn claim_report(&self) -> bool {
         match self.report_budget {
             None => true,
-            Some(b) => self.reports_claimed.fetch_add(1, Ordering::Relaxed) < b,
+            Some(b) => self
+                .reports_claimed
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| (c < b).then_some(c + 1))
+                .is_ok(),
+        }
+    }
+
+    /// Gives back a report taken from the budget that was never made (its trial was stopped),
+    /// so the run still makes the number of reports it set out to.
+    fn unclaim_report(&self) {
+        if self.report_budget.is_some() {
+            self.reports_claimed.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -406,10 +411,9 @@ impl Worker {
                 let mut step = 0i64;
                 while !gone && !shared.stopped() && !killed.load(Ordering::Relaxed) {
                     if !shared.claim_report() {
-                        // Budget spent: hold the attempt quietly until the run stops.
-                        let mut stop = shared.stop.subscribe();
-                        let _ = stop.wait_for(|s| *s).await;
-                        break;
+                        // Budget spent for now: a report given back may still free one.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
                     }
                     let mut events = Vec::with_capacity(events_per_call as usize + 1);
                     for _ in 0..events_per_call {
@@ -424,12 +428,16 @@ impl Worker {
                         match self.report(trial, attempt, events.clone(), events_per_call).await {
                             Outcome::Done => break,
                             Outcome::Gone => {
+                                shared.unclaim_report();
                                 gone = true;
                                 break;
                             }
                             // The same events again: the coordinator skips sequence numbers it
                             // has applied, as for a worker's resend.
-                            Outcome::Retry if shared.stopped() => break,
+                            Outcome::Retry if shared.stopped() => {
+                                shared.unclaim_report();
+                                break;
+                            }
                             Outcome::Retry => tokio::time::sleep(RETRY_PAUSE).await,
                         }
                     }

@@ -10,6 +10,9 @@ use crate::fleet::Behaviour;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
+/// A run in which no report is accepted for this long has stalled.
+const STALL: Duration = Duration::from_secs(60);
+
 pub struct Growth {
     pub in_flight: u32,
     pub steps: u64,
@@ -55,10 +58,8 @@ pub async fn run(common: &Common, record: &Record, g: &Growth) -> anyhow::Result
             if done != last_change.0 {
                 last_change = (done, Instant::now());
             }
-            // Reports claimed from the budget but refused (their trial was stopped) are never
-            // made: once the budget is spent and nothing moves, the run is over.
-            if bench.shared.budget_spent() && last_change.1.elapsed() > Duration::from_secs(2) {
-                break;
+            if last_change.1.elapsed() > STALL {
+                anyhow::bail!("no report was made for {} s", STALL.as_secs());
             }
             bench.sleep(Duration::from_millis(50)).await?;
         }
