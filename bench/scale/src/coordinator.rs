@@ -206,6 +206,7 @@ pub struct Usage {
     /// CPU time over wall time, in percent of one core (200 is two cores busy).
     pub cpu_pct: f64,
     pub write_bytes: u64,
+    pub write_mib: f64,
     pub peak_rss_mib: f64,
     pub rss_mib: f64,
 }
@@ -213,6 +214,7 @@ pub struct Usage {
 impl Usage {
     pub fn between(a: &ProcSample, b: &ProcSample) -> Usage {
         let seconds = b.at.duration_since(a.at).as_secs_f64();
+        let write_bytes = b.write_bytes.saturating_sub(a.write_bytes);
         Usage {
             seconds,
             cpu_pct: if seconds > 0.0 {
@@ -220,7 +222,8 @@ impl Usage {
             } else {
                 0.0
             },
-            write_bytes: b.write_bytes.saturating_sub(a.write_bytes),
+            write_bytes,
+            write_mib: write_bytes as f64 / (1024.0 * 1024.0),
             peak_rss_mib: b.peak_rss as f64 / (1024.0 * 1024.0),
             rss_mib: b.rss as f64 / (1024.0 * 1024.0),
         }

@@ -19,7 +19,7 @@ const COMMON_TAIL: &[Row] = &[
     row("lapses", "/lapses"),
     row("coordinator CPU %", "/window/coordinator/cpu_pct"),
     row("coordinator peak RSS MiB", "/window/coordinator/peak_rss_mib"),
-    row("coordinator bytes written", "/window/coordinator/write_bytes"),
+    row("coordinator MiB written", "/window/coordinator/write_mib"),
     row("generator CPU %", "/window/generator/cpu_pct"),
 ];
 
@@ -27,6 +27,7 @@ fn rows(scenario: &str) -> Vec<Row> {
     let mut rows = match scenario {
         "idle" => vec![
             row("registration s", "/registration/seconds"),
+            row("Register p99 ms", "/registration/latency/p99_ms"),
             row("heartbeats/s", "/heartbeats_per_s"),
             row("heartbeat p50 ms", "/heartbeat/p50_ms"),
             row("heartbeat p99 ms", "/heartbeat/p99_ms"),
@@ -38,6 +39,7 @@ fn rows(scenario: &str) -> Vec<Row> {
             row("ReportTrial p50 ms", "/report/p50_ms"),
             row("ReportTrial p99 ms", "/report/p99_ms"),
             row("heartbeat p99 ms", "/heartbeat/p99_ms"),
+            row("bytes written/report", "/bytes_per_report"),
         ],
         "growth" => {
             let mut r = vec![

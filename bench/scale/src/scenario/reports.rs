@@ -62,6 +62,10 @@ pub async fn run(common: &Common, record: &Record, r: &Reports) -> anyhow::Resul
     record.set("reports_per_s", reports_per_s);
     record.set("events_per_s", events_per_s);
     record.set("report", w.report);
+    record.set(
+        "bytes_per_report",
+        w.coordinator.write_bytes as f64 / w.counts.reports.max(1) as f64,
+    );
     record.set("heartbeat", w.heartbeat);
     record.set("lapses", w.counts.lapses);
     record.set(
