@@ -7,6 +7,10 @@ use chorus_core::metric::MetricReport;
 use chorus_core::{ExperimentId, TrialId, WorkerId};
 use std::collections::BTreeMap;
 
+/// A change clients may want to see, announced once durable: the experiment, and the trial if
+/// one changed.
+pub type Change = (ExperimentId, Option<TrialId>);
+
 /// One rank of an attempt a worker says it runs (or is told to kill).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RunningAttempt {

@@ -46,7 +46,20 @@ impl WorkerService for WorkerApi {
         let req = req.into_inner();
         let worker = WorkerId(req.worker_id);
         let running: Vec<_> = req.running.iter().map(convert::running).collect();
-        let kill = self.coord.change(|st| st.heartbeat(&worker, &running)).await?;
+        // A renewal that kills nothing reports nothing of other changes: it need not wait for
+        // their commits, so heartbeats stay fast however busy the store is.
+        let (kill, commit) = {
+            let mut st = self.coord.lock();
+            let kill = st.heartbeat(&worker, &running);
+            let commit = match &kill {
+                Ok(k) if k.is_empty() => st.flush_own(),
+                _ => st.flush(),
+            };
+            (kill, commit)
+        };
+        let committed = commit.wait().await;
+        let kill = kill?;
+        committed?;
         Ok(Response::new(pb::HeartbeatResponse {
             kill: kill.into_iter().map(convert::running_to_pb).collect(),
         }))

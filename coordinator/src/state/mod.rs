@@ -64,8 +64,7 @@ impl Default for Timing {
     }
 }
 
-/// A change clients may want to see: the experiment, and the trial if one changed.
-pub type Change = (ExperimentId, Option<TrialId>);
+pub use crate::protocol::Change;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
@@ -176,7 +175,16 @@ impl State {
     /// Hands the store to its writer thread; from now on every flush is committed there.
     pub fn attach(state: &Arc<std::sync::Mutex<State>>, store: Store, events: broadcast::Sender<Change>) {
         let telemetry = state.lock().unwrap_or_else(|p| p.into_inner()).telemetry.clone();
-        let writer = Writer::start(store, Arc::downgrade(state), events, telemetry);
+        let weak = Arc::downgrade(state);
+        let reload = Box::new(move |store: &Store, under_lock: &mut dyn FnMut()| {
+            let Some(state) = weak.upgrade() else {
+                return Ok(());
+            };
+            let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+            under_lock();
+            st.reload(store)
+        });
+        let writer = Writer::start(store, reload, events, telemetry);
         state.lock().unwrap_or_else(|p| p.into_inner()).writer = Some(writer);
     }
 
@@ -310,6 +318,17 @@ impl State {
     /// returned [`Commit`] before it answers; with nothing to write and nothing in flight it
     /// resolves at once.
     pub fn flush(&mut self) -> Commit {
+        self.flush_with(true)
+    }
+
+    /// Flushes a change whose answer says nothing that other changes made (a heartbeat that
+    /// renews a lease and kills nothing): when it touched nothing itself, it does not wait for
+    /// commits of others in flight.
+    pub fn flush_own(&mut self) -> Commit {
+        self.flush_with(false)
+    }
+
+    fn flush_with(&mut self, depends: bool) -> Commit {
         let mut searchers = Vec::new();
         for id in &self.dirty_experiments {
             if let Some(e) = self.experiments.get_mut(id) {
@@ -343,7 +362,7 @@ impl State {
             .collect();
         let changes = std::mem::take(&mut self.changed);
         match &self.writer {
-            Some(w) => w.submit(batch, commands, changes),
+            Some(w) => w.submit(batch, commands, changes, depends),
             None => {
                 debug_assert!(batch.is_empty(), "a state without a writer changed records");
                 Commit::done()

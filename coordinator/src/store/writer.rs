@@ -16,15 +16,15 @@
 use super::{Batch, SearcherWrite, Store};
 use crate::cluster::CommandSender;
 use crate::error::{CoordError, Result};
+use crate::protocol::Change;
 use crate::protocol::Command;
-use crate::state::{Change, State};
 use crate::telemetry::Telemetry;
 use crate::trial::TrialRecord;
 use chorus_core::{ExperimentId, TrialId};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
-use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, oneshot};
 
@@ -52,6 +52,11 @@ enum Job {
     #[cfg(test)]
     Store(Box<dyn FnOnce(&mut Store) + Send>),
 }
+
+/// Puts the records in memory back to what the store holds, after a failed commit. It takes
+/// the state's lock, runs the given step under it (failing what was queued on the lost
+/// changes), then reloads; an error means memory could not be put back.
+pub type Reload = Box<dyn Fn(&Store, &mut dyn FnMut()) -> Result<()> + Send>;
 
 /// The handle the state queues batches on.
 #[derive(Clone)]
@@ -98,20 +103,15 @@ impl Commit {
 }
 
 impl Writer {
-    /// Starts the writer thread on `store`. `state` is where it puts back what the store holds
-    /// after a failed commit.
-    pub fn start(
-        store: Store,
-        state: Weak<Mutex<State>>,
-        events: broadcast::Sender<Change>,
-        telemetry: Arc<Telemetry>,
-    ) -> Writer {
+    /// Starts the writer thread on `store`. `reload` puts the state back to what the store
+    /// holds after a failed commit.
+    pub fn start(store: Store, reload: Reload, events: broadcast::Sender<Change>, telemetry: Arc<Telemetry>) -> Writer {
         let (tx, rx) = std::sync::mpsc::channel();
         let in_flight = Arc::new(AtomicU64::new(0));
         let thread = WriterThread {
             store,
             rx,
-            state,
+            reload,
             events,
             telemetry,
             in_flight: in_flight.clone(),
@@ -124,11 +124,21 @@ impl Writer {
         Writer { tx, in_flight }
     }
 
-    /// Queues a change. With nothing to write, send or announce, and nothing queued before it,
-    /// the answer is immediate; otherwise it comes after the commit that holds the change and
-    /// everything queued before it (so an answer never reports what is not yet durable).
-    pub fn submit(&self, batch: Batch, commands: Vec<(CommandSender, Command)>, changes: Vec<Change>) -> Commit {
-        if batch.is_empty() && commands.is_empty() && changes.is_empty() && self.in_flight.load(Ordering::Acquire) == 0
+    /// Queues a change. Its answer comes after the commit that holds it and everything queued
+    /// before it, so an answer never reports what is not yet durable. A change with nothing to
+    /// write, send or announce is answered at once when nothing is queued, or when its answer
+    /// `depends` on nothing else (a lease renewal that kills nothing).
+    pub fn submit(
+        &self,
+        batch: Batch,
+        commands: Vec<(CommandSender, Command)>,
+        changes: Vec<Change>,
+        depends: bool,
+    ) -> Commit {
+        if batch.is_empty()
+            && commands.is_empty()
+            && changes.is_empty()
+            && (!depends || self.in_flight.load(Ordering::Acquire) == 0)
         {
             return Commit::done();
         }
@@ -181,7 +191,7 @@ impl Writer {
 struct WriterThread {
     store: Store,
     rx: Receiver<Job>,
-    state: Weak<Mutex<State>>,
+    reload: Reload,
     events: broadcast::Sender<Change>,
     telemetry: Arc<Telemetry>,
     in_flight: Arc<AtomicU64>,
@@ -287,26 +297,29 @@ impl WriterThread {
         for p in group {
             self.answer(p.done, Err(told()));
         }
-        let Some(state) = self.state.upgrade() else {
-            return;
-        };
-        // Under the lock nothing new is queued: what is queued now was made on the lost
+        // Under the state's lock nothing new is queued: what is queued now was made on the lost
         // changes, and fails with them.
-        let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
         let mut later = Vec::new();
-        while let Ok(job) = self.rx.try_recv() {
-            match job {
-                Job::Commit(p) => self.answer(p.done, Err(told())),
-                other => later.push(other),
+        let (rx, in_flight) = (&self.rx, &self.in_flight);
+        let mut fail_queued = || {
+            while let Ok(job) = rx.try_recv() {
+                match job {
+                    Job::Commit(p) => {
+                        if let Some(done) = p.done {
+                            let _ = done.send(Err(told()));
+                        }
+                        in_flight.fetch_sub(1, Ordering::AcqRel);
+                    }
+                    other => later.push(other),
+                }
             }
-        }
-        if let Err(read) = st.reload(&self.store) {
+        };
+        if let Err(read) = (self.reload)(&self.store, &mut fail_queued) {
             // Memory now holds changes the store does not: acting on them could lose or
             // repeat work. A restart rebuilds from what was committed.
             tracing::error!(error = %read, "cannot read the store back after a failed commit; exiting");
             std::process::exit(70);
         }
-        drop(st);
         for job in later {
             match job {
                 Job::Commit(_) => unreachable!("failed above"),
