@@ -4,6 +4,8 @@
 //! This crate holds generated code only. Domain types and the conversions between them and
 //! these messages live in `chorus-core`; nothing here knows about experiments beyond their shape.
 
+pub mod codec;
+
 /// Generated `chorus.v1` types, clients and servers.
 pub mod pb {
     #![allow(clippy::all, missing_docs)]
