@@ -28,6 +28,13 @@ pub struct WorkerEntry {
     pub stream: Option<CommandSender>,
 }
 
+impl WorkerEntry {
+    /// Registered, with a command stream open: new work can be sent to it now.
+    pub fn connected(&self) -> bool {
+        self.registered && self.stream.as_ref().is_some_and(|tx| !tx.is_closed())
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Registry {
     pub workers: HashMap<WorkerId, WorkerEntry>,
@@ -114,9 +121,7 @@ impl Registry {
 
     /// Whether new work can be sent to the worker now.
     pub fn connected(&self, id: &WorkerId) -> bool {
-        self.workers
-            .get(id)
-            .is_some_and(|e| e.registered && e.stream.as_ref().is_some_and(|tx| !tx.is_closed()))
+        self.workers.get(id).is_some_and(WorkerEntry::connected)
     }
 }
 

@@ -109,6 +109,12 @@ pub struct State {
     /// heartbeat or a worker listing looks at, instead of every trial.
     live: BTreeSet<TrialId>,
     live_on: BTreeMap<WorkerId, BTreeSet<TrialId>>,
+    /// Registered, undrained workers with a free CPU slot or GPU, most room first (then by
+    /// id, the scheduler's own order): a placement pass offers the first of them, so a
+    /// cluster of thousands of workers costs it little, busy or idle.
+    with_room: BTreeSet<RoomKey>,
+    /// Each worker's key in `with_room`.
+    room_of: BTreeMap<WorkerId, RoomKey>,
     next_experiment: u64,
     next_trial: u64,
     /// Experiments created and not yet written (their row carries the spec).
@@ -151,6 +157,8 @@ impl State {
             open: BTreeSet::new(),
             live: BTreeSet::new(),
             live_on: BTreeMap::new(),
+            with_room: BTreeSet::new(),
+            room_of: BTreeMap::new(),
             next_experiment: 1,
             next_trial: 1,
             created_experiments: BTreeSet::new(),
@@ -269,10 +277,16 @@ impl State {
         }
         self.experiments = experiments;
         self.trials = trials;
+        self.drained = drained;
+        let known: Vec<WorkerId> = self.registry.workers.keys().cloned().collect();
+        self.with_room.clear();
+        self.room_of.clear();
+        for w in &known {
+            self.refresh_room(w);
+        }
         self.counts = counts;
         self.best = best;
         self.open = open;
-        self.drained = drained;
         self.next_experiment = next_experiment;
         self.next_trial = next_trial;
         self.created_experiments.clear();
@@ -457,8 +471,10 @@ impl State {
             return;
         };
         self.live.insert(tid);
-        for w in l.workers() {
-            self.live_on.entry(w).or_default().insert(tid);
+        let workers = l.workers();
+        for w in &workers {
+            self.live_on.entry(w.clone()).or_default().insert(tid);
+            self.refresh_room(w);
         }
     }
 
@@ -473,8 +489,61 @@ impl State {
                     self.live_on.remove(w);
                 }
             }
+            self.refresh_room(w);
         }
     }
+
+    /// What the live attempts on a worker take of it.
+    fn used_on(&self, worker: &WorkerId) -> Resources {
+        let mut used = Resources::default();
+        for tid in self.live_on.get(worker).into_iter().flatten() {
+            let Some(t) = self.trials.get(tid) else { continue };
+            let Some(l) = &t.live else { continue };
+            let r = &self.experiments[&t.experiment].spec.spec.resources;
+            let here = l.ranks.iter().filter(|x| &x.worker == worker).count() as u32;
+            used.cpus += r.cpus * here;
+            used.gpus += r.gpus * here;
+        }
+        used
+    }
+
+    /// Puts a worker in or out of the set of those with room, after its registration, drain
+    /// or live attempts changed.
+    fn refresh_room(&mut self, worker: &WorkerId) {
+        let room = self.registry.workers.get(worker).and_then(|e| {
+            let used = self.used_on(worker);
+            let free = Resources {
+                cpus: e.capacity.cpus.saturating_sub(used.cpus),
+                gpus: e.capacity.gpus.saturating_sub(used.gpus),
+            };
+            (e.registered && !self.drained.contains(worker) && free != Resources::default()).then_some(free)
+        });
+        self.forget_room(worker);
+        if let Some(free) = room {
+            let key = RoomKey {
+                gpus: std::cmp::Reverse(free.gpus),
+                cpus: std::cmp::Reverse(free.cpus),
+                worker: worker.clone(),
+            };
+            self.with_room.insert(key.clone());
+            self.room_of.insert(worker.clone(), key);
+        }
+    }
+
+    /// Takes a worker out of the set of those with room.
+    fn forget_room(&mut self, worker: &WorkerId) {
+        if let Some(key) = self.room_of.remove(worker) {
+            self.with_room.remove(&key);
+        }
+    }
+}
+
+/// A worker's place among those with room: most free GPUs, then most free CPU slots, then id.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct RoomKey {
+    gpus: std::cmp::Reverse<u32>,
+    cpus: std::cmp::Reverse<u32>,
+    worker: WorkerId,
 }
 
 /// A spec error on one line, for a message.

@@ -4,6 +4,10 @@ use super::*;
 use crate::protocol::Assignment;
 use crate::scheduler::{self, PendingTrial, Quotas, WorkerView};
 
+/// Workers offered to a placement pass beyond the ranks pending, so that the spread of trials
+/// over the most room is the scheduler's choice, not a cut.
+const OFFER_SPARE: usize = 16;
+
 impl State {
     /// Runs the scheduler over connected workers and pending trials and applies its placements.
     pub(super) fn place(&mut self) {
@@ -11,21 +15,7 @@ impl State {
         if !std::mem::take(&mut self.placement_due) {
             return;
         }
-        let mut used: BTreeMap<WorkerId, Resources> = BTreeMap::new();
-        let mut running: BTreeMap<ExperimentId, u32> = BTreeMap::new();
         let mut pending = Vec::new();
-        for tid in &self.live {
-            let t = &self.trials[tid];
-            let r = &self.experiments[&t.experiment].spec.spec.resources;
-            if let Some(l) = &t.live {
-                for rank in &l.ranks {
-                    let u = used.entry(rank.worker.clone()).or_default();
-                    u.cpus += r.cpus;
-                    u.gpus += r.gpus;
-                }
-                *running.entry(t.experiment).or_default() += 1;
-            }
-        }
         for tid in &self.open {
             let t = &self.trials[tid];
             let exp = &self.experiments[&t.experiment];
@@ -47,37 +37,30 @@ impl State {
         if pending.is_empty() {
             return;
         }
-        let mut workers: Vec<WorkerView> = self
-            .registry
-            .workers
-            .values()
-            .filter(|w| self.registry.connected(&w.id) && !self.drained.contains(&w.id))
-            .map(|w| {
-                let u = used.get(&w.id).copied().unwrap_or_default();
-                WorkerView {
-                    id: w.id.clone(),
-                    labels: w.labels.clone(),
-                    free: Resources {
-                        cpus: w.capacity.cpus.saturating_sub(u.cpus),
-                        gpus: w.capacity.gpus.saturating_sub(u.gpus),
-                    },
-                }
-            })
-            .collect();
-        workers.sort_by(|a, b| a.id.cmp(&b.id));
+        // A trial runs exactly while it is in the running state with a live attempt.
         let quotas: Quotas = self
             .experiments
             .iter()
             .filter(|(_, e)| e.state == ExperimentState::Active)
             .map(|(id, e)| {
+                let running = self.counts.get(id).map_or(0, |c| c.running);
                 (
                     *id,
-                    e.parallel_trials.saturating_sub(running.get(id).copied().unwrap_or(0)),
+                    e.parallel_trials.saturating_sub(running.min(u32::MAX as u64) as u32),
                 )
             })
             .collect();
+        // Workers with room, most room first: the first few suffice for what is pending (the
+        // scheduler spreads trials onto the most room), so a pass over a cluster of thousands
+        // of idle workers copies a handful. Only when that leaves a trial unplaced (a label or a
+        // GPU it needs lies further down) is every worker with room offered.
+        let wanted: usize = pending.iter().map(|p| p.ranks as usize).sum::<usize>() + OFFER_SPARE;
+        let mut placements = scheduler::schedule(&self.room_view(Some(wanted)), &pending, &quotas);
+        if placements.len() < pending.len() && self.with_room.len() > wanted {
+            placements = scheduler::schedule(&self.room_view(None), &pending, &quotas);
+        }
         let now = self.clock.now_ms();
-        for pl in scheduler::schedule(&workers, &pending, &quotas) {
+        for pl in placements {
             let t = self.trials.get_mut(&pl.trial).expect("pending trial exists");
             t.attempt += 1;
             let live = Live::new(pl.workers.clone(), now);
@@ -98,6 +81,29 @@ impl State {
             self.set_trial_state(pl.trial, TrialState::Running);
             self.telemetry.attempts_placed.inc();
         }
+    }
+
+    /// Connected workers with room and what is free on each, in the scheduler's order (id),
+    /// the `limit` with most room (or all).
+    fn room_view(&self, limit: Option<usize>) -> Vec<WorkerView> {
+        let mut out: Vec<WorkerView> = self
+            .with_room
+            .iter()
+            .filter_map(|key| {
+                let w = self.registry.workers.get(&key.worker).filter(|w| w.connected())?;
+                Some(WorkerView {
+                    id: key.worker.clone(),
+                    labels: w.labels.clone(),
+                    free: Resources {
+                        cpus: key.cpus.0,
+                        gpus: key.gpus.0,
+                    },
+                })
+            })
+            .take(limit.unwrap_or(usize::MAX))
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
     }
 
     /// The assignment for one rank of a trial's live attempt.

@@ -12,6 +12,9 @@ impl State {
         let now_ms = self.clock.now_ms();
         let ttl = self.timing.lease_ttl;
         let lapsed = self.registry.expire(now, ttl);
+        for w in &lapsed {
+            self.forget_room(w);
+        }
         let mut lost: Vec<(TrialId, String)> = Vec::new();
         let mut unstarted: Vec<TrialId> = Vec::new();
         for tid in &self.live {

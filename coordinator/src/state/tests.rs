@@ -1046,3 +1046,63 @@ fn the_cluster_id_is_made_once_and_kept() {
     drop(st);
     assert_eq!(open(dir.path(), 10_000).lock().cluster_id(), migrated);
 }
+
+/// A placement pass offers the workers with the most room first, and every worker with room
+/// when that leaves a trial unplaced: a trial that needs a label only one worker of many idle
+/// ones carries still finds it, and single-rank trials spread over the most room.
+#[test]
+fn placement_finds_a_labelled_worker_among_many_idle_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(dir.path(), 10_000);
+    let mut st = h.lock();
+    let mut streams = Vec::new();
+    for i in 0..60 {
+        let id = format!("w{i:02}");
+        // The labelled worker has the least room, so it sorts last.
+        let (cpus, labels) = if i == 59 {
+            (1, [("zone".to_string(), "b".to_string())].into())
+        } else {
+            (4, Default::default())
+        };
+        st.register_pb(pb::RegisterRequest {
+            worker_id: id.clone(),
+            capacity: Some(pb::Resources { cpus, gpus: 0 }),
+            labels,
+            ..Default::default()
+        })
+        .unwrap();
+        let (tx, rx) = unbounded_channel();
+        st.open_stream(&WorkerId(id), tx).unwrap();
+        streams.push(rx);
+    }
+    st.commit().unwrap();
+    let exp = st.reserve_experiment_id();
+    st.add_experiment(
+        exp,
+        grid_spec("resources: {cpus: 1, labels: {zone: b}}\nmax_trials: 1\n"),
+        "memory://t".into(),
+    );
+    st.commit().unwrap();
+    assert_eq!(
+        assignments(&mut streams[59]).len(),
+        1,
+        "the one labelled worker takes it"
+    );
+    for rx in &mut streams[..59] {
+        assert!(assignments(rx).is_empty());
+    }
+    // Two single-rank trials land on two different workers: the most room, spread.
+    let other = st.reserve_experiment_id();
+    st.add_experiment(other, grid_spec("max_trials: 2\n"), "memory://t".into());
+    st.commit().unwrap();
+    let placed: Vec<usize> = streams
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(i, rx)| (!assignments(rx).is_empty()).then_some(i))
+        .collect();
+    assert_eq!(placed.len(), 2, "{placed:?}");
+    assert!(
+        !placed.contains(&59),
+        "not on the worker with the least room: {placed:?}"
+    );
+}

@@ -35,6 +35,7 @@ impl State {
         if changed {
             self.drained_dirty = true;
             self.placement_due = true;
+            self.refresh_room(id);
             tracing::info!(worker = %id, drained = !undo, "worker drain changed");
             self.pump();
         }
@@ -54,6 +55,7 @@ impl State {
             self.clock.now(),
             self.clock.now_ms(),
         );
+        self.refresh_room(&r.worker);
         let kill = self.claim(&r.worker, &r.running, true);
         self.placement_due = true;
         self.pump();
