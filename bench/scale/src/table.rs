@@ -43,6 +43,7 @@ fn rows(scenario: &str) -> Vec<Row> {
         ],
         "growth" => {
             let mut r = vec![
+                row("reports made", "/reports_made"),
                 row("reports/s (whole run)", "/reports_per_s"),
                 row("trials stopped", "/trials_stopped"),
             ];
@@ -53,6 +54,7 @@ fn rows(scenario: &str) -> Vec<Row> {
         }
         "queries" => vec![
             row("fill: trials/s", "/fill/trials_per_s"),
+            row("fill: trials ended", "/fill_progress/trials_ended"),
             row("fill: heartbeat p99 ms", "/fill/heartbeat/p99_ms"),
             row("ListWorkers p50 ms", "/list_workers/latency/p50_ms"),
             row("ListWorkers max ms", "/list_workers/latency/max_ms"),
