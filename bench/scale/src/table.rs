@@ -17,6 +17,7 @@ const fn row(title: &'static str, pointer: &'static str) -> Row {
 
 const COMMON_TAIL: &[Row] = &[
     row("lapses", "/lapses"),
+    row("heartbeat errors (not lapses)", "/window/counts/heartbeat_errors"),
     row("coordinator CPU %", "/window/coordinator/cpu_pct"),
     row("coordinator peak RSS MiB", "/window/coordinator/peak_rss_mib"),
     row("coordinator MiB written", "/window/coordinator/write_mib"),
@@ -56,6 +57,8 @@ fn rows(scenario: &str) -> Vec<Row> {
             row("fill: trials/s", "/fill/trials_per_s"),
             row("fill: trials ended", "/fill_progress/trials_ended"),
             row("fill: heartbeat p99 ms", "/fill/heartbeat/p99_ms"),
+            row("fill: lapses", "/fill/lapses"),
+            row("fill: heartbeat errors", "/fill/window/counts/heartbeat_errors"),
             row("ListWorkers p50 ms", "/list_workers/latency/p50_ms"),
             row("ListWorkers max ms", "/list_workers/latency/max_ms"),
             row("ListTrials (all pages) p50 ms", "/list_trials/latency/p50_ms"),
