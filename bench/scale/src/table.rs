@@ -17,6 +17,7 @@ const fn row(title: &'static str, pointer: &'static str) -> Row {
 
 const COMMON_TAIL: &[Row] = &[
     row("lapses", "/lapses"),
+    row("heartbeat errors (not lapses)", "/window/counts/heartbeat_errors"),
     row("coordinator CPU %", "/window/coordinator/cpu_pct"),
     row("coordinator peak RSS MiB", "/window/coordinator/peak_rss_mib"),
     row("coordinator MiB written", "/window/coordinator/write_mib"),
@@ -43,6 +44,7 @@ fn rows(scenario: &str) -> Vec<Row> {
         ],
         "growth" => {
             let mut r = vec![
+                row("reports made", "/reports_made"),
                 row("reports/s (whole run)", "/reports_per_s"),
                 row("trials stopped", "/trials_stopped"),
             ];
@@ -53,7 +55,10 @@ fn rows(scenario: &str) -> Vec<Row> {
         }
         "queries" => vec![
             row("fill: trials/s", "/fill/trials_per_s"),
+            row("fill: trials ended", "/fill_progress/trials_ended"),
             row("fill: heartbeat p99 ms", "/fill/heartbeat/p99_ms"),
+            row("fill: lapses", "/fill/lapses"),
+            row("fill: heartbeat errors", "/fill/window/counts/heartbeat_errors"),
             row("ListWorkers p50 ms", "/list_workers/latency/p50_ms"),
             row("ListWorkers max ms", "/list_workers/latency/max_ms"),
             row("ListTrials (all pages) p50 ms", "/list_trials/latency/p50_ms"),

@@ -46,6 +46,7 @@ pub async fn run(common: &Common, record: &Record, g: &Growth) -> anyhow::Result
     let mut out = Vec::new();
     let mut prev = bench.coord.sample()?;
     let mut prev_counts = stats.counts();
+    let start_counts = prev_counts;
     stats.report.take();
     let mut last_change = (prev_counts.metric_events, Instant::now());
     for k in 1..=slices {
@@ -93,6 +94,11 @@ pub async fn run(common: &Common, record: &Record, g: &Growth) -> anyhow::Result
         );
         out.push(slice);
         record.set("slices", &out);
+        // Kept current so that a run stopped by its time limit still says how far it got.
+        let so_far = counts.since(&start_counts);
+        record.set("reports_made", so_far.metric_events);
+        record.set("trials_stopped", so_far.kills);
+        record.set("lapses", so_far.lapses);
         prev = now;
         prev_counts = counts;
     }

@@ -50,9 +50,13 @@ pub async fn run(common: &Common, record: &Record, q: &Queries) -> anyhow::Resul
             .context("DescribeExperiment answered no experiment")?;
         let c = e.counts.unwrap_or_default();
         let ended = c.completed + c.failed + c.killed;
-        record.set("trials_ended", ended);
+        let secs = started.elapsed().as_secs_f64();
+        // Kept current so that a run stopped by its time limit still says how far it got.
+        record.set(
+            "fill_progress",
+            json!({"trials_ended": ended, "seconds": secs, "trials_per_s": ended as f64 / secs}),
+        );
         if last_print.elapsed() > Duration::from_secs(15) {
-            let secs = started.elapsed().as_secs_f64();
             eprintln!(
                 "  {ended} of {} trials ended after {secs:.0} s ({:.0}/s)",
                 q.trials,
