@@ -250,7 +250,13 @@ pub async fn run(
         Arc::new(tokio::task::spawn_blocking(move || Coordinator::open(&opts)).await??)
     };
     // Attempts found live at start get one lease to be claimed; schedule what can run.
-    if let Err(e) = coord.change(|st| Ok(st.pump())).await {
+    if let Err(e) = coord
+        .change(|st| {
+            st.pump();
+            Ok(())
+        })
+        .await
+    {
         // Serve anyway: reads work, and the reconcile loop retries until the disk has room.
         tracing::error!(error = %e, "cannot record the start-up pass");
     }
@@ -263,7 +269,12 @@ pub async fn run(
             loop {
                 tick.tick().await;
                 // A failure is logged by the store's writer and the pass retried next tick.
-                let _ = coord.change(|st| Ok(st.reconcile())).await;
+                let _ = coord
+                    .change(|st| {
+                        st.reconcile();
+                        Ok(())
+                    })
+                    .await;
             }
         })
     };
