@@ -14,6 +14,8 @@
 # Sizes (space-separated lists run one case per entry):
 #   CHORUS_SCALE_IDLE       workers of the idle case             (default "1000 5000 10000")
 #   CHORUS_SCALE_REPORTS    in-flight trials of the reports case (default "1000")
+#   CHORUS_SCALE_EVENTS     metric events per ReportTrial call in the reports case (default "1";
+#                           a list runs one case per entry; workers batch what they have)
 #   CHORUS_SCALE_GROWTH     TRIALSxSTEPS of the growth case      (default "200x500")
 #   CHORUS_SCALE_QUERIES    WORKERSxTRIALS of the queries case   (default "5000x100000")
 #   CHORUS_SCALE_QUICK=1    small sizes everywhere, short windows (a sanity run of a few minutes)
@@ -128,7 +130,13 @@ cases=()
 for s in $SCENARIOS; do
     case $s in
     idle) for n in $IDLE; do cases+=("idle --workers $n"); done ;;
-    reports) for t in $REPORTS; do cases+=("reports --workers $((t * 2)) --in-flight $t"); done ;;
+    reports)
+        for t in $REPORTS; do
+            for e in ${CHORUS_SCALE_EVENTS:-1}; do
+                cases+=("reports --workers $((t * 2)) --in-flight $t --events-per-call $e")
+            done
+        done
+        ;;
     growth) for g in $GROWTH; do cases+=("growth --in-flight ${g%x*} --steps ${g#*x}"); done ;;
     queries) for q in $QUERIES; do cases+=("queries --workers ${q%x*} --trials ${q#*x}"); done ;;
     *) echo "unknown scenario $s" >&2; exit 2 ;;
