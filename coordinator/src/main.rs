@@ -79,7 +79,7 @@ async fn main() -> anyhow::Result<()> {
     } else {
         builder.init();
     }
-    let listener = tokio::net::TcpListener::bind(&args.listen)
+    let listener = listen(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let mut opts = Options::new(args.data_dir);
@@ -116,4 +116,31 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = term.recv() => {}
     }
+}
+
+/// Connections the kernel queues before they are accepted. A fleet of thousands of workers
+/// connects at once (a coordinator restart, a cluster coming up); with the default of 1,024 the
+/// queue overflows and every refused worker waits out a one-second SYN retry.
+const ACCEPT_BACKLOG: u32 = 8192;
+
+/// Listens on the first address `addr` resolves to that can be bound, with a deep accept queue
+/// (the kernel caps it at `net.core.somaxconn`).
+async fn listen(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As the standard library's listener does: a restarted coordinator can bind its port
+        // while the old connections linger in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(ACCEPT_BACKLOG)) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last
+        .unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{addr} names no address"))))
 }
