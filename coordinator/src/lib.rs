@@ -88,7 +88,7 @@ impl Options {
 }
 
 /// Shared by every handler and the reconcile loop.
-pub struct Coordinator {
+pub(crate) struct Coordinator {
     state: Arc<Mutex<State>>,
     /// Changes, announced once durable.
     events: broadcast::Sender<Change>,

@@ -67,10 +67,6 @@ impl Live {
         self.ranks.iter().all(|r| r.started)
     }
 
-    pub fn on(&self, worker: &WorkerId) -> bool {
-        self.ranks.iter().any(|r| &r.worker == worker)
-    }
-
     /// The workers holding ranks, each once, in rank order.
     pub fn workers(&self) -> Vec<WorkerId> {
         let mut out: Vec<WorkerId> = Vec::new();

@@ -118,11 +118,6 @@ impl Registry {
             .filter(|tx| !tx.is_closed())
             .cloned()
     }
-
-    /// Whether new work can be sent to the worker now.
-    pub fn connected(&self, id: &WorkerId) -> bool {
-        self.workers.get(id).is_some_and(WorkerEntry::connected)
-    }
 }
 
 #[cfg(test)]

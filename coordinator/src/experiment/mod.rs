@@ -286,11 +286,6 @@ impl Experiment {
         std::mem::take(&mut self.log.writes)
     }
 
-    /// The searcher's state as it would be saved now.
-    pub fn searcher_state(&self) -> serde_json::Value {
-        self.searcher.save()
-    }
-
     pub fn metric(&self) -> &str {
         &self.spec.metric().name
     }

@@ -39,7 +39,6 @@ use chorus_core::convert::{ExperimentState, TrialState};
 use chorus_core::{ExperimentId, TrialId, WorkerId};
 use chorus_search::{SearchAction, SearchEvent, Suggestion};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast;
@@ -138,7 +137,6 @@ pub struct State {
     /// The store's writer; absent until [`State::attach`] (a state being loaded writes nothing).
     writer: Option<Writer>,
     cluster_id: String,
-    store_path: PathBuf,
 }
 
 impl State {
@@ -174,7 +172,6 @@ impl State {
             placement_due: true,
             writer: None,
             cluster_id: store.cluster_id().to_string(),
-            store_path: store.path().to_path_buf(),
         };
         st.reload(store)?;
         Ok(st)
@@ -199,11 +196,6 @@ impl State {
     /// This coordinator's cluster id (kept in its store).
     pub fn cluster_id(&self) -> &str {
         &self.cluster_id
-    }
-
-    /// The database file of the store.
-    pub fn store_path(&self) -> &std::path::Path {
-        &self.store_path
     }
 
     /// Replaces every record held in memory with what the store holds: at start, and after a

@@ -13,7 +13,6 @@ pub struct WorkerSummary {
     pub address: String,
     pub last_seen_ms: i64,
     pub registered: bool,
-    pub connected: bool,
     pub drained: bool,
     pub running: Vec<RunningAttempt>,
 }
@@ -201,7 +200,6 @@ impl State {
                     address: w.address.clone(),
                     last_seen_ms: w.last_seen_ms,
                     registered: w.registered,
-                    connected: self.registry.connected(&w.id),
                     drained: self.drained.contains(&w.id),
                     running,
                 }

@@ -88,7 +88,8 @@ impl Commit {
         }
     }
 
-    /// Waits on a thread that is not an async runtime's (start-up, tests).
+    /// Waits on a thread that is not an async runtime's.
+    #[cfg(test)]
     pub fn wait_blocking(self) -> Result<()> {
         match self.0 {
             None => Ok(()),
