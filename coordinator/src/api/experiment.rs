@@ -256,10 +256,7 @@ impl ExperimentService for ExperimentApi {
         let tid = TrialId(req.trial_id);
         let (exp, uri) = {
             let st = self.coord.lock();
-            let t = st
-                .trials
-                .get(&tid)
-                .ok_or_else(|| Status::not_found(format!("trial {tid} does not exist")))?;
+            let t = st.trial(tid)?;
             let exp = st.experiment(t.experiment)?;
             let ranks = exp.spec.spec.resources.workers.max();
             if req.rank >= ranks {
@@ -334,10 +331,7 @@ impl ExperimentService for ExperimentApi {
         let query = history::Query::new(req.metrics, req.min_step, req.max_step, req.page_size, &req.after)?;
         let (exp, uri) = {
             let st = self.coord.lock();
-            let t = st
-                .trials
-                .get(&tid)
-                .ok_or_else(|| Status::not_found(format!("trial {tid} does not exist")))?;
+            let t = st.trial(tid)?;
             (t.experiment, st.experiment(t.experiment)?.storage.clone())
         };
         let storage = self.coord.storage(&uri).await?;

@@ -271,8 +271,6 @@ impl Experiment {
             let state = self.searcher.save().to_string();
             self.log.snapshot_bytes = state.len();
             self.log.since_snapshot = 0;
-            // The entries this snapshot includes need not be written at all.
-            self.log.writes.retain(|w| matches!(w, SearcherWrite::Snapshot { .. }));
             self.log.writes.push(SearcherWrite::Snapshot {
                 experiment: self.id,
                 seq: self.log.seq,

@@ -15,6 +15,12 @@ impl State {
         id
     }
 
+    pub fn trial(&self, id: TrialId) -> Result<&TrialRecord> {
+        self.trials
+            .get(&id)
+            .ok_or_else(|| CoordError::NotFound(format!("trial {id} does not exist")))
+    }
+
     pub fn experiment(&self, id: ExperimentId) -> Result<&Experiment> {
         self.experiments
             .get(&id)

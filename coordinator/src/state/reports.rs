@@ -10,10 +10,7 @@ impl State {
     pub fn report(&mut self, req: Report) -> Result<()> {
         let tid = req.trial;
         let worker = req.worker.clone();
-        let t = self
-            .trials
-            .get(&tid)
-            .ok_or_else(|| CoordError::NotFound(format!("trial {tid} does not exist")))?;
+        let t = self.trial(tid)?;
         let live_here = t
             .live
             .as_ref()

@@ -807,9 +807,10 @@ impl Output {
             self.log(line);
             return;
         }
-        match protocol_breach(&report) {
-            None => self.metric(report, line.len() + 1),
-            Some(error) => self.malformed(&line, error),
+        // Held to the rules the same line printed by a trial meets, in the parser's words.
+        match report.check() {
+            Ok(()) => self.metric(report, line.len() + 1),
+            Err(error) => self.malformed(&line, error),
         }
         self.log(line);
     }
@@ -843,12 +844,4 @@ impl Output {
             );
         }
     }
-}
-
-/// Why a typed report breaks the metric protocol, if it does: the rules of
-/// `MetricReport::from_json` for the line the report is logged as, in its words, so a report made
-/// in this process is refused exactly where the same line printed by a trial would be. A value
-/// that is not finite appears in that line as `null`.
-fn protocol_breach(report: &MetricReport) -> Option<String> {
-    report.check().err()
 }

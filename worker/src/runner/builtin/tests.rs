@@ -294,7 +294,7 @@ fn protocol_breaches_of_typed_reports() {
         step,
         values: values.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
     };
-    assert_eq!(crate::runner::protocol_breach(&r(Some(0), &[("loss", 0.5)])), None);
+    assert_eq!(r(Some(0), &[("loss", 0.5)]).check().err(), None);
     for (report, why) in [
         (
             r(Some(-1), &[("loss", 0.5)]),
@@ -308,11 +308,7 @@ fn protocol_breaches_of_typed_reports() {
             r#"metric "b" must be a finite number, got null"#,
         ),
     ] {
-        assert_eq!(
-            crate::runner::protocol_breach(&report).as_deref(),
-            Some(why),
-            "{report:?}"
-        );
+        assert_eq!(report.check().err().as_deref(), Some(why), "{report:?}");
         // The line it is logged as is malformed too, for the same reason where the parser can
         // see it (a `step` metric reads as the step itself).
         if why != "a metric must not be named step" {
