@@ -78,6 +78,8 @@ async fn start(
     cmd.arg("-c")
         .arg(script)
         .env("PIDS", pids_file)
+        .env("GO", pids_file.with_extension("go"))
+        .env("SCRUBBER", pids_file.with_extension("scrubber"))
         .stdin(std::process::Stdio::null())
         .process_group(0)
         .kill_on_drop(true);
@@ -116,14 +118,46 @@ async fn assert_all_dead(pids: &[i32]) {
 
 /// A tree that leaves the process group and the session in every way a shell can: a
 /// background child, a `setsid` grandchild, a double-forked daemon whose parent is gone,
-/// and one of those that also scrubs its environment.
+/// and one of those that also scrubs its environment once `$GO` exists (see [`scrub`]).
 const ESCAPING_TREE: &str = r#"
     sleep 1000 & echo $! >> "$PIDS"
     setsid sh -c 'echo $$ >> "$PIDS"; exec sleep 1000' &
     sh -c 'setsid sh -c "echo \$\$ >> \"$PIDS\"; exec sleep 1000" &' &
-    sh -c 'setsid sh -c "echo \$\$ >> \"$PIDS\"; sleep 0.6; exec env -i sleep 1000" &' &
+    sh -c 'setsid sh -c "echo \$\$ > \"$SCRUBBER\"; echo \$\$ >> \"$PIDS\"; while [ ! -e \"$GO\" ]; do sleep 0.02; done; exec env -i sleep 1000" &' &
     wait
 "#;
+
+/// Lets the scrubbing process of [`ESCAPING_TREE`] scrub its environment, and waits until it has.
+/// In process-tracking mode, only once the tracker has listed every process: an orphan that
+/// scrubs its environment before the tracker first sees it cannot be attributed (the module
+/// docs say so), and on a loaded machine no fixed sleep guarantees a tick.
+async fn scrub(e: &Enclosure, pids_file: &Path, pids: &[i32]) {
+    let t = Instant::now();
+    if e.cgroup.is_none() {
+        loop {
+            let listed: Vec<i32> = {
+                let r = e.record.lock().unwrap();
+                r.processes.iter().map(|p| p.pid).collect()
+            };
+            if pids.iter().all(|p| listed.contains(p)) {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "listed {listed:?} of {pids:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    std::fs::write(pids_file.with_extension("go"), b"").unwrap();
+    let last: i32 = std::fs::read_to_string(pids_file.with_extension("scrubber"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let needle = token_entry(&e.token);
+    while procfs::environ_has(last, &needle) {
+        assert!(t.elapsed() < Duration::from_secs(30), "{last} never scrubbed its environment");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 
 async fn kills_the_whole_tree(mode: ContainmentMode) {
     let data = unique_dir();
@@ -131,8 +165,7 @@ async fn kills_the_whole_tree(mode: ContainmentMode) {
     let mut e = c.enclose(1, 1, 0).await.unwrap();
     let pids_file = data.path().join("pids");
     let (mut child, pids) = start(&mut e, ESCAPING_TREE, &pids_file, 4).await;
-    // Long enough for the tracker to list the last one before it scrubs its environment.
-    tokio::time::sleep(TRACK_EVERY * 4).await;
+    scrub(&e, &pids_file, &pids).await;
     assert!(pids.iter().all(|p| alive(*p)), "{pids:?}");
     // The polite stop ends the shell; everything it detached is left to `kill_all`.
     e.terminate();
@@ -172,7 +205,8 @@ async fn leftovers_are_killed_on_the_next_start(mode: ContainmentMode) {
     let mut e = c.enclose(7, 2, 0).await.unwrap();
     let pids_file = data.path().join("pids");
     let (mut child, pids) = start(&mut e, ESCAPING_TREE, &pids_file, 4).await;
-    tokio::time::sleep(TRACK_EVERY * 4).await;
+    // The tracker writes the record to disk under the lock `scrub` reads it by.
+    scrub(&e, &pids_file, &pids).await;
     // As if the worker were SIGKILLed: nothing runs its cleanup, and the first process goes
     // as its parent-death signal would take it.
     if let Some(t) = e.tracker.take() {
