@@ -1,0 +1,154 @@
+//! Online backup of the store: a consistent copy of the database taken while a coordinator
+//! serves on it, through SQLite's backup API.
+//!
+//! The copy is read in one step inside one read transaction, so it is a single point in time
+//! (WAL readers never block the coordinator's writer, and the writer never restarts the copy).
+//! It does not take the data directory's lock: it only reads. The copy is written beside its
+//! destination under a temporary name, made self-contained (no write-ahead log), checked with
+//! `PRAGMA integrity_check`, synced, and only then renamed into place, so `DEST` is either the
+//! previous file or a whole, checked copy.
+
+use super::DB_FILE;
+use rusqlite::{Connection, OpenFlags};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("no coordinator store at {0}")]
+    Missing(PathBuf),
+    #[error("backup of {src} to {dest}: {what}: {source}")]
+    Sqlite {
+        src: PathBuf,
+        dest: PathBuf,
+        what: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("backup of {src} to {dest}: {what}: {source}")]
+    Io {
+        src: PathBuf,
+        dest: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("backup of {src} to {dest}: the copy failed its integrity check: {report}")]
+    Corrupt {
+        src: PathBuf,
+        dest: PathBuf,
+        report: String,
+    },
+}
+
+/// What a backup copied.
+#[derive(Debug, Clone)]
+pub struct BackupReport {
+    pub source: PathBuf,
+    pub dest: PathBuf,
+    pub bytes: u64,
+    pub experiments: u64,
+    pub trials: u64,
+}
+
+/// Copies the store of `data_dir` to `dest` (a file path).
+pub fn backup(data_dir: &Path, dest: &Path) -> Result<BackupReport, BackupError> {
+    let src = data_dir.join(DB_FILE);
+    if !src.is_file() {
+        return Err(BackupError::Missing(src));
+    }
+    let sq = |what: &'static str| {
+        let (src, dest) = (src.clone(), dest.to_path_buf());
+        move |source| BackupError::Sqlite {
+            src,
+            dest,
+            what,
+            source,
+        }
+    };
+    let io = |what: &'static str| {
+        let (src, dest) = (src.clone(), dest.to_path_buf());
+        move |source| BackupError::Io {
+            src,
+            dest,
+            what,
+            source,
+        }
+    };
+    let from = Connection::open_with_flags(&src, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(sq("open the store read-only"))?;
+    from.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(sq("open the store read-only"))?;
+
+    let dir = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = dest.file_name().ok_or_else(|| BackupError::Io {
+        src: src.clone(),
+        dest: dest.to_path_buf(),
+        what: "name the destination",
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "DEST must name a file"),
+    })?;
+    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let copied = (|| {
+        let mut to = Connection::open(&tmp).map_err(sq("create the copy"))?;
+        {
+            let b = rusqlite::backup::Backup::new(&from, &mut to).map_err(sq("start the copy"))?;
+            // Every page in one step: one read transaction, one point in time.
+            b.run_to_completion(-1, std::time::Duration::ZERO, None)
+                .map_err(sq("copy the store"))?;
+        }
+        // One self-contained file: a restore copies it alone.
+        let _: String = to
+            .query_row("PRAGMA journal_mode = DELETE", [], |r| r.get(0))
+            .map_err(sq("finish the copy"))?;
+        let report: Vec<String> = {
+            let mut stmt = to.prepare("PRAGMA integrity_check").map_err(sq("check the copy"))?;
+            stmt.query_map([], |r| r.get(0))
+                .and_then(|rows| rows.collect())
+                .map_err(sq("check the copy"))?
+        };
+        if report != ["ok"] {
+            return Err(BackupError::Corrupt {
+                src: src.clone(),
+                dest: dest.to_path_buf(),
+                report: report.join("; "),
+            });
+        }
+        let count = |table: &str| -> Result<u64, BackupError> {
+            to.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get::<_, i64>(0))
+                .map(|n| n as u64)
+                .map_err(sq("count the copy"))
+        };
+        let (experiments, trials) = (count("experiments")?, count("trials")?);
+        drop(to);
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io("sync the copy"))?;
+        Ok((experiments, trials))
+    })();
+    let (experiments, trials) = match copied {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    if let Err(e) = std::fs::rename(&tmp, dest) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io("move the copy into place")(e));
+    }
+    // The rename is durable once the directory is.
+    std::fs::File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("sync the destination directory"))?;
+    let bytes = std::fs::metadata(dest).map_err(io("read the copy"))?.len();
+    Ok(BackupReport {
+        source: src,
+        dest: dest.to_path_buf(),
+        bytes,
+        experiments,
+        trials,
+    })
+}
