@@ -313,10 +313,18 @@ fn data_dir_creatable(dir: &Path) -> anyhow::Result<()> {
                 dir.display(),
                 p.display()
             ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match p.parent() {
-                Some(parent) => p = parent.to_path_buf(),
-                None => anyhow::bail!("data directory {}: no existing ancestor", dir.display()),
-            },
+            // A missing directory, or one under a file (ENOTDIR): its parent says which.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                match p.parent() {
+                    Some(parent) => p = parent.to_path_buf(),
+                    None => anyhow::bail!("data directory {}: no existing ancestor", dir.display()),
+                }
+            }
             Err(e) => anyhow::bail!("data directory {}: {e}", dir.display()),
         }
     }

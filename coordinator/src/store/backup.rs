@@ -95,9 +95,24 @@ pub fn backup(data_dir: &Path, dest: &Path) -> Result<BackupReport, BackupError>
         let mut to = Connection::open(&tmp).map_err(sq("create the copy"))?;
         {
             let b = rusqlite::backup::Backup::new(&from, &mut to).map_err(sq("start the copy"))?;
-            // Every page in one step: one read transaction, one point in time.
-            b.run_to_completion(-1, std::time::Duration::ZERO, None)
-                .map_err(sq("copy the store"))?;
+            // Every page in one step (-1): one read transaction, one point in time. Busy or
+            // locked (a checkpoint at that moment) is retried for a while.
+            let mut tries = 0;
+            loop {
+                match b.step(-1).map_err(sq("copy the store"))? {
+                    rusqlite::backup::StepResult::Done => break,
+                    _ if tries < 100 => {
+                        tries += 1;
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                    _ => {
+                        return Err(sq("copy the store")(rusqlite::Error::SqliteFailure(
+                            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+                            Some("the store stayed busy".into()),
+                        )));
+                    }
+                }
+            }
         }
         // One self-contained file: a restore copies it alone.
         let _: String = to
