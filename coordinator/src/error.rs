@@ -32,6 +32,25 @@ pub enum CoordError {
         epoch: u64,
         current: u64,
     },
+    /// Another process holds the data directory's lock.
+    #[error(
+        "data directory {} is in use by {holder}; stop that coordinator first (one coordinator per data directory)",
+        dir.display()
+    )]
+    DataDirInUse { dir: PathBuf, holder: String },
+    /// A local file or directory operation failed: what was being done, and why.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// TLS material that cannot be used: the file and why.
+    #[error("{0}")]
+    Tls(String),
+    /// An online backup that failed: what failed and why.
+    #[error("{0}")]
+    Backup(String),
     /// Object storage failed; the message names the URI and the cause.
     #[error("{0}")]
     Storage(String),
@@ -215,6 +234,8 @@ impl From<CoordError> for Status {
             CoordError::FailedPrecondition(m) => Status::failed_precondition(m),
             CoordError::Stale(m) => Status::aborted(m),
             CoordError::AlreadyExists(m) => Status::already_exists(m),
+            e @ (CoordError::DataDirInUse { .. } | CoordError::Tls(_)) => Status::failed_precondition(e.to_string()),
+            e @ (CoordError::Io { .. } | CoordError::Backup(_)) => Status::internal(e.to_string()),
             CoordError::Fenced {
                 message,
                 worker,

@@ -36,8 +36,8 @@ pub(crate) mod trial;
 
 pub use crate::api::auth::Tokens;
 pub use crate::state::Timing;
-pub use crate::store::backup::{BackupError, BackupReport, backup};
-pub use crate::store::lock::{DataDirLock, LockError};
+pub use crate::store::backup::{BackupReport, backup};
+pub use crate::store::lock::DataDirLock;
 pub use crate::tls::TlsOptions;
 
 use crate::api::auth::{AuthInterceptor, Role};

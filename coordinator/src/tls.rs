@@ -13,6 +13,7 @@
 //!
 //! This module knows nothing of workers or tokens: `api::auth` decides what an identity may do.
 
+use crate::error::{CoordError, Result};
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -55,19 +56,8 @@ impl TlsOptions {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("{path}: {message}")]
-    File { path: PathBuf, message: String },
-    #[error("TLS configuration: {0}")]
-    Config(#[from] rustls::Error),
-}
-
-fn file_error(path: &Path, message: impl std::fmt::Display) -> TlsError {
-    TlsError::File {
-        path: path.to_path_buf(),
-        message: message.to_string(),
-    }
+fn file_error(path: &Path, message: impl std::fmt::Display) -> CoordError {
+    CoordError::Tls(format!("{}: {message}", path.display()))
 }
 
 /// The process-wide crypto provider (aws-lc-rs), named rather than taken from a global default
@@ -77,7 +67,7 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 /// Reads a PEM certificate chain and its private key and checks that they belong together.
-pub fn load_key_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+pub fn load_key_pair(cert: &Path, key: &Path) -> Result<CertifiedKey> {
     let chain = load_certs(cert)?;
     let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| file_error(key, format!("no PEM private key: {e}")))?;
     CertifiedKey::from_der(chain, key_der, &provider())
@@ -85,7 +75,7 @@ pub fn load_key_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> 
 }
 
 /// Reads every certificate of a PEM file; at least one.
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| file_error(path, e))?
         .collect::<Result<Vec<_>, _>>()
@@ -97,9 +87,11 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 }
 
 /// Builds the server's TLS acceptor (HTTP/2 by ALPN, as gRPC clients expect).
-pub fn acceptor(opts: &TlsOptions) -> Result<TlsAcceptor, TlsError> {
+pub fn acceptor(opts: &TlsOptions) -> Result<TlsAcceptor> {
     let resolver = Arc::new(ReloadingCert::new(opts)?);
-    let builder = rustls::ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| CoordError::Tls(format!("TLS configuration: {e}")))?;
     let builder = match &opts.client_ca {
         Some(ca) => {
             let mut roots = RootCertStore::empty();
@@ -146,7 +138,7 @@ struct Loaded {
 }
 
 impl ReloadingCert {
-    fn new(opts: &TlsOptions) -> Result<Self, TlsError> {
+    fn new(opts: &TlsOptions) -> Result<Self> {
         let stamp = stamp(&opts.cert, &opts.key).map_err(|e| file_error(&opts.cert, e))?;
         let key = Arc::new(load_key_pair(&opts.cert, &opts.key)?);
         Ok(ReloadingCert {

@@ -9,36 +9,9 @@
 //! previous file or a whole, checked copy.
 
 use super::DB_FILE;
+use crate::error::{CoordError, Result};
 use rusqlite::{Connection, OpenFlags};
 use std::path::{Path, PathBuf};
-
-#[derive(Debug, thiserror::Error)]
-pub enum BackupError {
-    #[error("no coordinator store at {0}")]
-    Missing(PathBuf),
-    #[error("backup of {src} to {dest}: {what}: {source}")]
-    Sqlite {
-        src: PathBuf,
-        dest: PathBuf,
-        what: &'static str,
-        #[source]
-        source: rusqlite::Error,
-    },
-    #[error("backup of {src} to {dest}: {what}: {source}")]
-    Io {
-        src: PathBuf,
-        dest: PathBuf,
-        what: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("backup of {src} to {dest}: the copy failed its integrity check: {report}")]
-    Corrupt {
-        src: PathBuf,
-        dest: PathBuf,
-        report: String,
-    },
-}
 
 /// What a backup copied.
 #[derive(Debug, Clone)]
@@ -51,29 +24,20 @@ pub struct BackupReport {
 }
 
 /// Copies the store of `data_dir` to `dest` (a file path).
-pub fn backup(data_dir: &Path, dest: &Path) -> Result<BackupReport, BackupError> {
+pub fn backup(data_dir: &Path, dest: &Path) -> Result<BackupReport> {
     let src = data_dir.join(DB_FILE);
     if !src.is_file() {
-        return Err(BackupError::Missing(src));
+        return Err(CoordError::Backup(format!("no coordinator store at {}", src.display())));
     }
-    let sq = |what: &'static str| {
-        let (src, dest) = (src.clone(), dest.to_path_buf());
-        move |source| BackupError::Sqlite {
-            src,
-            dest,
-            what,
-            source,
-        }
+    let fail = |what: &str, why: &dyn std::fmt::Display| {
+        CoordError::Backup(format!(
+            "backup of {} to {}: cannot {what}: {why}",
+            src.display(),
+            dest.display()
+        ))
     };
-    let io = |what: &'static str| {
-        let (src, dest) = (src.clone(), dest.to_path_buf());
-        move |source| BackupError::Io {
-            src,
-            dest,
-            what,
-            source,
-        }
-    };
+    let sq = |what: &'static str| move |e: rusqlite::Error| fail(what, &e);
+    let io = |what: &'static str| move |e: std::io::Error| fail(what, &e);
     let from = Connection::open_with_flags(&src, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
         .map_err(sq("open the store read-only"))?;
     from.busy_timeout(std::time::Duration::from_secs(10))
@@ -83,12 +47,9 @@ pub fn backup(data_dir: &Path, dest: &Path) -> Result<BackupReport, BackupError>
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = dest.file_name().ok_or_else(|| BackupError::Io {
-        src: src.clone(),
-        dest: dest.to_path_buf(),
-        what: "name the destination",
-        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "DEST must name a file"),
-    })?;
+    let name = dest
+        .file_name()
+        .ok_or_else(|| fail("name the destination", &"DEST must name a file"))?;
     let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let copied = (|| {
@@ -106,10 +67,7 @@ pub fn backup(data_dir: &Path, dest: &Path) -> Result<BackupReport, BackupError>
                         std::thread::sleep(std::time::Duration::from_millis(50));
                     }
                     _ => {
-                        return Err(sq("copy the store")(rusqlite::Error::SqliteFailure(
-                            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
-                            Some("the store stayed busy".into()),
-                        )));
+                        return Err(fail("copy the store", &"it stayed busy"));
                     }
                 }
             }
@@ -125,13 +83,12 @@ pub fn backup(data_dir: &Path, dest: &Path) -> Result<BackupReport, BackupError>
                 .map_err(sq("check the copy"))?
         };
         if report != ["ok"] {
-            return Err(BackupError::Corrupt {
-                src: src.clone(),
-                dest: dest.to_path_buf(),
-                report: report.join("; "),
-            });
+            return Err(fail(
+                "trust the copy",
+                &format!("integrity check: {}", report.join("; ")),
+            ));
         }
-        let count = |table: &str| -> Result<u64, BackupError> {
+        let count = |table: &str| -> Result<u64> {
             to.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get::<_, i64>(0))
                 .map(|n| n as u64)
                 .map_err(sq("count the copy"))

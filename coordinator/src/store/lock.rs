@@ -7,26 +7,13 @@
 //! a dead coordinator blocks nothing. The file says who holds it (pid, host, since), so the
 //! refusal of a second coordinator names the first. Backups do not take it: they only read.
 
+use crate::error::{CoordError, Result};
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 /// The lock file's name inside the data directory.
 pub const LOCK_FILE: &str = "LOCK";
-
-#[derive(Debug, thiserror::Error)]
-pub enum LockError {
-    #[error(
-        "data directory {dir} is in use by {holder}; stop that coordinator first (one coordinator per data directory)"
-    )]
-    Held { dir: PathBuf, holder: String },
-    #[error("cannot lock data directory {dir}: {source}")]
-    Io {
-        dir: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
 
 /// The held lock of a data directory; dropping it lets go.
 #[derive(Debug)]
@@ -39,9 +26,9 @@ impl DataDirLock {
     /// Takes the lock of `dir` (created if missing) without waiting, and records this process
     /// as its holder. Fails, naming the holder, when another process (or another open of the
     /// same directory in this one) holds it.
-    pub fn acquire(dir: &Path) -> Result<DataDirLock, LockError> {
-        let io = |source| LockError::Io {
-            dir: dir.to_path_buf(),
+    pub fn acquire(dir: &Path) -> Result<DataDirLock> {
+        let io = |source| CoordError::Io {
+            what: format!("cannot lock data directory {}", dir.display()),
             source,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
@@ -59,7 +46,7 @@ impl DataDirLock {
             Err(TryLockError::WouldBlock) => {
                 let mut said = String::new();
                 let _ = file.read_to_string(&mut said);
-                return Err(LockError::Held {
+                return Err(CoordError::DataDirInUse {
                     dir: dir.to_path_buf(),
                     holder: describe(&said),
                 });
