@@ -265,6 +265,9 @@ impl AsyncWrite for TlsConn {
 /// must not hold a task and a socket forever.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long accepting pauses after an error (out of file descriptors, ...).
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
 /// Handshakes done and not yet taken by the server; accepting waits (backpressure) beyond it.
 const READY_QUEUE: usize = 1024;
 
@@ -285,11 +288,10 @@ pub fn incoming(
             let (tcp, peer) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    // Out of file descriptors and the like: pass it on to the server, which
-                    // logs it and goes on accepting.
-                    if tx.send(Err(e)).await.is_err() {
-                        return;
-                    }
+                    // Out of file descriptors and the like: it lasts a while, so pause rather
+                    // than spin on it.
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                     continue;
                 }
             };

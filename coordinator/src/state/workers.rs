@@ -94,8 +94,18 @@ impl State {
     /// registered) is always refused. A worker id with no epoch on record (its registration
     /// predates the store's epochs) has nothing to be fenced by.
     pub fn check_epoch(&self, worker: &WorkerId, epoch: u64) -> Result<()> {
+        // The hot path (a registered worker's heartbeat or report): one compare on its entry.
+        if epoch != 0
+            && self
+                .registry
+                .workers
+                .get(worker)
+                .is_some_and(|e| e.registered && e.epoch == epoch)
+        {
+            return Ok(());
+        }
         match self.registry.epoch(worker) {
-            Some(current) if current.epoch == epoch => Ok(()),
+            Some(current) if current.epoch == epoch && epoch != 0 => Ok(()),
             None if epoch != 0 => Ok(()),
             current => Err(fenced(worker, epoch, current)),
         }
