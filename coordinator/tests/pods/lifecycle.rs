@@ -238,4 +238,23 @@ async fn a_backup_taken_while_serving_starts_a_new_coordinator() {
     assert_eq!(names, ["alpha", "beta"]);
     copy.stop().await;
     server.stop().await;
+
+    // A store no coordinator serves is backed up the same way.
+    let offline = dir.path().join("backups").join("offline.db");
+    let (code, out, err) = run_binary(binary().arg("backup").arg(&offline).arg("--data-dir").arg(&data));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("2 experiments"), "{out}");
+    // A missing store is an error that names it.
+    let (code, _, err) = run_binary(
+        binary()
+            .arg("backup")
+            .arg(dir.path().join("never.db"))
+            .arg("--data-dir")
+            .arg(dir.path().join("nothing-here")),
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("no coordinator store at") && err.contains("nothing-here"),
+        "{err}"
+    );
 }
