@@ -44,8 +44,10 @@ pub struct Args {
     pub labels: Vec<(String, String)>,
     /// Directory for the local checkpoint directories of running attempts
     /// [default: ./.chorus/worker-<id>].
-    #[arg(long, env = "CHORUS_WORKER_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
+    // Strings, not paths, here and below: clap refuses an empty path, and an empty value is
+    // meant to count as unset.
+    #[arg(long, env = "CHORUS_WORKER_DATA_DIR", value_name = "PATH")]
+    pub data_dir: Option<String>,
     /// S3-compatible endpoint for `s3://` storage, e.g. http://127.0.0.1:9000.
     #[arg(long, env = "CHORUS_S3_ENDPOINT")]
     pub s3_endpoint: Option<String>,
@@ -65,14 +67,14 @@ pub struct Args {
     /// PEM bundle of the certificate authorities trusted for an `https://` coordinator
     /// [default: the system's roots].
     #[arg(long, env = "CHORUS_CA", value_name = "PATH")]
-    pub ca: Option<PathBuf>,
+    pub ca: Option<String>,
     /// PEM certificate (chain) presented to the coordinator as this worker's identity (mutual
     /// TLS); needs --tls-key.
     #[arg(long, env = "CHORUS_TLS_CERT", value_name = "PATH")]
-    pub tls_cert: Option<PathBuf>,
+    pub tls_cert: Option<String>,
     /// PEM private key of --tls-cert.
     #[arg(long, env = "CHORUS_TLS_KEY", value_name = "PATH")]
-    pub tls_key: Option<PathBuf>,
+    pub tls_key: Option<String>,
     /// Serve grpc.health.v1 on this address (e.g. `0.0.0.0:7071`): SERVING while registered with
     /// the coordinator, NOT_SERVING while disconnected or draining [default: off].
     #[arg(long, env = "CHORUS_HEALTH_LISTEN", value_name = "ADDR")]
@@ -113,8 +115,8 @@ fn set(value: Option<String>) -> Option<String> {
     value.filter(|v| !v.trim().is_empty())
 }
 
-fn set_path(value: Option<PathBuf>) -> Option<PathBuf> {
-    value.filter(|p| !p.to_string_lossy().trim().is_empty())
+fn set_path(value: Option<String>) -> Option<PathBuf> {
+    set(value).map(PathBuf::from)
 }
 
 impl Args {
@@ -700,6 +702,114 @@ mod tests {
 
         assert!(Args::try_parse_from(["chorus-worker", "--label", "novalue"]).is_err());
         assert!(Args::try_parse_from(["chorus-worker", "--slots", "0"]).is_err());
+    }
+
+    #[test]
+    fn the_advertise_address_is_the_one_routing_to_the_coordinator() {
+        assert_eq!(
+            route_to("127.0.0.1:7070".parse().unwrap()).unwrap(),
+            IpAddr::from(Ipv4Addr::LOCALHOST)
+        );
+        assert_eq!(
+            default_advertise_address("http://127.0.0.1:7070").unwrap(),
+            IpAddr::from(Ipv4Addr::LOCALHOST)
+        );
+        // A documentation address (TEST-NET-1): routed like any remote host, never reached (a
+        // UDP connect sends nothing).
+        match route_to("192.0.2.1:7070".parse().unwrap()) {
+            Ok(ip) => assert!(!ip.is_loopback() && !ip.is_unspecified(), "{ip}"),
+            Err(e) => eprintln!("skipped: this machine has no route off the host: {e}"),
+        }
+    }
+
+    #[test]
+    fn coordinator_urls_get_a_scheme_and_must_name_a_host() {
+        assert_eq!(coordinator_url("coord:7070").unwrap(), "http://coord:7070");
+        assert_eq!(coordinator_url(" https://coord:7070 ").unwrap(), "https://coord:7070");
+        assert!(coordinator_url("ftp://coord:7070").is_err());
+        assert!(coordinator_url("http://").is_err());
+        assert_eq!(
+            resolve_coordinator("https://127.0.0.1").unwrap(),
+            vec!["127.0.0.1:443".parse::<SocketAddr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn the_instance_is_created_once_and_kept_in_the_data_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(stored_instance(dir.path()), None);
+        let first = load_or_create_instance(dir.path()).unwrap();
+        assert_eq!(first.len(), 32);
+        assert_eq!(load_or_create_instance(dir.path()).unwrap(), first);
+        assert_eq!(stored_instance(dir.path()), Some(first.clone()));
+        // An unusable file is replaced, not trusted.
+        std::fs::write(dir.path().join(INSTANCE_FILE), " \n").unwrap();
+        let second = load_or_create_instance(dir.path()).unwrap();
+        assert_ne!(second, first);
+        assert!(check_instance("pod uid").is_err());
+        assert!(check_instance(&"x".repeat(129)).is_err());
+    }
+
+    fn parse(args: &[&str]) -> Result<WorkerConfig, WorkerError> {
+        let mut all = vec!["chorus-worker", "--gpus", "0"];
+        all.extend_from_slice(args);
+        Args::try_parse_from(all).unwrap().into_config()
+    }
+
+    #[test]
+    fn empty_values_count_as_unset() {
+        let c = parse(&[
+            "--token",
+            "  ",
+            "--ca",
+            "",
+            "--tls-cert",
+            " ",
+            "--tls-key",
+            "",
+            "--advertise-address",
+            "",
+            "--instance",
+            " ",
+            "--health-listen",
+            "",
+            "--s3-endpoint",
+            "",
+        ])
+        .unwrap();
+        assert_eq!(c.token, None);
+        assert!(!c.tls.is_set());
+        assert_eq!(c.advertise_address, None);
+        assert_eq!(c.instance, None);
+        assert_eq!(c.health_listen, None);
+        assert_eq!(c.storage.s3_endpoint, None);
+        // A token read from a file often ends in a newline.
+        assert_eq!(
+            parse(&["--token", "s3cret\n"]).unwrap().token.as_deref(),
+            Some("s3cret")
+        );
+    }
+
+    #[test]
+    fn settings_are_checked_with_precise_messages() {
+        let err = |args: &[&str]| parse(args).unwrap_err().to_string();
+        assert!(err(&["--advertise-address", "pod"]).contains("--advertise-address \"pod\""));
+        assert!(err(&["--health-listen", "7071"]).contains("--health-listen"));
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let missing = missing.to_str().unwrap();
+        let https = ["--coordinator", "https://coord:7070"];
+        let e = err(&[https[0], https[1], "--ca", missing]);
+        assert!(e.contains("--ca") && e.contains("cannot read it"), "{e}");
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate").unwrap();
+        let junk = junk.to_str().unwrap();
+        let e = err(&[https[0], https[1], "--ca", junk]);
+        assert!(e.contains("no PEM certificate"), "{e}");
+        let e = err(&[https[0], https[1], "--tls-cert", junk]);
+        assert!(e.contains("--tls-cert needs --tls-key"), "{e}");
+        let e = err(&[https[0], https[1], "--tls-cert", junk, "--tls-key", junk]);
+        assert!(e.contains("--tls-cert") && e.contains("no PEM certificate"), "{e}");
     }
 
     #[test]
