@@ -1,8 +1,15 @@
-//! `chorus-worker --check-config` as a person or a pod's init step runs it: the real binary,
-//! its exit code, what it prints, and that it touches nothing.
+//! The real `chorus-worker` binary: `--check-config` as a person or a pod's init step runs it
+//! (its exit code, what it prints, and that it touches nothing), and the exit code of a worker
+//! that a newer registration of its id replaced.
 
+use chorus_proto::pb::{
+    self,
+    worker_service_server::{WorkerService, WorkerServiceServer},
+};
 use std::path::Path;
 use std::process::{Command, Output};
+use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tonic::{Request, Response, Status};
 
 /// Runs the binary with `args` and `env`, and none of the CHORUS_ variables of the environment
 /// running the tests.
@@ -115,4 +122,95 @@ fn a_bad_setting_exits_2_with_a_precise_message() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("--tls-key needs --tls-cert"));
     assert!(!Path::new(&dir.path().join("worker.lock")).exists());
+}
+
+/// A coordinator that registers the worker and then answers its first heartbeat as a newer
+/// registration of the same worker id would make the real one answer.
+struct Replacing;
+
+#[tonic::async_trait]
+impl WorkerService for Replacing {
+    async fn register(&self, _: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        Ok(Response::new(pb::RegisterResponse {
+            heartbeat_interval_ms: 100,
+            lease_ttl_ms: 1000,
+            kill: vec![],
+            epoch: 7,
+        }))
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        assert_eq!(req.get_ref().epoch, 7);
+        Err(Status::aborted(
+            "worker w-replaced: epoch 7 is fenced by a newer registration (epoch 8)",
+        ))
+    }
+
+    type AssignmentsStream = UnboundedReceiverStream<Result<pb::WorkerCommand, Status>>;
+
+    async fn assignments(
+        &self,
+        _: Request<pb::AssignmentsRequest>,
+    ) -> Result<Response<Self::AssignmentsStream>, Status> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        // Held open for the test's length: the stream ends only with the server.
+        std::mem::forget(tx);
+        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+    }
+
+    async fn rendezvous(&self, _: Request<pb::RendezvousRequest>) -> Result<Response<pb::RendezvousResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
+    async fn report_trial(
+        &self,
+        _: Request<pb::ReportTrialRequest>,
+    ) -> Result<Response<pb::ReportTrialResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_worker_exits_3_and_says_why() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(WorkerServiceServer::new(Replacing))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap().to_string();
+    let coordinator = format!("http://{addr}");
+    let out = tokio::task::spawn_blocking(move || {
+        worker(
+            &[
+                "--coordinator",
+                &coordinator,
+                "--worker-id",
+                "w-replaced",
+                "--gpus",
+                "0",
+                "--data-dir",
+                &data,
+            ],
+            &[],
+        )
+    })
+    .await
+    .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("worker w-replaced was replaced by a newer registration"),
+        "{stderr}"
+    );
+    // The instance it registered with stays for its next start.
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("instance"))
+            .unwrap()
+            .trim()
+            .len(),
+        32
+    );
 }
