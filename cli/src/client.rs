@@ -194,6 +194,9 @@ mod tests {
         );
         let e = connect_channel("http://127.0.0.1:9", Some(junk)).await.unwrap_err();
         assert!(e.to_string().contains("plain http"), "{e}");
+        // An empty CHORUS_CA counts as unset: this one fails at connecting, not at the file.
+        let e = connect_channel("http://127.0.0.1:9", Some("  ")).await.unwrap_err();
+        assert!(matches!(e, CliError::Connect { .. }), "{e}");
         let e = connect_channel("ftp://127.0.0.1:9", None).await.unwrap_err();
         assert!(e.to_string().contains("http:// or https://"), "{e}");
     }

@@ -78,9 +78,6 @@ async fn advertise_address(coordinator: &str) -> std::net::IpAddr {
                     advertise_address = %ip,
                     "advertising the address of the interface that routes to the coordinator (set --advertise-address to choose another)"
                 );
-                if ip.is_loopback() {
-                    tracing::warn!("the advertise address is loopback: only workers on this host can reach this one");
-                }
                 return ip;
             }
             Err(e) => {

@@ -801,6 +801,7 @@ async fn a_worker_trusts_a_tls_coordinator_through_its_ca_and_presents_its_certi
         .await
         .expect("a worker that does not trust the coordinator exits on its own");
     let err = refused.unwrap_err();
+    eprintln!("refused as it should be: {err}");
     assert!(matches!(err, chorus_worker::WorkerError::Tls(_)), "{err}");
     assert!(err.to_string().contains("certificate"), "{err}");
     assert!(fake.registers().is_empty());
