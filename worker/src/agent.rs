@@ -307,22 +307,33 @@ impl Agent {
             "shutting down: stopping trials, flushing their reports"
         );
         self.attempts.stop_all(Stop::Shutdown);
-        let stopping =
-            self.timings.kill_grace + self.timings.output_grace + self.timings.store_retry + FINAL_UPLOAD_BUDGET;
-        if tokio::time::timeout(stopping, self.attempts.wait_until(Held::NoRunner))
-            .await
-            .is_err()
-        {
-            warn!(budget = ?stopping, "some trials had not finished stopping; leaving them");
-        }
-        if tokio::time::timeout(self.timings.shutdown_flush, self.attempts.wait_until(Held::Nothing))
-            .await
-            .is_err()
-        {
-            warn!(
-                attempts = self.attempts.running().len(),
-                "exiting with undelivered reports; the coordinator's lease handling covers those attempts"
-            );
+        let drain = async {
+            let stopping =
+                self.timings.kill_grace + self.timings.output_grace + self.timings.store_retry + FINAL_UPLOAD_BUDGET;
+            if tokio::time::timeout(stopping, self.attempts.wait_until(Held::NoRunner))
+                .await
+                .is_err()
+            {
+                warn!(budget = ?stopping, "some trials had not finished stopping; leaving them");
+            }
+            if tokio::time::timeout(self.timings.shutdown_flush, self.attempts.wait_until(Held::Nothing))
+                .await
+                .is_err()
+            {
+                warn!(
+                    attempts = self.attempts.running().len(),
+                    "exiting with undelivered reports; the coordinator's lease handling covers those attempts"
+                );
+            }
+        };
+        // Replaced while draining: what the trials would still write belongs to the instance
+        // that replaced this one.
+        tokio::select! {
+            () = drain => {}
+            () = async { let _ = fenced.wait_for(Option::is_some).await; } => {
+                supervisor.abort();
+                return Err(self.replaced().await);
+            }
         }
         let _ = stop_tx.send(true);
         supervisor
