@@ -701,6 +701,8 @@ async fn a_restarted_worker_keeps_its_instance_and_reports_under_each_new_epoch(
     } = worker;
     let _ = stop.send(());
     ends(handle).await.unwrap();
+    // The first worker's stream is gone; wait for the second's.
+    fake.state().stream = None;
 
     // Same data directory: same instance, taken over at once although the lease is held.
     let again = start_worker(c, data);
