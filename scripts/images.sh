@@ -56,13 +56,56 @@ docker info >/dev/null 2>&1 || { say "the docker daemon does not answer (docker 
 cache="${CHORUS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/chorus}"
 images_cache="$cache/images"
 mkdir -p "$images_cache"
-# One build at a time per cache: tests may call this from several processes at once, and two
-# debootstraps or two `docker build`s of the same tag would only race.
-exec 9>"$images_cache/lock"
-if ! flock -n 9; then
-  say "waiting for another images.sh run (lock $images_cache/lock)"
-  flock 9
+# One base and one set of image builds at a time per cache: tests may call this from several
+# processes at once, and two debootstraps or two `docker build`s of the same tag would only race.
+# The CUDA libraries for --cuda: the wheels PyTorch 2.11 (cu13) itself requires, at its pins (the
+# CUDA 13 toolkit libraries, cuDNN, cuSPARSELt, NCCL, NVSHMEM), downloaded and unpacked once into
+# the cache, under their own lock: a download of several GB must not hold up other image builds.
+cuda_reqs=(
+  "cuda-toolkit[cublas,cudart,cufft,cufile,cupti,curand,cusolver,cusparse,nvjitlink,nvrtc,nvtx]==13.0.2"
+  "nvidia-cudnn-cu13==9.19.0.56" "nvidia-cusparselt-cu13==0.8.0"
+  "nvidia-nccl-cu13==2.28.9" "nvidia-nvshmem-cu13==3.4.5"
+)
+cuda_libs="$cache/cuda-libs-$(printf '%s\n' "${cuda_reqs[@]}" | sha256sum | cut -c1-16)"
+if $cuda && [ ! -f "$cuda_libs/.complete" ]; then
+  exec 8>"$cache/cuda-libs.lock"
+  flock 8
+  if [ ! -f "$cuda_libs/.complete" ]; then
+    wheels="$cache/wheels-cuda"
+    mkdir -p "$wheels"
+    say "pip download ${cuda_reqs[*]} (several GB, once)"
+    # For this host's platform, which is the image's: Debian bookworm, x86_64.
+    python3 -m pip download --quiet --only-binary=:all: -d "$wheels" "${cuda_reqs[@]}" >&2
+    rm -rf "$cuda_libs.partial"
+    mkdir -p "$cuda_libs.partial"
+    python3 - "$wheels" "$cuda_libs.partial" >&2 <<'PY'
+import glob, os, shutil, sys, zipfile
+wheels, out = sys.argv[1:]
+for whl in sorted(glob.glob(os.path.join(wheels, "nvidia_*.whl"))):
+    with zipfile.ZipFile(whl) as z:
+        for name in z.namelist():
+            base = os.path.basename(name)
+            if "/lib/" in name and ".so" in base:
+                with z.open(name) as src, open(os.path.join(out, base), "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+PY
+    touch "$cuda_libs.partial/.complete"
+    rm -rf "$cuda_libs"
+    mv "$cuda_libs.partial" "$cuda_libs"
+  fi
+  flock -u 8
 fi
+
+exec 9>"$images_cache/lock"
+lock() {
+  if ! flock -n 9; then
+    say "waiting for another images.sh run (lock $images_cache/lock)"
+    flock 9
+  fi
+}
+# Held while the base is made and while images are built, not during cargo's build (cargo locks
+# its own target directory): a long release build must not hold up other worktrees' images.
+lock
 
 # The Docker Engine here has no BuildKit client (no buildx); the classic builder is what works on
 # every engine this script meets, and its cache keys COPY layers on file contents.
@@ -147,6 +190,7 @@ if $base_only; then
   say "done in $((SECONDS - started))s"
   exit 0
 fi
+flock -u 9
 
 # --- binaries --------------------------------------------------------------------------------------
 eval "$(scripts/libtorch.sh)"
@@ -156,6 +200,7 @@ say "cargo build ${cargo_flags[*]}"
 cargo build --quiet "${cargo_flags[@]}"
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
 bin_dir="$target_dir/$profile"
+lock
 
 # The build contexts live under target/ (never the repository root, which would send gigabytes to
 # the daemon) and are rebuilt from scratch each run; docker keys its cache on file contents, so
@@ -236,39 +281,21 @@ build "chorus/worker:$tag" "$ctx" \
 # --- worker-cuda (opt-in) ------------------------------------------------------------------------------
 built=("chorus/coordinator:$tag" "chorus/worker:$tag")
 if $cuda; then
-  # The wheels PyTorch 2.11 (cu13) itself requires, at its pins: the CUDA 13 toolkit libraries,
-  # cuDNN, cuSPARSELt, NCCL and NVSHMEM. Downloaded once into the cache, unpacked into the context.
-  cuda_wheels="$cache/wheels-cuda"
-  mkdir -p "$cuda_wheels"
-  cuda_reqs=(
-    "cuda-toolkit[cublas,cudart,cufft,cufile,cupti,curand,cusolver,cusparse,nvjitlink,nvrtc,nvtx]==13.0.2"
-    "nvidia-cudnn-cu13==9.19.0.56" "nvidia-cusparselt-cu13==0.8.0"
-    "nvidia-nccl-cu13==2.28.9" "nvidia-nvshmem-cu13==3.4.5"
-  )
-  if [ ! -f "$cuda_wheels/.complete" ]; then
-    say "pip download ${cuda_reqs[*]} (several GB, once)"
-    python3 -m pip download --quiet --only-binary=:all: --platform manylinux_2_28_x86_64 \
-      --python-version 3.11 -d "$cuda_wheels" "${cuda_reqs[@]}" >&2
-    touch "$cuda_wheels/.complete"
-  fi
   ctx="$(fresh_context worker-cuda worker-cuda.Dockerfile)"
-  mkdir -p "$ctx/lib"
-  python3 - "$cuda_wheels" "$ctx/lib" >&2 <<'PY'
-import glob, os, shutil, sys, zipfile
-wheels, out = sys.argv[1:]
-for whl in sorted(glob.glob(os.path.join(wheels, "nvidia_*.whl"))):
-    with zipfile.ZipFile(whl) as z:
-        for name in z.namelist():
-            base = os.path.basename(name)
-            if "/lib/" in name and ".so" in base:
-                with z.open(name) as src, open(os.path.join(out, base), "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-PY
-  # libtorch's CUDA half, which the worker loads at start on a GPU (and what it needs beside).
+  for lib in "$cuda_libs"/*; do
+    place "$lib" "$ctx/lib/$(basename "$lib")"
+  done
+  # libtorch's CUDA half, which the worker loads at start on a GPU, and what it needs beside.
   for lib in libtorch_cuda.so libc10_cuda.so libtorch_cuda_linalg.so libcaffe2_nvrtc.so libtorch_nvshmem.so; do
-    [ -f "$LIBTORCH/lib/$lib" ] && place "$LIBTORCH/lib/$lib" "$ctx/lib/$lib"
+    if [ -f "$LIBTORCH/lib/$lib" ]; then place "$LIBTORCH/lib/$lib" "$ctx/lib/$lib"; fi
   done
   build "chorus/worker-cuda:$tag" "$ctx" --build-arg "WORKER_IMAGE=chorus/worker:$tag"
+  # Everything libtorch_cuda.so needs resolves in the image, but the driver's libcuda.so.1,
+  # which the NVIDIA runtime mounts from the host.
+  docker run --rm --entrypoint /bin/sh "chorus/worker-cuda:$tag" -c '
+    missing="$(ldd /opt/chorus/lib/libtorch_cuda.so | grep "not found" | grep -v "libcuda.so.1" || true)"
+    if [ -n "$missing" ]; then echo "$missing" >&2; exit 1; fi' >&2 ||
+    { say "chorus/worker-cuda:$tag lacks libraries libtorch_cuda.so needs"; exit 1; }
   built+=("chorus/worker-cuda:$tag")
 fi
 
