@@ -239,7 +239,7 @@ build() {
   say "docker build $image"
   # Quiet, and the classic builder's deprecation notice dropped: only a failure's output shows.
   local out
-  if ! out="$(docker build --quiet "${common_args[@]}" "$@" -t "$image" "$dir" 2>&1 >/dev/null)"; then
+  if ! out="$(docker build --quiet "${common_args[@]}" --build-arg "IMAGE=$image" "$@" -t "$image" "$dir" 2>&1 >/dev/null)"; then
     printf '%s\n' "$out" >&2
     say "docker build of $image failed"
     exit 1
@@ -253,7 +253,14 @@ build() {
         if ldd "$b" | grep "not found"; then echo "$b: missing libraries" >&2; exit 1; fi
         "$b" --version >/dev/null
       done' >&2 || { say "$image does not run its binaries"; exit 1; }
+    # What the tag named before, now untagged (kept while another tag or a container uses it).
+    if [ -n "$before" ]; then docker image rm "$before" >/dev/null 2>&1 || true; fi
   fi
+  # The classic builder keeps each assembling stage as an untagged image, the next build's cache:
+  # keep this tag's newest and drop those older binaries left behind, or every rebuild of the
+  # worker would leave hundreds of MB on the disk.
+  docker images --quiet --filter dangling=true --filter "label=dev.chorus.assemble=$image" |
+    tail -n +2 | xargs -r docker image rm >/dev/null 2>&1 || true
 }
 
 # --- coordinator -------------------------------------------------------------------------------------

@@ -4,6 +4,10 @@ ARG BASE_IMAGE=chorus/base:bookworm
 
 # Lays out everything the final image adds, as one tree under /rootfs.
 FROM ${BASE_IMAGE} AS assemble
+# Names this stage's image, which the classic builder keeps untagged as the next build's cache,
+# so that images.sh can remove the ones older binaries left behind.
+ARG IMAGE=chorus/coordinator
+LABEL dev.chorus.assemble="${IMAGE}"
 COPY bin/ /rootfs/opt/chorus/bin/
 RUN set -eu; \
     groupadd --gid 10001 chorus; \

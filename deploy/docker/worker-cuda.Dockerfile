@@ -7,6 +7,10 @@ ARG BASE_IMAGE=chorus/base:bookworm
 ARG WORKER_IMAGE=chorus/worker:0.1.0
 
 FROM ${BASE_IMAGE} AS assemble
+# Names this stage's image, which the classic builder keeps untagged as the next build's cache,
+# so that images.sh can remove the ones older binaries left behind.
+ARG IMAGE=chorus/worker-cuda
+LABEL dev.chorus.assemble="${IMAGE}"
 COPY lib/ /rootfs/opt/chorus/lib/
 RUN chmod 0644 /rootfs/opt/chorus/lib/*
 

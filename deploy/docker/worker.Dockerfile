@@ -5,6 +5,10 @@ ARG BASE_IMAGE=chorus/base:bookworm
 
 # Lays out everything the final image adds, as one tree under /rootfs.
 FROM ${BASE_IMAGE} AS assemble
+# Names this stage's image, which the classic builder keeps untagged as the next build's cache,
+# so that images.sh can remove the ones older binaries left behind.
+ARG IMAGE=chorus/worker
+LABEL dev.chorus.assemble="${IMAGE}"
 COPY lib/ /rootfs/opt/chorus/lib/
 COPY bin/ /rootfs/opt/chorus/bin/
 RUN set -eu; \
