@@ -218,6 +218,26 @@ fresh_context() { # fresh_context NAME DOCKERFILE: an empty context holding the 
   printf '%s' "$dir"
 }
 sha() { sha256sum "$1" | cut -d' ' -f1; }
+# stage_binary NAME DEST: the built binary NAME at DEST. Release images carry it without its line
+# tables (objcopy --strip-debug keeps the symbols, so backtraces still name functions), a fraction
+# of the size; debug images keep everything. Stripped copies are kept by content, so an unchanged
+# binary gives the same file and a cache hit.
+stage_binary() {
+  local src="$bin_dir/$1"
+  if [ "$profile" = release ] && command -v objcopy >/dev/null; then
+    local stripped
+    stripped="$contexts/stripped/$1-$(sha "$src")"
+    if [ ! -f "$stripped" ]; then
+      mkdir -p "$contexts/stripped"
+      rm -f "$contexts/stripped/$1-"*
+      objcopy --strip-debug "$src" "$stripped.partial"
+      mv "$stripped.partial" "$stripped"
+    fi
+    place "$stripped" "$2"
+  else
+    place "$src" "$2"
+  fi
+}
 
 revision="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
 if [ "$revision" != unknown ] && ! git diff --quiet HEAD -- 2>/dev/null; then
@@ -227,7 +247,6 @@ common_args=(
   --build-arg "BASE_IMAGE=$base_image"
   --build-arg "VERSION=$version"
   --build-arg "REVISION=$revision"
-  --build-arg "CLI_SHA256=$(sha "$bin_dir/chorus")"
 )
 
 # build IMAGE CONTEXT [docker build args...]: builds, and smoke-tests an image that changed.
@@ -265,15 +284,16 @@ build() {
 
 # --- coordinator -------------------------------------------------------------------------------------
 ctx="$(fresh_context coordinator coordinator.Dockerfile)"
-place "$bin_dir/chorus-coordinator" "$ctx/bin/chorus-coordinator"
-place "$bin_dir/chorus" "$ctx/bin/chorus"
+stage_binary chorus-coordinator "$ctx/bin/chorus-coordinator"
+stage_binary chorus "$ctx/bin/chorus"
 build "chorus/coordinator:$tag" "$ctx" \
-  --build-arg "COORDINATOR_SHA256=$(sha "$ctx/bin/chorus-coordinator")"
+  --build-arg "COORDINATOR_SHA256=$(sha "$ctx/bin/chorus-coordinator")" \
+  --build-arg "CLI_SHA256=$(sha "$ctx/bin/chorus")"
 
 # --- worker ------------------------------------------------------------------------------------------
 ctx="$(fresh_context worker worker.Dockerfile)"
-place "$bin_dir/chorus-worker" "$ctx/bin/chorus-worker"
-place "$bin_dir/chorus" "$ctx/bin/chorus"
+stage_binary chorus-worker "$ctx/bin/chorus-worker"
+stage_binary chorus "$ctx/bin/chorus"
 # Only the libtorch libraries the binary loads (ldd: the transitive closure), never the headers
 # or the CUDA half; the system ones (libc, libstdc++) come from the base.
 libs="$(ldd "$bin_dir/chorus-worker" | awk -v dir="$LIBTORCH/lib/" 'index($3, dir) == 1 { print $3 }')"
@@ -283,6 +303,7 @@ for lib in $libs; do
 done
 build "chorus/worker:$tag" "$ctx" \
   --build-arg "WORKER_SHA256=$(sha "$ctx/bin/chorus-worker")" \
+  --build-arg "CLI_SHA256=$(sha "$ctx/bin/chorus")" \
   --build-arg "TORCH_VERSION=$(basename "$LIBTORCH" | sed 's/^libtorch-//')"
 
 # --- worker-cuda (opt-in) ------------------------------------------------------------------------------

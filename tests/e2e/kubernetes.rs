@@ -374,6 +374,25 @@ fn check_worker_identity(c: &Container, problems: &mut Vec<String>) {
 }
 
 fn check_overlay_specifics(dir: &str, objects: &[Value], problems: &mut Vec<String>) {
+    if dir != EXAMPLES {
+        // One coordinator (it locks its volume; a second would refuse to start), kept from
+        // voluntary eviction.
+        let sets: Vec<_> = objects
+            .iter()
+            .filter(|o| key(o) == "StatefulSet/chorus-coordinator")
+            .collect();
+        if sets.len() != 1 || sets[0]["spec"]["replicas"].as_u64() != Some(1) {
+            problems.push("not exactly one StatefulSet/chorus-coordinator with replicas: 1".into());
+        }
+        let guarded = objects.iter().any(|o| {
+            s(&o["kind"]) == "PodDisruptionBudget"
+                && s(&o["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]) == "coordinator"
+                && (o["spec"]["minAvailable"].as_u64() == Some(1) || o["spec"]["maxUnavailable"].as_u64() == Some(0))
+        });
+        if !guarded {
+            problems.push("no PodDisruptionBudget keeps the coordinator".into());
+        }
+    }
     let workers: Vec<_> = containers(dir, objects)
         .into_iter()
         .filter(|c| c.workload == "chorus-worker")
