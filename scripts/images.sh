@@ -151,6 +151,7 @@ EOF
   $sudo mount -t proc proc "$rootfs/proc"
   $sudo chroot "$rootfs" /usr/bin/env DEBIAN_FRONTEND=noninteractive apt-get -qq update >&2
   $sudo chroot "$rootfs" /usr/bin/env DEBIAN_FRONTEND=noninteractive apt-get -qq -y upgrade >&2
+  # shellcheck disable=SC2016 # dpkg-query's own format, not the shell's
   $sudo chroot "$rootfs" dpkg-query -W -f '${Package} ${Version}\n' >"$base_tar.packages"
   $sudo chroot "$rootfs" apt-get clean
   $sudo umount "$rootfs/proc"
