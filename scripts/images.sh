@@ -8,10 +8,11 @@
 #   chorus/worker-cuda:TAG      chorus/worker + libtorch's CUDA half, the CUDA runtime, cuDNN and
 #                               NCCL from their PyPI wheels (only with --cuda)
 #
-# Use: scripts/images.sh [--profile release|debug] [--tag TAG] [--cuda]
-#   --profile  cargo profile of the binaries (default release; debug reuses target/debug)
-#   --tag      image tag (default: the workspace version in Cargo.toml)
-#   --cuda     also build chorus/worker-cuda:TAG (downloads several GB of wheels once)
+# Use: scripts/images.sh [--profile release|debug] [--tag TAG] [--cuda] [--base-only]
+#   --profile    cargo profile of the binaries (default release, staged without line tables;
+#                debug reuses target/debug as built)
+#   --tag        image tag (default: the workspace version in Cargo.toml)
+#   --cuda       also build chorus/worker-cuda:TAG (downloads about 2 GB of wheels once)
 #   --base-only  make and import chorus/base only (no cargo build)
 #
 # No registry is needed or contacted: the base comes from a Debian mirror (CHORUS_DEBIAN_MIRROR,
