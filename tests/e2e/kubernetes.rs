@@ -652,6 +652,26 @@ struct Invocation {
     with_env: bool,
 }
 
+/// The probes that run one of our binaries (the coordinator's `chorus health`): they must parse.
+fn probe_invocations(c: &Container) -> Vec<Invocation> {
+    let mut found = Vec::new();
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        let command: Vec<String> = seq(&c.c[probe]["exec"]["command"])
+            .iter()
+            .map(|v| s(v).to_string())
+            .collect();
+        if let Some(binary) = command.first().and_then(|p| p.strip_prefix("/opt/chorus/bin/")) {
+            found.push(Invocation {
+                binary: binary.to_string(),
+                args: command[1..].to_vec(),
+                parse_only: true,
+                with_env: false,
+            });
+        }
+    }
+    found
+}
+
 fn invocations(c: &Container) -> Vec<Invocation> {
     let command: Vec<String> = seq(&c.c["command"]).iter().map(|v| s(v).to_string()).collect();
     let args: Vec<String> = seq(&c.c["args"]).iter().map(|v| s(v).to_string()).collect();
@@ -715,7 +735,7 @@ fn invocations(c: &Container) -> Vec<Invocation> {
 fn check_command_line(c: &Container, objects: &[Value], tls: &TlsFiles, problems: &mut Vec<String>) {
     let root = tempfile::tempdir().unwrap();
     let mounts = lay_out_mounts(c, objects, tls, root.path());
-    for inv in invocations(c) {
+    for inv in invocations(c).into_iter().chain(probe_invocations(c)) {
         let binary = chorus_tests::binary(&inv.binary);
         let mut args: Vec<String> = inv.args.iter().map(|a| remap(a, &mounts)).collect();
         args.push(if inv.parse_only { "--help" } else { "--check-config" }.to_string());
