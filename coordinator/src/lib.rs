@@ -71,6 +71,9 @@ pub struct Options {
     pub reconcile_interval: Duration,
     /// Where to serve Prometheus `/metrics` over HTTP; not served when `None`.
     pub metrics_listener: Option<std::net::SocketAddr>,
+    /// Where to serve `grpc.health.v1` alone in plain text (probes that cannot speak TLS);
+    /// not served when `None`.
+    pub health_listener: Option<std::net::SocketAddr>,
     /// Storage prefixes experiments may use, besides the default storage (always allowed).
     pub allowed_storage: Vec<String>,
     /// Accept `memory://` storage, which each process keeps to itself: for tests only.
@@ -95,6 +98,7 @@ impl Options {
             timing: Timing::default(),
             reconcile_interval: Duration::from_millis(500),
             metrics_listener: None,
+            health_listener: None,
             allowed_storage: Vec::new(),
             allow_memory_storage: false,
             budgets: BudgetLimits::default(),
@@ -386,6 +390,22 @@ pub async fn run(
         }
         tracing::info!("shutting down: draining calls in flight");
     };
+    // The same health reports on a plain port of their own: a Kubernetes gRPC probe speaks
+    // neither TLS nor tokens, and health is all that port serves.
+    let health_only = match opts.health_listener {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await?;
+            tracing::info!(addr = %listener.local_addr()?, "serving grpc.health.v1 in plain text");
+            let service = health_service.clone();
+            Some(tokio::spawn(async move {
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                    .await
+            }))
+        }
+        None => None,
+    };
     // Both reflection versions, each listing both: grpcurl speaks v1, many tools v1alpha only.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -439,6 +459,9 @@ pub async fn run(
     writer.sync().await;
     if let Some(m) = metrics {
         m.abort();
+    }
+    if let Some(h) = health_only {
+        h.abort();
     }
     // Held to the end: the next coordinator may open the store once this one wrote its last.
     drop(lock);

@@ -64,6 +64,10 @@ struct Args {
     /// Serve Prometheus metrics on http://ADDR/metrics (off unless set).
     #[arg(long, env = "CHORUS_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Also serve grpc.health.v1 alone, in plain text, on this address (off unless set): a
+    /// Kubernetes gRPC probe cannot speak TLS, so with TLS on the probes use this port.
+    #[arg(long, env = "CHORUS_HEALTH_LISTEN")]
+    health_listen: Option<std::net::SocketAddr>,
     /// A storage prefix experiments may use (repeatable, or comma-separated); the default
     /// storage is always allowed. Specs naming storage elsewhere are refused.
     #[arg(
@@ -168,6 +172,7 @@ fn options(args: &Args) -> Options {
     opts.default_storage = args.storage.clone();
     opts.storage.s3_endpoint = args.s3_endpoint.clone();
     opts.metrics_listener = args.metrics_listen;
+    opts.health_listener = args.health_listen;
     opts.budgets = BudgetLimits {
         max_trials: args.max_trials_per_experiment,
         max_parallel_trials: args.max_parallel_trials,
@@ -270,6 +275,10 @@ fn check_config(args: &Args) -> anyhow::Result<String> {
     line(
         "metrics_listen",
         args.metrics_listen.map_or("(off)".to_string(), |a| a.to_string()),
+    );
+    line(
+        "health_listen",
+        args.health_listen.map_or("(off)".to_string(), |a| a.to_string()),
     );
     line("lease_ttl", humantime::format_duration(args.lease_ttl).to_string());
     line(

@@ -27,15 +27,17 @@ COPY --from=assemble /rootfs/ /
 # Docker): the store lives there, and the coordinator locks it so two never share one. No VOLUME
 # instruction: it would leave an anonymous volume behind every `docker run` that forgets one.
 ENV CHORUS_LISTEN=0.0.0.0:7070 \
+    CHORUS_HEALTH_LISTEN=0.0.0.0:7071 \
     CHORUS_DATA_DIR=/var/lib/chorus \
     HOME=/var/lib/chorus
 WORKDIR /var/lib/chorus
 USER 10001:10001
-EXPOSE 7070 9090
+EXPOSE 7070 7071 9090
 
-# grpc.health.v1 on the serving port: SERVING once the store is loaded.
+# grpc.health.v1 on the plain-text health port, whether or not 7070 serves TLS: SERVING once
+# the store is loaded.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["/opt/chorus/bin/chorus", "health", "--coordinator", "http://127.0.0.1:7070"]
+    CMD ["/opt/chorus/bin/chorus", "health", "--coordinator", "http://127.0.0.1:7071"]
 
 # tini is PID 1: it forwards SIGTERM (the coordinator drains on it) and reaps orphans.
 ENTRYPOINT ["/usr/bin/tini", "--", "/opt/chorus/bin/chorus-coordinator"]

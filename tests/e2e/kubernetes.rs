@@ -327,27 +327,18 @@ fn check_probes(c: &Container, objects: &[Value], problems: &mut Vec<String>) {
             ));
         }
     } else {
-        // The coordinator's probes check grpc.health.v1 on the port it listens on.
-        let listen = env.get("CHORUS_LISTEN").and_then(|a| port_of(a));
+        // The coordinator's probes are the kubelet's gRPC probes on its plain-text health port
+        // (its API port serves TLS, which those probes do not speak).
+        let health = env.get("CHORUS_HEALTH_LISTEN").and_then(|a| port_of(a));
         for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
             let p = &c.c[probe];
             if p.is_null() {
                 continue;
             }
-            let port = if let Some(port) = p["grpc"]["port"].as_u64() {
-                Some(port)
-            } else {
-                let cmd: Vec<&str> = seq(&p["exec"]["command"]).iter().map(s).collect();
-                let health = cmd.contains(&"health");
-                let url = cmd.iter().find(|a| a.starts_with("http"));
-                if !health {
-                    problems.push(format!("{at}: {probe} does not run `chorus health`: {cmd:?}"));
-                }
-                url.and_then(|u| port_of(u))
-            };
-            if listen.is_none() || port != listen {
+            let port = p["grpc"]["port"].as_u64();
+            if health.is_none() || port != health {
                 problems.push(format!(
-                    "{at}: {probe} checks port {port:?}, not the CHORUS_LISTEN port {listen:?}"
+                    "{at}: {probe} is not a gRPC probe of the CHORUS_HEALTH_LISTEN port {health:?} (it checks {port:?})"
                 ));
             }
         }

@@ -144,3 +144,50 @@ async fn mutual_tls_makes_the_certificate_the_worker_identity() {
     assert!(refused, "a client certificate outside the CA is refused");
     server.stop().await;
 }
+
+/// Kubernetes gRPC probes speak neither TLS nor tokens: with TLS on, `--health-listen` serves
+/// health alone in plain text, and nothing else.
+#[tokio::test]
+async fn a_plain_health_port_answers_probes_while_the_api_needs_tls() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let pki = Pki::new("health");
+    let (cert, key) = pki.issue(&["localhost"], false);
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path());
+    opts.tls = Some(TlsOptions::new(pki.write("tls.crt", &cert), pki.write("tls.key", &key)));
+    opts.tokens = Tokens {
+        user: vec!["user-secret".into()],
+        worker: vec!["worker-secret".into()],
+    };
+    let health_addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    opts.health_listener = Some(health_addr);
+    let server = Server::start(opts).await;
+
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://{health_addr}"))
+        .unwrap()
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("the health port speaks plain HTTP/2");
+    for service in ["", "chorus.v1.ExperimentService", "chorus.v1.WorkerService"] {
+        let status = HealthClient::new(plain.clone())
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health needs no token")
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    // Health is all it serves: the API is not reachable around TLS and tokens.
+    let err = list(plain).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented, "{err}");
+    server.stop().await;
+}
