@@ -13,6 +13,15 @@ use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+/// Whether the clusters serve gRPC over TLS (their own CA; workers and the CLI trust it through
+/// `CHORUS_CA`), else plaintext with `--insecure`. Off until the coordinator has `--tls-cert` and
+/// `--tls-key` and the worker and CLI take `CHORUS_CA`; `CHORUS_TEST_TLS=1` turns it on for a run.
+const TLS: bool = false;
+
+fn tls() -> bool {
+    TLS || std::env::var_os("CHORUS_TEST_TLS").is_some_and(|v| v == "1")
+}
+
 /// Starts a cluster, or returns from the test (printing why) where docker is not usable.
 macro_rules! cluster_or_skip {
     ($config:expr) => {
@@ -173,6 +182,7 @@ trial:
 fn a_sweep_runs_on_three_worker_containers_and_compare_names_the_best() {
     let c = cluster_or_skip!(DockerConfig {
         workers: 3,
+        tls: tls(),
         ..Default::default()
     });
     let id = submit(&c, "grid.yaml", GRID);
@@ -225,6 +235,7 @@ fn a_data_parallel_trial_trains_across_two_worker_containers() {
         workers: 2,
         // A rank that cannot reach its peer fails fast instead of waiting out the default.
         worker_env: vec![("CHORUS_COLLECTIVE_TIMEOUT".into(), "30s".into())],
+        tls: tls(),
         ..Default::default()
     });
     let data = format!("{STORAGE_URI}/datasets/emo");
@@ -298,6 +309,7 @@ fn a_partitioned_worker_containers_stale_attempt_is_fenced() {
         workers: 2,
         lease_ttl: Duration::from_secs(3),
         heartbeat_interval: Duration::from_millis(500),
+        tls: tls(),
         ..Default::default()
     });
     let yaml = format!(
@@ -347,7 +359,7 @@ trial:
         if now != last {
             (last, still_since) = (now, Instant::now());
         }
-        // It steps every 0.2 s: 3 s without a step is a dead attempt.
+        // It steps every 0.2 s: 3 s without a step is a dead attempt (checked again at the end).
         Ok(still_since.elapsed() > Duration::from_secs(3))
     })
     .unwrap();
@@ -360,6 +372,11 @@ trial:
     })
     .unwrap();
     assert_eq!(wait_ended(&c, exp, Duration::from_secs(90)), "completed");
+    assert_eq!(
+        ticks(&c, tid, 1).len(),
+        last,
+        "the stale attempt stepped on after it was seen to stop"
+    );
 
     let t = trials(&c, exp).unwrap().remove(0);
     let final_attempt = t["attempt"].as_u64().unwrap();
@@ -440,6 +457,7 @@ fn node_loss_and_a_coordinator_replaced_mid_sweep_lose_and_repeat_nothing() {
     const STEPS: u32 = 12;
     let c = cluster_or_skip!(DockerConfig {
         workers: 3,
+        tls: tls(),
         ..Default::default()
     });
     let yaml = format!(
@@ -614,6 +632,7 @@ fn stop_hands_the_trial_back(drain_first: bool) {
     const STEPS: u32 = 30;
     let c = cluster_or_skip!(DockerConfig {
         workers: 2,
+        tls: tls(),
         ..Default::default()
     });
     let yaml = format!(

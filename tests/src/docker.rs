@@ -86,7 +86,10 @@ struct Tls {
 impl Tls {
     /// A CA, and a server certificate it signs for the coordinator's address and name.
     fn generate(ip: Ipv4Addr, names: &[&str]) -> Result<Tls> {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+            KeyUsagePurpose,
+        };
         let ca_key = KeyPair::generate()?;
         let mut ca = CertificateParams::new(Vec::<String>::new())?;
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -99,6 +102,8 @@ impl Tls {
         sans.push(ip.to_string());
         let mut server = CertificateParams::new(sans)?;
         server.distinguished_name.push(DnType::CommonName, "chorus-coordinator");
+        server.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let server_key = KeyPair::generate()?;
         let server_cert = server.signed_by(&server_key, &issuer)?;
 
@@ -900,5 +905,47 @@ impl StorageCopy {
             &uri,
             &chorus_core::storage::StorageOptions::default(),
         )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CA signs a server certificate valid for the coordinator's address and name (checked
+    /// by `openssl verify` where it is installed), and the containers' user can read the files.
+    #[test]
+    fn the_tls_files_chain_to_their_ca_for_the_coordinators_address() {
+        let ip = Ipv4Addr::new(10, 200, 1, 10);
+        let tls = Tls::generate(ip, &["coordinator"]).unwrap();
+        let dir = tls.dir.path();
+        for f in ["ca.pem", "server.pem"] {
+            let text = std::fs::read_to_string(dir.join(f)).unwrap();
+            assert!(text.starts_with("-----BEGIN CERTIFICATE-----"), "{f}: {text}");
+        }
+        let key = std::fs::read_to_string(dir.join("server.key")).unwrap();
+        assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"), "{key}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("server.key")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o004, 0o004, "readable by the containers' user: {mode:o}");
+        let verify = |extra: &[&str]| {
+            Command::new("openssl")
+                .arg("verify")
+                .arg("-CAfile")
+                .arg(dir.join("ca.pem"))
+                .args(["-purpose", "sslserver"])
+                .args(extra)
+                .arg(dir.join("server.pem"))
+                .output()
+        };
+        let Ok(ok) = verify(&["-verify_ip", "10.200.1.10"]) else {
+            eprintln!("openssl is not installed: the chain was not verified");
+            return;
+        };
+        assert!(ok.status.success(), "{ok:?}");
+        let name = verify(&["-verify_hostname", "coordinator"]).unwrap();
+        assert!(name.status.success(), "{name:?}");
+        let wrong = verify(&["-verify_ip", "10.200.1.11"]).unwrap();
+        assert!(!wrong.status.success(), "another address must not verify: {wrong:?}");
     }
 }
