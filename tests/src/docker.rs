@@ -69,8 +69,11 @@ impl Default for DockerConfig {
         DockerConfig {
             workers: 2,
             slots: 1,
-            lease_ttl: Duration::from_secs(3),
-            heartbeat_interval: Duration::from_millis(500),
+            // Longer than the loopback tests' 3 s: containers on a small, busy machine can be
+            // starved of CPU for a while, and a test that is not about leases should not see one
+            // lapse.
+            lease_ttl: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_secs(1),
             tls: false,
             worker_env: Vec::new(),
             coordinator_args: Vec::new(),
