@@ -367,6 +367,14 @@ trial:
         (last as u32) < STEPS,
         "the stale attempt was killed before it finished: it ran to step {last}"
     );
+    // No process of it is left in the worker's container (its shell names the ticks file).
+    let ps = c.exec(&victim, &["ps", "-ww", "-eo", "pid,args"]).unwrap();
+    let ps = String::from_utf8_lossy(&ps.stdout);
+    assert!(ps.contains("chorus-worker"), "{ps}");
+    assert!(
+        !ps.contains("/shared/ticks"),
+        "the stale attempt's processes live on:\n{ps}"
+    );
     c.wait_until(Duration::from_secs(30), "the partitioned worker back", |c| {
         Ok(c.alive_workers()? == 2)
     })
