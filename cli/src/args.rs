@@ -15,7 +15,7 @@ pub struct Cli {
 
 #[derive(Debug, Args)]
 pub struct GlobalOpts {
-    /// Coordinator URL.
+    /// Coordinator URL: `http://` or, for a TLS coordinator, `https://`.
     #[arg(
         long,
         global = true,
@@ -23,6 +23,10 @@ pub struct GlobalOpts {
         default_value = "http://127.0.0.1:7070"
     )]
     pub coordinator: String,
+    /// PEM bundle of the certificate authorities trusted for an `https://` coordinator
+    /// [default: the system's roots]. Empty counts as unset.
+    #[arg(long, global = true, env = "CHORUS_CA", value_name = "PATH")]
+    pub ca: Option<String>,
     /// Bearer token sent with every call; prefer the environment variable so it stays out of
     /// shell history and `ps`.
     #[arg(long, global = true, env = "CHORUS_TOKEN", hide = true, hide_env_values = true)]
@@ -49,6 +53,10 @@ pub enum Command {
     /// Inspect the workers registered with the coordinator.
     #[command(subcommand)]
     Worker(WorkerCmd),
+    /// Ask a gRPC health endpoint (grpc.health.v1) for a service's status: exit 0 if SERVING,
+    /// 1 otherwise. Works against the coordinator's port and a worker's --health-listen port, so
+    /// it serves as a container HEALTHCHECK.
+    Health(HealthArgs),
     /// Make, pack and inspect datasets for the built-in emotion trainer (in object storage; no
     /// coordinator needed).
     #[command(subcommand)]
@@ -182,6 +190,13 @@ pub struct UpdateArgs {
     /// Output format.
     #[arg(long, short, value_enum, default_value_t)]
     pub output: Output,
+}
+
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// The service to ask about; the empty default is the whole server.
+    #[arg(long, default_value = "")]
+    pub service: String,
 }
 
 #[derive(Debug, Args)]

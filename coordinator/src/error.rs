@@ -20,6 +20,37 @@ pub enum CoordError {
     /// A report or call from an attempt or worker incarnation the coordinator has moved past.
     #[error("{0}")]
     Stale(String),
+    /// A worker id registered by another instance that still holds its lease.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// A call of a worker registration that a newer registration of the same worker id has
+    /// replaced: the worker process must stop (see [`FENCED_REASON`]).
+    #[error("{message}")]
+    Fenced {
+        message: String,
+        worker: String,
+        epoch: u64,
+        current: u64,
+    },
+    /// Another process holds the data directory's lock.
+    #[error(
+        "data directory {} is in use by {holder}; stop that coordinator first (one coordinator per data directory)",
+        dir.display()
+    )]
+    DataDirInUse { dir: PathBuf, holder: String },
+    /// A local file or directory operation failed: what was being done, and why.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// TLS material that cannot be used: the file and why.
+    #[error("{0}")]
+    Tls(String),
+    /// An online backup that failed: what failed and why.
+    #[error("{0}")]
+    Backup(String),
     /// Object storage failed; the message names the URI and the cause.
     #[error("{0}")]
     Storage(String),
@@ -62,6 +93,13 @@ impl From<CoreError> for CoordError {
 }
 
 pub type Result<T, E = CoordError> = std::result::Result<T, E>;
+
+/// The `google.rpc.ErrorInfo` reason an ABORTED status carries when the worker's registration
+/// epoch is fenced (its domain is [`ERROR_DOMAIN`]): the worker must exit rather than retry,
+/// which tells it apart from an ABORTED stale attempt (drop that attempt, keep working).
+pub const FENCED_REASON: &str = "WORKER_EPOCH_FENCED";
+/// The `google.rpc.ErrorInfo` domain of the coordinator's machine-readable errors.
+pub const ERROR_DOMAIN: &str = "chorus.v1";
 
 impl CoordError {
     /// An object-storage failure of `what` (e.g. `write experiments/3/spec.yaml`) on the store
@@ -195,6 +233,27 @@ impl From<CoordError> for Status {
             CoordError::NotFound(m) => Status::not_found(m),
             CoordError::FailedPrecondition(m) => Status::failed_precondition(m),
             CoordError::Stale(m) => Status::aborted(m),
+            CoordError::AlreadyExists(m) => Status::already_exists(m),
+            e @ (CoordError::DataDirInUse { .. } | CoordError::Tls(_)) => Status::failed_precondition(e.to_string()),
+            e @ (CoordError::Io { .. } | CoordError::Backup(_)) => Status::internal(e.to_string()),
+            CoordError::Fenced {
+                message,
+                worker,
+                epoch,
+                current,
+            } => Status::with_error_details(
+                Code::Aborted,
+                message,
+                ErrorDetails::with_error_info(
+                    FENCED_REASON,
+                    ERROR_DOMAIN,
+                    [
+                        ("worker_id".to_string(), worker),
+                        ("epoch".to_string(), epoch.to_string()),
+                        ("current_epoch".to_string(), current.to_string()),
+                    ],
+                ),
+            ),
             CoordError::Storage(m) => Status::unavailable(m),
             CoordError::StorageFull(m) => Status::resource_exhausted(m),
             CoordError::Store(e) => Status::internal(format!("coordinator store: {e}")),

@@ -7,8 +7,15 @@
 //! and tell it object-store keys. Its searchers and scheduler stay pure (no I/O, no clock).
 //!
 //! Map: `api/` (one file per gRPC service, protobuf converted in `api/convert.rs`), `state/`
-//! (every transition, one file per concern), `store/` (SQLite and its writer thread),
-//! `protocol.rs` (what workers and the coordinator say, as domain types), `clock.rs`.
+//! (every transition, one file per concern), `store/` (SQLite and its writer thread, the data
+//! directory's lock, online backup), `protocol.rs` (what workers and the coordinator say, as
+//! domain types), `tls.rs` (rustls, certificate reload, client certificates), `clock.rs`.
+//!
+//! Running in a pod: one coordinator per data directory (a second one refuses to start, naming
+//! the holder of `DATA_DIR/LOCK`); every worker registration gets an epoch that fences the older
+//! registrations of its worker id; gRPC is served over TLS (mutual TLS optional), which a
+//! coordinator bound off loopback requires unless told `insecure`; health reports SERVING once
+//! the store is loaded and NOT_SERVING from the start of a shutdown.
 
 pub(crate) mod api;
 pub mod clock;
@@ -24,10 +31,14 @@ pub(crate) mod shards;
 pub(crate) mod state;
 pub(crate) mod store;
 pub(crate) mod telemetry;
+pub mod tls;
 pub(crate) mod trial;
 
 pub use crate::api::auth::Tokens;
 pub use crate::state::Timing;
+pub use crate::store::backup::{BackupReport, backup};
+pub use crate::store::lock::DataDirLock;
+pub use crate::tls::TlsOptions;
 
 use crate::api::auth::{AuthInterceptor, Role};
 use crate::clock::Clock;
@@ -45,6 +56,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
+use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
 
 /// Everything a coordinator is started with.
@@ -67,6 +79,10 @@ pub struct Options {
     pub budgets: BudgetLimits,
     /// Where the coordinator reads the time: the system clocks, or one a test moves.
     pub clock: Clock,
+    /// Serve gRPC over TLS with these files; plain HTTP/2 when `None`.
+    pub tls: Option<TlsOptions>,
+    /// Serve without TLS on a non-loopback address (a private network, a mesh that encrypts).
+    pub insecure: bool,
 }
 
 impl Options {
@@ -83,7 +99,34 @@ impl Options {
             allow_memory_storage: false,
             budgets: BudgetLimits::default(),
             clock: Clock::system(),
+            tls: None,
+            insecure: false,
         }
+    }
+
+    /// Whether serving on `addr` with these options is allowed: on loopback, anything; off it,
+    /// a user token, a worker token (or client certificates under mutual TLS), and TLS unless
+    /// `insecure`. The error says what to set.
+    pub fn check_exposure(&self, addr: std::net::SocketAddr) -> std::result::Result<(), String> {
+        if addr.ip().is_loopback() {
+            return Ok(());
+        }
+        let mtls = self.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        if self.tokens.user.is_empty() || (self.tokens.worker.is_empty() && !mtls) {
+            return Err(format!(
+                "refusing to listen on {addr} without authentication: set a user token (--token / CHORUS_TOKEN) \
+                 and a worker token (--worker-token / CHORUS_WORKER_TOKEN, or client certificates with \
+                 --tls-client-ca / CHORUS_TLS_CLIENT_CA), or bind to a loopback address"
+            ));
+        }
+        if self.tls.is_none() && !self.insecure {
+            return Err(format!(
+                "refusing to listen on {addr} without TLS, which would send tokens in clear text: set \
+                 --tls-cert and --tls-key (CHORUS_TLS_CERT / CHORUS_TLS_KEY), or pass --insecure \
+                 (CHORUS_INSECURE=true) where the network itself is private"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -125,7 +168,7 @@ impl Coordinator {
             opts.allow_memory_storage,
         )?;
         let default_storage = policy.check(&default_storage)?;
-        let db = data_dir.join("chorus.db");
+        let db = data_dir.join(store::DB_FILE);
         let store = store::Store::open(&db).map_err(|e| match CoordError::store_write(&db, e) {
             CoordError::StoreWrite { full, free, source, .. } => CoordError::FailedPrecondition(format!(
                 "cannot open the coordinator store {}: {source}{}",
@@ -229,8 +272,9 @@ impl Coordinator {
 }
 
 /// Serves the coordinator on `listener` until `shutdown` resolves. `ready` is called once the
-/// store is loaded, the tokens checked and the server accepts calls: a supervisor watching for
-/// it knows the coordinator started, and one that never sees it knows it did not.
+/// data directory is locked, the store loaded, the tokens checked and the server accepts calls:
+/// a supervisor watching for it knows the coordinator started, and one that never sees it knows
+/// it did not.
 pub async fn run(
     listener: TcpListener,
     opts: Options,
@@ -238,12 +282,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
-    if !addr.ip().is_loopback() && (opts.tokens.user.is_empty() || opts.tokens.worker.is_empty()) {
-        anyhow::bail!(
-            "refusing to listen on {addr} without authentication: set a user token (--token / CHORUS_TOKEN) \
-             and a worker token (--worker-token / CHORUS_WORKER_TOKEN), or bind to a loopback address"
-        );
-    }
+    opts.check_exposure(addr).map_err(anyhow::Error::msg)?;
+    // Read before anything is locked or opened: a bad certificate is a start-up error.
+    let tls = opts.tls.as_ref().map(tls::acceptor).transpose()?;
+    // Before the store is touched: a second coordinator on the directory stops here.
+    let lock = {
+        let dir = opts.data_dir.clone();
+        tokio::task::spawn_blocking(move || DataDirLock::acquire(&dir)).await??
+    };
     // Opening reads the whole store: off the async threads.
     let coord = {
         let opts = opts.clone();
@@ -322,12 +368,24 @@ pub async fn run(
             .max_encoding_message_size(max),
         AuthInterceptor::new(tokens, Role::Worker),
     );
+    // Only now, with the store loaded and the start-up pass run, is anything SERVING.
     let (health, health_service) = tonic_health::server::health_reporter();
-    for name in ["chorus.v1.ExperimentService", "chorus.v1.WorkerService", ""] {
+    for name in HEALTH_NAMES {
         health
             .set_service_status(name, tonic_health::ServingStatus::Serving)
             .await;
     }
+    // From the first moment of a shutdown, probes say NOT_SERVING, so no new work is routed
+    // here while calls in flight drain.
+    let shutdown = async move {
+        shutdown.await;
+        for name in HEALTH_NAMES {
+            health
+                .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+        tracing::info!("shutting down: draining calls in flight");
+    };
     // Both reflection versions, each listing both: grpcurl speaks v1, many tools v1alpha only.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -340,33 +398,41 @@ pub async fn run(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    // With a listener of our own, the server's TCP settings do not reach accepted sockets:
-    // without TCP_NODELAY, small replies wait out the peer's delayed ACK (~40 ms each).
-    let mut accepted = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let mut ready = Some(ready);
-    let incoming = futures::stream::poll_fn(move |cx| {
-        // The server polls for its first connection once it is serving.
-        if let Some(ready) = ready.take() {
-            tracing::info!(%addr, "coordinator serving");
-            ready(addr);
-        }
-        futures::Stream::poll_next(std::pin::Pin::new(&mut accepted), cx).map(|s| {
-            if let Some(Ok(s)) = &s {
-                let _ = s.set_nodelay(true);
-            }
-            s
-        })
-    });
-    let result = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(experiments)
-        .add_service(workers)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        .add_service(workers);
+    let mut ready = Some(ready);
+    let mode = tls_mode(&opts);
+    let announce = move || {
+        if let Some(ready) = ready.take() {
+            tracing::info!(%addr, tls = mode, "coordinator serving");
+            ready(addr);
+        }
+    };
+    let result = match tls {
+        Some(acceptor) => {
+            let incoming = announce_first_poll(tls::incoming(listener, acceptor), announce);
+            server.serve_with_incoming_shutdown(incoming, shutdown).await
+        }
+        None => {
+            // With a listener of our own, the server's TCP settings do not reach accepted
+            // sockets: without TCP_NODELAY, small replies wait out the peer's delayed ACK.
+            let accepted = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+                if let Ok(s) = &s {
+                    let _ = s.set_nodelay(true);
+                }
+                s
+            });
+            server
+                .serve_with_incoming_shutdown(announce_first_poll(accepted, announce), shutdown)
+                .await
+        }
+    };
     reconcile.abort();
     // Changes already queued (a reconcile pass) are written before the process exits.
     let writer = coord.lock().writer().clone();
@@ -374,8 +440,33 @@ pub async fn run(
     if let Some(m) = metrics {
         m.abort();
     }
+    // Held to the end: the next coordinator may open the store once this one wrote its last.
+    drop(lock);
     result?;
     Ok(())
+}
+
+/// The health names reported: the whole server ("") and each service.
+const HEALTH_NAMES: [&str; 3] = ["", "chorus.v1.ExperimentService", "chorus.v1.WorkerService"];
+
+fn tls_mode(opts: &Options) -> &'static str {
+    match &opts.tls {
+        None => "off",
+        Some(t) if t.client_ca.is_some() => "mutual",
+        Some(_) => "on",
+    }
+}
+
+/// Calls `announce` when the server first polls for a connection, which it does once it is
+/// serving.
+fn announce_first_poll<S: futures::Stream + Unpin>(
+    mut inner: S,
+    mut announce: impl FnMut() + Send + 'static,
+) -> impl futures::Stream<Item = S::Item> {
+    futures::stream::poll_fn(move |cx| {
+        announce();
+        futures::Stream::poll_next(std::pin::Pin::new(&mut inner), cx)
+    })
 }
 
 #[cfg(test)]

@@ -28,12 +28,24 @@ pub struct Registration {
     /// Where its ranks can be reached by other workers.
     pub address: String,
     pub running: Vec<RunningAttempt>,
+    /// Which process lineage registers (a pod's uid, a data directory's id); empty when the
+    /// worker did not say, which counts as a stranger to every registration.
+    pub instance: String,
+}
+
+/// A registration as accepted: its epoch, and the attempts the worker should kill.
+#[derive(Debug, Clone)]
+pub struct Registered {
+    pub epoch: u64,
+    pub kill: Vec<RunningAttempt>,
 }
 
 /// A batch of events from one rank of one attempt.
 #[derive(Debug, Clone)]
 pub struct Report {
     pub worker: WorkerId,
+    /// The registration epoch the worker speaks for.
+    pub epoch: u64,
     pub trial: TrialId,
     pub attempt: u32,
     pub rank: u32,
@@ -129,6 +141,8 @@ pub struct Assignment {
 #[derive(Debug, Clone)]
 pub struct JoinRequest {
     pub worker: WorkerId,
+    /// The registration epoch the worker speaks for.
+    pub epoch: u64,
     pub trial: TrialId,
     pub attempt: u32,
     pub rank: u32,

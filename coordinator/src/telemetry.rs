@@ -15,6 +15,8 @@ pub struct Telemetry {
     experiments: Family<Labels, Gauge>,
     trials: Family<Labels, Gauge>,
     workers: Gauge,
+    workers_registered: Gauge,
+    ranks_waiting: Gauge,
     slots: Family<Labels, Gauge>,
     /// Attempts placed on workers.
     pub attempts_placed: Counter,
@@ -38,6 +40,9 @@ pub struct Gauges {
     /// Trials by state name.
     pub trials: Vec<(&'static str, u64)>,
     pub workers: u64,
+    /// Ranks of trials that want to run and have no placement: the demand an autoscaler adds
+    /// workers for.
+    pub ranks_waiting: u64,
     pub cpu_capacity: u64,
     pub cpu_busy: u64,
 }
@@ -51,6 +56,18 @@ impl Default for Telemetry {
         registry.register("trials", "Trials by state", trials.clone());
         let workers = Gauge::default();
         registry.register("workers", "Workers holding a lease", workers.clone());
+        let workers_registered = Gauge::default();
+        registry.register(
+            "workers_registered",
+            "Workers registered with this coordinator and holding a lease (the same count as chorus_workers)",
+            workers_registered.clone(),
+        );
+        let ranks_waiting = Gauge::default();
+        registry.register(
+            "ranks_waiting",
+            "Ranks of pending trials of active experiments that have no placement yet: pending demand, for autoscaling",
+            ranks_waiting.clone(),
+        );
         let slots = Family::<Labels, Gauge>::default();
         registry.register(
             "worker_cpu_slots",
@@ -95,6 +112,8 @@ impl Default for Telemetry {
             experiments,
             trials,
             workers,
+            workers_registered,
+            ranks_waiting,
             slots,
             attempts_placed,
             attempts_lost,
@@ -119,6 +138,8 @@ impl Telemetry {
                 .set(*n as i64);
         }
         self.workers.set(g.workers as i64);
+        self.workers_registered.set(g.workers as i64);
+        self.ranks_waiting.set(g.ranks_waiting as i64);
         self.slots
             .get_or_create(&vec![("use", "capacity".to_string())])
             .set(g.cpu_capacity as i64);

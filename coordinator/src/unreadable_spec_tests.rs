@@ -83,6 +83,7 @@ fn an_unreadable_stored_spec_fails_its_experiment_instead_of_the_coordinator() {
                     })
                     .to_vec(),
                 attempts: Vec::new(),
+                epochs: Vec::new(),
                 drained: None,
             })
             .unwrap();

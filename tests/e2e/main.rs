@@ -8,6 +8,7 @@ mod containment;
 mod crash;
 mod data_parallel;
 mod fencing;
+mod kubernetes;
 mod metrics;
 mod output;
 mod paging;

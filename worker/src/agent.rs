@@ -5,6 +5,12 @@
 //! start over with backoff. Trials never depend on the link: a lost coordinator only pauses
 //! report delivery. Each attempt has its own delivery task holding its events in order until
 //! the coordinator acknowledges them, so reports survive any outage the worker itself survives.
+//!
+//! Every Register answers an epoch, and every later call carries the latest one. A call refused
+//! as fenced (ABORTED naming the epoch, see [`is_fenced`]) under the current epoch means a newer
+//! registration of this worker id replaced this process: it kills its trials without reporting
+//! them and exits. Refused under an older epoch, it only means this process registered again
+//! meanwhile, and the call is retried under the new one.
 
 use crate::attempts::{AttemptKey, Attempts, Held};
 use crate::config::{Timings, WorkerConfig};
@@ -19,14 +25,14 @@ use chorus_proto::pb::{self, trial_event::Kind, worker_command::Command, worker_
 use prost::Message;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Request, Status, Streaming};
 use tracing::{debug, error, info, warn};
 
@@ -75,10 +81,29 @@ impl Interceptor for BearerAuth {
 
 /// The coordinator as delivery tasks see it: `Some` only once Register succeeded and the stream
 /// is open, so buffered reports go out after the coordinator knows this worker again.
-type Link = Option<WorkerClient>;
+type Link = Option<Linked>;
+
+/// A registered connection and the epoch its Register answered, which every call carries.
+#[derive(Clone)]
+struct Linked {
+    client: WorkerClient,
+    epoch: u64,
+}
+
+/// Whether a refusal says the caller's registration was fenced by a newer one of its worker id.
+/// The coordinator answers ABORTED with "epoch" and "fenced" in the message; a stale *attempt*
+/// is ABORTED too but never names an epoch.
+pub fn is_fenced(status: &Status) -> bool {
+    if status.code() != Code::Aborted {
+        return false;
+    }
+    let message = status.message().to_ascii_lowercase();
+    message.contains("epoch") && message.contains("fenced")
+}
 
 struct Session {
     client: WorkerClient,
+    epoch: u64,
     heartbeat_every: Duration,
     commands: Streaming<pb::WorkerCommand>,
 }
@@ -91,10 +116,13 @@ enum Delivery {
     Stale,
     /// The coordinator will never accept this batch; retrying would jam the attempt's queue.
     Rejected(Status),
+    /// This process was replaced; nothing more of it is reported.
+    Fenced,
 }
 
 pub(crate) struct Agent {
     worker_id: String,
+    instance: String,
     coordinator: String,
     capacity: pb::Resources,
     labels: HashMap<String, String>,
@@ -105,7 +133,14 @@ pub(crate) struct Agent {
     attempts: Attempts,
     runner: RunnerContext,
     link: watch::Sender<Link>,
-    accepting: AtomicBool,
+    /// The epoch of this process's latest registration.
+    epoch: AtomicU64,
+    /// Set (to the coordinator's words) once a newer registration of this worker id fenced this
+    /// process.
+    fenced: watch::Sender<Option<String>>,
+    /// Shutting down: no new attempt starts, and health says NOT_SERVING.
+    draining: watch::Sender<bool>,
+    health: Option<tonic_health::server::HealthReporter>,
     /// Runners' rendezvous requests, taken by the task that serves them.
     rendezvous_calls: std::sync::Mutex<Option<mpsc::UnboundedReceiver<RendezvousCall>>>,
     /// Held for the worker's lifetime; the kernel drops it when the process dies, however it dies.
@@ -114,15 +149,21 @@ pub(crate) struct Agent {
 
 impl Agent {
     /// `lock` is the data directory's: the start kills whatever the directory's records name,
-    /// which must never be a live worker's trials.
-    pub fn new(config: WorkerConfig, lock: DataDirLock) -> Result<Arc<Self>, WorkerError> {
-        let url = if config.coordinator.contains("://") {
-            config.coordinator.clone()
-        } else {
-            format!("http://{}", config.coordinator)
-        };
-        let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|source| WorkerError::CoordinatorUrl { url, source })?
+    /// which must never be a live worker's trials. The advertise address must be resolved.
+    pub fn new(
+        config: WorkerConfig,
+        lock: DataDirLock,
+        health: Option<tonic_health::server::HealthReporter>,
+    ) -> Result<Arc<Self>, WorkerError> {
+        let url = crate::config::coordinator_url(&config.coordinator)?;
+        let advertise_address = config
+            .advertise_address
+            .ok_or_else(|| WorkerError::Config("the advertise address was not resolved".into()))?;
+        let mut endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|source| WorkerError::CoordinatorUrl {
+                url: url.clone(),
+                source,
+            })?
             .connect_timeout(config.timings.connect_timeout)
             .tcp_nodelay(true)
             // A coordinator that vanished without closing the connection (host lost, partition)
@@ -130,7 +171,29 @@ impl Agent {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
+        if url.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new();
+            tls = match &config.tls.ca {
+                Some(ca) => tls.ca_certificate(Certificate::from_pem(&ca.pem)),
+                None => tls.with_native_roots(),
+            };
+            if let Some((cert, key)) = &config.tls.identity {
+                tls = tls.identity(Identity::from_pem(&cert.pem, &key.pem));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|source| WorkerError::CoordinatorUrl { url, source })?;
+        } else if config.tls.is_set() {
+            return Err(WorkerError::Config(format!(
+                "TLS files are set but the coordinator {url} is plain http"
+            )));
+        }
         std::fs::create_dir_all(&config.data_dir).map_err(WorkerError::io(&config.data_dir))?;
+        // Under the data directory's lock, so two processes never race to create it.
+        let instance = match config.instance {
+            Some(i) => i,
+            None => crate::config::load_or_create_instance(&config.data_dir)?,
+        };
         let containment = Arc::new(Containment::for_worker(config.containment, &config.data_dir)?);
         let gpus = u32::try_from(config.gpu_ids.len()).unwrap_or(u32::MAX);
         let (rendezvous_tx, rendezvous_rx) = mpsc::unbounded_channel();
@@ -150,7 +213,7 @@ impl Agent {
                 kill_grace: config.timings.kill_grace,
                 output_grace: config.timings.output_grace,
                 store_retry: config.timings.store_retry,
-                advertise_address: config.advertise_address,
+                advertise_address,
                 collective_timeout: config.timings.collective_timeout,
                 rendezvous_timeout: config.timings.rendezvous_timeout,
                 rendezvous: Some(rendezvous_tx),
@@ -159,11 +222,15 @@ impl Agent {
             },
             rendezvous_calls: std::sync::Mutex::new(Some(rendezvous_rx)),
             worker_id: config.worker_id,
+            instance,
             coordinator: config.coordinator,
             timings: config.timings,
             endpoint,
             link: watch::channel(None).0,
-            accepting: AtomicBool::new(true),
+            epoch: AtomicU64::new(0),
+            fenced: watch::channel(None).0,
+            draining: watch::channel(false).0,
+            health,
             _data_dir_lock: lock,
         }))
     }
@@ -174,7 +241,9 @@ impl Agent {
     pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
         info!(
             worker_id = %self.worker_id,
+            instance = %self.instance,
             coordinator = %self.coordinator,
+            advertise_address = %self.runner.advertise_address,
             slots = self.capacity.cpus,
             gpus = self.capacity.gpus,
             data_dir = %self.runner.data_dir.display(),
@@ -192,9 +261,11 @@ impl Agent {
         }
         let (stop_tx, stop_rx) = watch::channel(false);
         let calls = self.rendezvous_calls.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(mut calls) = calls {
+        // Ends with this call: the task holds the agent (and so the data directory's lock),
+        // which a worker started again in the same process must be able to take.
+        let _rendezvous = calls.map(|mut calls| {
             let agent = self.clone();
-            tokio::spawn(async move {
+            AbortOnDrop(tokio::spawn(async move {
                 while let Some(call) = calls.recv().await {
                     let agent = agent.clone();
                     tokio::spawn(async move {
@@ -202,45 +273,127 @@ impl Agent {
                         let _ = call.reply.send(answer);
                     });
                 }
-            });
+            }))
+        });
+        if let Some(reporter) = self.health.clone() {
+            tokio::spawn(report_health(
+                reporter,
+                self.link.subscribe(),
+                self.draining.subscribe(),
+            ));
         }
         let mut supervisor = tokio::spawn(self.clone().supervise(stop_rx));
+        let mut fenced = self.fenced.subscribe();
         tokio::pin!(shutdown);
         tokio::select! {
             _ = &mut shutdown => {}
+            () = async { let _ = fenced.wait_for(Option::is_some).await; } => {
+                supervisor.abort();
+                return Err(self.replaced().await);
+            }
             r = &mut supervisor => {
+                let r = r.unwrap_or_else(|e| Err(WorkerError::Task(e.to_string())));
+                if let Err(WorkerError::Fenced { .. }) = r {
+                    return Err(self.replaced().await);
+                }
                 self.attempts.stop_all(Stop::Shutdown);
-                return r.unwrap_or_else(|e| Err(WorkerError::Task(e.to_string())));
+                return r;
             }
         }
 
-        self.accepting.store(false, Ordering::SeqCst);
+        self.draining.send_replace(true);
         info!(
             attempts = self.attempts.running().len(),
             "shutting down: stopping trials, flushing their reports"
         );
         self.attempts.stop_all(Stop::Shutdown);
-        let stopping =
-            self.timings.kill_grace + self.timings.output_grace + self.timings.store_retry + FINAL_UPLOAD_BUDGET;
-        if tokio::time::timeout(stopping, self.attempts.wait_until(Held::NoRunner))
-            .await
-            .is_err()
-        {
-            warn!(budget = ?stopping, "some trials had not finished stopping; leaving them");
-        }
-        if tokio::time::timeout(self.timings.shutdown_flush, self.attempts.wait_until(Held::Nothing))
-            .await
-            .is_err()
-        {
-            warn!(
-                attempts = self.attempts.running().len(),
-                "exiting with undelivered reports; the coordinator's lease handling covers those attempts"
-            );
+        let drain = async {
+            let stopping =
+                self.timings.kill_grace + self.timings.output_grace + self.timings.store_retry + FINAL_UPLOAD_BUDGET;
+            if tokio::time::timeout(stopping, self.attempts.wait_until(Held::NoRunner))
+                .await
+                .is_err()
+            {
+                warn!(budget = ?stopping, "some trials had not finished stopping; leaving them");
+            }
+            if tokio::time::timeout(self.timings.shutdown_flush, self.attempts.wait_until(Held::Nothing))
+                .await
+                .is_err()
+            {
+                warn!(
+                    attempts = self.attempts.running().len(),
+                    "exiting with undelivered reports; the coordinator's lease handling covers those attempts"
+                );
+            }
+        };
+        // Replaced while draining: what the trials would still write belongs to the instance
+        // that replaced this one.
+        tokio::select! {
+            () = drain => {}
+            () = async { let _ = fenced.wait_for(Option::is_some).await; } => {
+                supervisor.abort();
+                return Err(self.replaced().await);
+            }
         }
         let _ = stop_tx.send(true);
         supervisor
             .await
             .unwrap_or_else(|e| Err(WorkerError::Task(e.to_string())))
+    }
+
+    /// This process was replaced by a newer registration of its worker id: its attempts now
+    /// belong to the coordinator's other placements, so they are killed without a word to the
+    /// coordinator and write nothing more to storage.
+    async fn replaced(&self) -> WorkerError {
+        let message = self.fenced.borrow().clone().unwrap_or_default();
+        self.draining.send_replace(true);
+        self.link.send_replace(None);
+        self.attempts.mark_all_stale();
+        error!(
+            worker_id = %self.worker_id,
+            instance = %self.instance,
+            attempts = self.attempts.running().len(),
+            message,
+            "replaced by a newer registration of this worker id: killing every trial and exiting"
+        );
+        self.attempts.stop_all(Stop::Kill(
+            "the worker was replaced by a newer registration of its id".into(),
+        ));
+        let stopping = self.timings.kill_grace + self.timings.output_grace;
+        if tokio::time::timeout(stopping, self.attempts.wait_until(Held::NoRunner))
+            .await
+            .is_err()
+        {
+            warn!(budget = ?stopping, "some trials had not finished stopping; leaving them to the guardian");
+        }
+        WorkerError::Fenced {
+            worker_id: self.worker_id.clone(),
+            message,
+        }
+    }
+
+    /// Called with the refusal of a call made under `epoch`: true when it means this process
+    /// was replaced (and records so, which ends [`Agent::run`]). A fence under an older epoch
+    /// is this process's own newer registration: the call is simply made again.
+    fn fenced_by(&self, status: &Status, epoch: u64) -> bool {
+        if !is_fenced(status) || epoch < self.epoch.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.fenced.send_if_modified(|f| {
+            if f.is_some() {
+                return false;
+            }
+            *f = Some(status.message().to_string());
+            true
+        });
+        true
+    }
+
+    fn fenced_error(&self) -> WorkerError {
+        WorkerError::Fenced {
+            worker_id: self.worker_id.clone(),
+            message: self.fenced.borrow().clone().unwrap_or_default(),
+        }
     }
 
     fn request<T>(&self, msg: T) -> Request<T> {
@@ -269,17 +422,37 @@ impl Agent {
                     ever_registered = true;
                     failures = 0;
                     backoff.reset();
-                    self.link.send_replace(Some(session.client.clone()));
+                    self.link.send_replace(Some(Linked {
+                        client: session.client.clone(),
+                        epoch: session.epoch,
+                    }));
                     let ended = tokio::select! {
                         e = self.session(session) => e,
                         _ = stopped(&mut stop) => return Ok(()),
                     };
                     self.link.send_replace(None);
+                    if let WorkerError::Fenced { .. } = ended {
+                        return Err(ended);
+                    }
                     warn!(error = %ended, attempts = self.attempts.running().len(), "lost the coordinator; trials keep running while reconnecting");
                 }
+                Err(e @ WorkerError::Fenced { .. }) => return Err(e),
                 Err(e) if !ever_registered && e.is_permanent() => {
                     error!(error = %e, "the coordinator refused this worker");
                     return Err(e);
+                }
+                // Once registered, a refusal because another live instance holds the id means
+                // the coordinator gave this worker's id (and its attempts) to that instance:
+                // this process was replaced, as surely as if a call had been fenced.
+                Err(WorkerError::IdHeld { message, .. }) if ever_registered => {
+                    self.fenced.send_replace(Some(message));
+                    return Err(self.fenced_error());
+                }
+                Err(e @ WorkerError::IdHeld { .. }) => {
+                    failures += 1;
+                    // Said at every try while it lasts: a person watching a rollout needs to see
+                    // why this pod is not taking work. The backoff keeps it to one line per 5 s.
+                    warn!(error = %e, failed_tries = failures, "cannot register");
                 }
                 Err(e) => {
                     failures += 1;
@@ -300,7 +473,7 @@ impl Agent {
     }
 
     async fn establish(&self) -> Result<Session, WorkerError> {
-        let channel = self.endpoint.connect().await.map_err(WorkerError::Connect)?;
+        let channel = self.endpoint.connect().await.map_err(WorkerError::connect)?;
         let client = WorkerServiceClient::with_interceptor(channel, self.auth.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -311,6 +484,7 @@ impl Agent {
             address: self.runner.advertise_address.to_string(),
             // A restarted coordinator re-attaches these instead of placing them again.
             running: self.attempts.running(),
+            instance: self.instance.clone(),
         };
         let terms = client
             .clone()
@@ -321,14 +495,21 @@ impl Agent {
                     has_token: self.has_token,
                     status: Box::new(status),
                 },
+                Code::AlreadyExists => WorkerError::IdHeld {
+                    worker_id: self.worker_id.clone(),
+                    message: status.message().to_string(),
+                },
                 _ => WorkerError::rpc("Register")(status),
             })?
             .into_inner();
+        let epoch = terms.epoch;
+        self.epoch.store(epoch, Ordering::SeqCst);
         self.apply_kills(&terms.kill, "the coordinator no longer wants this attempt");
         // No deadline on the call itself: it lives as long as the session. Only its opening is bounded.
         let mut opener = client.clone();
         let open = opener.assignments(pb::AssignmentsRequest {
             worker_id: self.worker_id.clone(),
+            epoch,
         });
         let commands = tokio::time::timeout(self.timings.rpc_timeout, open)
             .await
@@ -336,15 +517,22 @@ impl Agent {
                 rpc: "Assignments",
                 after: self.timings.rpc_timeout,
             })?
-            .map_err(WorkerError::rpc("Assignments"))?
+            .map_err(|s| {
+                if self.fenced_by(&s, epoch) {
+                    self.fenced_error()
+                } else {
+                    WorkerError::rpc("Assignments")(s)
+                }
+            })?
             .into_inner();
         let heartbeat_every = match terms.heartbeat_interval_ms {
             0 => DEFAULT_HEARTBEAT,
             ms => Duration::from_millis(ms),
         };
-        debug!(heartbeat_every = ?heartbeat_every, lease_ttl_ms = terms.lease_ttl_ms, "lease terms");
+        debug!(heartbeat_every = ?heartbeat_every, lease_ttl_ms = terms.lease_ttl_ms, epoch, "lease terms");
         Ok(Session {
             client,
+            epoch,
             heartbeat_every,
             commands,
         })
@@ -354,6 +542,7 @@ impl Agent {
     async fn session(self: &Arc<Self>, s: Session) -> WorkerError {
         let Session {
             client,
+            epoch,
             heartbeat_every,
             mut commands,
         } = s;
@@ -365,9 +554,11 @@ impl Agent {
                 let beat = pb::HeartbeatRequest {
                     worker_id: self.worker_id.clone(),
                     running: self.attempts.running(),
+                    epoch,
                 };
                 match client.clone().heartbeat(self.request(beat)).await {
                     Ok(r) => self.apply_kills(&r.into_inner().kill, "the coordinator no longer wants this attempt"),
+                    Err(s) if self.fenced_by(&s, epoch) => return self.fenced_error(),
                     Err(s) if s.code() == Code::NotFound => return WorkerError::Forgotten,
                     Err(s) if link_lost(&s) => return WorkerError::rpc("Heartbeat")(s),
                     Err(s) => warn!(status = %s, "heartbeat failed"),
@@ -379,6 +570,7 @@ impl Agent {
                 match commands.message().await {
                     Ok(Some(cmd)) => self.handle_command(cmd),
                     Ok(None) => return WorkerError::StreamEnded,
+                    Err(s) if self.fenced_by(&s, epoch) => return self.fenced_error(),
                     Err(s) => return WorkerError::rpc("Assignments")(s),
                 }
             }
@@ -429,7 +621,7 @@ impl Agent {
 
     fn start_attempt(self: &Arc<Self>, a: pb::Assignment) {
         let key = AttemptKey::new(a.trial_id, a.attempt, a.rank);
-        if !self.accepting.load(Ordering::SeqCst) {
+        if *self.draining.borrow() {
             warn!(
                 trial = a.trial_id,
                 attempt = a.attempt,
@@ -528,6 +720,8 @@ impl Agent {
                         .stop(key, Stop::Kill("stale attempt: the coordinator has moved on".into()));
                     return;
                 }
+                // The process is on its way out; the coordinator hears nothing more of it.
+                Delivery::Fenced => return,
                 Delivery::Rejected(status) => {
                     error!(trial = %key.trial, attempt = key.attempt, events = n, status = %status, "the coordinator rejected reports; dropping them");
                     flow.delivered(key.attempt, queue.make_contiguous().get(..n).unwrap_or_default());
@@ -546,14 +740,22 @@ impl Agent {
         let mut link = self.link.subscribe();
         let mut backoff = Backoff::new();
         loop {
-            let client = connected(&mut link).await;
-            let mut call = Request::new(req.clone());
+            let Linked { client, epoch } = connected(&mut link).await;
+            let mut call = Request::new(pb::RendezvousRequest { epoch, ..req.clone() });
             // Longer than the coordinator holds the call before answering DEADLINE_EXCEEDED.
             call.set_timeout(RENDEZVOUS_CALL_TIMEOUT);
             let status = match client.clone().rendezvous(call).await {
                 Ok(resp) => return Ok(resp.into_inner()),
                 Err(s) => s,
             };
+            if self.fenced_by(&status, epoch) {
+                return Err("this worker was replaced by a newer registration of its id".into());
+            }
+            if is_fenced(&status) {
+                // This process registered again since the call went out: call under the new epoch.
+                backoff.reset();
+                continue;
+            }
             match status.code() {
                 Code::DeadlineExceeded => {
                     debug!(
@@ -585,18 +787,28 @@ impl Agent {
     async fn report(&self, key: AttemptKey, events: Vec<pb::TrialEvent>, link: &mut watch::Receiver<Link>) -> Delivery {
         let mut backoff = Backoff::new();
         loop {
-            let client = connected(link).await;
+            let Linked { client, epoch } = connected(link).await;
             let req = pb::ReportTrialRequest {
                 worker_id: self.worker_id.clone(),
                 trial_id: key.trial.0,
                 attempt: key.attempt,
                 rank: key.rank,
                 events: events.clone(),
+                epoch,
             };
             let status = match client.clone().report_trial(self.request(req)).await {
                 Ok(_) => return Delivery::Acknowledged,
                 Err(s) => s,
             };
+            if self.fenced_by(&status, epoch) {
+                return Delivery::Fenced;
+            }
+            // Fenced under an older epoch: this process registered again meanwhile; resend
+            // under the new one rather than take the ABORTED for a stale attempt.
+            if is_fenced(&status) {
+                backoff.reset();
+                continue;
+            }
             match status.code() {
                 Code::Aborted | Code::NotFound => return Delivery::Stale,
                 Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange | Code::Unimplemented => {
@@ -612,6 +824,15 @@ impl Agent {
                 _ = link.changed() => backoff.reset(),
             }
         }
+    }
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -655,7 +876,24 @@ fn link_lost(s: &Status) -> bool {
     )
 }
 
-async fn connected(link: &mut watch::Receiver<Link>) -> WorkerClient {
+/// Keeps the health endpoint's overall status in step: SERVING while registered and not
+/// draining. Ends with the agent.
+async fn report_health(
+    reporter: tonic_health::server::HealthReporter,
+    mut link: watch::Receiver<Link>,
+    mut draining: watch::Receiver<bool>,
+) {
+    loop {
+        let serving = link.borrow_and_update().is_some() && !*draining.borrow_and_update();
+        crate::health::report(&reporter, serving).await;
+        tokio::select! {
+            r = link.changed() => if r.is_err() { return },
+            r = draining.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+async fn connected(link: &mut watch::Receiver<Link>) -> Linked {
     loop {
         let up = link.borrow_and_update().clone();
         if let Some(client) = up {
@@ -748,6 +986,18 @@ mod tests {
             })),
         };
         assert_eq!(front_batch(&VecDeque::from([huge])).len(), 1);
+    }
+
+    #[test]
+    fn only_an_epoch_fence_counts_as_replaced() {
+        assert!(is_fenced(&Status::aborted(
+            "worker w1: epoch 3 is fenced by a newer registration (epoch 4)"
+        )));
+        assert!(is_fenced(&Status::aborted("Worker w1 FENCED: stale Epoch 3")));
+        // A stale attempt is ABORTED too, without an epoch.
+        assert!(!is_fenced(&Status::aborted("attempt 2 of trial 7 is stale")));
+        assert!(!is_fenced(&Status::aborted("epoch 3 is older")));
+        assert!(!is_fenced(&Status::failed_precondition("epoch 3 is fenced")));
     }
 
     #[test]

@@ -117,6 +117,14 @@ impl Attempts {
         }
     }
 
+    /// This worker was replaced: none of its attempts may write anything more.
+    pub fn mark_all_stale(&self) {
+        let flows: Vec<_> = self.lock().entries.values().filter_map(|e| e.flow.clone()).collect();
+        for flow in flows {
+            flow.mark_stale();
+        }
+    }
+
     /// Takes the attempt in, or returns `None` if it is already held here.
     pub fn admit(&self, key: AttemptKey, wants: pb::Resources) -> Option<Admission> {
         let mut s = self.lock();

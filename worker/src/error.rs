@@ -31,6 +31,18 @@ pub enum WorkerError {
         rpc: &'static str,
         after: std::time::Duration,
     },
+    /// The coordinator could not be reached over TLS because a certificate was refused (ours or
+    /// its): retrying will not help until someone changes a certificate or `--ca`.
+    #[error("TLS with the coordinator failed (check --ca, --tls-cert and --tls-key): {0}")]
+    Tls(String),
+    /// Register was refused with ALREADY_EXISTS: another instance holds this worker id and its
+    /// lease. Retried: the other is often a pod on its way out.
+    #[error("worker id {worker_id} is held by another live instance; retrying until its lease lapses ({message})")]
+    IdHeld { worker_id: String, message: String },
+    /// A newer registration of this worker id fenced this process: it has been replaced, and
+    /// must stop its trials and exit instead of registering again.
+    #[error("worker {worker_id} was replaced by a newer registration of its id; stopped its trials ({message})")]
+    Fenced { worker_id: String, message: String },
     #[error("the coordinator closed the assignment stream")]
     StreamEnded,
     #[error("the coordinator no longer knows this worker (its lease lapsed)")]
@@ -108,6 +120,18 @@ impl WorkerError {
         }
     }
 
+    /// A failed connection; a refused certificate is told apart from an unreachable host.
+    pub(crate) fn connect(e: tonic::transport::Error) -> WorkerError {
+        let text = chain(&e);
+        // rustls says "invalid peer certificate: ..." for the coordinator's, and the coordinator's
+        // alert ("... BadCertificate", "... CertificateRequired") for ours.
+        if text.to_ascii_lowercase().contains("certificate") {
+            WorkerError::Tls(text)
+        } else {
+            WorkerError::Connect(e)
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> WorkerError {
         let path = path.into();
         move |source| WorkerError::Io { path, source }
@@ -122,6 +146,8 @@ impl WorkerError {
             | WorkerError::CoordinatorUrl { .. }
             | WorkerError::Unauthenticated { .. }
             | WorkerError::DataDirInUse(_)
+            | WorkerError::Tls(_)
+            | WorkerError::Fenced { .. }
             | WorkerError::Containment(_) => true,
             WorkerError::Rpc { status, .. } => matches!(
                 status.code(),

@@ -16,6 +16,7 @@ pub mod collective;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod health;
 pub mod models;
 pub mod runner;
 pub mod torch;
@@ -26,7 +27,8 @@ pub use error::WorkerError;
 pub use runner::containment::{DataDirLock, guardian};
 
 /// Runs the worker until `shutdown` completes (then stops its trials and flushes their reports)
-/// or until the coordinator refuses it for good. Takes the shutdown signal as a future so tests
+/// or until the coordinator refuses it for good, or until a newer registration of its worker id
+/// replaces it ([`WorkerError::Fenced`]: its trials are killed, unreported). Takes the shutdown signal as a future so tests
 /// can run a worker in-process and stop it at will. Takes the data directory's lock first.
 pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
     let dir = config.data_dir.clone();
@@ -39,11 +41,55 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Re
 /// As [`run`], with the data directory's lock already taken (the binary takes it, and forks
 /// the guardian that inherits it, before its runtime starts).
 pub async fn run_locked(
-    config: WorkerConfig,
+    mut config: WorkerConfig,
     lock: DataDirLock,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
-    agent::Agent::new(config, lock)?.run(shutdown).await
+    tokio::pin!(shutdown);
+    let health = match config.health_listen {
+        Some(addr) => Some(health::HealthEndpoint::serve(addr).await?),
+        None => None,
+    };
+    if config.advertise_address.is_none() {
+        tokio::select! {
+            ip = advertise_address(&config.coordinator) => config.advertise_address = Some(ip),
+            _ = &mut shutdown => return Ok(()),
+        }
+    }
+    let agent = agent::Agent::new(config, lock, health.as_ref().map(health::HealthEndpoint::reporter))?;
+    let result = agent.run(shutdown).await;
+    drop(health);
+    result
+}
+
+/// The address of the interface that routes to the coordinator, retried while the coordinator's
+/// name does not resolve (in a cluster its DNS record may come up after this pod).
+async fn advertise_address(coordinator: &str) -> std::net::IpAddr {
+    let mut delay = std::time::Duration::from_millis(200);
+    let mut tries = 0u32;
+    loop {
+        let url = coordinator.to_string();
+        let found = tokio::task::spawn_blocking(move || config::default_advertise_address(&url))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        match found {
+            Ok(ip) => {
+                tracing::info!(
+                    advertise_address = %ip,
+                    "advertising the address of the interface that routes to the coordinator (set --advertise-address to choose another)"
+                );
+                return ip;
+            }
+            Err(e) => {
+                tries += 1;
+                if tries == 1 || tries.is_multiple_of(20) {
+                    tracing::warn!(error = %e, "cannot find the address to advertise yet; retrying");
+                }
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(std::time::Duration::from_secs(5));
+    }
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).

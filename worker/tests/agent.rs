@@ -1,5 +1,7 @@
 //! The agent against a fake coordinator in the same process: registration, assignment handling,
-//! report delivery across a coordinator restart, stale attempts, auth, and graceful shutdown.
+//! report delivery across a coordinator restart, stale attempts, auth, graceful shutdown,
+//! registration epochs (a worker replaced by a newer instance of its id), TLS and mutual TLS,
+//! and the health endpoint.
 
 use chorus_proto::pb::{
     self,
@@ -23,6 +25,10 @@ enum Seen {
     Register(pb::RegisterRequest),
     Heartbeat(Vec<pb::RunningAttempt>),
     Report(pb::ReportTrialRequest),
+    /// A Register refused with ALREADY_EXISTS; the instance that asked.
+    Held(String),
+    /// A call refused as fenced, and the epoch it carried.
+    Fenced(u64),
 }
 
 #[derive(Default)]
@@ -36,6 +42,15 @@ struct FakeState {
     required_token: Option<String>,
     /// While set every call fails UNAVAILABLE, so a stopping server takes no new stream.
     down: bool,
+    /// The epoch of the latest registration; calls under another are refused as fenced.
+    epoch: u64,
+    /// The instance of the latest registration.
+    owner: Option<String>,
+    /// While set, a Register by another instance than the owner is refused ALREADY_EXISTS (the
+    /// owner holds its lease).
+    lease_held: bool,
+    /// How many client certificates each Register came with (mutual TLS).
+    client_certs: Vec<usize>,
 }
 
 #[derive(Clone, Default)]
@@ -60,6 +75,19 @@ impl Fake {
             Some(t) if auth.as_deref() != Some(&format!("Bearer {t}")) => Err(Status::unauthenticated("bad token")),
             _ => Ok(()),
         }
+    }
+
+    /// The coordinator's fence: a call under an epoch other than the latest registration's.
+    fn check_epoch(&self, epoch: u64) -> Result<(), Status> {
+        let mut s = self.state();
+        if epoch == s.epoch {
+            return Ok(());
+        }
+        s.seen.push(Seen::Fenced(epoch));
+        Err(Status::aborted(format!(
+            "worker w-agent-test: epoch {epoch} is fenced by a newer registration (epoch {})",
+            s.epoch
+        )))
     }
 
     fn send(&self, command: Command) {
@@ -129,16 +157,32 @@ impl Fake {
 impl WorkerService for Fake {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
         self.admit(&req)?;
-        self.state().seen.push(Seen::Register(req.into_inner()));
+        let certs = req.peer_certs().map_or(0, |c| c.len());
+        let r = req.into_inner();
+        let mut s = self.state();
+        s.client_certs.push(certs);
+        if s.lease_held && s.owner.as_ref().is_some_and(|o| *o != r.instance) {
+            s.seen.push(Seen::Held(r.instance));
+            return Err(Status::already_exists(
+                "worker id w-agent-test is registered by another live instance",
+            ));
+        }
+        s.epoch += 1;
+        s.owner = Some(r.instance.clone());
+        // A fresh registration holds its lease.
+        s.lease_held = true;
+        s.seen.push(Seen::Register(r));
         Ok(Response::new(pb::RegisterResponse {
             heartbeat_interval_ms: 100,
             lease_ttl_ms: 1000,
             kill: vec![],
+            epoch: s.epoch,
         }))
     }
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
         self.admit(&req)?;
+        self.check_epoch(req.get_ref().epoch)?;
         let mut s = self.state();
         s.seen.push(Seen::Heartbeat(req.into_inner().running));
         if std::mem::take(&mut s.forget_next_heartbeat) {
@@ -154,6 +198,7 @@ impl WorkerService for Fake {
         req: Request<pb::AssignmentsRequest>,
     ) -> Result<Response<Self::AssignmentsStream>, Status> {
         self.admit(&req)?;
+        self.check_epoch(req.get_ref().epoch)?;
         let (tx, rx) = mpsc::unbounded_channel();
         self.state().stream = Some(tx);
         Ok(Response::new(UnboundedReceiverStream::new(rx)))
@@ -172,6 +217,7 @@ impl WorkerService for Fake {
         req: Request<pb::ReportTrialRequest>,
     ) -> Result<Response<pb::ReportTrialResponse>, Status> {
         self.admit(&req)?;
+        self.check_epoch(req.get_ref().epoch)?;
         let r = req.into_inner();
         let mut s = self.state();
         let stale = s.stale_trials.contains(&r.trial_id);
@@ -190,6 +236,10 @@ struct Server {
 }
 
 async fn serve(fake: &Fake, addr: SocketAddr) -> Server {
+    serve_with(fake, addr, None).await
+}
+
+async fn serve_with(fake: &Fake, addr: SocketAddr, tls: Option<tonic::transport::ServerTlsConfig>) -> Server {
     fake.state().down = false;
     let start = Instant::now();
     let listener = loop {
@@ -206,8 +256,12 @@ async fn serve(fake: &Fake, addr: SocketAddr) -> Server {
     let addr = listener.local_addr().unwrap();
     let (shutdown, rx) = oneshot::channel::<()>();
     let service = WorkerServiceServer::new(fake.clone());
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).unwrap();
+    }
     let handle = tokio::spawn(async move {
-        tonic::transport::Server::builder()
+        builder
             .add_service(service)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = rx.await;
@@ -525,5 +579,316 @@ async fn shutdown_stops_trials_and_delivers_their_exit() {
     assert_eq!(exit_kind(&exited), pb::ExitKind::Interrupted);
     assert!(exited.message.contains("worker shut down"), "{}", exited.message);
     assert!(process_gone(pid));
+    server.stop(&fake).await;
+}
+
+/// Waits for `handle` to end on its own.
+async fn ends(
+    handle: tokio::task::JoinHandle<Result<(), chorus_worker::WorkerError>>,
+) -> Result<(), chorus_worker::WorkerError> {
+    tokio::time::timeout(Duration::from_secs(30), handle)
+        .await
+        .expect("the worker exits on its own")
+        .unwrap()
+}
+
+async fn read_pid(path: &Path) -> i32 {
+    let start = Instant::now();
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path)
+            && s.ends_with('\n')
+        {
+            return s.trim().parse().unwrap();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no pid in {}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_instance_waits_for_the_lease_then_replaces_the_first_which_kills_its_trials_and_exits() {
+    let fake = Fake::default();
+    let server = serve(&fake, local()).await;
+    let data_a = tempfile::tempdir().unwrap();
+    let dir_a = data_a.path().to_path_buf();
+    let first = start_worker(config(server.addr, data_a.path()), data_a);
+    fake.wait_connected().await;
+    // The default instance is random, kept in the data directory.
+    let instance_a = fake.registers()[0].instance.clone();
+    assert_eq!(instance_a.len(), 32, "{instance_a:?}");
+    assert_eq!(
+        std::fs::read_to_string(dir_a.join("instance")).unwrap().trim(),
+        instance_a
+    );
+    fake.send(Command::Assign(
+        first.assignment(5, r#"echo $$ > "$SCRATCH/pid"; exec sleep 1000"#),
+    ));
+    let pid = read_pid(&first.scratch.path().join("pid")).await;
+    fake.wait_for("trial 5 started", |f| !f.events(5).is_empty()).await;
+
+    // A second instance of the same worker id is refused while the first holds its lease, and
+    // keeps trying.
+    let data_b = tempfile::tempdir().unwrap();
+    let mut c = config(server.addr, data_b.path());
+    c.instance = Some("pod-b".into());
+    let second = start_worker(c, data_b);
+    fake.wait_for("two refused registrations of the second instance", |f| {
+        f.seen()
+            .iter()
+            .filter(|s| matches!(s, Seen::Held(i) if i == "pod-b"))
+            .count()
+            >= 2
+    })
+    .await;
+    assert!(!second.handle.is_finished(), "a refused instance keeps trying");
+    assert!(!first.handle.is_finished());
+    assert!(
+        !fake.seen().iter().any(|s| matches!(s, Seen::Fenced(..))),
+        "every call of the registered worker carried its epoch"
+    );
+
+    // The first one's lease lapses (its pod is on its way out): the second registers, and the
+    // first learns it was replaced at its next call.
+    let Worker {
+        stop: _keep_running,
+        handle,
+        scratch: _scratch,
+        ..
+    } = first;
+    fake.state().lease_held = false;
+    let err = ends(handle).await.unwrap_err();
+    assert!(matches!(err, chorus_worker::WorkerError::Fenced { .. }), "{err}");
+    assert!(err.to_string().contains("replaced"), "{err}");
+    assert!(process_gone(pid), "the replaced worker killed its trial");
+    assert!(fake.exited(5).is_none(), "a replaced worker reports nothing more");
+    // It learnt so from a call under its old epoch, or from a refused registration.
+    assert!(
+        fake.seen()
+            .iter()
+            .any(|s| matches!(s, Seen::Fenced(1)) || matches!(s, Seen::Held(i) if *i == instance_a)),
+        "{:#?}",
+        fake.seen()
+    );
+    let b = fake.registers().last().unwrap().clone();
+    assert_eq!(b.instance, "pod-b");
+    fake.wait_for("the second instance's heartbeat", |f| {
+        matches!(f.seen().last(), Some(Seen::Heartbeat(_)))
+    })
+    .await;
+    second.shut_down().await.unwrap();
+    server.stop(&fake).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_worker_keeps_its_instance_and_reports_under_each_new_epoch() {
+    let fake = Fake::default();
+    let server = serve(&fake, local()).await;
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_path_buf();
+    let c = config(server.addr, &dir);
+    let worker = start_worker(c.clone(), data);
+    fake.wait_connected().await;
+    let instance = fake.registers()[0].instance.clone();
+    let Worker {
+        stop,
+        handle,
+        _data: data,
+        ..
+    } = worker;
+    let _ = stop.send(());
+    ends(handle).await.unwrap();
+    // The first worker's stream is gone; wait for the second's.
+    fake.state().stream = None;
+
+    // Same data directory: same instance, taken over at once although the lease is held.
+    let again = start_worker(c, data);
+    fake.wait_for("the second registration", |f| f.registers().len() == 2)
+        .await;
+    assert_eq!(fake.registers()[1].instance, instance);
+    fake.wait_connected().await;
+    fake.send(Command::Assign(
+        again.assignment(6, "echo 'chorus:metric {\"loss\": 1}'"),
+    ));
+    fake.wait_for("trial 6's exit", |f| f.exited(6).is_some()).await;
+    let epochs: HashSet<u64> = fake
+        .seen()
+        .iter()
+        .filter_map(|s| match s {
+            Seen::Report(r) if r.trial_id == 6 => Some(r.epoch),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(epochs, HashSet::from([2]), "reports carry the current epoch");
+    again.shut_down().await.unwrap();
+    server.stop(&fake).await;
+}
+
+/// A CA, a server certificate for 127.0.0.1 it signs, and a client certificate it signs.
+struct Pki {
+    dir: tempfile::TempDir,
+    server_cert: String,
+    server_key: String,
+    ca: String,
+}
+
+impl Pki {
+    fn new() -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, "chorus test CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap().pem();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf = |names: Vec<String>, usage| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(names).unwrap();
+            params.extended_key_usages = vec![usage];
+            (params.signed_by(&key, &issuer).unwrap().pem(), key.serialize_pem())
+        };
+        let (server_cert, server_key) = leaf(vec!["127.0.0.1".into()], ExtendedKeyUsagePurpose::ServerAuth);
+        let (client_cert, client_key) = leaf(vec!["w-agent-test".into()], ExtendedKeyUsagePurpose::ClientAuth);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &ca).unwrap();
+        std::fs::write(dir.path().join("client.pem"), client_cert).unwrap();
+        std::fs::write(dir.path().join("client.key"), client_key).unwrap();
+        Pki {
+            dir,
+            server_cert,
+            server_key,
+            ca,
+        }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The server side; `mutual`: client certificates signed by the CA are required.
+    fn server(&self, mutual: bool) -> tonic::transport::ServerTlsConfig {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        // The server side asks for the process's default provider, which is ambiguous when any
+        // crate of the build also turns on rustls' ring: name the one Chorus uses.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let tls = ServerTlsConfig::new().identity(Identity::from_pem(&self.server_cert, &self.server_key));
+        if mutual {
+            tls.client_ca_root(Certificate::from_pem(&self.ca))
+        } else {
+            tls
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_trusts_a_tls_coordinator_through_its_ca_and_presents_its_certificate() {
+    use chorus_worker::config::ClientTls;
+    let pki = Pki::new();
+    let fake = Fake::default();
+    let server = serve_with(&fake, local(), Some(pki.server(true))).await;
+    let url = format!("https://127.0.0.1:{}", server.addr.port());
+    let identity = || (Some(pki.path("client.pem")), Some(pki.path("client.key")));
+
+    // The system's roots do not know the test CA: refused, with a word on certificates, and at
+    // once rather than retried (a person has to change a setting).
+    let data = tempfile::tempdir().unwrap();
+    let mut c = config(server.addr, data.path());
+    c.coordinator = url.clone();
+    let (cert, key) = identity();
+    c.tls = ClientTls::load(None, cert, key).unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(20), chorus_worker::run(c, std::future::pending()))
+        .await
+        .expect("a worker that does not trust the coordinator exits on its own");
+    let err = refused.unwrap_err();
+    eprintln!("refused as it should be: {err}");
+    assert!(matches!(err, chorus_worker::WorkerError::Tls(_)), "{err}");
+    assert!(err.to_string().contains("certificate"), "{err}");
+    assert!(fake.registers().is_empty());
+
+    let data = tempfile::tempdir().unwrap();
+    let mut c = config(server.addr, data.path());
+    c.coordinator = url;
+    let (cert, key) = identity();
+    c.tls = ClientTls::load(Some(pki.path("ca.pem")), cert, key).unwrap();
+    let worker = start_worker(c, data);
+    fake.wait_connected().await;
+    assert_eq!(
+        fake.state().client_certs.last(),
+        Some(&1),
+        "the client certificate was presented"
+    );
+    worker.shut_down().await.unwrap();
+    server.stop(&fake).await;
+}
+
+async fn health_of(addr: SocketAddr) -> Option<i32> {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .ok()?;
+    let mut client = HealthClient::new(channel);
+    let resp = client.check(HealthCheckRequest { service: String::new() }).await.ok()?;
+    Some(resp.into_inner().status)
+}
+
+async fn wait_health(addr: SocketAddr, want: tonic_health::pb::health_check_response::ServingStatus) {
+    let start = Instant::now();
+    loop {
+        let got = health_of(addr).await;
+        if got == Some(want as i32) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "health stayed {got:?}, wanted {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_serving_only_while_registered_and_not_draining() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let fake = Fake::default();
+    let server = serve(&fake, local()).await;
+    let addr = server.addr;
+    // A free port for the health endpoint: bound, read, released.
+    let health = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut c = config(addr, data.path());
+    c.health_listen = Some(health);
+    c.timings.kill_grace = Duration::from_secs(2);
+    let worker = start_worker(c, data);
+    fake.wait_connected().await;
+    wait_health(health, ServingStatus::Serving).await;
+
+    server.stop(&fake).await;
+    wait_health(health, ServingStatus::NotServing).await;
+    let server = serve(&fake, addr).await;
+    wait_health(health, ServingStatus::Serving).await;
+
+    // A trial that ignores SIGTERM keeps the worker draining for the kill grace.
+    fake.wait_connected().await;
+    fake.send(Command::Assign(worker.assignment(
+        7,
+        r#"trap '' TERM; echo $$ > "$SCRATCH/pid"; while :; do sleep 0.05; done"#,
+    )));
+    read_pid(&worker.scratch.path().join("pid")).await;
+    let Worker {
+        stop, handle, scratch, ..
+    } = worker;
+    let _ = stop.send(());
+    wait_health(health, ServingStatus::NotServing).await;
+    assert!(!handle.is_finished(), "still draining");
+    ends(handle).await.unwrap();
+    drop(scratch);
     server.stop(&fake).await;
 }

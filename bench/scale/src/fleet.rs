@@ -129,6 +129,8 @@ struct Worker {
     running: Mutex<BTreeMap<(u64, u32), Arc<AtomicBool>>>,
     /// Bumped on each registration, so the stream task knows to reopen.
     registered: watch::Sender<u64>,
+    /// The epoch the newest registration answered; every later call carries it.
+    epoch: AtomicU64,
 }
 
 /// The fleet as it came up.
@@ -210,6 +212,7 @@ impl Worker {
             shared,
             running: Mutex::new(BTreeMap::new()),
             registered: watch::channel(0).0,
+            epoch: AtomicU64::new(0),
         };
         let interval = w.register().await?;
         Ok((w, interval))
@@ -223,6 +226,9 @@ impl Worker {
             labels: HashMap::new(),
             address: "127.0.0.1:0".into(),
             running: self.running_list(),
+            // One instance per load generator process: a worker that re-registers after a
+            // lapse is the same instance and takes its id back at once.
+            instance: format!("scale-{}", std::process::id()),
         };
         let t = Instant::now();
         let resp = self
@@ -237,11 +243,18 @@ impl Worker {
         for k in &resp.kill {
             self.stop_attempt(k.trial_id, k.attempt);
         }
+        // Before the others hear of the registration: every later call carries it.
+        self.epoch.store(resp.epoch, Ordering::Relaxed);
         self.registered.send_modify(|n| *n += 1);
         Ok(match resp.heartbeat_interval_ms {
             0 => Duration::from_secs(2),
             ms => Duration::from_millis(ms),
         })
+    }
+
+    /// The epoch of this worker's newest registration.
+    fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Relaxed)
     }
 
     fn running_list(&self) -> Vec<pb::RunningAttempt> {
@@ -279,6 +292,7 @@ impl Worker {
             let req = pb::HeartbeatRequest {
                 worker_id: self.id.clone(),
                 running: self.running_list(),
+                epoch: self.epoch(),
             };
             let t = Instant::now();
             let res = self.client.clone().heartbeat(call(req)).await;
@@ -314,6 +328,7 @@ impl Worker {
                 .clone()
                 .assignments(call(pb::AssignmentsRequest {
                     worker_id: self.id.clone(),
+                    epoch: self.epoch(),
                 }))
                 .await;
             let mut stream = match opened {
@@ -459,6 +474,7 @@ impl Worker {
             attempt,
             events,
             rank: 0,
+            epoch: self.epoch(),
         };
         let stats = &self.shared.stats;
         let t = Instant::now();

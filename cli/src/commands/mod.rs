@@ -4,6 +4,7 @@
 mod compare;
 mod dataset;
 mod experiment;
+mod health;
 mod listing;
 mod search;
 mod trial;
@@ -25,6 +26,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Trial(cmd) => trial::run(cmd, &ctx).await,
         Command::Compare(args) => compare::run(args, &ctx).await,
         Command::Worker(cmd) => worker::run(cmd, &ctx).await,
+        Command::Health(args) => health::run(args, &ctx).await,
         Command::Dataset(cmd) => dataset::run(cmd).await,
         Command::Search(cmd) => search::run(cmd),
         Command::Completions { shell } => {
@@ -44,7 +46,13 @@ pub struct Ctx {
 impl Ctx {
     async fn connect(&self) -> Result<Coordinator, CliError> {
         let g = &self.global;
-        Coordinator::connect(&g.coordinator, g.token.as_deref(), Duration::from_secs(g.timeout)).await
+        Coordinator::connect(
+            &g.coordinator,
+            g.ca.as_deref(),
+            g.token.as_deref(),
+            Duration::from_secs(g.timeout),
+        )
+        .await
     }
 
     /// The page size to ask for; 0 leaves it to the coordinator.

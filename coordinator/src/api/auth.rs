@@ -3,7 +3,12 @@
 //! The CLI presents a user token and workers a worker token. A request without a valid token
 //! is UNAUTHENTICATED; a valid token of the wrong kind (a worker token on the experiment API,
 //! or the reverse) is PERMISSION_DENIED, so operators can tell a typo from a misuse.
+//!
+//! Under mutual TLS a worker may instead present a client certificate that chains to the
+//! client CA (the handshake checked that): the certificate is its identity, no token is needed,
+//! and each call may act only for a worker id among the certificate's SAN DNS names.
 
+use crate::tls::PeerInfo;
 use std::sync::Arc;
 use tonic::{Request, Status};
 
@@ -70,9 +75,35 @@ impl AuthInterceptor {
 
 impl tonic::service::Interceptor for AuthInterceptor {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        if self.role == Role::Worker && client_names(&req).is_some() {
+            // Verified at the handshake; which worker ids it may act for is checked per call
+            // ([`authorize_worker`]), where the request names one.
+            return Ok(req);
+        }
         let header = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
         self.check(header)?;
         Ok(req)
+    }
+}
+
+/// The SAN DNS names of the verified client certificate the connection presented, if any.
+fn client_names<T>(req: &Request<T>) -> Option<&[String]> {
+    req.extensions()
+        .get::<PeerInfo>()?
+        .client_names
+        .as_deref()
+        .map(Vec::as_slice)
+}
+
+/// A worker call made with a client certificate acts only for a worker id the certificate
+/// names; a call authenticated by token (or on an open coordinator) may name any.
+pub fn authorize_worker<T>(req: &Request<T>, worker_id: &str) -> Result<(), Status> {
+    match client_names(req) {
+        Some(names) if !names.iter().any(|n| n == worker_id) => Err(Status::permission_denied(format!(
+            "the client certificate names {names:?}, not worker {worker_id:?}: a worker acts only under its \
+             own name (give its certificate a SAN DNS name equal to its worker id)"
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -122,5 +153,41 @@ mod tests {
         assert_eq!(user.check(Some("u1")).unwrap_err().code(), Code::Unauthenticated);
         let open = AuthInterceptor::new(Arc::new(Tokens::default()), Role::User);
         assert!(open.check(None).is_ok());
+    }
+
+    fn with_cert(names: Option<&[&str]>) -> Request<()> {
+        let mut req = Request::new(());
+        req.extensions_mut().insert(PeerInfo {
+            remote: None,
+            client_names: names.map(|n| Arc::new(n.iter().map(|s| s.to_string()).collect())),
+        });
+        req
+    }
+
+    /// A certificate replaces the worker token, never the user token, and binds the worker id.
+    #[test]
+    fn a_client_certificate_is_a_worker_identity() {
+        use tonic::service::Interceptor;
+        let t = Arc::new(Tokens {
+            user: vec!["u1".into()],
+            worker: vec!["w1".into()],
+        });
+        let mut worker = AuthInterceptor::new(t.clone(), Role::Worker);
+        let mut user = AuthInterceptor::new(t, Role::User);
+        assert!(worker.call(with_cert(Some(&["pod-a"]))).is_ok());
+        assert_eq!(
+            user.call(with_cert(Some(&["pod-a"]))).unwrap_err().code(),
+            Code::Unauthenticated
+        );
+        assert_eq!(worker.call(with_cert(None)).unwrap_err().code(), Code::Unauthenticated);
+        assert!(authorize_worker(&with_cert(Some(&["pod-a", "pod-b"])), "pod-b").is_ok());
+        let denied = authorize_worker(&with_cert(Some(&["pod-a"])), "pod-c").unwrap_err();
+        assert_eq!(denied.code(), Code::PermissionDenied);
+        assert!(
+            denied.message().contains("pod-a") && denied.message().contains("pod-c"),
+            "{}",
+            denied.message()
+        );
+        assert!(authorize_worker(&with_cert(None), "anyone").is_ok());
     }
 }

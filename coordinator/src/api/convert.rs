@@ -99,12 +99,14 @@ pub fn registration(req: pb::RegisterRequest) -> Registration {
         labels: req.labels.into_iter().collect(),
         address: req.address,
         running: req.running.iter().map(running).collect(),
+        instance: req.instance,
     }
 }
 
 pub fn report(req: pb::ReportTrialRequest) -> Report {
     Report {
         worker: WorkerId(req.worker_id),
+        epoch: req.epoch,
         trial: TrialId(req.trial_id),
         attempt: req.attempt,
         rank: req.rank,
@@ -212,6 +214,7 @@ pub fn command(c: Command) -> pb::WorkerCommand {
 pub fn join_request(req: pb::RendezvousRequest) -> JoinRequest {
     JoinRequest {
         worker: WorkerId(req.worker_id),
+        epoch: req.epoch,
         trial: TrialId(req.trial_id),
         attempt: req.attempt,
         rank: req.rank,

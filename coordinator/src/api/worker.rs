@@ -2,6 +2,7 @@
 //! to the state through [`Coordinator::change`] (durable before it answers), and converts the
 //! answer back.
 
+use super::auth::authorize_worker;
 use super::convert;
 use crate::Coordinator;
 use crate::rendezvous::Joined;
@@ -28,21 +29,24 @@ impl WorkerApi {
 #[tonic::async_trait]
 impl WorkerService for WorkerApi {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        authorize_worker(&req, &req.get_ref().worker_id)?;
         let reg = convert::registration(req.into_inner());
-        let worker = reg.worker.clone();
-        let (kill, timing) = self
+        let (worker, instance) = (reg.worker.clone(), reg.instance.clone());
+        let (registered, timing) = self
             .coord
             .change(|st| Ok((st.register(reg)?, st.timing.clone())))
             .await?;
-        tracing::info!(%worker, "worker registered");
+        tracing::info!(%worker, %instance, epoch = registered.epoch, "worker registered");
         Ok(Response::new(pb::RegisterResponse {
             heartbeat_interval_ms: timing.heartbeat_interval.as_millis() as u64,
             lease_ttl_ms: timing.lease_ttl.as_millis() as u64,
-            kill: kill.into_iter().map(convert::running_to_pb).collect(),
+            kill: registered.kill.into_iter().map(convert::running_to_pb).collect(),
+            epoch: registered.epoch,
         }))
     }
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        authorize_worker(&req, &req.get_ref().worker_id)?;
         let req = req.into_inner();
         let worker = WorkerId(req.worker_id);
         let running: Vec<_> = req.running.iter().map(convert::running).collect();
@@ -50,7 +54,7 @@ impl WorkerService for WorkerApi {
         // their commits, so heartbeats stay fast however busy the store is.
         let (kill, commit) = {
             let mut st = self.coord.lock();
-            let kill = st.heartbeat(&worker, &running);
+            let kill = st.heartbeat(&worker, req.epoch, &running);
             let commit = match &kill {
                 Ok(k) if k.is_empty() => st.flush_own(),
                 _ => st.flush(),
@@ -71,17 +75,25 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<pb::AssignmentsRequest>,
     ) -> Result<Response<Self::AssignmentsStream>, Status> {
-        let worker = WorkerId(req.into_inner().worker_id);
+        authorize_worker(&req, &req.get_ref().worker_id)?;
+        let req = req.into_inner();
+        let (worker, epoch) = (WorkerId(req.worker_id), req.epoch);
         let (tx, rx) = mpsc::unbounded_channel();
-        self.coord.change(|st| st.open_stream(&worker, tx)).await?;
+        self.coord.change(|st| st.open_stream(&worker, epoch, tx)).await?;
         let commands = UnboundedReceiverStream::new(rx).map(|c| Ok(convert::command(c)));
-        Ok(Response::new(Box::pin(commands)))
+        // The stream ends when its sender is dropped: the lease lapsed, or a newer registration
+        // fenced this one. The fenced worker hears why, so it stops instead of reconnecting.
+        let coord = self.coord.clone();
+        let fenced = futures::stream::once(async move { coord.lock().check_epoch(&worker, epoch).err() })
+            .filter_map(|e| e.map(|e| Err(Status::from(e))));
+        Ok(Response::new(Box::pin(commands.chain(fenced))))
     }
 
     async fn report_trial(
         &self,
         req: Request<pb::ReportTrialRequest>,
     ) -> Result<Response<pb::ReportTrialResponse>, Status> {
+        authorize_worker(&req, &req.get_ref().worker_id)?;
         let report = convert::report(req.into_inner());
         self.coord.change(|st| st.report(report)).await?;
         Ok(Response::new(pb::ReportTrialResponse {}))
@@ -91,6 +103,7 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<pb::RendezvousRequest>,
     ) -> Result<Response<pb::RendezvousResponse>, Status> {
+        authorize_worker(&req, &req.get_ref().worker_id)?;
         let req = convert::join_request(req.into_inner());
         let deadline = tokio::time::Instant::now() + RENDEZVOUS_WAIT;
         loop {

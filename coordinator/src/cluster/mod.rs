@@ -1,6 +1,8 @@
 //! The worker registry: who is in the cluster, what each offers, and whose lease has lapsed.
 //! Workers are not persisted: after a coordinator restart they re-register within one lease,
-//! and until then the workers named by live attempts are held as unconfirmed entries.
+//! and until then the workers named by live attempts are held as unconfirmed entries. What is
+//! persisted is each worker id's newest registration epoch: a registration fences every older
+//! one of its id, across coordinator restarts too.
 
 use crate::protocol::Command;
 use crate::scheduler::Resources;
@@ -25,6 +27,11 @@ pub struct WorkerEntry {
     /// False for an entry recreated from live attempts after a restart, until the worker
     /// registers again.
     pub registered: bool,
+    /// The epoch of this registration (0 for an unconfirmed entry): a call carrying another
+    /// one comes from a fenced registration.
+    pub epoch: u64,
+    /// Which process lineage registered; empty when the worker did not say.
+    pub instance: String,
     pub stream: Option<CommandSender>,
 }
 
@@ -35,21 +42,67 @@ impl WorkerEntry {
     }
 }
 
+/// The newest registration of a worker id, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerEpoch {
+    pub worker: WorkerId,
+    pub epoch: u64,
+    pub instance: String,
+    pub registered_ms: i64,
+}
+
 #[derive(Debug, Default)]
 pub struct Registry {
     pub workers: HashMap<WorkerId, WorkerEntry>,
+    /// The newest epoch of every worker id ever registered, lapsed ones included: a call of a
+    /// lapsed registration is then told apart from one that a newer registration fenced.
+    pub epochs: HashMap<WorkerId, WorkerEpoch>,
+    /// The highest epoch handed out; a new one is above it, so above every earlier epoch of
+    /// every worker id.
+    pub last_epoch: u64,
 }
 
 impl Registry {
+    /// Starts from the epochs the store holds.
+    pub fn with_epochs(rows: Vec<WorkerEpoch>) -> Registry {
+        let last_epoch = rows.iter().map(|r| r.epoch).max().unwrap_or(0);
+        Registry {
+            workers: HashMap::new(),
+            epochs: rows.into_iter().map(|r| (r.worker.clone(), r)).collect(),
+            last_epoch,
+        }
+    }
+
+    /// The registration holding the worker id's lease at `now`, if any.
+    pub fn holder(&self, id: &WorkerId, now: Instant, ttl: Duration) -> Option<&WorkerEntry> {
+        self.workers
+            .get(id)
+            .filter(|e| e.registered && now.saturating_duration_since(e.last_seen) <= ttl)
+    }
+
+    /// Registers a worker under a new epoch, which fences every earlier one: the old
+    /// registration's command stream is dropped (so it ends). Returns the new epoch's record,
+    /// for the store.
+    #[allow(clippy::too_many_arguments)]
     pub fn register(
         &mut self,
         id: WorkerId,
+        instance: String,
         capacity: Resources,
         labels: BTreeMap<String, String>,
         address: String,
         now: Instant,
         now_ms: i64,
-    ) {
+    ) -> WorkerEpoch {
+        self.last_epoch += 1;
+        let epoch = self.last_epoch;
+        let record = WorkerEpoch {
+            worker: id.clone(),
+            epoch,
+            instance: instance.clone(),
+            registered_ms: now_ms,
+        };
+        self.epochs.insert(id.clone(), record.clone());
         let e = self.workers.entry(id.clone()).or_insert_with(|| WorkerEntry {
             id,
             capacity,
@@ -58,6 +111,8 @@ impl Registry {
             last_seen: now,
             last_seen_ms: now_ms,
             registered: true,
+            epoch,
+            instance: String::new(),
             stream: None,
         });
         e.capacity = capacity;
@@ -66,6 +121,15 @@ impl Registry {
         e.last_seen = now;
         e.last_seen_ms = now_ms;
         e.registered = true;
+        e.epoch = epoch;
+        e.instance = instance;
+        e.stream = None;
+        record
+    }
+
+    /// The worker id's newest registration, when it has registered since the store began.
+    pub fn epoch(&self, id: &WorkerId) -> Option<&WorkerEpoch> {
+        self.epochs.get(id)
     }
 
     /// Holds a place for a worker named by a live attempt found at start-up.
@@ -78,11 +142,14 @@ impl Registry {
             last_seen: now,
             last_seen_ms: now_ms,
             registered: false,
+            epoch: 0,
+            instance: String::new(),
             stream: None,
         });
     }
 
-    /// Renews a lease; false when the worker is unknown (it must register again).
+    /// Renews a lease; false when the worker is unknown (it must register again). The caller
+    /// has checked the epoch.
     pub fn touch(&mut self, id: &WorkerId, now: Instant, now_ms: i64) -> bool {
         match self.workers.get_mut(id) {
             Some(e) if e.registered => {
@@ -131,6 +198,7 @@ mod tests {
         let a = WorkerId("a".into());
         r.register(
             a.clone(),
+            "i1".into(),
             Resources { cpus: 2, gpus: 0 },
             BTreeMap::new(),
             String::new(),

@@ -25,7 +25,7 @@ mod workers;
 pub use workers::WorkerSummary;
 
 use crate::clock::Clock;
-use crate::cluster::Registry;
+use crate::cluster::{Registry, WorkerEpoch};
 use crate::error::{CoordError, Result};
 use crate::experiment::Experiment;
 use crate::protocol::{Command, RunningAttempt};
@@ -121,6 +121,8 @@ pub struct State {
     dirty_experiments: BTreeSet<ExperimentId>,
     dirty_trials: BTreeSet<TrialId>,
     attempts: Vec<AttemptRow>,
+    /// Registrations not yet written: each one's epoch is durable before Register answers it.
+    epoch_writes: Vec<WorkerEpoch>,
     outbox: Vec<(WorkerId, Command)>,
     changed: Vec<Change>,
     pub telemetry: Arc<Telemetry>,
@@ -151,7 +153,7 @@ impl State {
             trials: BTreeMap::new(),
             counts: BTreeMap::new(),
             best: BTreeMap::new(),
-            registry: Registry::default(),
+            registry: Registry::with_epochs(store.load_worker_epochs()?),
             open: BTreeSet::new(),
             live: BTreeSet::new(),
             live_on: BTreeMap::new(),
@@ -163,6 +165,7 @@ impl State {
             dirty_experiments: BTreeSet::new(),
             dirty_trials: BTreeSet::new(),
             attempts: Vec::new(),
+            epoch_writes: Vec::new(),
             outbox: Vec::new(),
             changed: Vec::new(),
             telemetry,
@@ -285,6 +288,7 @@ impl State {
         self.dirty_experiments.clear();
         self.dirty_trials.clear();
         self.attempts.clear();
+        self.epoch_writes.clear();
         self.outbox.clear();
         self.changed.clear();
         self.drained_dirty = false;
@@ -357,6 +361,7 @@ impl State {
                 .collect(),
             searchers,
             attempts: std::mem::take(&mut self.attempts),
+            epochs: std::mem::take(&mut self.epoch_writes),
             drained: std::mem::take(&mut self.drained_dirty).then(|| self.drained.iter().cloned().collect()),
         };
         self.created_experiments.clear();
@@ -419,9 +424,25 @@ impl State {
                 ("paused", t.paused),
             ],
             workers: registered.len() as u64,
+            ranks_waiting: self.ranks_waiting(),
             cpu_capacity: registered.iter().map(|w| w.capacity.cpus as u64).sum(),
             cpu_busy: self.busy_cpu_slots(),
         }
+    }
+
+    /// Ranks the scheduler would place if it had room: every rank (at the most a trial asks
+    /// for) of each pending trial of an active experiment with no live attempt, the same trials
+    /// a placement pass considers.
+    pub fn ranks_waiting(&self) -> u64 {
+        self.open
+            .iter()
+            .filter_map(|tid| {
+                let t = &self.trials[tid];
+                let exp = &self.experiments[&t.experiment];
+                (t.live.is_none() && t.state == TrialState::Pending && exp.state == ExperimentState::Active)
+                    .then(|| exp.spec.spec.resources.workers.max() as u64)
+            })
+            .sum()
     }
 
     fn touch_trial(&mut self, t: TrialId, exp: ExperimentId) {

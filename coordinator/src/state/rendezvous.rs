@@ -9,6 +9,7 @@ impl State {
     /// picks the data position, which is recorded on the trial before anyone hears of it.
     pub fn rendezvous(&mut self, req: &JoinRequest) -> Result<Joined> {
         let tid = req.trial;
+        self.check_epoch(&req.worker, req.epoch)?;
         let t = self.trial(tid)?;
         let live = t.live.as_ref().filter(|_| t.attempt == req.attempt);
         let Some(live) = live.filter(|l| l.ranks.get(req.rank as usize).is_some_and(|r| r.worker == req.worker)) else {

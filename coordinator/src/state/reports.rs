@@ -10,6 +10,7 @@ impl State {
     pub fn report(&mut self, req: Report) -> Result<()> {
         let tid = req.trial;
         let worker = req.worker.clone();
+        self.check_epoch(&worker, req.epoch)?;
         let t = self.trial(tid)?;
         let live_here = t
             .live

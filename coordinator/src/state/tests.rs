@@ -32,7 +32,9 @@ impl Harness {
     }
 }
 
-/// The requests as the API receives them, converted as the API converts them.
+/// The requests as the API receives them, converted as the API converts them. A request that
+/// carries no epoch (0) is given the worker's current one: such a test speaks as the worker's
+/// newest registration; the epoch tests set epochs explicitly and call the state directly.
 trait PbApi {
     fn register_pb(&mut self, req: pb::RegisterRequest) -> Result<Vec<pb::RunningAttempt>>;
     fn heartbeat_pb(&mut self, req: &pb::HeartbeatRequest) -> Result<Vec<pb::RunningAttempt>>;
@@ -44,27 +46,49 @@ trait PbApi {
 
 impl PbApi for State {
     fn register_pb(&mut self, req: pb::RegisterRequest) -> Result<Vec<pb::RunningAttempt>> {
-        let kill = self.register(convert::registration(req))?;
-        Ok(kill.into_iter().map(convert::running_to_pb).collect())
+        let r = self.register(convert::registration(req))?;
+        Ok(r.kill.into_iter().map(convert::running_to_pb).collect())
     }
 
     fn heartbeat_pb(&mut self, req: &pb::HeartbeatRequest) -> Result<Vec<pb::RunningAttempt>> {
         let running: Vec<RunningAttempt> = req.running.iter().map(convert::running).collect();
-        let kill = self.heartbeat(&WorkerId(req.worker_id.clone()), &running)?;
+        let worker = WorkerId(req.worker_id.clone());
+        let epoch = or_current(self, &worker, req.epoch);
+        let kill = self.heartbeat(&worker, epoch, &running)?;
         Ok(kill.into_iter().map(convert::running_to_pb).collect())
     }
 
-    fn report_pb(&mut self, req: pb::ReportTrialRequest) -> Result<()> {
+    fn report_pb(&mut self, mut req: pb::ReportTrialRequest) -> Result<()> {
+        req.epoch = or_current(self, &WorkerId(req.worker_id.clone()), req.epoch);
         self.report(convert::report(req))
     }
 
     fn rendezvous_pb(&mut self, req: &pb::RendezvousRequest) -> Result<Joined> {
-        self.rendezvous(&convert::join_request(req.clone()))
+        let mut req = req.clone();
+        req.epoch = or_current(self, &WorkerId(req.worker_id.clone()), req.epoch);
+        self.rendezvous(&convert::join_request(req))
     }
 
     fn commit(&mut self) -> Result<()> {
         self.flush().wait_blocking()
     }
+}
+
+/// `epoch`, or the worker's current epoch when it is 0.
+fn or_current(st: &State, worker: &WorkerId, epoch: u64) -> u64 {
+    match epoch {
+        0 => st.registry.epoch(worker).map_or(0, |e| e.epoch),
+        e => e,
+    }
+}
+
+/// Opens a worker's command stream as its current registration.
+fn stream(st: &mut State, id: &str) -> Rx {
+    let worker = WorkerId(id.into());
+    let epoch = or_current(st, &worker, 0);
+    let (tx, rx) = unbounded_channel();
+    st.open_stream(&worker, epoch, tx).unwrap();
+    rx
 }
 
 fn grid_spec(extra: &str) -> ValidSpec {
@@ -103,8 +127,7 @@ fn join(st: &mut State, id: &str, cpus: u32, running: Vec<pb::RunningAttempt>) -
             ..Default::default()
         })
         .unwrap();
-    let (tx, rx) = unbounded_channel();
-    st.open_stream(&WorkerId(id.into()), tx).unwrap();
+    let rx = stream(st, id);
     st.commit().unwrap();
     (kill, rx)
 }
@@ -132,6 +155,7 @@ fn finish(st: &mut State, worker: &str, a: &pb::Assignment, exit: pb::ExitKind) 
     let params: serde_json::Value = serde_json::from_str(&a.params_json).unwrap();
     let loss = params["a"].as_f64().unwrap() * params["b"].as_f64().unwrap();
     let r = st.report_pb(pb::ReportTrialRequest {
+        epoch: 0,
         worker_id: worker.into(),
         rank: 0,
         trial_id: a.trial_id,
@@ -209,6 +233,7 @@ fn reports_are_applied_once_and_stale_attempts_are_aborted() {
     let (_, mut rx) = join(&mut st, "w1", 1, vec![]);
     let a = assignments(&mut rx).remove(0);
     let started = pb::ReportTrialRequest {
+        epoch: 0,
         worker_id: "w1".into(),
         rank: 0,
         trial_id: a.trial_id,
@@ -239,6 +264,7 @@ fn reports_are_applied_once_and_stale_attempts_are_aborted() {
     );
     // A failure with restarts left requeues the trial under a new attempt.
     let fail = pb::ReportTrialRequest {
+        epoch: 0,
         worker_id: "w1".into(),
         rank: 0,
         trial_id: a.trial_id,
@@ -284,6 +310,7 @@ fn a_restarted_coordinator_reattaches_or_requeues() {
         let a2 = assignments(&mut rx2).remove(0);
         for (w, a) in [("w1", &a1), ("w2", &a2)] {
             st.report_pb(pb::ReportTrialRequest {
+                epoch: 0,
                 worker_id: w.into(),
                 rank: 0,
                 trial_id: a.trial_id,
@@ -317,6 +344,7 @@ fn a_restarted_coordinator_reattaches_or_requeues() {
     // The lease lapses: time moves, no one sleeps.
     h.clock.advance(Duration::from_millis(400));
     st.heartbeat_pb(&pb::HeartbeatRequest {
+        epoch: 0,
         worker_id: "w1".into(),
         running: claim,
     })
@@ -411,6 +439,7 @@ fn an_interrupted_attempt_is_placed_again_at_no_cost() {
 
 fn report(st: &mut State, worker: &str, a: &pb::Assignment, seq: u64, kind: Kind) -> Result<()> {
     let r = st.report_pb(pb::ReportTrialRequest {
+        epoch: 0,
         worker_id: worker.into(),
         rank: a.rank,
         trial_id: a.trial_id,
@@ -436,6 +465,7 @@ fn join_rendezvous(
     data: Option<pb::DataPlanRequest>,
 ) -> Result<Joined> {
     let r = st.rendezvous_pb(&pb::RendezvousRequest {
+        epoch: 0,
         worker_id: worker.into(),
         trial_id: a.trial_id,
         attempt: a.attempt,
@@ -613,6 +643,7 @@ fn elastic_gangs_pack_and_shrink() {
     let (_, mut rx2) = join(&mut st, "w2", 1, vec![]);
     h.clock.advance(Duration::from_millis(250));
     st.heartbeat_pb(&pb::HeartbeatRequest {
+        epoch: 0,
         worker_id: "w2".into(),
         running: vec![],
     })
@@ -813,6 +844,7 @@ fn a_failed_commit_changes_nothing_and_the_store_recovers() {
     let extra: String = (0..2000).map(|i| format!(", \"m{i}\": {i}")).collect();
     let metric = format!(r#"{{"step": 1, "loss": 5.0{extra}}}"#);
     let req = pb::ReportTrialRequest {
+        epoch: 0,
         worker_id: "w1".into(),
         rank: 0,
         trial_id: a.trial_id,
@@ -1071,9 +1103,7 @@ fn placement_finds_a_labelled_worker_among_many_idle_ones() {
             ..Default::default()
         })
         .unwrap();
-        let (tx, rx) = unbounded_channel();
-        st.open_stream(&WorkerId(id), tx).unwrap();
-        streams.push(rx);
+        streams.push(stream(&mut st, &id));
     }
     st.commit().unwrap();
     let exp = st.reserve_experiment_id();
@@ -1105,4 +1135,232 @@ fn placement_finds_a_labelled_worker_among_many_idle_ones() {
         !placed.contains(&59),
         "not on the worker with the least room: {placed:?}"
     );
+}
+
+fn register_as(st: &mut State, id: &str, instance: &str, running: Vec<RunningAttempt>) -> Result<u64> {
+    let r = st.register(crate::protocol::Registration {
+        worker: WorkerId(id.into()),
+        capacity: Resources { cpus: 1, gpus: 0 },
+        labels: BTreeMap::new(),
+        address: String::new(),
+        running,
+        instance: instance.into(),
+    })?;
+    Ok(r.epoch)
+}
+
+fn code_and_message(e: CoordError) -> (tonic::Code, String) {
+    let s = tonic::Status::from(e);
+    (s.code(), s.message().to_string())
+}
+
+/// Two pods with one worker id cannot both hold it; the same instance takes it over at once and
+/// fences every call of its older registration.
+#[test]
+fn registration_epochs_fence_older_registrations() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(dir.path(), 3_000);
+    let mut st = h.lock();
+    let w = WorkerId("w1".into());
+    let e1 = register_as(&mut st, "w1", "pod-a", vec![]).unwrap();
+    assert!(e1 > 0);
+    let (tx, mut old_stream) = unbounded_channel();
+    st.open_stream(&w, e1, tx).unwrap();
+    st.commit().unwrap();
+
+    // Another instance, or one that does not say, is refused while the lease holds.
+    h.clock.advance(Duration::from_millis(1_000));
+    for other in ["pod-b", ""] {
+        let (code, msg) = code_and_message(register_as(&mut st, "w1", other, vec![]).unwrap_err());
+        assert_eq!(code, tonic::Code::AlreadyExists, "{other:?}: {msg}");
+        assert!(msg.contains("worker id w1") && msg.contains("lease lapses at"), "{msg}");
+        assert!(msg.contains("in 2000 ms"), "{msg}");
+    }
+    assert_eq!(st.registry.epoch(&w).unwrap().epoch, e1, "a refusal changes nothing");
+    st.heartbeat(&w, e1, &[]).unwrap();
+    assert!(
+        old_stream
+            .try_recv()
+            .is_err_and(|e| e == tokio::sync::mpsc::error::TryRecvError::Empty)
+    );
+
+    // The same instance (a restart in place) takes over at once with a higher epoch.
+    let e2 = register_as(&mut st, "w1", "pod-a", vec![]).unwrap();
+    st.commit().unwrap();
+    assert!(e2 > e1);
+    assert_eq!(
+        old_stream.try_recv(),
+        Err(tokio::sync::mpsc::error::TryRecvError::Disconnected),
+        "the fenced registration's stream ends"
+    );
+    let fenced = |r: Result<()>| {
+        let (code, msg) = code_and_message(r.unwrap_err());
+        assert_eq!(code, tonic::Code::Aborted, "{msg}");
+        assert!(
+            msg.starts_with(&format!("worker w1 epoch {e1} is fenced: epoch {e2} registered at 20")),
+            "{msg}"
+        );
+        assert!(msg.contains("by instance pod-a"), "{msg}");
+    };
+    fenced(st.heartbeat(&w, e1, &[]).map(drop));
+    fenced(st.open_stream(&w, e1, unbounded_channel().0));
+    fenced(st.report(convert::report(pb::ReportTrialRequest {
+        worker_id: "w1".into(),
+        epoch: e1,
+        trial_id: 1,
+        attempt: 1,
+        ..Default::default()
+    })));
+    fenced(
+        st.rendezvous(&convert::join_request(pb::RendezvousRequest {
+            worker_id: "w1".into(),
+            epoch: e1,
+            trial_id: 1,
+            attempt: 1,
+            address: "x:1".into(),
+            ..Default::default()
+        }))
+        .map(drop),
+    );
+    // The fenced status carries a machine-readable reason, apart from a stale attempt's.
+    let status = tonic::Status::from(st.heartbeat(&w, e1, &[]).unwrap_err());
+    use tonic_types::StatusExt;
+    let info = status.get_details_error_info().expect("error info");
+    assert_eq!(info.reason, crate::error::FENCED_REASON);
+    assert_eq!(info.metadata["current_epoch"], e2.to_string());
+    // A worker that sends no epoch predates them: refused too, and told why.
+    let (code, msg) = code_and_message(st.heartbeat(&w, 0, &[]).unwrap_err());
+    assert_eq!(code, tonic::Code::Aborted);
+    assert!(msg.contains("epoch 0 is fenced") && msg.contains("upgrade"), "{msg}");
+    st.heartbeat(&w, e2, &[]).unwrap();
+
+    // Once the lease lapses, another instance may take the id.
+    h.clock.advance(Duration::from_millis(3_500));
+    let e3 = register_as(&mut st, "w1", "pod-b", vec![]).unwrap();
+    assert!(e3 > e2);
+    assert_eq!(
+        code_and_message(st.heartbeat(&w, e2, &[]).unwrap_err()).0,
+        tonic::Code::Aborted
+    );
+    // An unnamed instance too, but only once the id is free.
+    h.clock.advance(Duration::from_millis(3_500));
+    st.reconcile();
+    let e4 = register_as(&mut st, "w1", "", vec![]).unwrap();
+    assert!(e4 > e3);
+    // Epochs rise across worker ids: a new id starts above every earlier epoch.
+    assert!(register_as(&mut st, "w2", "pod-c", vec![]).unwrap() > e4);
+    st.commit().unwrap();
+}
+
+/// Epochs are durable: after a coordinator restart the newest registration is still the one
+/// calls must carry, and a new registration goes above it.
+#[test]
+fn registration_epochs_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = WorkerId("w1".into());
+    let (e1, e2) = {
+        let h = open(dir.path(), 3_000);
+        let mut st = h.lock();
+        let e1 = register_as(&mut st, "w1", "pod-a", vec![]).unwrap();
+        let e2 = register_as(&mut st, "w1", "pod-a", vec![]).unwrap();
+        st.commit().unwrap();
+        (e1, e2)
+    };
+    let h = open(dir.path(), 3_000);
+    let mut st = h.lock();
+    // As before epochs: an unregistered worker is told to register, not to stop.
+    let (code, _) = code_and_message(st.heartbeat(&w, e2, &[]).unwrap_err());
+    assert_eq!(code, tonic::Code::NotFound);
+    let (code, msg) = code_and_message(st.heartbeat(&w, e1, &[]).unwrap_err());
+    assert_eq!(code, tonic::Code::Aborted, "{msg}");
+    assert!(msg.contains(&format!("epoch {e2} registered")), "{msg}");
+    let e3 = register_as(&mut st, "w9", "pod-z", vec![]).unwrap();
+    assert!(e3 > e2, "{e3} after {e2}");
+}
+
+/// A worker whose lease lapsed keeps its epoch until it registers again: its calls are stale
+/// (its attempts moved), not fenced, and the same instance re-registers and is told what to kill.
+#[test]
+fn a_lapsed_worker_reregisters_and_kills_what_moved() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(dir.path(), 3_000);
+    let mut st = h.lock();
+    let exp = st.reserve_experiment_id();
+    st.add_experiment(exp, grid_spec("max_trials: 1\nmax_restarts: 2\n"), "memory://t".into());
+    let e1 = register_as(&mut st, "w1", "pod-a", vec![]).unwrap();
+    let w = WorkerId("w1".into());
+    let (tx, mut rx) = unbounded_channel();
+    st.open_stream(&w, e1, tx).unwrap();
+    st.commit().unwrap();
+    let a = assignments(&mut rx).remove(0);
+    let running = RunningAttempt {
+        trial: TrialId(a.trial_id),
+        attempt: a.attempt,
+        rank: 0,
+    };
+    h.clock.advance(Duration::from_millis(3_500));
+    st.reconcile();
+    st.commit().unwrap();
+    assert_eq!(st.trials[&TrialId(a.trial_id)].state, TrialState::Pending);
+    let (code, msg) = code_and_message(
+        st.report(convert::report(pb::ReportTrialRequest {
+            worker_id: "w1".into(),
+            epoch: e1,
+            trial_id: a.trial_id,
+            attempt: a.attempt,
+            ..Default::default()
+        }))
+        .unwrap_err(),
+    );
+    assert_eq!(code, tonic::Code::Aborted);
+    assert!(
+        msg.contains("no longer current"),
+        "a stale attempt, not a fenced worker: {msg}"
+    );
+    assert_eq!(
+        code_and_message(st.heartbeat(&w, e1, &[running]).unwrap_err()).0,
+        tonic::Code::NotFound
+    );
+    let r = st
+        .register(crate::protocol::Registration {
+            worker: w.clone(),
+            capacity: Resources { cpus: 1, gpus: 0 },
+            labels: BTreeMap::new(),
+            address: String::new(),
+            running: vec![running],
+            instance: "pod-a".into(),
+        })
+        .unwrap();
+    assert!(r.epoch > e1);
+    assert_eq!(r.kill, vec![running]);
+}
+
+/// The autoscaling gauge: ranks of pending trials with no placement, which falls as workers
+/// come and take them.
+#[test]
+fn ranks_waiting_counts_unplaced_demand() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(dir.path(), 10_000);
+    let mut st = h.lock();
+    let exp = st.reserve_experiment_id();
+    let spec = spec::parse(
+        "name: g\nmetric: {name: loss, goal: minimize}\nsearcher: {name: grid}\nparallel_trials: 4\n\
+         parameters:\n  a: {values: [1, 2, 3, 4, 5, 6]}\ntrial: {command: [train]}\n",
+        &[],
+    )
+    .unwrap();
+    st.add_experiment(exp, spec, "memory://t".into());
+    st.commit().unwrap();
+    assert_eq!(st.gauges().ranks_waiting, 4, "four trials ahead, no worker");
+    let (_, _rx1) = join(&mut st, "w1", 1, vec![]);
+    assert_eq!(st.gauges().ranks_waiting, 3);
+    let (_, _rx2) = join(&mut st, "w2", 2, vec![]);
+    let g = st.gauges();
+    assert_eq!((g.ranks_waiting, g.workers), (1, 2));
+    let text = st.telemetry.render(&g);
+    assert!(text.contains("chorus_ranks_waiting 1\n"), "{text}");
+    assert!(text.contains("chorus_workers_registered 2\n"), "{text}");
+    // A paused experiment wants nothing placed.
+    st.pause(exp).unwrap();
+    assert_eq!(st.gauges().ranks_waiting, 0);
 }

@@ -1,7 +1,8 @@
 //! Workers and their leases: registration, heartbeats, drains, command streams, and what each worker says it runs.
 
 use super::*;
-use crate::protocol::Registration;
+use crate::cluster::WorkerEpoch;
+use crate::protocol::{Registered, Registration};
 
 /// One worker as `ListWorkers` shows it.
 #[derive(Debug, Clone)]
@@ -41,24 +42,73 @@ impl State {
         Ok(())
     }
 
-    /// A worker joins or rejoins. Returns the attempts it should kill.
-    pub fn register(&mut self, r: Registration) -> Result<Vec<RunningAttempt>> {
+    /// A worker joins or rejoins under a new epoch, which fences every earlier registration of
+    /// its id at once. Refused (ALREADY_EXISTS, nothing changed) while another instance, or one
+    /// that did not say which it is, holds the id's lease: two pods given one worker id must
+    /// not take each other's attempts. Returns the epoch and the attempts it should kill.
+    pub fn register(&mut self, r: Registration) -> Result<Registered> {
         if r.worker.0.trim().is_empty() {
             return Err(CoordError::InvalidArgument("worker_id must not be empty".into()));
         }
-        self.registry.register(
+        let (now, now_ms) = (self.clock.now(), self.clock.now_ms());
+        let ttl = self.timing.lease_ttl;
+        if let Some(holder) = self.registry.holder(&r.worker, now, ttl)
+            && (r.instance.is_empty() || r.instance != holder.instance)
+        {
+            let left = ttl.saturating_sub(now.saturating_duration_since(holder.last_seen));
+            let lapses_ms = holder.last_seen_ms + ttl.as_millis() as i64;
+            return Err(CoordError::AlreadyExists(format!(
+                "worker id {} is registered by another instance ({}, epoch {}) whose lease lapses at {} \
+                 (in {} ms) unless it renews it; give each worker its own id (the pod name), or wait",
+                r.worker,
+                if holder.instance.is_empty() {
+                    "unnamed".to_string()
+                } else {
+                    format!("instance {}", holder.instance)
+                },
+                holder.epoch,
+                format_ms(lapses_ms),
+                left.as_millis(),
+            )));
+        }
+        let record = self.registry.register(
             r.worker.clone(),
+            r.instance,
             r.capacity,
             r.labels,
             r.address,
-            self.clock.now(),
-            self.clock.now_ms(),
+            now,
+            now_ms,
         );
+        let epoch = record.epoch;
+        self.epoch_writes.push(record);
         self.refresh_room(&r.worker);
         let kill = self.claim(&r.worker, &r.running, true);
         self.placement_due = true;
         self.pump();
-        Ok(kill)
+        Ok(Registered { epoch, kill })
+    }
+
+    /// Refuses a call of a registration that is not the worker id's newest (ABORTED with the
+    /// fenced reason, so the worker exits). Epoch 0 (a worker that predates epochs, or never
+    /// registered) is always refused. A worker id with no epoch on record (its registration
+    /// predates the store's epochs) has nothing to be fenced by.
+    pub fn check_epoch(&self, worker: &WorkerId, epoch: u64) -> Result<()> {
+        // The hot path (a registered worker's heartbeat or report): one compare on its entry.
+        if epoch != 0
+            && self
+                .registry
+                .workers
+                .get(worker)
+                .is_some_and(|e| e.registered && e.epoch == epoch)
+        {
+            return Ok(());
+        }
+        match self.registry.epoch(worker) {
+            Some(current) if current.epoch == epoch && epoch != 0 => Ok(()),
+            None if epoch != 0 => Ok(()),
+            current => Err(fenced(worker, epoch, current)),
+        }
     }
 
     /// Matches what a worker says it runs against the live attempts placed on it: what it
@@ -124,7 +174,13 @@ impl State {
     }
 
     /// A worker renews its lease and says what it runs. Returns the attempts it should kill.
-    pub fn heartbeat(&mut self, worker: &WorkerId, running: &[RunningAttempt]) -> Result<Vec<RunningAttempt>> {
+    pub fn heartbeat(
+        &mut self,
+        worker: &WorkerId,
+        epoch: u64,
+        running: &[RunningAttempt],
+    ) -> Result<Vec<RunningAttempt>> {
+        self.check_epoch(worker, epoch)?;
         if !self.registry.touch(worker, self.clock.now(), self.clock.now_ms()) {
             return Err(CoordError::NotFound(format!(
                 "worker {worker} is not registered; register again"
@@ -134,7 +190,8 @@ impl State {
     }
 
     /// Attaches a worker's command stream and re-sends the assignments it has not started.
-    pub fn open_stream(&mut self, worker: &WorkerId, tx: crate::cluster::CommandSender) -> Result<()> {
+    pub fn open_stream(&mut self, worker: &WorkerId, epoch: u64, tx: crate::cluster::CommandSender) -> Result<()> {
+        self.check_epoch(worker, epoch)?;
         let entry = self
             .registry
             .workers
@@ -218,4 +275,41 @@ impl State {
             })
             .sum()
     }
+}
+
+/// The refusal of a call from a fenced registration, naming the registration that fenced it.
+fn fenced(worker: &WorkerId, epoch: u64, current: Option<&WorkerEpoch>) -> CoordError {
+    let now = match current {
+        Some(c) => format!(
+            "epoch {} registered at {}{}",
+            c.epoch,
+            format_ms(c.registered_ms),
+            if c.instance.is_empty() {
+                String::new()
+            } else {
+                format!(" by instance {}", c.instance)
+            }
+        ),
+        None => "no epoch registered".to_string(),
+    };
+    let message = if epoch == 0 {
+        format!(
+            "worker {worker} epoch 0 is fenced: {now}; every call must carry the epoch Register answered \
+             (a worker that sends none predates registration epochs: upgrade it)"
+        )
+    } else {
+        format!("worker {worker} epoch {epoch} is fenced: {now}; this process must stop")
+    };
+    CoordError::Fenced {
+        message,
+        worker: worker.0.clone(),
+        epoch,
+        current: current.map_or(0, |c| c.epoch),
+    }
+}
+
+/// A wall-clock time in milliseconds since the epoch, as RFC 3339 (UTC).
+fn format_ms(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
 }

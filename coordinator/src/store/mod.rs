@@ -17,15 +17,21 @@
 //! it), kept for its life: experiment storage paths include it, so a fresh store never meets
 //! another store's records under the same storage prefix.
 
+pub mod backup;
+pub mod lock;
 pub mod writer;
 
+/// The database file inside the data directory.
+pub const DB_FILE: &str = "chorus.db";
+
+use crate::cluster::WorkerEpoch;
 use crate::trial::{Live, RankLive, TrialRecord};
 use chorus_core::convert::{ExperimentState, TrialState};
 use chorus_core::{ExperimentId, TrialId, WorkerId};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
 
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 /// Brings a store of an older schema up to [`SCHEMA_VERSION`], one step at a time.
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -52,6 +58,11 @@ const MIGRATIONS: &[(i64, &str)] = &[
      UPDATE trials SET acked_metrics = COALESCE((SELECT json_group_object(attempt, n)
          FROM (SELECT attempt, COUNT(*) AS n FROM metrics WHERE trial_id = trials.id GROUP BY attempt)), '');
      DROP TABLE metrics;",
+    ),
+    (
+        5,
+        "CREATE TABLE IF NOT EXISTS worker_epochs (worker_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, instance TEXT NOT NULL,
+         registered_ms INTEGER NOT NULL);",
     ),
 ];
 
@@ -126,6 +137,13 @@ CREATE TABLE IF NOT EXISTS attempts (
     outcome TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (trial_id, attempt)
 );
+-- Each worker id's newest registration: a call carrying an older epoch is fenced.
+CREATE TABLE IF NOT EXISTS worker_epochs (
+    worker_id TEXT PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    instance TEXT NOT NULL,
+    registered_ms INTEGER NOT NULL
+);
 "#;
 
 pub struct Store {
@@ -199,6 +217,8 @@ pub struct Batch {
     pub trials: Vec<TrialRecord>,
     pub searchers: Vec<SearcherWrite>,
     pub attempts: Vec<AttemptRow>,
+    /// Worker registrations, in order (the newest of a worker id wins).
+    pub epochs: Vec<WorkerEpoch>,
     /// The workers drained of new trials, when the set changed.
     pub drained: Option<Vec<WorkerId>>,
 }
@@ -209,6 +229,7 @@ impl Batch {
             && self.trials.is_empty()
             && self.searchers.is_empty()
             && self.attempts.is_empty()
+            && self.epochs.is_empty()
             && self.drained.is_none()
     }
 }
@@ -480,6 +501,22 @@ impl Store {
             .collect())
     }
 
+    /// Every worker id's newest registration.
+    pub fn load_worker_epochs(&self) -> rusqlite::Result<Vec<WorkerEpoch>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT worker_id, epoch, instance, registered_ms FROM worker_epochs")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(WorkerEpoch {
+                worker: WorkerId(r.get(0)?),
+                epoch: r.get::<_, i64>(1)? as u64,
+                instance: r.get(2)?,
+                registered_ms: r.get(3)?,
+            })
+        })?;
+        rows.collect()
+    }
+
     /// Every experiment's saved searcher state: its snapshot and the journal after it.
     pub fn load_searchers(&self) -> rusqlite::Result<std::collections::BTreeMap<ExperimentId, SearcherRecord>> {
         let mut out: std::collections::BTreeMap<ExperimentId, SearcherRecord> = Default::default();
@@ -656,6 +693,12 @@ impl Store {
                     assigned_ms = CASE WHEN excluded.assigned_ms > 0 THEN excluded.assigned_ms ELSE attempts.assigned_ms END,
                     ended_ms = excluded.ended_ms, outcome = excluded.outcome",
             )?;
+            let mut put_epoch = tx.prepare_cached(
+                "INSERT OR REPLACE INTO worker_epochs (worker_id, epoch, instance, registered_ms) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for e in &batch.epochs {
+                put_epoch.execute(params![e.worker.0, e.epoch as i64, e.instance, e.registered_ms])?;
+            }
             for a in &batch.attempts {
                 put_attempt.execute(params![
                     a.trial.0 as i64,

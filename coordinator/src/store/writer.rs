@@ -361,6 +361,7 @@ fn merge(batches: impl Iterator<Item = Batch>) -> Batch {
         }
         out.searchers.extend(b.searchers);
         out.attempts.extend(b.attempts);
+        out.epochs.extend(b.epochs);
         if b.drained.is_some() {
             out.drained = b.drained;
         }

@@ -287,6 +287,8 @@ async fn join_group(
         address: listener.local_addr().to_string(),
         nccl_id,
         data,
+        // The agent stamps the epoch of the registration it calls under.
+        epoch: 0,
     };
     let met = super::rendezvous::meet(ctx.rendezvous.as_ref(), request, ctx.rendezvous_timeout, stop).await?;
     let position: DataPosition = serde_json::from_str(&met.position_json)

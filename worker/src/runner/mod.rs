@@ -694,6 +694,8 @@ async fn torchrun_env(
         address,
         nccl_id: Vec::new(),
         data: None,
+        // The agent stamps the epoch of the registration it calls under.
+        epoch: 0,
     };
     let met = rendezvous::meet(ctx.rendezvous.as_ref(), request, ctx.rendezvous_timeout, stop).await?;
     let master: std::net::SocketAddr = met.addresses.first().and_then(|m| m.parse().ok()).ok_or_else(|| {

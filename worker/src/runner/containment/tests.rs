@@ -154,7 +154,10 @@ async fn scrub(e: &Enclosure, pids_file: &Path, pids: &[i32]) {
         .unwrap();
     let needle = token_entry(&e.token);
     while procfs::environ_has(last, &needle) {
-        assert!(t.elapsed() < Duration::from_secs(30), "{last} never scrubbed its environment");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{last} never scrubbed its environment"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
