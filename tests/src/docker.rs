@@ -278,9 +278,10 @@ fn remove_leftovers() {
         pid.parse::<u32>()
             .is_ok_and(|p| Path::new(&format!("/proc/{p}")).exists())
     };
-    let format = format!("{{{{.ID}}}} {{{{.Label \"{LABEL_PID}\"}}}}");
     let label = format!("label={LABEL}");
-    let dead = |kind: &[&str]| -> Vec<String> {
+    // `key` is what names one in its listing: volumes have no ID.
+    let dead = |kind: &[&str], key: &str| -> Vec<String> {
+        let format = format!("{{{{.{key}}}}} {{{{.Label \"{LABEL_PID}\"}}}}");
         let mut args = kind.to_vec();
         args.extend(["--filter", &label, "--format", &format]);
         docker_ok(&args)
@@ -291,16 +292,16 @@ fn remove_leftovers() {
             .map(|(id, _)| id.to_string())
             .collect()
     };
-    let containers = dead(&["ps", "-a"]);
+    let containers = dead(&["ps", "-a"], "ID");
     if !containers.is_empty() {
         let mut args = vec!["rm", "-f", "-v"];
         args.extend(containers.iter().map(String::as_str));
         let _ = docker(&args);
     }
-    for id in dead(&["network", "ls"]) {
+    for id in dead(&["network", "ls"], "ID") {
         let _ = docker(&["network", "rm", &id]);
     }
-    for id in dead(&["volume", "ls"]) {
+    for id in dead(&["volume", "ls"], "Name") {
         let _ = docker(&["volume", "rm", "-f", &id]);
     }
 }
@@ -316,8 +317,11 @@ impl DockerCluster {
             return Ok(None);
         }
         ensure_images()?;
+        // Not while clusters are being kept for a look: earlier kept ones are there on purpose.
         static SWEPT: OnceLock<()> = OnceLock::new();
-        SWEPT.get_or_init(remove_leftovers);
+        if std::env::var_os("CHORUS_KEEP_TEST_DIRS").is_none() {
+            SWEPT.get_or_init(remove_leftovers);
+        }
 
         let mut rng = rand::rng();
         let name = format!("chorus-e2e-{:08x}", rng.random::<u32>());
