@@ -424,6 +424,28 @@ trial:
     );
     // No line of attempt 1 from after the cut-over: it printed at most `cut_at` lines before it
     // (each step is ticked before it is printed), and it stepped on to `last` after.
+    // The stale attempt did store lines after the cut-over, under its own attempt's names:
+    // what keeps them out of the history is the fencing, not a lack of writing.
+    let e = experiment(&c, exp).unwrap();
+    let metrics = copy
+        .dir_of(e["storage"].as_str().unwrap())
+        .unwrap()
+        .join(format!("experiments/{exp}/trials/{tid}/metrics"));
+    let mut stored_by_1 = Vec::new();
+    for f in std::fs::read_dir(&metrics).unwrap() {
+        let f = f.unwrap().path();
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("0001-") && name.ends_with(".jsonl") {
+            for line in std::fs::read_to_string(&f).unwrap().lines() {
+                let v: Value = serde_json::from_str(line).unwrap();
+                stored_by_1.extend(v["step"].as_i64());
+            }
+        }
+    }
+    assert!(
+        stored_by_1.iter().any(|s| *s as usize > cut_at),
+        "attempt 1 stored no line after the cut-over (steps {stored_by_1:?}, cut after {cut_at})"
+    );
     let kept_of_1: Vec<i64> = h
         .iter()
         .filter(|l| l["attempt"] == 1)

@@ -900,14 +900,19 @@ impl StorageCopy {
         self.dir.path().join("storage")
     }
 
-    /// Opens, in the copy, the storage the containers know as `uri` (a `file://` URI under
-    /// [`STORAGE_URI`], e.g. an experiment's `storage`): the same keys as theirs.
-    pub fn open(&self, uri: &str) -> Result<chorus_core::storage::Storage> {
+    /// The directory of the copy that holds what the containers know as `uri` (a `file://` URI
+    /// under [`STORAGE_URI`]).
+    pub fn dir_of(&self, uri: &str) -> Result<PathBuf> {
         let rest = uri
             .strip_prefix(STORAGE_URI)
             .with_context(|| format!("{uri} is not under {STORAGE_URI}"))?;
-        let dir = self.path().join(rest.trim_start_matches('/'));
-        let uri = chorus_core::storage::StorageUri::from_dir(&dir)?;
+        Ok(self.path().join(rest.trim_start_matches('/')))
+    }
+
+    /// Opens, in the copy, the storage the containers know as `uri` (a `file://` URI under
+    /// [`STORAGE_URI`], e.g. an experiment's `storage`): the same keys as theirs.
+    pub fn open(&self, uri: &str) -> Result<chorus_core::storage::Storage> {
+        let uri = chorus_core::storage::StorageUri::from_dir(&self.dir_of(uri)?)?;
         Ok(chorus_core::storage::open(
             &uri,
             &chorus_core::storage::StorageOptions::default(),
