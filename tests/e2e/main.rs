@@ -3,6 +3,7 @@
 mod auth;
 mod builtin;
 mod chaos;
+mod containers;
 mod containment;
 mod crash;
 mod data_parallel;

@@ -7,6 +7,7 @@
 //! them ([`Tmpfs`]). A local S3 server (`s3s-fs`) can be started beside them. Nothing
 //! here talks to anything but 127.0.0.1.
 
+pub mod docker;
 pub mod fault;
 pub mod proxy;
 
