@@ -14,12 +14,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 /// Whether the clusters serve gRPC over TLS (their own CA; workers and the CLI trust it through
-/// `CHORUS_CA`), else plaintext with `--insecure`. Off until the coordinator has `--tls-cert` and
-/// `--tls-key` and the worker and CLI take `CHORUS_CA`; `CHORUS_TEST_TLS=1` turns it on for a run.
-const TLS: bool = false;
-
+/// `CHORUS_CA`), as a cluster off loopback should; `CHORUS_TEST_TLS=0` runs them in plain text
+/// with `--insecure` instead, to tell a TLS problem from another.
 fn tls() -> bool {
-    TLS || std::env::var_os("CHORUS_TEST_TLS").is_some_and(|v| v == "1")
+    std::env::var_os("CHORUS_TEST_TLS").is_none_or(|v| v != "0")
 }
 
 /// Starts a cluster, or returns from the test (printing why) where docker is not usable.
@@ -644,15 +642,12 @@ trial:
 /// trial resumes on the other worker from its checkpoint without spending a restart (it has
 /// none to spend).
 #[test]
-#[ignore = "the coordinator places the handed-back trial on the departing worker again (a worker \
-            shutting down does not tell the coordinator it leaves), and that attempt's lost lease \
-            then costs a restart; run with --run-ignored once that is fixed"]
 fn a_sigterm_stopped_worker_container_hands_its_trial_back() {
     stop_hands_the_trial_back(false);
 }
 
-/// The same, with the worker drained first (`chorus worker drain`): the way to take a node away
-/// that works today.
+/// The same, with the worker drained first (`chorus worker drain`), as an operator takes a node
+/// away by hand.
 #[test]
 fn a_drained_worker_container_stopped_with_sigterm_hands_its_trial_back() {
     stop_hands_the_trial_back(true);

@@ -48,6 +48,9 @@ const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 const RENDEZVOUS_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time a stopped attempt gets for its last checkpoint and records, beyond the kill grace.
 const FINAL_UPLOAD_BUDGET: Duration = Duration::from_secs(30);
+/// How long a shutting-down worker waits for the coordinator to acknowledge that it is leaving
+/// before it stops its trials anyway (the grace period is the budget it comes out of).
+const LEAVING_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub type WorkerClient = WorkerServiceClient<InterceptedService<Channel, BearerAuth>>;
 
@@ -306,6 +309,7 @@ impl Agent {
             attempts = self.attempts.running().len(),
             "shutting down: stopping trials, flushing their reports"
         );
+        self.announce_leaving().await;
         self.attempts.stop_all(Stop::Shutdown);
         let drain = async {
             let stopping =
@@ -339,6 +343,28 @@ impl Agent {
         supervisor
             .await
             .unwrap_or_else(|e| Err(WorkerError::Task(e.to_string())))
+    }
+
+    /// Tells the coordinator this worker is going, before its trials are stopped: the attempts
+    /// it hands back must be placed elsewhere, not on it again in the moment before it leaves.
+    /// Best effort and brief: without a link the lease handling covers it.
+    async fn announce_leaving(&self) {
+        let Some(Linked { client, epoch }) = self.link.borrow().clone() else {
+            return;
+        };
+        let beat = pb::HeartbeatRequest {
+            worker_id: self.worker_id.clone(),
+            running: self.attempts.running(),
+            epoch,
+            leaving: true,
+        };
+        let mut req = self.request(beat);
+        req.set_timeout(LEAVING_TIMEOUT);
+        match tokio::time::timeout(LEAVING_TIMEOUT, client.clone().heartbeat(req)).await {
+            Ok(Ok(_)) => debug!("the coordinator knows this worker is leaving"),
+            Ok(Err(s)) => warn!(status = %s, "cannot tell the coordinator this worker is leaving"),
+            Err(_) => warn!("the coordinator did not answer the leaving heartbeat in time"),
+        }
     }
 
     /// This process was replaced by a newer registration of its worker id: its attempts now
@@ -555,6 +581,7 @@ impl Agent {
                     worker_id: self.worker_id.clone(),
                     running: self.attempts.running(),
                     epoch,
+                    leaving: *self.draining.borrow(),
                 };
                 match client.clone().heartbeat(self.request(beat)).await {
                     Ok(r) => self.apply_kills(&r.into_inner().kill, "the coordinator no longer wants this attempt"),

@@ -29,6 +29,8 @@ enum Seen {
     Held(String),
     /// A call refused as fenced, and the epoch it carried.
     Fenced(u64),
+    /// A heartbeat that said the worker is leaving (recorded just before that heartbeat).
+    Leaving,
 }
 
 #[derive(Default)]
@@ -184,7 +186,11 @@ impl WorkerService for Fake {
         self.admit(&req)?;
         self.check_epoch(req.get_ref().epoch)?;
         let mut s = self.state();
-        s.seen.push(Seen::Heartbeat(req.into_inner().running));
+        let req = req.into_inner();
+        if req.leaving {
+            s.seen.push(Seen::Leaving);
+        }
+        s.seen.push(Seen::Heartbeat(req.running));
         if std::mem::take(&mut s.forget_next_heartbeat) {
             return Err(Status::not_found("unknown worker"));
         }
@@ -579,6 +585,17 @@ async fn shutdown_stops_trials_and_delivers_their_exit() {
     assert_eq!(exit_kind(&exited), pb::ExitKind::Interrupted);
     assert!(exited.message.contains("worker shut down"), "{}", exited.message);
     assert!(process_gone(pid));
+    // The coordinator heard that the worker is leaving before the attempt came back, so it
+    // places the attempt elsewhere rather than on the worker about to go.
+    let seen = fake.seen();
+    let leaving = seen.iter().position(|s| matches!(s, Seen::Leaving));
+    let handed_back = seen.iter().position(|s| {
+        matches!(s, Seen::Report(r) if r.trial_id == 4 && r.events.iter().any(|e| matches!(e.kind, Some(pb::trial_event::Kind::Exited(_)))))
+    });
+    assert!(
+        leaving.is_some() && leaving < handed_back,
+        "leaving at {leaving:?}, the exit at {handed_back:?}"
+    );
     server.stop(&fake).await;
 }
 

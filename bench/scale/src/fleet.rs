@@ -293,6 +293,7 @@ impl Worker {
                 worker_id: self.id.clone(),
                 running: self.running_list(),
                 epoch: self.epoch(),
+                leaving: false,
             };
             let t = Instant::now();
             let res = self.client.clone().heartbeat(call(req)).await;

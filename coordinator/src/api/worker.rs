@@ -55,6 +55,9 @@ impl WorkerService for WorkerApi {
         let (kill, commit) = {
             let mut st = self.coord.lock();
             let kill = st.heartbeat(&worker, req.epoch, &running);
+            if req.leaving && kill.is_ok() {
+                st.leaving(&worker);
+            }
             let commit = match &kill {
                 Ok(k) if k.is_empty() => st.flush_own(),
                 _ => st.flush(),

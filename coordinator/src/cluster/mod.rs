@@ -33,6 +33,9 @@ pub struct WorkerEntry {
     /// Which process lineage registered; empty when the worker did not say.
     pub instance: String,
     pub stream: Option<CommandSender>,
+    /// The worker said it is shutting down: nothing more is placed on it until it registers
+    /// again, so the attempts it hands back go to other workers.
+    pub leaving: bool,
 }
 
 impl WorkerEntry {
@@ -114,6 +117,7 @@ impl Registry {
             epoch,
             instance: String::new(),
             stream: None,
+            leaving: false,
         });
         e.capacity = capacity;
         e.labels = labels;
@@ -124,6 +128,7 @@ impl Registry {
         e.epoch = epoch;
         e.instance = instance;
         e.stream = None;
+        e.leaving = false;
         record
     }
 
@@ -145,6 +150,7 @@ impl Registry {
             epoch: 0,
             instance: String::new(),
             stream: None,
+            leaving: false,
         });
     }
 

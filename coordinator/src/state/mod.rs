@@ -529,7 +529,8 @@ impl State {
                 cpus: e.capacity.cpus.saturating_sub(used.cpus),
                 gpus: e.capacity.gpus.saturating_sub(used.gpus),
             };
-            (e.registered && !self.drained.contains(worker) && free != Resources::default()).then_some(free)
+            (e.registered && !e.leaving && !self.drained.contains(worker) && free != Resources::default())
+                .then_some(free)
         });
         self.forget_room(worker);
         if let Some(free) = room {

@@ -347,6 +347,7 @@ fn a_restarted_coordinator_reattaches_or_requeues() {
         epoch: 0,
         worker_id: "w1".into(),
         running: claim,
+        leaving: false,
     })
     .unwrap();
     st.reconcile();
@@ -435,6 +436,58 @@ fn an_interrupted_attempt_is_placed_again_at_no_cost() {
     let t = &st.trials[&TrialId(a.trial_id)];
     assert_eq!((t.restarts, t.attempt), (0, 2), "placed again without a restart: {t:?}");
     assert!(t.message.starts_with("interrupted"), "{}", t.message);
+}
+
+#[test]
+fn a_leaving_worker_gets_nothing_more_and_its_handed_back_attempt_runs_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(dir.path(), 10_000);
+    let mut st = h.lock();
+    let exp = st.reserve_experiment_id();
+    st.add_experiment(exp, grid_spec(""), "memory://t".into());
+    // Registered as a pod would be, so the same pod may register again while its lease holds.
+    let register_w1 = |st: &mut State| {
+        st.register_pb(pb::RegisterRequest {
+            worker_id: "w1".into(),
+            instance: "pod-uid-1".into(),
+            capacity: Some(pb::Resources { cpus: 1, gpus: 0 }),
+            ..Default::default()
+        })
+        .unwrap();
+        let rx = stream(st, "w1");
+        st.commit().unwrap();
+        rx
+    };
+    let mut rx1 = register_w1(&mut st);
+    let a = assignments(&mut rx1).remove(0);
+    // SIGTERM: the worker says it is leaving, then hands its attempt back.
+    let w1 = WorkerId("w1".into());
+    st.leaving(&w1);
+    finish(&mut st, "w1", &a, pb::ExitKind::Interrupted).unwrap();
+    st.commit().unwrap();
+    assert!(
+        assignments(&mut rx1).is_empty(),
+        "nothing is placed on a worker that is leaving"
+    );
+    let t = &st.trials[&TrialId(a.trial_id)];
+    assert_eq!((t.restarts, t.live.is_none()), (0, true), "waits, at no cost: {t:?}");
+    assert!(
+        st.workers().iter().any(|w| w.id == w1 && w.drained),
+        "shown as draining"
+    );
+
+    let (_, mut rx2) = join(&mut st, "w2", 1, vec![]);
+    let again = assignments(&mut rx2);
+    assert!(
+        again
+            .iter()
+            .any(|b| b.trial_id == a.trial_id && b.attempt == a.attempt + 1),
+        "the handed-back trial runs on the other worker: {again:?}"
+    );
+    // Registering again (a restarted worker) makes it eligible once more.
+    drop(rx1);
+    let mut rx1 = register_w1(&mut st);
+    assert!(!assignments(&mut rx1).is_empty(), "placed on again after registering");
 }
 
 fn report(st: &mut State, worker: &str, a: &pb::Assignment, seq: u64, kind: Kind) -> Result<()> {
@@ -646,6 +699,7 @@ fn elastic_gangs_pack_and_shrink() {
         epoch: 0,
         worker_id: "w2".into(),
         running: vec![],
+        leaving: false,
     })
     .unwrap();
     st.reconcile();

@@ -189,6 +189,20 @@ impl State {
         Ok(self.claim(worker, running, false))
     }
 
+    /// The worker is shutting down (it said so in a heartbeat): nothing more is placed on it
+    /// until it registers again, so what it hands back runs elsewhere. Not kept in the store: a
+    /// worker that comes back registers, and one that does not loses its lease.
+    pub fn leaving(&mut self, worker: &WorkerId) {
+        let Some(e) = self.registry.workers.get_mut(worker) else {
+            return;
+        };
+        if !e.leaving {
+            e.leaving = true;
+            tracing::info!(worker = %worker, "worker shutting down: no more placements on it");
+            self.refresh_room(worker);
+        }
+    }
+
     /// Attaches a worker's command stream and re-sends the assignments it has not started.
     pub fn open_stream(&mut self, worker: &WorkerId, epoch: u64, tx: crate::cluster::CommandSender) -> Result<()> {
         self.check_epoch(worker, epoch)?;
@@ -257,7 +271,8 @@ impl State {
                     address: w.address.clone(),
                     last_seen_ms: w.last_seen_ms,
                     registered: w.registered,
-                    drained: self.drained.contains(&w.id),
+                    // A worker shutting down drains itself.
+                    drained: self.drained.contains(&w.id) || w.leaving,
                     running,
                 }
             }

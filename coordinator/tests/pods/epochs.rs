@@ -22,6 +22,7 @@ fn heartbeat(id: &str, epoch: u64) -> pb::HeartbeatRequest {
         worker_id: id.into(),
         epoch,
         running: vec![],
+        leaving: false,
     }
 }
 

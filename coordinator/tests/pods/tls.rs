@@ -102,6 +102,7 @@ async fn mutual_tls_makes_the_certificate_the_worker_identity() {
         worker_id: "pod-a".into(),
         epoch,
         running: vec![],
+        leaving: false,
     })
     .await
     .unwrap();
