@@ -252,23 +252,7 @@ fn a_data_parallel_trial_trains_across_two_worker_containers() {
         ])
         .unwrap();
     assert!(out.status.success(), "synth: {}", String::from_utf8_lossy(&out.stderr));
-    let yaml = format!(
-        r#"
-name: containers-dp
-metric: {{name: val_accuracy, goal: maximize}}
-parameters: {{}}
-searcher: {{name: grid}}
-max_restarts: 0
-resources: {{workers: 2, cpus: 1}}
-trial:
-  builtin:
-    model: {{kind: multimodal, modalities: [text]}}
-    data: {data}
-    epochs: 1
-    batch_size: 16
-    log_every: 2
-"#
-    );
+    let yaml = chorus_tests::data_parallel_spec("containers-dp", &data);
     let id = submit(&c, "dp.yaml", &yaml);
     // Where its ranks run, seen while they run (an ended trial names no worker).
     let mut ws = Vec::new();

@@ -378,23 +378,7 @@ fn a_worker_shutdown_pauses_every_rank_at_no_cost() {
         "3",
     ]);
     assert!(out.status.success(), "synth: {}", String::from_utf8_lossy(&out.stderr));
-    let yaml = format!(
-        r#"
-name: dp-shutdown
-metric: {{name: val_accuracy, goal: maximize}}
-parameters: {{}}
-searcher: {{name: grid}}
-max_restarts: 0
-resources: {{workers: 2, cpus: 1}}
-trial:
-  builtin:
-    model: {{kind: multimodal, modalities: [text]}}
-    data: {data}
-    epochs: 1
-    batch_size: 16
-    log_every: 2
-"#
-    );
+    let yaml = chorus_tests::data_parallel_spec("dp-shutdown", &data);
     let id = submit(&c, &c.write("dp.yaml", &yaml));
     c.wait_until(Duration::from_secs(120), "training under way", |c| {
         let ts = trials(c, id);

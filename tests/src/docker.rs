@@ -807,21 +807,10 @@ impl DockerCluster {
 
     /// Polls `cond` every 250 ms until it holds or `timeout` passes; the error carries the last
     /// lines of every container's log.
-    pub fn wait_until(&self, timeout: Duration, what: &str, mut cond: impl FnMut(&Self) -> Result<bool>) -> Result<()> {
-        let start = Instant::now();
-        let mut last_err = None;
-        while start.elapsed() < timeout {
-            match cond(self) {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
-                Err(e) => last_err = Some(e),
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-        bail!(
-            "timed out after {timeout:?} waiting for {what} (last error: {last_err:?})\n{}",
-            self.logs_tail(40)
-        )
+    pub fn wait_until(&self, timeout: Duration, what: &str, cond: impl FnMut(&Self) -> Result<bool>) -> Result<()> {
+        crate::poll_until(self, Duration::from_millis(250), timeout, what, cond, |c| {
+            c.logs_tail(40)
+        })
     }
 
     /// Short names of the cluster's coordinator and worker containers.

@@ -32,6 +32,53 @@ pub fn bin_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// Polls `cond` on `subject` every `every` until it holds or `timeout` passes; the timeout's
+/// error names `what`, the condition's last error and what `context` tells (the logs' tails).
+pub fn poll_until<S>(
+    subject: &S,
+    every: Duration,
+    timeout: Duration,
+    what: &str,
+    mut cond: impl FnMut(&S) -> Result<bool>,
+    context: impl FnOnce(&S) -> String,
+) -> Result<()> {
+    let start = Instant::now();
+    let mut last_err = None;
+    while start.elapsed() < timeout {
+        match cond(subject) {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last_err = Some(e),
+        }
+        std::thread::sleep(every);
+    }
+    bail!(
+        "timed out after {timeout:?} waiting for {what} (last error: {last_err:?})\n{}",
+        context(subject)
+    )
+}
+
+/// A two-rank data-parallel builtin trial (the text model, one epoch) on the dataset at `data`.
+pub fn data_parallel_spec(name: &str, data: &str) -> String {
+    format!(
+        r#"
+name: {name}
+metric: {{name: val_accuracy, goal: maximize}}
+parameters: {{}}
+searcher: {{name: grid}}
+max_restarts: 0
+resources: {{workers: 2, cpus: 1}}
+trial:
+  builtin:
+    model: {{kind: multimodal, modalities: [text]}}
+    data: {data}
+    epochs: 1
+    batch_size: 16
+    log_every: 2
+"#
+    )
+}
+
 /// Path of a workspace binary, or a clear failure if it was not built.
 pub fn binary(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
@@ -482,21 +529,8 @@ impl TestCluster {
     }
 
     /// Polls `cond` every 100 ms until it holds or `timeout` passes.
-    pub fn wait_until(&self, timeout: Duration, what: &str, mut cond: impl FnMut(&Self) -> Result<bool>) -> Result<()> {
-        let start = Instant::now();
-        let mut last_err = None;
-        while start.elapsed() < timeout {
-            match cond(self) {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
-                Err(e) => last_err = Some(e),
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        bail!(
-            "timed out after {timeout:?} waiting for {what} (last error: {last_err:?})\n{}",
-            self.logs_tail()
-        )
+    pub fn wait_until(&self, timeout: Duration, what: &str, cond: impl FnMut(&Self) -> Result<bool>) -> Result<()> {
+        poll_until(self, Duration::from_millis(100), timeout, what, cond, Self::logs_tail)
     }
 
     /// The last lines of every process log, for failure messages.
