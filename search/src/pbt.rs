@@ -172,6 +172,17 @@ fn perturb(p: &Param, v: &Value, rng: &mut ChaCha8Rng) -> Value {
             }
             Value::from(y.clamp(*min, *max))
         }
+        // A step of ln(factor) in log space, rounded back to an integer. Near 1 that rounds back
+        // to the same value (round(2 * 1.2) = 2), so it moves at least one integer, as
+        // int_uniform does, or a small batch size could never change.
+        (Param::LogIntUniform { min, max }, Some(x)) => {
+            let x = x.round().clamp(*min as f64, *max as f64);
+            let mut y = chorus_core::space::log_int_draw(x.ln() + factor.ln(), i64::MIN, i64::MAX);
+            if y == x as i64 {
+                y = y.saturating_add(if factor > 1.0 { 1 } else { -1 });
+            }
+            Value::from(y.clamp(*min, *max))
+        }
         (Param::Categorical { values }, _) => {
             let i = values.iter().position(|c| c == v).unwrap_or(0);
             let j = if factor > 1.0 {

@@ -79,6 +79,9 @@ fn unit(p: &Param, v: &serde_json::Value) -> Option<f64> {
         Param::Uniform { min, max } | Param::QUniform { min, max, .. } => Some(span(v.as_f64()?, *min, *max)),
         Param::LogUniform { min, max } => Some(span(v.as_f64()?.ln(), min.ln(), max.ln())),
         Param::IntUniform { min, max } => Some(span(v.as_f64()?, *min as f64, *max as f64)),
+        Param::LogIntUniform { min, max } => {
+            Some(span(v.as_f64()?.max(1.0).ln(), (*min as f64).ln(), (*max as f64).ln()))
+        }
     }
 }
 

@@ -111,6 +111,12 @@ impl Dim {
             Param::Uniform { min, max } | Param::QUniform { min, max, .. } => Some(real(*min, *max)),
             Param::LogUniform { min, max } => Some(real(min.ln(), max.ln())),
             Param::IntUniform { min, max } => Some(real(*min as f64 - 0.5, *max as f64 + 0.5)),
+            // In log space, widened by half a step at each end as the random draw is, so the
+            // prior is the random sampler's own distribution.
+            Param::LogIntUniform { min, max } => {
+                let (lo, hi) = chorus_core::space::log_int_bounds(*min, *max);
+                Some(real(lo, hi))
+            }
         }
     }
 
@@ -122,6 +128,8 @@ impl Dim {
                 let x = v.as_f64()?;
                 Some(match param {
                     Param::LogUniform { .. } => x.max(f64::MIN_POSITIVE).ln(),
+                    // Validation keeps min >= 1; a stray value below lands at the low end.
+                    Param::LogIntUniform { .. } => x.max(0.5).ln(),
                     _ => x,
                 })
             }
@@ -135,6 +143,7 @@ impl Dim {
             Dim::Real { param, .. } => match param {
                 Param::LogUniform { min, max } => float(x.exp().clamp(*min, *max)),
                 Param::IntUniform { min, max } => Value::from((x.round() as i64).clamp(*min, *max)),
+                Param::LogIntUniform { min, max } => Value::from(chorus_core::space::log_int_draw(x, *min, *max)),
                 Param::QUniform { min, max, q } => {
                     let lo = (min / q).ceil() * q;
                     let hi = (max / q).floor() * q;
