@@ -925,7 +925,7 @@ mod tests {
         // Each integer gets the log-width of its rounding interval: 1 takes [0.5, 1.5), ln 3.
         let ones = {
             let mut rng = ChaCha8Rng::seed_from_u64(12);
-            (0..n).filter(|_| p.sample(&mut rng) == Value::from(1)).count() as f64 / n as f64
+            (0..n).filter(|_| p.sample(&mut rng) == 1).count() as f64 / n as f64
         };
         let want = 3f64.ln() / (1024.5f64 / 0.5).ln();
         assert!((ones - want).abs() < 0.02, "{ones} ones, want {want}");

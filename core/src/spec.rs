@@ -1897,7 +1897,10 @@ trial:
     #[test]
     fn log_int_ranges_reach_trials_as_integers() {
         let v = parse(
-            &GOOD.replace("{values: [1, 2, 3]}", "{min: 16, max: 1024, distribution: log_int_uniform}"),
+            &GOOD.replace(
+                "{values: [1, 2, 3]}",
+                "{min: 16, max: 1024, distribution: log_int_uniform}",
+            ),
             &[],
         )
         .unwrap();
@@ -1916,11 +1919,17 @@ trial:
         let g = GOOD
             .replace("name: random, seed: 7", "name: grid")
             .replace("{min: 0.0001, max: 0.1, distribution: log_uniform}", "{values: [0.1]}")
-            .replace("{values: [1, 2, 3]}", "{min: 16, max: 1024, distribution: log_int_uniform}");
+            .replace(
+                "{values: [1, 2, 3]}",
+                "{min: 16, max: 1024, distribution: log_int_uniform}",
+            );
         let e = errors(&g, &[]);
         assert_eq!(e.len(), 1, "{e:?}");
         assert_eq!(e[0].path, "parameters.layers");
-        assert!(e[0].message.contains("log_int_uniform") && e[0].message.contains("values"), "{e:?}");
+        assert!(
+            e[0].message.contains("log_int_uniform") && e[0].message.contains("values"),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -1956,7 +1965,10 @@ trial:
         assert_eq!(e[0].path, "trial.builtin.epochs");
         // A log-integer range type-checks as an integer field.
         let log_int = base
-            .replace("{values: [1, 2, 3]}", "{min: 1, max: 64, distribution: log_int_uniform}")
+            .replace(
+                "{values: [1, 2, 3]}",
+                "{min: 1, max: 64, distribution: log_int_uniform}",
+            )
             .replace("epochs: 2", "epochs: ${params.layers}");
         parse(&log_int, &[]).unwrap();
     }

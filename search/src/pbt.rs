@@ -388,6 +388,28 @@ mod tests {
         assert!(to_sgd > 10 && to_adam > 10, "{to_sgd} to sgd, {to_adam} to adam");
     }
 
+    /// A log-integer moves by a factor (a step in log space), stays an integer in its range, and
+    /// moves at least one integer where the factor would round back to the same value.
+    #[test]
+    fn log_integers_perturb_by_a_factor() {
+        let p = Param::LogIntUniform { min: 1, max: 1024 };
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let v = perturb(&p, &Value::from(500), &mut rng);
+            seen.insert(v.as_i64().expect("an integer"));
+            let low = perturb(&p, &Value::from(2), &mut rng).as_i64().unwrap();
+            assert!(low == 1 || low == 3, "{low}");
+            let edge = perturb(&p, &Value::from(1024), &mut rng).as_i64().unwrap();
+            assert!(edge == 819 || edge == 1024, "{edge}");
+            let floor = perturb(&p, &Value::from(1), &mut rng).as_i64().unwrap();
+            assert!(floor == 1 || floor == 2, "{floor}");
+            // A donor value written as a float still comes back an integer.
+            assert!(perturb(&p, &serde_json::json!(64.0), &mut rng).is_i64());
+        }
+        assert_eq!(seen, std::collections::BTreeSet::from([400, 600]));
+    }
+
     #[test]
     fn perturbations_stay_in_their_domains() {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
