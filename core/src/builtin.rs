@@ -188,6 +188,11 @@ pub fn representative(space: &space::Space) -> Params {
                     serde_json::json!((min + max) / 2.0)
                 }
                 space::Param::LogUniform { min, max } => serde_json::json!((min * max).sqrt()),
+                // The geometric middle, as an integer: a builtin field typed as one must see one.
+                space::Param::LogIntUniform { min, max } => {
+                    let mid = ((*min as f64).ln() + (*max as f64).ln()) / 2.0;
+                    Value::from(space::log_int_draw(mid, *min, *max))
+                }
                 other => other.grid_value(0).unwrap_or(Value::Null),
             };
             (k.clone(), v)

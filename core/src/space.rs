@@ -32,6 +32,9 @@ pub enum Param {
     IntUniform { min: i64, max: i64 },
     /// `round(uniform(min, max) / q) * q`, kept inside `[min, max]`.
     QUniform { min: f64, max: f64, q: f64 },
+    /// An integer in `min..=max` drawn on a log scale (batch sizes, widths); `min >= 1`. See
+    /// [`log_int_draw`] for the exact rule.
+    LogIntUniform { min: i64, max: i64 },
 }
 
 /// Hyperparameter values of one trial, by name.
@@ -210,6 +213,10 @@ impl Param {
             Param::LogUniform { min, max } => float(uniform(rng, min.ln(), max.ln()).exp().clamp(*min, *max)),
             Param::IntUniform { min, max } => Value::from(rng.random_range(*min..=*max)),
             Param::QUniform { min, max, q } => float(quantize(uniform(rng, *min, *max), *min, *max, *q)),
+            Param::LogIntUniform { min, max } => {
+                let (lo, hi) = log_int_bounds(*min, *max);
+                Value::from(log_int_draw(uniform(rng, lo, hi), *min, *max))
+            }
         }
     }
 
@@ -236,7 +243,9 @@ impl Param {
                 // Validation keeps min/q and max/q within ±2^53, where f64 counts exactly.
                 Some(float(tidy(((min / q).ceil() + index as f64) * q)))
             }
-            Param::Uniform { .. } | Param::LogUniform { .. } => None,
+            // Sampled, not enumerated: a grid of every integer would defeat the log scale, and
+            // grids take no point count to space a range by.
+            Param::Uniform { .. } | Param::LogUniform { .. } | Param::LogIntUniform { .. } => None,
         }
     }
 
@@ -246,7 +255,9 @@ impl Param {
         match self {
             Param::Constant { value } => value == v,
             Param::Categorical { values } => values.contains(v),
-            Param::IntUniform { min, max } => v.as_i64().is_some_and(|x| (*min..=*max).contains(&x)),
+            Param::IntUniform { min, max } | Param::LogIntUniform { min, max } => {
+                v.as_i64().is_some_and(|x| (*min..=*max).contains(&x))
+            }
             Param::Uniform { .. } | Param::LogUniform { .. } | Param::QUniform { .. } => false,
         }
     }
@@ -268,9 +279,30 @@ impl Param {
                 // Float casts saturate (and NaN gives 0), so a degenerate range counts as empty.
                 Some(if hi >= lo { (hi - lo) as u128 + 1 } else { 0 })
             }
-            Param::Uniform { .. } | Param::LogUniform { .. } => None,
+            Param::Uniform { .. } | Param::LogUniform { .. } | Param::LogIntUniform { .. } => None,
         }
     }
+}
+
+/// The log-space interval a `log_int_uniform` draw is uniform over: `[ln(min - 0.5),
+/// ln(max + 0.5)]`, so each integer gets the log-width of its rounding interval (Optuna's
+/// `IntDistribution(log=True)`). Searchers that model the parameter (TPE) use the same interval.
+pub fn log_int_bounds(min: i64, max: i64) -> (f64, f64) {
+    ((min as f64 - 0.5).ln(), (max as f64 + 0.5).ln())
+}
+
+/// A `log_int_uniform` value from a point `x` in log space: `round(exp(x))`, clamped to
+/// `[min, max]`. With `x` uniform over [`log_int_bounds`], integer `k` comes up with
+/// probability `ln((k + 0.5) / (k - 0.5)) / ln((max + 0.5) / (min - 0.5))`: about `1/k`, so
+/// each doubling of the value is about equally likely. The clamp only catches the upper end
+/// (`max + 0.5` rounds up) and float error; a NaN lands on `min`.
+pub fn log_int_draw(x: f64, min: i64, max: i64) -> i64 {
+    let v = x.exp().round();
+    if v.is_nan() {
+        return min;
+    }
+    // `as` saturates, so a value past i64 clamps to max.
+    (v as i64).clamp(min, max)
 }
 
 fn uniform<R: Rng + ?Sized>(rng: &mut R, lo: f64, hi: f64) -> f64 {
@@ -610,7 +642,7 @@ impl<'a> DomainIndex<'a> {
         match self.param {
             Param::Constant { value } => (value == v).then_some(0),
             Param::Categorical { .. } => self.listed.get(&value_key(v)).copied(),
-            Param::IntUniform { min, max } => {
+            Param::IntUniform { min, max } | Param::LogIntUniform { min, max } => {
                 let x = v.as_i64().filter(|x| (*min..=*max).contains(x))?;
                 u64::try_from(x as i128 - *min as i128).ok()
             }
@@ -865,6 +897,57 @@ mod tests {
         out
     }
 
+    /// With min 1 and max 1024, [1, 32) and [32, 1024] are about equally wide in log space
+    /// (ln(31.5/0.5) against ln(1024.5/31.5): 4.14 and 3.48), so about 54 % of draws fall in the
+    /// first. A uniform integer draw would put 3 % there.
+    #[test]
+    fn log_int_draws_are_log_uniform() {
+        let p = Param::LogIntUniform { min: 1, max: 1024 };
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let n = 20_000;
+        let mut low = 0;
+        let mut octaves = [0u32; 11];
+        for _ in 0..n {
+            let x = p.sample(&mut rng).as_i64().unwrap();
+            assert!((1..=1024).contains(&x));
+            if x < 32 {
+                low += 1;
+            }
+            octaves[x.ilog2() as usize] += 1;
+        }
+        let share = low as f64 / n as f64;
+        assert!((0.48..0.60).contains(&share), "{share} of draws below 32");
+        // Every doubling from 4 up gets about a tenth of the draws (ln 2 / ln 2049 = 0.091).
+        for (k, c) in octaves.iter().enumerate().take(10).skip(2) {
+            let f = *c as f64 / n as f64;
+            assert!((0.07..0.11).contains(&f), "[{}, {}) got {f}", 1 << k, 1 << (k + 1));
+        }
+        // Each integer gets the log-width of its rounding interval: 1 takes [0.5, 1.5), ln 3.
+        let ones = {
+            let mut rng = ChaCha8Rng::seed_from_u64(12);
+            (0..n).filter(|_| p.sample(&mut rng) == 1).count() as f64 / n as f64
+        };
+        let want = 3f64.ln() / (1024.5f64 / 0.5).ln();
+        assert!((ones - want).abs() < 0.02, "{ones} ones, want {want}");
+    }
+
+    #[test]
+    fn log_int_draw_rounds_and_clamps() {
+        let (lo, hi) = log_int_bounds(16, 1024);
+        assert_eq!(log_int_draw(lo, 16, 1024), 16);
+        assert_eq!(log_int_draw(hi, 16, 1024), 1024, "max + 0.5 rounds up, then clamps");
+        assert_eq!(log_int_draw(64f64.ln(), 16, 1024), 64);
+        assert_eq!(log_int_draw(f64::NAN, 16, 1024), 16);
+        assert_eq!(log_int_draw(1e6, 16, 1024), 1024);
+        let p = Param::LogIntUniform { min: 5, max: 5 };
+        assert_eq!(p.sample(&mut ChaCha8Rng::seed_from_u64(0)), Value::from(5));
+        // Sampled, not enumerated: a grid refuses it as it refuses continuous ranges.
+        assert_eq!(p.grid_len(), None);
+        let mut s = Space::new();
+        s.insert("batch".into(), Param::LogIntUniform { min: 16, max: 1024 });
+        assert_eq!(grid_count(&s, 100), GridSize::Continuous);
+    }
+
     proptest! {
         /// The grid is exactly the distinct active parts of the full product, each once.
         #[test]
@@ -919,6 +1002,26 @@ mod tests {
             prop_assert!(i >= lo as i64 && i <= hi as i64);
         }
 
+        /// A log-integer draw is a JSON integer (so `${params.batch}` reads `64`, not `64.0`)
+        /// within its bounds, whatever the bounds, up to the largest an i64 holds.
+        #[test]
+        fn log_int_samples_are_integers_in_range(
+            seed in any::<u64>(),
+            min in prop_oneof![1i64..4, 1i64..100_000, Just(i64::MAX - 1)],
+            width in prop_oneof![0i64..4, 0i64..1_000_000, Just(i64::MAX)],
+        ) {
+            let max = min.saturating_add(width);
+            let p = Param::LogIntUniform { min, max };
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            for _ in 0..50 {
+                let v = p.sample(&mut rng);
+                prop_assert!(v.is_i64(), "{v} is not an integer");
+                let x = v.as_i64().unwrap();
+                prop_assert!((min..=max).contains(&x), "{x} not in [{min}, {max}]");
+                prop_assert!(p.can_take(&v));
+                prop_assert_eq!(render_value(&v), x.to_string());
+            }
+        }
         #[test]
         fn grid_points_are_distinct(n1 in 1usize..5, n2 in 1i64..5) {
             let mut s = Space::new();

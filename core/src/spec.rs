@@ -130,6 +130,8 @@ pub enum Distribution {
     LogUniform,
     IntUniform,
     QUniform,
+    /// Integers on a log scale (Optuna's `IntDistribution(log=True)`, Ray Tune's `lograndint`).
+    LogIntUniform,
 }
 
 /// The search algorithm and its settings. Settings an algorithm does not use are refused, so a
@@ -1040,15 +1042,21 @@ fn validate(
         }
         SearcherName::Grid => match space::grid_count(&space, limits::MAX_GRID_STEPS) {
             GridSize::Continuous => {
-                let continuous: Vec<&str> = space
+                let continuous: Vec<(&str, &Param)> = space
                     .iter()
                     .filter(|(_, p)| p.grid_len().is_none())
-                    .map(|(k, _)| k.as_str())
+                    .map(|(k, p)| (k.as_str(), p))
                     .collect();
-                for name in continuous {
+                for (name, p) in continuous {
+                    let why = match p {
+                        Param::LogIntUniform { .. } => {
+                            "a log_int_uniform range is drawn on a log scale, not enumerated; list the values to visit (values: [16, 32, 64])"
+                        }
+                        _ => "this range is continuous",
+                    };
                     push(
                         format!("parameters.{name}"),
-                        "grid search needs values, int_uniform or q_uniform; this range is continuous".into(),
+                        format!("grid search needs values, int_uniform or q_uniform; {why}"),
                     );
                 }
                 0
@@ -1417,6 +1425,15 @@ fn param_of(p: &ParamSpec) -> Result<Param, (&'static str, String)> {
             }
             Ok(Param::QUniform { min: lo, max: hi, q })
         }
+        Distribution::LogIntUniform => {
+            let (Some(a), Some(b)) = (min.as_i64(), max.as_i64()) else {
+                return Err(("min", "log_int_uniform needs integer min and max".into()));
+            };
+            if a < 1 {
+                return Err(("min", format!("log_int_uniform needs min >= 1, got {min}")));
+            }
+            Ok(Param::LogIntUniform { min: a, max: b })
+        }
     }
 }
 
@@ -1499,7 +1516,9 @@ fn domain_text(p: &Param) -> String {
             let vs: Vec<String> = values.iter().map(Value::to_string).collect();
             format!("its values are {}", vs.join(", "))
         }
-        Param::IntUniform { min, max } => format!("its range is {min} to {max}"),
+        Param::IntUniform { min, max } | Param::LogIntUniform { min, max } => {
+            format!("its range is {min} to {max}")
+        }
         other => format!("{other:?}"),
     }
 }
@@ -1835,6 +1854,98 @@ trial:
     }
 
     #[test]
+    fn log_int_ranges_parse_and_validate() {
+        let with = |range: &str| GOOD.replace("{values: [1, 2, 3]}", range);
+        let v = parse(&with("{min: 16, max: 1024, distribution: log_int_uniform}"), &[]).unwrap();
+        assert_eq!(v.space["layers"], Param::LogIntUniform { min: 16, max: 1024 });
+        // The stored form reads back to the same space.
+        assert_eq!(parse(&v.to_yaml(), &[]).unwrap().space, v.space);
+        assert!(v.to_yaml().contains("log_int_uniform"), "{}", v.to_yaml());
+        let v = parse(&with("{min: 1, max: 1, distribution: log_int_uniform}"), &[]).unwrap();
+        assert_eq!(v.space["layers"], Param::LogIntUniform { min: 1, max: 1 });
+
+        let one = |range: &str| {
+            let e = errors(&with(range), &[]);
+            assert_eq!(e.len(), 1, "{e:?}");
+            (e[0].path.clone(), e[0].message.clone(), e[0].location.map(|l| l.0))
+        };
+        let (path, message, line) = one("{min: 0, max: 1024, distribution: log_int_uniform}");
+        assert_eq!(path, "parameters.layers.min");
+        assert_eq!(message, "log_int_uniform needs min >= 1, got 0");
+        assert_eq!(line, Some(6));
+        let (path, message, _) = one("{min: -8, max: 8, distribution: log_int_uniform}");
+        assert_eq!(path, "parameters.layers.min");
+        assert!(message.contains("needs min >= 1"), "{message}");
+        for range in [
+            "{min: 1.5, max: 8, distribution: log_int_uniform}",
+            "{min: 1, max: 8.5, distribution: log_int_uniform}",
+            "{min: 16.0, max: 64.0, distribution: log_int_uniform}",
+        ] {
+            let (path, message, _) = one(range);
+            assert_eq!(path, "parameters.layers.min", "{range}");
+            assert_eq!(message, "log_int_uniform needs integer min and max", "{range}");
+        }
+        let (path, message, _) = one("{min: 64, max: 16, distribution: log_int_uniform}");
+        assert_eq!(path, "parameters.layers.min");
+        assert!(message.contains("greater than max"), "{message}");
+        let (path, _, _) = one("{min: 16, max: 64, distribution: log_int_uniform, q: 2}");
+        assert_eq!(path, "parameters.layers.q");
+        let (path, _, _) = one("{min: 16, distribution: log_int_uniform}");
+        assert_eq!(path, "parameters.layers.max");
+    }
+
+    #[test]
+    fn log_int_ranges_reach_trials_as_integers() {
+        let v = parse(
+            &GOOD.replace(
+                "{values: [1, 2, 3]}",
+                "{min: 16, max: 1024, distribution: log_int_uniform}",
+            ),
+            &[],
+        )
+        .unwrap();
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(3);
+        for _ in 0..100 {
+            let p = v.space.sample(&mut rng);
+            let layers = p["layers"].as_i64().expect("an integer");
+            let cmd = v.command_for(&p);
+            assert_eq!(cmd[3], layers.to_string(), "{cmd:?}");
+            assert!(!cmd[3].contains('.'));
+        }
+    }
+
+    #[test]
+    fn grid_refuses_log_int_ranges_with_a_reason() {
+        let g = GOOD
+            .replace("name: random, seed: 7", "name: grid")
+            .replace("{min: 0.0001, max: 0.1, distribution: log_uniform}", "{values: [0.1]}")
+            .replace(
+                "{values: [1, 2, 3]}",
+                "{min: 16, max: 1024, distribution: log_int_uniform}",
+            );
+        let e = errors(&g, &[]);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].path, "parameters.layers");
+        assert!(
+            e[0].message.contains("log_int_uniform") && e[0].message.contains("values"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn conditions_may_test_log_int_ranges() {
+        let y = GOOD.replace(
+            "  layers: {values: [1, 2, 3]}\n",
+            "  layers: {min: 1, max: 64, distribution: log_int_uniform}\n  wide: {values: [true], when: {layers: [32, 64]}}\n",
+        );
+        let v = parse(&y, &[]).unwrap();
+        assert!(v.space.condition("wide").is_some());
+        let e = errors(&y.replace("[32, 64]", "[32, 128]"), &[]);
+        assert_eq!(e[0].path, "parameters.wide.when.layers[1]");
+        assert!(e[0].message.contains("its range is 1 to 64"), "{e:?}");
+    }
+
+    #[test]
     fn builtin_trials_are_type_checked() {
         let base = GOOD.replace(
             "  command: [python3, train.py, \"--lr=${params.lr}\", \"${params.layers}\"]\n",
@@ -1852,6 +1963,14 @@ trial:
         assert_eq!(e[0].path, "trial.builtin.lr");
         let e = errors(&base.replace("epochs: 2", "epochs: 0"), &[]);
         assert_eq!(e[0].path, "trial.builtin.epochs");
+        // A log-integer range type-checks as an integer field.
+        let log_int = base
+            .replace(
+                "{values: [1, 2, 3]}",
+                "{min: 1, max: 64, distribution: log_int_uniform}",
+            )
+            .replace("epochs: 2", "epochs: ${params.layers}");
+        parse(&log_int, &[]).unwrap();
     }
 
     const CONDITIONAL: &str = r#"

@@ -490,6 +490,12 @@ fn param() -> impl Strategy<Value = ParamSpec> {
         distribution: Some(Distribution::LogUniform),
         ..Default::default()
     });
+    let log_int = (1i64..2000, prop_oneof![0i64..10, 0i64..1_000_000, Just(i64::MAX)]).prop_map(|(lo, w)| ParamSpec {
+        min: Some(lo.into()),
+        max: Some(lo.saturating_add(w).into()),
+        distribution: Some(Distribution::LogIntUniform),
+        ..Default::default()
+    });
     let quantised =
         (0i64..100, 1i64..100, prop::sample::select(vec![0.1, 0.25, 1.0, 2.5])).prop_map(|(lo, w, q)| ParamSpec {
             min: Number::from_f64(lo as f64 * q),
@@ -512,6 +518,7 @@ fn param() -> impl Strategy<Value = ParamSpec> {
         ints,
         floats,
         log,
+        log_int,
         quantised,
     ]
 }
@@ -649,7 +656,7 @@ proptest! {
         // Also as one line of flow style, as people write small specs.
         let x = if flow { serde_json::to_string(&spec).unwrap() } else { x };
         let Ok(first) = parse(&x, &[]) else {
-            // Only grids of continuous parameters are expected to be refused.
+            // Only grids of continuous or log-integer parameters are expected to be refused.
             prop_assume!(false);
             unreachable!()
         };

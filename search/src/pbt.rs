@@ -172,6 +172,17 @@ fn perturb(p: &Param, v: &Value, rng: &mut ChaCha8Rng) -> Value {
             }
             Value::from(y.clamp(*min, *max))
         }
+        // A step of ln(factor) in log space, rounded back to an integer. Near 1 that rounds back
+        // to the same value (round(2 * 1.2) = 2), so it moves at least one integer, as
+        // int_uniform does, or a small batch size could never change.
+        (Param::LogIntUniform { min, max }, Some(x)) => {
+            let x = x.round().clamp(*min as f64, *max as f64);
+            let mut y = chorus_core::space::log_int_draw(x.ln() + factor.ln(), i64::MIN, i64::MAX);
+            if y == x as i64 {
+                y = y.saturating_add(if factor > 1.0 { 1 } else { -1 });
+            }
+            Value::from(y.clamp(*min, *max))
+        }
         (Param::Categorical { values }, _) => {
             let i = values.iter().position(|c| c == v).unwrap_or(0);
             let j = if factor > 1.0 {
@@ -375,6 +386,28 @@ mod tests {
             }
         }
         assert!(to_sgd > 10 && to_adam > 10, "{to_sgd} to sgd, {to_adam} to adam");
+    }
+
+    /// A log-integer moves by a factor (a step in log space), stays an integer in its range, and
+    /// moves at least one integer where the factor would round back to the same value.
+    #[test]
+    fn log_integers_perturb_by_a_factor() {
+        let p = Param::LogIntUniform { min: 1, max: 1024 };
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let v = perturb(&p, &Value::from(500), &mut rng);
+            seen.insert(v.as_i64().expect("an integer"));
+            let low = perturb(&p, &Value::from(2), &mut rng).as_i64().unwrap();
+            assert!(low == 1 || low == 3, "{low}");
+            let edge = perturb(&p, &Value::from(1024), &mut rng).as_i64().unwrap();
+            assert!(edge == 819 || edge == 1024, "{edge}");
+            let floor = perturb(&p, &Value::from(1), &mut rng).as_i64().unwrap();
+            assert!(floor == 1 || floor == 2, "{floor}");
+            // A donor value written as a float still comes back an integer.
+            assert!(perturb(&p, &serde_json::json!(64.0), &mut rng).is_i64());
+        }
+        assert_eq!(seen, std::collections::BTreeSet::from([400, 600]));
     }
 
     #[test]

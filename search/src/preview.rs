@@ -79,6 +79,9 @@ fn unit(p: &Param, v: &serde_json::Value) -> Option<f64> {
         Param::Uniform { min, max } | Param::QUniform { min, max, .. } => Some(span(v.as_f64()?, *min, *max)),
         Param::LogUniform { min, max } => Some(span(v.as_f64()?.ln(), min.ln(), max.ln())),
         Param::IntUniform { min, max } => Some(span(v.as_f64()?, *min as f64, *max as f64)),
+        Param::LogIntUniform { min, max } => {
+            Some(span(v.as_f64()?.max(1.0).ln(), (*min as f64).ln(), (*max as f64).ln()))
+        }
     }
 }
 
@@ -289,6 +292,49 @@ mod tests {
             let f = objective(&s.space, &params, 5);
             assert!((0.0..=1.0).contains(&f), "{f}");
         }
+    }
+
+    /// Every searcher previews a log-integer parameter: trials get integers in range, the
+    /// objective places them on the log scale (so 32 is the middle of 1..=1024), and a grid
+    /// refuses it at validation, before any preview.
+    #[test]
+    fn log_integers_preview_with_every_searcher() {
+        let yaml = |searcher: &str| {
+            format!(
+                "name: p\nmetric: {{name: loss, goal: minimize}}\nsearcher: {searcher}\nmax_trials: 27\nparallel_trials: 3\n\
+                 parameters:\n  batch: {{min: 1, max: 1024, distribution: log_int_uniform}}\n  w: {{min: 0, max: 1}}\n\
+                 trial: {{command: [train, --batch, '${{params.batch}}']}}\n"
+            )
+        };
+        for searcher in [
+            "{name: random, seed: 1}",
+            "{name: tpe, seed: 1, n_startup_trials: 5}",
+            "{name: random, seed: 1}\nscheduler: {name: median}",
+            "{name: asha, seed: 1, max_resource: 9}",
+            "{name: asha, seed: 1, max_resource: 9, sampler: random}",
+            "{name: hyperband, seed: 1, max_resource: 9}",
+            "{name: pbt, seed: 1, perturbation_interval: 2, population_size: 6}",
+        ] {
+            let s = chorus_core::spec::parse(&yaml(searcher), &[]).unwrap();
+            let p = simulate(build(&s), &s, 27, 9, 5);
+            assert!(!p.trials.is_empty(), "{searcher}");
+            for t in &p.trials {
+                let b = t.params["batch"]
+                    .as_i64()
+                    .unwrap_or_else(|| panic!("{searcher}: {:?}", t.params));
+                assert!((1..=1024).contains(&b), "{searcher}: {b}");
+                assert_eq!(s.command_for(&t.params)[2], b.to_string());
+                assert!(t.value.is_finite());
+            }
+            if searcher.contains("pbt") {
+                assert!(p.trials.iter().any(|t| t.exploits > 0), "pbt explored the batch size");
+            }
+        }
+        let batch = Param::LogIntUniform { min: 1, max: 1024 };
+        assert_eq!(unit(&batch, &32.into()), Some(0.5));
+        assert_eq!(unit(&batch, &1.into()), Some(0.0));
+        assert_eq!(unit(&batch, &1024.into()), Some(1.0));
+        assert!(chorus_core::spec::parse(&yaml("{name: grid}"), &[]).is_err());
     }
 
     #[test]
