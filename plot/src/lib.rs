@@ -16,10 +16,12 @@ mod parallel;
 mod pareto;
 mod stats;
 
+pub use confusion::{ConfusionInput, confusion};
 pub use curves::{CurvesInput, Series, curves};
 pub use error::PlotError;
 pub use importance::{Importance, Measure, importance, importance_scores};
 pub use parallel::{Axis, ParallelInput, Scale, TrialPoint, Value, parallel};
+pub use pareto::{ParetoInput, ParetoPoint, pareto, pareto_front};
 
 pub use stats::{correlation_ratio, spearman};
 
