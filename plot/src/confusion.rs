@@ -116,7 +116,10 @@ mod tests {
         }
         let svg = std::fs::read_to_string(dir.path().join("c.svg")).unwrap();
         let texts: Vec<&str> = svg.lines().map(str::trim).collect();
-        assert!(texts.contains(&"7") && texts.contains(&"happy"), "the counts and classes are written");
+        assert!(
+            texts.contains(&"7") && texts.contains(&"happy"),
+            "the counts and classes are written"
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod kubernetes;
 mod metrics;
 mod output;
 mod paging;
+mod plot;
 mod s3;
 mod search;
 mod spec_errors;

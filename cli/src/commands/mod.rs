@@ -6,6 +6,7 @@ mod dataset;
 mod experiment;
 mod health;
 mod listing;
+mod plot;
 mod search;
 mod trial;
 mod watch;
@@ -29,6 +30,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Health(args) => health::run(args, &ctx).await,
         Command::Dataset(cmd) => dataset::run(cmd).await,
         Command::Search(cmd) => search::run(cmd),
+        Command::Plot(cmd) => plot::run(cmd, &ctx).await,
         Command::Completions { shell } => {
             let mut buf = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "chorus", &mut buf);
