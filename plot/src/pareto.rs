@@ -105,16 +105,21 @@ impl Render for ParetoInput {
             .draw_series(on.iter().map(|&p| Circle::new(p, 6, red.filled())))
             .map_err(draw_err)?;
         for (t, p) in front.iter().zip(&on) {
-            chart
-                .draw_series(std::iter::once(Text::new(
-                    format!("{t}"),
-                    (p.0, p.1),
-                    ("sans-serif", 13),
-                )))
-                .map_err(draw_err)?;
+            // The trial id beside its point, offset in pixels so it does not cover it.
+            let label = EmptyElement::at(*p) + Text::new(format!("trial {t}"), (8, -18), ("sans-serif", 13));
+            chart.draw_series(std::iter::once(label)).map_err(draw_err)?;
         }
+        // The legend goes in the corner that is better on both metrics: no trial can lie there
+        // beyond the front, so it covers none.
+        let corner = match (self.maximize_a, self.maximize_b) {
+            (false, true) => SeriesLabelPosition::UpperLeft,
+            (true, true) => SeriesLabelPosition::UpperRight,
+            (false, false) => SeriesLabelPosition::LowerLeft,
+            (true, false) => SeriesLabelPosition::LowerRight,
+        };
         chart
             .configure_series_labels()
+            .position(corner)
             .label_font(("sans-serif", 16))
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
