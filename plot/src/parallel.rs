@@ -287,16 +287,12 @@ impl Render for ParallelInput {
 
         // The axes and their labels over the lines.
         let axis_style = ShapeStyle::from(&BLACK).stroke_width(2);
-        for i in 0..n_axes {
+        for (i, s) in scalers.iter().chain([&metric]).enumerate() {
             let xi = i as f64;
             chart
                 .draw_series(LineSeries::new([(xi, 0.0), (xi, 1.0)], axis_style))
                 .map_err(draw_err)?;
-            let ticks = if i < self.axes.len() {
-                scalers[i].ticks()
-            } else {
-                metric.ticks()
-            };
+            let ticks = s.ticks();
             for (pos, label) in ticks {
                 chart
                     .draw_series(std::iter::once(Text::new(label, (xi + 0.03, pos), ("sans-serif", 14))))

@@ -418,11 +418,11 @@ async fn pareto_input(
 /// `None`): the builtin trainer reports it as counts `confusion.<true>.<predicted>`.
 async fn confusion_input(coord: &Coordinator, trial: u64, step: Option<i64>) -> Result<plot::ConfusionInput, CliError> {
     let points = history(coord, trial, Vec::new()).await?;
-    let with_matrix = points
+    let mut with_matrix = points
         .iter()
         .filter(|p| p.values.keys().any(|k| k.starts_with("confusion.")))
         .filter(|p| step.is_none() || p.step == step);
-    let Some(point) = with_matrix.last() else {
+    let Some(point) = with_matrix.next_back() else {
         return Err(CliError::Usage(match step {
             Some(s) => format!("trial {trial} reported no confusion matrix at step {s}"),
             None => {
@@ -479,6 +479,31 @@ mod tests {
         assert!(parse_metrics("loss").is_err());
         assert!(parse_metrics("a,b,c").is_err());
         assert!(parse_metrics("a:up,b").is_err());
+    }
+
+    fn spec(searcher: &str) -> ValidSpec {
+        let yaml = format!(
+            "name: s\nmetric: {{name: loss, goal: minimize}}\nparameters:\n  a: {{min: 0, max: 1}}\nsearcher: {searcher}\nmax_trials: 4\ntrial:\n  command: [\"true\"]\n"
+        );
+        chorus_core::spec::parse(&yaml, &[]).unwrap()
+    }
+
+    #[test]
+    fn rungs_are_the_searchers_decision_steps() {
+        assert_eq!(
+            rung_steps(&spec(
+                "{name: asha, max_resource: 9, grace_period: 1, reduction_factor: 3}"
+            )),
+            vec![1.0, 3.0]
+        );
+        // Hyperband's brackets start higher: 1, 3 and 3 alone, together 1 and 3.
+        assert_eq!(
+            rung_steps(&spec("{name: hyperband, max_resource: 9, reduction_factor: 3}")),
+            vec![1.0, 3.0]
+        );
+        assert!(rung_steps(&spec("{name: random}")).is_empty());
+        // Rungs counted in epochs cannot be placed on a step axis.
+        assert!(rung_steps(&spec("{name: asha, max_resource: 9, resource: epoch}")).is_empty());
     }
 
     #[test]
