@@ -195,3 +195,65 @@ fn curves_parallel_importance_pareto_and_confusion_of_a_sweep() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains(".png or .svg"), "{out:?}");
 }
+
+/// An ASHA sweep that decides once at each rung: trials report nine steps (a stopped trial
+/// fewer).
+const ASHA: &str = r#"
+name: e2e-plot-asha
+metric: {name: loss, goal: minimize}
+parameters:
+  width: {min: 1, max: 8, distribution: int_uniform}
+searcher: {name: asha, max_resource: 9, grace_period: 1, reduction_factor: 3, stop_once: true, sampler: random, seed: 3}
+max_trials: 4
+parallel_trials: 2
+trial:
+  command: [sh, -c, 'for s in 1 2 3 4 5 6 7 8 9; do echo "chorus:metric {\"step\": $s, \"loss\": $(( ${params.width} * 12 / s ))}"; sleep 0.05; done']
+"#;
+
+#[test]
+fn curves_of_an_asha_sweep_mark_its_rungs() {
+    let c = TestCluster::start(Default::default()).unwrap();
+    let spec = c.write("asha.yaml", ASHA);
+    let out = c.chorus(&["experiment", "submit", spec.to_str().unwrap(), "--wait"]);
+    assert!(
+        out.status.success(),
+        "submit --wait failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.logs_tail()
+    );
+    let id = c.chorus_json(&["experiment", "list", "--output", "json"]).unwrap()[0]["id"]
+        .as_u64()
+        .unwrap();
+    let ts = trials(&c, id);
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("asha.svg");
+    let d = c
+        .chorus_json(&[
+            "plot",
+            "curves",
+            &id.to_string(),
+            "--out",
+            svg.to_str().unwrap(),
+            "--describe",
+        ])
+        .unwrap();
+    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+    // Rungs at 1 and 3 (grace 1, factor 3, below the maximum 9).
+    assert_eq!(d["markers"], serde_json::json!([1.0, 3.0]), "{d}");
+    assert_eq!(d["series"].as_array().unwrap().len(), ts.len());
+    for (s, t) in d["series"].as_array().unwrap().iter().zip(&ts) {
+        let steps: Vec<f64> = s["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p[0].as_f64().unwrap())
+            .collect();
+        let last = steps.last().copied().unwrap();
+        assert_eq!(
+            steps,
+            (1..=last as i64).map(|s| s as f64).collect::<Vec<_>>(),
+            "trial {}",
+            t["id"]
+        );
+    }
+}
