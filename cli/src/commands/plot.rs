@@ -13,11 +13,17 @@ use chorus_core::spec::{ResourceName, SearcherName, ValidSpec};
 use chorus_plot as plot;
 use chorus_proto::pb;
 use chorus_search::AshaSettings;
+use futures::{StreamExt, TryStreamExt};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// Metric histories read at once by `plot curves`.
+const HISTORY_READS: usize = 8;
+
 pub async fn run(cmd: PlotCmd, ctx: &Ctx) -> Result<ExitCode, CliError> {
+    // A picture name without .png or .svg is refused before anything is fetched.
+    plot::Format::from_path(&out_path(plot_out(&cmd), "x")).map_err(plot_err)?;
     let coord = ctx.connect().await?;
     match cmd {
         PlotCmd::Curves {
@@ -84,6 +90,16 @@ pub async fn run(cmd: PlotCmd, ctx: &Ctx) -> Result<ExitCode, CliError> {
             let drawn = plot::confusion(&input, &path).map_err(plot_err)?;
             finish(&out, serde_json::to_value(&drawn), &drawn)
         }
+    }
+}
+
+fn plot_out(cmd: &PlotCmd) -> &PlotOut {
+    match cmd {
+        PlotCmd::Curves { out, .. }
+        | PlotCmd::Parallel { out, .. }
+        | PlotCmd::Importance { out, .. }
+        | PlotCmd::Pareto { out, .. }
+        | PlotCmd::Confusion { out, .. } => out,
     }
 }
 
@@ -198,9 +214,15 @@ async fn curves_input(
         rungs.extend(spec.as_ref().map(rung_steps).unwrap_or_default());
         let mut trials = resp.trials;
         trials.sort_by_key(|t| t.seq);
-        for t in trials {
-            let points = history(coord, t.id, vec![metric.clone()])
-                .await?
+        // Histories are read a few at a time: one stream per trial, without opening hundreds at
+        // once on a large sweep.
+        let histories: Vec<Vec<pb::MetricPoint>> =
+            futures::stream::iter(trials.iter().map(|t| history(coord, t.id, vec![metric.clone()])))
+                .buffered(HISTORY_READS)
+                .try_collect()
+                .await?;
+        for (t, points) in trials.iter().zip(histories) {
+            let points = points
                 .into_iter()
                 .filter_map(|p| Some((p.step? as f64, *p.values.get(&metric)?)))
                 .collect();
