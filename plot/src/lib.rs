@@ -29,7 +29,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use serde::Serialize;
 use std::path::Path;
-use std::sync::Once;
+use std::sync::OnceLock;
 
 /// Size of every picture, in pixels (SVG user units).
 pub const WIDTH: u32 = 1200;
@@ -134,14 +134,14 @@ impl Drawn {
 }
 
 fn register_font() -> Result<(), PlotError> {
-    static ONCE: Once = Once::new();
-    let mut failed = false;
-    ONCE.call_once(|| {
+    // Registered once per process; a font that failed to load fails every picture after too.
+    static LOADED: OnceLock<bool> = OnceLock::new();
+    let ok = *LOADED.get_or_init(|| {
         static BYTES: &[u8] = include_bytes!("../fonts/DejaVuSans.ttf");
-        failed = plotters::style::register_font(FONT, FontStyle::Normal, BYTES).is_err()
-            || plotters::style::register_font(FONT, FontStyle::Bold, BYTES).is_err();
+        plotters::style::register_font(FONT, FontStyle::Normal, BYTES).is_ok()
+            && plotters::style::register_font(FONT, FontStyle::Bold, BYTES).is_ok()
     });
-    if failed { Err(PlotError::Font) } else { Ok(()) }
+    if ok { Ok(()) } else { Err(PlotError::Font) }
 }
 
 /// Any drawing failure of the backends, as text: their error types differ per backend.
