@@ -657,7 +657,7 @@ pub fn compare_csv(groups: &[CompareGroup], shared: Option<&str>, best: Option<u
 }
 
 /// Rows of chosen columns (`compare --columns`), in display order.
-fn column_rows<'a>(groups: &'a [CompareGroup], best: Option<u64>, columns: &[String]) -> Vec<Vec<Value>> {
+fn column_rows(groups: &[CompareGroup], best: Option<u64>, columns: &[String]) -> Vec<Vec<Value>> {
     compare_rows(groups, best)
         .map(|(g, t, is_best)| {
             let row = Row::new(g.experiment, t, &g.metric, g.value(t), is_best);
@@ -687,7 +687,12 @@ pub fn columns_csv(groups: &[CompareGroup], best: Option<u64>, columns: &[String
         .iter()
         .map(|r| {
             r.iter()
-                .map(|v| if v.is_null() { String::new() } else { csv_value(v) })
+                .map(|v| match v {
+                    Value::Null => String::new(),
+                    // As `compare_csv` writes values: `11`, not serde's `11.0`.
+                    Value::Number(n) if n.is_f64() => n.as_f64().map_or_else(|| n.to_string(), |f| f.to_string()),
+                    other => csv_value(other),
+                })
                 .collect()
         })
         .collect();
@@ -1226,6 +1231,70 @@ mod tests {
         assert!(!csv.contains("true"));
         let table = compare_table(&gs, shared, best);
         assert!(table.contains("acc (maximize)") && !table.contains('*'), "{table}");
+    }
+
+    #[test]
+    fn chosen_columns_in_every_format() {
+        let gs = groups();
+        let best = best_overall(&gs);
+        let cols: Vec<String> = ["trial", "lr", "opt", "loss", "best"].map(String::from).to_vec();
+        assert_eq!(
+            columns_csv(&gs, best, &cols),
+            "trial,lr,opt,loss,best\n2,0.2,,0.3,false\n1,0.1,,0.4,false\n4,0.4,,0.2,true\n3,0.3,sgd,,false\n"
+        );
+        let rows: Value = serde_json::from_str(&columns_json(&gs, best, &cols)).unwrap();
+        assert_eq!(
+            rows[3],
+            json!({"trial": 3, "lr": 0.3, "opt": "sgd", "loss": null, "best": false})
+        );
+        let table = columns_table(&gs, best, &cols);
+        let last: Vec<&str> = table.lines().last().unwrap().split_whitespace().collect();
+        assert_eq!(last, ["3", "0.3", "sgd", "-", "false"], "{table}");
+    }
+
+    #[test]
+    fn side_by_side_shows_each_best_and_the_params_that_differ() {
+        let mut gs = groups();
+        gs[1].trials[0].params_json = r#"{"lr": 0.4, "opt": "adam"}"#.into();
+        let block = side_by_side(&gs);
+        let lines: Vec<Vec<&str>> = block.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(lines[0], ["experiment", "1", "experiment", "2"], "{block}");
+        assert_eq!(lines[2], ["best", "trial", "2", "4"], "{block}");
+        assert_eq!(lines[3], ["loss", "(minimize)", "0.3", "0.2"], "{block}");
+        assert_eq!(lines[4], ["lr", "0.2", "0.4"], "{block}");
+        // `opt` is set on one best only: it differs too.
+        assert_eq!(lines[5], ["opt", "-", "adam"], "{block}");
+        assert_eq!(lines.len(), 6, "{block}");
+        // Different metrics: one row names each, the next holds the values.
+        gs[1].metric = "acc".into();
+        gs[1].maximize = true;
+        let block = side_by_side(&gs);
+        assert!(
+            block.contains("acc (maximize)") && block.contains("loss (minimize)"),
+            "{block}"
+        );
+    }
+
+    #[test]
+    fn arranging_filters_sorts_and_limits() {
+        use crate::query::{Filter, Sort};
+        let mut gs = groups();
+        let g = &mut gs[1];
+        g.arrange(
+            &[Filter::parse("lr>=0.3").unwrap()],
+            Some(&Sort::parse("lr:desc").unwrap()),
+            None,
+        );
+        assert_eq!(g.trials.iter().map(|t| t.id).collect::<Vec<_>>(), [4, 3]);
+        let mut gs = groups();
+        gs[0].values.insert(1, 0.1);
+        gs[0].arrange(&[], None, Some(1));
+        assert_eq!(
+            gs[0].trials.iter().map(|t| t.id).collect::<Vec<_>>(),
+            [1],
+            "by the new value"
+        );
+        assert_eq!(gs[0].best().map(|t| t.id), Some(1));
     }
 
     fn dataset() -> Manifest {

@@ -27,10 +27,12 @@ pub fn sparkline(values: &[f64]) -> String {
         (lo.min(*v), hi.max(*v))
     });
     let span = hi - lo;
+    // A flat series, or one whose span overflows, has no shape to scale.
+    let flat = !span.is_finite() || span <= 0.0;
     values
         .iter()
         .map(|v| {
-            if !(span > 0.0) || !span.is_finite() {
+            if flat {
                 return BARS[3];
             }
             let i = ((v - lo) / span * (BARS.len() - 1) as f64).round() as usize;
