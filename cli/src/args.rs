@@ -544,6 +544,42 @@ mod tests {
     }
 
     #[test]
+    fn compare_options_parse_and_spark_excludes_an_output_format() {
+        let cli = Cli::try_parse_from([
+            "chorus",
+            "compare",
+            "1",
+            "2",
+            "--agg",
+            "last",
+            "--filter",
+            "lr<0.1",
+            "--filter",
+            "opt=adam",
+            "--columns",
+            "trial,lr",
+            "--sort",
+            "lr:desc",
+        ])
+        .unwrap();
+        let Command::Compare(c) = cli.command else {
+            panic!("parsed {cli:?}")
+        };
+        assert_eq!((c.experiments, c.agg, c.goal), (vec![1, 2], Agg::Last, None));
+        assert_eq!(
+            (c.filters, c.columns),
+            (
+                vec!["lr<0.1".into(), "opt=adam".into()],
+                vec!["trial".into(), "lr".into()]
+            )
+        );
+        assert!(Cli::try_parse_from(["chorus", "compare", "1", "--agg", "median"]).is_err());
+        assert!(Cli::try_parse_from(["chorus", "trial", "metrics", "7", "--spark"]).is_ok());
+        let err = Cli::try_parse_from(["chorus", "trial", "metrics", "7", "--spark", "-o", "json"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
     fn dataset_commands_parse() {
         let cli = Cli::try_parse_from([
             "chorus",

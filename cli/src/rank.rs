@@ -152,10 +152,12 @@ impl CompareGroup {
     pub fn arrange(&mut self, filters: &[Filter], sort: Option<&Sort>, limit: Option<usize>) {
         let mut trials = std::mem::take(&mut self.trials);
         trials.sort_by_key(|t| t.seq);
-        trials.retain(|t| {
-            let row = Row::new(self.experiment, t, &self.metric, self.value(t), false);
-            filters.iter().all(|f| f.matches(&row))
-        });
+        if !filters.is_empty() {
+            trials.retain(|t| {
+                let row = Row::new(self.experiment, t, &self.metric, self.value(t), false);
+                filters.iter().all(|f| f.matches(&row))
+            });
+        }
         match sort {
             Some(s) => {
                 let desc = s.descending(&self.metric, self.maximize);
