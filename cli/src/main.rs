@@ -12,8 +12,11 @@ mod args;
 mod client;
 mod commands;
 mod error;
+mod query;
 mod rank;
 mod render;
+mod spark;
+mod summary;
 
 use clap::Parser;
 use std::process::ExitCode;

@@ -3,6 +3,7 @@
 mod auth;
 mod builtin;
 mod chaos;
+mod compare;
 mod containers;
 mod containment;
 mod crash;
