@@ -14,6 +14,7 @@ mod commands;
 mod error;
 mod rank;
 mod render;
+mod tensorboard;
 
 use clap::Parser;
 use std::process::ExitCode;

@@ -105,7 +105,10 @@ const METRICS_RETRIES: u32 = 5;
 
 /// Reads the whole (filtered) history, page by page; a lost coordinator is asked again for the
 /// points after the last page received, so none is repeated or skipped.
-async fn read_metrics(coord: &Coordinator, mut req: pb::TrialMetricsRequest) -> Result<Vec<pb::MetricPoint>, CliError> {
+pub(super) async fn read_metrics(
+    coord: &Coordinator,
+    mut req: pb::TrialMetricsRequest,
+) -> Result<Vec<pb::MetricPoint>, CliError> {
     let mut points = Vec::new();
     let mut backoff = Backoff::default();
     let mut retries = 0;
