@@ -55,7 +55,37 @@ for name in ["."] + sorted(d for d in os.listdir(logdir) if os.path.isdir(os.pat
             raise SystemExit("unexpected hparams tag " + tag)
         run[tag] = json_format.MessageToDict(msg, preserving_proto_field_name=True)
     runs[name] = run
-print(json.dumps(runs))
+
+# What the HParams tab shows: the plugin's session groups, as its HTTP API serves them from a
+# TensorBoard app over the same log directory, best loss first.
+from tensorboard import default, program
+from tensorboard.backend import application
+from tensorboard.backend.event_processing import data_ingester
+from werkzeug.test import Client
+
+tb = program.TensorBoard(plugins=default.get_plugins())
+tb.configure(argv=[None, "--logdir", logdir, "--load_fast=false", "--reload_interval=0"])
+ingester = data_ingester.LocalDataIngester(tb.flags)
+ingester.start()
+app = application.TensorBoardWSGIApp(
+    tb.flags, tb.plugin_loaders, ingester.data_provider, tb.assets_zip_provider,
+    ingester.deprecated_multiplexer,
+)
+resp = Client(app).post(
+    "/data/plugin/hparams/session_groups",
+    headers={"X-XSRF-Protected": "1"},
+    json={
+        "experimentName": "",
+        "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+        "colParams": [{"metric": {"group": "", "tag": "loss"}, "order": "ORDER_ASC"}],
+        "startIndex": 0,
+        "sliceSize": 100,
+    },
+)
+if resp.status_code != 200:
+    raise SystemExit("session_groups: %s %s" % (resp.status_code, resp.get_data(as_text=True)))
+groups = resp.get_json()["sessionGroups"]
+print(json.dumps({"runs": runs, "session_groups": groups}))
 "#;
 
 /// A Python with `tensorboard==TENSORBOARD`, or `None` (with the reason printed) when PyPI
@@ -169,7 +199,8 @@ fn tensorboard_reads_the_exported_scalars_and_hparams() {
         "the reader failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let runs: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let read: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let runs = &read["runs"];
 
     // The experiment: both parameters with their types and domains, both metrics.
     let x = &runs["."]["_hparams_/experiment"];
@@ -224,5 +255,42 @@ fn tensorboard_reads_the_exported_scalars_and_hparams() {
         );
         assert_eq!(start["group_name"], format!("a={a},opt={opt}"));
         assert_eq!(run["_hparams_/session_end_info"]["status"], "STATUS_SUCCESS", "{run}");
+    }
+
+    // The HParams tab: one group per grid point, each the one trial that ran it, ranked by the
+    // last loss reported (10a + 3), with the hparams and status the trial had.
+    let groups = read["session_groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 6, "{groups:?}");
+    let mut last_loss = f64::MIN;
+    for g in groups {
+        let sessions = g["sessions"].as_array().unwrap();
+        assert_eq!(sessions.len(), 1, "{g}");
+        let name = sessions[0]["name"].as_str().unwrap();
+        let t = ts
+            .iter()
+            .find(|t| format!("trial-{}", t["id"]) == name)
+            .unwrap_or_else(|| panic!("no trial for session {name}"));
+        let a = t["params"]["a"].as_i64().unwrap();
+        assert_eq!(
+            g["hparams"],
+            serde_json::json!({"a": a as f64, "opt": t["params"]["opt"]}),
+            "{g}"
+        );
+        assert_eq!(sessions[0]["status"], "STATUS_SUCCESS", "{g}");
+        let loss = g["metricValues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"]["tag"] == "loss")
+            .unwrap_or_else(|| panic!("no loss in {g}"));
+        assert_eq!(
+            (loss["value"].as_f64(), loss["trainingStep"].as_i64()),
+            (Some((a * 10 + 3) as f64), Some(3))
+        );
+        assert!(
+            loss["value"].as_f64().unwrap() >= last_loss,
+            "best loss first: {groups:?}"
+        );
+        last_loss = loss["value"].as_f64().unwrap();
     }
 }
