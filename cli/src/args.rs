@@ -70,8 +70,25 @@ pub enum Command {
     /// Try a searcher before spending compute (no coordinator needed).
     #[command(subcommand)]
     Search(SearchCmd),
+    /// Export an experiment for other tools (no server of ours needed to view it).
+    #[command(subcommand)]
+    Export(ExportCmd),
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExportCmd {
+    /// Write an experiment's trials as TensorBoard runs: one directory per trial (`trial-ID`)
+    /// with its metric history as scalars, and HParams data so TensorBoard's HParams tab
+    /// compares the trials. Re-exporting into the same directory replaces the files.
+    Tensorboard {
+        /// Experiment id.
+        experiment: u64,
+        /// The log directory to write (`tensorboard --logdir DIR`); created if missing.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

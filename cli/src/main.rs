@@ -17,6 +17,7 @@ mod rank;
 mod render;
 mod spark;
 mod summary;
+mod tensorboard;
 
 use clap::Parser;
 use std::process::ExitCode;

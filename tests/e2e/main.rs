@@ -19,6 +19,7 @@ mod spec_errors;
 mod storage_policy;
 mod store;
 mod sweep;
+mod tensorboard;
 
 use chorus_tests::TestCluster;
 use serde_json::Value;
