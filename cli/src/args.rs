@@ -49,6 +49,12 @@ pub enum Command {
     #[command(subcommand)]
     Trial(TrialCmd),
     /// Compare the trials of one or more experiments, best first.
+    ///
+    /// Filter, sort and choose columns; with several experiments, their best trials are shown
+    /// side by side above the table. Columns (for --columns, --filter and --sort): experiment,
+    /// trial (or id), seq, state (or status), restarts, attempt, run_seconds, best, value (the
+    /// compared metric; its name works too), params.NAME, last.NAME (a field of the last
+    /// reported line), or a bare NAME: a parameter, else a field of the last reported line.
     Compare(CompareArgs),
     /// Inspect the workers registered with the coordinator.
     #[command(subcommand)]
@@ -67,8 +73,25 @@ pub enum Command {
     /// Draw pictures of experiments and trials: PNG or SVG, by the output file's extension.
     #[command(subcommand)]
     Plot(PlotCmd),
+    /// Export an experiment for other tools (no server of ours needed to view it).
+    #[command(subcommand)]
+    Export(ExportCmd),
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExportCmd {
+    /// Write an experiment's trials as TensorBoard runs: one directory per trial (`trial-ID`)
+    /// with its metric history as scalars, and HParams data so TensorBoard's HParams tab
+    /// compares the trials. Re-exporting into the same directory replaces the files.
+    Tensorboard {
+        /// Experiment id.
+        experiment: u64,
+        /// The log directory to write (`tensorboard --logdir DIR`); created if missing.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -242,6 +265,9 @@ pub enum TrialCmd {
         /// Only reports up to this step.
         #[arg(long, value_name = "STEP")]
         max_step: Option<i64>,
+        /// One line per metric: a sparkline of its history with its min, max and last value.
+        #[arg(long, conflicts_with = "output")]
+        spark: bool,
         /// Output format.
         #[arg(long, short, value_enum, default_value_t)]
         output: TabularOutput,
@@ -264,12 +290,51 @@ pub struct CompareArgs {
     /// Experiment ids.
     #[arg(required = true, value_name = "EXP")]
     pub experiments: Vec<u64>,
-    /// Show only the best N trials of each experiment.
+    /// The metric to compare [default: each experiment's searcher metric].
+    #[arg(long, value_name = "NAME")]
+    pub metric: Option<String>,
+    /// How a trial's history becomes one value: its best (by the goal), or the last, smallest or
+    /// largest reported value. Anything but the searcher metric's best reads the trials' metric
+    /// histories.
+    #[arg(long, value_enum, default_value_t)]
+    pub agg: Agg,
+    /// Which end of the metric is better [default: the experiment's goal].
+    #[arg(long, value_enum)]
+    pub goal: Option<Goal>,
+    /// Keep only trials where KEY OP VALUE holds, OP one of = != < <= > >=, e.g.
+    /// `state=completed`, `lr<0.01`, `optimizer!=sgd`; repeat to AND them. Numbers compare as
+    /// numbers, anything else by equality; a trial lacking KEY is left out.
+    #[arg(long = "filter", value_name = "EXPR")]
+    pub filters: Vec<String>,
+    /// Order each experiment's trials by a column, `KEY[:asc|desc]` [default: the metric, best
+    /// first; other columns ascending]. Trials lacking it go last.
+    #[arg(long, value_name = "KEY[:asc|desc]")]
+    pub sort: Option<String>,
+    /// The columns to show, in order, e.g. `trial,lr,layers,loss,state`.
+    #[arg(long, value_name = "KEYS", value_delimiter = ',')]
+    pub columns: Vec<String>,
+    /// Show only the first N trials of each experiment (after filtering and sorting).
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
     /// Output format.
     #[arg(long, short, value_enum, default_value_t)]
     pub output: TabularOutput,
+}
+
+/// How `compare` reduces a trial's metric history to one value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum Agg {
+    #[default]
+    Best,
+    Last,
+    Min,
+    Max,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Goal {
+    Minimize,
+    Maximize,
 }
 
 #[derive(Debug, Subcommand)]
@@ -568,6 +633,42 @@ mod tests {
         let err = Cli::try_parse_from(["chorus", "trial", "metrics", "7", "-o", "yaml"]).unwrap_err();
         assert_eq!(err.kind(), clap::error::ErrorKind::InvalidValue);
         assert!(Cli::try_parse_from(["chorus", "trial", "metrics"]).is_err());
+    }
+
+    #[test]
+    fn compare_options_parse_and_spark_excludes_an_output_format() {
+        let cli = Cli::try_parse_from([
+            "chorus",
+            "compare",
+            "1",
+            "2",
+            "--agg",
+            "last",
+            "--filter",
+            "lr<0.1",
+            "--filter",
+            "opt=adam",
+            "--columns",
+            "trial,lr",
+            "--sort",
+            "lr:desc",
+        ])
+        .unwrap();
+        let Command::Compare(c) = cli.command else {
+            panic!("parsed {cli:?}")
+        };
+        assert_eq!((c.experiments, c.agg, c.goal), (vec![1, 2], Agg::Last, None));
+        assert_eq!(
+            (c.filters, c.columns),
+            (
+                vec!["lr<0.1".into(), "opt=adam".into()],
+                vec!["trial".into(), "lr".into()]
+            )
+        );
+        assert!(Cli::try_parse_from(["chorus", "compare", "1", "--agg", "median"]).is_err());
+        assert!(Cli::try_parse_from(["chorus", "trial", "metrics", "7", "--spark"]).is_ok());
+        let err = Cli::try_parse_from(["chorus", "trial", "metrics", "7", "--spark", "-o", "json"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
     }
 
     #[test]

@@ -12,8 +12,12 @@ mod args;
 mod client;
 mod commands;
 mod error;
+mod query;
 mod rank;
 mod render;
+mod spark;
+mod summary;
+mod tensorboard;
 
 use clap::Parser;
 use std::process::ExitCode;

@@ -1,8 +1,11 @@
 //! Ranking trials: `trial list --sort` and `compare`. Pure functions over wire types, so they
 //! are tested without a coordinator.
 
+use crate::args::Agg;
+use crate::query::{Filter, Row, Sort, cmp_cells};
 use chorus_proto::pb;
 use std::cmp::Ordering;
+use std::collections::HashMap;
 
 /// What `trial list --sort METRIC` orders by.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,6 +77,11 @@ pub struct CompareGroup {
     /// Completed trials no other completed trial dominates on every objective (multi-objective
     /// experiments only), by id.
     pub pareto: std::collections::BTreeSet<u64>,
+    /// How `values` were reduced from the trials' histories.
+    pub agg: Agg,
+    /// The value compared, by trial id: the trial's best value unless `compare` was asked for
+    /// another metric or aggregation. Absent when the trial has not reported it (or it is NaN).
+    pub values: HashMap<u64, f64>,
 }
 
 impl CompareGroup {
@@ -110,6 +118,10 @@ impl CompareGroup {
         if let Some(n) = limit {
             trials.truncate(n);
         }
+        let values = trials
+            .iter()
+            .filter_map(|t| Some((t.id, t.best_value.filter(|v| !v.is_nan())?)))
+            .collect();
         CompareGroup {
             experiment,
             metric: resp.metric,
@@ -117,7 +129,56 @@ impl CompareGroup {
             trials,
             objectives,
             pareto,
+            agg: Agg::Best,
+            values,
         }
+    }
+
+    /// The compared value of one of this group's trials.
+    pub fn value(&self, t: &pb::Trial) -> Option<f64> {
+        self.values.get(&t.id).copied()
+    }
+
+    /// The group's best trial by its compared value and goal (the first in sequence on a tie).
+    pub fn best(&self) -> Option<&pb::Trial> {
+        let mut ts: Vec<&pb::Trial> = self.trials.iter().filter(|t| self.value(t).is_some()).collect();
+        ts.sort_by_key(|t| t.seq);
+        ts.into_iter()
+            .min_by(|a, b| compare(self.value(a), self.value(b), self.maximize))
+    }
+
+    /// Keeps the trials every filter holds for, orders them (by `sort`, else by value best
+    /// first) and keeps the first `limit`. Ties keep sequence order.
+    pub fn arrange(&mut self, filters: &[Filter], sort: Option<&Sort>, limit: Option<usize>) {
+        let mut trials = std::mem::take(&mut self.trials);
+        trials.sort_by_key(|t| t.seq);
+        if !filters.is_empty() {
+            trials.retain(|t| {
+                let row = Row::new(self.experiment, t, &self.metric, self.value(t), false);
+                filters.iter().all(|f| f.matches(&row))
+            });
+        }
+        match sort {
+            Some(s) => {
+                let desc = s.descending(&self.metric, self.maximize);
+                let mut keyed: Vec<(serde_json::Value, pb::Trial)> = trials
+                    .into_iter()
+                    .map(|t| {
+                        (
+                            Row::new(self.experiment, &t, &self.metric, self.value(&t), false).cell(&s.key),
+                            t,
+                        )
+                    })
+                    .collect();
+                keyed.sort_by(|a, b| cmp_cells(&a.0, &b.0, desc));
+                trials = keyed.into_iter().map(|(_, t)| t).collect();
+            }
+            None => trials.sort_by(|a, b| compare(self.value(a), self.value(b), self.maximize)),
+        }
+        if let Some(n) = limit {
+            trials.truncate(n);
+        }
+        self.trials = trials;
     }
 }
 
@@ -162,15 +223,12 @@ pub fn best_overall(groups: &[CompareGroup]) -> Option<u64> {
     {
         return None;
     }
-    let key = SortKey::Best {
-        maximize: first.maximize,
-    };
     groups
         .iter()
-        .flat_map(|g| &g.trials)
-        .filter(|t| key.value(t).is_some())
-        .min_by(|a, b| compare(key.value(a), key.value(b), first.maximize))
-        .map(|t| t.id)
+        .flat_map(|g| g.trials.iter().map(move |t| g.value(t)).zip(&g.trials))
+        .filter(|(v, _)| v.is_some())
+        .min_by(|a, b| compare(a.0, b.0, first.maximize))
+        .map(|(_, t)| t.id)
 }
 
 #[cfg(test)]

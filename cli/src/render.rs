@@ -4,7 +4,9 @@
 //! Tables round floats to six significant digits; JSON and CSV carry values exactly as the
 //! coordinator sent them.
 
-use crate::rank::CompareGroup;
+use crate::args::Agg;
+use crate::query::Row;
+use crate::rank::{CompareGroup, shared_metric};
 use chorus_core::convert::{experiment_state_name, trial_state_name};
 use chorus_dataset::{Manifest, Split};
 use chorus_proto::pb;
@@ -493,6 +495,38 @@ pub fn metrics_csv(points: &[pb::MetricPoint], names: &[String]) -> String {
     csv(&header, &rows)
 }
 
+/// `trial metrics --spark`: one line per metric, its history drawn in at most `width` blocks,
+/// then its min, max and last value and how many reports it has.
+pub fn metrics_spark(points: &[pb::MetricPoint], names: &[String], width: usize) -> String {
+    let pad = names.iter().map(|n| n.chars().count()).max().unwrap_or(0);
+    let mut out = String::new();
+    for name in names {
+        let series: Vec<f64> = points
+            .iter()
+            .filter_map(|p| p.values.get(name).copied())
+            .filter(|v| v.is_finite())
+            .collect();
+        let line = match (series.first(), series.last()) {
+            (Some(_), Some(last)) => {
+                let lo = series.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = series.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                format!(
+                    "{name:<pad$}  {}  min {}  max {}  last {}  ({} points)",
+                    crate::spark::sparkline(&crate::spark::downsample(&series, width)),
+                    fmt_value(lo),
+                    fmt_value(hi),
+                    fmt_value(*last),
+                    series.len()
+                )
+            }
+            _ => format!("{name:<pad$}  (no reports)"),
+        };
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 pub fn metrics_json(trial: u64, points: &[pb::MetricPoint]) -> String {
     let points: Vec<Value> = points
         .iter()
@@ -540,7 +574,7 @@ pub fn compare_table(groups: &[CompareGroup], shared: Option<&str>, best: Option
                 r.push(format!("{} ({})", g.metric, goal(g.maximize)));
             }
             r.extend([
-                opt_value(t.best_value),
+                opt_value(g.value(t)),
                 trial_state_name(t.state).to_string(),
                 fmt_duration(t.run_seconds),
             ]);
@@ -578,7 +612,8 @@ pub fn compare_json(groups: &[CompareGroup], best: Option<u64>) -> String {
                 "params": Value::Object(parse_object(&t.params_json)),
                 "metric": g.metric,
                 "goal": goal(g.maximize),
-                "value": t.best_value,
+                "value": g.value(t),
+                "agg": crate::query::agg_name(g.agg),
                 "status": trial_state_name(t.state),
                 "run_seconds": t.run_seconds,
                 "best": is_best,
@@ -610,7 +645,7 @@ pub fn compare_csv(groups: &[CompareGroup], shared: Option<&str>, best: Option<u
                 r.push(g.metric.clone());
             }
             r.extend([
-                t.best_value.map(|v| v.to_string()).unwrap_or_default(),
+                g.value(t).map(|v| v.to_string()).unwrap_or_default(),
                 trial_state_name(t.state).to_string(),
                 t.run_seconds.to_string(),
                 is_best.to_string(),
@@ -619,6 +654,122 @@ pub fn compare_csv(groups: &[CompareGroup], shared: Option<&str>, best: Option<u
         })
         .collect();
     csv(&header, &rows)
+}
+
+/// Rows of chosen columns (`compare --columns`), in display order.
+fn column_rows(groups: &[CompareGroup], best: Option<u64>, columns: &[String]) -> Vec<Vec<Value>> {
+    compare_rows(groups, best)
+        .map(|(g, t, is_best)| {
+            let row = Row::new(g.experiment, t, &g.metric, g.value(t), is_best);
+            columns.iter().map(|c| row.cell(c)).collect()
+        })
+        .collect()
+}
+
+/// A cell of a table: numbers rounded, strings bare, `-` for none.
+fn table_cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        other => compact_value(other),
+    }
+}
+
+pub fn columns_table(groups: &[CompareGroup], best: Option<u64>, columns: &[String]) -> String {
+    let rows = column_rows(groups, best, columns)
+        .iter()
+        .map(|r| r.iter().map(table_cell).collect())
+        .collect();
+    table(columns.to_vec(), rows)
+}
+
+pub fn columns_csv(groups: &[CompareGroup], best: Option<u64>, columns: &[String]) -> String {
+    let rows: Vec<Vec<String>> = column_rows(groups, best, columns)
+        .iter()
+        .map(|r| {
+            r.iter()
+                .map(|v| match v {
+                    Value::Null => String::new(),
+                    // As `compare_csv` writes values: `11`, not serde's `11.0`.
+                    Value::Number(n) if n.is_f64() => n.as_f64().map_or_else(|| n.to_string(), |f| f.to_string()),
+                    other => csv_value(other),
+                })
+                .collect()
+        })
+        .collect();
+    csv(columns, &rows)
+}
+
+/// One object per trial with exactly the chosen keys, in order.
+pub fn columns_json(groups: &[CompareGroup], best: Option<u64>, columns: &[String]) -> String {
+    let rows: Vec<Value> = column_rows(groups, best, columns)
+        .into_iter()
+        .map(|r| Value::Object(columns.iter().cloned().zip(r).collect()))
+        .collect();
+    json(&Value::Array(rows))
+}
+
+/// Each experiment's best trial in a column of its own: its id, its value, and the parameters
+/// on which the bests differ (the ones they share say nothing about why one did better).
+pub fn side_by_side(groups: &[CompareGroup]) -> String {
+    let bests: Vec<Option<&pb::Trial>> = groups.iter().map(CompareGroup::best).collect();
+    let params: Vec<Map<String, Value>> = bests
+        .iter()
+        .map(|b| b.map(|t| parse_object(&t.params_json)).unwrap_or_default())
+        .collect();
+    let mut header = vec![String::new()];
+    header.extend(groups.iter().map(|g| format!("experiment {}", g.experiment)));
+    let mut rows = vec![];
+    let row = |label: String, cells: Vec<String>| {
+        let mut r = vec![label];
+        r.extend(cells);
+        r
+    };
+    rows.push(row(
+        "best trial".into(),
+        bests
+            .iter()
+            .map(|b| b.map_or("-".into(), |t| t.id.to_string()))
+            .collect(),
+    ));
+    let agg = groups.first().map_or(Agg::Best, |g| g.agg);
+    let label = |g: &CompareGroup| {
+        let goal = goal(g.maximize);
+        match agg {
+            Agg::Best => format!("{} ({goal})", g.metric),
+            other => format!("{} ({}, {goal})", g.metric, crate::query::agg_name(other)),
+        }
+    };
+    match shared_metric(groups) {
+        Some(_) => rows.push(row(
+            label(&groups[0]),
+            groups
+                .iter()
+                .zip(&bests)
+                .map(|(g, b)| opt_value(b.and_then(|t| g.value(t))))
+                .collect(),
+        )),
+        None => {
+            rows.push(row("metric".into(), groups.iter().map(label).collect()));
+            rows.push(row(
+                "value".into(),
+                groups
+                    .iter()
+                    .zip(&bests)
+                    .map(|(g, b)| opt_value(b.and_then(|t| g.value(t))))
+                    .collect(),
+            ));
+        }
+    }
+    for k in key_union(params.iter()) {
+        let cells: Vec<String> = params
+            .iter()
+            .map(|p| p.get(&k).map_or("-".into(), compact_value))
+            .collect();
+        if cells.iter().any(|c| *c != cells[0]) {
+            rows.push(row(k, cells));
+        }
+    }
+    table(header, rows)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1080,6 +1231,70 @@ mod tests {
         assert!(!csv.contains("true"));
         let table = compare_table(&gs, shared, best);
         assert!(table.contains("acc (maximize)") && !table.contains('*'), "{table}");
+    }
+
+    #[test]
+    fn chosen_columns_in_every_format() {
+        let gs = groups();
+        let best = best_overall(&gs);
+        let cols: Vec<String> = ["trial", "lr", "opt", "loss", "best"].map(String::from).to_vec();
+        assert_eq!(
+            columns_csv(&gs, best, &cols),
+            "trial,lr,opt,loss,best\n2,0.2,,0.3,false\n1,0.1,,0.4,false\n4,0.4,,0.2,true\n3,0.3,sgd,,false\n"
+        );
+        let rows: Value = serde_json::from_str(&columns_json(&gs, best, &cols)).unwrap();
+        assert_eq!(
+            rows[3],
+            json!({"trial": 3, "lr": 0.3, "opt": "sgd", "loss": null, "best": false})
+        );
+        let table = columns_table(&gs, best, &cols);
+        let last: Vec<&str> = table.lines().last().unwrap().split_whitespace().collect();
+        assert_eq!(last, ["3", "0.3", "sgd", "-", "false"], "{table}");
+    }
+
+    #[test]
+    fn side_by_side_shows_each_best_and_the_params_that_differ() {
+        let mut gs = groups();
+        gs[1].trials[0].params_json = r#"{"lr": 0.4, "opt": "adam"}"#.into();
+        let block = side_by_side(&gs);
+        let lines: Vec<Vec<&str>> = block.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(lines[0], ["experiment", "1", "experiment", "2"], "{block}");
+        assert_eq!(lines[2], ["best", "trial", "2", "4"], "{block}");
+        assert_eq!(lines[3], ["loss", "(minimize)", "0.3", "0.2"], "{block}");
+        assert_eq!(lines[4], ["lr", "0.2", "0.4"], "{block}");
+        // `opt` is set on one best only: it differs too.
+        assert_eq!(lines[5], ["opt", "-", "adam"], "{block}");
+        assert_eq!(lines.len(), 6, "{block}");
+        // Different metrics: one row names each, the next holds the values.
+        gs[1].metric = "acc".into();
+        gs[1].maximize = true;
+        let block = side_by_side(&gs);
+        assert!(
+            block.contains("acc (maximize)") && block.contains("loss (minimize)"),
+            "{block}"
+        );
+    }
+
+    #[test]
+    fn arranging_filters_sorts_and_limits() {
+        use crate::query::{Filter, Sort};
+        let mut gs = groups();
+        let g = &mut gs[1];
+        g.arrange(
+            &[Filter::parse("lr>=0.3").unwrap()],
+            Some(&Sort::parse("lr:desc").unwrap()),
+            None,
+        );
+        assert_eq!(g.trials.iter().map(|t| t.id).collect::<Vec<_>>(), [4, 3]);
+        let mut gs = groups();
+        gs[0].values.insert(1, 0.1);
+        gs[0].arrange(&[], None, Some(1));
+        assert_eq!(
+            gs[0].trials.iter().map(|t| t.id).collect::<Vec<_>>(),
+            [1],
+            "by the new value"
+        );
+        assert_eq!(gs[0].best().map(|t| t.id), Some(1));
     }
 
     fn dataset() -> Manifest {

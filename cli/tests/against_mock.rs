@@ -440,7 +440,13 @@ fn wait_survives_a_restart_and_exits_0_when_completed() {
     assert_eq!(out.code, 0, "stderr: {}", out.stderr);
     assert_eq!(
         out.stdout,
-        "7\nexperiment 7 (demo) completed: 3 trials (2 completed, 1 failed, 0 killed), best val_loss=0.25 (trial 11)\n"
+        "7\nexperiment 7 (demo) completed: 3 trials (2 completed, 1 failed, 0 killed), best val_loss=0.25 (trial 11)\n\
+         summary of experiment 7:\n  \
+         best trial  11  val_loss=0.25 (minimize)\n  \
+         trials      0 completed, 0 stopped early by the searcher, 0 failed, 0 killed\n  \
+         restarts    0\n  \
+         run time    0.0s of trials\n  \
+         compute     unknown (the experiment's resources could not be read)\n"
     );
     assert!(out.stderr.contains("reconnecting"), "{}", out.stderr);
     // Plain progress (stderr is a pipe here) shows the counts.
@@ -455,9 +461,14 @@ fn wait_survives_a_restart_and_exits_0_when_completed() {
 fn wait_exits_1_when_the_experiment_failed() {
     let out = wait_across_restart(pb::ExperimentState::Failed);
     assert_eq!(out.code, 1, "stderr: {}", out.stderr);
-    assert!(out.stdout.ends_with(
-        "experiment 7 (demo) failed: 3 trials (2 completed, 1 failed, 0 killed), best val_loss=0.25 (trial 11)\n"
-    ));
+    assert!(
+        out.stdout.contains(
+            "experiment 7 (demo) failed: 3 trials (2 completed, 1 failed, 0 killed), best val_loss=0.25 (trial 11)\n\
+             summary of experiment 7:\n"
+        ),
+        "{}",
+        out.stdout
+    );
 }
 
 #[test]

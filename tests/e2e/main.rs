@@ -3,6 +3,7 @@
 mod auth;
 mod builtin;
 mod chaos;
+mod compare;
 mod containers;
 mod containment;
 mod crash;
@@ -19,6 +20,7 @@ mod spec_errors;
 mod storage_policy;
 mod store;
 mod sweep;
+mod tensorboard;
 
 use chorus_tests::TestCluster;
 use serde_json::Value;

@@ -5,6 +5,7 @@ use crate::args::{ExperimentCmd, Output, UpdateArgs};
 use crate::client::Coordinator;
 use crate::error::CliError;
 use crate::render;
+use crate::summary::{self, Summary, TrialResources};
 use chorus_core::CoreError;
 use chorus_core::error::{FieldError, SpecErrors};
 use chorus_core::limits::MAX_SPEC_BYTES;
@@ -48,7 +49,7 @@ pub async fn run(cmd: ExperimentCmd, ctx: &Ctx) -> Result<ExitCode, CliError> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            wait_for(&coord, exp.id, output).await
+            wait_for(&coord, ctx, exp.id, output).await
         }
         ExperimentCmd::Validate {
             file,
@@ -120,7 +121,7 @@ pub async fn run(cmd: ExperimentCmd, ctx: &Ctx) -> Result<ExitCode, CliError> {
         }
         ExperimentCmd::Watch { experiment } => {
             let coord = ctx.connect().await?;
-            wait_for(&coord, experiment, Output::Table).await
+            wait_for(&coord, ctx, experiment, Output::Table).await
         }
         ExperimentCmd::Pause { experiment, output } => {
             let coord = ctx.connect().await?;
@@ -185,7 +186,7 @@ pub async fn run(cmd: ExperimentCmd, ctx: &Ctx) -> Result<ExitCode, CliError> {
 
 /// Watches until the experiment ends, prints how it ended, and turns that into the exit code.
 /// Ctrl-C stops watching, not the experiment, and says so.
-async fn wait_for(coord: &Coordinator, id: u64, output: Output) -> Result<ExitCode, CliError> {
+async fn wait_for(coord: &Coordinator, ctx: &Ctx, id: u64, output: Output) -> Result<ExitCode, CliError> {
     let exp = tokio::select! {
         r = watch::watch(coord, id) => r?,
         _ = tokio::signal::ctrl_c() => {
@@ -193,15 +194,47 @@ async fn wait_for(coord: &Coordinator, id: u64, output: Output) -> Result<ExitCo
             return Ok(ExitCode::from(130));
         }
     };
+    let summary = summarize(coord, ctx, &exp).await;
     emit(&match output {
-        Output::Table => format!("{}\n", watch::final_line(&exp)),
-        Output::Json => render::json(&render::experiment_json(&exp)),
+        Output::Table => match &summary {
+            Some((s, _)) => format!("{}\n{}", watch::final_line(&exp), s.text()),
+            None => format!("{}\n", watch::final_line(&exp)),
+        },
+        Output::Json => {
+            let mut v = render::experiment_json(&exp);
+            if let (Some((s, trials)), Some(obj)) = (&summary, v.as_object_mut()) {
+                obj.insert("summary".into(), s.json(trials));
+            }
+            render::json(&v)
+        }
     })?;
     Ok(if exp.state == pb::ExperimentState::Completed as i32 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
+}
+
+/// The summary of an ended experiment, with the trials it was computed from. The experiment
+/// has ended either way, so a failure to gather it is a note on stderr, not an error: the exit
+/// code still says how the experiment ended.
+async fn summarize(coord: &Coordinator, ctx: &Ctx, exp: &pb::Experiment) -> Option<(Summary, Vec<pb::Trial>)> {
+    let trials = match listing::trials(coord, ctx, exp.id, None).await {
+        Ok(resp) => resp.trials,
+        Err(e) => {
+            eprint!("note: no summary: {}", e.report());
+            return None;
+        }
+    };
+    // The resources a trial asked for are in the stored spec; without it, compute is unknown.
+    let req = pb::DescribeExperimentRequest { experiment_id: exp.id };
+    let resources = match coord.api().describe_experiment(coord.unary(req)).await {
+        Ok(resp) => chorus_core::spec::parse_stored(&resp.into_inner().spec_yaml)
+            .ok()
+            .map(|s| TrialResources::from(&s.spec.resources)),
+        Err(_) => None,
+    };
+    Some((summary::summarize(exp, &trials, resources), trials))
 }
 
 fn exp_ref(experiment_id: u64) -> pb::ExperimentRef {

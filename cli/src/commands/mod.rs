@@ -4,6 +4,7 @@
 mod compare;
 mod dataset;
 mod experiment;
+mod export;
 mod health;
 mod listing;
 mod plot;
@@ -31,6 +32,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Dataset(cmd) => dataset::run(cmd).await,
         Command::Search(cmd) => search::run(cmd),
         Command::Plot(cmd) => plot::run(cmd, &ctx).await,
+        Command::Export(cmd) => export::run(cmd, &ctx).await,
         Command::Completions { shell } => {
             let mut buf = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "chorus", &mut buf);

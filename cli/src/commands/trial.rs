@@ -47,6 +47,7 @@ pub async fn run(cmd: TrialCmd, ctx: &Ctx) -> Result<ExitCode, CliError> {
             metrics,
             min_step,
             max_step,
+            spark,
             output,
         } => {
             let coord = ctx.connect().await?;
@@ -67,6 +68,7 @@ pub async fn run(cmd: TrialCmd, ctx: &Ctx) -> Result<ExitCode, CliError> {
                 eprintln!("warning: trial {trial} has no report of {m:?} in the steps asked for");
             }
             emit(&match output {
+                _ if spark => render::metrics_spark(&points, &names, spark_width(&names)),
                 TabularOutput::Table => render::metrics_table(&points, &names),
                 TabularOutput::Json => render::metrics_json(trial, &points),
                 TabularOutput::Csv => render::metrics_csv(&points, &names),
@@ -100,12 +102,26 @@ pub async fn run(cmd: TrialCmd, ctx: &Ctx) -> Result<ExitCode, CliError> {
     }
 }
 
+/// Points in a sparkline: what fits beside the name and the numbers on a terminal, else 60.
+fn spark_width(names: &[String]) -> usize {
+    // Room for `  min X  max X  last X  (N points)` with six-digit numbers.
+    const STATS: usize = 60;
+    let name = names.iter().map(|n| n.chars().count()).max().unwrap_or(0) + 2;
+    match comfy_table::Table::new().width() {
+        Some(w) => usize::from(w).saturating_sub(name + STATS).max(10),
+        None => 60,
+    }
+}
+
 /// Most times a metrics read that lost the coordinator is resumed before giving up.
 const METRICS_RETRIES: u32 = 5;
 
 /// Reads the whole (filtered) history, page by page; a lost coordinator is asked again for the
 /// points after the last page received, so none is repeated or skipped.
-async fn read_metrics(coord: &Coordinator, mut req: pb::TrialMetricsRequest) -> Result<Vec<pb::MetricPoint>, CliError> {
+pub(super) async fn read_metrics(
+    coord: &Coordinator,
+    mut req: pb::TrialMetricsRequest,
+) -> Result<Vec<pb::MetricPoint>, CliError> {
     let mut points = Vec::new();
     let mut backoff = Backoff::default();
     let mut retries = 0;
