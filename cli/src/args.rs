@@ -70,6 +70,9 @@ pub enum Command {
     /// Try a searcher before spending compute (no coordinator needed).
     #[command(subcommand)]
     Search(SearchCmd),
+    /// Draw pictures of experiments and trials: PNG or SVG, by the output file's extension.
+    #[command(subcommand)]
+    Plot(PlotCmd),
     /// Export an experiment for other tools (no server of ours needed to view it).
     #[command(subcommand)]
     Export(ExportCmd),
@@ -474,6 +477,78 @@ pub enum TabularOutput {
     Table,
     Json,
     Csv,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PlotCmd {
+    /// Learning curves: one line per trial (x = step), the best trial thicker and in the legend,
+    /// and the rung budgets of an ASHA or Hyperband search as vertical lines.
+    Curves {
+        /// Experiment ids.
+        #[arg(required = true, value_name = "EXP")]
+        experiments: Vec<u64>,
+        /// The metric to draw [default: the first experiment's metric].
+        #[arg(long, value_name = "METRIC")]
+        metric: Option<String>,
+        #[command(flatten)]
+        out: PlotOut,
+    },
+    /// Parallel coordinates: an axis per parameter and one for the metric (each trial's best
+    /// value), each trial a line coloured by the metric.
+    Parallel {
+        /// Experiment id.
+        experiment: u64,
+        /// The metric [default: the experiment's]; each trial's best value of it (last value for
+        /// a metric that is not an objective).
+        #[arg(long, value_name = "METRIC")]
+        metric: Option<String>,
+        #[command(flatten)]
+        out: PlotOut,
+    },
+    /// Parameter importance: |Spearman| of each numeric parameter with the metric, the
+    /// correlation ratio (eta) for a categorical one; one parameter at a time, no interactions.
+    Importance {
+        /// Experiment id.
+        experiment: u64,
+        /// The metric [default: the experiment's].
+        #[arg(long, value_name = "METRIC")]
+        metric: Option<String>,
+        #[command(flatten)]
+        out: PlotOut,
+    },
+    /// Two metrics against each other, one point per trial, the Pareto front highlighted.
+    Pareto {
+        /// Experiment id.
+        experiment: u64,
+        /// The two metrics, each with its goal where the experiment does not say it:
+        /// `A,B` or `A:min,B:max`.
+        #[arg(long, value_name = "A[:GOAL],B[:GOAL]")]
+        metrics: String,
+        #[command(flatten)]
+        out: PlotOut,
+    },
+    /// The confusion matrix a builtin trial reported (rows: true class, columns: predicted), as a
+    /// heatmap with counts.
+    Confusion {
+        /// Trial id.
+        trial: u64,
+        /// The report at this step [default: the last one].
+        #[arg(long, value_name = "STEP")]
+        step: Option<i64>,
+        #[command(flatten)]
+        out: PlotOut,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct PlotOut {
+    /// The file to write: .png or .svg [default: EXP-KIND.png, or trial-ID-confusion.png].
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Also print what was drawn (series and their points, highlighted trials, axes ranges,
+    /// bars) as JSON on stdout.
+    #[arg(long)]
+    pub describe: bool,
 }
 
 #[cfg(test)]

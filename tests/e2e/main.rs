@@ -13,6 +13,7 @@ mod kubernetes;
 mod metrics;
 mod output;
 mod paging;
+mod plot;
 mod s3;
 mod search;
 mod spec_errors;

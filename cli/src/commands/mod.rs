@@ -7,6 +7,7 @@ mod experiment;
 mod export;
 mod health;
 mod listing;
+mod plot;
 mod search;
 mod trial;
 mod watch;
@@ -30,6 +31,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Health(args) => health::run(args, &ctx).await,
         Command::Dataset(cmd) => dataset::run(cmd).await,
         Command::Search(cmd) => search::run(cmd),
+        Command::Plot(cmd) => plot::run(cmd, &ctx).await,
         Command::Export(cmd) => export::run(cmd, &ctx).await,
         Command::Completions { shell } => {
             let mut buf = Vec::new();
