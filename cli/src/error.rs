@@ -33,6 +33,9 @@ pub enum CliError {
     BadResponse(String),
     #[error("{0}")]
     Dataset(#[from] chorus_dataset::DatasetError),
+    /// A picture could not be drawn (`chorus plot`).
+    #[error("{0}")]
+    Plot(#[from] chorus_plot::PlotError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -54,6 +57,8 @@ impl CliError {
             CliError::Spec(_) | CliError::Usage(_) => ExitCode::from(2),
             CliError::Rpc(s) if s.code() == Code::InvalidArgument => ExitCode::from(2),
             CliError::Dataset(DatasetError::InvalidArgument(_) | DatasetError::Csv { .. }) => ExitCode::from(2),
+            // A file name or a request the picture cannot be made of is a usage error.
+            CliError::Plot(chorus_plot::PlotError::Format(_) | chorus_plot::PlotError::Invalid(_)) => ExitCode::from(2),
             _ => ExitCode::from(1),
         }
     }

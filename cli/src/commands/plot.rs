@@ -110,7 +110,7 @@ fn out_path(out: &PlotOut, stem: &str) -> PathBuf {
 fn plot_err(e: plot::PlotError) -> CliError {
     match e {
         plot::PlotError::Io(what, source) => CliError::io(what, source),
-        e => CliError::Usage(e.to_string()),
+        e => CliError::Plot(e),
     }
 }
 
@@ -150,7 +150,7 @@ async fn describe(coord: &Coordinator, experiment: u64) -> Result<(pb::Experimen
 
 /// Every report of `metrics` (all of them when empty) in a trial's history, oldest first.
 async fn history(coord: &Coordinator, trial: u64, metrics: Vec<String>) -> Result<Vec<pb::MetricPoint>, CliError> {
-    let mut req = pb::TrialMetricsRequest {
+    let req = pb::TrialMetricsRequest {
         trial_id: trial,
         metrics,
         min_step: None,
@@ -158,17 +158,7 @@ async fn history(coord: &Coordinator, trial: u64, metrics: Vec<String>) -> Resul
         page_size: 0,
         after: String::new(),
     };
-    let mut points = Vec::new();
-    let mut stream = coord
-        .api()
-        .trial_metrics(coord.streaming(req.clone()))
-        .await?
-        .into_inner();
-    while let Some(page) = stream.message().await? {
-        points.extend(page.points);
-        req.after = page.cursor;
-    }
-    Ok(points)
+    super::trial::read_metrics(coord, req).await
 }
 
 /// The goal of `metric` among the objectives of a trial listing, if it is one.
