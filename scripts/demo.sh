@@ -40,3 +40,13 @@ exp=$("$bin/chorus" experiment submit "$spec")
 "$bin/chorus" experiment watch "$exp"
 echo
 "$bin/chorus" compare "$exp"
+
+# CHORUS_DEMO_PICTURES=DIR also draws the sweep's pictures there (scripts/pictures.sh uses it for
+# the README's).
+if [ -n "${CHORUS_DEMO_PICTURES:-}" ]; then
+  mkdir -p "$CHORUS_DEMO_PICTURES"
+  metric=$("$bin/chorus" experiment describe "$exp" --output json | python3 -c 'import json,sys; print(json.load(sys.stdin)["experiment"]["metric"])')
+  "$bin/chorus" plot curves "$exp" --metric "$metric" --out "$CHORUS_DEMO_PICTURES/curves.png"
+  "$bin/chorus" plot parallel "$exp" --out "$CHORUS_DEMO_PICTURES/parallel.png"
+  "$bin/chorus" plot importance "$exp" --out "$CHORUS_DEMO_PICTURES/importance.png"
+fi
