@@ -47,6 +47,7 @@ fn row(id: u64, state: ExperimentState, message: &str) -> ExperimentRow {
         parallel_trials: 1,
         max_failed_trials: None,
         created_trials: 2,
+        lifecycle: Default::default(),
     }
 }
 
