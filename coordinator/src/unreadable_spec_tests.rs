@@ -86,6 +86,7 @@ fn an_unreadable_stored_spec_fails_its_experiment_instead_of_the_coordinator() {
                 attempts: Vec::new(),
                 epochs: Vec::new(),
                 drained: None,
+                removed_experiments: Vec::new(),
             })
             .unwrap();
     }

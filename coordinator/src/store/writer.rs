@@ -362,6 +362,7 @@ fn merge(batches: impl Iterator<Item = Batch>) -> Batch {
         out.searchers.extend(b.searchers);
         out.attempts.extend(b.attempts);
         out.epochs.extend(b.epochs);
+        out.removed_experiments.extend(b.removed_experiments);
         if b.drained.is_some() {
             out.drained = b.drained;
         }
