@@ -247,6 +247,7 @@ async fn trials_page_through_a_growing_sweep_exactly_once_in_order() {
         let req = pb::ListExperimentsRequest {
             page_size: 2,
             page_token: token,
+            ..Default::default()
         };
         let page = server.client.list_experiments(req).await.unwrap().into_inner();
         assert!(page.experiments.len() <= 2);
@@ -260,6 +261,7 @@ async fn trials_page_through_a_growing_sweep_exactly_once_in_order() {
     let req = pb::ListExperimentsRequest {
         page_size: 2,
         page_token: "t1.1".into(),
+        ..Default::default()
     };
     let err = server.client.list_experiments(req).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);

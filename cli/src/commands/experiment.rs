@@ -89,7 +89,7 @@ pub async fn run(cmd: ExperimentCmd, ctx: &Ctx) -> Result<ExitCode, CliError> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        ExperimentCmd::List { output } => {
+        ExperimentCmd::List { output, .. } => {
             let coord = ctx.connect().await?;
             let experiments = listing::experiments(&coord, ctx).await?;
             emit(&match output {
@@ -152,6 +152,7 @@ pub async fn run(cmd: ExperimentCmd, ctx: &Ctx) -> Result<ExitCode, CliError> {
             emit(&state_change(&exp, output))?;
             Ok(ExitCode::SUCCESS)
         }
+        ExperimentCmd::Lifecycle(cmd) => super::lifecycle::run(cmd, ctx).await,
         ExperimentCmd::Update(UpdateArgs {
             experiment,
             max_trials,

@@ -70,7 +70,11 @@ pub async fn experiments(coord: &Coordinator, ctx: &Ctx) -> Result<Vec<pb::Exper
     let page_size = ctx.page_size();
     let pages = follow_pages(
         |page_token| async move {
-            let req = pb::ListExperimentsRequest { page_size, page_token };
+            let req = pb::ListExperimentsRequest {
+                page_size,
+                page_token,
+                ..Default::default()
+            };
             let resp = coord.api().list_experiments(coord.unary(req)).await?.into_inner();
             Ok((resp.experiments, resp.next_page_token))
         },

@@ -1,17 +1,19 @@
 //! One module per command group. Each command connects only if it needs the coordinator, prints
 //! its result on stdout, and returns the exit code for outcomes that are not errors.
 
+pub(crate) mod checkpoint;
 mod compare;
 mod dataset;
 mod experiment;
 mod health;
+pub(crate) mod lifecycle;
 mod listing;
 mod search;
 mod trial;
 mod watch;
 mod worker;
 
-use crate::args::{Cli, Command, GlobalOpts};
+use crate::args::{Cli, Command, ExperimentCmd, GlobalOpts};
 use crate::client::Coordinator;
 use crate::error::CliError;
 use clap::CommandFactory;
@@ -22,7 +24,13 @@ use std::time::Duration;
 pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     let ctx = Ctx { global: cli.global };
     match cli.command {
+        Command::Experiment(ExperimentCmd::Lifecycle(cmd)) => lifecycle::run(cmd, &ctx).await,
+        Command::Experiment(ExperimentCmd::List { output, filter }) => lifecycle::list(output, filter, &ctx).await,
+        Command::Experiment(ExperimentCmd::Describe { experiment, output }) => {
+            lifecycle::describe(experiment, output, &ctx).await
+        }
         Command::Experiment(cmd) => experiment::run(cmd, &ctx).await,
+        Command::Checkpoint(cmd) => checkpoint::run(cmd, &ctx).await,
         Command::Trial(cmd) => trial::run(cmd, &ctx).await,
         Command::Compare(args) => compare::run(args, &ctx).await,
         Command::Worker(cmd) => worker::run(cmd, &ctx).await,

@@ -135,6 +135,7 @@ impl ExperimentLifecycleService for LifecycleApi {
             checkpoints,
             storage: uri,
             prefix: prefix.to_string(),
+            experiment_id: exp.0,
         }))
     }
 }
