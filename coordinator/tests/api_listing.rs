@@ -85,6 +85,7 @@ async fn reflection_lists_the_services_in_v1_and_v1alpha() {
     use tonic_reflection::pb::{v1, v1alpha};
     let server = Server::start(BudgetLimits::default()).await;
     let want = [
+        "chorus.v1.ExperimentLifecycleService",
         "chorus.v1.ExperimentService",
         "chorus.v1.WorkerService",
         "grpc.health.v1.Health",
