@@ -87,3 +87,91 @@ pub async fn resume_unfinished(coord: &Coordinator) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Options;
+    use chorus_core::ExperimentId;
+    use object_store::{ObjectStoreExt, PutPayload};
+
+    const SPEC: &str = "name: d\nmetric: {name: loss, goal: minimize}\nsearcher: {name: grid}\n\
+                        parameters:\n  k: {values: [1]}\ntrial: {command: [train]}\n";
+    const KEYS: [&str; 4] = [
+        "spec.yaml",
+        "trials/1/metrics/0001-000000.jsonl",
+        "trials/1/checkpoints/000000000001-a0001/model.bin",
+        "trials/1/checkpoints/000000000001-a0001/MANIFEST.json",
+    ];
+
+    async fn objects(coord: &Coordinator, uri: &str, exp: ExperimentId) -> usize {
+        let storage = coord.storage(uri).await.unwrap();
+        let listed: Vec<_> = storage
+            .store
+            .list(Some(&storage.experiment_prefix(exp)))
+            .try_collect()
+            .await
+            .unwrap();
+        listed.len()
+    }
+
+    /// A coordinator that stops after marking a deletion and before deleting anything (a crash
+    /// mid-delete) finishes it at its next start: the storage prefix is emptied, the rows go,
+    /// and another experiment under the same storage keeps everything.
+    #[tokio::test]
+    async fn an_interrupted_deletion_is_finished_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("coordinator");
+        let (a, b, uri);
+        {
+            let coord = Coordinator::open(&Options::new(data.clone())).unwrap();
+            uri = coord.experiment_storage(None).unwrap();
+            let storage = coord.storage(&uri).await.unwrap();
+            let spec = chorus_core::spec::parse(SPEC, &[]).unwrap();
+            (a, b) = {
+                let mut st = coord.lock();
+                (st.reserve_experiment_id(), st.reserve_experiment_id())
+            };
+            coord
+                .change(|st| {
+                    for id in [a, b] {
+                        st.add_experiment(id, spec.clone(), uri.clone());
+                        st.kill(id)?;
+                    }
+                    Ok(())
+                })
+                .await
+                .unwrap();
+            for id in [a, b] {
+                let trial = coord.lock().experiment(id).unwrap().trials[0];
+                for key in KEYS {
+                    let key = key.replace("trials/1/", &format!("trials/{trial}/"));
+                    let path = Path::from(format!("{}/{key}", storage.experiment_prefix(id)));
+                    storage.store.put(&path, PutPayload::from_static(b"x")).await.unwrap();
+                }
+            }
+            let plan = coord.change(|st| st.begin_delete(a, Deletion::All)).await.unwrap();
+            assert_eq!(plan.how, Deletion::All);
+            assert_eq!(objects(&coord, &uri, a).await, KEYS.len(), "nothing deleted yet");
+        }
+        let coord = Coordinator::open(&Options::new(data.clone())).unwrap();
+        assert_eq!(coord.lock().unfinished_deletions(), vec![(a, Deletion::All)]);
+        resume_unfinished(&coord).await;
+        assert_eq!(objects(&coord, &uri, a).await, 0);
+        assert_eq!(objects(&coord, &uri, b).await, KEYS.len());
+        {
+            let st = coord.lock();
+            assert!(st.experiment(a).is_err());
+            assert!(st.experiment(b).is_ok());
+            assert!(st.unfinished_deletions().is_empty());
+        }
+        // Deleting it again finds nothing to do.
+        let e = delete(&coord, a, Deletion::All).await.unwrap_err();
+        assert!(matches!(e, CoordError::NotFound(_)), "{e}");
+        // A partial deletion of the other keeps its records and drops its checkpoints.
+        let (plan, purged) = delete(&coord, b, Deletion::KeepBest(0)).await.unwrap();
+        assert!(plan.keep.is_empty());
+        assert_eq!(purged.objects_deleted, 2);
+        assert_eq!(objects(&coord, &uri, b).await, 2);
+    }
+}
