@@ -24,7 +24,7 @@ use std::time::Duration;
 pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     let ctx = Ctx { global: cli.global };
     match cli.command {
-        Command::Experiment(ExperimentCmd::Lifecycle(cmd)) => lifecycle::run(cmd, &ctx).await,
+        // Listing and describing show the lifecycle fields.
         Command::Experiment(ExperimentCmd::List { output, filter }) => lifecycle::list(output, filter, &ctx).await,
         Command::Experiment(ExperimentCmd::Describe { experiment, output }) => {
             lifecycle::describe(experiment, output, &ctx).await
