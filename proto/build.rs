@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "chorus/v1/common.proto",
         "chorus/v1/experiment.proto",
+        "chorus/v1/lifecycle.proto",
         "chorus/v1/worker.proto",
     ];
     for f in &files {

@@ -48,6 +48,9 @@ pub enum Command {
     /// Inspect the trials of an experiment.
     #[command(subcommand)]
     Trial(TrialCmd),
+    /// List and download a trial's checkpoints.
+    #[command(subcommand)]
+    Checkpoint(crate::commands::checkpoint::CheckpointCmd),
     /// Compare the trials of one or more experiments, best first.
     ///
     /// Filter, sort and choose columns; with several experiments, their best trials are shown
@@ -146,11 +149,13 @@ pub enum ExperimentCmd {
         #[arg(long, short, value_enum, default_value_t)]
         output: Output,
     },
-    /// List experiments.
+    /// List experiments (archived ones only with `--archived` or `--all`).
     List {
         /// Output format.
         #[arg(long, short, value_enum, default_value_t)]
         output: Output,
+        #[command(flatten)]
+        filter: crate::commands::lifecycle::ListFilter,
     },
     /// Show an experiment: state, budgets, trial counts, best trial and its spec.
     Describe {
@@ -194,6 +199,8 @@ pub enum ExperimentCmd {
     },
     /// Change the budgets of a live experiment.
     Update(UpdateArgs),
+    #[command(flatten)]
+    Lifecycle(crate::commands::lifecycle::LifecycleCmd),
 }
 
 #[derive(Debug, Args)]

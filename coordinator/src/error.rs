@@ -13,6 +13,9 @@ pub enum CoordError {
     Spec(SpecErrors),
     #[error("{0}")]
     InvalidArgument(String),
+    /// A request field out of its bounds: INVALID_ARGUMENT with the field named in its details.
+    #[error("{field}: {message}")]
+    InvalidField { field: String, message: String },
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -230,6 +233,14 @@ impl From<CoordError> for Status {
                 )
             }
             CoordError::InvalidArgument(m) => Status::invalid_argument(m),
+            CoordError::InvalidField { field, message } => {
+                let text = format!("{field}: {message}");
+                Status::with_error_details(
+                    Code::InvalidArgument,
+                    text,
+                    ErrorDetails::with_bad_request_violation(field, message),
+                )
+            }
             CoordError::NotFound(m) => Status::not_found(m),
             CoordError::FailedPrecondition(m) => Status::failed_precondition(m),
             CoordError::Stale(m) => Status::aborted(m),

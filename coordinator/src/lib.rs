@@ -20,11 +20,13 @@
 pub(crate) mod api;
 pub mod clock;
 pub(crate) mod cluster;
+pub(crate) mod continuation;
 pub mod error;
 pub(crate) mod experiment;
 pub(crate) mod history;
 pub(crate) mod logs;
 pub(crate) mod protocol;
+pub(crate) mod purge;
 pub(crate) mod rendezvous;
 pub(crate) mod scheduler;
 pub(crate) mod shards;
@@ -47,6 +49,7 @@ use crate::state::{Change, State};
 use chorus_core::limits::BudgetLimits;
 use chorus_core::storage::{Storage, StorageOptions, StorageUri};
 use chorus_core::storage_policy::{StorageLocation, StoragePolicy};
+use chorus_proto::pb::experiment_lifecycle_service_server::ExperimentLifecycleServiceServer;
 use chorus_proto::pb::experiment_service_server::ExperimentServiceServer;
 use chorus_proto::pb::worker_service_server::WorkerServiceServer;
 use std::collections::HashMap;
@@ -310,6 +313,11 @@ pub async fn run(
         // Serve anyway: reads work, and the reconcile loop retries until the disk has room.
         tracing::error!(error = %e, "cannot record the start-up pass");
     }
+    // Deletions a previous run began and did not end are finished in the background.
+    let unfinished = {
+        let coord = coord.clone();
+        tokio::spawn(async move { purge::resume_unfinished(&coord).await })
+    };
     let reconcile = {
         let coord = coord.clone();
         let every = opts.reconcile_interval;
@@ -362,6 +370,12 @@ pub async fn run(
     let max = chorus_proto::MAX_MESSAGE_BYTES;
     let experiments = InterceptedService::new(
         ExperimentServiceServer::new(api::ExperimentApi::new(coord.clone()))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+        AuthInterceptor::new(tokens.clone(), Role::User),
+    );
+    let lifecycle = InterceptedService::new(
+        ExperimentLifecycleServiceServer::new(api::LifecycleApi::new(coord.clone()))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
         AuthInterceptor::new(tokens.clone(), Role::User),
@@ -425,6 +439,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(experiments)
+        .add_service(lifecycle)
         .add_service(workers);
     let mut ready = Some(ready);
     let mode = tls_mode(&opts);
@@ -454,6 +469,7 @@ pub async fn run(
         }
     };
     reconcile.abort();
+    unfinished.abort();
     // Changes already queued (a reconcile pass) are written before the process exits.
     let writer = coord.lock().writer().clone();
     writer.sync().await;
@@ -470,7 +486,12 @@ pub async fn run(
 }
 
 /// The health names reported: the whole server ("") and each service.
-const HEALTH_NAMES: [&str; 3] = ["", "chorus.v1.ExperimentService", "chorus.v1.WorkerService"];
+const HEALTH_NAMES: [&str; 4] = [
+    "",
+    "chorus.v1.ExperimentService",
+    "chorus.v1.ExperimentLifecycleService",
+    "chorus.v1.WorkerService",
+];
 
 fn tls_mode(opts: &Options) -> &'static str {
     match &opts.tls {

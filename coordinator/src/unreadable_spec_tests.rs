@@ -47,6 +47,7 @@ fn row(id: u64, state: ExperimentState, message: &str) -> ExperimentRow {
         parallel_trials: 1,
         max_failed_trials: None,
         created_trials: 2,
+        lifecycle: Default::default(),
     }
 }
 
@@ -85,6 +86,7 @@ fn an_unreadable_stored_spec_fails_its_experiment_instead_of_the_coordinator() {
                 attempts: Vec::new(),
                 epochs: Vec::new(),
                 drained: None,
+                removed_experiments: Vec::new(),
             })
             .unwrap();
     }

@@ -85,6 +85,7 @@ async fn reflection_lists_the_services_in_v1_and_v1alpha() {
     use tonic_reflection::pb::{v1, v1alpha};
     let server = Server::start(BudgetLimits::default()).await;
     let want = [
+        "chorus.v1.ExperimentLifecycleService",
         "chorus.v1.ExperimentService",
         "chorus.v1.WorkerService",
         "grpc.health.v1.Health",
@@ -247,6 +248,7 @@ async fn trials_page_through_a_growing_sweep_exactly_once_in_order() {
         let req = pb::ListExperimentsRequest {
             page_size: 2,
             page_token: token,
+            ..Default::default()
         };
         let page = server.client.list_experiments(req).await.unwrap().into_inner();
         assert!(page.experiments.len() <= 2);
@@ -260,6 +262,7 @@ async fn trials_page_through_a_growing_sweep_exactly_once_in_order() {
     let req = pb::ListExperimentsRequest {
         page_size: 2,
         page_token: "t1.1".into(),
+        ..Default::default()
     };
     let err = server.client.list_experiments(req).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);

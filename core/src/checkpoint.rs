@@ -596,6 +596,40 @@ async fn restore_first_valid(
     Ok(out)
 }
 
+/// Downloads the committed checkpoint `at` into `dest` as it is, every file checked against
+/// its manifest's size and CRC-32C: for people and tools taking a checkpoint out of storage.
+/// Unlike a restore, nothing older is tried instead: a missing manifest or a mismatching file
+/// is an error naming it. Files land in `{dest}.partial`, renamed to `dest` only once all are
+/// verified, so `dest` never holds a partial checkpoint; `dest` must not exist.
+pub async fn download(
+    storage: &Storage,
+    prefix: &Path,
+    at: CheckpointRef,
+    dest: &FsPath,
+) -> Result<Manifest, CoreError> {
+    let base = dir_of(prefix, at);
+    let key = base.clone().join(MANIFEST);
+    let manifest = read_manifest(storage, &key)
+        .await?
+        .ok_or_else(|| CoreError::CorruptCheckpoint {
+            key: key.to_string(),
+            reason: "no manifest: the checkpoint was never committed".into(),
+        })?;
+    let mut name = dest.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".partial");
+    let staging = dest.with_file_name(name);
+    remove_dir_if_any(&staging)?;
+    std::fs::create_dir_all(&staging).map_err(|e| CoreError::io(&staging, e))?;
+    for f in &manifest.files {
+        if let Err(e) = download_verified(storage, &base, f, Some(&staging.join(&f.path))).await {
+            remove_dir_if_any(&staging)?;
+            return Err(e);
+        }
+    }
+    std::fs::rename(&staging, dest).map_err(|e| CoreError::io(dest, e))?;
+    Ok(manifest)
+}
+
 fn staging_dir(dest: &FsPath) -> PathBuf {
     let mut name = dest.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(".restoring");

@@ -118,6 +118,22 @@ pub trait Searcher: Send + std::fmt::Debug {
     }
     /// The state to persist; `build` with it yields an equivalent searcher.
     fn save(&self) -> serde_json::Value;
+    /// Seeds a new searcher with another experiment's finished trials (their parameters and
+    /// final metric value, as reported), before it suggests anything. Returns whether it used
+    /// them; a searcher that cannot (its state is a schedule, not a model) starts fresh.
+    fn warm_start(&mut self, _prior: &[Prior]) -> bool {
+        false
+    }
+}
+
+/// A finished trial of an earlier experiment, for [`Searcher::warm_start`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prior {
+    /// The trial's id; ids are unique across experiments, so they cannot clash with new trials.
+    pub trial: TrialId,
+    pub params: Params,
+    /// Its final value of the searcher metric (not a loss: the goal is applied by the searcher).
+    pub value: f64,
 }
 
 /// Stands in for a searcher whose saved state could not be read: it never suggests a trial, so

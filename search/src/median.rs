@@ -243,6 +243,10 @@ impl Searcher for MedianStopping {
         self.inner.suggest(trial)
     }
 
+    fn warm_start(&mut self, prior: &[crate::Prior]) -> bool {
+        self.inner.warm_start(prior)
+    }
+
     fn observe(&mut self, event: &SearchEvent) -> Vec<SearchAction> {
         let mut actions = self.inner.observe(event);
         if let (SearchEvent::Reported { trial, value, .. }, Some(at)) = (event, event.resource(self.resource)) {

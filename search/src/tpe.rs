@@ -738,6 +738,21 @@ impl Searcher for TpeSearcher {
     fn save(&self) -> serde_json::Value {
         serde_json::to_value(&self.state).expect("tpe state serialises")
     }
+
+    /// The earlier trials become finished observations of this model: with enough of them it
+    /// skips its random start-up draws. Their ids never meet this experiment's own trials.
+    fn warm_start(&mut self, prior: &[crate::Prior]) -> bool {
+        for p in prior.iter().filter(|p| !p.value.is_nan()) {
+            let l = loss(self.goal, p.value);
+            self.coords.insert(p.trial, self.encode(&p.params));
+            if let Some(old) = self.state.finished.insert(p.trial, l) {
+                self.ranked.remove(&(order_key(old), p.trial));
+            }
+            self.ranked.insert((order_key(l), p.trial));
+            self.state.params.insert(p.trial, p.params.clone());
+        }
+        true
+    }
 }
 
 #[cfg(test)]
@@ -829,6 +844,50 @@ mod tests {
             Suggestion::Create(p) => p,
             other => panic!("tpe always suggests, got {other:?}"),
         }
+    }
+
+    /// A warm start seeds the model with an earlier sweep's results: over many seeds, its
+    /// first draws land near the old best far more often than a cold start's random start-up
+    /// draws do. Deterministic (fixed seeds); the bound leaves a wide margin.
+    #[test]
+    fn a_warm_start_proposes_near_the_old_best_more_often_than_cold() {
+        let mut line = Space::new();
+        line.insert("x".into(), Param::Uniform { min: -5.0, max: 10.0 });
+        let value = |p: &Params| (p["x"].as_f64().unwrap() - 2.0).powi(2);
+        let (mut warm_near, mut cold_near) = (0, 0);
+        for seed in 0..8u64 {
+            // The earlier sweep: 30 random trials with their results; its best lies near x = 2.
+            let old = RandomSearcher::new(line.clone(), 1000 + seed, None).unwrap();
+            let prior: Vec<crate::Prior> = (0..30)
+                .map(|i| {
+                    let params = old.draw(i);
+                    crate::Prior {
+                        trial: TrialId(i + 1),
+                        value: value(&params),
+                        params,
+                    }
+                })
+                .collect();
+            let best = prior.iter().min_by(|a, b| a.value.total_cmp(&b.value)).unwrap().params["x"]
+                .as_f64()
+                .unwrap();
+            let near = |p: &Params| (p["x"].as_f64().unwrap() - best).abs() < 1.5;
+            let mut warm = TpeSearcher::new(line.clone(), seed, Goal::Minimize, settings(), None).unwrap();
+            assert!(warm.warm_start(&prior));
+            // What is saved includes the warm start.
+            let saved = warm.save();
+            let mut warm = TpeSearcher::new(line.clone(), seed, Goal::Minimize, settings(), Some(&saved)).unwrap();
+            let mut cold = TpeSearcher::new(line.clone(), seed, Goal::Minimize, settings(), None).unwrap();
+            for t in 0..10 {
+                warm_near += near(&suggest(&mut warm, 100 + t)) as u32;
+                cold_near += near(&suggest(&mut cold, 100 + t)) as u32;
+            }
+        }
+        // Of 80 draws, a uniform x lands within 1.5 of a point a fifth of the time (about 16).
+        assert!(
+            warm_near >= cold_near * 2 && warm_near >= 40,
+            "warm {warm_near} vs cold {cold_near} of 80 draws near the old best"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod crash;
 mod data_parallel;
 mod fencing;
 mod kubernetes;
+mod lifecycle;
 mod metrics;
 mod output;
 mod paging;

@@ -90,35 +90,9 @@ pub async fn run(cmd: ExperimentCmd, ctx: &Ctx) -> Result<ExitCode, CliError> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        ExperimentCmd::List { output } => {
-            let coord = ctx.connect().await?;
-            let experiments = listing::experiments(&coord, ctx).await?;
-            emit(&match output {
-                Output::Table => render::experiments_table(&experiments),
-                Output::Json => render::json(
-                    &experiments
-                        .iter()
-                        .map(render::experiment_json)
-                        .collect::<serde_json::Value>(),
-                ),
-            })?;
-            Ok(ExitCode::SUCCESS)
-        }
-        ExperimentCmd::Describe { experiment, output } => {
-            let coord = ctx.connect().await?;
-            let req = pb::DescribeExperimentRequest {
-                experiment_id: experiment,
-            };
-            let resp = coord.api().describe_experiment(coord.unary(req)).await?.into_inner();
-            let exp = required(resp.experiment, "experiment")?;
-            emit(&match output {
-                Output::Table => render::experiment_detail(&exp, &resp.spec_yaml),
-                Output::Json => {
-                    render::json(&json!({"experiment": render::experiment_json(&exp), "spec_yaml": resp.spec_yaml}))
-                }
-            })?;
-            Ok(ExitCode::SUCCESS)
-        }
+        // Listing and describing show the lifecycle fields (labels, note, archival, origin).
+        ExperimentCmd::List { output, filter } => super::lifecycle::list(output, filter, ctx).await,
+        ExperimentCmd::Describe { experiment, output } => super::lifecycle::describe(experiment, output, ctx).await,
         ExperimentCmd::Watch { experiment } => {
             let coord = ctx.connect().await?;
             wait_for(&coord, ctx, experiment, Output::Table).await
@@ -153,6 +127,7 @@ pub async fn run(cmd: ExperimentCmd, ctx: &Ctx) -> Result<ExitCode, CliError> {
             emit(&state_change(&exp, output))?;
             Ok(ExitCode::SUCCESS)
         }
+        ExperimentCmd::Lifecycle(cmd) => super::lifecycle::run(cmd, ctx).await,
         ExperimentCmd::Update(UpdateArgs {
             experiment,
             max_trials,

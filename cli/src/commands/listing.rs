@@ -65,12 +65,22 @@ pub async fn trials(
     Ok(all)
 }
 
-/// Every experiment, by id.
-pub async fn experiments(coord: &Coordinator, ctx: &Ctx) -> Result<Vec<pb::Experiment>, CliError> {
+/// Every experiment `filter` selects (its labels and archival; its paging fields are set here),
+/// by id.
+pub async fn experiments(
+    coord: &Coordinator,
+    ctx: &Ctx,
+    filter: pb::ListExperimentsRequest,
+) -> Result<Vec<pb::Experiment>, CliError> {
     let page_size = ctx.page_size();
+    let filter = &filter;
     let pages = follow_pages(
         |page_token| async move {
-            let req = pb::ListExperimentsRequest { page_size, page_token };
+            let req = pb::ListExperimentsRequest {
+                page_size,
+                page_token,
+                ..filter.clone()
+            };
             let resp = coord.api().list_experiments(coord.unary(req)).await?.into_inner();
             Ok((resp.experiments, resp.next_page_token))
         },

@@ -1,11 +1,13 @@
 //! One module per command group. Each command connects only if it needs the coordinator, prints
 //! its result on stdout, and returns the exit code for outcomes that are not errors.
 
+pub(crate) mod checkpoint;
 mod compare;
 mod dataset;
 mod experiment;
 mod export;
 mod health;
+pub(crate) mod lifecycle;
 mod listing;
 mod plot;
 mod search;
@@ -25,6 +27,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     let ctx = Ctx { global: cli.global };
     match cli.command {
         Command::Experiment(cmd) => experiment::run(cmd, &ctx).await,
+        Command::Checkpoint(cmd) => checkpoint::run(cmd, &ctx).await,
         Command::Trial(cmd) => trial::run(cmd, &ctx).await,
         Command::Compare(args) => compare::run(args, &ctx).await,
         Command::Worker(cmd) => worker::run(cmd, &ctx).await,

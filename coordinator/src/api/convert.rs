@@ -39,6 +39,11 @@ pub fn experiment(st: &State, id: ExperimentId) -> Option<pb::Experiment> {
         ended_unix_ms: e.ended_ms,
         storage: e.storage.clone(),
         message: e.message.clone(),
+        labels: e.lifecycle.labels.clone().into_iter().collect(),
+        note: e.lifecycle.note.clone(),
+        archived: e.lifecycle.archived,
+        deleting: e.lifecycle.deleting.is_some(),
+        continued_from: e.lifecycle.continued_from.map(|o| o.0),
     })
 }
 

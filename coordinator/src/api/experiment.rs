@@ -116,8 +116,23 @@ impl ExperimentService for ExperimentApi {
         let listing = paging::Listing::Experiments;
         let after = listing.parse_token(&req.page_token)?.map(ExperimentId);
         let size = paging::page_size(req.page_size);
+        let labels: std::collections::BTreeMap<String, String> = req.labels.into_iter().collect();
+        let archived = pb::ArchiveFilter::try_from(req.archived)
+            .map_err(|_| CoordError::InvalidArgument(format!("archived: unknown filter {}", req.archived)))?;
         let st = self.coord.lock();
-        let page = paging::page(listing, paging::keys_after(&st.experiments, after), size, |id| id.0);
+        // Filtered in the walk, so a page holds `size` matches and its token stays an id.
+        let matching = paging::keys_after(&st.experiments, after).filter(|id| {
+            st.experiments.get(id).is_some_and(|e| {
+                let l = &e.lifecycle;
+                let shown = match archived {
+                    pb::ArchiveFilter::Unarchived => !l.archived,
+                    pb::ArchiveFilter::Archived => l.archived,
+                    pb::ArchiveFilter::All => true,
+                };
+                shown && l.matches(&labels)
+            })
+        });
+        let page = paging::page(listing, matching, size, |id| id.0);
         let experiments = page.ids.iter().filter_map(|id| convert::experiment(&st, *id)).collect();
         Ok(Response::new(pb::ListExperimentsResponse {
             experiments,

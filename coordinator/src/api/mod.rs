@@ -4,8 +4,10 @@
 pub mod auth;
 pub mod convert;
 mod experiment;
+mod lifecycle;
 pub mod paging;
 mod worker;
 
 pub use experiment::ExperimentApi;
+pub use lifecycle::LifecycleApi;
 pub use worker::WorkerApi;

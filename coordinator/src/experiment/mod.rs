@@ -3,6 +3,7 @@
 //! create trials, when it is done. The state module applies these rules under its lock.
 
 pub mod journal;
+pub mod lifecycle;
 
 use crate::store::{ExperimentRow, SearcherRecord, SearcherWrite};
 use chorus_core::convert::ExperimentState;
@@ -39,6 +40,8 @@ pub struct Experiment {
     pub created_trials: u64,
     /// Trials of this experiment, in creation order.
     pub trials: Vec<TrialId>,
+    /// Labels, note, archival and deletion marks.
+    pub lifecycle: lifecycle::Lifecycle,
 }
 
 /// The journal of one searcher, as far as the store knows it.
@@ -85,6 +88,7 @@ impl Experiment {
             exhausted: false,
             created_trials: 0,
             trials: Vec::new(),
+            lifecycle: Default::default(),
             spec,
         }
     }
@@ -152,6 +156,7 @@ impl Experiment {
             exhausted: false,
             created_trials: row.created_trials,
             trials: Vec::new(),
+            lifecycle: row.lifecycle,
             spec,
         })
     }
@@ -203,6 +208,7 @@ impl Experiment {
         exp.max_failed_trials = row.max_failed_trials;
         exp.exhausted = true;
         exp.created_trials = row.created_trials;
+        exp.lifecycle = row.lifecycle;
         exp.searcher = Box::new(search::Unreadable);
         // The experiment fails with the reason when its state loads.
         exp.unreadable_searcher = Some(UnreadableSearcher {
@@ -227,7 +233,28 @@ impl Experiment {
             parallel_trials: self.parallel_trials,
             max_failed_trials: self.max_failed_trials,
             created_trials: self.created_trials,
+            lifecycle: self.lifecycle.clone(),
         }
+    }
+
+    /// Seeds a new experiment's searcher with an earlier experiment's finished trials; its
+    /// first saved state (not yet written) then includes them. Whether the searcher used them.
+    pub fn warm_start(&mut self, prior: &[search::Prior]) -> bool {
+        if !self.searcher.warm_start(prior) {
+            return false;
+        }
+        let state = self.searcher.save().to_string();
+        self.log = SearcherLog {
+            seq: 0,
+            since_snapshot: 0,
+            snapshot_bytes: state.len(),
+            writes: vec![SearcherWrite::Snapshot {
+                experiment: self.id,
+                seq: 0,
+                state,
+            }],
+        };
+        true
     }
 
     /// Asks the searcher for a new trial's parameters.

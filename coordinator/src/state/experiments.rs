@@ -7,6 +7,57 @@ use chorus_core::spec::ValidSpec;
 impl State {
     pub fn add_experiment(&mut self, id: ExperimentId, spec: ValidSpec, storage: String) -> ExperimentId {
         let exp = Experiment::new(id, spec, storage, self.clock.now_ms());
+        self.insert_experiment(exp)
+    }
+
+    /// Adds an experiment that continues `origin`, its searcher warm-started with `origin`'s
+    /// finished trials when it can use them; says how it started.
+    pub fn add_continued_experiment(
+        &mut self,
+        id: ExperimentId,
+        spec: ValidSpec,
+        storage: String,
+        origin: ExperimentId,
+    ) -> Result<String> {
+        let prior = self.finished_trials(origin)?;
+        let mut exp = Experiment::new(id, spec, storage, self.clock.now_ms());
+        exp.lifecycle.continued_from = Some(origin);
+        let searcher = exp.spec.spec.searcher.name.as_str();
+        let message = if prior.is_empty() {
+            format!("experiment {origin} has no finished trial with a value: the {searcher} searcher starts fresh")
+        } else if exp.warm_start(&prior) {
+            format!(
+                "the {searcher} searcher is warm-started with {} finished trial(s) of experiment {origin}",
+                prior.len()
+            )
+        } else {
+            format!("the {searcher} searcher cannot be warm-started: it starts fresh")
+        };
+        self.insert_experiment(exp);
+        Ok(message)
+    }
+
+    /// An experiment's completed trials that have a value of its searcher metric, in creation
+    /// order: what a continuation's searcher learns from.
+    pub fn finished_trials(&self, id: ExperimentId) -> Result<Vec<chorus_search::Prior>> {
+        let exp = self.experiment(id)?;
+        Ok(exp
+            .trials
+            .iter()
+            .filter_map(|t| self.trials.get(t))
+            .filter(|t| t.state == TrialState::Completed)
+            .filter_map(|t| {
+                Some(chorus_search::Prior {
+                    trial: t.id,
+                    params: t.params.clone(),
+                    value: t.best_value.filter(|v| !v.is_nan())?,
+                })
+            })
+            .collect())
+    }
+
+    fn insert_experiment(&mut self, exp: Experiment) -> ExperimentId {
+        let id = exp.id;
         self.experiments.insert(id, exp);
         self.counts.insert(id, Counts::default());
         self.created_experiments.insert(id);

@@ -15,6 +15,7 @@
 //! its [`Clock`], never from the system directly.
 
 mod experiments;
+mod lifecycle;
 mod placement;
 mod reconcile;
 mod rendezvous;
@@ -22,6 +23,7 @@ mod reports;
 mod trials;
 mod workers;
 
+pub use lifecycle::DeletePlan;
 pub use workers::WorkerSummary;
 
 use crate::clock::Clock;
@@ -139,6 +141,8 @@ pub struct State {
     /// The store's writer; absent until [`State::attach`] (a state being loaded writes nothing).
     writer: Option<Writer>,
     cluster_id: String,
+    /// Experiments removed since the last flush, whose rows the next commit deletes.
+    removed_experiments: Vec<ExperimentId>,
 }
 
 impl State {
@@ -175,6 +179,7 @@ impl State {
             placement_due: true,
             writer: None,
             cluster_id: store.cluster_id().to_string(),
+            removed_experiments: Vec::new(),
         };
         st.reload(store)?;
         Ok(st)
@@ -289,6 +294,7 @@ impl State {
         self.dirty_trials.clear();
         self.attempts.clear();
         self.epoch_writes.clear();
+        self.removed_experiments.clear();
         self.outbox.clear();
         self.changed.clear();
         self.drained_dirty = false;
@@ -363,6 +369,7 @@ impl State {
             attempts: std::mem::take(&mut self.attempts),
             epochs: std::mem::take(&mut self.epoch_writes),
             drained: std::mem::take(&mut self.drained_dirty).then(|| self.drained.iter().cloned().collect()),
+            removed_experiments: std::mem::take(&mut self.removed_experiments),
         };
         self.created_experiments.clear();
         self.dirty_experiments.clear();

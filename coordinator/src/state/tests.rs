@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::api::convert;
+use crate::experiment::lifecycle::Deletion;
 use crate::rendezvous::Joined;
 use crate::store::Store;
 use chorus_core::spec;
@@ -727,6 +728,9 @@ fn a_version_one_store_is_migrated() {
         "ALTER TABLE trials DROP COLUMN live_ranks; ALTER TABLE trials DROP COLUMN data_position;
          ALTER TABLE trials DROP COLUMN exploit_from; ALTER TABLE trials DROP COLUMN checkpoint_attempt;
          ALTER TABLE trials DROP COLUMN acked_metrics;
+         ALTER TABLE experiments DROP COLUMN labels; ALTER TABLE experiments DROP COLUMN note;
+         ALTER TABLE experiments DROP COLUMN archived; ALTER TABLE experiments DROP COLUMN deleting;
+         ALTER TABLE experiments DROP COLUMN continued_from;
          UPDATE experiments SET searcher_state = (SELECT state FROM searcher_snapshots WHERE experiment_id = experiments.id);
          DROP TABLE searcher_snapshots; DROP TABLE searcher_journal;
          CREATE TABLE metrics (trial_id INTEGER NOT NULL, attempt INTEGER NOT NULL, seq INTEGER NOT NULL, step INTEGER,
@@ -1417,4 +1421,235 @@ fn ranks_waiting_counts_unplaced_demand() {
     // A paused experiment wants nothing placed.
     st.pause(exp).unwrap();
     assert_eq!(st.gauges().ranks_waiting, 0);
+}
+
+fn rows_of(db: &std::path::Path, exp: ExperimentId) -> Vec<i64> {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let id = exp.0 as i64;
+    [
+        "SELECT COUNT(*) FROM experiments WHERE id = ?1",
+        "SELECT COUNT(*) FROM trials WHERE experiment_id = ?1",
+        "SELECT COUNT(*) FROM attempts WHERE trial_id IN (SELECT id FROM trials WHERE experiment_id = ?1)",
+        "SELECT COUNT(*) FROM searcher_snapshots WHERE experiment_id = ?1",
+        "SELECT COUNT(*) FROM searcher_journal WHERE experiment_id = ?1",
+    ]
+    .iter()
+    .map(|q| conn.query_row(q, [id], |r| r.get(0)).unwrap())
+    .collect()
+}
+
+/// Labels, notes and archival are kept across a restart, refused past their bounds with the
+/// field named, and archival waits for the experiment to end.
+#[test]
+fn labels_notes_and_archival_are_bounded_and_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp;
+    {
+        let h = open(dir.path(), 10_000);
+        let mut st = h.lock();
+        exp = st.reserve_experiment_id();
+        st.add_experiment(exp, grid_spec(""), "memory://t".into());
+        let add = BTreeMap::from([
+            ("team".to_string(), "vision".to_string()),
+            ("run/kind".into(), "sweep".into()),
+        ]);
+        st.label(exp, &add, &[]).unwrap();
+        st.set_note(exp, "first try: lr too high").unwrap();
+        st.commit().unwrap();
+        let bad = BTreeMap::from([("Bad Key".to_string(), "v".to_string())]);
+        let s = tonic::Status::from(st.label(exp, &bad, &[]).unwrap_err());
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        let details = tonic_types::StatusExt::get_error_details(&s);
+        let violations = details.bad_request().unwrap().field_violations.clone();
+        assert_eq!(violations[0].field, "labels.Bad Key");
+        let (code, message) = code_and_message(st.set_note(exp, &"n".repeat(4097)).unwrap_err());
+        assert_eq!(code, tonic::Code::InvalidArgument);
+        assert!(message.starts_with("note:"), "{message}");
+        let (code, message) = code_and_message(st.archive(exp, false).unwrap_err());
+        assert_eq!(code, tonic::Code::FailedPrecondition);
+        assert!(message.contains("active"), "{message}");
+        st.kill(exp).unwrap();
+        st.archive(exp, false).unwrap();
+        st.label(exp, &BTreeMap::new(), &["team".into()]).unwrap();
+        st.commit().unwrap();
+    }
+    let h = open(dir.path(), 10_000);
+    let st = h.lock();
+    let l = &st.experiments[&exp].lifecycle;
+    assert_eq!(
+        l.labels,
+        BTreeMap::from([("run/kind".to_string(), "sweep".to_string())])
+    );
+    assert_eq!(l.note, "first try: lr too high");
+    assert!(l.archived);
+    let pb = convert::experiment(&st, exp).unwrap();
+    assert!(pb.archived);
+    assert_eq!(pb.labels.get("run/kind").map(String::as_str), Some("sweep"));
+}
+
+/// A deletion is refused while its experiment runs or has a live attempt; once begun it is
+/// marked durably (a restart finds it), and finished it removes every row of the experiment and
+/// nothing of another.
+#[test]
+fn a_deletion_is_refused_while_running_marked_durably_and_removes_only_its_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db");
+    let (exp, other);
+    {
+        let h = open(dir.path(), 10_000);
+        let mut st = h.lock();
+        exp = st.reserve_experiment_id();
+        st.add_experiment(exp, grid_spec(""), "memory://t".into());
+        other = st.reserve_experiment_id();
+        st.add_experiment(other, grid_spec(""), "memory://t".into());
+        let (_, mut rx) = join(&mut st, "w1", 1, vec![]);
+        let a = assignments(&mut rx).remove(0);
+        let running = TrialId(a.trial_id);
+        finish(&mut st, "w1", &a, pb::ExitKind::Succeeded).unwrap();
+        let next = assignments(&mut rx);
+        assert!(!next.is_empty(), "another trial was placed");
+        let (code, message) = code_and_message(st.begin_delete(exp, Deletion::All).unwrap_err());
+        assert_eq!(code, tonic::Code::FailedPrecondition);
+        assert!(message.contains("it is active"), "{message}");
+        st.kill(exp).unwrap();
+        st.commit().unwrap();
+        assert!(
+            st.trials
+                .values()
+                .filter(|t| t.experiment == exp)
+                .all(|t| t.live.is_none())
+        );
+        let plan = st.begin_delete(exp, Deletion::All).unwrap();
+        assert!(plan.trials.contains(&running));
+        st.commit().unwrap();
+        // A partial deletion cannot take over from a full one.
+        assert!(st.begin_delete(exp, Deletion::KeepBest(1)).is_err());
+    }
+    let h = open(dir.path(), 10_000);
+    let mut st = h.lock();
+    assert_eq!(st.unfinished_deletions(), vec![(exp, Deletion::All)]);
+    assert!(convert::experiment(&st, exp).unwrap().deleting);
+    st.finish_delete(exp, Deletion::All).unwrap();
+    st.commit().unwrap();
+    assert!(st.experiment(exp).is_err());
+    assert!(st.trials.values().all(|t| t.experiment != exp));
+    assert_eq!(rows_of(&db, exp), vec![0, 0, 0, 0, 0]);
+    let kept = rows_of(&db, other);
+    assert_eq!(kept[0], 1);
+    assert!(kept[1] > 0 && kept[3] == 1, "{kept:?}");
+    drop(st);
+    drop(h);
+    let h = open(dir.path(), 10_000);
+    let st = h.lock();
+    assert!(st.experiment(exp).is_err());
+    assert!(st.experiment(other).is_ok());
+    assert!(st.unfinished_deletions().is_empty());
+}
+
+/// `--keep-best N` keeps the checkpoints of the N best trials by the experiment's goal, and the
+/// experiment itself.
+#[test]
+fn keep_best_ranks_trials_by_the_goal() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(dir.path(), 10_000);
+    let mut st = h.lock();
+    let exp = st.reserve_experiment_id();
+    st.add_experiment(exp, grid_spec("max_trials: 6\n"), "memory://t".into());
+    let (_, mut rx) = join(&mut st, "w1", 2, vec![]);
+    loop {
+        let batch = assignments(&mut rx);
+        if batch.is_empty() {
+            break;
+        }
+        for a in batch {
+            finish(&mut st, "w1", &a, pb::ExitKind::Succeeded).unwrap();
+        }
+    }
+    assert_eq!(st.experiments[&exp].state, ExperimentState::Completed);
+    let plan = st.begin_delete(exp, Deletion::KeepBest(2)).unwrap();
+    // loss = a * b: the two best are (1, 10) = 10 and (2, 10) = 20.
+    let kept: Vec<f64> = plan.keep.iter().map(|t| st.trials[t].best_value.unwrap()).collect();
+    assert_eq!(kept, vec![10.0, 20.0]);
+    assert_eq!(plan.trials.len(), 6);
+    st.finish_delete(exp, Deletion::KeepBest(2)).unwrap();
+    st.commit().unwrap();
+    assert!(st.experiments[&exp].lifecycle.deleting.is_none());
+}
+
+/// A continuation starts from the old spec; its searcher learns from the old finished trials
+/// when it can (TPE, random) and says when it cannot (grid); its origin is kept.
+#[test]
+fn a_continuation_names_its_origin_and_how_its_searcher_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let specs: BTreeMap<&str, ValidSpec> = searcher_specs().into_iter().collect();
+    let mut continued = Vec::new();
+    {
+        let h = open(dir.path(), 10_000);
+        let mut st = h.lock();
+        let (_, mut rx) = join(&mut st, "w1", 4, vec![]);
+        for name in ["tpe", "random", "grid"] {
+            let exp = st.reserve_experiment_id();
+            st.add_experiment(exp, specs[name].clone(), "memory://t".into());
+            st.commit().unwrap();
+            loop {
+                let batch = assignments(&mut rx);
+                if batch.is_empty() {
+                    break;
+                }
+                for a in batch {
+                    finish(&mut st, "w1", &a, pb::ExitKind::Succeeded).unwrap();
+                }
+            }
+            assert_eq!(st.finished_trials(exp).unwrap().len(), 6, "{name}");
+            let id = st.reserve_experiment_id();
+            let message = st
+                .add_continued_experiment(id, specs[name].clone(), "memory://t".into(), exp)
+                .unwrap();
+            st.commit().unwrap();
+            if name == "grid" {
+                assert!(message.contains("starts fresh"), "{message}");
+            } else {
+                assert!(message.contains("warm-started with 6 finished trial(s)"), "{message}");
+            }
+            continued.push((id, exp));
+            // Nothing of the continuation runs here: the worker's slots go to the next sweep.
+            st.kill(id).unwrap();
+            st.commit().unwrap();
+            let _ = assignments(&mut rx);
+        }
+    }
+    let h = open(dir.path(), 10_000);
+    let st = h.lock();
+    for (id, origin) in continued {
+        assert_eq!(convert::experiment(&st, id).unwrap().continued_from, Some(origin.0));
+        assert!(st.experiments[&id].unreadable_searcher.is_none());
+    }
+}
+
+/// A store of schema 6 gains the lifecycle columns, empty.
+#[test]
+fn a_version_six_store_gains_lifecycle_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp;
+    {
+        let h = open(dir.path(), 10_000);
+        let mut st = h.lock();
+        exp = st.reserve_experiment_id();
+        st.add_experiment(exp, grid_spec(""), "memory://t".into());
+        st.commit().unwrap();
+    }
+    let conn = rusqlite::Connection::open(dir.path().join("db")).unwrap();
+    conn.execute_batch(
+        "ALTER TABLE experiments DROP COLUMN labels; ALTER TABLE experiments DROP COLUMN note;
+         ALTER TABLE experiments DROP COLUMN archived; ALTER TABLE experiments DROP COLUMN deleting;
+         ALTER TABLE experiments DROP COLUMN continued_from;
+         UPDATE meta SET value = '6' WHERE key = 'schema_version';",
+    )
+    .unwrap();
+    drop(conn);
+    let h = open(dir.path(), 10_000);
+    let mut st = h.lock();
+    assert_eq!(st.experiments[&exp].lifecycle, Default::default());
+    st.set_note(exp, "after the upgrade").unwrap();
+    st.commit().unwrap();
 }

@@ -25,13 +25,14 @@ pub mod writer;
 pub const DB_FILE: &str = "chorus.db";
 
 use crate::cluster::WorkerEpoch;
+use crate::experiment::lifecycle::{Deletion, Lifecycle};
 use crate::trial::{Live, RankLive, TrialRecord};
 use chorus_core::convert::{ExperimentState, TrialState};
 use chorus_core::{ExperimentId, TrialId, WorkerId};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
 
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 
 /// Brings a store of an older schema up to [`SCHEMA_VERSION`], one step at a time.
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -64,7 +65,16 @@ const MIGRATIONS: &[(i64, &str)] = &[
         "CREATE TABLE IF NOT EXISTS worker_epochs (worker_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, instance TEXT NOT NULL,
          registered_ms INTEGER NOT NULL);",
     ),
+    // Experiment lifecycle: labels, a note, archival, a deletion in progress, and the
+    // experiment a continued one came from.
+    (6, LIFECYCLE_COLUMNS),
 ];
+
+const LIFECYCLE_COLUMNS: &str = "ALTER TABLE experiments ADD COLUMN labels TEXT NOT NULL DEFAULT '';
+     ALTER TABLE experiments ADD COLUMN note TEXT NOT NULL DEFAULT '';
+     ALTER TABLE experiments ADD COLUMN archived INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE experiments ADD COLUMN deleting TEXT NOT NULL DEFAULT '';
+     ALTER TABLE experiments ADD COLUMN continued_from INTEGER;";
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -82,7 +92,14 @@ CREATE TABLE IF NOT EXISTS experiments (
     max_failed_trials INTEGER,
     -- Unused since searcher state has tables of its own; kept so older stores need no rewrite.
     searcher_state TEXT NOT NULL DEFAULT '',
-    created_trials INTEGER NOT NULL DEFAULT 0
+    created_trials INTEGER NOT NULL DEFAULT 0,
+    -- Labels as a JSON object; empty when none.
+    labels TEXT NOT NULL DEFAULT '',
+    note TEXT NOT NULL DEFAULT '',
+    archived INTEGER NOT NULL DEFAULT 0,
+    -- A deletion begun and not finished: 'all' or 'keep-best:N'; empty when none.
+    deleting TEXT NOT NULL DEFAULT '',
+    continued_from INTEGER
 );
 CREATE TABLE IF NOT EXISTS trials (
     id INTEGER PRIMARY KEY,
@@ -171,6 +188,7 @@ pub struct ExperimentRow {
     pub parallel_trials: u32,
     pub max_failed_trials: Option<u64>,
     pub created_trials: u64,
+    pub lifecycle: Lifecycle,
 }
 
 /// A searcher's saved state as stored: the newest snapshot and the calls made since, kept as
@@ -221,6 +239,8 @@ pub struct Batch {
     pub epochs: Vec<WorkerEpoch>,
     /// The workers drained of new trials, when the set changed.
     pub drained: Option<Vec<WorkerId>>,
+    /// Experiments whose rows go, with their trials, attempts and searcher state.
+    pub removed_experiments: Vec<ExperimentId>,
 }
 
 impl Batch {
@@ -231,6 +251,7 @@ impl Batch {
             && self.attempts.is_empty()
             && self.epochs.is_empty()
             && self.drained.is_none()
+            && self.removed_experiments.is_empty()
     }
 }
 
@@ -396,7 +417,8 @@ impl Store {
     pub fn load_experiments(&self) -> rusqlite::Result<Vec<ExperimentRow>> {
         let mut stmt = self.conn.prepare(
             "SELECT id, name, spec_yaml, state, storage, created_ms, ended_ms, message, max_trials, parallel_trials,
-                    max_failed_trials, created_trials FROM experiments ORDER BY id",
+                    max_failed_trials, created_trials, labels, note, archived, deleting, continued_from
+             FROM experiments ORDER BY id",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok(ExperimentRow {
@@ -412,6 +434,24 @@ impl Store {
                 parallel_trials: r.get::<_, i64>(9)? as u32,
                 max_failed_trials: r.get::<_, Option<i64>>(10)?.map(|v| v as u64),
                 created_trials: r.get::<_, i64>(11)? as u64,
+                lifecycle: Lifecycle {
+                    labels: {
+                        let text: String = r.get(12)?;
+                        if text.is_empty() {
+                            Default::default()
+                        } else {
+                            serde_json::from_str(&text).map_err(|e| {
+                                rusqlite::Error::FromSqlConversionFailure(12, rusqlite::types::Type::Text, Box::new(e))
+                            })?
+                        }
+                    },
+                    note: r.get(13)?,
+                    archived: r.get::<_, i64>(14)? != 0,
+                    deleting: Deletion::from_stored(&r.get::<_, String>(15)?).map_err(|e| {
+                        rusqlite::Error::FromSqlConversionFailure(15, rusqlite::types::Type::Text, e.into())
+                    })?,
+                    continued_from: r.get::<_, Option<i64>>(16)?.map(|v| ExperimentId(v as u64)),
+                },
             })
         })?;
         rows.collect()
@@ -574,14 +614,23 @@ impl Store {
             // foreign key).
             let mut insert_exp = tx.prepare_cached(
                 "INSERT INTO experiments (id, name, spec_yaml, state, storage, created_ms, ended_ms, message,
-                    max_trials, parallel_trials, max_failed_trials, created_trials)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                    max_trials, parallel_trials, max_failed_trials, created_trials, labels, note, archived, deleting,
+                    continued_from)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
             )?;
             let mut update_exp = tx.prepare_cached(
                 "UPDATE experiments SET state = ?2, ended_ms = ?3, message = ?4, max_trials = ?5, parallel_trials = ?6,
-                    max_failed_trials = ?7, created_trials = ?8 WHERE id = ?1",
+                    max_failed_trials = ?7, created_trials = ?8, labels = ?9, note = ?10, archived = ?11,
+                    deleting = ?12 WHERE id = ?1",
             )?;
             for e in &batch.experiments {
+                let l = &e.lifecycle;
+                let labels = if l.labels.is_empty() {
+                    String::new()
+                } else {
+                    serde_json::to_string(&l.labels).expect("labels serialise")
+                };
+                let deleting = l.deleting.map(|d| d.as_stored()).unwrap_or_default();
                 match &e.spec_yaml {
                     Some(spec) => insert_exp.execute(params![
                         e.id.0 as i64,
@@ -596,6 +645,11 @@ impl Store {
                         e.parallel_trials as i64,
                         e.max_failed_trials.map(|v| v as i64),
                         e.created_trials as i64,
+                        labels,
+                        l.note,
+                        l.archived as i64,
+                        deleting,
+                        l.continued_from.map(|v| v.0 as i64),
                     ])?,
                     None => update_exp.execute(params![
                         e.id.0 as i64,
@@ -606,6 +660,10 @@ impl Store {
                         e.parallel_trials as i64,
                         e.max_failed_trials.map(|v| v as i64),
                         e.created_trials as i64,
+                        labels,
+                        l.note,
+                        l.archived as i64,
+                        deleting,
                     ])?,
                 };
             }
@@ -708,6 +766,18 @@ impl Store {
                     a.ended_ms,
                     a.outcome
                 ])?;
+            }
+            // Last: a removal wins over any update of the same experiment in the batch.
+            for id in &batch.removed_experiments {
+                let id = id.0 as i64;
+                tx.execute(
+                    "DELETE FROM attempts WHERE trial_id IN (SELECT id FROM trials WHERE experiment_id = ?1)",
+                    [id],
+                )?;
+                tx.execute("DELETE FROM trials WHERE experiment_id = ?1", [id])?;
+                tx.execute("DELETE FROM searcher_journal WHERE experiment_id = ?1", [id])?;
+                tx.execute("DELETE FROM searcher_snapshots WHERE experiment_id = ?1", [id])?;
+                tx.execute("DELETE FROM experiments WHERE id = ?1", [id])?;
             }
         }
         tx.commit()

@@ -45,7 +45,8 @@ pub struct Pending {
 
 /// What the writer thread is asked to do, in order.
 enum Job {
-    Commit(Pending),
+    // Boxed: a pending batch is far larger than the other jobs.
+    Commit(Box<Pending>),
     /// Answered once every job before it is done (and a failed commit's reload with it).
     Sync(oneshot::Sender<()>),
     /// Runs on the store: for tests that make it fail.
@@ -151,7 +152,7 @@ impl Writer {
             changes,
             done: Some(done),
         };
-        if self.tx.send(Job::Commit(pending)).is_err() {
+        if self.tx.send(Job::Commit(Box::new(pending))).is_err() {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             let (tx, rx) = oneshot::channel();
             let _ = tx.send(Err(CoordError::CommitFailed {
@@ -212,7 +213,7 @@ impl WriterThread {
                 },
             };
             let first = match job {
-                Job::Commit(p) => p,
+                Job::Commit(p) => *p,
                 Job::Sync(done) => {
                     let _ = done.send(());
                     continue;
@@ -226,7 +227,7 @@ impl WriterThread {
             let mut group = vec![first];
             while group.len() < MAX_GROUP {
                 match self.rx.try_recv() {
-                    Ok(Job::Commit(p)) => group.push(p),
+                    Ok(Job::Commit(p)) => group.push(*p),
                     // Anything else waits for this group's commit.
                     Ok(other) => {
                         next = Some(other);
@@ -362,6 +363,7 @@ fn merge(batches: impl Iterator<Item = Batch>) -> Batch {
         out.searchers.extend(b.searchers);
         out.attempts.extend(b.attempts);
         out.epochs.extend(b.epochs);
+        out.removed_experiments.extend(b.removed_experiments);
         if b.drained.is_some() {
             out.drained = b.drained;
         }

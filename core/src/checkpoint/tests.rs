@@ -339,3 +339,36 @@ async fn discarding_an_abandoned_lineage_spares_the_current_attempt() {
     assert_eq!(discard_before(&s, &prefix, 2).await.unwrap(), 1);
     assert_eq!(list(&s, &prefix).await.unwrap(), vec![at(3, 3), at(2, 2)]);
 }
+
+/// A download is exact: the checkpoint asked for, every file verified, nothing older instead;
+/// a mismatch names the file and leaves neither the directory nor its staging behind.
+#[tokio::test]
+async fn a_download_is_verified_and_never_partial() {
+    let s = mem("ckpt-download");
+    let prefix = Path::from("t/checkpoints");
+    let src = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(src.path().join("sub")).unwrap();
+    std::fs::write(src.path().join("w"), "step 1").unwrap();
+    std::fs::write(src.path().join("sub/x.bin"), [1u8, 2, 3]).unwrap();
+    commit(&s, &prefix, at(1, 1), None, src.path()).await.unwrap().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("ckpt");
+    let m = download(&s, &prefix, at(1, 1), &dest).await.unwrap();
+    assert_eq!(m.files.len(), 2);
+    assert_eq!(std::fs::read_to_string(dest.join("w")).unwrap(), "step 1");
+    assert_eq!(std::fs::read(dest.join("sub/x.bin")).unwrap(), [1, 2, 3]);
+    // Same size, other bytes: the checksum catches it.
+    put(&s, dir_of(&prefix, at(1, 1)).join("w"), "step X").await;
+    let bad = out.path().join("bad");
+    let e = download(&s, &prefix, at(1, 1), &bad).await.unwrap_err();
+    assert!(
+        matches!(&e, CoreError::CorruptCheckpoint { key, reason } if key.ends_with("/w") && reason.contains("crc32c")),
+        "{e}"
+    );
+    assert!(!bad.exists() && !out.path().join("bad.partial").exists());
+    // An uncommitted checkpoint (no manifest) is not downloaded.
+    put(&s, dir_of(&prefix, at(2, 1)).join("w"), "partial").await;
+    let e = download(&s, &prefix, at(2, 1), &bad).await.unwrap_err();
+    assert!(e.to_string().contains("no manifest"), "{e}");
+    assert!(!bad.exists());
+}
