@@ -27,6 +27,22 @@ use chorus_tests::TestCluster;
 use serde_json::Value;
 use std::time::Duration;
 
+/// Writes `yaml` as `name` in the cluster's directory, submits it with `--wait`, asserts it
+/// completed, and returns the experiment id (the cluster's first experiment).
+pub fn submit_and_wait(c: &TestCluster, name: &str, yaml: &str) -> u64 {
+    let spec = c.write(name, yaml);
+    let out = c.chorus(&["experiment", "submit", spec.to_str().unwrap(), "--wait"]);
+    assert!(
+        out.status.success(),
+        "submit --wait failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.logs_tail()
+    );
+    c.chorus_json(&["experiment", "list", "--output", "json"]).unwrap()[0]["id"]
+        .as_u64()
+        .unwrap()
+}
+
 /// Submits a spec file and returns the experiment id.
 pub fn submit(c: &TestCluster, file: &std::path::Path) -> u64 {
     let v = c

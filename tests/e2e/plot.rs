@@ -31,17 +31,7 @@ fn png_size(path: &Path) -> (u32, u32) {
 #[test]
 fn curves_parallel_importance_pareto_and_confusion_of_a_sweep() {
     let c = TestCluster::start(Default::default()).unwrap();
-    let spec = c.write("plot.yaml", SWEEP);
-    let out = c.chorus(&["experiment", "submit", spec.to_str().unwrap(), "--wait"]);
-    assert!(
-        out.status.success(),
-        "submit --wait failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        c.logs_tail()
-    );
-    let id = c.chorus_json(&["experiment", "list", "--output", "json"]).unwrap()[0]["id"]
-        .as_u64()
-        .unwrap();
+    let id = submit_and_wait(&c, "plot.yaml", SWEEP);
     let exp = id.to_string();
     let ts = trials(&c, id);
     assert_eq!(ts.len(), 5);
@@ -213,17 +203,7 @@ trial:
 #[test]
 fn curves_of_an_asha_sweep_mark_its_rungs() {
     let c = TestCluster::start(Default::default()).unwrap();
-    let spec = c.write("asha.yaml", ASHA);
-    let out = c.chorus(&["experiment", "submit", spec.to_str().unwrap(), "--wait"]);
-    assert!(
-        out.status.success(),
-        "submit --wait failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        c.logs_tail()
-    );
-    let id = c.chorus_json(&["experiment", "list", "--output", "json"]).unwrap()[0]["id"]
-        .as_u64()
-        .unwrap();
+    let id = submit_and_wait(&c, "asha.yaml", ASHA);
     let ts = trials(&c, id);
     let dir = tempfile::tempdir().unwrap();
     let svg = dir.path().join("asha.svg");

@@ -23,17 +23,7 @@ fn grid_sweep_completes_and_compare_names_the_best() {
         ..Default::default()
     })
     .unwrap();
-    let spec = c.write("grid.yaml", GRID);
-    let out = c.chorus(&["experiment", "submit", spec.to_str().unwrap(), "--wait"]);
-    assert!(
-        out.status.success(),
-        "submit --wait failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        c.logs_tail()
-    );
-    let id = c.chorus_json(&["experiment", "list", "--output", "json"]).unwrap()[0]["id"]
-        .as_u64()
-        .unwrap();
+    let id = submit_and_wait(&c, "grid.yaml", GRID);
     assert_eq!(experiment(&c, id).unwrap()["state"], "completed");
 
     let ts = trials(&c, id);

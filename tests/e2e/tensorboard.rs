@@ -151,17 +151,7 @@ fn tensorboard_python() -> Option<PathBuf> {
 fn tensorboard_reads_the_exported_scalars_and_hparams() {
     let Some(python) = tensorboard_python() else { return };
     let c = TestCluster::start(ClusterConfig::default()).unwrap();
-    let spec = c.write("tb.yaml", SPEC);
-    let out = c.chorus(&["experiment", "submit", spec.to_str().unwrap(), "--wait"]);
-    assert!(
-        out.status.success(),
-        "submit --wait failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        c.logs_tail()
-    );
-    let id = c.chorus_json(&["experiment", "list", "--output", "json"]).unwrap()[0]["id"]
-        .as_u64()
-        .unwrap();
+    let id = submit_and_wait(&c, "tb.yaml", SPEC);
     let ts = trials(&c, id);
     assert_eq!(ts.len(), 6);
 

@@ -31,22 +31,12 @@ impl ExperimentApi {
         ExperimentApi { coord }
     }
 
-    /// Applies one state change to an experiment and answers, once it is durable, with the
-    /// experiment as the change left it.
     async fn change(
         &self,
         id: ExperimentId,
         apply: impl FnOnce(&mut crate::state::State) -> Result<(), CoordError>,
     ) -> Result<Response<pb::Experiment>, Status> {
-        let exp = self
-            .coord
-            .change(|st| {
-                apply(st)?;
-                Ok(convert::experiment(st, id))
-            })
-            .await?;
-        let exp = exp.ok_or_else(|| Status::not_found(format!("experiment {id} does not exist")))?;
-        Ok(Response::new(exp))
+        super::change_experiment(&self.coord, id, apply).await
     }
 }
 
