@@ -13,8 +13,8 @@
 use serde_yaml_ng::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 /// The workspace version: the tag every image in the manifests must carry.
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -744,7 +744,9 @@ fn check_command_line(c: &Container, objects: &[Value], tls: &TlsFiles, problems
             }
         }
         cmd.envs(&env);
-        let out = run_bounded(cmd, Duration::from_secs(60));
+        cmd.stdin(Stdio::null());
+        // Bounded: a binary that ignored `--check-config` would start serving instead of exiting.
+        let out = chorus_tests::output_within(cmd, Duration::from_secs(60)).expect("run the binary");
         if !out.status.success() {
             problems.push(format!(
                 "{}: `{} {}` with {:?} exited {:?}: {}",
@@ -798,7 +800,8 @@ fn check_env_names(c: &Container, inv: &Invocation, objects: &[Value], problems:
     help_args.push("--help");
     let mut cmd = Command::new(chorus_tests::binary(&inv.binary));
     cmd.args(&help_args);
-    let out = run_bounded(cmd, Duration::from_secs(60));
+    cmd.stdin(Stdio::null());
+    let out = chorus_tests::output_within(cmd, Duration::from_secs(60)).expect("run the binary");
     // Help text wraps at spaces: compare with the whitespace folded.
     let help = String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
@@ -810,24 +813,4 @@ fn check_env_names(c: &Container, inv: &Invocation, objects: &[Value], problems:
             problems.push(format!("{}: {} does not read {name}", c.at, inv.binary));
         }
     }
-}
-
-/// Runs `cmd` to completion, killing it after `limit` (a binary that ignores `--check-config`
-/// would start serving instead of exiting).
-fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the binary");
-    let start = Instant::now();
-    while child.try_wait().expect("wait for the binary").is_none() {
-        if start.elapsed() > limit {
-            child.kill().ok();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("collect the binary's output")
 }

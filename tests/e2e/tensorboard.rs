@@ -156,31 +156,22 @@ fn tensorboard_reads_the_exported_scalars_and_hparams() {
     assert_eq!(ts.len(), 6);
 
     let logdir = c.dir.path().join("tb");
-    let out = c.chorus(&[
-        "export",
-        "tensorboard",
-        &id.to_string(),
-        "--out",
-        logdir.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "export failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // Exporting again replaces the files rather than adding to them (each point would show twice).
-    let out = c.chorus(&[
-        "export",
-        "tensorboard",
-        &id.to_string(),
-        "--out",
-        logdir.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "second export failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Exported twice: the second export replaces the files rather than adding to them (each
+    // point would show twice).
+    for pass in ["first", "second"] {
+        let out = c.chorus(&[
+            "export",
+            "tensorboard",
+            &id.to_string(),
+            "--out",
+            logdir.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{pass} export failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 
     let script = c.write("read_tb.py", READER);
     let out = Command::new(&python).arg(&script).arg(&logdir).output().unwrap();

@@ -56,7 +56,7 @@ pub struct DockerConfig {
     /// Serve gRPC over TLS: a CA and a server certificate for the coordinator's address are
     /// made for the cluster, and workers and the CLI trust that CA (`CHORUS_CA`) and use
     /// `https://`. Without it the coordinator is told it may serve plaintext off loopback
-    /// (`--insecure`, where its binary has that flag).
+    /// (`--insecure`).
     pub tls: bool,
     /// More environment for every worker (e.g. `CHORUS_COLLECTIVE_TIMEOUT`).
     pub worker_env: Vec<(String, String)>,
@@ -137,9 +137,6 @@ pub struct DockerCluster {
     pub dir: tempfile::TempDir,
     /// The container that holds the shared volume for reading and copying its files.
     files: String,
-    /// Whether the coordinator binary knows `--insecure` (required off loopback without TLS
-    /// once it has it).
-    insecure_flag: bool,
 }
 
 /// Why docker cannot be used here, if it cannot.
@@ -335,7 +332,6 @@ impl DockerCluster {
             tls: None,
             dir: tempfile::Builder::new().prefix("chorus-e2e-docker-").tempdir()?,
             files: format!("{name}-files"),
-            insecure_flag: false,
             name,
         };
         c.create_network()?;
@@ -393,19 +389,6 @@ impl DockerCluster {
         if c.config.tls {
             c.tls = Some(Tls::generate(c.coordinator_ip(), &["coordinator"])?);
         }
-        let help = docker_ok(&[
-            "run",
-            "--rm",
-            "--network",
-            "none",
-            "--label",
-            LABEL,
-            "--label",
-            &c.pid_label(),
-            &coordinator_image(),
-            "--help",
-        ])?;
-        c.insecure_flag = help.contains("--insecure");
         c.run_coordinator()?;
         for i in 0..c.config.workers {
             c.run_worker(i)?;
@@ -510,19 +493,12 @@ impl DockerCluster {
         format!("{scheme}://{}:{COORDINATOR_PORT}", self.coordinator_ip())
     }
 
-    /// `docker run` arguments every container of the cluster shares.
-    fn run_args(&self, short: &str) -> Vec<String> {
+    /// `docker run` arguments every container of the cluster shares, long-running or one-off:
+    /// its network, labels (for the clean-up), the shared volume and the TLS files.
+    fn attached(&self) -> Vec<String> {
         let mut a: Vec<String> = [
-            "run",
-            "-d",
-            "--name",
-            &self.container(short),
-            "--hostname",
-            short,
             "--network",
             &self.name,
-            "--ip",
-            &self.ip_of(short).to_string(),
             "--label",
             LABEL,
             "--label",
@@ -533,8 +509,6 @@ impl DockerCluster {
             "--no-healthcheck",
             "-v",
             &format!("{}:{SHARED}", self.shared_volume()),
-            "-e",
-            "RUST_LOG=info",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -542,6 +516,27 @@ impl DockerCluster {
         if let Some(t) = &self.tls {
             a.extend(["-v".into(), format!("{}:{TLS_DIR}:ro", t.dir.path().display())]);
         }
+        a
+    }
+
+    /// `docker run` arguments of one of the cluster's long-running containers.
+    fn run_args(&self, short: &str) -> Vec<String> {
+        let mut a: Vec<String> = [
+            "run",
+            "-d",
+            "--name",
+            &self.container(short),
+            "--hostname",
+            short,
+            "--ip",
+            &self.ip_of(short).to_string(),
+            "-e",
+            "RUST_LOG=info",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(self.attached());
         a
     }
 
@@ -573,7 +568,7 @@ impl DockerCluster {
                 "--tls-key".into(),
                 format!("{TLS_DIR}/server.key"),
             ]);
-        } else if self.insecure_flag {
+        } else {
             a.push("--insecure".into());
         }
         a.extend(self.config.coordinator_args.iter().cloned());
@@ -702,41 +697,22 @@ impl DockerCluster {
 
     /// Runs the CLI on the host and parses its stdout as JSON, failing on a non-zero exit.
     pub fn chorus_json(&self, args: &[&str]) -> Result<serde_json::Value> {
-        parse_json(args, self.chorus(args))
+        crate::cli_json(args, self.chorus(args))
     }
 
     /// Runs the CLI in a one-off container on the cluster's network (the coordinator image),
     /// with the shared volume mounted at [`SHARED`].
     pub fn chorus_in_container(&self, args: &[&str]) -> Result<Output> {
-        let mut a: Vec<String> = [
-            "run",
-            "--rm",
-            "--network",
-            &self.name,
-            "--label",
-            LABEL,
-            "--label",
-            &self.pid_label(),
-            "--label",
-            &self.cluster_label(),
-            "--no-healthcheck",
-            "-v",
-            &format!("{}:{SHARED}", self.shared_volume()),
-            "-e",
-            &format!("CHORUS_COORDINATOR={}", self.url()),
-            "-e",
-            &format!("CHORUS_TOKEN={}", self.auth.user),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        if let Some(t) = &self.tls {
-            a.extend([
-                "-v".into(),
-                format!("{}:{TLS_DIR}:ro", t.dir.path().display()),
-                "-e".into(),
-                format!("CHORUS_CA={TLS_DIR}/ca.pem"),
-            ]);
+        let mut a: Vec<String> = vec!["run".into(), "--rm".into()];
+        a.extend(self.attached());
+        a.extend([
+            "-e".into(),
+            format!("CHORUS_COORDINATOR={}", self.url()),
+            "-e".into(),
+            format!("CHORUS_TOKEN={}", self.auth.user),
+        ]);
+        if self.tls.is_some() {
+            a.extend(["-e".into(), format!("CHORUS_CA={TLS_DIR}/ca.pem")]);
         }
         a.extend(["--entrypoint".into(), "chorus".into(), coordinator_image()]);
         a.extend(args.iter().map(|s| s.to_string()));
@@ -745,7 +721,7 @@ impl DockerCluster {
 
     /// [`DockerCluster::chorus_in_container`], its stdout parsed as JSON.
     pub fn chorus_json_in_container(&self, args: &[&str]) -> Result<serde_json::Value> {
-        parse_json(args, self.chorus_in_container(args)?)
+        crate::cli_json(args, self.chorus_in_container(args)?)
     }
 
     /// Writes a file into the host scratch directory and returns its path.
@@ -833,22 +809,6 @@ impl DockerCluster {
         }
         out
     }
-}
-
-fn parse_json(args: &[&str], out: Output) -> Result<serde_json::Value> {
-    if !out.status.success() {
-        bail!(
-            "chorus {args:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "chorus {args:?} printed no JSON: {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
 }
 
 impl Drop for DockerCluster {

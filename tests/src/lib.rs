@@ -32,6 +32,23 @@ pub fn bin_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// The JSON a `chorus ARGS` run printed, or an error naming the command and what it said.
+pub fn cli_json(args: &[&str], out: Output) -> Result<serde_json::Value> {
+    if !out.status.success() {
+        bail!(
+            "chorus {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "chorus {args:?} printed no JSON: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
 /// Polls `cond` on `subject` every `every` until it holds or `timeout` passes; the timeout's
 /// error names `what`, the condition's last error and what `context` tells (the logs' tails).
 pub fn poll_until<S>(
@@ -498,20 +515,7 @@ impl TestCluster {
 
     /// Runs the CLI and parses its stdout as JSON, failing on a non-zero exit.
     pub fn chorus_json(&self, args: &[&str]) -> Result<serde_json::Value> {
-        let out = self.chorus(args);
-        if !out.status.success() {
-            bail!(
-                "chorus {args:?} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        serde_json::from_slice(&out.stdout).with_context(|| {
-            format!(
-                "chorus {args:?} printed no JSON: {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
+        cli_json(args, self.chorus(args))
     }
 
     /// Writes a file into the cluster's directory and returns its path.

@@ -392,10 +392,7 @@ impl Agent {
         {
             warn!(budget = ?stopping, "some trials had not finished stopping; leaving them to the guardian");
         }
-        WorkerError::Fenced {
-            worker_id: self.worker_id.clone(),
-            message,
-        }
+        self.fenced_error()
     }
 
     /// Called with the refusal of a call made under `epoch`: true when it means this process

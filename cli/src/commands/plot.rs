@@ -272,8 +272,7 @@ fn trial_value(t: &pb::Trial, resp: &pb::ListTrialsResponse, metric: &str) -> Op
     if metric == resp.metric {
         return t.best_value.filter(|v| v.is_finite());
     }
-    let last: serde_json::Value = serde_json::from_str(&t.last_metrics_json).ok()?;
-    last.get(metric)?.as_f64().filter(|v| v.is_finite())
+    crate::rank::last_metric(t, metric).filter(|v| v.is_finite())
 }
 
 /// A categorical level's name, as the axis lists it.

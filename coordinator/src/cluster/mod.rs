@@ -106,29 +106,23 @@ impl Registry {
             registered_ms: now_ms,
         };
         self.epochs.insert(id.clone(), record.clone());
-        let e = self.workers.entry(id.clone()).or_insert_with(|| WorkerEntry {
-            id,
-            capacity,
-            labels: BTreeMap::new(),
-            address: String::new(),
-            last_seen: now,
-            last_seen_ms: now_ms,
-            registered: true,
-            epoch,
-            instance: String::new(),
-            stream: None,
-            leaving: false,
-        });
-        e.capacity = capacity;
-        e.labels = labels;
-        e.address = address;
-        e.last_seen = now;
-        e.last_seen_ms = now_ms;
-        e.registered = true;
-        e.epoch = epoch;
-        e.instance = instance;
-        e.stream = None;
-        e.leaving = false;
+        // Every field is this registration's: an earlier entry (and its stream) is replaced.
+        self.workers.insert(
+            id.clone(),
+            WorkerEntry {
+                id,
+                capacity,
+                labels,
+                address,
+                last_seen: now,
+                last_seen_ms: now_ms,
+                registered: true,
+                epoch,
+                instance,
+                stream: None,
+                leaving: false,
+            },
+        );
         record
     }
 

@@ -94,12 +94,8 @@ impl State {
                     .collect();
                 // Best first; equal values by trial id, so the choice is deterministic.
                 ranked.sort_by(|a, b| {
-                    let by_value = a.1.partial_cmp(&b.1).expect("NaN filtered out");
-                    let by_goal = match goal {
-                        chorus_core::spec::Goal::Minimize => by_value,
-                        chorus_core::spec::Goal::Maximize => by_value.reverse(),
-                    };
-                    by_goal.then(a.0.cmp(&b.0))
+                    let (la, lb) = (chorus_search::loss(goal, a.1), chorus_search::loss(goal, b.1));
+                    la.total_cmp(&lb).then(a.0.cmp(&b.0))
                 });
                 ranked.into_iter().take(n as usize).map(|(t, _)| t).collect()
             }
