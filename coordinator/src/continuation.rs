@@ -7,11 +7,6 @@ use crate::api::convert;
 use crate::error::{CoordError, Result};
 use chorus_core::{ExperimentId, spec};
 use chorus_proto::pb;
-use object_store::{ObjectStoreExt, PutPayload};
-use std::time::Duration;
-
-/// How long the coordinator waits on object storage to write the new spec.
-const STORAGE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Creates the continuation of `origin`; returns it and how its searcher started.
 pub async fn continue_experiment(
@@ -40,17 +35,7 @@ pub async fn continue_experiment(
     let storage = coord.storage(&uri).await?;
     let id = coord.lock().reserve_experiment_id();
     // As at submit: the spec is in storage before the experiment exists.
-    let key = storage.spec_key(id);
-    let put = storage.store.put(&key, PutPayload::from(stored.into_bytes()));
-    match tokio::time::timeout(STORAGE_TIMEOUT, put).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => return Err(CoordError::storage(&uri, &format!("write {key}"), &e)),
-        Err(_) => {
-            return Err(CoordError::Storage(format!(
-                "storage {uri}: writing {key} got no answer within {STORAGE_TIMEOUT:?}"
-            )));
-        }
-    }
+    coord.store_spec(&storage, &uri, id, stored).await?;
     let (experiment, message) = coord
         .change(|st| {
             let message = st.add_continued_experiment(id, valid, uri, origin)?;

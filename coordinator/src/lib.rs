@@ -46,12 +46,14 @@ use crate::api::auth::{AuthInterceptor, Role};
 use crate::clock::Clock;
 use crate::error::{CoordError, Result};
 use crate::state::{Change, State};
+use chorus_core::ExperimentId;
 use chorus_core::limits::BudgetLimits;
 use chorus_core::storage::{Storage, StorageOptions, StorageUri};
 use chorus_core::storage_policy::{StorageLocation, StoragePolicy};
 use chorus_proto::pb::experiment_lifecycle_service_server::ExperimentLifecycleServiceServer;
 use chorus_proto::pb::experiment_service_server::ExperimentServiceServer;
 use chorus_proto::pb::worker_service_server::WorkerServiceServer;
+use object_store::ObjectStoreExt;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
@@ -254,6 +256,23 @@ impl Coordinator {
             None => self.default_storage.clone(),
         };
         Ok(loc.join(&self.cluster_id).to_uri())
+    }
+
+    /// Writes an experiment's spec to its storage, before the experiment exists: an unreachable
+    /// or stalled store refuses the experiment instead of leaving one that cannot keep records.
+    pub async fn store_spec(&self, storage: &Storage, uri: &str, id: ExperimentId, stored: String) -> Result<()> {
+        const STORAGE_TIMEOUT: Duration = Duration::from_secs(30);
+        let key = storage.spec_key(id);
+        let put = storage
+            .store
+            .put(&key, object_store::PutPayload::from(stored.into_bytes()));
+        match tokio::time::timeout(STORAGE_TIMEOUT, put).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(CoordError::storage(uri, &format!("write {key}"), &e)),
+            Err(_) => Err(CoordError::Storage(format!(
+                "storage {uri}: writing {key} got no answer within {STORAGE_TIMEOUT:?}"
+            ))),
+        }
     }
 
     /// The store a URI names, opened once. Opening may touch the file system (a `file://`

@@ -606,6 +606,16 @@ impl TpeSearcher {
         self.space.sample(rng)
     }
 
+    /// A finished trial, at `coords` with `loss`, joins the observations (replacing an earlier
+    /// loss of the same trial).
+    fn record_finished(&mut self, trial: TrialId, coords: Vec<f64>, loss: f64) {
+        self.coords.insert(trial, coords);
+        if let Some(old) = self.state.finished.insert(trial, loss) {
+            self.ranked.remove(&(order_key(old), trial));
+        }
+        self.ranked.insert((order_key(loss), trial));
+    }
+
     /// A trial's coordinates (NaN where it lacks a parameter).
     fn encode(&self, p: &Params) -> Vec<f64> {
         self.dims
@@ -716,11 +726,7 @@ impl Searcher for TpeSearcher {
                 };
                 if let (Some(l), Some(p)) = (l.filter(|l| !l.is_nan()), self.state.params.get(trial)) {
                     let c = self.encode(p);
-                    self.coords.insert(*trial, c);
-                    if let Some(old) = self.state.finished.insert(*trial, l) {
-                        self.ranked.remove(&(order_key(old), *trial));
-                    }
-                    self.ranked.insert((order_key(l), *trial));
+                    self.record_finished(*trial, c, l);
                 }
             }
             SearchEvent::Failed { trial } => {
@@ -743,12 +749,8 @@ impl Searcher for TpeSearcher {
     /// skips its random start-up draws. Their ids never meet this experiment's own trials.
     fn warm_start(&mut self, prior: &[crate::Prior]) -> bool {
         for p in prior.iter().filter(|p| !p.value.is_nan()) {
-            let l = loss(self.goal, p.value);
-            self.coords.insert(p.trial, self.encode(&p.params));
-            if let Some(old) = self.state.finished.insert(p.trial, l) {
-                self.ranked.remove(&(order_key(old), p.trial));
-            }
-            self.ranked.insert((order_key(l), p.trial));
+            let c = self.encode(&p.params);
+            self.record_finished(p.trial, c, loss(self.goal, p.value));
             self.state.params.insert(p.trial, p.params.clone());
         }
         true

@@ -6,7 +6,7 @@
 //! at a time, so a large sweep neither waits on one stream after another nor floods the
 //! coordinator).
 
-use super::trial::read_metrics;
+use super::trial::history;
 use super::{Ctx, emit, listing};
 use crate::args::{Agg, CompareArgs, Goal, TabularOutput};
 use crate::client::Coordinator;
@@ -14,7 +14,6 @@ use crate::error::CliError;
 use crate::query::{Filter, Row, Sort, aggregate};
 use crate::rank::{CompareGroup, best_overall, shared_metric};
 use crate::render;
-use chorus_proto::pb;
 use futures::{StreamExt, TryStreamExt};
 use std::process::ExitCode;
 
@@ -112,14 +111,9 @@ async fn choose_value(
     let (metric, maximize, agg) = (g.metric.clone(), g.maximize, g.agg);
     let values: Vec<(u64, Option<f64>)> = futures::stream::iter(wanted)
         .map(|id| {
-            let req = pb::TrialMetricsRequest {
-                trial_id: id,
-                metrics: vec![metric.clone()],
-                ..Default::default()
-            };
             let metric = metric.clone();
             async move {
-                let points = read_metrics(coord, req).await?;
+                let points = history(coord, id, vec![metric.clone()]).await?;
                 let history: Vec<f64> = points.iter().filter_map(|p| p.values.get(&metric).copied()).collect();
                 Ok::<_, CliError>((id, aggregate(&history, agg, maximize)))
             }

@@ -2,7 +2,7 @@
 //! and HParams). Fetches the experiment, its trials and each trial's metric history, then hands
 //! them to `crate::tensorboard`, which writes the files.
 
-use super::trial::read_metrics;
+use super::trial::history;
 use super::{Ctx, emit, listing, required};
 use crate::args::ExportCmd;
 use crate::error::CliError;
@@ -45,15 +45,7 @@ pub async fn run(cmd: ExportCmd, ctx: &Ctx) -> Result<ExitCode, CliError> {
             let mut exported = Vec::with_capacity(trials.len());
             let mut points_total = 0;
             for t in &trials {
-                let req = pb::TrialMetricsRequest {
-                    trial_id: t.id,
-                    metrics: Vec::new(),
-                    min_step: None,
-                    max_step: None,
-                    page_size: 0,
-                    after: String::new(),
-                };
-                let points = read_metrics(&coord, req).await?;
+                let points = history(&coord, t.id, Vec::new()).await?;
                 points_total += points.len();
                 exported.push(trial_export(t, points, exp.created_unix_ms)?);
             }

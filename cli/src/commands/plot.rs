@@ -4,6 +4,7 @@
 //! This module only gathers data and turns it into `chorus-plot`'s plain inputs; the pictures and
 //! the statistics are that crate's.
 
+use super::trial::history;
 use super::{Ctx, emit, listing, required};
 use crate::args::{PlotCmd, PlotOut};
 use crate::client::Coordinator;
@@ -146,19 +147,6 @@ async fn describe(coord: &Coordinator, experiment: u64) -> Result<(pb::Experimen
         }
     };
     Ok((exp, spec))
-}
-
-/// Every report of `metrics` (all of them when empty) in a trial's history, oldest first.
-async fn history(coord: &Coordinator, trial: u64, metrics: Vec<String>) -> Result<Vec<pb::MetricPoint>, CliError> {
-    let req = pb::TrialMetricsRequest {
-        trial_id: trial,
-        metrics,
-        min_step: None,
-        max_step: None,
-        page_size: 0,
-        after: String::new(),
-    };
-    super::trial::read_metrics(coord, req).await
 }
 
 /// The goal of `metric` among the objectives of a trial listing, if it is one.

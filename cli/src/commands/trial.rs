@@ -113,6 +113,20 @@ fn spark_width(names: &[String]) -> usize {
     }
 }
 
+/// Every report of `metrics` (all of them when empty) in a trial's history, oldest first.
+pub(super) async fn history(
+    coord: &Coordinator,
+    trial: u64,
+    metrics: Vec<String>,
+) -> Result<Vec<pb::MetricPoint>, CliError> {
+    let req = pb::TrialMetricsRequest {
+        trial_id: trial,
+        metrics,
+        ..Default::default()
+    };
+    read_metrics(coord, req).await
+}
+
 /// Most times a metrics read that lost the coordinator is resumed before giving up.
 const METRICS_RETRIES: u32 = 5;
 

@@ -10,7 +10,6 @@ use chorus_core::{ExperimentId, TrialId, spec};
 use chorus_proto::pb;
 use chorus_proto::pb::experiment_service_server::ExperimentService;
 use futures::TryStreamExt;
-use object_store::{ObjectStoreExt, PutPayload};
 use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -40,9 +39,6 @@ impl ExperimentApi {
     }
 }
 
-/// How long the coordinator waits on object storage while submitting.
-const STORAGE_TIMEOUT: Duration = Duration::from_secs(30);
-
 #[tonic::async_trait]
 impl ExperimentService for ExperimentApi {
     async fn submit_experiment(
@@ -59,18 +55,7 @@ impl ExperimentService for ExperimentApi {
         let id = self.coord.lock().reserve_experiment_id();
         // The spec goes to storage before the experiment exists, so an unreachable store
         // rejects the submission instead of leaving an experiment that cannot keep records.
-        let key = storage.spec_key(id);
-        let put = storage.store.put(&key, PutPayload::from(stored.into_bytes()));
-        match tokio::time::timeout(STORAGE_TIMEOUT, put).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(CoordError::storage(&uri, &format!("write {key}"), &e).into()),
-            Err(_) => {
-                return Err(CoordError::Storage(format!(
-                    "storage {uri}: writing {key} got no answer within {STORAGE_TIMEOUT:?}"
-                ))
-                .into());
-            }
-        }
+        self.coord.store_spec(&storage, &uri, id, stored).await?;
         let experiment = self
             .coord
             .change(|st| {
@@ -334,11 +319,7 @@ impl ExperimentService for ExperimentApi {
         let req = req.into_inner();
         let tid = TrialId(req.trial_id);
         let query = history::Query::new(req.metrics, req.min_step, req.max_step, req.page_size, &req.after)?;
-        let (exp, uri) = {
-            let st = self.coord.lock();
-            let t = st.trial(tid)?;
-            (t.experiment, st.experiment(t.experiment)?.storage.clone())
-        };
+        let (exp, uri) = self.coord.lock().trial_storage(tid)?;
         let storage = self.coord.storage(&uri).await?;
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(history::send_history(storage, uri, exp, tid, query, tx));

@@ -98,11 +98,7 @@ impl ExperimentLifecycleService for LifecycleApi {
         req: Request<pb::ListCheckpointsRequest>,
     ) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
         let tid = TrialId(req.into_inner().trial_id);
-        let (exp, uri) = {
-            let st = self.coord.lock();
-            let t = st.trial(tid)?;
-            (t.experiment, st.experiment(t.experiment)?.storage.clone())
-        };
+        let (exp, uri) = self.coord.lock().trial_storage(tid)?;
         let storage = self.coord.storage(&uri).await?;
         let prefix = storage.checkpoints_prefix(exp, tid);
         let refs = checkpoint::list(&storage, &prefix).await.map_err(CoordError::from)?;

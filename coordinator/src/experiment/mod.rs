@@ -56,20 +56,26 @@ struct SearcherLog {
     writes: Vec<SearcherWrite>,
 }
 
-impl Experiment {
-    pub fn new(id: ExperimentId, spec: ValidSpec, storage: String, now_ms: i64) -> Self {
-        let searcher = search::build(&spec);
-        let state = searcher.save().to_string();
-        let log = SearcherLog {
+impl SearcherLog {
+    /// A new searcher's log: its first state, as the snapshot the store has yet to write.
+    fn initial(experiment: ExperimentId, state: String) -> Self {
+        SearcherLog {
             seq: 0,
             since_snapshot: 0,
             snapshot_bytes: state.len(),
             writes: vec![SearcherWrite::Snapshot {
-                experiment: id,
+                experiment,
                 seq: 0,
                 state,
             }],
-        };
+        }
+    }
+}
+
+impl Experiment {
+    pub fn new(id: ExperimentId, spec: ValidSpec, storage: String, now_ms: i64) -> Self {
+        let searcher = search::build(&spec);
+        let log = SearcherLog::initial(id, searcher.save().to_string());
         Experiment {
             log,
             id,
@@ -243,17 +249,7 @@ impl Experiment {
         if !self.searcher.warm_start(prior) {
             return false;
         }
-        let state = self.searcher.save().to_string();
-        self.log = SearcherLog {
-            seq: 0,
-            since_snapshot: 0,
-            snapshot_bytes: state.len(),
-            writes: vec![SearcherWrite::Snapshot {
-                experiment: self.id,
-                seq: 0,
-                state,
-            }],
-        };
+        self.log = SearcherLog::initial(self.id, self.searcher.save().to_string());
         true
     }
 

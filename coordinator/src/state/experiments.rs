@@ -72,6 +72,12 @@ impl State {
             .ok_or_else(|| CoordError::NotFound(format!("trial {id} does not exist")))
     }
 
+    /// A trial's experiment and that experiment's storage URI: where its records live.
+    pub fn trial_storage(&self, id: TrialId) -> Result<(ExperimentId, String)> {
+        let t = self.trial(id)?;
+        Ok((t.experiment, self.experiment(t.experiment)?.storage.clone()))
+    }
+
     pub fn experiment(&self, id: ExperimentId) -> Result<&Experiment> {
         self.experiments
             .get(&id)
