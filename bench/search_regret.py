@@ -159,11 +159,11 @@ def CHORUS_SEARCH(seed):
     `asha-random`, `hyperband` (defaults), or TPE with the median rule."""
     mode = os.environ.get("CHORUS_REGRET_SEARCH", "asha")
     asha = {"seed": seed, "reduction_factor": 3, "max_resource": MAX_EPOCHS, "resource": "epoch"}
+    asha.update(json.loads(os.environ.get("CHORUS_REGRET_SETTINGS", "{}")))
     if mode == "hyperband":
         return {"searcher": {"name": "hyperband", **asha}}
-    asha.update(json.loads(os.environ.get("CHORUS_REGRET_SETTINGS", "{}")))
     if mode == "asha":
-        return {"searcher": {"name": "asha", "grace_period": 1, **asha}}
+        return {"searcher": {"name": "asha", **asha}}
     if mode == "asha-stop-once":
         return {"searcher": {"name": "asha", "grace_period": 1, "stop_once": True, **asha}}
     if mode == "asha-random":

@@ -84,6 +84,7 @@ impl ExperimentService for Mock {
         assert_eq!(r.overrides, ["max_trials=3"]);
         Ok(Response::new(pb::SubmitExperimentResponse {
             experiment: Some(experiment(7, pb::ExperimentState::Active, 0, 0)),
+            warnings: Vec::new(),
         }))
     }
 

@@ -80,3 +80,49 @@ fn preview_shows_pauses_and_promotions() {
             .any(|t| t["stopped"].as_str().is_some_and(|s| s.contains("only the best")))
     );
 }
+
+/// The preview shows how the budget splits by how far configurations ran (one row per rung
+/// where successive halving judged them, and the full runs), summing to all steps spent, and
+/// the rungs the settings give; a first rung under 5 % of max_resource is warned about on
+/// stderr, the default one is not.
+#[test]
+fn preview_shows_where_the_budget_goes() {
+    let spec = SPEC
+        .replace("name: hyperband,", "name: asha,")
+        .replace("max_resource: 27", "max_resource: 50, resource: epoch")
+        .replace("max_trials: 16", "max_trials: 60");
+    let out = chorus(&["--output", "json"], &spec);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["rungs"], serde_json::json!([[6, 18]]));
+    assert_eq!(v["warnings"], serde_json::json!([]));
+    let spend = v["spend"].as_array().unwrap();
+    let ran: Vec<u64> = spend.iter().map(|s| s["ran"].as_u64().unwrap()).collect();
+    assert!(ran.contains(&6) && ran.contains(&50), "{ran:?}");
+    let sum = |k: &str| spend.iter().map(|s| s[k].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(sum("trials"), 60);
+    assert_eq!(sum("steps"), v["steps"].as_u64().unwrap());
+    let share: f64 = spend.iter().map(|s| s["share"].as_f64().unwrap()).sum();
+    assert!((share - 1.0).abs() < 1e-9, "{share}");
+
+    let table = chorus(&[], &spec);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.contains("rungs at epochs 6, 18 then 50 (the first at 12 % of max_resource)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("judged after (epochs)") && text.contains("share of budget"),
+        "{text}"
+    );
+
+    let tiny = chorus(&[], &spec.replace("name: asha,", "name: asha, grace_period: 1,"));
+    assert!(tiny.status.success());
+    let err = String::from_utf8_lossy(&tiny.stderr);
+    assert!(
+        err.contains("warning: searcher.grace_period 1 is 2.0 % of max_resource 50"),
+        "{err}"
+    );
+    assert!(String::from_utf8_lossy(&tiny.stdout).contains("rungs at epochs 1, 3, 9, 27 then 50"));
+}

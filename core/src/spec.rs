@@ -156,9 +156,15 @@ pub struct SearcherSpec {
     /// asha, hyperband: keep the best 1/reduction_factor at each rung (default 3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reduction_factor: Option<u32>,
-    /// asha: the resource (step or epoch, as the trial reports it) of the first rung (default 1).
+    /// asha: the resource (step or epoch, as the trial reports it) of the first rung;
+    /// hyperband: of the most aggressive bracket's first rung (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grace_period: Option<u64>,
+    /// asha, hyperband: how many brackets of successive halving run side by side, the `b`-th
+    /// (from 0) first deciding at `grace_period * reduction_factor^b` (asha: 1; hyperband:
+    /// every bracket whose first rung lies below max_resource).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brackets: Option<u32>,
     /// asha, hyperband: decide once, when a trial reaches a rung (go on or stop for good),
     /// instead of pausing it there until it is promoted (default false: pause and promote).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1228,8 +1234,9 @@ fn searcher_problems(s: &SearcherSpec, scheduler: Option<&SchedulerSpec>) -> Vec
     only("n_ei_candidates", s.n_ei_candidates.is_some(), &[Tpe, Asha, Hyperband]);
     only("gamma", s.gamma.is_some(), &[Tpe, Asha, Hyperband]);
     only("reduction_factor", s.reduction_factor.is_some(), &[Asha, Hyperband]);
-    only("grace_period", s.grace_period.is_some(), &[Asha]);
+    only("grace_period", s.grace_period.is_some(), &[Asha, Hyperband]);
     only("stop_once", s.stop_once.is_some(), &[Asha, Hyperband]);
+    only("brackets", s.brackets.is_some(), &[Asha, Hyperband]);
     only("sampler", s.sampler.is_some(), &[Asha, Hyperband]);
     only("max_resource", s.max_resource.is_some(), &[Asha, Hyperband]);
     only("resource", s.resource.is_some(), &[Asha, Hyperband, Pbt]);
@@ -1299,6 +1306,9 @@ fn searcher_problems(s: &SearcherSpec, scheduler: Option<&SchedulerSpec>) -> Vec
     }
     if s.grace_period == Some(0) {
         out.push(("searcher.grace_period".into(), "must be at least 1".into()));
+    }
+    if s.brackets == Some(0) {
+        out.push(("searcher.brackets".into(), "must be at least 1".into()));
     }
     if matches!(name, Asha | Hyperband) {
         match s.max_resource {

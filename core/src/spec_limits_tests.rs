@@ -625,6 +625,7 @@ fn spec() -> impl Strategy<Value = ExperimentSpec> {
                     reduction_factor: None,
                     grace_period: None,
                     stop_once: None,
+                    brackets: None,
                     sampler: None,
                     max_resource: None,
                     resource: None,

@@ -20,6 +20,11 @@
 //!   good otherwise; nothing pauses, so trials need not checkpoint (Ray Tune's and
 //!   Determined's `stop_once` variant).
 //!
+//! `asha`'s first rung is by default at `max_resource / eta^2` (see [`default_grace`]): judging
+//! configurations after one step or epoch of tens stops the slow starters that often end best,
+//! and teaches the sampler to avoid them. `brackets` runs several brackets side by side, as
+//! Hyperband does.
+//!
 //! Hyperband runs brackets with grace periods `r * eta^s` for `s = 0..=s_max`, where
 //! `s_max = floor(log_eta(max_resource / r))`; new trials are dealt to the brackets in
 //! proportion to their sizes in Hyperband (see `next_bracket`), so the search hedges between
@@ -64,11 +69,19 @@ pub struct AshaSettings {
 impl AshaSettings {
     pub fn from_spec(s: &SearcherSpec) -> Self {
         let eta = s.reduction_factor.unwrap_or(3).max(2);
-        let grace = s.grace_period.unwrap_or(1).max(1);
+        let grace = match (s.grace_period, s.name) {
+            (Some(g), _) => g.max(1),
+            (None, SearcherName::Asha) => default_grace(s.max_resource.unwrap_or(1), eta),
+            // Hyperband hedges with its brackets from the smallest resource up.
+            (None, _) => 1,
+        };
         let max = s.max_resource.unwrap_or(grace).max(grace);
-        let brackets = match s.name {
-            SearcherName::Hyperband => rungs_between(grace, max, eta) as u32,
-            _ => 1,
+        // Every bracket must decide somewhere below max_resource, which bounds their number.
+        let fit = rungs_between(grace, max, eta) as u32;
+        let brackets = match (s.brackets, s.name) {
+            (Some(n), _) => n.min(fit),
+            (None, SearcherName::Hyperband) => fit,
+            (None, _) => 1,
         };
         AshaSettings {
             reduction_factor: eta,
@@ -99,6 +112,17 @@ impl AshaSettings {
         }
         out
     }
+}
+
+/// The first rung of `asha` when the spec names no grace period: `max_resource / eta^2`,
+/// rounded (at least 1), so that a configuration gets about a ninth of a full training (with
+/// the default reduction factor) before it is first judged, and the rungs are at most three.
+/// A grace period of one step or epoch out of tens judges most configurations where slow
+/// starters (small learning rates, large batches, heavy regularisation) look worst and often
+/// end best; docs/BENCHMARKS.md has the measurements behind this choice.
+pub fn default_grace(max_resource: u64, eta: u32) -> u64 {
+    let eta2 = u64::from(eta).saturating_mul(u64::from(eta)).max(1);
+    ((max_resource + eta2 / 2) / eta2).max(1)
 }
 
 /// How many resources `grace, grace*eta, ...` lie at or below `max` (at least 1).
@@ -693,9 +717,63 @@ mod tests {
             quantile_fraction: None,
             resample_probability: None,
             stop_once: None,
+            brackets: None,
             sampler: None,
         };
         assert_eq!(AshaSettings::from_spec(&spec).brackets, 4);
+    }
+
+    fn spec_of(yaml: &str) -> SearcherSpec {
+        chorus_core::spec::parse(
+            &format!(
+                "name: s\nmetric: {{name: loss, goal: minimize}}\nsearcher: {yaml}\nmax_trials: 10\n\
+                 parameters:\n  a: {{min: 0.0, max: 1.0}}\ntrial: {{command: [x]}}\n"
+            ),
+            &[],
+        )
+        .unwrap()
+        .spec
+        .searcher
+    }
+
+    /// `asha` without a grace period judges a configuration first after about a ninth of
+    /// `max_resource` (with eta = 3), never after one step of tens; a named grace period is
+    /// kept, and hyperband still starts its most aggressive bracket at 1.
+    #[test]
+    fn the_default_grace_period_is_a_share_of_max_resource() {
+        for (max, eta, grace) in [
+            (50, 3, 6),
+            (52, 3, 6),
+            (27, 3, 3),
+            (100, 3, 11),
+            (1000, 3, 111),
+            (9, 3, 1),
+            (1, 3, 1),
+            (64, 2, 16),
+            (10, 4, 1),
+        ] {
+            assert_eq!(default_grace(max, eta), grace, "max {max}, eta {eta}");
+        }
+        let a = AshaSettings::from_spec(&spec_of("{name: asha, max_resource: 50}"));
+        assert_eq!((a.grace_period, a.brackets, a.rungs(0)), (6, 1, vec![6, 18]));
+        let a = AshaSettings::from_spec(&spec_of("{name: asha, max_resource: 50, grace_period: 1}"));
+        assert_eq!(a.rungs(0), vec![1, 3, 9, 27]);
+        let h = AshaSettings::from_spec(&spec_of("{name: hyperband, max_resource: 50}"));
+        assert_eq!((h.grace_period, h.brackets), (1, 4));
+        let h = AshaSettings::from_spec(&spec_of("{name: hyperband, max_resource: 50, grace_period: 3}"));
+        assert_eq!((h.grace_period, h.brackets, h.rungs(2)), (3, 3, vec![27]));
+    }
+
+    /// `brackets` runs that many brackets side by side, at most as many as have a rung below
+    /// max_resource.
+    #[test]
+    fn brackets_are_bounded_by_the_rungs_that_fit() {
+        let a = AshaSettings::from_spec(&spec_of("{name: asha, max_resource: 50, grace_period: 2, brackets: 2}"));
+        assert_eq!((a.brackets, a.rungs(0), a.rungs(1)), (2, vec![2, 6, 18], vec![6, 18]));
+        let a = AshaSettings::from_spec(&spec_of("{name: asha, max_resource: 50, grace_period: 2, brackets: 9}"));
+        assert_eq!(a.brackets, 3);
+        let h = AshaSettings::from_spec(&spec_of("{name: hyperband, max_resource: 27, brackets: 2}"));
+        assert_eq!((h.brackets, h.rungs(1)), (2, vec![3, 9]));
     }
 
     /// A scripted arrival sequence at rung 0 (eta = 3): each arrival goes on only while it is in

@@ -21,7 +21,7 @@ use chorus_core::TrialId;
 use chorus_core::space::Params;
 use chorus_core::spec::{Goal, ResourceName, SearcherName, ValidSpec};
 
-pub use asha::{AshaSearcher, AshaSettings};
+pub use asha::{AshaSearcher, AshaSettings, default_grace};
 pub use error::{Result, SearchError};
 pub use grid::GridSearcher;
 pub use median::MedianStopping;
@@ -155,6 +155,45 @@ impl Searcher for Unreadable {
     }
 }
 
+/// The smallest share of `max_resource` a first rung should give a configuration before it is
+/// judged: below it most configurations are compared on the first few percent of their training,
+/// where slow starters (small learning rates, large batches, heavy regularisation) look worst
+/// and often end best.
+pub const MIN_GRACE_SHARE: f64 = 0.05;
+
+/// Settings of a valid spec that are probably not what was meant, one sentence each: shown at
+/// submit and validation, never an error.
+pub fn warnings(spec: &ValidSpec) -> Vec<String> {
+    let s = &spec.spec.searcher;
+    let mut out = Vec::new();
+    if s.name == SearcherName::Asha {
+        let a = AshaSettings::from_spec(s);
+        let share = a.grace_period as f64 / a.max_resource.max(1) as f64;
+        if share < MIN_GRACE_SHARE {
+            let what = match a.resource {
+                ResourceName::Step => "steps",
+                ResourceName::Epoch => "epochs",
+            };
+            // A grace period this small lies below max_resource, so the rung exists.
+            let stop = 100.0 * (1.0 - 1.0 / f64::from(a.reduction_factor));
+            out.push(format!(
+                "searcher.grace_period {} is {:.1} % of max_resource {}: configurations are first judged after {} {what}, \
+                 and about {stop:.0} % of them stop there; slow starters look worst that early and often end best. \
+                 Leave grace_period out (the default here is {}), set it to at least {} ({:.0} %), \
+                 or use `searcher: hyperband`, which hedges across grace periods",
+                a.grace_period,
+                100.0 * share,
+                a.max_resource,
+                a.grace_period,
+                default_grace(a.max_resource, a.reduction_factor),
+                (MIN_GRACE_SHARE * a.max_resource as f64).ceil() as u64,
+                100.0 * MIN_GRACE_SHARE,
+            ));
+        }
+    }
+    out
+}
+
 /// A new searcher of the kind a spec asks for (with its early-stopping scheduler, if any).
 pub fn build(spec: &ValidSpec) -> Box<dyn Searcher> {
     build_with(spec, None).expect("a new searcher reads no saved state")
@@ -275,6 +314,40 @@ mod tests {
             &[],
         )
         .unwrap()
+    }
+
+    /// A first rung under 5 % of max_resource is worth a warning (naming the share, the
+    /// default and the alternatives); the default, a larger grace period, hyperband and the
+    /// other searchers are not.
+    #[test]
+    fn a_tiny_grace_period_is_warned_about() {
+        let w = warnings(&spec("asha , max_resource: 50, grace_period: 1, resource: epoch"));
+        assert_eq!(w.len(), 1, "{w:?}");
+        for part in [
+            "grace_period 1 is 2.0 % of max_resource 50",
+            "after 1 epochs",
+            "67 %",
+            "default here is 6",
+            "at least 3 (5 %)",
+            "hyperband",
+        ] {
+            assert!(w[0].contains(part), "{part:?} in {}", w[0]);
+        }
+        assert_eq!(warnings(&spec("asha , max_resource: 1000, grace_period: 49")).len(), 1);
+        for quiet in [
+            "asha , max_resource: 50",
+            "asha , max_resource: 1000, grace_period: 50",
+            "asha , max_resource: 9, grace_period: 1",
+            "hyperband , max_resource: 50",
+            "random",
+            "tpe",
+        ] {
+            assert!(
+                warnings(&spec(quiet)).is_empty(),
+                "{quiet}: {:?}",
+                warnings(&spec(quiet))
+            );
+        }
     }
 
     /// A searcher rebuilt from its saved state continues with exactly the same suggestions.

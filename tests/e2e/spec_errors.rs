@@ -230,3 +230,43 @@ fn unbounded_inputs_are_refused_with_exit_2_and_the_coordinator_keeps_serving() 
     let listed = c.chorus_json(&["experiment", "list", "--output", "json"]).unwrap();
     assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
 }
+
+/// A valid spec with a first rung under 5 % of max_resource is accepted with a warning on
+/// stderr, from the coordinator (submit, remote validation) and from local validation alike;
+/// stdout stays the id, and the experiment runs. The default grace period draws no warning.
+#[test]
+fn a_tiny_grace_period_is_accepted_with_a_warning() {
+    let c = TestCluster::start(ClusterConfig::default()).unwrap();
+    let asha = GOOD
+        .replace(
+            "searcher: {name: random}",
+            "searcher: {name: asha, max_resource: 50, grace_period: 1, resource: epoch}",
+        )
+        .replace("max_trials: 2", "max_trials: 3");
+    let file = c.write("tiny.yaml", &asha);
+    let warning = "warning: searcher.grace_period 1 is 2.0 % of max_resource 50";
+    for args in [
+        vec!["experiment", "validate"],
+        vec!["experiment", "validate", "--remote"],
+        vec!["experiment", "submit"],
+    ] {
+        let mut all = args.clone();
+        all.push(file.to_str().unwrap());
+        let out = c.chorus(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {stderr}");
+        assert_eq!(stderr.matches(warning).count(), 1, "{args:?}: {stderr}");
+        if args[1] == "submit" {
+            let id: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+            assert_eq!(wait_ended(&c, id, Duration::from_secs(60)), "completed");
+        }
+    }
+    let default = c.write("default.yaml", &asha.replace("grace_period: 1, ", ""));
+    let out = c.chorus(&["experiment", "submit", default.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("warning"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

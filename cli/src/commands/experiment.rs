@@ -34,6 +34,7 @@ pub async fn run(cmd: ExperimentCmd, ctx: &Ctx) -> Result<ExitCode, CliError> {
                 overrides: sets.overrides,
             };
             let resp = coord.api().submit_experiment(coord.unary(req)).await?.into_inner();
+            warn(&resp.warnings);
             let exp = required(resp.experiment, "experiment")?;
             if output == Output::Table {
                 eprintln!(
@@ -65,6 +66,7 @@ pub async fn run(cmd: ExperimentCmd, ctx: &Ctx) -> Result<ExitCode, CliError> {
                     overrides: sets.overrides,
                 };
                 let resp = coord.api().validate_experiment(coord.unary(req)).await?.into_inner();
+                warn(&resp.warnings);
                 emit(&match output {
                     Output::Table if resp.grid_size > 0 => {
                         format!(
@@ -80,6 +82,7 @@ pub async fn run(cmd: ExperimentCmd, ctx: &Ctx) -> Result<ExitCode, CliError> {
                 })?;
             } else {
                 let valid = validate_locally(&yaml, &sets.overrides)?;
+                warn(&chorus_search::warnings(&valid));
                 emit(&match output {
                     // A comment keeps stdout valid YAML, so it can be piped into a file.
                     Output::Table => format!("{}# trials: {}\n", with_newline(&valid.to_yaml()), valid.max_trials),
@@ -269,6 +272,13 @@ fn too_large(size: &str) -> CliError {
         location: None,
         message: format!("the experiment file is {size} bytes; the limit is {MAX_SPEC_BYTES} bytes (1 MiB)"),
     }]))
+}
+
+/// Settings that are valid but probably not meant, on stderr so stdout stays parseable.
+pub(super) fn warn(warnings: &[String]) {
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
 }
 
 pub(super) fn validate_locally(yaml: &str, overrides: &[String]) -> Result<ValidSpec, CliError> {

@@ -47,6 +47,7 @@ impl ExperimentService for ExperimentApi {
     ) -> Result<Response<pb::SubmitExperimentResponse>, Status> {
         let req = req.into_inner();
         let valid = spec::parse_with(&req.spec_yaml, &req.overrides, &self.coord.budgets).map_err(CoordError::from)?;
+        let warnings = chorus_search::warnings(&valid);
         // What is stored must read back: a spec that would not is refused here, never found
         // unreadable when the coordinator restarts.
         let stored = valid.to_stored_yaml().map_err(CoordError::from)?;
@@ -64,7 +65,7 @@ impl ExperimentService for ExperimentApi {
             })
             .await?;
         tracing::info!(experiment = %id, "experiment submitted");
-        Ok(Response::new(pb::SubmitExperimentResponse { experiment }))
+        Ok(Response::new(pb::SubmitExperimentResponse { experiment, warnings }))
     }
 
     async fn validate_experiment(
@@ -80,6 +81,7 @@ impl ExperimentService for ExperimentApi {
             normalized_yaml,
             // Sized within the validation limits: 0 for a continuous space or one past them.
             grid_size: chorus_core::space::grid_size(&valid.space).unwrap_or(0),
+            warnings: chorus_search::warnings(&valid),
         }))
     }
 
