@@ -327,7 +327,7 @@ def main():
     if args.what == "dump":
         dump(args.out, args.to)
         return
-    print("| problem | pairs crossed after epoch 1 | after epoch 5 | after 10 % of the epochs |")
+    print("| problem | pairs ranked the other way at epoch 1 | at epoch 6 | at epoch 18 |")
     print("| --- | --- | --- | --- |")
     for name in PROBLEMS:
         prob = Problem(name, args.out)
@@ -336,7 +336,8 @@ def main():
         else:
             rng = random.Random("slow starters")
             curves = [slow_curve(sample(rng), EPOCHS) for _ in range(CONFIGS)]
-        row = [crossing_fraction(curves, e) for e in (1, 5, max(1, EPOCHS // 10))]
+        # Epochs 6 and 18 are asha's default rungs for these 50 epochs.
+        row = [crossing_fraction(curves, e) for e in (1, 6, 18)]
         print(f"| {name} | " + " | ".join(f"{100 * r:.0f} %" for r in row) + " |")
 
 

@@ -95,11 +95,11 @@ fn preview_shows_where_the_budget_goes() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["rungs"], serde_json::json!([[6, 18]]));
+    assert_eq!(v["rungs"], serde_json::json!([[3, 9, 27]]));
     assert_eq!(v["warnings"], serde_json::json!([]));
     let spend = v["spend"].as_array().unwrap();
     let ran: Vec<u64> = spend.iter().map(|s| s["ran"].as_u64().unwrap()).collect();
-    assert!(ran.contains(&6) && ran.contains(&50), "{ran:?}");
+    assert!(ran.contains(&3) && ran.contains(&50), "{ran:?}");
     let sum = |k: &str| spend.iter().map(|s| s[k].as_u64().unwrap()).sum::<u64>();
     assert_eq!(sum("trials"), 60);
     assert_eq!(sum("steps"), v["steps"].as_u64().unwrap());
@@ -109,7 +109,7 @@ fn preview_shows_where_the_budget_goes() {
     let table = chorus(&[], &spec);
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(
-        text.contains("rungs at epochs 6, 18 then 50 (the first at 12 % of max_resource)"),
+        text.contains("rungs at epochs 3, 9, 27 then 50 (the first at 6 % of max_resource)"),
         "{text}"
     );
     assert!(

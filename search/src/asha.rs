@@ -20,7 +20,7 @@
 //!   good otherwise; nothing pauses, so trials need not checkpoint (Ray Tune's and
 //!   Determined's `stop_once` variant).
 //!
-//! `asha`'s first rung is by default at `max_resource / eta^2` (see [`default_grace`]): judging
+//! `asha`'s first rung is by default at 5 % of `max_resource` (see [`default_grace`]): judging
 //! configurations after one step or epoch of tens stops the slow starters that often end best,
 //! and teaches the sampler to avoid them. `brackets` runs several brackets side by side, as
 //! Hyperband does.
@@ -71,7 +71,7 @@ impl AshaSettings {
         let eta = s.reduction_factor.unwrap_or(3).max(2);
         let grace = match (s.grace_period, s.name) {
             (Some(g), _) => g.max(1),
-            (None, SearcherName::Asha) => default_grace(s.max_resource.unwrap_or(1), eta),
+            (None, SearcherName::Asha) => default_grace(s.max_resource.unwrap_or(1)),
             // Hyperband hedges with its brackets from the smallest resource up.
             (None, _) => 1,
         };
@@ -114,15 +114,16 @@ impl AshaSettings {
     }
 }
 
-/// The first rung of `asha` when the spec names no grace period: `max_resource / eta^2`,
-/// rounded (at least 1), so that a configuration gets about a ninth of a full training (with
-/// the default reduction factor) before it is first judged, and the rungs are at most three.
-/// A grace period of one step or epoch out of tens judges most configurations where slow
-/// starters (small learning rates, large batches, heavy regularisation) look worst and often
-/// end best; docs/BENCHMARKS.md has the measurements behind this choice.
-pub fn default_grace(max_resource: u64, eta: u32) -> u64 {
-    let eta2 = u64::from(eta).saturating_mul(u64::from(eta)).max(1);
-    ((max_resource + eta2 / 2) / eta2).max(1)
+/// The first rung of `asha` when the spec names no grace period: 5 % of `max_resource`
+/// ([`crate::MIN_GRACE_SHARE`]), rounded up (3 of 50 epochs, 2 of 27). A grace period of one
+/// step or epoch out of tens judges most configurations where slow starters (small learning
+/// rates, large batches, heavy regularisation) look worst and often end best, and teaches the
+/// sampler to avoid them; a much larger one spends the budget on fewer configurations, which
+/// loses where early epochs do rank well. docs/BENCHMARKS.md has the measurements behind the
+/// choice.
+pub fn default_grace(max_resource: u64) -> u64 {
+    // In integers: 5 % is 1/20, and a float product could round 20 * 0.05 up past 1.
+    max_resource.div_ceil(20).max(1)
 }
 
 /// How many resources `grace, grace*eta, ...` lie at or below `max` (at least 1).
@@ -736,26 +737,26 @@ mod tests {
         .searcher
     }
 
-    /// `asha` without a grace period judges a configuration first after about a ninth of
-    /// `max_resource` (with eta = 3), never after one step of tens; a named grace period is
-    /// kept, and hyperband still starts its most aggressive bracket at 1.
+    /// `asha` without a grace period judges a configuration first after 5 % of `max_resource`,
+    /// never after one step of tens; a named grace period is kept, and hyperband still starts
+    /// its most aggressive bracket at 1.
     #[test]
     fn the_default_grace_period_is_a_share_of_max_resource() {
-        for (max, eta, grace) in [
-            (50, 3, 6),
-            (52, 3, 6),
-            (27, 3, 3),
-            (100, 3, 11),
-            (1000, 3, 111),
-            (9, 3, 1),
-            (1, 3, 1),
-            (64, 2, 16),
-            (10, 4, 1),
+        for (max, grace) in [
+            (50, 3),
+            (52, 3),
+            (27, 2),
+            (100, 5),
+            (1000, 50),
+            (9, 1),
+            (1, 1),
+            (20, 1),
+            (21, 2),
         ] {
-            assert_eq!(default_grace(max, eta), grace, "max {max}, eta {eta}");
+            assert_eq!(default_grace(max), grace, "max {max}");
         }
         let a = AshaSettings::from_spec(&spec_of("{name: asha, max_resource: 50}"));
-        assert_eq!((a.grace_period, a.brackets, a.rungs(0)), (6, 1, vec![6, 18]));
+        assert_eq!((a.grace_period, a.brackets, a.rungs(0)), (3, 1, vec![3, 9, 27]));
         let a = AshaSettings::from_spec(&spec_of("{name: asha, max_resource: 50, grace_period: 1}"));
         assert_eq!(a.rungs(0), vec![1, 3, 9, 27]);
         let h = AshaSettings::from_spec(&spec_of("{name: hyperband, max_resource: 50}"));

@@ -156,7 +156,7 @@ impl Searcher for Unreadable {
 }
 
 /// The smallest share of `max_resource` a first rung should give a configuration before it is
-/// judged: below it most configurations are compared on the first few percent of their training,
+/// judged, and `asha`'s default: below it most configurations are compared on the first few percent of their training,
 /// where slow starters (small learning rates, large batches, heavy regularisation) look worst
 /// and often end best.
 pub const MIN_GRACE_SHARE: f64 = 0.05;
@@ -185,7 +185,7 @@ pub fn warnings(spec: &ValidSpec) -> Vec<String> {
                 100.0 * share,
                 a.max_resource,
                 a.grace_period,
-                default_grace(a.max_resource, a.reduction_factor),
+                default_grace(a.max_resource),
                 (MIN_GRACE_SHARE * a.max_resource as f64).ceil() as u64,
                 100.0 * MIN_GRACE_SHARE,
             ));
@@ -327,7 +327,7 @@ mod tests {
             "grace_period 1 is 2.0 % of max_resource 50",
             "after 1 epochs",
             "67 %",
-            "default here is 6",
+            "default here is 3",
             "at least 3 (5 %)",
             "hyperband",
         ] {

@@ -407,7 +407,7 @@ mod tests {
     /// Learning curves that cross: configurations with a small `lr` (where the optimum is)
     /// fall five times slower than the rest, so they look worst for the first epochs and end
     /// best. Judged after one epoch of 50, successive halving stops exactly those and its
-    /// sampler learns to avoid them; on its defaults (first rung at a ninth of max_resource)
+    /// sampler learns to avoid them; on its defaults (first rung at 5 % of max_resource)
     /// it finds them, and ends several times closer to the optimum than with a grace period of
     /// one epoch, and than random search at equal compute (40 full trainings). Deterministic.
     #[test]
