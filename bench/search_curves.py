@@ -21,7 +21,6 @@ import math
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import curves  # noqa: E402
+from cluster import Cluster  # noqa: E402
 
 # A Chorus trial takes this long per epoch, so that stopping decisions arrive while it runs, as
 # with real training; Optuna's loop is in-process. Compute is counted in epochs for every method.
@@ -54,12 +54,11 @@ def trial(name, log):
         print("chorus:metric " + json.dumps({"step": e, "epoch": e, "val_loss": values[e - 1]}), flush=True)
 
 
-def run_chorus(prob, seed, budget, parallel, chorus, env, workdir):
+def run_chorus(prob, seed, budget, parallel, cluster, workdir):
     name = prob.name
-    log = os.path.join(workdir, f"{name}-{seed}-{parallel}.log")
-    open(log, "w").close()
     searcher = {"name": "asha", "seed": seed, "max_resource": curves.EPOCHS, "resource": "epoch"}
     searcher.update(json.loads(os.environ.get("CHORUS_CURVES_SEARCHER", "{}")))
+    stem = os.path.join(workdir, f"{name}-{seed}-{parallel}")
     spec = {
         "name": f"curves-{name}-{seed}-{parallel}",
         "metric": {"name": "val_loss", "goal": "minimize"},
@@ -67,28 +66,9 @@ def run_chorus(prob, seed, budget, parallel, chorus, env, workdir):
         "searcher": searcher,
         "max_trials": 100000,
         "parallel_trials": parallel,
-        "trial": {"command": [sys.executable, os.path.abspath(__file__), "trial", name, log]},
+        "trial": {"command": [sys.executable, os.path.abspath(__file__), "trial", name, stem + ".log"]},
     }
-    path = os.path.join(workdir, f"{name}-{seed}-{parallel}.yaml")
-    with open(path, "w") as f:
-        json.dump(spec, f)  # JSON is YAML
-    out = subprocess.run([chorus, "experiment", "submit", path, "-o", "json"], env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"submit failed: {out.stderr}")
-    exp = json.loads(out.stdout)["id"]
-    while True:
-        with open(log) as f:
-            n = sum(1 for _ in f)
-        if n >= budget:
-            break
-        state = json.loads(subprocess.run([chorus, "experiment", "describe", str(exp), "-o", "json"], env=env,
-                                          capture_output=True, text=True, check=True).stdout)["experiment"]["state"]
-        if state != "active":
-            break
-        time.sleep(0.5)
-    subprocess.run([chorus, "experiment", "kill", str(exp)], env=env, capture_output=True)
-    with open(log) as f:
-        rows = sorted(tuple(line.split()) for line in f if line.strip())
+    rows = cluster.run(spec, stem + ".yaml", stem + ".log", budget)
     return [float(r[3]) for r in rows[:budget]]
 
 
@@ -163,18 +143,7 @@ def main():
     budget = args.budget * curves.EPOCHS
     problems = [curves.Problem(n) for n in args.problems.split(",")]
     workdir = tempfile.mkdtemp(prefix="chorus-curves-")
-    coord = subprocess.Popen([os.path.join(args.bin, "chorus-coordinator"), "--listen", "127.0.0.1:0", "--data-dir",
-                              os.path.join(workdir, "coordinator")], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             text=True)
-    addr = coord.stdout.readline().strip().rsplit(" ", 1)[-1]
-    env = dict(os.environ, CHORUS_COORDINATOR=f"http://{addr}")
-    slots = max(2, args.jobs * args.parallel // 2 + 1)
-    workers = [subprocess.Popen([os.path.join(args.bin, "chorus-worker"), "--coordinator", f"http://{addr}",
-                                 "--worker-id", f"w{i}", "--slots", str(slots), "--gpus", "0", "--data-dir",
-                                 os.path.join(workdir, f"w{i}")], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=env) for i in range(2)]
-    chorus = os.path.join(args.bin, "chorus")
-    time.sleep(1.5)
+    cluster = Cluster(args.bin, workdir, slots=max(2, args.jobs * args.parallel // 2 + 1))
     results = {}  # (problem, method, seed) -> regret
     lock = threading.Lock()
 
@@ -182,7 +151,7 @@ def main():
         return min(events) - prob.optimum if events else math.inf
 
     def chorus_job(prob, seed):
-        r = regret(prob, run_chorus(prob, seed, budget, args.parallel, chorus, env, workdir))
+        r = regret(prob, run_chorus(prob, seed, budget, args.parallel, cluster, workdir))
         with lock:
             results[(prob.name, "chorus", seed)] = r
 
@@ -201,9 +170,7 @@ def main():
                 f.result()
         report(problems, results, args, time.time() - started)
     finally:
-        for w in workers:
-            w.terminate()
-        coord.terminate()
+        cluster.stop()
 
 
 def report(problems, results, args, seconds):

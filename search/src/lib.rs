@@ -170,9 +170,11 @@ pub fn warnings(spec: &ValidSpec) -> Vec<String> {
         let a = AshaSettings::from_spec(s);
         let share = a.grace_period as f64 / a.max_resource.max(1) as f64;
         if share < MIN_GRACE_SHARE {
-            let what = match a.resource {
-                ResourceName::Step => "steps",
-                ResourceName::Epoch => "epochs",
+            let what = match (a.resource, a.grace_period) {
+                (ResourceName::Step, 1) => "step",
+                (ResourceName::Step, _) => "steps",
+                (ResourceName::Epoch, 1) => "epoch",
+                (ResourceName::Epoch, _) => "epochs",
             };
             // A grace period this small lies below max_resource, so the rung exists.
             let stop = 100.0 * (1.0 - 1.0 / f64::from(a.reduction_factor));
@@ -325,7 +327,7 @@ mod tests {
         assert_eq!(w.len(), 1, "{w:?}");
         for part in [
             "grace_period 1 is 2.0 % of max_resource 50",
-            "after 1 epochs",
+            "after 1 epoch,",
             "67 %",
             "default here is 3",
             "at least 3 (5 %)",

@@ -104,7 +104,7 @@ fn spend_table(spend: &[preview::Spend], rungs: &[Vec<u64>], spec: &ValidSpec) -
         what.into(),
         "share of budget".into(),
     ];
-    out + &render::table(header.to_vec(), rows)
+    out + &render::table(header.to_vec(), rows) + "\n"
 }
 
 fn preview_table(p: &preview::Preview, metric: &str, trials: u64, steps: u64) -> String {
