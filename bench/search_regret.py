@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Search quality at equal compute: Chorus (through a real coordinator and workers; ASHA with its
-defaults, or `CHORUS_REGRET_SEARCH=asha-stop-once|asha-random|hyperband|tpe-median`) against
+defaults, or `CHORUS_REGRET_SEARCH=asha-stop-once|asha-random|hyperband|tpe-median`, with
+searcher settings such as `CHORUS_REGRET_SETTINGS='{"grace_period": 1}'` merged in) against
 Optuna (multivariate TPE with a Hyperband pruner), on multi-fidelity synthetic objectives with
 known optima, counted in epochs consumed, with the same number of trials in flight for both.
 
@@ -19,11 +20,13 @@ import math
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import zlib
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cluster import Cluster  # noqa: E402
 
 MAX_EPOCHS = 27
 # A Chorus trial takes this long per epoch, so that stopping decisions can arrive while a trial
@@ -172,9 +175,8 @@ def CHORUS_SEARCH(seed):
             "scheduler": {"name": "median", "grace_period": 3, "min_trials": 3, "resource": "epoch"}}
 
 
-def run_chorus(name, seed, budget, parallel, chorus, env, workdir):
-    log = os.path.join(workdir, f"{name}-{seed}.log")
-    open(log, "w").close()
+def run_chorus(name, seed, budget, parallel, cluster, workdir):
+    stem = os.path.join(workdir, f"{name}-{seed}")
     spec = {
         "name": f"regret-{name}-{seed}",
         "metric": {"name": "loss", "goal": "minimize"},
@@ -182,28 +184,9 @@ def run_chorus(name, seed, budget, parallel, chorus, env, workdir):
         **CHORUS_SEARCH(seed),
         "max_trials": 500,
         "parallel_trials": parallel,
-        "trial": {"command": [sys.executable, os.path.abspath(__file__), "trial", name, log]},
+        "trial": {"command": [sys.executable, os.path.abspath(__file__), "trial", name, stem + ".log"]},
     }
-    path = os.path.join(workdir, f"{name}-{seed}.yaml")
-    with open(path, "w") as f:
-        json.dump(spec, f)  # JSON is YAML
-    out = subprocess.run([chorus, "experiment", "submit", path, "-o", "json"], env=env, capture_output=True, text=True,
-                         check=True)
-    exp = json.loads(out.stdout)["id"]
-    while True:
-        with open(log) as f:
-            n = sum(1 for _ in f)
-        if n >= budget:
-            break
-        state = json.loads(subprocess.run([chorus, "experiment", "describe", str(exp), "-o", "json"], env=env,
-                                          capture_output=True, text=True, check=True).stdout)["experiment"]["state"]
-        if state != "active":
-            break
-        time.sleep(0.2)
-    subprocess.run([chorus, "experiment", "kill", str(exp)], env=env, capture_output=True)
-    with open(log) as f:
-        rows = sorted(tuple(line.split()) for line in f if line.strip())
-    return [float(r[3]) for r in rows]
+    return [float(r[3]) for r in cluster.run(spec, stem + ".yaml", stem + ".log", budget, poll=0.2)]
 
 
 def main():
@@ -215,17 +198,7 @@ def main():
     ap.add_argument("--objectives", default=",".join(OBJECTIVES))
     args = ap.parse_args()
     workdir = tempfile.mkdtemp(prefix="chorus-regret-")
-    coord = subprocess.Popen([os.path.join(args.bin, "chorus-coordinator"), "--listen", "127.0.0.1:0", "--data-dir",
-                              os.path.join(workdir, "coordinator")], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             text=True)
-    addr = coord.stdout.readline().strip().rsplit(" ", 1)[-1]
-    env = dict(os.environ, CHORUS_COORDINATOR=f"http://{addr}")
-    workers = [subprocess.Popen([os.path.join(args.bin, "chorus-worker"), "--coordinator", f"http://{addr}",
-                                 "--worker-id", f"w{i}", "--slots", "2", "--gpus", "0", "--data-dir",
-                                 os.path.join(workdir, f"w{i}")], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=env) for i in range(2)]
-    chorus = os.path.join(args.bin, "chorus")
-    time.sleep(1.5)
+    cluster = Cluster(args.bin, workdir)
     try:
         print(f"best-so-far regret at {args.budget} epochs, median (min-max) over {args.seeds} seeds; "
               f"epochs to reach the target, median")
@@ -236,7 +209,7 @@ def main():
             rc, ro, tc, to = [], [], [], []
             finals = {}
             for seed in range(args.seeds):
-                c = regret_curve(run_chorus(name, seed, args.budget, args.parallel, chorus, env, workdir), optimum, args.budget)
+                c = regret_curve(run_chorus(name, seed, args.budget, args.parallel, cluster, workdir), optimum, args.budget)
                 o = regret_curve(run_optuna(name, seed, args.budget, args.parallel), optimum, args.budget)
                 rc.append(c[-1])
                 ro.append(o[-1])
@@ -250,9 +223,7 @@ def main():
             print(f"| {name} | {fmt(rc)} | {fmt(ro)} | {target:.4f} | {statistics.median(tc)} | "
                   f"{statistics.median(to)} |", flush=True)
     finally:
-        for w in workers:
-            w.terminate()
-        coord.terminate()
+        cluster.stop()
 
 
 if __name__ == "__main__":
