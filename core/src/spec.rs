@@ -161,8 +161,8 @@ pub struct SearcherSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grace_period: Option<u64>,
     /// asha, hyperband: how many brackets of successive halving run side by side, the `b`-th
-    /// (from 0) first deciding at `grace_period * reduction_factor^b` (asha: 1; hyperband:
-    /// every bracket whose first rung lies below max_resource).
+    /// (from 0) first deciding at `grace_period * reduction_factor^b` (asha: 1; hyperband: one
+    /// for each such resource up to max_resource, the last of which may stop nothing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub brackets: Option<u32>,
     /// asha, hyperband: decide once, when a trial reaches a rung (go on or stop for good),

@@ -64,6 +64,10 @@ pub struct AshaSettings {
     pub stop_once: bool,
     /// The TPE sampler's settings; `None` draws at random.
     pub sampler: Option<TpeSettings>,
+    /// The grace period of a state saved before `asha`'s default became a share of
+    /// `max_resource`: the spec's, else the old default 1. Such a state keeps its rungs, so an
+    /// experiment running across the upgrade is judged as it started.
+    pub saved_grace_period: u64,
 }
 
 impl AshaSettings {
@@ -89,6 +93,7 @@ impl AshaSettings {
             max_resource: max,
             resource: s.resource.unwrap_or_default(),
             brackets: brackets.max(1),
+            saved_grace_period: s.grace_period.unwrap_or(1).max(1),
             stop_once: s.stop_once.unwrap_or(false),
             sampler: match s.sampler.unwrap_or_default() {
                 SamplerName::Random => None,
@@ -159,6 +164,10 @@ struct AshaState {
     /// Best losses of the trials that ran to `max_resource`.
     #[serde(default)]
     top: BTreeMap<TrialId, f64>,
+    /// The grace period the rungs were built with; absent from states saved before it was
+    /// recorded (see [`AshaSettings::saved_grace_period`]).
+    #[serde(default)]
+    grace_period: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -184,10 +193,18 @@ impl AshaSearcher {
         space: Space,
         seed: u64,
         goal: Goal,
-        settings: AshaSettings,
+        mut settings: AshaSettings,
         saved: Option<&serde_json::Value>,
     ) -> Result<Self> {
         let mut state: AshaState = read_state("successive halving", saved)?;
+        // Rungs keep the grace period they were recorded with, whatever the defaults now say.
+        match (saved, state.grace_period) {
+            (_, Some(g)) => settings.grace_period = g,
+            (Some(_), None) => settings.grace_period = settings.saved_grace_period,
+            (None, None) => {}
+        }
+        settings.max_resource = settings.max_resource.max(settings.grace_period);
+        state.grace_period = Some(settings.grace_period);
         state.rungs.resize_with(settings.brackets as usize, Default::default);
         state.promoted.resize_with(settings.brackets as usize, Default::default);
         for (b, (rungs, promoted)) in state.rungs.iter_mut().zip(&mut state.promoted).enumerate() {
@@ -478,6 +495,7 @@ mod tests {
             brackets,
             stop_once: true,
             sampler: None,
+            saved_grace_period: 1,
         }
     }
 
@@ -763,6 +781,38 @@ mod tests {
         assert_eq!((h.grace_period, h.brackets), (1, 4));
         let h = AshaSettings::from_spec(&spec_of("{name: hyperband, max_resource: 50, grace_period: 3}"));
         assert_eq!((h.grace_period, h.brackets, h.rungs(2)), (3, 3, vec![27]));
+    }
+
+    /// A state saved before the default grace period changed keeps the rungs it was recorded
+    /// with (grace period 1, or the spec's); a new state records its grace period, so a later
+    /// change of the default cannot move its rungs either.
+    #[test]
+    fn saved_states_keep_their_grace_period() {
+        let spec = spec_of("{name: asha, max_resource: 27}");
+        let mut space = Space::new();
+        space.insert("a".into(), chorus_core::space::Param::Uniform { min: 0.0, max: 1.0 });
+        let new = |saved: Option<&serde_json::Value>, settings: AshaSettings| {
+            AshaSearcher::new(space.clone(), 1, Goal::Minimize, settings, saved).unwrap()
+        };
+        let mut s = new(None, AshaSettings::from_spec(&spec));
+        assert_eq!(s.settings.rungs(0), vec![2, 6, 18]);
+        s.suggest(TrialId(1));
+        let saved = s.save();
+        assert_eq!(saved["grace_period"], 2);
+        let mut other_default = AshaSettings::from_spec(&spec);
+        other_default.grace_period = 5;
+        assert_eq!(new(Some(&saved), other_default).settings.rungs(0), vec![2, 6, 18]);
+
+        let mut legacy = saved.clone();
+        legacy.as_object_mut().unwrap().remove("grace_period");
+        let old = new(Some(&legacy), AshaSettings::from_spec(&spec));
+        assert_eq!(old.settings.rungs(0), vec![1, 3, 9]);
+        assert_eq!(old.save()["grace_period"], 1);
+        let named = spec_of("{name: asha, max_resource: 27, grace_period: 3}");
+        assert_eq!(
+            new(Some(&legacy), AshaSettings::from_spec(&named)).settings.rungs(0),
+            vec![3, 9]
+        );
     }
 
     /// `brackets` runs that many brackets side by side, at most as many as have a rung below
