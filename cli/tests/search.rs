@@ -36,6 +36,9 @@ fn preview_shows_what_a_search_would_create_and_stop() {
     let table = chorus(&["--trials", "5", "--steps", "9"], SPEC);
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(text.contains("5 trials") && text.contains("of 45 steps"), "{text}");
+    // Hyperband's brackets from 1 to 27: the last one judges nothing before the end.
+    assert!(text.contains("bracket 0 rungs at steps 1, 3, 9 then 27"), "{text}");
+    assert!(text.contains("bracket 3 rungs: none, every trial runs to 27"), "{text}");
 }
 
 #[test]

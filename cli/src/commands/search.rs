@@ -84,7 +84,11 @@ fn spend_table(spend: &[preview::Spend], rungs: &[Vec<u64>], spec: &ValidSpec) -
                     100.0 * *g as f64 / max.max(1) as f64
                 )
             });
-            out += &format!("{name} at {what} {} then {max}{first}\n", list.join(", "));
+            out += &match list.is_empty() {
+                // Hyperband's last bracket may judge nothing before max_resource.
+                true => format!("{name}: none, every trial runs to {max}\n"),
+                false => format!("{name} at {what} {} then {max}{first}\n", list.join(", ")),
+            };
         }
     }
     let rows = spend
