@@ -74,9 +74,9 @@ def run_chorus(prob, seed, budget, parallel, cluster, workdir):
 
 # ---- the anchors -------------------------------------------------------------------------
 
-def run_random(prob, seed, budget, parallel):
+def run_random(prob, seed, budget):
     """Random search: every configuration trained in full (the order of events does not change
-    the best value within the budget, so parallelism does not matter)."""
+    the best value within the budget, so it needs no parallelism)."""
     rng = random.Random(f"random {prob.name} {seed}")
     events = []
     while len(events) < budget:
@@ -164,7 +164,7 @@ def main():
                 for seed in range(args.seeds):
                     for method, run in (("optuna-hyperband", lambda: run_optuna(prob, seed, budget, args.parallel, "hyperband")),
                                         ("optuna-median", lambda: run_optuna(prob, seed, budget, args.parallel, "median")),
-                                        ("random", lambda: run_random(prob, seed, budget, args.parallel))):
+                                        ("random", lambda: run_random(prob, seed, budget))):
                         results[(prob.name, method, seed)] = regret(prob, run())
             for f in futures:
                 f.result()

@@ -149,13 +149,11 @@ impl Problem {
             Problem::Synthetic(s) => s.optimum(),
         }
     }
-    fn value(&self, p: &Params, e: u64) -> (f64, f64) {
+    /// (clean, noisy) at every epoch, first epoch first.
+    fn curve(&self, p: &Params) -> Vec<(f64, f64)> {
         match self {
-            Problem::Table(t) => {
-                let v = t.value(p, e);
-                (v, v)
-            }
-            Problem::Synthetic(s) => s.value(p, e),
+            Problem::Table(t) => t.curve(p).into_iter().map(|v| (v, v)).collect(),
+            Problem::Synthetic(s) => (1..=Synthetic::EPOCHS).map(|e| s.value(p, e)).collect(),
         }
     }
 }
@@ -179,8 +177,9 @@ impl Table {
         self.curves.iter().flatten().copied().fold(f64::INFINITY, f64::min)
     }
 
-    /// The surrogate of bench/curves.py: inverse-distance weighting of the 4 nearest.
-    fn value(&self, params: &Params, epoch: u64) -> f64 {
+    /// The surrogate of bench/curves.py: inverse-distance weighting of the 4 nearest, for
+    /// every epoch at once (one neighbour search per configuration).
+    fn curve(&self, params: &Params) -> Vec<f64> {
         let x: Vec<f64> = self
             .names
             .iter()
@@ -199,12 +198,13 @@ impl Table {
             .collect();
         near.sort_by(|a, b| a.0.total_cmp(&b.0));
         near.truncate(4);
-        let e = (epoch.clamp(1, self.epochs) - 1) as usize;
         if near[0].0 < 1e-12 {
-            return self.curves[near[0].1][e];
+            return self.curves[near[0].1].clone();
         }
         let total: f64 = near.iter().map(|(d, _)| 1.0 / d).sum();
-        near.iter().map(|(d, i)| self.curves[*i][e] / d).sum::<f64>() / total
+        (0..self.epochs as usize)
+            .map(|e| near.iter().map(|(d, i)| self.curves[*i][e] / d).sum::<f64>() / total)
+            .collect()
     }
 }
 
@@ -311,8 +311,12 @@ fn main() -> Result<()> {
                 };
                 // Regret counts the best clean value reported (bench/search_regret.py's rule).
                 let mut best = f64::INFINITY;
+                // A trial asks for each of its epochs in turn: its curve is worked out once.
+                let mut curves: std::collections::HashMap<String, Vec<(f64, f64)>> = Default::default();
                 let mut source = |p: &Params, e: u64| {
-                    let (clean, noisy) = table.value(p, e);
+                    let key = serde_json::to_string(p).unwrap_or_default();
+                    let curve = curves.entry(key).or_insert_with(|| table.curve(p));
+                    let (clean, noisy) = curve[(e.clamp(1, curve.len() as u64) - 1) as usize];
                     best = best.min(clean);
                     noisy
                 };
