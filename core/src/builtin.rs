@@ -70,7 +70,31 @@ pub struct BuiltinSpec {
     /// Data-parallel trials: bytes of gradients fused into one all-reduce.
     #[serde(default = "default_bucket_bytes")]
     pub bucket_bytes: u64,
+    /// Arithmetic of the forward pass: `fp32`, or mixed precision (`bf16`, `fp16` with loss
+    /// scaling) with the weights and the optimiser kept in fp32.
+    #[serde(default)]
+    pub precision: Precision,
+    /// Threads that load and featurise the dataset (1 to 32); by default the slot's spare CPUs:
+    /// all but one on a GPU trial, one on a CPU trial.
+    #[serde(default)]
+    pub data_threads: Option<u32>,
 }
+
+/// The arithmetic of a builtin trial's forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// Everything in 32-bit floats.
+    #[default]
+    Fp32,
+    /// Autocast to bfloat16: fp32's range, so no loss scaling.
+    Bf16,
+    /// Autocast to float16 with dynamic loss scaling (fp16's range is small).
+    Fp16,
+}
+
+/// The most data loader threads a builtin trial may ask for.
+pub const MAX_DATA_THREADS: u32 = 32;
 
 /// 25 MiB, the size PyTorch DDP fuses by default: big enough to amortise a collective's latency.
 pub const DEFAULT_BUCKET_BYTES: u64 = 25 * 1024 * 1024;
@@ -166,6 +190,11 @@ impl BuiltinSpec {
         }
         if !(0.0..1.0).contains(&self.momentum) {
             out.push(("momentum", format!("must be in [0, 1), got {}", self.momentum)));
+        }
+        if let Some(n) = self.data_threads
+            && !(1..=MAX_DATA_THREADS).contains(&n)
+        {
+            out.push(("data_threads", format!("must be 1 to {MAX_DATA_THREADS}, got {n}")));
         }
         if !self.model.is_object() {
             out.push(("model", "must be a mapping describing the model".to_string()));

@@ -1,7 +1,6 @@
 //! Audio features for the trainer, computed on the loader's threads.
 
-use rustfft::num_complex::Complex;
-use rustfft::{Fft, FftPlanner};
+use realfft::{RealFftPlanner, RealToComplex};
 use std::sync::Arc;
 
 /// Bands of [`log_mel`].
@@ -21,6 +20,10 @@ fn mel_to_hz(mel: f32) -> f32 {
 /// A 64-band log-mel spectrogram with its FFT plan, window and filterbank computed once; build
 /// one per loader thread and reuse it (it is also `Send + Sync`, so one can be shared).
 ///
+/// The spectrum comes from a real-input FFT: a frame is real, so half of a complex transform's
+/// output mirrors the other half, and `realfft` computes only the half it needs (about half the
+/// work; the results agree with a complex FFT to rounding, see the tests).
+///
 /// Frames are 25 ms with a Hann window, every 10 ms, zero-padded to the next power of two (512
 /// points at 16 kHz); power spectra go through triangular filters spaced evenly on the HTK mel
 /// scale from 0 Hz to 8 kHz (or Nyquist, if lower), then `ln(x + 1e-6)`. There is no centring
@@ -31,7 +34,7 @@ pub struct LogMel {
     hop: usize,
     n_fft: usize,
     window: Vec<f32>,
-    fft: Arc<dyn Fft<f32>>,
+    fft: Arc<dyn RealToComplex<f32>>,
     /// Per band: first FFT bin and the weights from there on, so a frame touches only the bins
     /// a band covers.
     filters: Vec<(usize, Vec<f32>)>,
@@ -50,7 +53,7 @@ impl LogMel {
         let window = (0..win)
             .map(|i| 0.5 - 0.5 * (2.0 * std::f32::consts::PI * i as f32 / win as f32).cos())
             .collect();
-        let fft = FftPlanner::new().plan_fft_forward(n_fft);
+        let fft = RealFftPlanner::<f32>::new().plan_fft_forward(n_fft);
         let top = MAX_MEL_HZ.min(sr / 2.0);
         let mel_top = hz_to_mel(top);
         let edges: Vec<f32> = (0..MEL_BANDS + 2)
@@ -99,31 +102,39 @@ impl LogMel {
     pub fn compute(&self, audio: &[f32]) -> Vec<[f32; MEL_BANDS]> {
         let frames = self.frames(audio.len());
         let mut out = Vec::with_capacity(frames);
-        let mut buf = vec![Complex::new(0.0f32, 0.0); self.n_fft];
-        let mut scratch = vec![Complex::new(0.0f32, 0.0); self.fft.get_inplace_scratch_len()];
+        let mut buf = self.fft.make_input_vec();
+        let mut spectrum = self.fft.make_output_vec();
+        let mut scratch = self.fft.make_scratch_vec();
         let mut power = vec![0.0f32; self.n_fft / 2 + 1];
         for f in 0..frames {
             let start = f * self.hop;
             let chunk = &audio[start..(start + self.win).min(audio.len())];
+            // The transform overwrites its input, so every frame fills the whole buffer again.
             for (i, b) in buf.iter_mut().enumerate() {
-                let x = match chunk.get(i) {
-                    Some(&x) if i < self.win => x * self.window[i],
-                    _ => 0.0,
+                *b = match chunk.get(i) {
+                    Some(&x) => x * self.window[i],
+                    None => 0.0,
                 };
-                *b = Complex::new(x, 0.0);
             }
-            self.fft.process_with_scratch(&mut buf, &mut scratch);
-            for (p, b) in power.iter_mut().zip(&buf) {
+            self.fft
+                .process_with_scratch(&mut buf, &mut spectrum, &mut scratch)
+                .expect("buffers made by the plan have its lengths");
+            for (p, b) in power.iter_mut().zip(&spectrum) {
                 *p = b.norm_sqr();
             }
-            let mut row = [0.0f32; MEL_BANDS];
-            for (r, (first, weights)) in row.iter_mut().zip(&self.filters) {
-                let e: f32 = weights.iter().zip(&power[*first..]).map(|(w, p)| w * p).sum();
-                *r = (e + LOG_FLOOR).ln();
-            }
-            out.push(row);
+            out.push(self.bands(&power));
         }
         out
+    }
+
+    /// Filterbank energies of one power spectrum, then the log.
+    fn bands(&self, power: &[f32]) -> [f32; MEL_BANDS] {
+        let mut row = [0.0f32; MEL_BANDS];
+        for (r, (first, weights)) in row.iter_mut().zip(&self.filters) {
+            let e: f32 = weights.iter().zip(&power[*first..]).map(|(w, p)| w * p).sum();
+            *r = (e + LOG_FLOOR).ln();
+        }
+        row
     }
 }
 
@@ -192,6 +203,50 @@ mod tests {
         assert!(silent.iter().flatten().all(|v| (*v - 1e-6f32.ln()).abs() < 1e-3));
         // A short clip is zero-padded into one frame, not dropped.
         assert_eq!(lm.compute(&tone(1000.0, 0.01, 16_000)).len(), 1);
+    }
+
+    /// The real-input FFT gives the spectrum a plain DFT of the windowed, zero-padded frame does.
+    #[test]
+    fn the_real_fft_matches_a_direct_dft() {
+        let lm = LogMel::new(16_000);
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let noise: Vec<f32> = (0..2000)
+            .map(|_| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                (rng % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect();
+        let audio: Vec<f32> = tone(440.0, 0.125, 16_000)
+            .iter()
+            .zip(&noise)
+            .map(|(t, n)| t + 0.1 * n)
+            .collect();
+        let fast = lm.compute(&audio);
+        for f in [0, 3, fast.len() - 1] {
+            let frame: Vec<f64> = (0..lm.n_fft)
+                .map(|i| match audio.get(f * lm.hop + i) {
+                    Some(&x) if i < lm.win => (x * lm.window[i]) as f64,
+                    _ => 0.0,
+                })
+                .collect();
+            let power: Vec<f32> = (0..=lm.n_fft / 2)
+                .map(|k| {
+                    let (mut re, mut im) = (0.0f64, 0.0f64);
+                    for (i, x) in frame.iter().enumerate() {
+                        let a = -2.0 * std::f64::consts::PI * (k * i) as f64 / lm.n_fft as f64;
+                        re += x * a.cos();
+                        im += x * a.sin();
+                    }
+                    (re * re + im * im) as f32
+                })
+                .collect();
+            let direct = lm.bands(&power);
+            for (a, b) in fast[f].iter().zip(&direct) {
+                assert!((a - b).abs() < 1e-3, "frame {f}: {a} against {b}");
+            }
+        }
     }
 
     #[test]

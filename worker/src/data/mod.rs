@@ -1,8 +1,9 @@
 //! What the trainer eats: batches of tensors with per-sample modality masks, from a
 //! [`BatchSource`] that can say where it is (a [`DataCursor`]) and go back there on resume.
 //!
-//! Sources own their I/O and decoding; the trainer never waits on storage itself. For now the only
-//! source is [`synthetic::SyntheticSource`]; the shard reader plugs in behind the same trait.
+//! Sources own their I/O and decoding; the trainer never waits on storage itself:
+//! [`shards::ShardSource`] reads the dataset format, [`synthetic::SyntheticSource`] makes data in
+//! memory for tests and benchmarks.
 
 pub mod shards;
 pub mod synthetic;
@@ -130,6 +131,13 @@ pub trait BatchSource: Send {
     /// Starts the training pass of `epoch` from its first batch.
     fn begin_epoch(&mut self, epoch: u64) -> Result<(), WorkerError>;
 
+    /// Names the pass after the current one (the whole of `epoch`), so a source that prepares
+    /// batches ahead may go on into it before the current pass ends. A hint: what the next
+    /// `begin_epoch` or `seek` asks for is what counts.
+    fn prefetch_epoch(&mut self, epoch: u64) {
+        let _ = epoch;
+    }
+
     /// The next training batch of the current pass, or `None` at its end.
     fn next_train(&mut self) -> Result<Option<Batch>, WorkerError>;
 
@@ -156,6 +164,11 @@ pub trait BatchSource: Send {
         Err(WorkerError::Data(
             "this data source is not sharded, so it cannot be split between ranks".into(),
         ))
+    }
+
+    /// [`BatchSource::prefetch_epoch`] for a data-parallel rank: its spans of the next epoch.
+    fn prefetch_spans(&mut self, epoch: u64, spans: &[ShardSpan]) {
+        let _ = (epoch, spans);
     }
 
     /// The sample keys of the batch `next_train` returned last, where the source knows them.

@@ -1,11 +1,22 @@
 //! Batches from a sharded dataset in object storage (the `chorus-dataset` format).
 //!
 //! The source reads only the shards it is given, keeps a bounded copy of them on local disk,
-//! and decodes, featurises and batches on a background thread a few batches ahead, so the
-//! training thread waits on storage only when the cache is cold. The order of an epoch is a
-//! function of (seed, epoch) alone: the shards are shuffled, then the samples inside each shard,
-//! so a cursor (epoch, batch) names a position that seeking can reach again without decoding
-//! the shards before it.
+//! and decodes, featurises and batches them ahead of the trainer, so the training thread waits
+//! on storage only when the cache is cold. The order of an epoch is a function of (seed, epoch)
+//! alone: the shards are shuffled, then the samples inside each shard, so a cursor (epoch,
+//! batch) names a position that seeking can reach again without decoding the shards before it.
+//!
+//! A fast GPU eats batches faster than one thread can make them, so the work is split:
+//! - **Loaders** (`threads` of them) each take one shard at a time (read from the cache or the
+//!   store, checked, parsed, shuffled, featurised). With one thread the producer loads inline,
+//!   as a single thread always did.
+//! - **The producer** takes the loaders' results back in the order they were handed out (a
+//!   bounded window of `threads + 1` shards), cuts them into batches and queues `prefetch`
+//!   batches for the trainer. The batches are therefore identical for any thread count.
+//! - **Passes run back to back.** When the trainer names the pass after the current one
+//!   ([`BatchSource::prefetch_epoch`], [`BatchSource::prefetch_spans`]), the producer goes on
+//!   into it as soon as the current pass's shards are handed out, so the next epoch's first
+//!   batches are ready when it begins instead of waiting for a whole shard to decode.
 
 use super::{Batch, BatchSource, DataCursor};
 use crate::error::WorkerError;
@@ -18,7 +29,7 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use tch::Tensor;
@@ -37,7 +48,14 @@ pub struct ShardSourceConfig {
     pub cache_dir: PathBuf,
     /// Bytes of shards kept on local disk; the least recently used go first.
     pub cache_bytes: u64,
+    /// Threads that load and featurise shards, 1 to [`MAX_LOADER_THREADS`]. The batches do not
+    /// depend on it.
+    pub threads: usize,
 }
+
+/// Loader threads a source may run: beyond this the producer's batching, not featurisation,
+/// limits the pace, and every loader holds a shard's samples in memory.
+pub const MAX_LOADER_THREADS: usize = chorus_core::builtin::MAX_DATA_THREADS as usize;
 
 /// One sample, decoded and featurised, ready to be stacked into a batch.
 struct Prepared {
@@ -48,7 +66,7 @@ struct Prepared {
     label: i64,
 }
 
-/// What the producer thread shares with the source.
+/// What the producer and the loaders share with the source.
 struct Shared {
     storage: Storage,
     manifest: Manifest,
@@ -67,13 +85,66 @@ pub struct ShardSource {
     cursor: DataCursor,
     producer: Option<Producer>,
     last_keys: Vec<String>,
+    /// Producers started: a pass taken over from a running producer starts none.
+    starts: u64,
 }
 
 /// A batch and the keys of its samples.
 type Keyed = (Batch, Vec<String>);
 
+/// What the producer sends the trainer's side.
+enum Msg {
+    Batch(Keyed),
+    /// The pass of this epoch is over; the producer goes on with the next pass it was given.
+    End(u64),
+    Failed(WorkerError),
+}
+
+/// Some samples of one shard, shuffled as their pass draws them: the loaders' unit of work.
+#[derive(Debug, Clone)]
+struct Job {
+    shard: ShardInfo,
+    /// The shuffle of the shard's samples: a ChaCha8 seed and stream.
+    seed: u64,
+    stream: u64,
+    /// The samples taken after the shuffle: `start..end` (`None`: to the shard's end).
+    start: u64,
+    end: Option<u64>,
+}
+
+/// Which pass a producer was given, to tell whether a later `begin_*` can take it over.
+#[derive(Debug, Clone, PartialEq)]
+enum PassKey {
+    /// A whole epoch from its first batch (single-rank).
+    Epoch(u64),
+    /// A data-parallel rank's spans of an epoch.
+    Spans(u64, Vec<ShardSpan>),
+    /// An epoch from a batch other than the first (a seek): never taken over.
+    Resumed(u64, u64),
+}
+
+impl PassKey {
+    fn epoch(&self) -> u64 {
+        match self {
+            PassKey::Epoch(e) | PassKey::Spans(e, _) | PassKey::Resumed(e, _) => *e,
+        }
+    }
+}
+
+/// The training pass of one epoch: its shards' jobs in order.
+struct Pass {
+    epoch: u64,
+    jobs: Vec<Job>,
+}
+
 struct Producer {
-    batches: Option<Receiver<Result<Keyed, WorkerError>>>,
+    batches: Option<Receiver<Msg>>,
+    /// Passes after the current one; dropping it lets the producer end once they are done.
+    passes: Option<Sender<Pass>>,
+    /// The passes handed to the producer whose end the trainer has not read yet, in order.
+    given: VecDeque<PassKey>,
+    /// The trainer read the end of a pass and has not begun the next.
+    between: bool,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -81,10 +152,56 @@ struct Producer {
 impl Drop for Producer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        // Dropping the receiver fails a send the producer may be blocked in.
+        // Dropping the receiver fails a send the producer may be blocked in, and dropping the
+        // pass sender ends its wait for the next pass.
         self.batches.take();
+        self.passes.take();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+impl Producer {
+    /// Starts a producer on `first`; the loaders are its scoped threads, so they end with it.
+    fn start(shared: Arc<Shared>, first: Pass, key: PassKey) -> Result<Producer, WorkerError> {
+        let (tx, rx) = sync_channel(shared.config.prefetch.max(1));
+        let (passes_tx, passes_rx) = channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_flag = stop.clone();
+        let epoch = first.epoch;
+        // The receiver is alive until the thread starts, so this cannot fail.
+        let _ = passes_tx.send(first);
+        let thread = std::thread::Builder::new()
+            .name(format!("chorus-data-e{epoch}"))
+            .spawn(move || produce(&shared, passes_rx, &tx, &stop_flag))
+            .map_err(|e| WorkerError::Task(format!("cannot start the data thread: {e}")))?;
+        Ok(Producer {
+            batches: Some(rx),
+            passes: Some(passes_tx),
+            given: VecDeque::from([key]),
+            between: false,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands the producer the pass after those it has.
+    fn then(&mut self, pass: Pass, key: PassKey) {
+        if let Some(tx) = &self.passes
+            && tx.send(pass).is_ok()
+        {
+            self.given.push_back(key);
+        }
+    }
+
+    /// Takes the next pass over if it is `key` and the trainer has read the end of the one before.
+    fn take_over(&mut self, key: &PassKey) -> bool {
+        if self.between && self.given.front() == Some(key) {
+            self.between = false;
+            true
+        } else {
+            false
         }
     }
 }
@@ -104,6 +221,12 @@ impl ShardSource {
             return Err(WorkerError::Data(
                 "batch_size, text_len and audio_frames must be positive".into(),
             ));
+        }
+        if !(1..=MAX_LOADER_THREADS).contains(&config.threads) {
+            return Err(WorkerError::Data(format!(
+                "{} data loader threads asked for; 1 to {MAX_LOADER_THREADS} can run",
+                config.threads
+            )));
         }
         let train: Vec<ShardInfo> = match train {
             None => manifest.shards_in(Split::Train).cloned().collect(),
@@ -137,7 +260,8 @@ impl ShardSource {
         let val: Vec<ShardInfo> = shared.manifest.shards_in(Split::Val).cloned().collect();
         let mut pending: Vec<Prepared> = Vec::new();
         for shard in &val {
-            pending.extend(shared.load(shard)?);
+            let samples = shared.decode(shard)?;
+            pending.extend(samples.into_iter().map(|s| shared.prepare(s)));
             while pending.len() as i64 >= shared.config.batch_size {
                 let rest = pending.split_off(shared.config.batch_size as usize);
                 validation.push(shared.batch(std::mem::replace(&mut pending, rest)));
@@ -155,36 +279,72 @@ impl ShardSource {
             cursor: DataCursor::default(),
             producer: None,
             last_keys: Vec::new(),
+            starts: 0,
         })
     }
 
-    /// Starts producing `epoch` from batch `skip_batches` on.
-    fn start(&mut self, epoch: u64, skip_batches: u64) {
-        self.producer = None;
-        let (tx, rx) = sync_channel(self.shared.config.prefetch.max(1));
-        let stop = Arc::new(AtomicBool::new(false));
-        let order = epoch_order(&self.train, self.shared.config.seed, epoch);
-        let shared = self.shared.clone();
-        let stop_flag = stop.clone();
-        let skip_samples = skip_batches * shared.config.batch_size as u64;
-        let thread = std::thread::Builder::new()
-            .name(format!("chorus-data-e{epoch}"))
-            .spawn(move || produce(shared, order, epoch, skip_samples, tx, stop_flag))
-            .expect("spawn data thread");
-        self.install(rx, stop, thread);
+    /// Begins the pass `key` from its batch `batch`: takes it over from the running producer
+    /// when that one has it next, else starts a producer on `pass`.
+    fn begin(&mut self, key: PassKey, epoch: u64, batch: u64, pass: Pass) -> Result<(), WorkerError> {
+        let taken = self.producer.as_mut().is_some_and(|p| p.take_over(&key));
+        if !taken {
+            // The old producer (and its loaders) end before the new one starts.
+            self.producer = None;
+            self.producer = Some(Producer::start(self.shared.clone(), pass, key)?);
+            self.starts += 1;
+        }
         self.cursor = DataCursor {
             epoch,
-            batch: skip_batches,
+            batch,
             detail: serde_json::Value::Null,
         };
+        Ok(())
     }
 
-    fn install(&mut self, rx: Receiver<Result<Keyed, WorkerError>>, stop: Arc<AtomicBool>, thread: JoinHandle<()>) {
-        self.producer = Some(Producer {
-            batches: Some(rx),
-            stop,
-            thread: Some(thread),
-        });
+    /// The single-rank pass of `epoch`, from batch `skip_batches` on.
+    fn epoch_pass(&self, epoch: u64, skip_batches: u64) -> Pass {
+        let mut skip = skip_batches.saturating_mul(self.shared.config.batch_size as u64);
+        let mut jobs = Vec::new();
+        for (i, shard) in epoch_order(&self.train, self.shared.config.seed, epoch).into_iter().enumerate() {
+            // Whole shards before the cursor are skipped without being read.
+            if skip >= shard.samples {
+                skip -= shard.samples;
+                continue;
+            }
+            jobs.push(Job {
+                shard,
+                seed: self.shared.config.seed ^ 0x0053_4841_5244_u64,
+                stream: epoch.wrapping_mul(1_000_003).wrapping_add(i as u64),
+                start: skip,
+                end: None,
+            });
+            skip = 0;
+        }
+        Pass { epoch, jobs }
+    }
+
+    /// A data-parallel rank's pass: the samples of `spans` in order, a span's samples taken from
+    /// its shard in the order drawn from (seed, epoch, shard key), which no plan around it changes.
+    fn spans_pass(&self, epoch: u64, spans: &[ShardSpan]) -> Result<Pass, WorkerError> {
+        let jobs = spans
+            .iter()
+            .map(|span| {
+                let shard = self.shared.manifest.shard(&span.shard).cloned().ok_or_else(|| {
+                    WorkerError::Data(format!(
+                        "shard {} of the plan is not in the dataset's manifest",
+                        span.shard
+                    ))
+                })?;
+                Ok(Job {
+                    shard,
+                    seed: self.shared.config.seed ^ crc32c::crc32c(span.shard.as_bytes()) as u64,
+                    stream: epoch,
+                    start: span.start,
+                    end: Some(span.end),
+                })
+            })
+            .collect::<Result<_, WorkerError>>()?;
+        Ok(Pass { epoch, jobs })
     }
 }
 
@@ -197,123 +357,180 @@ fn epoch_order(train: &[ShardInfo], seed: u64, epoch: u64) -> Vec<ShardInfo> {
     order
 }
 
-/// A data-parallel rank's pass: the samples of `spans` in order, a span's samples taken from its
-/// shard in the order drawn from (seed, epoch, shard key), which no plan around it changes.
-fn produce_spans(
-    shared: Arc<Shared>,
-    spans: Vec<ShardSpan>,
-    epoch: u64,
-    tx: SyncSender<Result<Keyed, WorkerError>>,
-    stop: Arc<AtomicBool>,
-) {
-    let b = shared.config.batch_size as usize;
-    let mut pending: VecDeque<Prepared> = VecDeque::new();
-    for span in &spans {
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
-        let shard = match shared.manifest.shard(&span.shard) {
-            Some(s) => s.clone(),
-            None => {
-                let _ = tx.send(Err(WorkerError::Data(format!(
-                    "shard {} of the plan is not in the dataset's manifest",
-                    span.shard
-                ))));
-                return;
-            }
-        };
-        let mut samples = match shared.load(&shard) {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = tx.send(Err(e));
-                return;
-            }
-        };
-        if span.end > samples.len() as u64 {
-            let _ = tx.send(Err(WorkerError::Data(format!(
-                "shard {} holds {} samples; the plan reads up to {}",
-                span.shard,
-                samples.len(),
-                span.end
-            ))));
-            return;
-        }
-        let mut rng = ChaCha8Rng::seed_from_u64(shared.config.seed ^ crc32c::crc32c(span.shard.as_bytes()) as u64);
-        rng.set_stream(epoch);
-        samples.shuffle(&mut rng);
-        pending.extend(samples.drain(span.start as usize..span.end as usize));
-        while pending.len() >= b {
-            let batch: Vec<Prepared> = pending.drain(..b).collect();
-            if tx.send(Ok(shared.keyed_batch(batch))).is_err() {
-                return;
-            }
-        }
-    }
-    if !pending.is_empty() {
-        let _ = tx.send(Ok(shared.keyed_batch(pending.into_iter().collect())));
-    }
+/// What a loader sends back for one job.
+type Loaded = Result<Vec<Prepared>, WorkerError>;
+
+/// A job's result as the producer waits for it, in the order the jobs were handed out.
+enum Slot {
+    /// Loaded inline (one thread).
+    Ready(Loaded),
+    Loading(Receiver<Loaded>),
+    /// The pass of this epoch has no more jobs.
+    End(u64),
 }
 
-fn produce(
-    shared: Arc<Shared>,
-    order: Vec<ShardInfo>,
-    epoch: u64,
-    mut skip: u64,
-    tx: SyncSender<Result<Keyed, WorkerError>>,
-    stop: Arc<AtomicBool>,
-) {
+type Work = (Job, SyncSender<Loaded>);
+
+/// The producer thread: runs the passes it is given, in order, until the source hangs up.
+fn produce(shared: &Shared, passes: Receiver<Pass>, tx: &SyncSender<Msg>, stop: &AtomicBool) {
+    let threads = shared.config.threads.clamp(1, MAX_LOADER_THREADS);
+    if threads == 1 {
+        return drive(shared, &passes, tx, stop, None);
+    }
+    let (work_tx, work_rx) = channel::<Work>();
+    let work_rx = Mutex::new(work_rx);
+    std::thread::scope(|s| {
+        for i in 0..threads {
+            let work_rx = &work_rx;
+            let spawned = std::thread::Builder::new()
+                .name(format!("chorus-load-{i}"))
+                .spawn_scoped(s, move || {
+                    loop {
+                        // Idle loaders queue on the lock; the one holding it waits in `recv`.
+                        let next = work_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let Ok((job, reply)) = next else { return };
+                        let _ = reply.send(shared.load(&job));
+                    }
+                });
+            if let Err(e) = spawned {
+                let _ = tx.send(Msg::Failed(WorkerError::Task(format!(
+                    "cannot start a data loader thread: {e}"
+                ))));
+                // Dropping the work sender ends the loaders already started.
+                return;
+            }
+        }
+        // `drive` owns the work sender: when it returns, the loaders' `recv` fails and they end.
+        drive(shared, &passes, tx, stop, Some(work_tx));
+    });
+}
+
+/// Hands out jobs (to the loaders, or loads them inline without any), takes their results back
+/// in order, and sends the batches they make and the end of each pass.
+fn drive(shared: &Shared, passes: &Receiver<Pass>, tx: &SyncSender<Msg>, stop: &AtomicBool, work: Option<Sender<Work>>) {
     let b = shared.config.batch_size as usize;
+    // Jobs handed out and not yet batched, at most: every loader busy and one result waiting.
+    let window = work.as_ref().map_or(1, |_| shared.config.threads + 1);
+    let mut slots: VecDeque<Slot> = VecDeque::new();
+    let mut loading = 0usize;
+    let mut jobs: VecDeque<Job> = VecDeque::new();
+    // The epoch whose jobs are being handed out, until its end is queued.
+    let mut open: Option<u64> = None;
     let mut pending: VecDeque<Prepared> = VecDeque::new();
-    for (i, shard) in order.iter().enumerate() {
+    loop {
         if stop.load(Ordering::Relaxed) {
             return;
         }
-        // Whole shards before the cursor are skipped without being read.
-        if skip >= shard.samples {
-            skip -= shard.samples;
-            continue;
-        }
-        let mut samples = match shared.load(shard) {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = tx.send(Err(e));
-                return;
+        while loading < window {
+            if let Some(job) = jobs.pop_front() {
+                slots.push_back(match &work {
+                    None => Slot::Ready(shared.load(&job)),
+                    Some(work) => {
+                        let (reply, result) = sync_channel(1);
+                        if work.send((job, reply)).is_err() {
+                            return;
+                        }
+                        Slot::Loading(result)
+                    }
+                });
+                loading += 1;
+                continue;
             }
+            if let Some(epoch) = open.take() {
+                slots.push_back(Slot::End(epoch));
+            }
+            // Block for the next pass only with nothing else to do; a hang-up ends the thread.
+            let next = if slots.is_empty() {
+                passes.recv().ok()
+            } else {
+                passes.try_recv().ok()
+            };
+            match next {
+                Some(pass) => {
+                    jobs = pass.jobs.into();
+                    open = Some(pass.epoch);
+                }
+                None if slots.is_empty() => return,
+                None => break,
+            }
+        }
+        let Some(slot) = slots.pop_front() else { continue };
+        let loaded = match slot {
+            Slot::End(epoch) => {
+                if !pending.is_empty() {
+                    let batch = shared.keyed_batch(pending.drain(..).collect());
+                    if tx.send(Msg::Batch(batch)).is_err() {
+                        return;
+                    }
+                }
+                if tx.send(Msg::End(epoch)).is_err() {
+                    return;
+                }
+                continue;
+            }
+            Slot::Ready(r) => r,
+            Slot::Loading(rx) => rx
+                .recv()
+                .unwrap_or_else(|_| Err(WorkerError::Task("a data loader thread stopped".into()))),
         };
-        let mut rng = ChaCha8Rng::seed_from_u64(shared.config.seed ^ 0x0053_4841_5244_u64);
-        rng.set_stream(epoch.wrapping_mul(1_000_003).wrapping_add(i as u64));
-        samples.shuffle(&mut rng);
-        pending.extend(samples.into_iter().skip(skip as usize));
-        skip = 0;
-        while pending.len() >= b {
-            let batch: Vec<Prepared> = pending.drain(..b).collect();
-            if tx.send(Ok(shared.keyed_batch(batch))).is_err() {
+        loading -= 1;
+        match loaded {
+            Ok(samples) => pending.extend(samples),
+            Err(e) => {
+                let _ = tx.send(Msg::Failed(e));
                 return;
             }
         }
-    }
-    if !pending.is_empty() {
-        let _ = tx.send(Ok(shared.keyed_batch(pending.into_iter().collect())));
+        while pending.len() >= b {
+            let batch = shared.keyed_batch(pending.drain(..b).collect());
+            if tx.send(Msg::Batch(batch)).is_err() {
+                return;
+            }
+        }
     }
 }
 
 impl Shared {
-    /// A shard's samples, decoded and featurised; from the local cache when it holds a good copy.
-    fn load(&self, shard: &ShardInfo) -> Result<Vec<Prepared>, WorkerError> {
-        let cached = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(shard);
-        let bytes = match cached {
-            Some(b) => b,
-            None => {
-                let b = self
-                    .runtime
-                    .block_on(fetch_shard(&self.storage, shard))
-                    .map_err(|e| WorkerError::Data(e.to_string()))?;
-                self.cache.lock().unwrap_or_else(|p| p.into_inner()).put(shard, &b);
-                b.to_vec()
-            }
-        };
-        let samples = parse_shard(&shard.key, &bytes, &self.manifest).map_err(|e| WorkerError::Data(e.to_string()))?;
-        Ok(samples.into_iter().map(|s| self.prepare(s)).collect())
+    /// A shard's bytes, from the local cache when it holds a good copy, else from the store
+    /// (checked, then cached).
+    fn bytes(&self, shard: &ShardInfo) -> Result<Vec<u8>, WorkerError> {
+        if let Some(b) = cache_get(&self.cache, shard) {
+            return Ok(b);
+        }
+        let b = self
+            .runtime
+            .block_on(fetch_shard(&self.storage, shard))
+            .map_err(|e| WorkerError::Data(e.to_string()))?;
+        cache_put(&self.cache, shard, &b);
+        Ok(b.to_vec())
+    }
+
+    /// A shard's samples, decoded, in the shard's order.
+    fn decode(&self, shard: &ShardInfo) -> Result<Vec<Sample>, WorkerError> {
+        let bytes = self.bytes(shard)?;
+        parse_shard(&shard.key, &bytes, &self.manifest).map_err(|e| WorkerError::Data(e.to_string()))
+    }
+
+    /// A job's samples: its shard decoded and shuffled, the job's range featurised. Only the
+    /// range is featurised (a resumed pass skips the samples before its cursor); the shuffle
+    /// depends on the shard's length alone, so it is the one a whole shard would get.
+    fn load(&self, job: &Job) -> Loaded {
+        let mut samples = self.decode(&job.shard)?;
+        let len = samples.len() as u64;
+        let end = job.end.unwrap_or(len);
+        if end > len || job.start > end {
+            return Err(WorkerError::Data(format!(
+                "shard {} holds {len} samples; the plan reads {}..{end}",
+                job.shard.key, job.start
+            )));
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(job.seed);
+        rng.set_stream(job.stream);
+        samples.shuffle(&mut rng);
+        Ok(samples
+            .drain(job.start as usize..end as usize)
+            .map(|s| self.prepare(s))
+            .collect())
     }
 
     fn prepare(&self, s: Sample) -> Prepared {
@@ -384,23 +601,54 @@ impl BatchSource for ShardSource {
     }
 
     fn begin_epoch(&mut self, epoch: u64) -> Result<(), WorkerError> {
-        self.start(epoch, 0);
-        Ok(())
+        let pass = self.epoch_pass(epoch, 0);
+        self.begin(PassKey::Epoch(epoch), epoch, 0, pass)
+    }
+
+    fn prefetch_epoch(&mut self, epoch: u64) {
+        let pass = self.epoch_pass(epoch, 0);
+        if let Some(p) = &mut self.producer {
+            p.then(pass, PassKey::Epoch(epoch));
+        }
     }
 
     fn next_train(&mut self) -> Result<Option<Batch>, WorkerError> {
-        let Some(rx) = self.producer.as_ref().and_then(|p| p.batches.as_ref()) else {
+        let Some(p) = self.producer.as_mut() else {
+            return Ok(None);
+        };
+        if p.between {
+            return Ok(None);
+        }
+        let Some(rx) = p.batches.as_ref() else {
             return Ok(None);
         };
         match rx.recv() {
-            Ok(Ok((batch, keys))) => {
+            Ok(Msg::Batch((batch, keys))) => {
                 self.cursor.batch += 1;
                 self.last_keys = keys;
                 Ok(Some(batch))
             }
-            Ok(Err(e)) => Err(e),
-            // The producer hung up: the epoch is over.
-            Err(_) => Ok(None),
+            Ok(Msg::End(epoch)) => {
+                let ended = p.given.pop_front();
+                if ended.as_ref().map(PassKey::epoch) != Some(epoch) {
+                    self.producer = None;
+                    return Err(WorkerError::Data(format!(
+                        "the data thread ended the pass of epoch {epoch}; {ended:?} was expected"
+                    )));
+                }
+                p.between = true;
+                Ok(None)
+            }
+            Ok(Msg::Failed(e)) => {
+                self.producer = None;
+                Err(e)
+            }
+            Err(_) => {
+                self.producer = None;
+                Err(WorkerError::Data(
+                    "the data thread stopped before the end of the pass".into(),
+                ))
+            }
         }
     }
 
@@ -409,8 +657,14 @@ impl BatchSource for ShardSource {
     }
 
     fn seek(&mut self, cursor: &DataCursor) -> Result<(), WorkerError> {
-        self.start(cursor.epoch, cursor.batch);
-        Ok(())
+        let (epoch, batch) = (cursor.epoch, cursor.batch);
+        let key = if batch == 0 {
+            PassKey::Epoch(epoch)
+        } else {
+            PassKey::Resumed(epoch, batch)
+        };
+        let pass = self.epoch_pass(epoch, batch);
+        self.begin(key, epoch, batch, pass)
     }
 
     fn validation(&mut self) -> Box<dyn Iterator<Item = Result<Batch, WorkerError>> + '_> {
@@ -429,21 +683,16 @@ impl BatchSource for ShardSource {
     }
 
     fn begin_spans(&mut self, epoch: u64, spans: &[ShardSpan]) -> Result<(), WorkerError> {
-        self.producer = None;
-        let (tx, rx) = sync_channel(self.shared.config.prefetch.max(1));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (shared, stop_flag, spans) = (self.shared.clone(), stop.clone(), spans.to_vec());
-        let thread = std::thread::Builder::new()
-            .name(format!("chorus-data-e{epoch}"))
-            .spawn(move || produce_spans(shared, spans, epoch, tx, stop_flag))
-            .map_err(|e| WorkerError::Task(format!("cannot start the data thread: {e}")))?;
-        self.install(rx, stop, thread);
-        self.cursor = DataCursor {
-            epoch,
-            batch: 0,
-            detail: serde_json::Value::Null,
-        };
-        Ok(())
+        let pass = self.spans_pass(epoch, spans)?;
+        self.begin(PassKey::Spans(epoch, spans.to_vec()), epoch, 0, pass)
+    }
+
+    fn prefetch_spans(&mut self, epoch: u64, spans: &[ShardSpan]) {
+        // A plan naming a shard the manifest lacks fails when its pass begins, not here.
+        let Ok(pass) = self.spans_pass(epoch, spans) else { return };
+        if let Some(p) = &mut self.producer {
+            p.then(pass, PassKey::Spans(epoch, spans.to_vec()));
+        }
     }
 
     fn last_keys(&self) -> Vec<String> {
@@ -451,12 +700,15 @@ impl BatchSource for ShardSource {
     }
 }
 
-/// Shards on local disk, named by key and checksum, evicted least recently used first.
+/// Shards on local disk, named by key and checksum, evicted least recently used first. The
+/// loaders share it: the lock covers the bookkeeping only, never a file's read or write.
 struct ShardCache {
     dir: PathBuf,
     budget: u64,
     /// (file name, bytes), most recently used last.
     entries: Vec<(String, u64)>,
+    /// Bytes of copies being written, counted against the budget until they are in `entries`.
+    reserved: u64,
 }
 
 impl ShardCache {
@@ -465,6 +717,7 @@ impl ShardCache {
             dir,
             budget,
             entries: Vec::new(),
+            reserved: 0,
         }
     }
 
@@ -472,38 +725,313 @@ impl ShardCache {
         format!("{:08x}-{}", shard.crc32c, shard.key)
     }
 
-    /// The cached bytes, if present and still matching the manifest.
-    fn get(&mut self, shard: &ShardInfo) -> Option<Vec<u8>> {
+    /// Where a cached copy of `shard` lies, marked as just used, if the cache has one.
+    fn lookup(&mut self, shard: &ShardInfo) -> Option<PathBuf> {
         let name = Self::name(shard);
         let pos = self.entries.iter().position(|(n, _)| *n == name)?;
         let entry = self.entries.remove(pos);
-        match std::fs::read(self.dir.join(&name)) {
-            Ok(bytes) if shard.verify(&bytes).is_ok() => {
-                self.entries.push(entry);
-                Some(bytes)
-            }
-            _ => {
-                let _ = std::fs::remove_file(self.dir.join(&name));
-                None
-            }
-        }
+        self.entries.push(entry);
+        Some(self.dir.join(name))
     }
 
-    fn put(&mut self, shard: &ShardInfo, bytes: &[u8]) {
-        if bytes.len() as u64 > self.budget {
-            return;
+    /// Drops a copy that turned out bad or vanished.
+    fn forget(&mut self, shard: &ShardInfo) {
+        let name = Self::name(shard);
+        self.entries.retain(|(n, _)| *n != name);
+        let _ = std::fs::remove_file(self.dir.join(name));
+    }
+
+    /// Makes room for `bytes` and names the file a new copy goes to, or `None` when it cannot fit.
+    fn admit(&mut self, shard: &ShardInfo, bytes: u64) -> Option<(PathBuf, PathBuf)> {
+        if bytes > self.budget {
+            return None;
         }
-        while self.entries.iter().map(|e| e.1).sum::<u64>() + bytes.len() as u64 > self.budget {
+        let name = Self::name(shard);
+        while self.entries.iter().map(|e| e.1).sum::<u64>() + self.reserved + bytes > self.budget {
+            if self.entries.is_empty() {
+                // Copies being written fill the budget; this one is not kept.
+                return None;
+            }
             let (old, _) = self.entries.remove(0);
             let _ = std::fs::remove_file(self.dir.join(old));
         }
+        self.reserved += bytes;
+        // A temporary name per thread: two loaders may fetch the same shard at once.
+        let tmp = format!(".{name}.{:?}.tmp", std::thread::current().id());
+        Some((self.dir.join(tmp), self.dir.join(name)))
+    }
+
+    /// Ends an admission: the copy is listed once its file is in place, and only then.
+    fn settle(&mut self, shard: &ShardInfo, bytes: u64, written: bool) {
+        self.reserved -= bytes;
         let name = Self::name(shard);
-        let tmp = self.dir.join(format!(".{name}.tmp"));
-        if std::fs::write(&tmp, bytes)
-            .and_then(|_| std::fs::rename(&tmp, self.dir.join(&name)))
-            .is_ok()
-        {
-            self.entries.push((name, bytes.len() as u64));
+        self.entries.retain(|(n, _)| *n != name);
+        if written {
+            self.entries.push((name, bytes));
+        }
+    }
+}
+
+/// The cached bytes of `shard`, if the cache holds a copy that still matches the manifest.
+fn cache_get(cache: &Mutex<ShardCache>, shard: &ShardInfo) -> Option<Vec<u8>> {
+    let path = cache.lock().unwrap_or_else(|p| p.into_inner()).lookup(shard)?;
+    match std::fs::read(&path) {
+        Ok(bytes) if shard.verify(&bytes).is_ok() => Some(bytes),
+        _ => {
+            cache.lock().unwrap_or_else(|p| p.into_inner()).forget(shard);
+            None
+        }
+    }
+}
+
+/// Keeps a copy of a checked shard; a failed write only costs the next read a fetch.
+fn cache_put(cache: &Mutex<ShardCache>, shard: &ShardInfo, bytes: &[u8]) {
+    let Some((tmp, path)) = cache.lock().unwrap_or_else(|p| p.into_inner()).admit(shard, bytes.len() as u64) else {
+        return;
+    };
+    let written = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, &path)).is_ok();
+    if !written {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+    cache.settle(shard, bytes.len() as u64, written);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chorus_core::shards::plan_epoch;
+    use chorus_core::storage::{self, StorageOptions, StorageUri};
+    use chorus_dataset::{SynthOptions, synth};
+
+    /// A synthetic dataset of `samples` in 10 shards (8 train) in a store of its own.
+    struct Fixture {
+        rt: tokio::runtime::Runtime,
+        storage: Storage,
+        manifest: Manifest,
+        dir: tempfile::TempDir,
+    }
+
+    fn fixture(name: &str, samples: u64) -> Fixture {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let storage = storage::open(
+            &StorageUri::parse(&format!("memory://shards-{name}")).unwrap(),
+            &StorageOptions::default(),
+        )
+        .unwrap();
+        let opts = SynthOptions {
+            name: name.into(),
+            samples,
+            shards: 10,
+            seed: 3,
+            ..Default::default()
+        };
+        let manifest = rt.block_on(synth(storage.clone(), &opts, false)).unwrap();
+        Fixture {
+            rt,
+            storage,
+            manifest,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    impl Fixture {
+        fn source(&self, threads: usize, cache_bytes: u64) -> ShardSource {
+            let config = ShardSourceConfig {
+                batch_size: 16,
+                seed: 5,
+                text_len: 8,
+                audio_frames: 20,
+                prefetch: 2,
+                cache_dir: self.dir.path().join(format!("cache-{threads}-{cache_bytes}")),
+                cache_bytes,
+                threads,
+            };
+            ShardSource::open(
+                self.storage.clone(),
+                self.manifest.clone(),
+                None,
+                config,
+                self.rt.handle().clone(),
+            )
+            .unwrap()
+        }
+    }
+
+    /// What a batch holds, exactly: its keys and the bits of every tensor.
+    fn fingerprint(source: &ShardSource, b: &Batch) -> (Vec<String>, Vec<u32>) {
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v: Vec<f32> = Vec::try_from(t.to_kind(tch::Kind::Float).flatten(0, -1)).unwrap();
+            v.into_iter().map(f32::to_bits).collect()
+        };
+        let mut all = Vec::new();
+        for t in [&b.image, &b.text, &b.audio].into_iter().flatten() {
+            all.extend(bits(t));
+        }
+        all.extend(bits(&b.mask));
+        all.extend(bits(&b.labels));
+        (source.last_keys(), all)
+    }
+
+    fn pass(source: &mut ShardSource) -> Vec<(Vec<String>, Vec<u32>)> {
+        let mut out = Vec::new();
+        while let Some(b) = source.next_train().unwrap() {
+            out.push(fingerprint(source, &b));
+        }
+        out
+    }
+
+    /// Two epochs as the trainer runs them: each begun, the next named ahead.
+    fn two_epochs(source: &mut ShardSource) -> Vec<Vec<(Vec<String>, Vec<u32>)>> {
+        (0..2)
+            .map(|e| {
+                source.begin_epoch(e).unwrap();
+                if e == 0 {
+                    source.prefetch_epoch(1);
+                }
+                pass(source)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn batches_are_identical_for_any_thread_count() {
+        let f = fixture("threads", 400);
+        let one = two_epochs(&mut f.source(1, 1 << 30));
+        let steps = f.source(1, 1 << 30).steps_per_epoch() as usize;
+        assert_eq!(one[0].len(), steps);
+        assert_ne!(one[0], one[1], "each epoch has its own order");
+        for threads in [2, 3, 8] {
+            assert_eq!(two_epochs(&mut f.source(threads, 1 << 30)), one, "{threads} threads");
+        }
+        // A cache too small for one shard, and one that holds about two: loaders racing on
+        // fetches and evictions still give the same batches.
+        let shard = f.manifest.shards.iter().map(|s| s.bytes).max().unwrap();
+        assert_eq!(two_epochs(&mut f.source(4, shard / 2)), one);
+        assert_eq!(two_epochs(&mut f.source(4, shard * 2 + 1)), one);
+    }
+
+    #[test]
+    fn the_next_epoch_is_taken_over_and_matches_a_fresh_start() {
+        let f = fixture("ahead", 300);
+        let mut fresh = f.source(2, 1 << 30);
+        fresh.begin_epoch(1).unwrap();
+        let want = pass(&mut fresh);
+
+        let mut s = f.source(2, 1 << 30);
+        s.begin_epoch(0).unwrap();
+        s.prefetch_epoch(1);
+        pass(&mut s);
+        assert_eq!(s.starts, 1);
+        // The end of a pass stays the end until the next begins.
+        assert!(s.next_train().unwrap().is_none());
+        s.begin_epoch(1).unwrap();
+        assert_eq!(s.starts, 1, "epoch 1 came from the running producer");
+        assert_eq!(s.cursor(), DataCursor { epoch: 1, batch: 0, detail: serde_json::Value::Null });
+        assert_eq!(pass(&mut s), want);
+
+        // Named but not asked for: the pass asked for wins.
+        let mut s = f.source(2, 1 << 30);
+        s.begin_epoch(0).unwrap();
+        s.prefetch_epoch(1);
+        pass(&mut s);
+        s.begin_epoch(2).unwrap();
+        assert_eq!(s.starts, 2);
+        let mut fresh = f.source(1, 1 << 30);
+        fresh.begin_epoch(2).unwrap();
+        assert_eq!(pass(&mut s), pass(&mut fresh));
+    }
+
+    #[test]
+    fn seeking_mid_epoch_replays_what_followed() {
+        let f = fixture("seek", 300);
+        let mut s = f.source(3, 1 << 30);
+        s.begin_epoch(0).unwrap();
+        let whole = pass(&mut s);
+        for at in [1usize, 5, whole.len() - 1] {
+            let mut s = f.source(3, 1 << 30);
+            s.seek(&DataCursor { epoch: 0, batch: at as u64, detail: serde_json::Value::Null }).unwrap();
+            assert_eq!(pass(&mut s), whole[at..], "from batch {at}");
+        }
+    }
+
+    #[test]
+    fn a_rank_reads_its_next_spans_ahead() {
+        let f = fixture("spans", 300);
+        let shards = f.source(1, 1 << 30).shard_sizes().unwrap();
+        let plan = |e| plan_epoch(&shards, 5, e, 2).ranks[1].clone();
+        let mut fresh = f.source(1, 1 << 30);
+        fresh.begin_spans(1, &plan(1)).unwrap();
+        let want = pass(&mut fresh);
+        assert!(!want.is_empty());
+
+        let mut s = f.source(2, 1 << 30);
+        s.begin_spans(0, &plan(0)).unwrap();
+        s.prefetch_spans(1, &plan(1));
+        pass(&mut s);
+        s.begin_spans(1, &plan(1)).unwrap();
+        assert_eq!(s.starts, 1);
+        assert_eq!(pass(&mut s), want);
+
+        let mut bad = plan(0);
+        bad[0].shard = "no-such-shard".into();
+        let e = s.begin_spans(0, &bad).unwrap_err().to_string();
+        assert!(e.contains("no-such-shard") && e.contains("not in the dataset's manifest"), "{e}");
+        let mut beyond = plan(0);
+        beyond[0].end = 10_000;
+        s.begin_spans(0, &beyond).unwrap();
+        let e = s.next_train().unwrap_err().to_string();
+        assert!(e.contains("the plan reads"), "{e}");
+    }
+
+    #[test]
+    fn a_corrupt_shard_fails_the_pass_with_its_name() {
+        let f = fixture("corrupt", 200);
+        let mut s = f.source(2, 1 << 30);
+        let victim = s.train[0].key.clone();
+        // Corrupt the bytes the source checks: its checksum in the manifest no longer matches.
+        Arc::get_mut(&mut s.shared).unwrap().manifest.shards.iter_mut().for_each(|x| {
+            if x.key == victim {
+                x.crc32c ^= 1;
+            }
+        });
+        s.train[0].crc32c ^= 1;
+        s.begin_epoch(0).unwrap();
+        let mut failed = None;
+        loop {
+            match s.next_train() {
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    failed = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        let e = failed.expect("the pass fails");
+        assert!(e.contains(&victim), "{e}");
+    }
+
+    #[test]
+    fn loader_threads_are_bounded() {
+        let f = fixture("bounds", 100);
+        for threads in [0, MAX_LOADER_THREADS + 1] {
+            let config = ShardSourceConfig {
+                batch_size: 8,
+                seed: 0,
+                text_len: 8,
+                audio_frames: 8,
+                prefetch: 1,
+                cache_dir: f.dir.path().join("c"),
+                cache_bytes: 1 << 20,
+                threads,
+            };
+            let e = ShardSource::open(f.storage.clone(), f.manifest.clone(), None, config, f.rt.handle().clone());
+            assert!(e.err().unwrap().to_string().contains("loader threads"));
         }
     }
 }

@@ -14,7 +14,7 @@ use crate::collective::Collective;
 use crate::collective::nccl::NcclCollective;
 use crate::collective::ring::{RingCollective, RingConfig, RingListener};
 use crate::data::BatchSource;
-use crate::data::shards::{ShardSource, ShardSourceConfig};
+use crate::data::shards::{MAX_LOADER_THREADS, ShardSource, ShardSourceConfig};
 use crate::trainer::DataParallel;
 use crate::trainer::checkpoint::read_counters;
 use crate::trainer::{self, DeviceChoice, Outcome, TrainConfig, TrainerEvent, TrainerJob};
@@ -36,14 +36,20 @@ const AUDIO_FRAMES: i64 = 64;
 const SHARD_CACHE_BYTES: u64 = 2 << 30;
 
 /// Settings of a builtin trial as the worker runs them.
+#[derive(Debug)]
 struct Settings {
     data: String,
     config: TrainConfig,
+    /// Threads that load and featurise the dataset's shards.
+    data_threads: usize,
 }
 
 /// Reads the assignment's builtin settings (core's `BuiltinSpec` as JSON) into the trainer's
-/// configuration; the worker decides threads and device.
-fn settings(a: &pb::Assignment, gpus: usize) -> Result<Settings, String> {
+/// configuration. The worker decides threads and device: the attempt's CPUs, and the CUDA
+/// ordinals of the GPUs allotted to it (`allotted`, ids from the worker's list `worker_gpus`).
+/// The ordinals go to the trainer itself; nothing process-wide changes, because two attempts
+/// train in this one process at once, each on its own GPU.
+fn settings(a: &pb::Assignment, allotted: &[String], worker_gpus: &[String]) -> Result<Settings, String> {
     let Ok(Value::Object(mut m)) = serde_json::from_str::<Value>(&a.builtin_json) else {
         return Err("the builtin trial's settings are not a JSON object".into());
     };
@@ -51,12 +57,37 @@ fn settings(a: &pb::Assignment, gpus: usize) -> Result<Settings, String> {
         Some(Value::String(s)) => s,
         _ => return Err("builtin.data must be the URI of a dataset".into()),
     };
-    let cpus = a.resources.map_or(1, |r| r.cpus.max(1));
+    let asked_threads = match m.remove("data_threads") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .filter(|n| (1..=MAX_LOADER_THREADS as u64).contains(n))
+                .ok_or_else(|| format!("builtin.data_threads must be 1 to {MAX_LOADER_THREADS}, not {v}"))?
+                as usize,
+        ),
+    };
+    let cpus = a.resources.map_or(1, |r| r.cpus.max(1)) as usize;
+    let devices = allotted
+        .iter()
+        .map(|id| {
+            worker_gpus.iter().position(|g| g == id).ok_or_else(|| {
+                format!("GPU {id} was allotted to this attempt but is not one of the worker's ({worker_gpus:?})")
+            })
+        })
+        .collect::<Result<Vec<usize>, String>>()?;
     m.insert("threads".into(), json!(cpus));
-    m.insert("device".into(), json!(if gpus > 0 { "cuda" } else { "cpu" }));
+    m.insert("device".into(), json!(if devices.is_empty() { "cpu" } else { "cuda" }));
+    m.insert("cuda_devices".into(), json!(devices));
     let config: TrainConfig = serde_json::from_value(Value::Object(m)).map_err(|e| format!("builtin settings: {e}"))?;
     config.validate().map_err(|e| format!("builtin settings: {e}"))?;
-    Ok(Settings { data, config })
+    // A GPU trainer needs one CPU to feed the GPU; the slot's other CPUs are spare and
+    // featurise. A CPU trainer uses every CPU of its slot for its own threads.
+    let data_threads = asked_threads.unwrap_or(if devices.is_empty() { 1 } else { (cpus - 1).max(1) });
+    Ok(Settings {
+        data,
+        config,
+        data_threads: data_threads.min(MAX_LOADER_THREADS),
+    })
 }
 
 /// Runs the attempt; returns what its `Exited` event says.
@@ -68,18 +99,14 @@ pub(super) async fn run(
     stop: &mut watch::Receiver<Option<Stop>>,
     p: Prepared,
 ) -> pb::Exited {
-    let Settings { data, mut config } = match settings(a, gpu_ids.len()) {
+    let Settings {
+        data,
+        mut config,
+        data_threads,
+    } = match settings(a, gpu_ids, &ctx.gpus) {
         Ok(s) => s,
         Err(message) => return exited(pb::ExitKind::Failed, None, message),
     };
-    if config.device == DeviceChoice::Cuda
-        && let Some(ids) = (!gpu_ids.is_empty()).then(|| gpu_ids.join(","))
-    {
-        // The trainer runs in this process: restrict it to the GPUs allotted to the attempt
-        // before libtorch initialises CUDA.
-        // SAFETY: set before the trainer thread starts; nothing else reads it concurrently.
-        unsafe { std::env::set_var("CUDA_VISIBLE_DEVICES", ids) };
-    }
     let storage = match ctx.stores.open(&data) {
         Ok(s) => s,
         Err(e) => return exited(pb::ExitKind::Failed, None, format!("cannot open dataset {data}: {e}")),
@@ -105,6 +132,7 @@ pub(super) async fn run(
         prefetch: 4,
         cache_dir: ctx.data_dir.join("shard-cache"),
         cache_bytes: SHARD_CACHE_BYTES,
+        threads: data_threads,
     };
     let runtime = tokio::runtime::Handle::current();
     let opened =
@@ -309,13 +337,15 @@ async fn join_group(
         ..RingConfig::default()
     };
     let (rank, session, world) = (a.rank as usize, met.session, met.world_size as usize);
+    // The communicator and its stream live on the trainer's own GPU.
+    let ordinal = config.cuda_device();
     let timeout = ctx.collective_timeout;
     let collective: Box<dyn Collective> =
         tokio::task::spawn_blocking(move || -> Result<Box<dyn Collective>, String> {
             if gpu {
-                // The trainer's GPU is device 0 of those CUDA_VISIBLE_DEVICES leaves it.
                 crate::torch::load_cuda().map_err(|e| format!("cannot load libtorch_cuda.so: {e}"))?;
-                let nccl = NcclCollective::new(rank, world, &met.nccl_id, 0, timeout).map_err(|e| e.to_string())?;
+                let nccl =
+                    NcclCollective::new(rank, world, &met.nccl_id, ordinal, timeout).map_err(|e| e.to_string())?;
                 Ok(Box::new(nccl))
             } else {
                 let ring =

@@ -53,6 +53,9 @@ pub struct TrainConfig {
     /// Intra-op CPU threads: the worker sets it to its slot's CPU count.
     pub threads: usize,
     pub device: DeviceChoice,
+    /// CUDA device ordinals, in this process, of the GPUs the trainer was given; it trains on
+    /// the first (ordinal 0 when empty). The worker fills it from the attempt's allotment.
+    pub cuda_devices: Vec<usize>,
     /// A `TrainLoss` event (mean over the steps since the last one) every this many steps.
     pub log_every: u64,
     /// A checkpoint every this many steps, besides each epoch's end and the run's.
@@ -62,6 +65,8 @@ pub struct TrainConfig {
     pub class_counts: Option<Vec<f64>>,
     /// Data-parallel runs: bytes of gradients fused into one all-reduce.
     pub bucket_bytes: usize,
+    /// The forward pass in fp32, or under autocast to bf16 or fp16 (see [`super::precision`]).
+    pub precision: super::Precision,
 }
 
 impl Default for TrainConfig {
@@ -86,10 +91,12 @@ impl Default for TrainConfig {
             seed: 0,
             threads: 1,
             device: DeviceChoice::Auto,
+            cuda_devices: Vec::new(),
             log_every: 10,
             checkpoint_every: None,
             class_counts: None,
             bucket_bytes: chorus_core::builtin::DEFAULT_BUCKET_BYTES as usize,
+            precision: super::Precision::Fp32,
         }
     }
 }
@@ -105,6 +112,11 @@ impl TrainConfig {
             beta2: self.betas[1],
             eps: self.eps,
         }
+    }
+
+    /// The ordinal of the GPU the trainer trains on, when it trains on one.
+    pub fn cuda_device(&self) -> usize {
+        self.cuda_devices.first().copied().unwrap_or(0)
     }
 
     pub fn validate(&self) -> Result<(), WorkerError> {

@@ -15,10 +15,12 @@ pub mod checkpoint;
 pub mod config;
 pub mod metrics;
 pub mod optim;
+pub mod precision;
 mod training;
 
 pub use config::{DeviceChoice, LrSchedule, TrainConfig};
 pub use optim::OptimizerKind;
+pub use precision::Precision;
 pub use training::{DataParallel, StepResult, Trainer};
 
 use crate::data::BatchSource;

@@ -20,11 +20,12 @@ use crate::error::WorkerError;
 use crate::models::layers::Ctx;
 use crate::torch::{self, Draws};
 use crate::trainer::metrics::Confusion;
+use crate::trainer::precision::Autocast;
 use crate::trainer::{Control, EpochReport, Outcome, StopRequest, TrainerEvent, Validation};
 use chorus_core::shards::{DataPosition, ShardSize, plan_epoch};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// What a rank of a data-parallel run needs beyond a single-rank trainer.
 pub struct DataParallel {
@@ -99,11 +100,19 @@ impl Trainer {
                 let batch = batch.to_device(self.device);
                 let draws = Draws::new(torch::mix(&[self.config.seed, self.epoch, self.step, c.rank() as u64]));
                 let ctx = Ctx::train(&draws);
-                let fused = self.model.embed(&batch, &ctx)?; // [B, D]
-                let logits = self.model.classify(&fused, &ctx); // [B, K]
-                let loss = logits.cross_entropy_for_logits(&batch.labels);
+                let loss = {
+                    let _autocast = Autocast::enter(self.config.precision, self.device);
+                    let fused = self.model.embed(&batch, &ctx)?; // [B, D]
+                    let logits = self.model.classify(&fused, &ctx); // [B, K]
+                    logits.cross_entropy_for_logits(&batch.labels).to_kind(Kind::Float)
+                };
                 let n = batch.len() as f64;
-                let grads = Tensor::run_backward(&[&loss], self.optimizer.params(), false, false);
+                let grads = Tensor::run_backward(
+                    &[&self.loss_to_differentiate(&loss)],
+                    self.optimizer.params(),
+                    false,
+                    false,
+                );
                 extra[SAMPLES] = n;
                 extra[LOSS_SUM] = loss.double_value(&[]) * n;
                 // Weighted by the batch, so the sum over ranks is N times the global mean's gradient.
@@ -117,8 +126,10 @@ impl Trainer {
         if total < 1.0 {
             return Ok((None, paused));
         }
-        let grads: Vec<Tensor> = tch::no_grad(|| grads.iter().map(|g| g / total).collect());
-        self.optimizer.step(&grads, lr);
+        // Every rank unscales the same reduced gradients, so all skip an overflowed step or none.
+        if self.unscale(&mut grads, total)? {
+            self.optimizer.step(&grads, lr);
+        }
         let loss = extra[LOSS_SUM] / total;
         if !loss.is_finite() {
             return Err(WorkerError::Train(format!(
@@ -221,6 +232,11 @@ impl Trainer {
                 )));
             }
             source.begin_spans(self.epoch, &pos.plan.ranks[rank])?;
+            if self.epoch + 1 < self.config.epochs {
+                // Plans are a function of (shards, seed, epoch, world): the next one is known now.
+                let next = plan_epoch(&shards, seed, self.epoch + 1, world);
+                source.prefetch_spans(self.epoch + 1, &next.ranks[rank]);
+            }
             self.cursor = Some(cursor_of(&pos));
             loop {
                 let stop = control.requested();

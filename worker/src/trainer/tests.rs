@@ -218,6 +218,62 @@ fn resuming_a_gan_run_continues_with_identical_losses() {
     assert_resume_is_exact(with_gan(), 5);
 }
 
+/// Mixed precision keeps the resume guarantee: the weights and optimiser stay fp32 and
+/// autocast's casts are functions of them; fp16's loss scale is in the checkpoint.
+#[test]
+fn resuming_a_bf16_run_continues_with_identical_losses() {
+    assert_resume_is_exact(
+        TrainConfig {
+            precision: Precision::Bf16,
+            ..plain()
+        },
+        4,
+    );
+}
+
+#[test]
+fn fp16_on_the_cpu_is_refused_with_the_alternative() {
+    let e = Trainer::new(TrainConfig {
+        precision: Precision::Fp16,
+        ..plain()
+    })
+    .err()
+    .expect("fp16 needs a GPU");
+    assert!(e.to_string().contains("fp16 needs a GPU; on the CPU use bf16"), "{e}");
+}
+
+#[test]
+fn bf16_on_the_cpu_learns_as_fp32_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = SyntheticConfig {
+        batch_size: 16,
+        val_batches: 4,
+        ..data(50)
+    };
+    let run = |precision, dir: &str| {
+        let c = TrainConfig {
+            epochs: 2,
+            log_every: 5,
+            lr: 1e-2,
+            precision,
+            ..config(tiny_config())
+        };
+        drive(&mut Trainer::new(c).unwrap(), data.clone(), &tmp.path().join(dir), None)
+    };
+    let (bf16, fp32) = (run(Precision::Bf16, "bf16"), run(Precision::Fp32, "fp32"));
+    let last = &bf16.epochs()[1].validation;
+    assert!(last.accuracy > 0.6, "bf16 validation accuracy {}", last.accuracy);
+    assert!(bf16.epochs()[1].train_loss < bf16.epochs()[0].train_loss);
+    // It really ran in bf16: the losses are close to fp32's, not equal to them.
+    let (a, b) = (bf16.losses(), fp32.losses());
+    assert_ne!(bits(&a), bits(&b));
+    let (fa, fb) = (a.last().unwrap().1, b.last().unwrap().1);
+    assert!((fa - fb).abs() < 0.25 * fb.max(0.05), "bf16 {fa} against fp32 {fb}");
+    // The checkpoint holds fp32 weights whatever the precision.
+    let ckpt = crate::trainer::checkpoint::load(&final_checkpoint(&bf16)).unwrap();
+    assert!(ckpt.model.values().all(|t| t.kind() == tch::Kind::Float));
+}
+
 #[test]
 fn the_seed_decides_everything() {
     let tmp = tempfile::tempdir().unwrap();
@@ -553,4 +609,53 @@ fn trains_checkpoints_and_resumes_on_cuda() {
     assert_eq!(resumed.step(), 100);
     let more = drive(&mut resumed, data, &tmp.path().join("more"), None);
     assert_eq!(more.epochs().len(), 1);
+}
+
+/// Needs a GPU: mixed precision on CUDA learns (bf16, and fp16 with loss scaling), and a
+/// trainer given ordinal N trains on GPU N.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn mixed_precision_learns_on_cuda() {
+    crate::torch::prepare(1);
+    assert!(tch::Cuda::is_available(), "no CUDA GPU here");
+    let tmp = tempfile::tempdir().unwrap();
+    let last_gpu = (tch::Cuda::device_count() - 1) as usize;
+    let data = SyntheticConfig {
+        batch_size: 16,
+        val_batches: 4,
+        ..data(50)
+    };
+    for precision in [Precision::Bf16, Precision::Fp16] {
+        let c = TrainConfig {
+            epochs: 2,
+            log_every: 5,
+            lr: 1e-2,
+            device: DeviceChoice::Cuda,
+            cuda_devices: vec![last_gpu],
+            precision,
+            ..config(tiny_config())
+        };
+        let mut t = Trainer::new(c).unwrap();
+        assert_eq!(t.device(), tch::Device::Cuda(last_gpu));
+        let run = drive(&mut t, data.clone(), &tmp.path().join(format!("{precision:?}")), None);
+        let last = &run.epochs()[1].validation;
+        assert!(last.accuracy > 0.6, "{precision:?} validation accuracy {} on CUDA", last.accuracy);
+    }
+}
+
+/// Needs a GPU: fp16's loss scale is kept in checkpoints, so a resumed fp16 run continues
+/// exactly as an uninterrupted one.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn resuming_an_fp16_run_on_cuda_continues_with_identical_losses() {
+    crate::torch::prepare(1);
+    assert!(tch::Cuda::is_available(), "no CUDA GPU here");
+    assert_resume_is_exact(
+        TrainConfig {
+            precision: Precision::Fp16,
+            device: DeviceChoice::Cuda,
+            ..with_gan()
+        },
+        5,
+    );
 }

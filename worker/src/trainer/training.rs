@@ -6,6 +6,7 @@ use super::checkpoint::{self, Counters};
 use super::config::{DeviceChoice, TrainConfig};
 use super::metrics::Confusion;
 use super::optim::{Optimizer, OptimizerSettings};
+use super::precision::{Autocast, LossScaler};
 use super::{Control, EpochReport, Outcome, StopRequest, TrainerEvent, Validation};
 use crate::data::{Batch, BatchSource, DataCursor};
 use crate::error::WorkerError;
@@ -93,6 +94,8 @@ pub struct Trainer {
     optimizer: Optimizer,
     /// Generator and discriminator optimisers, where the model has a GAN.
     gan_optimizers: Option<(Optimizer, Optimizer)>,
+    /// fp16's loss scaling; `None` at other precisions.
+    scaler: Option<LossScaler>,
     parameters: i64,
     epoch: u64,
     step: u64,
@@ -105,13 +108,23 @@ pub struct Trainer {
     last_saved: Option<(u64, PathBuf)>,
 }
 
-fn resolve_device(choice: DeviceChoice) -> Result<Device, WorkerError> {
+/// The device `choice` names: for CUDA, the GPU with ordinal `ordinal` in this process.
+fn resolve_device(choice: DeviceChoice, ordinal: usize) -> Result<Device, WorkerError> {
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
         DeviceChoice::Cuda | DeviceChoice::Auto => {
             let loaded = torch::load_cuda();
-            if tch::Cuda::is_available() {
-                Ok(Device::Cuda(0))
+            let count = if tch::Cuda::is_available() {
+                tch::Cuda::device_count().max(0) as usize
+            } else {
+                0
+            };
+            if ordinal < count {
+                Ok(Device::Cuda(ordinal))
+            } else if count > 0 {
+                Err(WorkerError::CudaUnavailable(format!(
+                    "GPU {ordinal} was asked for; libtorch sees {count} GPU(s)"
+                )))
             } else if choice == DeviceChoice::Auto {
                 Ok(Device::Cpu)
             } else {
@@ -140,7 +153,13 @@ impl Trainer {
     /// A fresh trainer: the model initialised from the seed alone, on the configured device.
     pub fn new(config: TrainConfig) -> Result<Self, WorkerError> {
         config.validate()?;
-        let device = resolve_device(config.device)?;
+        let device = resolve_device(config.device, config.cuda_device())?;
+        if config.precision == super::Precision::Fp16 && device == Device::Cpu {
+            // oneDNN has no fp16 recurrent layers on most CPUs, and fp16 gains nothing there.
+            return Err(WorkerError::Train(
+                "precision fp16 needs a GPU; on the CPU use bf16 (or fp32)".into(),
+            ));
+        }
         let init_seed = torch::mix(&[config.seed, 0x696e_6974]);
         let build = |device| {
             torch::with_global_seed(init_seed, || {
@@ -182,6 +201,7 @@ impl Trainer {
         };
         let parameters = models::layers::parameter_count(&vs);
         Ok(Trainer {
+            scaler: LossScaler::for_precision(config.precision),
             config,
             device,
             vs,
@@ -230,6 +250,9 @@ impl Trainer {
         if let Some((g, d)) = &mut t.gan_optimizers {
             g.load_state(&loaded.state, GENERATOR_GROUP).map_err(bad)?;
             d.load_state(&loaded.state, DISCRIMINATOR_GROUP).map_err(bad)?;
+        }
+        if t.scaler.is_some() {
+            t.scaler = Some(LossScaler::from_tensors(&loaded.state).map_err(bad)?);
         }
         t.window = Sums::from_tensors(&loaded.state, "trainer.window.").map_err(bad)?;
         t.epoch_sums = Sums::from_tensors(&loaded.state, "trainer.epoch.").map_err(bad)?;
@@ -287,15 +310,24 @@ impl Trainer {
         let ctx = Ctx::train(&draws);
         let labels = &batch.labels;
 
-        let fused = self.model.embed(&batch, &ctx)?; // [B, D]
-        let (fused_all, targets) = match self.synthetic(labels, &ctx)? {
-            Some((synth, classes)) => (Tensor::cat(&[&fused, &synth], 0), Tensor::cat(&[labels, &classes], 0)),
-            None => (fused.shallow_clone(), labels.shallow_clone()),
+        // The forward pass at the trial's precision; the backward pass follows autocast's casts.
+        let (fused, loss) = {
+            let _autocast = Autocast::enter(self.config.precision, self.device);
+            let fused = self.model.embed(&batch, &ctx)?; // [B, D]
+            let (fused_all, targets) = match self.synthetic(labels, &ctx)? {
+                Some((synth, classes)) => (
+                    Tensor::cat(&[&fused, &synth.to_kind(fused.kind())], 0),
+                    Tensor::cat(&[labels, &classes], 0),
+                ),
+                None => (fused.shallow_clone(), labels.shallow_clone()),
+            };
+            let logits = self.model.classify(&fused_all, &ctx);
+            (fused, logits.cross_entropy_for_logits(&targets).to_kind(Kind::Float))
         };
-        let logits = self.model.classify(&fused_all, &ctx);
-        let loss = logits.cross_entropy_for_logits(&targets);
-        let grads = Tensor::run_backward(&[&loss], self.optimizer.params(), false, false);
-        self.optimizer.step(&grads, lr);
+        let grads = self.backward(&loss)?;
+        if let Some(grads) = grads {
+            self.optimizer.step(&grads, lr);
+        }
         let loss = loss.double_value(&[]);
         if !loss.is_finite() {
             return Err(WorkerError::Train(format!(
@@ -310,7 +342,8 @@ impl Trainer {
                     models::ModelConfig::Multimodal(m) => m.gan.lr,
                     models::ModelConfig::EmotionBench(_) => unreachable!("emotion-bench has no GAN"),
                 };
-                Some(gan_step(g, gen_opt, disc_opt, &fused.detach(), labels, &ctx, lr))
+                // The GAN is small and trains in fp32 whatever the classifier's precision.
+                Some(gan_step(g, gen_opt, disc_opt, &fused.detach().to_kind(Kind::Float), labels, &ctx, lr))
             }
             _ => None,
         };
@@ -320,6 +353,36 @@ impl Trainer {
         self.window.add(&result);
         self.epoch_sums.add(&result);
         Ok(result)
+    }
+
+    /// The gradients of `loss` for the classifier's parameters, scaled and checked at fp16.
+    /// `None`: they overflowed, and the step is skipped (the scale has been lowered).
+    fn backward(&mut self, loss: &Tensor) -> Result<Option<Vec<Tensor>>, WorkerError> {
+        let grads = Tensor::run_backward(&[&self.loss_to_differentiate(loss)], self.optimizer.params(), false, false);
+        match &mut self.scaler {
+            Some(scaler) => Ok(scaler.unscale(&grads, 1.0)?.then_some(grads)),
+            None => Ok(Some(grads)),
+        }
+    }
+
+    /// The loss whose gradients are taken: scaled at fp16.
+    pub(super) fn loss_to_differentiate(&self, loss: &Tensor) -> Tensor {
+        match &self.scaler {
+            Some(s) => s.scale_loss(loss),
+            None => loss.shallow_clone(),
+        }
+    }
+
+    /// Turns gradients of [`Self::loss_to_differentiate`] times `total` into those of the loss,
+    /// in place. `false`: they overflowed (fp16), and the step is to be skipped.
+    pub(super) fn unscale(&mut self, grads: &mut Vec<Tensor>, total: f64) -> Result<bool, WorkerError> {
+        match &mut self.scaler {
+            Some(s) => s.unscale(grads, total),
+            None => {
+                *grads = tch::no_grad(|| grads.iter().map(|g| g / total).collect());
+                Ok(true)
+            }
+        }
     }
 
     /// Generated embeddings of the rarer classes to add to this batch, once the GAN warmed up.
@@ -378,7 +441,10 @@ impl Trainer {
     pub(super) fn score_batch(&self, batch: &Batch, ctx: &Ctx, confusion: &mut Confusion) -> Result<f64, WorkerError> {
         self.check_labels(&batch.labels)?;
         let batch = batch.to_device(self.device);
-        let logits = self.model.classify(&self.model.embed(&batch, ctx)?, ctx);
+        let logits = {
+            let _autocast = Autocast::enter(self.config.precision, self.device);
+            self.model.classify(&self.model.embed(&batch, ctx)?, ctx).to_kind(Kind::Float)
+        };
         let loss = logits
             .log_softmax(-1, Kind::Float)
             .g_nll_loss::<Tensor>(&batch.labels, None, Reduction::Sum, -100);
@@ -398,6 +464,9 @@ impl Trainer {
         if let Some((g, d)) = &self.gan_optimizers {
             state.extend(g.state_tensors(GENERATOR_GROUP));
             state.extend(d.state_tensors(DISCRIMINATOR_GROUP));
+        }
+        if let Some(s) = &self.scaler {
+            state.extend(s.to_tensors());
         }
         state.extend(self.window.to_tensors("trainer.window."));
         state.extend(self.epoch_sums.to_tensors("trainer.epoch."));
@@ -449,6 +518,10 @@ impl Trainer {
                     source.begin_epoch(self.epoch)?;
                     self.cursor = Some(source.cursor());
                 }
+            }
+            // The source may prepare the next epoch's first batches while this one ends.
+            if self.epoch + 1 < self.config.epochs {
+                source.prefetch_epoch(self.epoch + 1);
             }
             loop {
                 if let Some(stop) = control.requested() {

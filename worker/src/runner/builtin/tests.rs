@@ -317,3 +317,53 @@ fn protocol_breaches_of_typed_reports() {
         }
     }
 }
+
+/// The seam between the worker's GPU ledger and the trainer: two attempts admitted at once on a
+/// worker whose GPUs are "2" and "5" (say, `CUDA_VISIBLE_DEVICES=2,5`: CUDA ordinals 0 and 1 in
+/// this process) are each handed the ordinal of the GPU the ledger allotted to it, and nothing
+/// process-wide changes.
+#[test]
+fn each_attempt_trains_on_the_gpu_it_was_allotted() {
+    use crate::attempts::{AttemptKey, Attempts};
+    let before = std::env::var_os("CUDA_VISIBLE_DEVICES");
+    let worker_gpus = vec!["2".to_string(), "5".to_string()];
+    let ledger = Attempts::new(8, worker_gpus.clone());
+    let assignment = |trial: u64| pb::Assignment {
+        trial_id: trial,
+        attempt: 1,
+        builtin_json: json!({"data": "memory://d", "epochs": 1, "precision": "bf16"}).to_string(),
+        resources: Some(pb::Resources { cpus: 4, gpus: 1 }),
+        ..Default::default()
+    };
+    let mut seen = Vec::new();
+    for trial in [1, 2] {
+        let a = assignment(trial);
+        let admitted = ledger
+            .admit(AttemptKey::new(trial, 1, 0), a.resources.unwrap())
+            .expect("room for both");
+        let s = settings(&a, &admitted.gpu_ids, &worker_gpus).unwrap();
+        assert_eq!(s.config.device, DeviceChoice::Cuda);
+        assert_eq!(s.config.precision, crate::trainer::Precision::Bf16);
+        let ordinal = worker_gpus.iter().position(|g| *g == admitted.gpu_ids[0]).unwrap();
+        assert_eq!(s.config.cuda_devices, vec![ordinal], "trial {trial} got {:?}", admitted.gpu_ids);
+        assert_eq!(s.config.cuda_device(), ordinal);
+        // A GPU trial's spare CPUs featurise: 4 CPUs, one feeds the GPU.
+        assert_eq!(s.data_threads, 3);
+        seen.push(ordinal);
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, vec![0, 1], "the two attempts share no GPU");
+    assert_eq!(std::env::var_os("CUDA_VISIBLE_DEVICES"), before);
+
+    // An allotment naming a GPU the worker does not have is refused, not run on GPU 0.
+    let e = settings(&assignment(3), &["7".to_string()], &worker_gpus).unwrap_err();
+    assert!(e.contains("GPU 7") && e.contains("not one of the worker's"), "{e}");
+    // Without GPUs the trial runs on the CPU with one data thread unless it asks for more.
+    let cpu = settings(&assignment(4), &[], &worker_gpus).unwrap();
+    assert_eq!((cpu.config.device, cpu.config.cuda_devices.len(), cpu.data_threads), (DeviceChoice::Cpu, 0, 1));
+    let mut asked = assignment(5);
+    asked.builtin_json = json!({"data": "memory://d", "data_threads": 2}).to_string();
+    assert_eq!(settings(&asked, &[], &worker_gpus).unwrap().data_threads, 2);
+    asked.builtin_json = json!({"data": "memory://d", "data_threads": 0}).to_string();
+    assert!(settings(&asked, &[], &worker_gpus).unwrap_err().contains("data_threads must be 1 to 32"));
+}
