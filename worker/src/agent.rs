@@ -157,6 +157,7 @@ impl Agent {
         config: WorkerConfig,
         lock: DataDirLock,
         health: Option<tonic_health::server::HealthReporter>,
+        gpu_sampler: Option<Arc<dyn crate::gpu::telemetry::GpuSampler>>,
     ) -> Result<Arc<Self>, WorkerError> {
         let url = crate::config::coordinator_url(&config.coordinator)?;
         let advertise_address = config
@@ -208,7 +209,7 @@ impl Agent {
                 gpus,
             },
             labels: config.labels.into_iter().collect(),
-            attempts: Attempts::new(config.slots, config.gpu_ids),
+            attempts: Attempts::new(config.slots, config.gpu_ids.clone()),
             runner: RunnerContext {
                 worker_id: config.worker_id.clone(),
                 data_dir: config.data_dir,
@@ -222,6 +223,11 @@ impl Agent {
                 rendezvous: Some(rendezvous_tx),
                 containment,
                 trial_env: TrialEnv::from_worker(&config.trial_env),
+                gpus: config.gpu_ids,
+                gpu_sampling: gpu_sampler.map(|sampler| crate::runner::GpuSampling {
+                    sampler,
+                    every: config.timings.gpu_sample_every,
+                }),
             },
             rendezvous_calls: std::sync::Mutex::new(Some(rendezvous_rx)),
             worker_id: config.worker_id,
@@ -236,6 +242,21 @@ impl Agent {
             health,
             _data_dir_lock: lock,
         }))
+    }
+
+    /// What the worker's `/metrics` shows of it; short lock sections only, so it may run on the
+    /// async runtime.
+    pub fn gauges(&self) -> crate::metrics::WorkerGauges {
+        let usage = self.attempts.usage();
+        crate::metrics::WorkerGauges {
+            registered: self.link.borrow().is_some(),
+            slots: self.capacity.cpus,
+            slots_busy: usage.cpus_busy,
+            gpus: self.capacity.gpus,
+            gpus_busy: usage.gpus_busy,
+            attempts_running: usage.running,
+            attempts_held: usage.held,
+        }
     }
 
     /// Serves until `shutdown` completes, then stops every trial, delivers what it can of their

@@ -76,6 +76,19 @@ struct Entry {
     reports_done: bool,
 }
 
+/// What [`Attempts::usage`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Usage {
+    /// CPU slots allotted (above the worker's when the coordinator overcommitted).
+    pub cpus_busy: u32,
+    /// GPUs allotted to at least one attempt.
+    pub gpus_busy: u32,
+    /// Attempts whose program has not ended.
+    pub running: u32,
+    /// Attempts held: running, or ended with reports still to deliver.
+    pub held: u32,
+}
+
 /// A condition on the held attempts, for [`Attempts::wait_until`].
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Held {
@@ -256,6 +269,18 @@ impl Attempts {
         }
     }
 
+    /// What is in use now, for the worker's metrics.
+    pub fn usage(&self) -> Usage {
+        let s = self.lock();
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Usage {
+            cpus_busy: s.cpus_used,
+            gpus_busy: count(s.gpu_load.iter().filter(|&&l| l > 0).count()),
+            running: count(s.entries.values().filter(|e| !e.runner_done).count()),
+            held: count(s.entries.len()),
+        }
+    }
+
     /// What Register and Heartbeat tell the coordinator is running here.
     pub fn running(&self) -> Vec<pb::RunningAttempt> {
         self.lock().entries.keys().map(|&k| k.into()).collect()
@@ -341,6 +366,44 @@ mod tests {
         assert_eq!(a.used(), (1, vec![0, 0, 1]));
         let z = a.admit(AttemptKey::new(3, 1, 0), res(1, 1)).unwrap();
         assert_eq!(z.gpu_ids, vec!["4"]);
+    }
+
+    #[test]
+    fn usage_counts_what_is_allotted_and_what_is_held() {
+        let a = Attempts::new(4, gpus(2));
+        let idle = Usage {
+            cpus_busy: 0,
+            gpus_busy: 0,
+            running: 0,
+            held: 0,
+        };
+        assert_eq!(a.usage(), idle);
+        a.admit(AttemptKey::new(1, 1, 0), res(2, 1)).unwrap();
+        a.admit(AttemptKey::new(2, 1, 0), res(1, 0)).unwrap();
+        assert_eq!(
+            a.usage(),
+            Usage {
+                cpus_busy: 3,
+                gpus_busy: 1,
+                running: 2,
+                held: 2,
+            }
+        );
+        // Ended but not yet delivered: no longer running or using anything, still held.
+        a.runner_done(AttemptKey::new(1, 1, 0));
+        assert_eq!(
+            a.usage(),
+            Usage {
+                cpus_busy: 1,
+                gpus_busy: 0,
+                running: 1,
+                held: 2,
+            }
+        );
+        a.reports_done(AttemptKey::new(1, 1, 0));
+        a.runner_done(AttemptKey::new(2, 1, 0));
+        a.reports_done(AttemptKey::new(2, 1, 0));
+        assert_eq!(a.usage(), idle);
     }
 
     #[test]

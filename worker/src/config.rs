@@ -35,8 +35,8 @@ pub struct Args {
     /// CPU slots offered to trials [default: number of CPUs].
     #[arg(long, env = "CHORUS_WORKER_SLOTS", value_parser = clap::value_parser!(u32).range(1..))]
     pub slots: Option<u32>,
-    /// GPUs offered to trials [default: CUDA_VISIBLE_DEVICES if set, else the GPUs `nvidia-smi -L`
-    /// lists, else 0].
+    /// GPUs offered to trials [default: the GPUs CUDA_VISIBLE_DEVICES names if set, else every
+    /// GPU the CUDA driver lists, else 0].
     #[arg(long, env = "CHORUS_WORKER_GPUS")]
     pub gpus: Option<u32>,
     /// A label the coordinator can match placements on, as key=value; repeatable.
@@ -79,6 +79,14 @@ pub struct Args {
     /// the coordinator, NOT_SERVING while disconnected or draining [default: off].
     #[arg(long, env = "CHORUS_HEALTH_LISTEN", value_name = "ADDR")]
     pub health_listen: Option<String>,
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. `0.0.0.0:9464`): slots and GPUs
+    /// offered and in use, attempts running, and each GPU's utilisation and memory [default: off].
+    #[arg(long, env = "CHORUS_WORKER_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+    /// How often the GPUs of a running attempt are read for its trial's `gpu_util` and
+    /// `gpu_mem_mb` metrics; `0s` turns them off.
+    #[arg(long, env = "CHORUS_WORKER_GPU_METRICS_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub gpu_metrics_interval: Duration,
     /// Resolve the settings, print them (secrets redacted) and exit: 0 when they are usable, 2
     /// when not. Connects to nothing and leaves the data directory alone.
     #[arg(long)]
@@ -124,6 +132,17 @@ impl Args {
     /// the coordinator's name (for the advertise address) but connects to nothing and leaves the
     /// data directory alone: `--check-config` runs exactly this.
     pub fn into_config(self) -> Result<WorkerConfig, WorkerError> {
+        let requested = self.gpus;
+        let mut config = self.into_config_without_gpus()?;
+        config.gpu_ids = crate::gpu::worker_gpus(requested);
+        Ok(config)
+    }
+
+    /// [`Args::into_config`] without the GPUs: `gpu_ids` is left empty for
+    /// [`crate::gpu::worker_gpus`] (given `--gpus`) to fill. Finding the GPUs starts the CUDA
+    /// driver, which may start threads of its own, and the binary must fork its guardian while
+    /// the process has one thread: it finds them after.
+    pub fn into_config_without_gpus(self) -> Result<WorkerConfig, WorkerError> {
         let worker_id = match self.worker_id {
             Some(id) if id.trim().is_empty() => {
                 return Err(WorkerError::Config("--worker-id must not be empty".into()));
@@ -135,11 +154,6 @@ impl Args {
         let slots = self
             .slots
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
-        let discovered = discover_gpus();
-        let gpu_ids = match self.gpus {
-            None => discovered,
-            Some(n) => choose_gpus(&discovered, n),
-        };
         let data_dir =
             set_path(self.data_dir).unwrap_or_else(|| PathBuf::from(".chorus").join(format!("worker-{worker_id}")));
         for pattern in &self.trial_env {
@@ -167,6 +181,15 @@ impl Args {
                 })
             })
             .transpose()?;
+        let metrics_listen = set(self.metrics_listen)
+            .map(|a| {
+                a.trim().parse::<SocketAddr>().map_err(|e| {
+                    WorkerError::Config(format!(
+                        "--metrics-listen {a:?} is not an address like 0.0.0.0:9464: {e}"
+                    ))
+                })
+            })
+            .transpose()?;
         let tls = ClientTls::load(set_path(self.ca), set_path(self.tls_cert), set_path(self.tls_key))?;
         if tls.is_set() && !coordinator.starts_with("https://") {
             return Err(WorkerError::Config(format!(
@@ -179,7 +202,7 @@ impl Args {
             worker_id,
             instance,
             slots,
-            gpu_ids,
+            gpu_ids: Vec::new(),
             labels: self.labels.into_iter().collect(),
             data_dir,
             storage: StorageOptions {
@@ -188,8 +211,10 @@ impl Args {
             advertise_address,
             tls,
             health_listen,
+            metrics_listen,
             timings: Timings {
                 collective_timeout: self.collective_timeout,
+                gpu_sample_every: self.gpu_metrics_interval,
                 ..Timings::default()
             },
             containment: self.containment,
@@ -406,7 +431,8 @@ pub struct WorkerConfig {
     pub instance: Option<String>,
     /// CPU slots offered to trials.
     pub slots: u32,
-    /// The devices trials may use, as `CUDA_VISIBLE_DEVICES` names them (indices or UUIDs).
+    /// The devices trials may use, as `CUDA_VISIBLE_DEVICES` names them (indices or UUIDs), in
+    /// this process's CUDA ordinal order (see [`crate::gpu`]).
     pub gpu_ids: Vec<String>,
     pub labels: BTreeMap<String, String>,
     pub data_dir: PathBuf,
@@ -417,6 +443,8 @@ pub struct WorkerConfig {
     pub tls: ClientTls,
     /// Where grpc.health.v1 is served, if anywhere.
     pub health_listen: Option<SocketAddr>,
+    /// Where Prometheus `/metrics` is served, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
     pub timings: Timings,
     pub containment: ContainmentMode,
     /// Names (or `PREFIX*`) trials inherit beyond the default allow-list.
@@ -439,6 +467,7 @@ impl WorkerConfig {
             advertise_address: None,
             tls: ClientTls::default(),
             health_listen: None,
+            metrics_listen: None,
             timings: Timings::default(),
             containment: ContainmentMode::Auto,
             trial_env: Vec::new(),
@@ -534,6 +563,22 @@ impl WorkerConfig {
             "health listen",
             self.health_listen.map_or_else(|| "off".into(), |a| a.to_string()),
         );
+        line(
+            "metrics listen",
+            self.metrics_listen
+                .map_or_else(|| "off".into(), |a| format!("http://{a}/metrics")),
+        );
+        line(
+            "gpu metrics",
+            if self.timings.gpu_sample_every.is_zero() {
+                "off".into()
+            } else {
+                format!(
+                    "every {} per attempt with GPUs",
+                    humantime::format_duration(self.timings.gpu_sample_every)
+                )
+            },
+        );
         line("containment", format!("{:?}", self.containment).to_lowercase());
         line(
             "collective timeout",
@@ -572,6 +617,9 @@ pub struct Timings {
     pub collective_timeout: Duration,
     /// How long a rank of a multi-rank attempt waits for the others at rendezvous.
     pub rendezvous_timeout: Duration,
+    /// Between two readings of a running attempt's GPUs, reported as its trial's `gpu_util` and
+    /// `gpu_mem_mb`; zero turns them off.
+    pub gpu_sample_every: Duration,
 }
 
 impl Default for Timings {
@@ -585,6 +633,7 @@ impl Default for Timings {
             store_retry: Duration::from_secs(20),
             collective_timeout: Duration::from_secs(60),
             rendezvous_timeout: Duration::from_secs(300),
+            gpu_sample_every: Duration::from_secs(10),
         }
     }
 }
@@ -598,75 +647,9 @@ fn default_worker_id() -> String {
     format!("{host}-{}-{:04x}", std::process::id(), rand::random::<u16>())
 }
 
-/// The GPUs this host offers, as names `CUDA_VISIBLE_DEVICES` accepts.
-pub fn discover_gpus() -> Vec<String> {
-    if let Ok(v) = std::env::var("CUDA_VISIBLE_DEVICES") {
-        return parse_visible_devices(&v);
-    }
-    let out = std::process::Command::new("nvidia-smi")
-        .arg("-L")
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .output();
-    match out {
-        Ok(o) if o.status.success() => (0..count_nvidia_smi_gpus(&String::from_utf8_lossy(&o.stdout)))
-            .map(|i| i.to_string())
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-/// CUDA stops enumerating at the first invalid entry (`-1` is the usual way to hide all GPUs).
-fn parse_visible_devices(v: &str) -> Vec<String> {
-    v.split(',')
-        .map(str::trim)
-        .take_while(|d| !d.is_empty() && !d.starts_with('-') && *d != "NoDevFiles")
-        .map(str::to_string)
-        .collect()
-}
-
-/// `nvidia-smi -L` prints one `GPU n: ...` line per device, with MIG instances indented below.
-fn count_nvidia_smi_gpus(listing: &str) -> usize {
-    listing.lines().filter(|l| l.starts_with("GPU ")).count()
-}
-
-/// `--gpus N` names how many; the discovered names are used when there are enough of them.
-fn choose_gpus(discovered: &[String], n: u32) -> Vec<String> {
-    let n = n as usize;
-    if discovered.len() >= n {
-        discovered[..n].to_vec()
-    } else {
-        (0..n).map(|i| i.to_string()).collect()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn visible_devices_follow_cuda_rules() {
-        assert_eq!(parse_visible_devices("0,2"), vec!["0", "2"]);
-        assert_eq!(parse_visible_devices(" 3 , GPU-abc"), vec!["3", "GPU-abc"]);
-        assert!(parse_visible_devices("").is_empty());
-        assert!(parse_visible_devices("-1").is_empty());
-        assert_eq!(parse_visible_devices("1,-1,2"), vec!["1"]);
-    }
-
-    #[test]
-    fn nvidia_smi_listing_counts_gpus_not_mig_instances() {
-        let listing = "GPU 0: NVIDIA H100 (UUID: GPU-1)\n  MIG 1g.10gb Device 0: (UUID: MIG-1)\nGPU 1: NVIDIA H100 (UUID: GPU-2)\n";
-        assert_eq!(count_nvidia_smi_gpus(listing), 2);
-        assert_eq!(count_nvidia_smi_gpus(""), 0);
-    }
-
-    #[test]
-    fn gpu_flag_takes_discovered_names_when_it_can() {
-        let found = vec!["4".to_string(), "5".to_string()];
-        assert_eq!(choose_gpus(&found, 1), vec!["4"]);
-        assert_eq!(choose_gpus(&found, 3), vec!["0", "1", "2"]);
-        assert!(choose_gpus(&found, 0).is_empty());
-    }
 
     #[test]
     fn flags_parse_and_resolve() {
@@ -688,6 +671,10 @@ mod tests {
             "/tmp/chorus-w1",
             "--log-format",
             "json",
+            "--metrics-listen",
+            "127.0.0.1:9464",
+            "--gpu-metrics-interval",
+            "30s",
         ])
         .unwrap();
         assert_eq!(args.log_format, LogFormat::Json);
@@ -696,12 +683,15 @@ mod tests {
         assert_eq!(c.worker_id, "w1");
         assert_eq!(c.slots, 4);
         assert!(c.gpu_ids.is_empty());
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(c.timings.gpu_sample_every, Duration::from_secs(30));
         assert_eq!(c.labels.get("zone").map(String::as_str), Some("a"));
         assert_eq!(c.labels.get("pool").map(String::as_str), Some("gpu"));
         assert_eq!(c.data_dir, PathBuf::from("/tmp/chorus-w1"));
 
         assert!(Args::try_parse_from(["chorus-worker", "--label", "novalue"]).is_err());
         assert!(Args::try_parse_from(["chorus-worker", "--slots", "0"]).is_err());
+        assert!(Args::try_parse_from(["chorus-worker", "--gpu-metrics-interval", "often"]).is_err());
     }
 
     #[test]
@@ -773,6 +763,8 @@ mod tests {
             " ",
             "--health-listen",
             "",
+            "--metrics-listen",
+            " ",
             "--s3-endpoint",
             "",
         ])
@@ -782,6 +774,7 @@ mod tests {
         assert_eq!(c.advertise_address, None);
         assert_eq!(c.instance, None);
         assert_eq!(c.health_listen, None);
+        assert_eq!(c.metrics_listen, None);
         assert_eq!(c.storage.s3_endpoint, None);
         // A token read from a file often ends in a newline.
         assert_eq!(
@@ -795,6 +788,7 @@ mod tests {
         let err = |args: &[&str]| parse(args).unwrap_err().to_string();
         assert!(err(&["--advertise-address", "pod"]).contains("--advertise-address \"pod\""));
         assert!(err(&["--health-listen", "7071"]).contains("--health-listen"));
+        assert!(err(&["--metrics-listen", "9464"]).contains("--metrics-listen \"9464\""));
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing.pem");
         let missing = missing.to_str().unwrap();

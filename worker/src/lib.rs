@@ -2,7 +2,9 @@
 //! this host (command trials as contained child processes, none of which outlives its attempt
 //! or the worker, see `runner::containment`; builtin trials on a
 //! dedicated trainer thread with libtorch), stores their logs, metrics and checkpoints in object
-//! storage, and reports their events back in order.
+//! storage, and reports their events back in order. It finds its GPUs through the CUDA driver
+//! and watches them through NVML (`gpu`), both loaded at run time, and serves its own health
+//! and Prometheus metrics on ports of their own.
 //!
 //! It owns nothing durable: the coordinator decides what runs where and keeps the durable state;
 //! this crate never places work itself, never retries a failed trial on its own, and never
@@ -16,7 +18,9 @@ pub mod collective;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod gpu;
 pub mod health;
+pub mod metrics;
 pub mod models;
 pub mod runner;
 pub mod torch;
@@ -25,6 +29,7 @@ pub mod trainer;
 pub use config::{Args, LogFormat, WorkerConfig};
 pub use error::WorkerError;
 pub use runner::containment::{DataDirLock, guardian};
+use std::sync::Arc;
 
 /// Runs the worker until `shutdown` completes (then stops its trials and flushes their reports)
 /// or until the coordinator refuses it for good, or until a newer registration of its worker id
@@ -50,16 +55,56 @@ pub async fn run_locked(
         Some(addr) => Some(health::HealthEndpoint::serve(addr).await?),
         None => None,
     };
+    let metrics = match config.metrics_listen {
+        Some(addr) => Some(metrics::MetricsListener::bind(addr).await?),
+        None => None,
+    };
     if config.advertise_address.is_none() {
         tokio::select! {
             ip = advertise_address(&config.coordinator) => config.advertise_address = Some(ip),
             _ = &mut shutdown => return Ok(()),
         }
     }
-    let agent = agent::Agent::new(config, lock, health.as_ref().map(health::HealthEndpoint::reporter))?;
+    let gpu_sampler = open_gpu_telemetry(&config.gpu_ids).await;
+    let agent = agent::Agent::new(
+        config,
+        lock,
+        health.as_ref().map(health::HealthEndpoint::reporter),
+        gpu_sampler.clone(),
+    )?;
+    // Weak: a scrape must not keep the agent, and with it the data directory's lock, alive
+    // after the worker stopped.
+    let weak = Arc::downgrade(&agent);
+    let metrics = metrics.map(|m| {
+        m.serve(
+            move || weak.upgrade().map(|a| a.gauges()).unwrap_or_default(),
+            gpu_sampler,
+        )
+    });
     let result = agent.run(shutdown).await;
+    drop(metrics);
     drop(health);
     result
+}
+
+/// NVML for the worker's GPUs, if it opens. Its first start takes up to a second, so it runs off
+/// the runtime's threads; a driver that hangs instead costs the worker its GPU telemetry, not its
+/// start.
+async fn open_gpu_telemetry(gpu_ids: &[String]) -> Option<Arc<dyn gpu::telemetry::GpuSampler>> {
+    const OPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+    let gpu_ids = gpu_ids.to_vec();
+    let open = tokio::task::spawn_blocking(move || gpu::telemetry::GpuTelemetry::open(&gpu_ids));
+    match tokio::time::timeout(OPEN_WAIT, open).await {
+        Ok(Ok(telemetry)) => telemetry.map(|t| Arc::new(t) as Arc<dyn gpu::telemetry::GpuSampler>),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "no GPU telemetry: opening NVML failed");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(after = ?OPEN_WAIT, "no GPU telemetry: NVML did not open in time");
+            None
+        }
+    }
 }
 
 /// The address of the interface that routes to the coordinator, retried while the coordinator's

@@ -17,7 +17,15 @@ fn main() -> ExitCode {
     let args = chorus_worker::Args::parse();
     chorus_worker::init_tracing(args.log_format);
     let check_only = args.check_config;
-    let config = match args.into_config() {
+    let requested_gpus = args.gpus;
+    // The GPUs are found after the guardian is forked (see `into_config_without_gpus`), except
+    // for `--check-config`, which forks nothing.
+    let config = if check_only {
+        args.into_config()
+    } else {
+        args.into_config_without_gpus()
+    };
+    let config = match config {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -28,7 +36,7 @@ fn main() -> ExitCode {
         print!("{}", config.describe());
         return ExitCode::SUCCESS;
     }
-    match run(config) {
+    match run(config, requested_gpus) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "the worker stops");
@@ -42,7 +50,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: chorus_worker::WorkerConfig) -> Result<(), chorus_worker::WorkerError> {
+fn run(mut config: chorus_worker::WorkerConfig, requested_gpus: Option<u32>) -> Result<(), chorus_worker::WorkerError> {
     let lock = chorus_worker::DataDirLock::acquire(&config.data_dir, chorus_worker::guardian::LOCK_WAIT)?;
     // Forked while this process has one thread: before the runtime.
     let _guardian = match chorus_worker::guardian::start(&lock) {
@@ -52,6 +60,7 @@ fn run(config: chorus_worker::WorkerConfig) -> Result<(), chorus_worker::WorkerE
             None
         }
     };
+    config.gpu_ids = chorus_worker::gpu::worker_gpus(requested_gpus);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

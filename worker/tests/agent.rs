@@ -909,3 +909,92 @@ async fn health_is_serving_only_while_registered_and_not_draining() {
     drop(scratch);
     server.stop(&fake).await;
 }
+
+/// The body of `GET http://addr/metrics`, over a plain socket; `None` while nothing listens.
+async fn scrape(addr: SocketAddr) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    Some(body.to_string())
+}
+
+/// Scrapes until every line of `want` is in the body (the endpoint rereads at most once a
+/// second); returns that body.
+async fn scrape_until(addr: SocketAddr, want: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let body = scrape(addr).await.unwrap_or_default();
+        if want.iter().all(|w| body.lines().any(|l| l == *w)) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "never saw {want:?}; last:\n{body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_endpoint_shows_registration_slots_and_attempts() {
+    let fake = Fake::default();
+    let server = serve(&fake, local()).await;
+    let addr = server.addr;
+    // A free port for the metrics endpoint: bound, read, released.
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut c = config(addr, data.path());
+    c.metrics_listen = Some(metrics);
+    let worker = start_worker(c, data);
+    fake.wait_connected().await;
+    scrape_until(
+        metrics,
+        &[
+            "chorus_worker_registered 1",
+            "chorus_worker_slots{use=\"capacity\"} 4",
+            "chorus_worker_slots{use=\"busy\"} 0",
+            "chorus_worker_attempts_running 0",
+        ],
+    )
+    .await;
+
+    fake.send(Command::Assign(
+        worker.assignment(1, r#"echo $$ > "$SCRATCH/pid"; while :; do sleep 0.05; done"#),
+    ));
+    read_pid(&worker.scratch.path().join("pid")).await;
+    let body = scrape_until(
+        metrics,
+        &[
+            "chorus_worker_slots{use=\"busy\"} 1",
+            "chorus_worker_attempts_running 1",
+            "chorus_worker_attempts_held 1",
+        ],
+    )
+    .await;
+    // This host has no GPU the worker offers: no GPU series.
+    assert!(
+        body.lines().any(|l| l == "chorus_worker_gpus{use=\"capacity\"} 0"),
+        "{body}"
+    );
+    assert!(!body.contains("chorus_worker_gpu_"), "{body}");
+
+    server.stop(&fake).await;
+    scrape_until(
+        metrics,
+        &["chorus_worker_registered 0", "chorus_worker_attempts_running 1"],
+    )
+    .await;
+
+    worker.shut_down().await.unwrap();
+    // The endpoint goes with the worker.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while scrape(metrics).await.is_some() {
+        assert!(Instant::now() < deadline, "the metrics endpoint outlived its worker");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

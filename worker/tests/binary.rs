@@ -50,6 +50,7 @@ fn check_config_prints_the_resolved_settings_and_touches_nothing() {
             ("CHORUS_WORKER_TOKEN", "very-secret-token"),
             ("CHORUS_CA", ""),
             ("CHORUS_HEALTH_LISTEN", "0.0.0.0:7071"),
+            ("CHORUS_WORKER_METRICS_LISTEN", "0.0.0.0:9464"),
         ],
     );
     let stdout = text(&out.stdout);
@@ -73,6 +74,8 @@ fn check_config_prints_the_resolved_settings_and_touches_nothing() {
     assert_eq!(line("advertise address"), "127.0.0.1 (routes to the coordinator)");
     assert_eq!(line("tls ca"), "none (plain http)");
     assert_eq!(line("health listen"), "0.0.0.0:7071");
+    assert_eq!(line("metrics listen"), "http://0.0.0.0:9464/metrics");
+    assert_eq!(line("gpu metrics"), "every 10s per attempt with GPUs");
     assert!(line("instance").starts_with("new, created at start in"), "{stdout}");
     assert!(line("data dir").ends_with("data"), "{stdout}");
     assert!(!data.exists(), "the data directory was not created, let alone locked");
@@ -92,6 +95,10 @@ fn a_bad_setting_exits_2_with_a_precise_message() {
         ),
         (&["--coordinator", "ftp://coord"], "must be an http:// or https:// URL"),
         (&["--worker-id", " "], "--worker-id must not be empty"),
+        (
+            &["--metrics-listen", "9464"],
+            "--metrics-listen \"9464\" is not an address",
+        ),
     ];
     for (args, message) in cases {
         let mut all = vec![

@@ -9,6 +9,7 @@
 mod builtin;
 pub mod containment;
 pub mod environment;
+mod gpu_reports;
 mod output;
 mod process;
 mod records;
@@ -21,6 +22,7 @@ use chorus_core::metric::{self, Line, MetricReport};
 use chorus_core::storage::{self, Storage, StorageOptions, StorageUri};
 use chorus_core::{ExperimentId, TrialId, checkpoint, history};
 use chorus_proto::pb::{self, trial_event::Kind};
+pub use gpu_reports::GpuSampling;
 use records::{Job, Recorder, RecorderSetup};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -290,6 +292,12 @@ pub struct RunnerContext {
     pub containment: Arc<containment::Containment>,
     /// What command trials inherit of the worker's environment.
     pub trial_env: environment::TrialEnv,
+    /// The worker's GPUs in this process's CUDA ordinal order: the position of an allotted id
+    /// here is the device a builtin trainer in this process uses.
+    pub gpus: Vec<String>,
+    /// Reads the GPUs of attempts for their `gpu_util` and `gpu_mem_mb` metrics; `None` without
+    /// NVML.
+    pub gpu_sampling: Option<GpuSampling>,
 }
 
 impl RunnerContext {
@@ -313,7 +321,7 @@ pub async fn run_attempt(
     mut stop: watch::Receiver<Option<Stop>>,
 ) -> pb::Exited {
     let attempt_dir = ctx.attempt_dir(a.trial_id, a.attempt, a.rank);
-    let exited = match prepare(ctx, a, &attempt_dir).await {
+    let exited = match prepare(ctx, a, gpu_ids, &attempt_dir).await {
         Ok(prepared) if !a.builtin_json.is_empty() => builtin::run(ctx, a, gpu_ids, &events, &mut stop, prepared).await,
         Ok(prepared) => run_prepared(ctx, a, gpu_ids, &events, &mut stop, prepared).await,
         Err(message) => exited(pb::ExitKind::Failed, None, message),
@@ -350,6 +358,8 @@ struct Prepared {
     restored_fingerprint: Option<u64>,
     /// The experiment metric by step over the history this attempt carries over.
     scores: std::collections::BTreeMap<i64, f64>,
+    /// The GPUs whose readings are reported as the trial's metrics, if any.
+    gpus: Option<gpu_reports::AttemptGpus>,
 }
 
 impl Prepared {
@@ -358,7 +368,12 @@ impl Prepared {
     }
 }
 
-async fn prepare(ctx: &RunnerContext, a: &pb::Assignment, attempt_dir: &Path) -> Result<Prepared, String> {
+async fn prepare(
+    ctx: &RunnerContext,
+    a: &pb::Assignment,
+    gpu_ids: &[String],
+    attempt_dir: &Path,
+) -> Result<Prepared, String> {
     let storage = ctx
         .stores
         .open(&a.storage)
@@ -433,6 +448,7 @@ async fn prepare(ctx: &RunnerContext, a: &pb::Assignment, attempt_dir: &Path) ->
         restored: restored.restored,
         restored_fingerprint,
         scores,
+        gpus: gpu_reports::AttemptGpus::of(ctx.gpu_sampling.as_ref(), a, gpu_ids),
     })
 }
 
@@ -478,6 +494,7 @@ fn start_recording(
         restored_step: p.restored_step(),
         restored_attempt: p.restored.map_or(0, |r| r.attempt),
     }));
+    let gpus = p.gpus;
     let backlog = Arc::new(Backlog::new());
     let recorder = Recorder::new(
         a,
@@ -494,10 +511,9 @@ fn start_recording(
         store_retry,
     );
     let (jobs, jobs_rx) = mpsc::unbounded_channel();
-    (
-        Output::new(a, events.clone(), jobs, backlog),
-        tokio::spawn(recorder.run(jobs_rx)),
-    )
+    let mut output = Output::new(a, events.clone(), jobs, backlog);
+    output.gpu_reports = gpus.map(|g| gpu_reports::Reporter::start(g, output.jobs.downgrade(), output.backlog.clone()));
+    (output, tokio::spawn(recorder.run(jobs_rx)))
 }
 
 /// Why the runner itself ended the program, which decides the exit kind.
@@ -745,6 +761,8 @@ struct Output {
     malformed: u64,
     /// A rank other than 0 of a multi-rank attempt.
     follower: bool,
+    /// Reports the attempt's GPU readings while the attempt's output is taken.
+    gpu_reports: Option<gpu_reports::Reporter>,
 }
 
 impl Output {
@@ -757,6 +775,7 @@ impl Output {
             backlog,
             malformed: 0,
             follower: a.rank > 0,
+            gpu_reports: None,
         }
     }
 

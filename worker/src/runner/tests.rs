@@ -34,6 +34,8 @@ fn fixture(name: &str) -> Fixture {
             containment::Containment::new(containment::ContainmentMode::Auto, &dir.path().join("data")).unwrap(),
         ),
         trial_env: environment::TrialEnv::from_worker(&[]),
+        gpus: Vec::new(),
+        gpu_sampling: None,
     };
     let storage_uri = format!("memory://runner-{name}");
     let storage = ctx.stores.open(&storage_uri).unwrap();
@@ -80,6 +82,16 @@ impl Fixture {
         a: &pb::Assignment,
         stop: watch::Receiver<Option<Stop>>,
     ) -> (pb::Exited, Vec<pb::TrialEvent>) {
+        self.run_on(a, &[], stop).await
+    }
+
+    /// Runs `a` with the worker GPUs `gpu_ids` allotted to it.
+    async fn run_on(
+        &self,
+        a: &pb::Assignment,
+        gpu_ids: &[String],
+        stop: watch::Receiver<Option<Stop>>,
+    ) -> (pb::Exited, Vec<pb::TrialEvent>) {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let events = Events::new(tx);
         // Acknowledges every event at once, as an agent with a coordinator that is up does.
@@ -93,7 +105,7 @@ impl Fixture {
             }
             all
         });
-        let exited = run_attempt(&self.ctx, a, &[], events, stop).await;
+        let exited = run_attempt(&self.ctx, a, gpu_ids, events, stop).await;
         (exited, delivered.await.unwrap())
     }
 
@@ -1027,4 +1039,92 @@ async fn a_builtin_trials_reports_arrive_typed_and_are_stored_as_their_lines() {
     assert_eq!(printed, history);
     assert!(log.starts_with("training on Cpu with 1 thread(s), "), "{log}");
     assert!(log.contains("epoch 2: validation on "), "{log}");
+}
+
+/// Two GPUs as NVML would read them, each with figures of its own; counts the readings of each.
+struct FixedGpus {
+    reads: Mutex<HashMap<String, usize>>,
+}
+
+impl crate::gpu::telemetry::GpuSampler for FixedGpus {
+    fn gpus(&self) -> Vec<crate::gpu::telemetry::SampledGpu> {
+        ["0", "1"]
+            .iter()
+            .map(|id| crate::gpu::telemetry::SampledGpu {
+                id: id.to_string(),
+                name: "NVIDIA H100 80GB HBM3".into(),
+            })
+            .collect()
+    }
+
+    fn sample(&self, id: &str) -> Option<crate::gpu::telemetry::GpuSample> {
+        *self.reads.lock().unwrap().entry(id.to_string()).or_default() += 1;
+        let (util, used_mib) = match id {
+            "0" => (11, 5120),
+            "1" => (73, 2048),
+            _ => return None,
+        };
+        Some(crate::gpu::telemetry::GpuSample {
+            utilization_percent: Some(util),
+            memory_used_bytes: Some(used_mib << 20),
+            memory_total_bytes: Some(80 << 30),
+        })
+    }
+}
+
+#[tokio::test]
+async fn an_attempt_on_a_gpu_reports_that_gpus_utilisation_and_memory() {
+    let mut f = fixture("gpu-telemetry");
+    let gpus = Arc::new(FixedGpus {
+        reads: Mutex::new(HashMap::new()),
+    });
+    f.ctx.gpu_sampling = Some(GpuSampling {
+        sampler: gpus.clone(),
+        every: Duration::from_millis(50),
+    });
+    let mut a = f.assignment(
+        31,
+        1,
+        r#"
+        echo "visible=$CUDA_VISIBLE_DEVICES"
+        echo 'chorus:metric {"step": 1, "loss": 0.5}'
+        sleep 0.6
+    "#,
+    );
+    a.resources = Some(pb::Resources { cpus: 1, gpus: 1 });
+    let (_stop, stop_rx) = watch::channel(None);
+    let (exited, events) = f.run_on(&a, &["1".to_string()], stop_rx).await;
+    assert_eq!(kind(&exited), pb::ExitKind::Succeeded, "{exited:?}");
+    assert!(f.log(31, 1).await.contains("visible=1\n"));
+
+    let reported = metric_jsons(&events);
+    let gpu: Vec<&serde_json::Value> = reported.iter().filter(|m| m.get("gpu_util").is_some()).collect();
+    assert!(gpu.len() >= 2, "a reading every 50 ms over 0.6 s: {reported:?}");
+    // Device 1's figures only, and no step: a reading belongs to no training step.
+    for m in &gpu {
+        assert_eq!(**m, json!({"gpu_util": 73.0, "gpu_mem_mb": 2048.0}));
+    }
+    assert_eq!(
+        gpus.reads.lock().unwrap().get("0"),
+        None,
+        "the attempt's GPU only is read"
+    );
+    // The trial's own report is untouched, and the readings are stored in its history too.
+    assert!(reported.contains(&json!({"step": 1, "loss": 0.5})), "{reported:?}");
+    let stored = f.metrics(31).await;
+    assert_eq!(
+        stored.iter().filter(|m| m.get("gpu_util").is_some()).count(),
+        gpu.len(),
+        "{stored:?}"
+    );
+    // Reported as they are stored: no checkpoint is asked for by a reading.
+    assert!(checkpoints(&events).iter().all(|c| c.step == 1), "{events:?}");
+
+    // An attempt without a GPU is never read and reports nothing of GPUs.
+    let reads_before = gpus.reads.lock().unwrap().values().sum::<usize>();
+    let b = f.assignment(32, 1, "sleep 0.3; echo 'chorus:metric {\"loss\": 1}'");
+    let (exited, events) = f.run(&b).await;
+    assert_eq!(kind(&exited), pb::ExitKind::Succeeded, "{exited:?}");
+    assert_eq!(metric_jsons(&events), vec![json!({"loss": 1.0})]);
+    assert_eq!(gpus.reads.lock().unwrap().values().sum::<usize>(), reads_before);
 }
