@@ -373,6 +373,10 @@ pub enum DatasetCmd {
     Synth(SynthArgs),
     /// Pack the files a CSV lists (columns image, audio, text, label, split) into a dataset.
     Pack(PackArgs),
+    /// Import a published emotion corpus from its own files (FER2013, RAVDESS, MELD): labels
+    /// mapped onto the seven emotions, faces to 48x48 gray, audio to 16 kHz mono.
+    #[command(subcommand)]
+    Import(ImportCmd),
     /// Show a dataset: samples per class and split, modalities present, shards and size.
     Inspect {
         /// The dataset's directory, e.g. `file:///data/emo` or `s3://bucket/datasets/emo`.
@@ -433,7 +437,89 @@ pub struct PackArgs {
     pub max_vocab: u64,
 }
 
-/// Where `synth` and `pack` write.
+#[derive(Debug, Subcommand)]
+pub enum ImportCmd {
+    /// FER2013's CSV (`emotion,pixels,Usage`): one 48x48 face per row; emotion codes 0-6 mapped
+    /// by name, Usage Training / PublicTest / PrivateTest as train / val / test (a CSV without
+    /// Usage is split by the fractions).
+    Fer2013(Fer2013Args),
+    /// RAVDESS's audio-only WAVs (`03-VC-EE-II-SS-RR-AA.wav`, found recursively): emotion from the
+    /// name (calm as neutral), the spoken statement as text, split by actor.
+    Ravdess(RavdessArgs),
+    /// MELD's utterance CSVs, each with a directory of WAV clips `dia{D}_utt{U}.wav`: Utterance as
+    /// text, Emotion mapped by name (joy as happiness); a row without a clip is kept as text only.
+    Meld(MeldArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct Fer2013Args {
+    /// `fer2013.csv`: header `emotion,pixels,Usage` (`Usage` may be missing).
+    #[arg(long, value_name = "FILE")]
+    pub csv: PathBuf,
+    #[command(flatten)]
+    pub out: DatasetOut,
+    #[command(flatten)]
+    pub shards: ImportShards,
+    /// Split of a CSV without a Usage column.
+    #[command(flatten)]
+    pub fractions: SplitFractions,
+}
+
+#[derive(Debug, Args)]
+pub struct RavdessArgs {
+    /// The directory holding the `Actor_NN` folders; searched recursively.
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    #[command(flatten)]
+    pub out: DatasetOut,
+    #[command(flatten)]
+    pub shards: ImportShards,
+    /// Actors (1-24) whose files make the val split; the others not in --test-actors are train.
+    #[arg(long, value_name = "N,N", value_delimiter = ',', default_value = "21,22")]
+    pub val_actors: Vec<u8>,
+    /// Actors (1-24) whose files make the test split.
+    #[arg(long, value_name = "N,N", value_delimiter = ',', default_value = "23,24")]
+    pub test_actors: Vec<u8>,
+    /// Leave the sung files (vocal channel 02) out.
+    #[arg(long)]
+    pub speech_only: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct MeldArgs {
+    /// A MELD CSV (`train_sent_emo.csv`, `dev_sent_emo.csv`, `test_sent_emo.csv`); repeat for
+    /// several splits.
+    #[arg(long, value_name = "FILE", required = true)]
+    pub csv: Vec<PathBuf>,
+    /// The directory of each --csv's clips, in the same order (or one for all), holding
+    /// `dia{Dialogue_ID}_utt{Utterance_ID}.wav` at any rate.
+    #[arg(long, value_name = "DIR", required = true)]
+    pub audio_dir: Vec<PathBuf>,
+    /// The split of each --csv, in the same order [default: from the file name: train..., dev...
+    /// or val..., test...].
+    #[arg(long, value_name = "SPLIT")]
+    pub split: Vec<chorus_dataset::Split>,
+    #[command(flatten)]
+    pub out: DatasetOut,
+    #[command(flatten)]
+    pub shards: ImportShards,
+    /// Most tokens in the vocabulary (built from the train split's utterances, most frequent first).
+    #[arg(long, value_name = "N", default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(3..))]
+    pub max_vocab: u64,
+}
+
+/// How an importer cuts and orders shards, as `pack` does.
+#[derive(Debug, Args)]
+pub struct ImportShards {
+    /// Shards in total; each split gets at least one [default: 8, or fewer for a small corpus].
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..))]
+    pub shards: Option<u64>,
+    /// Seed of the order of samples in shards (and of any split drawn by the fractions).
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Where `synth`, `pack` and `import` write.
 #[derive(Debug, Args)]
 pub struct DatasetOut {
     /// The dataset's directory: manifest.json and the shards go directly under it, e.g.

@@ -3,8 +3,9 @@
 //! Exit codes: 0 success; 1 any server or connection error (and an experiment that did not
 //! complete under `--wait`); 2 usage errors (clap) and spec errors, local or `INVALID_ARGUMENT`
 //! from the coordinator, so scripts can tell "fix your file" from "try again later". For
-//! `chorus dataset`, a bad storage URI, impossible options and a bad row of a packed CSV are
-//! usage errors too; storage failures and bad shards are 1.
+//! `chorus dataset`, a bad storage URI, impossible options, a bad row of a packed or imported CSV
+//! and a corpus file that breaks its corpus's conventions are usage errors too; storage failures
+//! and bad shards are 1.
 
 use chorus_core::error::{FieldError, SpecErrors};
 use chorus_dataset::DatasetError;
@@ -56,7 +57,9 @@ impl CliError {
         match self {
             CliError::Spec(_) | CliError::Usage(_) => ExitCode::from(2),
             CliError::Rpc(s) if s.code() == Code::InvalidArgument => ExitCode::from(2),
-            CliError::Dataset(DatasetError::InvalidArgument(_) | DatasetError::Csv { .. }) => ExitCode::from(2),
+            CliError::Dataset(
+                DatasetError::InvalidArgument(_) | DatasetError::Csv { .. } | DatasetError::Input { .. },
+            ) => ExitCode::from(2),
             // A file name or a request the picture cannot be made of is a usage error.
             CliError::Plot(chorus_plot::PlotError::Format(_) | chorus_plot::PlotError::Invalid(_)) => ExitCode::from(2),
             _ => ExitCode::from(1),

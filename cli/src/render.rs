@@ -8,7 +8,7 @@ use crate::args::Agg;
 use crate::query::Row;
 use crate::rank::{CompareGroup, shared_metric};
 use chorus_core::convert::{experiment_state_name, trial_state_name};
-use chorus_dataset::{Manifest, Split};
+use chorus_dataset::{Imported, Manifest, Split};
 use chorus_proto::pb;
 use comfy_table::{ContentArrangement, Table, presets};
 use serde_json::{Map, Value, json};
@@ -1006,6 +1006,35 @@ pub fn dataset_summary(uri: &str, m: &Manifest, problems: Option<&[String]>) -> 
     out
 }
 
+/// `import`: the dataset as `inspect` shows it, then what of the corpus was left out or written
+/// incomplete, and why.
+pub fn import_summary(uri: &str, imported: &Imported) -> String {
+    let mut out = dataset_summary(uri, &imported.manifest, None);
+    for (title, counts) in [
+        ("left out of the dataset", &imported.skipped),
+        ("written with a modality missing", &imported.incomplete),
+    ] {
+        if counts.is_empty() {
+            continue;
+        }
+        let width = counts.values().map(|n| n.to_string().len()).max().unwrap_or(1);
+        out.push_str(&format!("\n{title}:\n"));
+        for (reason, n) in counts {
+            out.push_str(&format!("  {n:>width$}  {reason}\n"));
+        }
+    }
+    out
+}
+
+/// `import --output json`: `inspect`'s object plus `skipped` and `incomplete`, each a map from
+/// reason to count.
+pub fn import_json(uri: &str, imported: &Imported) -> Value {
+    let mut out = dataset_json(uri, &imported.manifest, None);
+    out["skipped"] = json!(imported.skipped);
+    out["incomplete"] = json!(imported.incomplete);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1335,6 +1364,26 @@ mod tests {
         assert_eq!(fmt_bytes(1023), "1023 B");
         assert_eq!(fmt_bytes(1536), "1.5 KiB");
         assert_eq!(fmt_bytes(3 * 1024 * 1024 + 100_000), "3.1 MiB");
+    }
+
+    #[test]
+    fn import_summaries_say_what_was_left_out() {
+        let imported = Imported {
+            manifest: dataset(),
+            skipped: [("not a .wav file".to_string(), 2), ("song".to_string(), 120)].into(),
+            incomplete: Default::default(),
+        };
+        let text = import_summary("file:///d/emo", &imported);
+        assert!(text.starts_with(&dataset_summary("file:///d/emo", &imported.manifest, None)));
+        assert!(
+            text.ends_with("\nleft out of the dataset:\n    2  not a .wav file\n  120  song\n"),
+            "{text}"
+        );
+        assert!(!text.contains("modality missing"), "{text}");
+        let j = import_json("u", &imported);
+        assert_eq!(j["skipped"], json!({"not a .wav file": 2, "song": 120}));
+        assert_eq!(j["incomplete"], json!({}));
+        assert_eq!(j["samples"], 5);
     }
 
     #[test]

@@ -419,3 +419,267 @@ fn read_packed(out: &str) -> (chorus_dataset::Manifest, Vec<chorus_dataset::Samp
     samples.sort_by(|a, b| a.key.cmp(&b.key));
     (manifest, samples)
 }
+
+fn fer_row(emotion: u8, pixels: usize, usage: &str) -> String {
+    let cells: Vec<String> = (0..pixels)
+        .map(|i| ((i * 5 + emotion as usize) % 256).to_string())
+        .collect();
+    format!("{emotion},{},{usage}\n", cells.join(" "))
+}
+
+#[test]
+fn import_fer2013_csv() {
+    let tmp = tempfile::tempdir().unwrap();
+    let csv = tmp.path().join("fer2013.csv");
+    std::fs::write(
+        &csv,
+        format!(
+            "emotion,pixels,Usage\n{}{}{}",
+            fer_row(3, 2304, "Training"),
+            fer_row(0, 2304, "PublicTest"),
+            fer_row(6, 2304, "PrivateTest")
+        ),
+    )
+    .unwrap();
+    let out = uri(&tmp.path().join("fer"));
+    let j: Value = serde_json::from_str(&ok(&[
+        "dataset",
+        "import",
+        "fer2013",
+        "--csv",
+        csv.to_str().unwrap(),
+        "--out",
+        &out,
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(j["name"], "fer");
+    assert_eq!(j["samples"], 3);
+    for split in ["train", "val", "test"] {
+        assert_eq!(j["splits"][split]["samples"], 1, "{split}");
+    }
+    assert_eq!(j["modalities"], serde_json::json!({"image": 3, "audio": 0, "text": 0}));
+    assert_eq!(j["skipped"], serde_json::json!({}));
+    let (_, samples) = read_packed(&out);
+    let labels: Vec<(&str, u8)> = samples.iter().map(|s| (s.key.as_str(), s.label)).collect();
+    assert_eq!(labels, [("00000002", 3), ("00000003", 0), ("00000004", 6)]);
+    let face = samples[0].image.as_ref().unwrap();
+    assert_eq!((face[0], face[1], face[100]), (3, 8, ((100 * 5 + 3) % 256) as u8));
+
+    std::fs::write(
+        &csv,
+        format!(
+            "emotion,pixels,Usage\n{}{}",
+            fer_row(3, 2304, "Training"),
+            fer_row(2, 2303, "Training")
+        ),
+    )
+    .unwrap();
+    let bad = uri(&tmp.path().join("bad"));
+    let err = fails(
+        &[
+            "dataset",
+            "import",
+            "fer2013",
+            "--csv",
+            csv.to_str().unwrap(),
+            "--out",
+            &bad,
+        ],
+        2,
+    );
+    assert!(
+        err.contains("fer2013.csv line 3: 2303 pixel values, expected 2304 (48x48)"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("bad/manifest.json").exists());
+}
+
+#[test]
+fn import_ravdess_tree() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("ravdess");
+    for (rel, secs) in [
+        ("Actor_01/03-01-05-01-01-01-01.wav", 0.5),
+        ("Actor_02/03-01-02-02-02-01-02.wav", 0.25),
+        ("Actor_22/03-01-03-01-01-01-22.wav", 0.5),
+        ("Actor_24/03-01-04-01-02-01-24.wav", 0.5),
+        ("Actor_24/01-01-04-01-02-01-24.wav", 0.1),
+    ] {
+        let path = root.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        write_wav(&path, 48_000, 2, secs);
+    }
+    let out = uri(&tmp.path().join("voices"));
+    let summary = ok(&[
+        "dataset",
+        "import",
+        "ravdess",
+        "--dir",
+        root.to_str().unwrap(),
+        "--out",
+        &out,
+    ]);
+    assert!(summary.contains("samples:    4 in 4 shards"), "{summary}");
+    assert!(
+        summary.contains("left out of the dataset:\n  1  not audio-only (modality 01 full-AV or 02 video-only)\n"),
+        "{summary}"
+    );
+    let (manifest, samples) = read_packed(&out);
+    assert_eq!(
+        (manifest.splits.train, manifest.splits.val, manifest.splits.test),
+        (2, 1, 1)
+    );
+    let by_key = |k: &str| samples.iter().find(|s| s.key == k).unwrap();
+    let angry = by_key("03-01-05-01-01-01-01");
+    assert_eq!((angry.label, angry.audio.as_ref().unwrap().len()), (0, 8_000));
+    assert_eq!(angry.text.as_deref(), Some("Kids are talking by the door"));
+    let calm = by_key("03-01-02-02-02-01-02");
+    assert_eq!((calm.label, calm.audio.as_ref().unwrap().len()), (6, 4_000));
+    assert_eq!(calm.text.as_deref(), Some("Dogs are sitting by the door"));
+    // The tone is kept at its amplitude: 12000 / 32768 on both channels.
+    let peak = angry.audio.as_ref().unwrap()[1000..7000]
+        .iter()
+        .fold(0f32, |m, v| m.max(v.abs()));
+    assert!((peak - 12000.0 / 32768.0).abs() < 0.005, "{peak}");
+
+    std::fs::create_dir_all(root.join("Actor_03")).unwrap();
+    write_wav(&root.join("Actor_03/03-01-09-01-01-01-03.wav"), 48_000, 2, 0.1);
+    let err = fails(
+        &[
+            "dataset",
+            "import",
+            "ravdess",
+            "--dir",
+            root.to_str().unwrap(),
+            "--out",
+            &uri(&tmp.path().join("bad")),
+        ],
+        2,
+    );
+    assert!(
+        err.contains("Actor_03/03-01-09-01-01-01-03.wav: emotion 09 is not 01 to 08"),
+        "{err}"
+    );
+}
+
+#[test]
+fn import_meld_csvs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("meld");
+    let header =
+        "Sr No.,Utterance,Speaker,Emotion,Sentiment,Dialogue_ID,Utterance_ID,Season,Episode,StartTime,EndTime\n";
+    std::fs::create_dir_all(src.join("train_wav")).unwrap();
+    std::fs::create_dir_all(src.join("test_wav")).unwrap();
+    std::fs::write(
+        src.join("train_sent_emo.csv"),
+        format!(
+            "{header}1,\"Oh, really? Fine, whatever.\",Ross,anger,negative,3,0,1,2,\"00:01:02,003\",\"00:01:04,000\"\n\
+             2,\"Yes!\nYes, yes!\",Monica,joy,positive,3,1,1,2,\"00:01:05,000\",\"00:01:06,000\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        src.join("test_sent_emo.csv"),
+        format!("{header}1,I'm scared,Chandler,fear,negative,0,0,3,3,\"00:00:01,000\",\"00:00:02,000\"\n"),
+    )
+    .unwrap();
+    write_wav(&src.join("train_wav/dia3_utt0.wav"), 44_100, 1, 0.5);
+    write_wav(&src.join("test_wav/dia0_utt0.wav"), 16_000, 1, 0.25);
+    let csv = |n: &str| src.join(n).to_str().unwrap().to_string();
+    let (train_csv, test_csv) = (csv("train_sent_emo.csv"), csv("test_sent_emo.csv"));
+    let (train_dir, test_dir) = (csv("train_wav"), csv("test_wav"));
+    let out = uri(&tmp.path().join("meld-out"));
+    let j: Value = serde_json::from_str(&ok(&[
+        "dataset",
+        "import",
+        "meld",
+        "--csv",
+        &train_csv,
+        "--audio-dir",
+        &train_dir,
+        "--csv",
+        &test_csv,
+        "--audio-dir",
+        &test_dir,
+        "--out",
+        &out,
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(j["samples"], 3);
+    assert_eq!(j["splits"]["train"]["samples"], 2);
+    assert_eq!(j["splits"]["test"]["samples"], 1);
+    assert_eq!(
+        j["incomplete"],
+        serde_json::json!({"no clip in the audio directory: written as text only": 1})
+    );
+    let (manifest, samples) = read_packed(&out);
+    let by_key = |k: &str| samples.iter().find(|s| s.key == k).unwrap();
+    let a = by_key("train-dia3_utt0");
+    assert_eq!(a.label, 0);
+    assert_eq!(a.text.as_deref(), Some("Oh, really? Fine, whatever."));
+    assert_eq!(a.audio.as_ref().unwrap().len(), 8_000);
+    let b = by_key("train-dia3_utt1");
+    assert_eq!((b.label, b.audio.is_none()), (3, true));
+    assert_eq!(b.text.as_deref(), Some("Yes!\nYes, yes!"));
+    let c = by_key("test-dia0_utt0");
+    assert_eq!((c.label, c.audio.as_ref().unwrap().len()), (2, 4_000));
+    assert!(manifest.vocabulary.id("whatever").is_some());
+    assert_eq!(
+        manifest.vocabulary.id("scared"),
+        None,
+        "test words stay out of the vocabulary"
+    );
+
+    std::fs::write(
+        src.join("dev.csv"),
+        format!("{header}1,Huh,Joey,confused,neutral,0,0,1,1,a,b\n"),
+    )
+    .unwrap();
+    let bad = uri(&tmp.path().join("bad"));
+    let dev_csv = csv("dev.csv");
+    let err = fails(
+        &[
+            "dataset",
+            "import",
+            "meld",
+            "--csv",
+            &dev_csv,
+            "--audio-dir",
+            &test_dir,
+            "--split",
+            "val",
+            "--out",
+            &bad,
+        ],
+        2,
+    );
+    assert!(
+        err.contains("dev.csv line 2: emotion \"confused\" is not one of MELD's anger, disgust, fear, joy, neutral, sadness, surprise"),
+        "{err}"
+    );
+    let err = fails(
+        &[
+            "dataset",
+            "import",
+            "meld",
+            "--csv",
+            &train_csv,
+            "--csv",
+            &test_csv,
+            "--audio-dir",
+            &train_dir,
+            "--audio-dir",
+            &test_dir,
+            "--audio-dir",
+            &test_dir,
+            "--out",
+            &bad,
+        ],
+        2,
+    );
+    assert!(err.contains("2 --csv but 3 --audio-dir"), "{err}");
+}

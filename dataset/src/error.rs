@@ -17,9 +17,13 @@ pub enum DatasetError {
     /// One sample of a shard is bad.
     #[error("shard {shard}, sample {key}: {reason}")]
     Sample { shard: String, key: String, reason: String },
-    /// A row of a CSV being packed.
+    /// A row of a CSV being packed or imported.
     #[error("{path} line {line}: {reason}")]
     Csv { path: String, line: u64, reason: String },
+    /// A file of a corpus being imported that does not follow the corpus's conventions (a
+    /// RAVDESS file name with a bad field, a clip that cannot be decoded).
+    #[error("{path}: {reason}")]
+    Input { path: String, reason: String },
     /// The writer would replace a committed dataset.
     #[error("a dataset already exists at {key} (pass --force to replace it)")]
     AlreadyExists { key: String },

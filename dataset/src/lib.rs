@@ -1,7 +1,8 @@
 //! The dataset format of Chorus's built-in emotion trainer: what a dataset in object storage
-//! looks like, how it is written (`chorus dataset synth`, `chorus dataset pack`) and how it is
-//! read, checked and turned into model inputs. It owns the manifest, the tar shards, PNG and
-//! WAV decoding, log-mel features and tokenisation; it must not link tch (the CLI links it),
+//! looks like, how it is written (`chorus dataset synth`, `chorus dataset pack`, `chorus dataset
+//! import fer2013 | ravdess | meld`) and how it is read, checked and turned into model inputs.
+//! It owns the manifest, the tar shards, PNG and WAV decoding, resampling, log-mel features and
+//! tokenisation, and the corpus importers; it must not link tch (the CLI links it),
 //! and it decides nothing about training: which shards a rank reads, caching and batching
 //! belong to the worker.
 //!
@@ -45,10 +46,15 @@
 //!
 //! [`ShardWriter`] builds one tar in memory; [`DatasetWriter`] cuts samples into shards by a
 //! [`ShardPlan`], uploads each shard as it fills, and puts the manifest last. [`synth()`] (see
-//! [`mod@synth`] for the generator) and [`pack()`] (see [`mod@pack`] for the CSV) are the two producers.
+//! [`mod@synth`] for the generator), [`pack()`] (see [`mod@pack`] for the CSV) and the corpus
+//! importers [`import_fer2013`], [`import_ravdess`] and [`import_meld`] (see [`mod@import`]) are
+//! the producers; the last four share one writing path, and convert media through
+//! [`load_image`], [`load_audio`] and the band-limited [`resample`].
 
+mod convert;
 mod error;
 mod features;
+pub mod import;
 mod manifest;
 pub mod pack;
 mod sample;
@@ -57,13 +63,18 @@ mod store;
 pub mod synth;
 mod vocab;
 
+pub use convert::{load_audio, load_image, resample};
 pub use error::{DatasetError, Result};
 pub use features::{LogMel, MEL_BANDS, log_mel};
+pub use import::{
+    Fer2013Options, ImportOptions, Imported, MeldOptions, MeldPart, RavdessOptions, import_fer2013, import_meld,
+    import_ravdess,
+};
 pub use manifest::{
     EMOTIONS, FORMAT_VERSION, IMAGE_PIXELS, IMAGE_SIZE, MANIFEST, MAX_CLASSES, Manifest, ModalityCounts, SAMPLE_RATE,
     ShardInfo, Split, SplitCounts, shard_key,
 };
-pub use pack::{PackOptions, load_audio, load_image, pack, resample};
+pub use pack::{PackOptions, pack};
 pub use sample::{Sample, decode_png, decode_wav, encode_png, encode_wav};
 pub use shard::{ShardWriter, parse_shard};
 pub use store::{DatasetHeader, DatasetWriter, PlannedShard, ShardPlan, fetch_shard, read_manifest, verify};

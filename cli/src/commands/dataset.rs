@@ -1,13 +1,16 @@
-//! `chorus dataset synth | pack | inspect`: the commands that need no coordinator; they write
-//! and read a dataset in object storage through `chorus-dataset`.
+//! `chorus dataset synth | pack | import | inspect`: the commands that need no coordinator; they
+//! write and read a dataset in object storage through `chorus-dataset`.
 
 use super::emit;
-use crate::args::{DatasetCmd, DatasetOut, Output, StorageArgs};
+use crate::args::{DatasetCmd, DatasetOut, ImportCmd, ImportShards, MeldArgs, Output, StorageArgs};
 use crate::error::CliError;
 use crate::render;
 use chorus_core::error::CoreError;
 use chorus_core::storage::{Storage, StorageOptions, StorageUri, open};
-use chorus_dataset::{DatasetError, EMOTIONS, Manifest, PackOptions, SynthOptions};
+use chorus_dataset::{
+    DatasetError, EMOTIONS, Fer2013Options, ImportOptions, Imported, Manifest, MeldOptions, MeldPart, PackOptions,
+    RavdessOptions, SynthOptions,
+};
 use std::process::ExitCode;
 
 pub async fn run(cmd: DatasetCmd) -> Result<ExitCode, CliError> {
@@ -48,6 +51,14 @@ pub async fn run(cmd: DatasetCmd) -> Result<ExitCode, CliError> {
             show(&a.out.out, &m, None, a.out.output)?;
             Ok(ExitCode::SUCCESS)
         }
+        DatasetCmd::Import(cmd) => {
+            let (out, imported) = import(cmd).await?;
+            emit(&match out.output {
+                Output::Table => render::import_summary(&out.out, &imported),
+                Output::Json => render::json(&render::import_json(&out.out, &imported)),
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         DatasetCmd::Inspect {
             uri,
             verify,
@@ -83,6 +94,93 @@ pub async fn run(cmd: DatasetCmd) -> Result<ExitCode, CliError> {
             })
         }
     }
+}
+
+/// Runs an importer; returns where it wrote, for the summary.
+async fn import(cmd: ImportCmd) -> Result<(DatasetOut, Imported), CliError> {
+    match cmd {
+        ImportCmd::Fer2013(a) => {
+            let storage = open_storage(&a.out.out, &a.out.storage, false)?;
+            let opts = Fer2013Options {
+                csv: a.csv,
+                import: import_options(
+                    &a.out,
+                    &a.shards,
+                    a.fractions.val_fraction,
+                    a.fractions.test_fraction,
+                    3,
+                ),
+            };
+            let imported = chorus_dataset::import_fer2013(storage, &opts, a.out.force).await?;
+            Ok((a.out, imported))
+        }
+        ImportCmd::Ravdess(a) => {
+            let storage = open_storage(&a.out.out, &a.out.storage, false)?;
+            let opts = RavdessOptions {
+                dir: a.dir,
+                val_actors: a.val_actors,
+                test_actors: a.test_actors,
+                speech_only: a.speech_only,
+                // Two statements: the vocabulary never comes near a bound.
+                import: import_options(&a.out, &a.shards, 0.0, 0.0, 1_000),
+            };
+            let imported = chorus_dataset::import_ravdess(storage, &opts, a.out.force).await?;
+            Ok((a.out, imported))
+        }
+        ImportCmd::Meld(a) => {
+            let storage = open_storage(&a.out.out, &a.out.storage, false)?;
+            let opts = MeldOptions {
+                parts: meld_parts(&a)?,
+                import: import_options(&a.out, &a.shards, 0.0, 0.0, a.max_vocab as usize),
+            };
+            let imported = chorus_dataset::import_meld(storage, &opts, a.out.force).await?;
+            Ok((a.out, imported))
+        }
+    }
+}
+
+fn import_options(
+    out: &DatasetOut,
+    shards: &ImportShards,
+    val: f64,
+    test: f64,
+    max_vocabulary: usize,
+) -> ImportOptions {
+    ImportOptions {
+        name: dataset_name(out),
+        shards: shards.shards.map(|k| k as usize),
+        seed: shards.seed,
+        val_fraction: val,
+        test_fraction: test,
+        max_vocabulary,
+    }
+}
+
+/// Pairs each --csv with its --audio-dir (one for all, or one each) and --split (none, or one
+/// each), in the order given.
+fn meld_parts(a: &MeldArgs) -> Result<Vec<MeldPart>, CliError> {
+    let n = a.csv.len();
+    if a.audio_dir.len() != 1 && a.audio_dir.len() != n {
+        return Err(CliError::Usage(format!(
+            "{n} --csv but {} --audio-dir: give one --audio-dir for all, or one per --csv in the same order",
+            a.audio_dir.len()
+        )));
+    }
+    if !a.split.is_empty() && a.split.len() != n {
+        return Err(CliError::Usage(format!(
+            "{n} --csv but {} --split: give none (split told by the file names) or one per --csv in the same order",
+            a.split.len()
+        )));
+    }
+    Ok(a.csv
+        .iter()
+        .enumerate()
+        .map(|(i, csv)| MeldPart {
+            csv: csv.clone(),
+            audio_dir: a.audio_dir[if a.audio_dir.len() == 1 { 0 } else { i }].clone(),
+            split: a.split.get(i).copied(),
+        })
+        .collect())
 }
 
 fn show(uri: &str, m: &Manifest, problems: Option<&[String]>, output: Output) -> Result<(), CliError> {
@@ -140,6 +238,59 @@ mod tests {
             storage: StorageArgs { s3_endpoint: None },
             output: Output::Table,
         }
+    }
+
+    fn meld(args: &[&str]) -> MeldArgs {
+        use clap::Parser;
+        let mut argv = vec!["chorus", "dataset", "import", "meld", "--out", "file:///tmp/m"];
+        argv.extend(args);
+        match crate::args::Cli::try_parse_from(argv).unwrap().command {
+            crate::args::Command::Dataset(DatasetCmd::Import(ImportCmd::Meld(a))) => a,
+            other => panic!("parsed {other:?}"),
+        }
+    }
+
+    #[test]
+    fn meld_csvs_pair_with_their_audio_dirs_and_splits() {
+        let parts = meld_parts(&meld(&["--csv", "a.csv", "--csv", "b.csv", "--audio-dir", "wav"])).unwrap();
+        let got: Vec<_> = parts
+            .iter()
+            .map(|p| (p.csv.to_str().unwrap(), p.audio_dir.to_str().unwrap(), p.split))
+            .collect();
+        assert_eq!(got, [("a.csv", "wav", None), ("b.csv", "wav", None)]);
+        let parts = meld_parts(&meld(&[
+            "--csv",
+            "a.csv",
+            "--audio-dir",
+            "x",
+            "--split",
+            "dev",
+            "--csv",
+            "b.csv",
+            "--audio-dir",
+            "y",
+            "--split",
+            "test",
+        ]))
+        .unwrap();
+        assert_eq!(parts[1].audio_dir.to_str(), Some("y"));
+        assert_eq!(
+            (parts[0].split, parts[1].split),
+            (Some(chorus_dataset::Split::Val), Some(chorus_dataset::Split::Test))
+        );
+        let e = meld_parts(&meld(&[
+            "--csv",
+            "a.csv",
+            "--audio-dir",
+            "x",
+            "--split",
+            "val",
+            "--split",
+            "test",
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("1 --csv but 2 --split"), "{e}");
     }
 
     #[test]
