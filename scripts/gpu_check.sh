@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
-# Checks the worker on a host with one NVIDIA GPU and PyTorch 2.11 installed system-wide, in a few
-# minutes and without a Rust toolchain there:
-#   (a) emotion-bench training throughput on CUDA (samples/s),
+# Checks the worker on a host with NVIDIA GPUs and PyTorch 2.11 installed system-wide, in a few
+# minutes and without a Rust toolchain there, and prints every figure it measures:
+#   (a) emotion-bench training throughput on CUDA (samples/s) in fp32, bf16 and fp16, and the
+#       mixed-precision speed-ups,
 #   (b) the NCCL tests that need a GPU (world size 1, and a peer that never joins timing out),
-#   (c) the time of one NCCL all-reduce of 64 MiB at world size 1.
+#   (c) the time of one NCCL all-reduce of 64 MiB at world size 1,
+#   (d) the worker's CUDA tests: learning and resuming on CUDA, bf16 and fp16 learning on the
+#       last GPU by ordinal, an fp16 run resuming exactly (its loss scale in the checkpoint), GPU
+#       discovery through the driver and NVML telemetry on the real devices,
+#   (e) the data path on CUDA: the trainer's wait share with one loader thread and with the
+#       host's spare CPUs, and the source alone with 1 and N loader threads,
+#   (f) a real coordinator and worker: GPU telemetry (the worker's Prometheus gauges, the trials'
+#       `gpu_util` and `gpu_mem_mb`) and, on a machine with 2 GPUs or more, two builtin trials
+#       run at once on one worker, each asserted (nvidia-smi's process list) to be on its own GPU.
 #
 # Prepare on the build machine (the binaries link libtorch 2.11 by soname, so the GPU host's own
 # PyTorch 2.11 serves them):
 #   eval "$(scripts/libtorch.sh)"
-#   cargo build --release -p chorus-worker --examples   # target/release/examples/{emotion_bench,nccl_check}
+#   cargo build --release -p chorus-worker --examples   # target/release/examples/{emotion_bench,nccl_check,data_path}
 #   cargo test --release -p chorus-worker --no-run      # target/release/deps/chorus_worker-<hash>
+#   cargo build --release -p chorus-coordinator -p chorus-worker -p chorus-cli   # for (f)
 # The binaries hold line tables (about 140 MB each; 2 to 15 MB after `strip`): strip copies of them
 # where the transfer is limited. Carry the repository with those files (or just this script and
 # them, in the same layout) to the GPU host and run:
@@ -112,15 +122,27 @@ if [ ! -x "$emotion_bench" ] || [ ! -x "$nccl_check" ] || [ -z "$test_bin" ]; th
   fi
 fi
 
+gpu_count="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ')"
+echo "GPUs: $gpu_count"
+
 # Each step has its own limit so that a hang cannot eat the whole budget.
-say "(a) emotion-bench training on CUDA"
-if out="$(timeout 120 "$emotion_bench" --device cuda --steps 100 --warmup 10 2>&1)"; then
-  echo "$out" | grep -v '^samples_per_second='
-  echo "emotion-bench CUDA: $(echo "$out" | sed -n 's/^samples_per_second=//p') samples/s"
-else
-  echo "$out" | tail -20
-  failures+=("emotion-bench")
-fi
+say "(a) emotion-bench training on CUDA, per precision"
+declare -A rate
+for precision in fp32 bf16 fp16; do
+  if out="$(timeout 120 "$emotion_bench" --device cuda --precision "$precision" --steps 100 --warmup 10 2>&1)"; then
+    echo "$out" | grep -v '^samples_per_second='
+    rate[$precision]="$(echo "$out" | sed -n 's/^samples_per_second=//p')"
+    echo "emotion-bench CUDA $precision: ${rate[$precision]} samples/s"
+  else
+    echo "$out" | tail -20
+    failures+=("emotion-bench $precision")
+  fi
+done
+for precision in bf16 fp16; do
+  if [ -n "${rate[fp32]:-}" ] && [ -n "${rate[$precision]:-}" ]; then
+    echo "emotion-bench CUDA $precision / fp32: $(python3 -c "print(f'{${rate[$precision]} / ${rate[fp32]}:.2f}')")"
+  fi
+done
 
 say "(b) NCCL tests at world size 1 ($test_bin)"
 if [ -z "$test_bin" ]; then
@@ -136,6 +158,49 @@ fi
 say "(c) NCCL all-reduce, world size 1, 64 MiB"
 if ! timeout 60 "$nccl_check" --mib 64 --iters 50 2>&1; then
   failures+=("nccl all-reduce timing")
+fi
+
+say "(d) the trainer's CUDA tests"
+if [ -n "$test_bin" ]; then
+  out="$(timeout 300 "$test_bin" --include-ignored --test-threads=1 cuda gpu:: 2>&1)"
+  status=$?
+  echo "$out" | grep -E '^test |test result' | tail -15
+  [ "$status" -eq 0 ] || failures+=("trainer CUDA tests")
+else
+  failures+=("trainer CUDA tests")
+fi
+
+say "(e) the data path on CUDA"
+data_path="$bin_dir/examples/data_path"
+spare=$(( $(nproc) - 1 ))
+[ "$spare" -ge 1 ] || spare=1
+if [ -x "$data_path" ]; then
+  for threads in 1 "$spare"; do
+    if out="$(timeout 240 "$data_path" --device cuda --samples 20000 --shards 80 --data-threads "$threads" \
+      --source-threads "1,$spare" --source-rounds 2 --no-anchor 2>&1)"; then
+      echo "$out" | grep -E '^(source alone|shards epoch|dataset)'
+      echo "data path, $threads loader thread(s): wait share epoch 1 $(echo "$out" | sed -n 's/^cold_wait_share=//p') %, epoch 2 $(echo "$out" | sed -n 's/^warm_wait_share=//p') % (target <= 5 %)"
+    else
+      echo "$out" | tail -20
+      failures+=("data path ($threads threads)")
+    fi
+  done
+else
+  echo "no data_path example in $bin_dir/examples"
+  failures+=("data path")
+fi
+
+say "(f) trials on the worker's GPUs: placement and telemetry"
+coordinator="$bin_dir/chorus-coordinator"
+worker="$bin_dir/chorus-worker"
+cli="$bin_dir/chorus"
+if [ ! -x "$coordinator" ] || [ ! -x "$worker" ] || [ ! -x "$cli" ]; then
+  echo "chorus-coordinator, chorus-worker or chorus missing in $bin_dir: skipped"
+  failures+=("cluster check (binaries missing)")
+else
+  if ! timeout 300 "$root/scripts/gpu_trials.sh" "$bin_dir" "$gpu_count"; then
+    failures+=("trials on GPUs")
+  fi
 fi
 
 say "summary"

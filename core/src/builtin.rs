@@ -78,6 +78,10 @@ pub struct BuiltinSpec {
     /// all but one on a GPU trial, one on a CPU trial.
     #[serde(default)]
     pub data_threads: Option<u32>,
+    /// Keep each shard's features (log-mel, tokens, pixels) in the worker's shard cache too, so
+    /// epochs after the first skip parsing and featurising; about doubles the cache's use.
+    #[serde(default)]
+    pub feature_cache: bool,
 }
 
 /// The arithmetic of a builtin trial's forward pass.

@@ -15,7 +15,12 @@
 //! is the whole cost of the data path, including the producer thread's competition for the CPU,
 //! which the wait share alone does not show.
 //!
+//! The source alone is also timed with nobody training, for each loader thread count of
+//! `--source-threads`, on the warm cache, in interleaved rounds: the speed-up of featurising on
+//! several threads, side by side with one thread in the same run.
+//!
 //! cargo run --release -p chorus-worker --example data_path -- --epochs 2
+//! cargo run --release -p chorus-worker --example data_path -- --source-only --source-threads 1,2
 
 use chorus_core::storage::{self, StorageOptions, StorageUri};
 use chorus_dataset::Split;
@@ -63,6 +68,21 @@ struct Args {
     /// Skip the anchor (the same training on batches held in memory).
     #[arg(long)]
     no_anchor: bool,
+    /// Loader threads of the source the trainer reads.
+    #[arg(long, default_value_t = 1)]
+    data_threads: usize,
+    /// Loader thread counts to time the source alone with (warm cache, nobody training).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    source_threads: Vec<usize>,
+    /// Rounds of the source-alone timing; each round times every thread count once.
+    #[arg(long, default_value_t = 3)]
+    source_rounds: usize,
+    /// Keep featurised shards in the shard cache (later epochs skip parsing and log-mel).
+    #[arg(long)]
+    feature_cache: bool,
+    /// Only time the source alone (after one pass that fills the cache); no training.
+    #[arg(long)]
+    source_only: bool,
 }
 
 /// One training pass as the training thread saw it.
@@ -297,27 +317,44 @@ fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
 
+    let open = |threads: usize| {
+        ShardSource::open(
+            storage.clone(),
+            manifest.clone(),
+            None,
+            ShardSourceConfig {
+                batch_size: args.batch,
+                seed: args.seed,
+                text_len: TEXT_LEN,
+                audio_frames: AUDIO_FRAMES,
+                prefetch: args.prefetch,
+                cache_dir: tmp.path().join("shard-cache"),
+                cache_bytes: CACHE_BYTES,
+                threads,
+                feature_cache: args.feature_cache,
+            },
+            rt.handle().clone(),
+        )
+    };
+    if args.source_only {
+        // One pass fills the cache; the timed passes read it, as epoch 2 does.
+        let mut warm = open(1)?;
+        warm.begin_epoch(0)?;
+        while warm.next_train()?.is_some() {}
+        drop(warm);
+        time_source_alone(&args, &open)?;
+        return Ok(());
+    }
+
     let t = Instant::now();
-    let source = ShardSource::open(
-        storage,
-        manifest,
-        None,
-        ShardSourceConfig {
-            batch_size: args.batch,
-            seed: args.seed,
-            text_len: TEXT_LEN,
-            audio_frames: AUDIO_FRAMES,
-            prefetch: args.prefetch,
-            cache_dir: tmp.path().join("shard-cache"),
-            cache_bytes: CACHE_BYTES,
-        },
-        rt.handle().clone(),
-    )?;
+    let source = open(args.data_threads)?;
     println!(
-        "source: opened in {:.2} s (validation split decoded), batch {}, prefetch {}; trainer: {} intra-op thread(s), {}",
+        "source: opened in {:.2} s (validation split decoded), batch {}, prefetch {}, {} loader thread(s); \
+         trainer: {} intra-op thread(s), {}",
         t.elapsed().as_secs_f64(),
         args.batch,
         args.prefetch,
+        args.data_threads,
         args.threads,
         args.device,
     );
@@ -355,6 +392,7 @@ fn main() -> anyhow::Result<()> {
         println!("warm_samples_per_second={:.3}", warm.samples_per_second());
     }
     println!("source_samples_per_second={source_rate:.3}");
+    time_source_alone(&args, &open)?;
 
     if !args.no_anchor {
         let anchor = Preloaded {
@@ -385,6 +423,46 @@ fn main() -> anyhow::Result<()> {
                 warm.samples_per_second() / a_warm.samples_per_second()
             );
         }
+    }
+    Ok(())
+}
+
+/// Times whole passes of fresh sources over the warm cache, nobody training, for each thread
+/// count of `--source-threads`, in interleaved rounds; prints each count's median rate and its
+/// ratio to the first count's.
+fn time_source_alone(
+    args: &Args,
+    open: &dyn Fn(usize) -> Result<ShardSource, WorkerError>,
+) -> anyhow::Result<()> {
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); args.source_threads.len()];
+    for round in 0..args.source_rounds {
+        for (i, &threads) in args.source_threads.iter().enumerate() {
+            let mut source = open(threads)?;
+            let t = Instant::now();
+            source.begin_epoch(round as u64)?;
+            let mut samples = 0;
+            while let Some(b) = source.next_train()? {
+                samples += b.len();
+            }
+            rates[i].push(samples as f64 / t.elapsed().as_secs_f64());
+        }
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let base = median(&rates[0]);
+    for (threads, r) in args.source_threads.iter().zip(&rates) {
+        let m = median(r);
+        println!(
+            "source alone, {threads} loader thread(s): {m:.1} samples/s (median of {} passes), {:.2}x {} thread(s)",
+            r.len(),
+            m / base,
+            args.source_threads[0]
+        );
+        println!("source_t{threads}_samples_per_second={m:.3}");
+        println!("source_t{threads}_speedup={:.4}", m / base);
     }
     Ok(())
 }

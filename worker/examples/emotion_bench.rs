@@ -8,7 +8,7 @@
 use chorus_worker::data::synthetic::{SyntheticConfig, SyntheticSource};
 use chorus_worker::models::ModelConfig;
 use chorus_worker::models::emotion_bench::EmotionBenchConfig;
-use chorus_worker::trainer::{DeviceChoice, OptimizerKind, TrainConfig, Trainer};
+use chorus_worker::trainer::{DeviceChoice, OptimizerKind, Precision, TrainConfig, Trainer};
 use clap::Parser;
 use std::time::Instant;
 
@@ -29,6 +29,12 @@ struct Args {
     /// cpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// CUDA ordinal of the GPU to train on.
+    #[arg(long, default_value_t = 0)]
+    cuda_device: usize,
+    /// fp32, bf16 or fp16 (fp16 needs a GPU).
+    #[arg(long, default_value = "fp32")]
+    precision: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,6 +45,8 @@ fn main() -> anyhow::Result<()> {
         "cuda" => DeviceChoice::Cuda,
         other => anyhow::bail!("unknown device {other}"),
     };
+    let precision: Precision = serde_json::from_value(serde_json::json!(args.precision))
+        .map_err(|_| anyhow::anyhow!("unknown precision {}: fp32, bf16 or fp16", args.precision))?;
     let mut trainer = Trainer::new(TrainConfig {
         model: ModelConfig::EmotionBench(EmotionBenchConfig::default()),
         optimizer: OptimizerKind::Adam,
@@ -46,6 +54,8 @@ fn main() -> anyhow::Result<()> {
         seed: args.seed,
         threads: args.threads,
         device,
+        cuda_devices: vec![args.cuda_device],
+        precision,
         ..Default::default()
     })?;
     // One batch of pure noise, reused: the data path is timed on its own.
@@ -69,7 +79,7 @@ fn main() -> anyhow::Result<()> {
     let samples_per_second = (args.steps as f64 * args.batch as f64) / seconds;
     println!(
         "chorus emotion-bench: {samples_per_second:.1} samples/s ({:.1} ms/step, {} steps of {}, {} thread(s), {:?}, \
-         {} parameters, last loss {last:.4})",
+         {precision:?}, {} parameters, last loss {last:.4})",
         1000.0 * seconds / args.steps as f64,
         args.steps,
         args.batch,

@@ -51,6 +51,10 @@ pub struct ShardSourceConfig {
     /// Threads that load and featurise shards, 1 to [`MAX_LOADER_THREADS`]. The batches do not
     /// depend on it.
     pub threads: usize,
+    /// Keeps each shard's features (log-mel frames, tokens, scaled pixels) in the shard cache
+    /// too, so later epochs skip parsing and featurising. Same batches; more disk (about as much
+    /// again as the shards), within the same `cache_bytes`.
+    pub feature_cache: bool,
 }
 
 /// Loader threads a source may run: beyond this the producer's batching, not featurisation,
@@ -74,6 +78,8 @@ struct Shared {
     runtime: tokio::runtime::Handle,
     log_mel: LogMel,
     cache: Mutex<ShardCache>,
+    /// A hash of everything featurisation depends on, naming and checking cached features.
+    feature_params: u64,
 }
 
 pub struct ShardSource {
@@ -248,7 +254,9 @@ impl ShardSource {
         }
         std::fs::create_dir_all(&config.cache_dir)
             .map_err(|e| WorkerError::Data(format!("cannot create {}: {e}", config.cache_dir.display())))?;
+        let feature_params = feature_params(&manifest, &config);
         let shared = Arc::new(Shared {
+            feature_params,
             log_mel: LogMel::new(manifest.sample_rate),
             cache: Mutex::new(ShardCache::new(config.cache_dir.clone(), config.cache_bytes)),
             storage,
@@ -346,6 +354,36 @@ impl ShardSource {
             .collect::<Result<_, WorkerError>>()?;
         Ok(Pass { epoch, jobs })
     }
+}
+
+/// What a shard's features depend on besides its bytes: the vocabulary, the text length, the
+/// sample rate and the featurisation code's version (bump it when `prepare` changes).
+fn feature_params(manifest: &Manifest, config: &ShardSourceConfig) -> u64 {
+    const VERSION: u32 = 1;
+    let mut h = crc32c::crc32c(&VERSION.to_le_bytes());
+    for token in manifest.vocabulary.tokens() {
+        h = crc32c::crc32c_append(h, token.as_bytes());
+        h = crc32c::crc32c_append(h, &[0]);
+    }
+    let shape = [config.text_len as u64, u64::from(manifest.sample_rate), manifest.image_size as u64];
+    let tail = shape.iter().fold(0u32, |acc, v| crc32c::crc32c_append(acc, &v.to_le_bytes()));
+    (u64::from(h) << 32) | u64::from(tail)
+}
+
+/// A job's range of a shard's items, after the job's shuffle.
+fn take_range<T>(mut items: Vec<T>, job: &Job) -> Result<Vec<T>, WorkerError> {
+    let len = items.len() as u64;
+    let end = job.end.unwrap_or(len);
+    if end > len || job.start > end {
+        return Err(WorkerError::Data(format!(
+            "shard {} holds {len} samples; the plan reads {}..{end}",
+            job.shard.key, job.start
+        )));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(job.seed);
+    rng.set_stream(job.stream);
+    items.shuffle(&mut rng);
+    Ok(items.drain(job.start as usize..end as usize).collect())
 }
 
 /// The shards of an epoch in their shuffled order.
@@ -494,14 +532,14 @@ impl Shared {
     /// A shard's bytes, from the local cache when it holds a good copy, else from the store
     /// (checked, then cached).
     fn bytes(&self, shard: &ShardInfo) -> Result<Vec<u8>, WorkerError> {
-        if let Some(b) = cache_get(&self.cache, shard) {
+        if let Some(b) = cache_get(&self.cache, &ShardCache::name(shard), |b| shard.verify(&b).is_ok().then_some(b)) {
             return Ok(b);
         }
         let b = self
             .runtime
             .block_on(fetch_shard(&self.storage, shard))
             .map_err(|e| WorkerError::Data(e.to_string()))?;
-        cache_put(&self.cache, shard, &b);
+        cache_put(&self.cache, &ShardCache::name(shard), &b);
         Ok(b.to_vec())
     }
 
@@ -512,25 +550,29 @@ impl Shared {
     }
 
     /// A job's samples: its shard decoded and shuffled, the job's range featurised. Only the
-    /// range is featurised (a resumed pass skips the samples before its cursor); the shuffle
-    /// depends on the shard's length alone, so it is the one a whole shard would get.
+    /// range is featurised (a resumed pass skips the samples before its cursor), unless
+    /// features are cached: then the whole shard's are, once, and read back after. The
+    /// shuffle depends on the shard's length alone, so both ways give the same samples.
     fn load(&self, job: &Job) -> Loaded {
-        let mut samples = self.decode(&job.shard)?;
-        let len = samples.len() as u64;
-        let end = job.end.unwrap_or(len);
-        if end > len || job.start > end {
-            return Err(WorkerError::Data(format!(
-                "shard {} holds {len} samples; the plan reads {}..{end}",
-                job.shard.key, job.start
-            )));
+        if self.config.feature_cache {
+            let all = self.features(&job.shard)?;
+            return take_range(all, job);
         }
-        let mut rng = ChaCha8Rng::seed_from_u64(job.seed);
-        rng.set_stream(job.stream);
-        samples.shuffle(&mut rng);
-        Ok(samples
-            .drain(job.start as usize..end as usize)
-            .map(|s| self.prepare(s))
-            .collect())
+        let samples = self.decode(&job.shard)?;
+        let picked = take_range(samples, job)?;
+        Ok(picked.into_iter().map(|s| self.prepare(s)).collect())
+    }
+
+    /// A whole shard featurised, in the shard's order: from the feature cache, or made and kept.
+    fn features(&self, shard: &ShardInfo) -> Result<Vec<Prepared>, WorkerError> {
+        let name = format!("{}.features-{:016x}", ShardCache::name(shard), self.feature_params);
+        let cached = cache_get(&self.cache, &name, |b| features::decode(&b, self.feature_params, shard.samples));
+        if let Some(all) = cached {
+            return Ok(all);
+        }
+        let all: Vec<Prepared> = self.decode(shard)?.into_iter().map(|s| self.prepare(s)).collect();
+        cache_put(&self.cache, &name, &features::encode(&all, self.feature_params));
+        Ok(all)
     }
 
     fn prepare(&self, s: Sample) -> Prepared {
@@ -700,8 +742,9 @@ impl BatchSource for ShardSource {
     }
 }
 
-/// Shards on local disk, named by key and checksum, evicted least recently used first. The
-/// loaders share it: the lock covers the bookkeeping only, never a file's read or write.
+/// Shards (and, when asked, their features) on local disk, named by key and checksum, evicted
+/// least recently used first. The loaders share it: the lock covers the bookkeeping only, never
+/// a file's read or write.
 struct ShardCache {
     dir: PathBuf,
     budget: u64,
@@ -721,32 +764,31 @@ impl ShardCache {
         }
     }
 
+    /// The file of a shard's bytes.
     fn name(shard: &ShardInfo) -> String {
         format!("{:08x}-{}", shard.crc32c, shard.key)
     }
 
-    /// Where a cached copy of `shard` lies, marked as just used, if the cache has one.
-    fn lookup(&mut self, shard: &ShardInfo) -> Option<PathBuf> {
-        let name = Self::name(shard);
-        let pos = self.entries.iter().position(|(n, _)| *n == name)?;
+    /// Where the file `name` lies, marked as just used, if the cache has it.
+    fn lookup(&mut self, name: &str) -> Option<PathBuf> {
+        let pos = self.entries.iter().position(|(n, _)| n == name)?;
         let entry = self.entries.remove(pos);
         self.entries.push(entry);
         Some(self.dir.join(name))
     }
 
-    /// Drops a copy that turned out bad or vanished.
-    fn forget(&mut self, shard: &ShardInfo) {
-        let name = Self::name(shard);
-        self.entries.retain(|(n, _)| *n != name);
+    /// Drops a file that turned out bad or vanished.
+    fn forget(&mut self, name: &str) {
+        self.entries.retain(|(n, _)| n != name);
         let _ = std::fs::remove_file(self.dir.join(name));
     }
 
-    /// Makes room for `bytes` and names the file a new copy goes to, or `None` when it cannot fit.
-    fn admit(&mut self, shard: &ShardInfo, bytes: u64) -> Option<(PathBuf, PathBuf)> {
+    /// Makes room for `bytes` and names the temporary and final paths of a new file, or `None`
+    /// when it cannot fit.
+    fn admit(&mut self, name: &str, bytes: u64) -> Option<(PathBuf, PathBuf)> {
         if bytes > self.budget {
             return None;
         }
-        let name = Self::name(shard);
         while self.entries.iter().map(|e| e.1).sum::<u64>() + self.reserved + bytes > self.budget {
             if self.entries.is_empty() {
                 // Copies being written fill the budget; this one is not kept.
@@ -761,32 +803,29 @@ impl ShardCache {
         Some((self.dir.join(tmp), self.dir.join(name)))
     }
 
-    /// Ends an admission: the copy is listed once its file is in place, and only then.
-    fn settle(&mut self, shard: &ShardInfo, bytes: u64, written: bool) {
+    /// Ends an admission: the file is listed once it is in place, and only then.
+    fn settle(&mut self, name: &str, bytes: u64, written: bool) {
         self.reserved -= bytes;
-        let name = Self::name(shard);
-        self.entries.retain(|(n, _)| *n != name);
+        self.entries.retain(|(n, _)| n != name);
         if written {
-            self.entries.push((name, bytes));
+            self.entries.push((name.to_string(), bytes));
         }
     }
 }
 
-/// The cached bytes of `shard`, if the cache holds a copy that still matches the manifest.
-fn cache_get(cache: &Mutex<ShardCache>, shard: &ShardInfo) -> Option<Vec<u8>> {
-    let path = cache.lock().unwrap_or_else(|p| p.into_inner()).lookup(shard)?;
-    match std::fs::read(&path) {
-        Ok(bytes) if shard.verify(&bytes).is_ok() => Some(bytes),
-        _ => {
-            cache.lock().unwrap_or_else(|p| p.into_inner()).forget(shard);
-            None
-        }
+/// The file `name` from the cache, if it has one that `check` accepts; a rejected file goes.
+fn cache_get<T>(cache: &Mutex<ShardCache>, name: &str, check: impl FnOnce(Vec<u8>) -> Option<T>) -> Option<T> {
+    let path = cache.lock().unwrap_or_else(|p| p.into_inner()).lookup(name)?;
+    let checked = std::fs::read(&path).ok().and_then(check);
+    if checked.is_none() {
+        cache.lock().unwrap_or_else(|p| p.into_inner()).forget(name);
     }
+    checked
 }
 
-/// Keeps a copy of a checked shard; a failed write only costs the next read a fetch.
-fn cache_put(cache: &Mutex<ShardCache>, shard: &ShardInfo, bytes: &[u8]) {
-    let Some((tmp, path)) = cache.lock().unwrap_or_else(|p| p.into_inner()).admit(shard, bytes.len() as u64) else {
+/// Keeps a file; a failed write only costs the next read the work again.
+fn cache_put(cache: &Mutex<ShardCache>, name: &str, bytes: &[u8]) {
+    let Some((tmp, path)) = cache.lock().unwrap_or_else(|p| p.into_inner()).admit(name, bytes.len() as u64) else {
         return;
     };
     let written = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, &path)).is_ok();
@@ -794,7 +833,119 @@ fn cache_put(cache: &Mutex<ShardCache>, shard: &ShardInfo, bytes: &[u8]) {
         let _ = std::fs::remove_file(&tmp);
     }
     let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
-    cache.settle(shard, bytes.len() as u64, written);
+    cache.settle(name, bytes.len() as u64, written);
+}
+
+/// Featurised samples in a file of the shard cache: what `prepare` made of a whole shard, in
+/// the shard's order, so a later epoch skips parsing and log-mel. Little-endian: a magic and
+/// version, the hash of everything featurisation depends on, the sample count, the samples
+/// (key, label, then each modality present with its length and values), and a crc32c of all
+/// that. A file that fails any check is dropped and the shard featurised again.
+mod features {
+    use super::Prepared;
+
+    const MAGIC: &[u8; 8] = b"CHFEAT01";
+
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        if b.len() < n {
+            return None;
+        }
+        let (head, rest) = b.split_at(n);
+        *b = rest;
+        Some(head)
+    }
+
+    fn u32_of(b: &mut &[u8]) -> Option<u32> {
+        Some(u32::from_le_bytes(take(b, 4)?.try_into().ok()?))
+    }
+
+    fn u64_of(b: &mut &[u8]) -> Option<u64> {
+        Some(u64::from_le_bytes(take(b, 8)?.try_into().ok()?))
+    }
+
+    pub(super) fn encode(samples: &[Prepared], params: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&params.to_le_bytes());
+        out.extend_from_slice(&(samples.len() as u32).to_le_bytes());
+        for s in samples {
+            out.extend_from_slice(&(s.key.len() as u32).to_le_bytes());
+            out.extend_from_slice(s.key.as_bytes());
+            out.extend_from_slice(&s.label.to_le_bytes());
+            let flags = u8::from(s.image.is_some()) | u8::from(s.tokens.is_some()) << 1 | u8::from(s.mel.is_some()) << 2;
+            out.push(flags);
+            if let Some(px) = &s.image {
+                out.extend_from_slice(&(px.len() as u32).to_le_bytes());
+                px.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+            }
+            if let Some(t) = &s.tokens {
+                out.extend_from_slice(&(t.len() as u32).to_le_bytes());
+                t.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+            }
+            if let Some(m) = &s.mel {
+                out.extend_from_slice(&(m.len() as u32).to_le_bytes());
+                m.iter().flatten().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+            }
+        }
+        let crc = crc32c::crc32c(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// The samples of a file written by [`encode`] with the same `params`, if it is intact.
+    pub(super) fn decode(bytes: &[u8], params: u64, max_samples: u64) -> Option<Vec<Prepared>> {
+        let (body, crc) = bytes.split_at_checked(bytes.len().checked_sub(4)?)?;
+        if crc32c::crc32c(body) != u32::from_le_bytes(crc.try_into().ok()?) {
+            return None;
+        }
+        let mut b = body;
+        if take(&mut b, 8)? != MAGIC || u64_of(&mut b)? != params {
+            return None;
+        }
+        let count = u32_of(&mut b)? as u64;
+        if count > max_samples {
+            return None;
+        }
+        let floats = |b: &mut &[u8], n: usize| -> Option<Vec<f32>> {
+            let raw = take(b, n.checked_mul(4)?)?;
+            Some(raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        };
+        let mut out = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let key_len = u32_of(&mut b)? as usize;
+            let key = String::from_utf8(take(&mut b, key_len)?.to_vec()).ok()?;
+            let label = u64_of(&mut b)? as i64;
+            let flags = *take(&mut b, 1)?.first()?;
+            let image = if flags & 1 != 0 {
+                let n = u32_of(&mut b)? as usize;
+                Some(floats(&mut b, n)?)
+            } else {
+                None
+            };
+            let tokens = if flags & 2 != 0 {
+                let n = u32_of(&mut b)? as usize;
+                let raw = take(&mut b, n.checked_mul(8)?)?;
+                Some(raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default())).collect())
+            } else {
+                None
+            };
+            let mel = if flags & 4 != 0 {
+                let frames = u32_of(&mut b)? as usize;
+                let v = floats(&mut b, frames.checked_mul(64)?)?;
+                Some(v.chunks_exact(64).map(|c| c.try_into().unwrap_or([0.0; 64])).collect())
+            } else {
+                None
+            };
+            out.push(Prepared {
+                key,
+                image,
+                tokens,
+                mel,
+                label,
+            });
+        }
+        b.is_empty().then_some(out)
+    }
 }
 
 #[cfg(test)]
@@ -841,15 +992,20 @@ mod tests {
 
     impl Fixture {
         fn source(&self, threads: usize, cache_bytes: u64) -> ShardSource {
+            self.source_with(threads, cache_bytes, false)
+        }
+
+        fn source_with(&self, threads: usize, cache_bytes: u64, feature_cache: bool) -> ShardSource {
             let config = ShardSourceConfig {
                 batch_size: 16,
                 seed: 5,
                 text_len: 8,
                 audio_frames: 20,
                 prefetch: 2,
-                cache_dir: self.dir.path().join(format!("cache-{threads}-{cache_bytes}")),
+                cache_dir: self.dir.path().join(format!("cache-{threads}-{cache_bytes}-{feature_cache}")),
                 cache_bytes,
                 threads,
+                feature_cache,
             };
             ShardSource::open(
                 self.storage.clone(),
@@ -913,6 +1069,41 @@ mod tests {
         let shard = f.manifest.shards.iter().map(|s| s.bytes).max().unwrap();
         assert_eq!(two_epochs(&mut f.source(4, shard / 2)), one);
         assert_eq!(two_epochs(&mut f.source(4, shard * 2 + 1)), one);
+    }
+
+    #[test]
+    fn cached_features_give_the_same_batches_and_a_bad_file_is_made_again() {
+        let f = fixture("features", 300);
+        let want = two_epochs(&mut f.source(1, 1 << 30));
+        let mut s = f.source_with(2, 1 << 30, true);
+        // Epoch 0 featurises and keeps the features; epoch 1 reads them back.
+        assert_eq!(two_epochs(&mut s), want);
+        let dir = f.dir.path().join(format!("cache-2-{}-true", 1u64 << 30));
+        let files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains(".features-"))
+            .collect();
+        assert_eq!(files.len(), s.train.len(), "one feature file per training shard");
+        // A flipped byte, a truncated file, an empty one: each is dropped and made again.
+        let mut bytes = std::fs::read(&files[0]).unwrap();
+        bytes[40] ^= 0xff;
+        std::fs::write(&files[0], &bytes).unwrap();
+        std::fs::write(&files[1], &bytes[..bytes.len() / 2]).unwrap();
+        std::fs::write(&files[2], b"").unwrap();
+        s.begin_epoch(0).unwrap();
+        assert_eq!(pass(&mut s), want[0]);
+        s.begin_epoch(1).unwrap();
+        assert_eq!(pass(&mut s), want[1]);
+        // Features of another vocabulary or text length are never read as these.
+        let other = ShardSourceConfig {
+            text_len: 9,
+            ..s.shared.config.clone()
+        };
+        assert_ne!(feature_params(&f.manifest, &other), s.shared.feature_params);
+        let mut m = f.manifest.clone();
+        m.vocabulary = chorus_dataset::Vocabulary::build(["a b c"].iter().copied(), 2);
+        assert_ne!(feature_params(&m, &s.shared.config), s.shared.feature_params);
     }
 
     #[test]
@@ -1029,6 +1220,7 @@ mod tests {
                 cache_dir: f.dir.path().join("c"),
                 cache_bytes: 1 << 20,
                 threads,
+                feature_cache: false,
             };
             let e = ShardSource::open(f.storage.clone(), f.manifest.clone(), None, config, f.rt.handle().clone());
             assert!(e.err().unwrap().to_string().contains("loader threads"));

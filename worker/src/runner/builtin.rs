@@ -42,6 +42,8 @@ struct Settings {
     config: TrainConfig,
     /// Threads that load and featurise the dataset's shards.
     data_threads: usize,
+    /// Keep featurised shards in the shard cache.
+    feature_cache: bool,
 }
 
 /// Reads the assignment's builtin settings (core's `BuiltinSpec` as JSON) into the trainer's
@@ -66,11 +68,16 @@ fn settings(a: &pb::Assignment, allotted: &[String], worker_gpus: &[String]) -> 
                 as usize,
         ),
     };
+    let feature_cache = match m.remove("feature_cache") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => b,
+        Some(v) => return Err(format!("builtin.feature_cache must be true or false, not {v}")),
+    };
     let cpus = a.resources.map_or(1, |r| r.cpus.max(1)) as usize;
     let devices = allotted
         .iter()
         .map(|id| {
-            worker_gpus.iter().position(|g| g == id).ok_or_else(|| {
+            crate::gpu::ordinal_of(worker_gpus, id).ok_or_else(|| {
                 format!("GPU {id} was allotted to this attempt but is not one of the worker's ({worker_gpus:?})")
             })
         })
@@ -87,6 +94,7 @@ fn settings(a: &pb::Assignment, allotted: &[String], worker_gpus: &[String]) -> 
         data,
         config,
         data_threads: data_threads.min(MAX_LOADER_THREADS),
+        feature_cache,
     })
 }
 
@@ -103,6 +111,7 @@ pub(super) async fn run(
         data,
         mut config,
         data_threads,
+        feature_cache,
     } = match settings(a, gpu_ids, &ctx.gpus) {
         Ok(s) => s,
         Err(message) => return exited(pb::ExitKind::Failed, None, message),
@@ -133,6 +142,7 @@ pub(super) async fn run(
         cache_dir: ctx.data_dir.join("shard-cache"),
         cache_bytes: SHARD_CACHE_BYTES,
         threads: data_threads,
+        feature_cache,
     };
     let runtime = tokio::runtime::Handle::current();
     let opened =
