@@ -27,12 +27,13 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 /// How a [`ShardSource`] shapes its batches and where it caches.
 #[derive(Debug, Clone)]
@@ -77,7 +78,8 @@ struct Shared {
     config: ShardSourceConfig,
     runtime: tokio::runtime::Handle,
     log_mel: LogMel,
-    cache: Mutex<ShardCache>,
+    /// The worker's cache of this directory, shared by every source reading through it.
+    cache: Arc<Mutex<ShardCache>>,
     /// A hash of everything featurisation depends on, naming and checking cached features.
     feature_params: u64,
 }
@@ -258,7 +260,7 @@ impl ShardSource {
         let shared = Arc::new(Shared {
             feature_params,
             log_mel: LogMel::new(manifest.sample_rate),
-            cache: Mutex::new(ShardCache::new(config.cache_dir.clone(), config.cache_bytes)),
+            cache: ShardCache::shared(&config.cache_dir, config.cache_bytes),
             storage,
             manifest,
             config,
@@ -595,16 +597,33 @@ impl Shared {
     fn batch(&self, samples: Vec<Prepared>) -> Batch {
         let n = samples.len() as i64;
         let (t, f) = (self.config.text_len, self.config.audio_frames);
-        let mut image = vec![0f32; samples.len() * IMAGE_PIXELS];
+        let side = self.manifest.image_size as i64;
+        // The producer is the one thread every batch passes through: the two large tensors are
+        // written in place rather than staged in a Vec and copied.
+        let image = filled::<f32>(&[n, 1, side, side], Kind::Float, |image| {
+            for (i, s) in samples.iter().enumerate() {
+                if let Some(px) = &s.image {
+                    image[i * IMAGE_PIXELS..(i + 1) * IMAGE_PIXELS].copy_from_slice(px);
+                }
+            }
+        });
+        let audio = filled::<f32>(&[n, f, 64], Kind::Float, |audio| {
+            for (i, s) in samples.iter().enumerate() {
+                if let Some(mel) = &s.mel {
+                    let row = &mut audio[(i * (f as usize) * 64)..];
+                    for (j, frame) in mel.iter().take(f as usize).enumerate() {
+                        row[j * 64..(j + 1) * 64].copy_from_slice(frame);
+                    }
+                }
+            }
+        });
         let mut text = vec![0i64; (n * t) as usize];
         let mut text_lengths = vec![1i64; samples.len()];
-        let mut audio = vec![0f32; (n * f * 64) as usize];
         let mut audio_lengths = vec![1i64; samples.len()];
         let mut mask = vec![0f32; samples.len() * 3];
         let mut labels = Vec::with_capacity(samples.len());
         for (i, s) in samples.iter().enumerate() {
-            if let Some(px) = &s.image {
-                image[i * IMAGE_PIXELS..(i + 1) * IMAGE_PIXELS].copy_from_slice(px);
+            if s.image.is_some() {
                 mask[i * 3] = 1.0;
             }
             if let Some(tok) = &s.tokens {
@@ -614,27 +633,33 @@ impl Shared {
                 mask[i * 3 + 1] = 1.0;
             }
             if let Some(mel) = &s.mel {
-                let frames = mel.len().min(f as usize);
-                let row = &mut audio[(i * (f as usize) * 64)..];
-                for (j, frame) in mel.iter().take(frames).enumerate() {
-                    row[j * 64..(j + 1) * 64].copy_from_slice(frame);
-                }
-                audio_lengths[i] = frames.max(1) as i64;
+                audio_lengths[i] = mel.len().min(f as usize).max(1) as i64;
                 mask[i * 3 + 2] = 1.0;
             }
             labels.push(s.label);
         }
-        let side = self.manifest.image_size as i64;
         Batch {
-            image: Some(Tensor::from_slice(&image).view([n, 1, side, side])),
+            image: Some(image),
             text: Some(Tensor::from_slice(&text).view([n, t])),
             text_lengths: Some(Tensor::from_slice(&text_lengths)),
-            audio: Some(Tensor::from_slice(&audio).view([n, f, 64])),
+            audio: Some(audio),
             audio_lengths: Some(Tensor::from_slice(&audio_lengths)),
             mask: Tensor::from_slice(&mask).view([n, 3]),
             labels: Tensor::from_slice(&labels),
         }
     }
+}
+
+/// A new zeroed CPU tensor of `shape`, written in place by `fill`.
+fn filled<T: tch::kind::Element>(shape: &[i64], kind: Kind, fill: impl FnOnce(&mut [T])) -> Tensor {
+    debug_assert_eq!(T::KIND, kind);
+    let t = Tensor::zeros(shape, (kind, tch::Device::Cpu));
+    let n = t.numel();
+    // SAFETY: `t` was just allocated, contiguous on the CPU, with `n` elements of `T`'s kind, and
+    // nothing else refers to it until it is returned.
+    let data = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, n) };
+    fill(data);
+    t
 }
 
 impl BatchSource for ShardSource {
@@ -755,13 +780,47 @@ struct ShardCache {
 }
 
 impl ShardCache {
-    fn new(dir: PathBuf, budget: u64) -> Self {
-        ShardCache {
+    /// The cache of `dir` in this process: one index and one budget (the first caller's)
+    /// however many sources read through it at once or one after another, so attempts on one
+    /// worker reuse each other's copies and together stay within the budget.
+    fn shared(dir: &Path, budget: u64) -> Arc<Mutex<ShardCache>> {
+        static CACHES: OnceLock<Mutex<HashMap<PathBuf, Arc<Mutex<ShardCache>>>>> = OnceLock::new();
+        let mut caches = CACHES.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+        caches
+            .entry(dir.to_path_buf())
+            .or_insert_with(|| Arc::new(Mutex::new(ShardCache::open(dir.to_path_buf(), budget))))
+            .clone()
+    }
+
+    /// A cache over the files `dir` already holds (an earlier worker's), oldest first as the
+    /// least recently used, trimmed to `budget`; unfinished writes are removed.
+    fn open(dir: PathBuf, budget: u64) -> Self {
+        let mut found: Vec<(std::time::SystemTime, String, u64)> = Vec::new();
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.is_file() {
+                continue;
+            }
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                let _ = std::fs::remove_file(entry.path());
+                continue;
+            }
+            let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+            found.push((modified, name, meta.len()));
+        }
+        found.sort();
+        let mut cache = ShardCache {
             dir,
             budget,
-            entries: Vec::new(),
+            entries: found.into_iter().map(|(_, name, bytes)| (name, bytes)).collect(),
             reserved: 0,
+        };
+        while cache.entries.iter().map(|e| e.1).sum::<u64>() > cache.budget {
+            let (old, _) = cache.entries.remove(0);
+            let _ = std::fs::remove_file(cache.dir.join(old));
         }
+        cache
     }
 
     /// The file of a shard's bytes.
@@ -1205,6 +1264,38 @@ mod tests {
         }
         let e = failed.expect("the pass fails");
         assert!(e.contains(&victim), "{e}");
+    }
+
+    #[test]
+    fn the_cache_is_shared_and_indexes_what_an_earlier_worker_left() {
+        let f = fixture("reuse", 200);
+        let dir = f.dir.path().join("reuse-cache");
+        let mut s = f.source_with(2, 1 << 30, false);
+        let cache = s.shared.cache.clone();
+        assert!(Arc::ptr_eq(&cache, &ShardCache::shared(&s.shared.config.cache_dir, 1 << 30)));
+        s.begin_epoch(0).unwrap();
+        pass(&mut s);
+        let listed = cache.lock().unwrap().entries.len();
+        // The training shards and the validation split's.
+        let val = f.manifest.shards_in(Split::Val).count();
+        assert_eq!(listed, s.train.len() + val);
+        // A worker starting again over the same directory lists those copies, drops unfinished
+        // writes, and trims to its budget, oldest first.
+        std::fs::create_dir_all(&dir).unwrap();
+        for e in std::fs::read_dir(&s.shared.config.cache_dir).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        std::fs::write(dir.join(".x.ThreadId(3).tmp"), b"half").unwrap();
+        let all = ShardCache::open(dir.clone(), 1 << 30);
+        assert_eq!(all.entries.len(), listed);
+        assert!(!dir.join(".x.ThreadId(3).tmp").exists());
+        let sizes: Vec<u64> = all.entries.iter().map(|e| e.1).collect();
+        let budget = sizes.iter().sum::<u64>() - sizes[0];
+        let trimmed = ShardCache::open(dir.clone(), budget);
+        assert_eq!(trimmed.entries.len(), listed - 1);
+        assert!(!dir.join(&all.entries[0].0).exists(), "the oldest copy went");
     }
 
     #[test]
