@@ -122,7 +122,8 @@ if [ ! -x "$emotion_bench" ] || [ ! -x "$nccl_check" ] || [ -z "$test_bin" ]; th
   fi
 fi
 
-gpu_count="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ')"
+# The GPUs this process may use (CUDA_VISIBLE_DEVICES counts), not all the host has.
+gpu_count="$("$python" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
 echo "GPUs: $gpu_count"
 
 # Each step has its own limit so that a hang cannot eat the whole budget.
@@ -140,7 +141,7 @@ for precision in fp32 bf16 fp16; do
 done
 for precision in bf16 fp16; do
   if [ -n "${rate[fp32]:-}" ] && [ -n "${rate[$precision]:-}" ]; then
-    echo "emotion-bench CUDA $precision / fp32: $(python3 -c "print(f'{${rate[$precision]} / ${rate[fp32]}:.2f}')")"
+    echo "emotion-bench CUDA $precision / fp32: $("$python" -c "print(f'{${rate[$precision]} / ${rate[fp32]}:.2f}')")"
   fi
 done
 
@@ -198,7 +199,7 @@ if [ ! -x "$coordinator" ] || [ ! -x "$worker" ] || [ ! -x "$cli" ]; then
   echo "chorus-coordinator, chorus-worker or chorus missing in $bin_dir: skipped"
   failures+=("cluster check (binaries missing)")
 else
-  if ! timeout 300 "$root/scripts/gpu_trials.sh" "$bin_dir" "$gpu_count"; then
+  if ! PYTHON="$python" GPU_TRIALS_SECONDS=240 timeout --kill-after=10 300 "$root/scripts/gpu_trials.sh" "$bin_dir" "$gpu_count"; then
     failures+=("trials on GPUs")
   fi
 fi

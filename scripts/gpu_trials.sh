@@ -2,8 +2,9 @@
 # Builtin trials on a worker's GPUs, through a real coordinator, worker and CLI (part (f) of
 # scripts/gpu_check.sh): one worker offered min(GPUS, 2) GPUs runs that many trials at once, one
 # GPU each. Checks, and prints:
-#   - on 2 GPUs, that the two trials ran at the same time on two different GPUs: the worker's
-#     process appears on both in nvidia-smi's list of compute processes while they run;
+#   - on 2 GPUs, that the two trials ran at the same time on two different GPUs: each trial's
+#     log names the CUDA device its trainer ran on, and they differ; nvidia-smi's list of
+#     compute processes, where it shows the worker's (not inside every container), agrees;
 #   - the worker's Prometheus gauges of its GPUs (utilisation, memory);
 #   - every trial's `gpu_util` and `gpu_mem_mb` reports, and its validation accuracy.
 #
@@ -13,7 +14,10 @@
 set -uo pipefail
 
 bin_dir="${1:?usage: scripts/gpu_trials.sh BIN_DIR [GPUS]}"
-gpus="${2:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ')}"
+# The GPUs this process can use (CUDA_VISIBLE_DEVICES included), as the worker will count them.
+gpus="${2:-$("${PYTHON:-python3}" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)}"
+# Stay within the caller's limit (scripts/gpu_check.sh gives 300 s).
+deadline=$(( $(date +%s) + ${GPU_TRIALS_SECONDS:-240} ))
 [ "$gpus" -ge 1 ] || { echo "gpu_trials: no GPU here" >&2; exit 2; }
 trials=$(( gpus >= 2 ? 2 : 1 ))
 
@@ -24,6 +28,7 @@ cleanup() {
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
+trap 'exit 1' INT TERM
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 "$bin_dir/chorus-coordinator" --listen 127.0.0.1:0 --data-dir "$work/coordinator" \
@@ -43,6 +48,7 @@ metrics_port="$(free_port)"
 cpus="$(nproc)"
 "$bin_dir/chorus-worker" --coordinator "$CHORUS_COORDINATOR" --worker-id gpu-worker --slots "$cpus" \
   --gpus "$trials" --data-dir "$work/worker" --metrics-listen "127.0.0.1:$metrics_port" \
+  --gpu-metrics-interval 1s \
   2> "$work/worker.log" &
 worker_pid=$!
 pids+=("$worker_pid")
@@ -73,7 +79,12 @@ echo "experiment $exp: $trials trial(s), one GPU each, on one worker offered $tr
 # While it runs: which GPUs the worker's process computes on, and its gauges.
 most=0
 gauges=""
-for _ in $(seq 600); do
+state=""
+while [ "$(date +%s)" -lt "$deadline" ]; do
+  if ! kill -0 "$worker_pid" 2>/dev/null; then
+    echo "FAILED: the worker exited; see $work/worker.log" >&2
+    exit 1
+  fi
   state="$("$bin_dir/chorus" experiment describe "$exp" --output json 2>/dev/null |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["experiment"]["state"])' 2>/dev/null)"
   on="$(nvidia-smi --query-compute-apps=pid,gpu_uuid --format=csv,noheader 2>/dev/null |
@@ -88,11 +99,11 @@ for _ in $(seq 600); do
 done
 
 status=0
-echo "the worker's process was seen on $most GPU(s) at once"
-if [ "$trials" -eq 2 ] && [ "$most" -lt 2 ]; then
-  echo "FAILED: two trials with a GPU each ran on one GPU" >&2
-  status=1
-fi
+case "$state" in
+  *completed*|*COMPLETED*) ;;
+  *) echo "FAILED: the experiment ended $state (or not in time); see $work" >&2; status=1 ;;
+esac
+echo "nvidia-smi saw the worker's process on $most GPU(s) at once"
 if [ -n "$gauges" ]; then
   echo "worker gauges:"
   echo "$gauges" | sed 's/^/  /'
@@ -102,7 +113,22 @@ else
 fi
 
 "$bin_dir/chorus" trial list "$exp" --output json > "$work/trials.json" || exit 1
-for trial in $(python3 -c 'import json, sys; [print(t["id"]) for t in json.load(open(sys.argv[1]))["trials"]]' "$work/trials.json"); do
+ids="$(python3 -c 'import json, sys; [print(t["id"]) for t in json.load(open(sys.argv[1]))["trials"]]' "$work/trials.json")"
+if [ "$(echo "$ids" | grep -c .)" -ne "$trials" ]; then
+  echo "FAILED: $trials trial(s) expected, the experiment has: $ids" >&2
+  status=1
+fi
+devices=""
+for trial in $ids; do
+  device="$("$bin_dir/chorus" trial logs "$trial" | sed -n 's/.*training on \(Cuda([0-9]*)\).*/\1/p' | head -1)"
+  echo "trial $trial trained on ${device:-an unknown device}"
+  devices+="${device:-none}"$'\n'
+done
+if [ "$trials" -eq 2 ] && [ "$(echo "$devices" | grep -v '^none$' | grep . | sort -u | wc -l)" -ne 2 ]; then
+  echo "FAILED: two trials with a GPU each did not train on two GPUs" >&2
+  status=1
+fi
+for trial in $ids; do
   line="$("$bin_dir/chorus" trial metrics "$trial" --metric gpu_util --metric gpu_mem_mb --metric val_accuracy --output json |
     python3 -c '
 import json, sys

@@ -41,8 +41,12 @@ pub(crate) fn face_pixels(gray: image::GrayImage) -> Result<Vec<u8>, String> {
     Ok(out.into_raw())
 }
 
+/// The longest clip a sample may carry: ten minutes, far beyond an utterance, well within memory.
+pub const MAX_CLIP_SECONDS: f64 = 600.0;
+
 /// Any PCM or float WAV as 16 kHz mono in `[-1, 1]`: channels averaged (before resampling, which
-/// is linear, so one channel is filtered instead of several), then [`resample`]d.
+/// is linear, so one channel is filtered instead of several), then [`resample`]d. Clips longer
+/// than [`MAX_CLIP_SECONDS`] are refused.
 pub fn load_audio(path: &Path) -> Result<Vec<f32>, String> {
     let reader = hound::WavReader::open(path).map_err(|e| e.to_string())?;
     let spec = reader.spec();
@@ -53,6 +57,14 @@ pub fn load_audio(path: &Path) -> Result<Vec<f32>, String> {
         return Err(format!(
             "the WAV's sample rate {} Hz is outside {MIN_RATE} to {MAX_RATE} Hz",
             spec.sample_rate
+        ));
+    }
+    // The header's length bounds what is read: a clip longer than any utterance is refused
+    // before a byte of it is decoded (a whole clip is held three times over while converted).
+    let seconds = reader.duration() as f64 / spec.sample_rate as f64;
+    if seconds > MAX_CLIP_SECONDS {
+        return Err(format!(
+            "the clip lasts {seconds:.0} s; at most {MAX_CLIP_SECONDS:.0} s of audio is taken per sample"
         ));
     }
     let interleaved: Vec<f32> = match spec.sample_format {

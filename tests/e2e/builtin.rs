@@ -131,6 +131,51 @@ fn gan_augmentation_reports_both_losses() {
     assert!(gan_line.is_some(), "no GAN losses in the log:\n{text}");
 }
 
+/// The data path's and the trainer's settings through a real cluster: loader threads, cached
+/// features and bf16 autocast learn as the defaults do; fp16 on a CPU worker fails its trial
+/// with the alternative named, and nothing else.
+#[test]
+fn precision_and_data_settings_run_end_to_end() {
+    let c = TestCluster::start(ClusterConfig {
+        workers: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let data = synth(&c, "emo", 1400);
+    let yaml = spec(
+        "precision",
+        &data,
+        "  precision: {values: [fp32, bf16, fp16]}",
+        "{kind: multimodal}",
+        2,
+    )
+    .replace("max_restarts: 1", "max_restarts: 0\nmax_failed_trials: 2")
+    .replace(
+        "    seed: ${params.seed}\n",
+        "    seed: ${params.seed}\n    precision: ${params.precision}\n    data_threads: 2\n    feature_cache: true\n",
+    );
+    let id = submit(&c, &c.write("precision.yaml", &yaml));
+    wait_ended(&c, id, Duration::from_secs(600));
+    let ts = trials(&c, id);
+    let by_precision = |p: &str| {
+        ts.iter()
+            .find(|t| t["params"]["precision"] == p)
+            .unwrap_or_else(|| panic!("no {p} trial in {ts:?}"))
+    };
+    for p in ["fp32", "bf16"] {
+        let t = by_precision(p);
+        assert_eq!(t["state"], "completed", "{p}: {t}\n{}", c.logs_tail());
+        let acc = t["best_value"].as_f64().unwrap_or(0.0);
+        assert!(acc > 0.5, "{p} validation accuracy {acc}");
+    }
+    let fp16 = by_precision("fp16");
+    assert_eq!(fp16["state"], "failed", "{fp16}");
+    let why = "fp16 needs a GPU; on the CPU use bf16";
+    assert!(fp16["message"].as_str().unwrap_or_default().contains(why), "{fp16}");
+    let logs = c.chorus(&["trial", "logs", &fp16["id"].to_string()]);
+    assert!(String::from_utf8_lossy(&logs.stdout).contains(why), "{fp16}");
+}
+
 #[test]
 fn a_corrupt_shard_fails_its_trial_by_name_and_nothing_else() {
     let c = TestCluster::start(ClusterConfig::default()).unwrap();

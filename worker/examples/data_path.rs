@@ -22,6 +22,7 @@
 //! cargo run --release -p chorus-worker --example data_path -- --epochs 2
 //! cargo run --release -p chorus-worker --example data_path -- --source-only --source-threads 1,2
 
+use chorus_core::shards::{ShardSize, ShardSpan};
 use chorus_core::storage::{self, StorageOptions, StorageUri};
 use chorus_dataset::Split;
 use chorus_dataset::{SynthOptions, synth};
@@ -185,6 +186,28 @@ impl<S: BatchSource> BatchSource for Timed<S> {
 
     fn validation(&mut self) -> Box<dyn Iterator<Item = Result<Batch, WorkerError>> + '_> {
         self.inner.validation()
+    }
+
+    // The rest is passed through unclocked, so the source runs exactly as under the worker
+    // (the next epoch prepared ahead included).
+    fn prefetch_epoch(&mut self, epoch: u64) {
+        self.inner.prefetch_epoch(epoch)
+    }
+
+    fn shard_sizes(&self) -> Result<Vec<ShardSize>, WorkerError> {
+        self.inner.shard_sizes()
+    }
+
+    fn begin_spans(&mut self, epoch: u64, spans: &[ShardSpan]) -> Result<(), WorkerError> {
+        self.begin(|s| s.begin_spans(epoch, spans))
+    }
+
+    fn prefetch_spans(&mut self, epoch: u64, spans: &[ShardSpan]) {
+        self.inner.prefetch_spans(epoch, spans)
+    }
+
+    fn last_keys(&self) -> Vec<String> {
+        self.inner.last_keys()
     }
 }
 
@@ -430,10 +453,7 @@ fn main() -> anyhow::Result<()> {
 /// Times whole passes of fresh sources over the warm cache, nobody training, for each thread
 /// count of `--source-threads`, in interleaved rounds; prints each count's median rate and its
 /// ratio to the first count's.
-fn time_source_alone(
-    args: &Args,
-    open: &dyn Fn(usize) -> Result<ShardSource, WorkerError>,
-) -> anyhow::Result<()> {
+fn time_source_alone(args: &Args, open: &dyn Fn(usize) -> Result<ShardSource, WorkerError>) -> anyhow::Result<()> {
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); args.source_threads.len()];
     for round in 0..args.source_rounds {
         for (i, &threads) in args.source_threads.iter().enumerate() {

@@ -238,7 +238,9 @@ mod latest_tests {
         let mut last = last;
         for i in 0..2 * MAX_LATEST_METRICS {
             last = latest_metrics(&last, &report(None, &[(&format!("m{i}"), 1.0)]));
-            let n = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&last).unwrap().len();
+            let n = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&last)
+                .unwrap()
+                .len();
             assert!(n <= MAX_LATEST_METRICS, "{n} names");
         }
     }

@@ -26,8 +26,8 @@ use chorus_dataset::{IMAGE_PIXELS, LogMel, Manifest, Sample, ShardInfo, Split, f
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
-use std::collections::VecDeque;
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
@@ -92,6 +92,8 @@ pub struct ShardSource {
     validation: Vec<Batch>,
     cursor: DataCursor,
     producer: Option<Producer>,
+    /// Why the last pass failed, until another begins: every later `next_train` says it again.
+    failed: Option<String>,
     last_keys: Vec<String>,
     /// Producers started: a pass taken over from a running producer starts none.
     starts: u64,
@@ -288,6 +290,7 @@ impl ShardSource {
             validation,
             cursor: DataCursor::default(),
             producer: None,
+            failed: None,
             last_keys: Vec::new(),
             starts: 0,
         })
@@ -296,6 +299,7 @@ impl ShardSource {
     /// Begins the pass `key` from its batch `batch`: takes it over from the running producer
     /// when that one has it next, else starts a producer on `pass`.
     fn begin(&mut self, key: PassKey, epoch: u64, batch: u64, pass: Pass) -> Result<(), WorkerError> {
+        self.failed = None;
         let taken = self.producer.as_mut().is_some_and(|p| p.take_over(&key));
         if !taken {
             // The old producer (and its loaders) end before the new one starts.
@@ -311,11 +315,21 @@ impl ShardSource {
         Ok(())
     }
 
+    /// Ends the pass with `e`: the producer goes, and the pass keeps failing until another begins.
+    fn fail(&mut self, e: WorkerError) -> Result<Option<Batch>, WorkerError> {
+        self.producer = None;
+        self.failed = Some(e.to_string());
+        Err(e)
+    }
+
     /// The single-rank pass of `epoch`, from batch `skip_batches` on.
     fn epoch_pass(&self, epoch: u64, skip_batches: u64) -> Pass {
         let mut skip = skip_batches.saturating_mul(self.shared.config.batch_size as u64);
         let mut jobs = Vec::new();
-        for (i, shard) in epoch_order(&self.train, self.shared.config.seed, epoch).into_iter().enumerate() {
+        for (i, shard) in epoch_order(&self.train, self.shared.config.seed, epoch)
+            .into_iter()
+            .enumerate()
+        {
             // Whole shards before the cursor are skipped without being read.
             if skip >= shard.samples {
                 skip -= shard.samples;
@@ -367,8 +381,14 @@ fn feature_params(manifest: &Manifest, config: &ShardSourceConfig) -> u64 {
         h = crc32c::crc32c_append(h, token.as_bytes());
         h = crc32c::crc32c_append(h, &[0]);
     }
-    let shape = [config.text_len as u64, u64::from(manifest.sample_rate), manifest.image_size as u64];
-    let tail = shape.iter().fold(0u32, |acc, v| crc32c::crc32c_append(acc, &v.to_le_bytes()));
+    let shape = [
+        config.text_len as u64,
+        u64::from(manifest.sample_rate),
+        manifest.image_size as u64,
+    ];
+    let tail = shape
+        .iter()
+        .fold(0u32, |acc, v| crc32c::crc32c_append(acc, &v.to_le_bytes()));
     (u64::from(h) << 32) | u64::from(tail)
 }
 
@@ -429,6 +449,11 @@ fn produce(shared: &Shared, passes: Receiver<Pass>, tx: &SyncSender<Msg>, stop: 
                         // Idle loaders queue on the lock; the one holding it waits in `recv`.
                         let next = work_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                         let Ok((job, reply)) = next else { return };
+                        // Jobs queued before a stop are dropped unread: stopping a trial must
+                        // not wait for shards nobody will train on.
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
                         let _ = reply.send(shared.load(&job));
                     }
                 });
@@ -447,7 +472,13 @@ fn produce(shared: &Shared, passes: Receiver<Pass>, tx: &SyncSender<Msg>, stop: 
 
 /// Hands out jobs (to the loaders, or loads them inline without any), takes their results back
 /// in order, and sends the batches they make and the end of each pass.
-fn drive(shared: &Shared, passes: &Receiver<Pass>, tx: &SyncSender<Msg>, stop: &AtomicBool, work: Option<Sender<Work>>) {
+fn drive(
+    shared: &Shared,
+    passes: &Receiver<Pass>,
+    tx: &SyncSender<Msg>,
+    stop: &AtomicBool,
+    work: Option<Sender<Work>>,
+) {
     let b = shared.config.batch_size as usize;
     // Jobs handed out and not yet batched, at most: every loader busy and one result waiting.
     let window = work.as_ref().map_or(1, |_| shared.config.threads + 1);
@@ -534,7 +565,9 @@ impl Shared {
     /// A shard's bytes, from the local cache when it holds a good copy, else from the store
     /// (checked, then cached).
     fn bytes(&self, shard: &ShardInfo) -> Result<Vec<u8>, WorkerError> {
-        if let Some(b) = cache_get(&self.cache, &ShardCache::name(shard), |b| shard.verify(&b).is_ok().then_some(b)) {
+        if let Some(b) = cache_get(&self.cache, &ShardCache::name(shard), |b| {
+            shard.verify(&b).is_ok().then_some(b)
+        }) {
             return Ok(b);
         }
         let b = self
@@ -568,7 +601,14 @@ impl Shared {
     /// A whole shard featurised, in the shard's order: from the feature cache, or made and kept.
     fn features(&self, shard: &ShardInfo) -> Result<Vec<Prepared>, WorkerError> {
         let name = format!("{}.features-{:016x}", ShardCache::name(shard), self.feature_params);
-        let cached = cache_get(&self.cache, &name, |b| features::decode(&b, self.feature_params, shard.samples));
+        let shape = features::Shape {
+            samples: shard.samples,
+            pixels: IMAGE_PIXELS,
+            tokens: self.config.text_len as usize,
+        };
+        let cached = cache_get(&self.cache, &name, |b| {
+            features::decode(&b, self.feature_params, &shape)
+        });
         if let Some(all) = cached {
             return Ok(all);
         }
@@ -680,6 +720,9 @@ impl BatchSource for ShardSource {
     }
 
     fn next_train(&mut self) -> Result<Option<Batch>, WorkerError> {
+        if let Some(why) = &self.failed {
+            return Err(WorkerError::Data(why.clone()));
+        }
         let Some(p) = self.producer.as_mut() else {
             return Ok(None);
         };
@@ -698,24 +741,17 @@ impl BatchSource for ShardSource {
             Ok(Msg::End(epoch)) => {
                 let ended = p.given.pop_front();
                 if ended.as_ref().map(PassKey::epoch) != Some(epoch) {
-                    self.producer = None;
-                    return Err(WorkerError::Data(format!(
+                    return self.fail(WorkerError::Data(format!(
                         "the data thread ended the pass of epoch {epoch}; {ended:?} was expected"
                     )));
                 }
                 p.between = true;
                 Ok(None)
             }
-            Ok(Msg::Failed(e)) => {
-                self.producer = None;
-                Err(e)
-            }
-            Err(_) => {
-                self.producer = None;
-                Err(WorkerError::Data(
-                    "the data thread stopped before the end of the pass".into(),
-                ))
-            }
+            Ok(Msg::Failed(e)) => self.fail(e),
+            Err(_) => self.fail(WorkerError::Data(
+                "the data thread stopped before the end of the pass".into(),
+            )),
         }
     }
 
@@ -756,7 +792,9 @@ impl BatchSource for ShardSource {
 
     fn prefetch_spans(&mut self, epoch: u64, spans: &[ShardSpan]) {
         // A plan naming a shard the manifest lacks fails when its pass begins, not here.
-        let Ok(pass) = self.spans_pass(epoch, spans) else { return };
+        let Ok(pass) = self.spans_pass(epoch, spans) else {
+            return;
+        };
         if let Some(p) = &mut self.producer {
             p.then(pass, PassKey::Spans(epoch, spans.to_vec()));
         }
@@ -768,8 +806,8 @@ impl BatchSource for ShardSource {
 }
 
 /// Shards (and, when asked, their features) on local disk, named by key and checksum, evicted
-/// least recently used first. The loaders share it: the lock covers the bookkeeping only, never
-/// a file's read or write.
+/// least recently used first. The loaders share it: copies are read and written outside the
+/// lock, which covers the bookkeeping and the removal of evicted files.
 struct ShardCache {
     dir: PathBuf,
     budget: u64,
@@ -785,7 +823,10 @@ impl ShardCache {
     /// worker reuse each other's copies and together stay within the budget.
     fn shared(dir: &Path, budget: u64) -> Arc<Mutex<ShardCache>> {
         static CACHES: OnceLock<Mutex<HashMap<PathBuf, Arc<Mutex<ShardCache>>>>> = OnceLock::new();
-        let mut caches = CACHES.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+        let mut caches = CACHES
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         caches
             .entry(dir.to_path_buf())
             .or_insert_with(|| Arc::new(Mutex::new(ShardCache::open(dir.to_path_buf(), budget))))
@@ -845,7 +886,9 @@ impl ShardCache {
     /// Makes room for `bytes` and names the temporary and final paths of a new file, or `None`
     /// when it cannot fit.
     fn admit(&mut self, name: &str, bytes: u64) -> Option<(PathBuf, PathBuf)> {
-        if bytes > self.budget {
+        // Copies being written may already fill the budget: then this one is not kept, and no
+        // listed copy is evicted for it.
+        if self.reserved.saturating_add(bytes) > self.budget {
             return None;
         }
         while self.entries.iter().map(|e| e.1).sum::<u64>() + self.reserved + bytes > self.budget {
@@ -884,10 +927,16 @@ fn cache_get<T>(cache: &Mutex<ShardCache>, name: &str, check: impl FnOnce(Vec<u8
 
 /// Keeps a file; a failed write only costs the next read the work again.
 fn cache_put(cache: &Mutex<ShardCache>, name: &str, bytes: &[u8]) {
-    let Some((tmp, path)) = cache.lock().unwrap_or_else(|p| p.into_inner()).admit(name, bytes.len() as u64) else {
+    let Some((tmp, path)) = cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .admit(name, bytes.len() as u64)
+    else {
         return;
     };
-    let written = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, &path)).is_ok();
+    let written = std::fs::write(&tmp, bytes)
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .is_ok();
     if !written {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -931,7 +980,8 @@ mod features {
             out.extend_from_slice(&(s.key.len() as u32).to_le_bytes());
             out.extend_from_slice(s.key.as_bytes());
             out.extend_from_slice(&s.label.to_le_bytes());
-            let flags = u8::from(s.image.is_some()) | u8::from(s.tokens.is_some()) << 1 | u8::from(s.mel.is_some()) << 2;
+            let flags =
+                u8::from(s.image.is_some()) | u8::from(s.tokens.is_some()) << 1 | u8::from(s.mel.is_some()) << 2;
             out.push(flags);
             if let Some(px) = &s.image {
                 out.extend_from_slice(&(px.len() as u32).to_le_bytes());
@@ -951,8 +1001,17 @@ mod features {
         out
     }
 
-    /// The samples of a file written by [`encode`] with the same `params`, if it is intact.
-    pub(super) fn decode(bytes: &[u8], params: u64, max_samples: u64) -> Option<Vec<Prepared>> {
+    /// What a shard's features must look like: its sample count, pixels per image and tokens
+    /// per text. A file that disagrees is not used, even with a good checksum.
+    pub(super) struct Shape {
+        pub samples: u64,
+        pub pixels: usize,
+        pub tokens: usize,
+    }
+
+    /// The samples of a file written by [`encode`] with the same `params`, if it is intact and
+    /// of the expected shape.
+    pub(super) fn decode(bytes: &[u8], params: u64, shape: &Shape) -> Option<Vec<Prepared>> {
         let (body, crc) = bytes.split_at_checked(bytes.len().checked_sub(4)?)?;
         if crc32c::crc32c(body) != u32::from_le_bytes(crc.try_into().ok()?) {
             return None;
@@ -962,12 +1021,16 @@ mod features {
             return None;
         }
         let count = u32_of(&mut b)? as u64;
-        if count > max_samples {
+        if count != shape.samples {
             return None;
         }
         let floats = |b: &mut &[u8], n: usize| -> Option<Vec<f32>> {
             let raw = take(b, n.checked_mul(4)?)?;
-            Some(raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+            Some(
+                raw.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            )
         };
         let mut out = Vec::with_capacity(count as usize);
         for _ in 0..count {
@@ -977,14 +1040,24 @@ mod features {
             let flags = *take(&mut b, 1)?.first()?;
             let image = if flags & 1 != 0 {
                 let n = u32_of(&mut b)? as usize;
+                if n != shape.pixels {
+                    return None;
+                }
                 Some(floats(&mut b, n)?)
             } else {
                 None
             };
             let tokens = if flags & 2 != 0 {
                 let n = u32_of(&mut b)? as usize;
+                if n != shape.tokens {
+                    return None;
+                }
                 let raw = take(&mut b, n.checked_mul(8)?)?;
-                Some(raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default())).collect())
+                Some(
+                    raw.chunks_exact(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default()))
+                        .collect(),
+                )
             } else {
                 None
             };
@@ -1061,7 +1134,10 @@ mod tests {
                 text_len: 8,
                 audio_frames: 20,
                 prefetch: 2,
-                cache_dir: self.dir.path().join(format!("cache-{threads}-{cache_bytes}-{feature_cache}")),
+                cache_dir: self
+                    .dir
+                    .path()
+                    .join(format!("cache-{threads}-{cache_bytes}-{feature_cache}")),
                 cache_bytes,
                 threads,
                 feature_cache,
@@ -1181,7 +1257,14 @@ mod tests {
         assert!(s.next_train().unwrap().is_none());
         s.begin_epoch(1).unwrap();
         assert_eq!(s.starts, 1, "epoch 1 came from the running producer");
-        assert_eq!(s.cursor(), DataCursor { epoch: 1, batch: 0, detail: serde_json::Value::Null });
+        assert_eq!(
+            s.cursor(),
+            DataCursor {
+                epoch: 1,
+                batch: 0,
+                detail: serde_json::Value::Null
+            }
+        );
         assert_eq!(pass(&mut s), want);
 
         // Named but not asked for: the pass asked for wins.
@@ -1204,7 +1287,12 @@ mod tests {
         let whole = pass(&mut s);
         for at in [1usize, 5, whole.len() - 1] {
             let mut s = f.source(3, 1 << 30);
-            s.seek(&DataCursor { epoch: 0, batch: at as u64, detail: serde_json::Value::Null }).unwrap();
+            s.seek(&DataCursor {
+                epoch: 0,
+                batch: at as u64,
+                detail: serde_json::Value::Null,
+            })
+            .unwrap();
             assert_eq!(pass(&mut s), whole[at..], "from batch {at}");
         }
     }
@@ -1230,7 +1318,10 @@ mod tests {
         let mut bad = plan(0);
         bad[0].shard = "no-such-shard".into();
         let e = s.begin_spans(0, &bad).unwrap_err().to_string();
-        assert!(e.contains("no-such-shard") && e.contains("not in the dataset's manifest"), "{e}");
+        assert!(
+            e.contains("no-such-shard") && e.contains("not in the dataset's manifest"),
+            "{e}"
+        );
         let mut beyond = plan(0);
         beyond[0].end = 10_000;
         s.begin_spans(0, &beyond).unwrap();
@@ -1244,11 +1335,16 @@ mod tests {
         let mut s = f.source(2, 1 << 30);
         let victim = s.train[0].key.clone();
         // Corrupt the bytes the source checks: its checksum in the manifest no longer matches.
-        Arc::get_mut(&mut s.shared).unwrap().manifest.shards.iter_mut().for_each(|x| {
-            if x.key == victim {
-                x.crc32c ^= 1;
-            }
-        });
+        Arc::get_mut(&mut s.shared)
+            .unwrap()
+            .manifest
+            .shards
+            .iter_mut()
+            .for_each(|x| {
+                if x.key == victim {
+                    x.crc32c ^= 1;
+                }
+            });
         s.train[0].crc32c ^= 1;
         s.begin_epoch(0).unwrap();
         let mut failed = None;
@@ -1272,7 +1368,10 @@ mod tests {
         let dir = f.dir.path().join("reuse-cache");
         let mut s = f.source_with(2, 1 << 30, false);
         let cache = s.shared.cache.clone();
-        assert!(Arc::ptr_eq(&cache, &ShardCache::shared(&s.shared.config.cache_dir, 1 << 30)));
+        assert!(Arc::ptr_eq(
+            &cache,
+            &ShardCache::shared(&s.shared.config.cache_dir, 1 << 30)
+        ));
         s.begin_epoch(0).unwrap();
         pass(&mut s);
         let listed = cache.lock().unwrap().entries.len();
@@ -1313,7 +1412,13 @@ mod tests {
                 threads,
                 feature_cache: false,
             };
-            let e = ShardSource::open(f.storage.clone(), f.manifest.clone(), None, config, f.rt.handle().clone());
+            let e = ShardSource::open(
+                f.storage.clone(),
+                f.manifest.clone(),
+                None,
+                config,
+                f.rt.handle().clone(),
+            );
             assert!(e.err().unwrap().to_string().contains("loader threads"));
         }
     }

@@ -157,7 +157,18 @@ pub fn worker_gpus(requested: Option<u32>) -> Vec<String> {
     let discovered = ids_of(visible.as_deref(), probe());
     match requested {
         None => discovered,
-        Some(n) => choose_gpus(&discovered, n),
+        Some(n) => {
+            if (n as usize) > discovered.len() {
+                // Taken at its word (a host whose driver this process cannot load may still
+                // run command trials on GPUs), but a builtin trainer will find no such device.
+                warn!(
+                    requested = n,
+                    found = discovered.len(),
+                    "--gpus asks for more GPUs than this process finds; offering ordinals 0..{n}"
+                );
+            }
+            choose_gpus(&discovered, n)
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use crate::error::WorkerError;
 use crate::models::layers::Ctx;
 use crate::torch::{self, Draws};
 use crate::trainer::metrics::Confusion;
-use crate::trainer::precision::Autocast;
+use crate::trainer::precision::{Autocast, LossScaler};
 use crate::trainer::{Control, EpochReport, Outcome, StopRequest, TrainerEvent, Validation};
 use chorus_core::shards::{DataPosition, ShardSize, plan_epoch};
 use std::io::Write;
@@ -50,7 +50,8 @@ impl Trainer {
         GradientBuckets::new(self.optimizer.params(), bucket_bytes)
     }
 
-    /// Makes this replica identical to rank 0's: model weights, optimiser state and counters.
+    /// Makes this replica identical to rank 0's: model weights, optimiser state, counters and
+    /// (fp16) the loss scale, so every rank scales and unscales its gradients alike.
     pub fn sync_from_rank0(&mut self, c: &mut dyn Collective) -> Result<(), WorkerError> {
         let mut vars: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -77,6 +78,14 @@ impl Trainer {
         c.broadcast(&mut counters, 0)?;
         let v: Vec<i64> = Vec::try_from(counters.to_device(Device::Cpu))?;
         (self.epoch, self.step) = (v[0] as u64, v[1] as u64);
+        if let Some(scaler) = &mut self.scaler {
+            let (name, t) = scaler.to_tensors().remove(0);
+            let mut flat = t.to_device(self.device);
+            c.broadcast(&mut flat, 0)?;
+            let from_rank0 = std::collections::HashMap::from([(name, flat.to_device(Device::Cpu))]);
+            *scaler = LossScaler::from_tensors(&from_rank0)
+                .map_err(|e| WorkerError::Train(format!("loss scale from rank 0: {e}")))?;
+        }
         Ok(())
     }
 

@@ -89,7 +89,9 @@ impl Autocast {
 
 impl Drop for Autocast {
     fn drop(&mut self) {
-        let Some((device_type, enabled, dtype)) = self.saved else { return };
+        let Some((device_type, enabled, dtype)) = self.saved else {
+            return;
+        };
         // SAFETY: as in `enter`.
         unsafe {
             // Casts of weights are cached for the region; leaving the outermost one frees them.

@@ -639,7 +639,11 @@ fn mixed_precision_learns_on_cuda() {
         assert_eq!(t.device(), tch::Device::Cuda(last_gpu));
         let run = drive(&mut t, data.clone(), &tmp.path().join(format!("{precision:?}")), None);
         let last = &run.epochs()[1].validation;
-        assert!(last.accuracy > 0.6, "{precision:?} validation accuracy {} on CUDA", last.accuracy);
+        assert!(
+            last.accuracy > 0.6,
+            "{precision:?} validation accuracy {} on CUDA",
+            last.accuracy
+        );
     }
 }
 

@@ -343,7 +343,15 @@ impl Trainer {
                     models::ModelConfig::EmotionBench(_) => unreachable!("emotion-bench has no GAN"),
                 };
                 // The GAN is small and trains in fp32 whatever the classifier's precision.
-                Some(gan_step(g, gen_opt, disc_opt, &fused.detach().to_kind(Kind::Float), labels, &ctx, lr))
+                Some(gan_step(
+                    g,
+                    gen_opt,
+                    disc_opt,
+                    &fused.detach().to_kind(Kind::Float),
+                    labels,
+                    &ctx,
+                    lr,
+                ))
             }
             _ => None,
         };
@@ -358,7 +366,12 @@ impl Trainer {
     /// The gradients of `loss` for the classifier's parameters, scaled and checked at fp16.
     /// `None`: they overflowed, and the step is skipped (the scale has been lowered).
     fn backward(&mut self, loss: &Tensor) -> Result<Option<Vec<Tensor>>, WorkerError> {
-        let grads = Tensor::run_backward(&[&self.loss_to_differentiate(loss)], self.optimizer.params(), false, false);
+        let grads = Tensor::run_backward(
+            &[&self.loss_to_differentiate(loss)],
+            self.optimizer.params(),
+            false,
+            false,
+        );
         match &mut self.scaler {
             Some(scaler) => Ok(scaler.unscale(&grads, 1.0)?.then_some(grads)),
             None => Ok(Some(grads)),
@@ -443,7 +456,9 @@ impl Trainer {
         let batch = batch.to_device(self.device);
         let logits = {
             let _autocast = Autocast::enter(self.config.precision, self.device);
-            self.model.classify(&self.model.embed(&batch, ctx)?, ctx).to_kind(Kind::Float)
+            self.model
+                .classify(&self.model.embed(&batch, ctx)?, ctx)
+                .to_kind(Kind::Float)
         };
         let loss = logits
             .log_softmax(-1, Kind::Float)

@@ -345,7 +345,12 @@ fn each_attempt_trains_on_the_gpu_it_was_allotted() {
         assert_eq!(s.config.device, DeviceChoice::Cuda);
         assert_eq!(s.config.precision, crate::trainer::Precision::Bf16);
         let ordinal = worker_gpus.iter().position(|g| *g == admitted.gpu_ids[0]).unwrap();
-        assert_eq!(s.config.cuda_devices, vec![ordinal], "trial {trial} got {:?}", admitted.gpu_ids);
+        assert_eq!(
+            s.config.cuda_devices,
+            vec![ordinal],
+            "trial {trial} got {:?}",
+            admitted.gpu_ids
+        );
         assert_eq!(s.config.cuda_device(), ordinal);
         // A GPU trial's spare CPUs featurise: 4 CPUs, one feeds the GPU.
         assert_eq!(s.data_threads, 3);
@@ -360,10 +365,17 @@ fn each_attempt_trains_on_the_gpu_it_was_allotted() {
     assert!(e.contains("GPU 7") && e.contains("not one of the worker's"), "{e}");
     // Without GPUs the trial runs on the CPU with one data thread unless it asks for more.
     let cpu = settings(&assignment(4), &[], &worker_gpus).unwrap();
-    assert_eq!((cpu.config.device, cpu.config.cuda_devices.len(), cpu.data_threads), (DeviceChoice::Cpu, 0, 1));
+    assert_eq!(
+        (cpu.config.device, cpu.config.cuda_devices.len(), cpu.data_threads),
+        (DeviceChoice::Cpu, 0, 1)
+    );
     let mut asked = assignment(5);
     asked.builtin_json = json!({"data": "memory://d", "data_threads": 2}).to_string();
     assert_eq!(settings(&asked, &[], &worker_gpus).unwrap().data_threads, 2);
     asked.builtin_json = json!({"data": "memory://d", "data_threads": 0}).to_string();
-    assert!(settings(&asked, &[], &worker_gpus).unwrap_err().contains("data_threads must be 1 to 32"));
+    assert!(
+        settings(&asked, &[], &worker_gpus)
+            .unwrap_err()
+            .contains("data_threads must be 1 to 32")
+    );
 }
