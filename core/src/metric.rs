@@ -11,6 +11,11 @@ use std::collections::BTreeMap;
 
 pub const PREFIX: &str = "chorus:metric";
 
+/// Metrics a worker records for a trial on its own: its GPUs' mean utilisation in percent and
+/// the memory used on them in MiB, read every few seconds while an attempt with GPUs runs.
+pub const GPU_UTIL: &str = "gpu_util";
+pub const GPU_MEM_MB: &str = "gpu_mem_mb";
+
 /// One well-formed report.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MetricReport {
@@ -19,6 +24,13 @@ pub struct MetricReport {
 }
 
 impl MetricReport {
+    /// A worker's reading of the trial's devices ([`GPU_UTIL`], [`GPU_MEM_MB`]) rather than
+    /// the trial's own report: no step, and nothing else in it. It never stands for the trial's
+    /// latest metrics.
+    pub fn is_device_reading(&self) -> bool {
+        self.step.is_none() && !self.values.is_empty() && self.values.keys().all(|k| k == GPU_UTIL || k == GPU_MEM_MB)
+    }
+
     /// The report as the JSON object stored in `metrics.jsonl` and sent to the coordinator.
     pub fn to_json(&self) -> serde_json::Map<String, Value> {
         let mut m = serde_json::Map::new();
@@ -119,6 +131,20 @@ pub fn parse_line(line: &str) -> Line {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn device_readings_are_told_from_the_trials_reports() {
+        let report = |step: Option<i64>, names: &[&str]| MetricReport {
+            step,
+            values: names.iter().map(|k| (k.to_string(), 1.0)).collect(),
+        };
+        assert!(report(None, &[GPU_UTIL, GPU_MEM_MB]).is_device_reading());
+        assert!(report(None, &[GPU_UTIL]).is_device_reading());
+        // A trial that reports a GPU figure with a step, or beside its own metrics, reports it.
+        assert!(!report(Some(3), &[GPU_UTIL]).is_device_reading());
+        assert!(!report(None, &[GPU_UTIL, "loss"]).is_device_reading());
+        assert!(!report(None, &[]).is_device_reading());
+    }
+
     /// A report made in a program meets the rules a parsed line does, in the same words.
     #[test]
     fn a_typed_report_is_checked_as_a_line_is() {

@@ -1,5 +1,5 @@
 //! The data path on synthetic shards: the share of the training thread's time spent waiting for
-//! data (issue 3's target: at most 5 %).
+//! data (the target: at most 5 %).
 //!
 //! Synthesises a dataset (`chorus_dataset::synth`) into a `file://` store in a temporary
 //! directory, opens a [`ShardSource`] over it (a local shard cache in the same directory), and

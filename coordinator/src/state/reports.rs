@@ -91,7 +91,11 @@ impl State {
                         return;
                     }
                 };
-                t.last_metrics = latest_metrics(&t.last_metrics, &report);
+                // A worker's GPU reading may land after the trial's last report: the trial's
+                // latest metrics stay what the trial itself reported last.
+                if !report.is_device_reading() {
+                    t.last_metrics = serde_json::Value::Object(report.to_json()).to_string();
+                }
                 let exp = self.experiments.get_mut(&exp_id).expect("trial's experiment exists");
                 let Some(&value) = report.values.get(exp.metric()) else {
                     return;
@@ -180,68 +184,6 @@ impl State {
                     ExitOutcome::Killed => self.fail_or_restart(tid, &format!("killed on the worker: {message}")),
                 }
             }
-        }
-    }
-}
-
-/// Names the latest values of a trial may hold once step-less reports are merged in; past
-/// this a report replaces them, so a program printing ever new names cannot grow the record.
-pub(crate) const MAX_LATEST_METRICS: usize = 256;
-
-/// A trial's latest values after `report`: a report with a step replaces them (it is the
-/// trial's own view at that step); one without a step updates them name by name, so a reading
-/// that arrives on its own (the worker's `gpu_util` and `gpu_mem_mb` every few seconds, or a
-/// program printing values as they come) does not hide the trial's last metrics, which the
-/// CLI shows and multi-objective completion reads.
-pub(crate) fn latest_metrics(previous: &str, report: &MetricReport) -> String {
-    let fresh = report.to_json();
-    if report.step.is_some() {
-        return serde_json::Value::Object(fresh).to_string();
-    }
-    let mut merged = match serde_json::from_str::<serde_json::Value>(previous) {
-        Ok(serde_json::Value::Object(m)) => m,
-        _ => serde_json::Map::new(),
-    };
-    for (k, v) in fresh {
-        merged.insert(k, v);
-    }
-    if merged.len() > MAX_LATEST_METRICS {
-        return serde_json::Value::Object(report.to_json()).to_string();
-    }
-    serde_json::Value::Object(merged).to_string()
-}
-
-#[cfg(test)]
-mod latest_tests {
-    use super::*;
-
-    fn report(step: Option<i64>, values: &[(&str, f64)]) -> MetricReport {
-        MetricReport {
-            step,
-            values: values.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
-        }
-    }
-
-    #[test]
-    fn a_reading_without_a_step_keeps_the_trials_last_metrics() {
-        let last = latest_metrics("", &report(Some(9), &[("val_loss", 0.4), ("acc", 0.8)]));
-        let last = latest_metrics(&last, &report(None, &[("gpu_util", 71.0), ("gpu_mem_mb", 2048.0)]));
-        let v: serde_json::Value = serde_json::from_str(&last).unwrap();
-        assert_eq!(v["step"], 9);
-        assert_eq!(v["val_loss"], 0.4);
-        assert_eq!(v["gpu_util"], 71.0);
-        // A report with a step is the trial's view at that step, whole.
-        let last = latest_metrics(&last, &report(Some(10), &[("val_loss", 0.3)]));
-        let v: serde_json::Value = serde_json::from_str(&last).unwrap();
-        assert_eq!(v, serde_json::json!({"step": 10, "val_loss": 0.3}));
-        // Step-less reports with ever new names cannot grow the record past its bound.
-        let mut last = last;
-        for i in 0..2 * MAX_LATEST_METRICS {
-            last = latest_metrics(&last, &report(None, &[(&format!("m{i}"), 1.0)]));
-            let n = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&last)
-                .unwrap()
-                .len();
-            assert!(n <= MAX_LATEST_METRICS, "{n} names");
         }
     }
 }

@@ -1653,3 +1653,33 @@ fn a_version_six_store_gains_lifecycle_columns() {
     st.set_note(exp, "after the upgrade").unwrap();
     st.commit().unwrap();
 }
+
+/// A worker's GPU reading that lands after a trial's last report (they come every few seconds,
+/// on their own) leaves that report as the trial's latest metrics.
+#[test]
+fn a_gpu_reading_never_hides_the_trials_last_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(dir.path(), 10_000);
+    let mut st = h.lock();
+    let exp = st.reserve_experiment_id();
+    st.add_experiment(exp, grid_spec(""), "memory://t".into());
+    st.commit().unwrap();
+    let (_, mut rx) = join(&mut st, "w1", 1, vec![]);
+    let a = assignments(&mut rx).remove(0);
+    let metric = |json: &str| {
+        Kind::Metric(pb::Metric {
+            json: json.into(),
+            ..Default::default()
+        })
+    };
+    report(&mut st, "w1", &a, 1, Kind::Started(pb::Started::default())).unwrap();
+    report(&mut st, "w1", &a, 2, metric(r#"{"step": 4, "loss": 0.25}"#)).unwrap();
+    report(&mut st, "w1", &a, 3, metric(r#"{"gpu_util": 71, "gpu_mem_mb": 2048}"#)).unwrap();
+    let tid = TrialId(a.trial_id);
+    let last: serde_json::Value = serde_json::from_str(&st.trials[&tid].last_metrics).unwrap();
+    assert_eq!(last, serde_json::json!({"step": 4, "loss": 0.25}));
+    // A trial's own step-less report is its latest, as ever.
+    report(&mut st, "w1", &a, 4, metric(r#"{"loss": 0.2}"#)).unwrap();
+    let last: serde_json::Value = serde_json::from_str(&st.trials[&tid].last_metrics).unwrap();
+    assert_eq!(last, serde_json::json!({"loss": 0.2}));
+}

@@ -20,6 +20,7 @@
 
 use super::{Collective, ReduceOp};
 use crate::error::WorkerError;
+use crate::gpu::driver_error;
 use cudarc::driver::result::{self as cu, DriverError};
 use cudarc::driver::sys as cusys;
 use cudarc::nccl::sys::{ncclComm_t, ncclConfig_t, ncclDataType_t, ncclRedOp_t, ncclUniqueId};
@@ -190,50 +191,20 @@ unsafe fn symbol<T: Copy>(library: &libloading::Library, file: &str, symbol: &st
 
 /// Loads and initialises the CUDA driver; returns its version.
 fn load_driver() -> Result<c_int, String> {
-    // SAFETY: only tries to open the library under the names cudarc knows, then closes it.
-    if !unsafe { cusys::is_culib_present() } {
-        let reason = "cannot load the CUDA driver library (libcuda.so.1): this host has no NVIDIA driver, or its \
-                      directory is not on LD_LIBRARY_PATH";
-        return Err(reason.into());
-    }
-    // cudarc panics when a library or symbol it resolves lazily is missing; the check above makes
-    // that unlikely, and this turns the rest (a driver without a symbol) into an error.
-    let init = std::panic::catch_unwind(|| {
+    let init = crate::gpu::with_driver(|| {
         cu::init()?;
         let mut version: c_int = 0;
         // SAFETY: `version` is a valid out-pointer.
         unsafe { cusys::cuDriverGetVersion(&mut version) }.result()?;
-        Ok::<_, DriverError>(version)
-    });
-    match init {
-        Ok(Ok(version)) => Ok(version),
-        Ok(Err(e)) => Err(format!("the CUDA driver does not start: {}", driver_error(e))),
-        Err(panic) => Err(format!(
-            "the CUDA driver library cannot be used: {}",
-            panic_text(&*panic)
-        )),
-    }
+        Ok(version)
+    })?;
+    init.map_err(|e| format!("the CUDA driver does not start: {}", driver_error(e)))
 }
 
 fn loader_error(e: &libloading::Error) -> String {
     match std::error::Error::source(e) {
         Some(source) => source.to_string(),
         None => e.to_string(),
-    }
-}
-
-fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "unknown panic".into())
-}
-
-fn driver_error(e: DriverError) -> String {
-    match e.error_string() {
-        Ok(text) => format!("{:?} ({})", e.0, text.to_string_lossy()),
-        Err(_) => format!("{:?}", e.0),
     }
 }
 

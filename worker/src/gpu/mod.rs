@@ -82,26 +82,29 @@ pub fn probe() -> &'static Probe {
 }
 
 fn probe_driver() -> Probe {
+    match with_driver(enumerate) {
+        Err(reason) => Probe::NoDriver(reason),
+        Ok(Ok(devices)) => Probe::Devices(devices),
+        // What cuInit says when every device is hidden (`CUDA_VISIBLE_DEVICES=-1`) or none works.
+        Ok(Err(DriverError(cusys::CUresult::CUDA_ERROR_NO_DEVICE))) => Probe::Devices(Vec::new()),
+        Ok(Err(e)) => Probe::NoDriver(format!("the CUDA driver does not start: {}", driver_error(e))),
+    }
+}
+
+/// Runs `f` against the CUDA driver, which is loaded at run time: `Err` with the reason when
+/// there is no usable driver library (none on this host, or one lacking an entry point, on
+/// which cudarc panics when it resolves it lazily), else what `f` returned.
+pub(crate) fn with_driver<T>(f: impl FnOnce() -> Result<T, DriverError>) -> Result<Result<T, DriverError>, String> {
     // SAFETY: only tries to open the library under the names cudarc knows, then closes it.
     if !unsafe { cusys::is_culib_present() } {
-        return Probe::NoDriver(
+        return Err(
             "cannot load the CUDA driver library (libcuda.so.1): this host has no NVIDIA driver, or its \
              directory is not on LD_LIBRARY_PATH"
                 .into(),
         );
     }
-    // cudarc panics when an entry point it resolves lazily is missing from the library; such a
-    // driver is as good as none.
-    match std::panic::catch_unwind(enumerate) {
-        Ok(Ok(devices)) => Probe::Devices(devices),
-        // What cuInit says when every device is hidden (`CUDA_VISIBLE_DEVICES=-1`) or none works.
-        Ok(Err(DriverError(cusys::CUresult::CUDA_ERROR_NO_DEVICE))) => Probe::Devices(Vec::new()),
-        Ok(Err(e)) => Probe::NoDriver(format!("the CUDA driver does not start: {}", driver_error(e))),
-        Err(panic) => Probe::NoDriver(format!(
-            "the CUDA driver library cannot be used: {}",
-            panic_text(&*panic)
-        )),
-    }
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .map_err(|panic| format!("the CUDA driver library cannot be used: {}", panic_text(&*panic)))
 }
 
 /// Only device queries: no context is created, so no device memory is taken.
@@ -135,7 +138,8 @@ fn uuid_text(bytes: &[std::ffi::c_char; 16]) -> String {
     )
 }
 
-fn driver_error(e: DriverError) -> String {
+/// A driver error with the driver's own words for it.
+pub(crate) fn driver_error(e: DriverError) -> String {
     match e.error_string() {
         Ok(text) => format!("{:?} ({})", e.0, text.to_string_lossy()),
         Err(_) => format!("{:?}", e.0),

@@ -19,9 +19,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 
-/// The metric names, in the units their names say.
-pub const GPU_UTIL: &str = "gpu_util";
-pub const GPU_MEM_MB: &str = "gpu_mem_mb";
+pub use chorus_core::metric::{GPU_MEM_MB, GPU_UTIL};
 
 /// How the attempts of this worker read their GPUs.
 #[derive(Clone)]
