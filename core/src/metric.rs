@@ -31,6 +31,11 @@ impl MetricReport {
         self.step.is_none() && !self.values.is_empty() && self.values.keys().all(|k| k == GPU_UTIL || k == GPU_MEM_MB)
     }
 
+    /// The `chorus:metric` line a trial printing this report would print.
+    pub fn to_line(&self) -> String {
+        format!("{PREFIX} {}", Value::Object(self.to_json()))
+    }
+
     /// The report as the JSON object stored in `metrics.jsonl` and sent to the coordinator.
     pub fn to_json(&self) -> serde_json::Map<String, Value> {
         let mut m = serde_json::Map::new();

@@ -26,6 +26,11 @@ pub const EMOTIONS: [&str; 7] = [
     "neutral",
 ];
 
+/// [`EMOTIONS`] as the class list of a manifest (synth, and the importers' and pack's default).
+pub(crate) fn emotion_classes() -> Vec<String> {
+    EMOTIONS.iter().map(|c| c.to_string()).collect()
+}
+
 /// Labels are stored as one byte per sample in the loader.
 pub const MAX_CLASSES: usize = 256;
 
@@ -334,7 +339,7 @@ mod tests {
             version: FORMAT_VERSION,
             name: "t".into(),
             source: None,
-            classes: EMOTIONS.iter().map(|s| s.to_string()).collect(),
+            classes: emotion_classes(),
             sample_rate: SAMPLE_RATE,
             image_size: IMAGE_SIZE,
             splits: SplitCounts {

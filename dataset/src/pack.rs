@@ -153,7 +153,7 @@ mod tests {
     use super::*;
 
     fn classes() -> Vec<String> {
-        crate::EMOTIONS.iter().map(|c| c.to_string()).collect()
+        crate::manifest::emotion_classes()
     }
 
     #[test]

@@ -96,7 +96,7 @@ pub async fn synth(storage: Storage, opts: &SynthOptions, replace: bool) -> Resu
             "chorus dataset synth (generator v{GENERATOR_VERSION}) --samples {} --seed {} --val-fraction {} --test-fraction {}",
             opts.samples, opts.seed, opts.val_fraction, opts.test_fraction
         )),
-        classes: EMOTIONS.iter().map(|c| c.to_string()).collect(),
+        classes: crate::manifest::emotion_classes(),
         vocabulary: vocabulary(),
     };
     let labels = labels(opts.seed, &counts);

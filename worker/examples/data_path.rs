@@ -78,6 +78,10 @@ struct Args {
     /// Rounds of the source-alone timing; each round times every thread count once.
     #[arg(long, default_value_t = 3)]
     source_rounds: usize,
+    /// Do not pass the trainer's next-epoch hint to the source: every epoch starts its producer
+    /// cold, as before the hint existed.
+    #[arg(long)]
+    no_prefetch_hint: bool,
     /// Keep featurised shards in the shard cache (later epochs skip parsing and log-mel).
     #[arg(long)]
     feature_cache: bool,
@@ -114,15 +118,18 @@ impl PassTiming {
 /// A [`BatchSource`] that clocks the calls the trainer makes into `inner`.
 struct Timed<S> {
     inner: S,
+    /// Pass the trainer's next-epoch hints on (as the worker does); off, each epoch starts cold.
+    hints: bool,
     started: Option<Instant>,
     current: PassTiming,
     passes: Vec<PassTiming>,
 }
 
 impl<S: BatchSource> Timed<S> {
-    fn new(inner: S) -> Self {
+    fn new(inner: S, hints: bool) -> Self {
         Timed {
             inner,
+            hints,
             started: None,
             current: PassTiming::default(),
             passes: Vec::new(),
@@ -191,7 +198,9 @@ impl<S: BatchSource> BatchSource for Timed<S> {
     // The rest is passed through unclocked, so the source runs exactly as under the worker
     // (the next epoch prepared ahead included).
     fn prefetch_epoch(&mut self, epoch: u64) {
-        self.inner.prefetch_epoch(epoch)
+        if self.hints {
+            self.inner.prefetch_epoch(epoch)
+        }
     }
 
     fn shard_sizes(&self) -> Result<Vec<ShardSize>, WorkerError> {
@@ -203,7 +212,9 @@ impl<S: BatchSource> BatchSource for Timed<S> {
     }
 
     fn prefetch_spans(&mut self, epoch: u64, spans: &[ShardSpan]) {
-        self.inner.prefetch_spans(epoch, spans)
+        if self.hints {
+            self.inner.prefetch_spans(epoch, spans)
+        }
     }
 
     fn last_keys(&self) -> Vec<String> {
@@ -258,9 +269,15 @@ impl BatchSource for Preloaded {
 }
 
 /// Trains a fresh model for `config.epochs` epochs on `source`, clocked; prints and returns the passes.
-fn train<S: BatchSource>(config: &TrainConfig, source: S, checkpoints: &Path, label: &str) -> anyhow::Result<Timed<S>> {
+fn train<S: BatchSource>(
+    config: &TrainConfig,
+    source: S,
+    hints: bool,
+    checkpoints: &Path,
+    label: &str,
+) -> anyhow::Result<Timed<S>> {
     let mut trainer = Trainer::new(config.clone())?;
-    let mut timed = Timed::new(source);
+    let mut timed = Timed::new(source, hints);
     let mut accuracy = Vec::new();
     trainer.run(&mut timed, &Control::new(), checkpoints, &mut |e| {
         if let TrainerEvent::Epoch(r) = e {
@@ -382,7 +399,13 @@ fn main() -> anyhow::Result<()> {
         args.device,
     );
 
-    let mut timed = train(&config, source, &tmp.path().join("checkpoints"), "shards")?;
+    let mut timed = train(
+        &config,
+        source,
+        !args.no_prefetch_hint,
+        &tmp.path().join("checkpoints"),
+        "shards",
+    )?;
     let passes = timed.passes.clone();
     let (Some(cold), Some(warm)) = (passes.first(), passes.last()) else {
         anyhow::bail!("the trainer finished no training pass");
@@ -428,6 +451,7 @@ fn main() -> anyhow::Result<()> {
         let a = train(
             &config,
             anchor,
+            true,
             &tmp.path().join("anchor-checkpoints"),
             "in-memory anchor",
         )?;

@@ -20,6 +20,7 @@ pub use meld::{MELD_CLASSES, MeldOptions, MeldPart, import_meld};
 pub use ravdess::{RAVDESS_CLASSES, RAVDESS_STATEMENTS, RavdessOptions, import_ravdess};
 
 use crate::error::{DatasetError, Result};
+pub(crate) use crate::manifest::emotion_classes;
 use crate::manifest::{EMOTIONS, Manifest, Split, SplitCounts};
 use crate::sample::Sample;
 use crate::store::{DatasetHeader, DatasetWriter, ShardPlan};
@@ -100,11 +101,6 @@ pub(crate) fn emotion(name: &str) -> u8 {
         .iter()
         .position(|e| *e == name)
         .unwrap_or_else(|| panic!("{name} is not one of EMOTIONS")) as u8
-}
-
-/// What the classes of a dataset made by an importer are.
-pub(crate) fn emotion_classes() -> Vec<String> {
-    EMOTIONS.iter().map(|c| c.to_string()).collect()
 }
 
 /// Writes `entries` as a dataset under `storage`, manifest last; `load` reads one entry's media.

@@ -297,11 +297,18 @@ impl ShardSource {
     }
 
     /// Begins the pass `key` from its batch `batch`: takes it over from the running producer
-    /// when that one has it next, else starts a producer on `pass`.
-    fn begin(&mut self, key: PassKey, epoch: u64, batch: u64, pass: Pass) -> Result<(), WorkerError> {
+    /// when that one has it next, else starts a producer on the pass `pass` makes.
+    fn begin(
+        &mut self,
+        key: PassKey,
+        epoch: u64,
+        batch: u64,
+        pass: impl FnOnce(&Self) -> Result<Pass, WorkerError>,
+    ) -> Result<(), WorkerError> {
         self.failed = None;
         let taken = self.producer.as_mut().is_some_and(|p| p.take_over(&key));
         if !taken {
+            let pass = pass(self)?;
             // The old producer (and its loaders) end before the new one starts.
             self.producer = None;
             self.producer = Some(Producer::start(self.shared.clone(), pass, key)?);
@@ -433,7 +440,8 @@ type Work = (Job, SyncSender<Loaded>);
 
 /// The producer thread: runs the passes it is given, in order, until the source hangs up.
 fn produce(shared: &Shared, passes: Receiver<Pass>, tx: &SyncSender<Msg>, stop: &AtomicBool) {
-    let threads = shared.config.threads.clamp(1, MAX_LOADER_THREADS);
+    // `open` bounded it to 1..=MAX_LOADER_THREADS.
+    let threads = shared.config.threads;
     if threads == 1 {
         return drive(shared, &passes, tx, stop, None);
     }
@@ -708,8 +716,7 @@ impl BatchSource for ShardSource {
     }
 
     fn begin_epoch(&mut self, epoch: u64) -> Result<(), WorkerError> {
-        let pass = self.epoch_pass(epoch, 0);
-        self.begin(PassKey::Epoch(epoch), epoch, 0, pass)
+        self.begin(PassKey::Epoch(epoch), epoch, 0, |s| Ok(s.epoch_pass(epoch, 0)))
     }
 
     fn prefetch_epoch(&mut self, epoch: u64) {
@@ -766,8 +773,7 @@ impl BatchSource for ShardSource {
         } else {
             PassKey::Resumed(epoch, batch)
         };
-        let pass = self.epoch_pass(epoch, batch);
-        self.begin(key, epoch, batch, pass)
+        self.begin(key, epoch, batch, |s| Ok(s.epoch_pass(epoch, batch)))
     }
 
     fn validation(&mut self) -> Box<dyn Iterator<Item = Result<Batch, WorkerError>> + '_> {
@@ -786,8 +792,9 @@ impl BatchSource for ShardSource {
     }
 
     fn begin_spans(&mut self, epoch: u64, spans: &[ShardSpan]) -> Result<(), WorkerError> {
-        let pass = self.spans_pass(epoch, spans)?;
-        self.begin(PassKey::Spans(epoch, spans.to_vec()), epoch, 0, pass)
+        self.begin(PassKey::Spans(epoch, spans.to_vec()), epoch, 0, |s| {
+            s.spans_pass(epoch, spans)
+        })
     }
 
     fn prefetch_spans(&mut self, epoch: u64, spans: &[ShardSpan]) {

@@ -12,14 +12,12 @@
 use super::Backlog;
 use super::records::Job;
 use crate::gpu::telemetry::{GpuSample, GpuSampler};
-use chorus_core::metric::{self, MetricReport};
+use chorus_core::metric::{GPU_MEM_MB, GPU_UTIL, MetricReport};
 use chorus_proto::pb;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
-
-pub use chorus_core::metric::{GPU_MEM_MB, GPU_UTIL};
 
 /// How the attempts of this worker read their GPUs.
 #[derive(Clone)]
@@ -107,8 +105,8 @@ impl Reporter {
                 };
                 let Some(report) = report(&samples) else { continue };
                 let Some(jobs) = jobs.upgrade() else { return };
-                let weight =
-                    metric::PREFIX.len() + 1 + serde_json::Value::Object(report.to_json()).to_string().len() + 1;
+                // The line's weight, as a line the trial printed would weigh.
+                let weight = report.to_line().len() + 1;
                 // Counted before it is sent, so the recorder's release can never come first.
                 backlog.add(weight);
                 if jobs.send(Job::Metric(report, weight)).is_err() {

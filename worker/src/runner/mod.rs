@@ -823,7 +823,7 @@ impl Output {
     /// A report made in this process (a builtin trial's trainer), typed from the start: recorded
     /// as the `chorus:metric` line that a trial printing it would be, and logged as that line.
     fn report(&mut self, report: MetricReport) {
-        let line = format!("{} {}", metric::PREFIX, serde_json::Value::Object(report.to_json()));
+        let line = report.to_line();
         if self.follower {
             self.log(line);
             return;

@@ -44,15 +44,6 @@ mod ffi {
     }
 }
 
-/// The kind autocast computes in under `precision`, if any.
-pub fn autocast_kind(precision: Precision) -> Option<Kind> {
-    match precision {
-        Precision::Fp32 => None,
-        Precision::Bf16 => Some(Kind::BFloat16),
-        Precision::Fp16 => Some(Kind::Half),
-    }
-}
-
 /// Autocast on one device of this thread while it lives; the state before is restored on drop.
 pub struct Autocast {
     /// (device type, enabled before, dtype before), or `None` for fp32.

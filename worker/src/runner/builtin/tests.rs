@@ -312,7 +312,7 @@ fn protocol_breaches_of_typed_reports() {
         // The line it is logged as is malformed too, for the same reason where the parser can
         // see it (a `step` metric reads as the step itself).
         if why != "a metric must not be named step" {
-            let line = format!("{PREFIX} {}", Value::Object(report.to_json()));
+            let line = report.to_line();
             assert_eq!(parse_line(&line), Line::Malformed(why.into()), "{line}");
         }
     }
