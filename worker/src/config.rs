@@ -117,6 +117,17 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// The address a listening flag names, if it is set; `example` goes into the error.
+fn listen_address(flag: &str, value: Option<String>, example: &str) -> Result<Option<SocketAddr>, WorkerError> {
+    set(value)
+        .map(|a| {
+            a.trim()
+                .parse::<SocketAddr>()
+                .map_err(|e| WorkerError::Config(format!("{flag} {a:?} is not an address like {example}: {e}")))
+        })
+        .transpose()
+}
+
 /// A value set to the empty string (or only whitespace), as an environment variable often is
 /// when a template leaves it blank, counts as not set.
 fn set(value: Option<String>) -> Option<String> {
@@ -172,24 +183,8 @@ impl Args {
         if let Some(i) = &instance {
             check_instance(i).map_err(|e| WorkerError::Config(format!("--instance {i:?}: {e}")))?;
         }
-        let health_listen = set(self.health_listen)
-            .map(|a| {
-                a.trim().parse::<SocketAddr>().map_err(|e| {
-                    WorkerError::Config(format!(
-                        "--health-listen {a:?} is not an address like 0.0.0.0:7071: {e}"
-                    ))
-                })
-            })
-            .transpose()?;
-        let metrics_listen = set(self.metrics_listen)
-            .map(|a| {
-                a.trim().parse::<SocketAddr>().map_err(|e| {
-                    WorkerError::Config(format!(
-                        "--metrics-listen {a:?} is not an address like 0.0.0.0:9464: {e}"
-                    ))
-                })
-            })
-            .transpose()?;
+        let health_listen = listen_address("--health-listen", self.health_listen, "0.0.0.0:7071")?;
+        let metrics_listen = listen_address("--metrics-listen", self.metrics_listen, "0.0.0.0:9464")?;
         let tls = ClientTls::load(set_path(self.ca), set_path(self.tls_cert), set_path(self.tls_key))?;
         if tls.is_set() && !coordinator.starts_with("https://") {
             return Err(WorkerError::Config(format!(
